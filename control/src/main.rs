@@ -1,1 +1,82 @@
-fn main() {}
+//! `capstan`: the Capstan master and its operator commands.
+//!
+//! Tour:
+//! - `server.rs`: `capstan server`, one master: the replicated store
+//!   (crate `capstan-raft`) plus the APIs served over it.
+//! - `etcd/`: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance).
+//! - `up.rs`: `capstan up`, a local cluster of N masters on loopback.
+//! - `admin.rs`: admin credentials and the etcd client used by operator
+//!   commands (`capstan token create`, `up`).
+//! - `logging.rs`: tracing setup (JSON when stderr is not a terminal).
+
+mod admin;
+mod etcd;
+mod logging;
+mod server;
+mod up;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "capstan",
+    version,
+    about = "Capstan: a Kubernetes-compatible orchestrator with an embedded Raft store"
+)]
+struct Cli {
+    /// Log level filter (error, warn, info, debug, trace, or a tracing directive).
+    #[arg(long, global = true, default_value = "info", env = "CAPSTAN_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run one master.
+    Server(server::ServerArgs),
+    /// Bring up a local cluster of masters on loopback and run until Ctrl-C.
+    Up(up::UpArgs),
+    /// Bootstrap tokens for joining masters.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a bootstrap token and print it.
+    Create(admin::TokenCreateArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    logging::init(&cli.log_level);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Server(a) => server::run(a).await,
+            Cmd::Up(a) => up::run(a).await,
+            Cmd::Token {
+                cmd: TokenCmd::Create(a),
+            } => admin::token_create(a).await,
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,7 +1,36 @@
-//! placeholder; see modules
+//! `capstan-raft`: the replicated store every Capstan master embeds instead
+//! of etcd.
+//!
+//! Tour, bottom up:
+//! - [`types`]: openraft type configuration, the commands in the Raft log and
+//!   their results (etcd v3 shapes, Capstan's own types).
+//! - [`mvcc`]: etcd's MVCC data model as a pure in-memory state machine
+//!   (revisions, history, compaction, leases); no IO.
+//! - [`storage`]: RocksDB behind openraft's log and state-machine traits
+//!   (column families and key layout documented there); passes openraft's
+//!   storage conformance suite.
+//! - [`watch`]: the watch hub; each committed revision is one immutable rkyv
+//!   frame in a `Bytes`, shared by every watcher.
+//! - [`pki`]: the cluster CA and TLS configurations.
+//! - [`transport`]: QUIC peer transport (openraft's network) and the peer
+//!   protocol messages; [`peer`] serves them and decides who may send what.
+//! - [`node`]: a running master's store: writes (forwarded to the leader),
+//!   ReadIndex reads, leases, leader duties.
+//! - [`bootstrap`]: init / join with a token / restart from the data dir.
+//!
+//! openraft is pinned to 0.9.25, its newest stable release: 0.10 is still an
+//! alpha and nothing here needs its additions (storage v2 and chunked
+//! snapshot transfer are in 0.9).
+
+pub mod bootstrap;
 pub mod metrics;
 pub mod mvcc;
+pub mod node;
+pub mod peer;
 pub mod pki;
 pub mod storage;
+pub mod transport;
 pub mod types;
 pub mod watch;
+
+pub use node::{Limits, StoreError, StoreNode};

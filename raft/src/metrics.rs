@@ -14,8 +14,14 @@ impl Default for WatchMetrics {
     fn default() -> Self {
         let c = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric name");
         WatchMetrics {
-            events_sent: c("capstan_watch_events_sent_total", "Watch events delivered to watchers."),
-            lagged: c("capstan_watch_lagged_total", "Times a watcher fell behind the live stream and caught up from history."),
+            events_sent: c(
+                "capstan_watch_events_sent_total",
+                "Watch events delivered to watchers.",
+            ),
+            lagged: c(
+                "capstan_watch_lagged_total",
+                "Times a watcher fell behind the live stream and caught up from history.",
+            ),
             cancelled_compacted: c(
                 "capstan_watch_cancelled_total",
                 "Watchers cancelled because the revision they needed was compacted.",

@@ -59,13 +59,19 @@ pub struct KeyRange {
 
 impl KeyRange {
     pub fn key(k: impl Into<Bytes>) -> Self {
-        KeyRange { start: k.into(), end: Bytes::new() }
+        KeyRange {
+            start: k.into(),
+            end: Bytes::new(),
+        }
     }
 
     /// Every key starting with `prefix` (etcdctl's `--prefix`).
     pub fn prefix(prefix: impl Into<Bytes>) -> Self {
         let start: Bytes = prefix.into();
-        KeyRange { end: prefix_end(&start), start }
+        KeyRange {
+            end: prefix_end(&start),
+            start,
+        }
     }
 
     pub fn is_single(&self) -> bool {
@@ -191,11 +197,18 @@ pub struct TxnRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     Txn(TxnRequest),
-    Compact { revision: i64 },
-    LeaseGrant { id: i64, ttl: i64 },
+    Compact {
+        revision: i64,
+    },
+    LeaseGrant {
+        id: i64,
+        ttl: i64,
+    },
     /// Also used by the leader to expire a lease: expiry is decided once, by
     /// the leader, and replicated like any other write.
-    LeaseRevoke { id: i64 },
+    LeaseRevoke {
+        id: i64,
+    },
 }
 
 /// A key's value at one revision, as etcd's `mvccpb.KeyValue`.
@@ -219,8 +232,13 @@ pub struct RangeResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResponse {
     Range(RangeResponse),
-    Put { prev_kv: Option<KeyValue> },
-    Delete { deleted: i64, prev_kvs: Vec<KeyValue> },
+    Put {
+        prev_kv: Option<KeyValue>,
+    },
+    Delete {
+        deleted: i64,
+        prev_kvs: Vec<KeyValue>,
+    },
     Txn(TxnResponse),
 }
 

@@ -1,0 +1,96 @@
+//! Admin credentials and the etcd client operator commands use.
+//!
+//! An operator command run on a master's host reads that master's data dir:
+//! the CA there signs a short-lived in-memory admin certificate, and
+//! `endpoints.json` says where the master serves.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use capstan_proto::etcd::etcdserverpb as pb;
+use capstan_raft::bootstrap::{self, JoinToken};
+use capstan_raft::pki::CertifiedKey;
+use clap::Args;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::server::read_endpoints;
+
+pub const ADMIN_USER: &str = "admin";
+pub const ADMIN_GROUP: &str = "system:masters";
+
+/// Issue an admin client certificate from the CA in a master's data dir.
+pub fn issue_admin(data_dir: &Path) -> anyhow::Result<(String, CertifiedKey)> {
+    let pki = bootstrap::load_pki(data_dir)?;
+    let cert = pki
+        .ca
+        .issue_client(ADMIN_USER, &[ADMIN_GROUP.to_string()])?;
+    Ok((pki.ca.cert_pem().to_string(), cert))
+}
+
+/// An etcd gRPC channel to `url` authenticated as `cert`.
+pub async fn channel(url: &str, ca_pem: &str, cert: &CertifiedKey) -> anyhow::Result<Channel> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .identity(Identity::from_pem(&cert.cert_pem, &cert.key_pem));
+    let ch = Channel::from_shared(url.to_string())?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {url}"))?;
+    Ok(ch)
+}
+
+/// Admin channel to the master whose data dir this is.
+pub async fn admin_channel(data_dir: &Path) -> anyhow::Result<Channel> {
+    let ep = read_endpoints(data_dir).context("is that master running?")?;
+    let (ca, cert) = issue_admin(data_dir)?;
+    channel(&ep.etcd_url, &ca, &cert).await
+}
+
+/// Store a new bootstrap token (expiring with a lease) and return it.
+pub async fn create_token(
+    data_dir: &Path,
+    ttl: Duration,
+    usage: &str,
+) -> anyhow::Result<JoinToken> {
+    let pki = bootstrap::load_pki(data_dir)?;
+    let token = JoinToken::generate(&pki.ca.fingerprint());
+    let ch = admin_channel(data_dir).await?;
+    let lease = pb::lease_client::LeaseClient::new(ch.clone())
+        .lease_grant(pb::LeaseGrantRequest {
+            ttl: ttl.as_secs() as i64,
+            id: 0,
+        })
+        .await
+        .context("granting the token's lease")?
+        .into_inner();
+    pb::kv_client::KvClient::new(ch)
+        .put(pb::PutRequest {
+            key: token.store_key(),
+            value: token.store_value(usage),
+            lease: lease.id,
+            ..Default::default()
+        })
+        .await
+        .context("storing the token")?;
+    Ok(token)
+}
+
+#[derive(Args, Debug)]
+pub struct TokenCreateArgs {
+    /// Data dir of a running master on this host.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
+}
+
+pub async fn token_create(a: TokenCreateArgs) -> anyhow::Result<()> {
+    let token = create_token(&a.data_dir, Duration::from_secs(a.ttl), "master").await?;
+    println!("{token}");
+    Ok(())
+}

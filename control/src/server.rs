@@ -1,0 +1,248 @@
+//! `capstan server`: one master.
+//!
+//! First start: `--init` (new cluster) or `--join <peer addr> --token <t>`.
+//! Later starts need only `--data-dir`: the addresses are kept in
+//! `<data-dir>/server.json`. Once serving, the master writes
+//! `<data-dir>/endpoints.json` with the addresses it actually bound (ports
+//! given as 0 are resolved), which `capstan up` and tests read.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use capstan_raft::bootstrap::{self, Bootstrap, StoreConfig};
+use capstan_raft::Limits;
+use clap::Args;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::etcd::EtcdApi;
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Directory for this master's state; restarts need only this flag.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Member name (first start only).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Create a new cluster with this master as its first member.
+    #[arg(long, conflicts_with = "join")]
+    pub init: bool,
+    /// Join an existing cluster through this master's peer address.
+    #[arg(long, requires = "token")]
+    pub join: Option<String>,
+    /// Bootstrap token from `capstan token create`.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// QUIC peer listen address (port 0 = pick a free one, kept for restarts).
+    #[arg(long)]
+    pub peer_listen: Option<SocketAddr>,
+    /// Peer address other masters dial (default: the listen address).
+    #[arg(long)]
+    pub peer_advertise: Option<String>,
+    /// etcd v3 gRPC listen address (TLS, client certificates required).
+    #[arg(long)]
+    pub etcd_listen: Option<SocketAddr>,
+    /// Additional plaintext etcd listener; loopback addresses only (benchmarks).
+    #[arg(long)]
+    pub etcd_plaintext_listen: Option<SocketAddr>,
+    /// Largest accepted request in bytes.
+    #[arg(long, default_value_t = 3 * 1024 * 1024 / 2)]
+    pub max_request_bytes: usize,
+    /// Hard quota of stored data in bytes; 80% of it is the soft quota.
+    #[arg(long, default_value_t = 8u64 << 30)]
+    pub quota_bytes: u64,
+    /// Revisions of history to keep; older ones are compacted (0 = never).
+    #[arg(long, default_value_t = 100_000)]
+    pub auto_compaction_revisions: i64,
+    /// Raft log entries between snapshots.
+    #[arg(long, default_value_t = 10_000)]
+    pub snapshot_every: u64,
+}
+
+/// Addresses and settings kept across restarts.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct ServerFile {
+    pub etcd_listen: SocketAddr,
+    pub etcd_plaintext_listen: Option<SocketAddr>,
+}
+
+/// What a running master actually serves.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Endpoints {
+    pub name: String,
+    pub id: u64,
+    pub peer: String,
+    pub etcd_url: String,
+    pub etcd_plaintext_url: Option<String>,
+    pub pid: u32,
+}
+
+pub fn read_endpoints(data_dir: &Path) -> anyhow::Result<Endpoints> {
+    let p = data_dir.join("endpoints.json");
+    let b = std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?;
+    Ok(serde_json::from_slice(&b)?)
+}
+
+fn free_udp_port(ip: std::net::IpAddr) -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
+}
+
+pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
+    let bootstrapped = a.data_dir.join("member.json").exists();
+    let how = match (a.init, &a.join, bootstrapped) {
+        (false, None, true) => Bootstrap::Restart,
+        (true, None, false) => Bootstrap::Init,
+        (false, Some(addr), false) => Bootstrap::Join {
+            addr: addr.clone(),
+            token: a.token.clone().unwrap_or_default(),
+        },
+        (_, _, true) => bail!(
+            "{} already holds a master: restart it with --data-dir only",
+            a.data_dir.display()
+        ),
+        (false, None, false) => bail!(
+            "{} holds no master: start with --init or --join",
+            a.data_dir.display()
+        ),
+        (true, Some(_), _) => bail!("--init and --join exclude each other"),
+    };
+    let (name, peer_listen, server_file) = if bootstrapped {
+        let m = bootstrap::load_member(&a.data_dir)?;
+        let sf: ServerFile =
+            serde_json::from_slice(&std::fs::read(a.data_dir.join("server.json"))?)?;
+        (m.name, m.peer_listen, sf)
+    } else {
+        let name = a
+            .name
+            .clone()
+            .context("--name is required on first start")?;
+        let mut peer = a
+            .peer_listen
+            .unwrap_or_else(|| "127.0.0.1:2380".parse().expect("static addr"));
+        if peer.port() == 0 {
+            peer.set_port(free_udp_port(peer.ip())?);
+        }
+        let etcd = a
+            .etcd_listen
+            .unwrap_or_else(|| "127.0.0.1:2379".parse().expect("static addr"));
+        (
+            name,
+            peer,
+            ServerFile {
+                etcd_listen: etcd,
+                etcd_plaintext_listen: a.etcd_plaintext_listen,
+            },
+        )
+    };
+    if let Some(p) = server_file.etcd_plaintext_listen {
+        if !p.ip().is_loopback() {
+            bail!("--etcd-plaintext-listen must be a loopback address (got {p}); use the TLS listener");
+        }
+    }
+    // Bind the etcd listeners first: with port 0 the actual port goes into
+    // this master's advertised client URL.
+    let etcd_listener = TcpListener::bind(server_file.etcd_listen)
+        .await
+        .with_context(|| format!("binding etcd address {}", server_file.etcd_listen))?;
+    let etcd_addr = etcd_listener.local_addr()?;
+    let plain_listener = match server_file.etcd_plaintext_listen {
+        Some(p) => Some(
+            TcpListener::bind(p)
+                .await
+                .with_context(|| format!("binding {p}"))?,
+        ),
+        None => None,
+    };
+    let mut persisted = server_file.clone();
+    persisted.etcd_listen = etcd_addr;
+    if let Some(l) = &plain_listener {
+        persisted.etcd_plaintext_listen = Some(l.local_addr()?);
+    }
+    let client_url = format!("https://{etcd_addr}");
+    let hard = a.quota_bytes;
+    let cfg = StoreConfig {
+        name: name.clone(),
+        data_dir: a.data_dir.clone(),
+        peer_listen,
+        peer_advertise: a.peer_advertise.clone(),
+        client_url: client_url.clone(),
+        limits: Limits {
+            max_request_bytes: a.max_request_bytes,
+            quota_soft_bytes: hard / 10 * 8,
+            quota_hard_bytes: hard,
+            retain_revisions: a.auto_compaction_revisions,
+        },
+        snapshot_every: a.snapshot_every,
+    };
+    std::fs::create_dir_all(&a.data_dir)?;
+    let started = bootstrap::start(cfg, how).await?;
+    std::fs::write(
+        a.data_dir.join("server.json"),
+        serde_json::to_vec_pretty(&persisted)?,
+    )?;
+
+    let cluster_id = u64::from_str_radix(&started.pki.ca.fingerprint()[..16], 16).unwrap_or(1);
+    let api = EtcdApi {
+        node: started.node.clone(),
+        cluster_id,
+    };
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            format!(
+                "{}{}",
+                started.pki.identity.cert_pem,
+                started.pki.ca.cert_pem()
+            ),
+            &started.pki.identity.key_pem,
+        ))
+        .client_ca_root(tonic::transport::Certificate::from_pem(
+            started.pki.ca.cert_pem(),
+        ));
+    let routes = api.clone().routes(a.max_request_bytes);
+    let tls_server = tonic::transport::Server::builder()
+        .tls_config(tls)?
+        .tcp_nodelay(true)
+        .add_routes(routes)
+        .serve_with_incoming(TcpListenerStream::new(etcd_listener));
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(async move { tls_server.await.context("etcd TLS listener") });
+    let mut plain_url = None;
+    if let Some(l) = plain_listener {
+        plain_url = Some(format!("http://{}", l.local_addr()?));
+        let routes = api.clone().routes(a.max_request_bytes);
+        let srv = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .serve_with_incoming(TcpListenerStream::new(l));
+        tasks.spawn(async move { srv.await.context("etcd plaintext listener") });
+    }
+    let endpoints = Endpoints {
+        name: name.clone(),
+        id: started.member.id,
+        peer: started.member.peer_advertise.clone(),
+        etcd_url: client_url,
+        etcd_plaintext_url: plain_url,
+        pid: std::process::id(),
+    };
+    let tmp = a.data_dir.join("endpoints.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&endpoints)?)?;
+    std::fs::rename(&tmp, a.data_dir.join("endpoints.json"))?;
+    tracing::info!(name = %name, id = started.member.id, peer = %endpoints.peer, etcd = %endpoints.etcd_url, "master serving");
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = term.recv() => tracing::info!("terminated; shutting down"),
+        Some(r) = tasks.join_next() => {
+            let r = r.context("listener task")?;
+            r?;
+        }
+    }
+    let _ = std::fs::remove_file(a.data_dir.join("endpoints.json"));
+    let _ = started.node.raft.shutdown().await;
+    started.endpoint.close(0u32.into(), b"shutdown");
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! Test harness: real `capstan server` processes on loopback, an admin etcd
+//! client, and helpers. Every process is started here, tracked by PID and
+//! killed on drop; nothing else on the machine is touched.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capstan_proto::etcd::etcdserverpb as pb;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_capstan");
+
+pub struct Master {
+    pub name: String,
+    pub dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub struct Cluster {
+    pub tmp: tempfile::TempDir,
+    pub masters: Vec<Master>,
+    pub extra: Vec<String>,
+}
+
+#[derive(serde::Deserialize, Clone, Debug)]
+pub struct Endpoints {
+    pub name: String,
+    pub id: u64,
+    pub peer: String,
+    pub etcd_url: String,
+    pub pid: u32,
+}
+
+pub fn endpoints(dir: &Path) -> Option<Endpoints> {
+    serde_json::from_slice(&std::fs::read(dir.join("endpoints.json")).ok()?).ok()
+}
+
+fn spawn(dir: &Path, args: &[String]) -> Child {
+    std::fs::create_dir_all(dir).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("server.log"))
+        .unwrap();
+    Command::new(BIN)
+        .args(["--log-level", "info", "server", "--data-dir"])
+        .arg(dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start capstan server")
+}
+
+impl Cluster {
+    /// Start `n` masters: the first with --init, the rest joining with tokens.
+    pub fn start(n: usize, extra: &[&str]) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Cluster {
+            tmp,
+            masters: vec![],
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        for i in 1..=n {
+            c.add_master(i);
+        }
+        c
+    }
+
+    pub fn add_master(&mut self, i: usize) {
+        let name = format!("master-{i}");
+        let dir = self.tmp.path().join(&name);
+        let mut args: Vec<String> = vec![
+            "--name".into(),
+            name.clone(),
+            "--peer-listen".into(),
+            "127.0.0.1:0".into(),
+            "--etcd-listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        args.extend(self.extra.clone());
+        if self.masters.is_empty() {
+            args.push("--init".into());
+        } else {
+            let via = self
+                .masters
+                .iter()
+                .find(|m| m.child.is_some())
+                .expect("a running master");
+            let token = create_token(&via.dir);
+            let peer = endpoints(&via.dir).expect("endpoints").peer;
+            args.extend(["--join".into(), peer, "--token".into(), token]);
+        }
+        let child = spawn(&dir, &args);
+        self.masters.push(Master {
+            name,
+            dir: dir.clone(),
+            child: Some(child),
+        });
+        self.wait_ready(self.masters.len() - 1);
+    }
+
+    pub fn wait_ready(&mut self, i: usize) -> Endpoints {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        let m = &mut self.masters[i];
+        loop {
+            let pid = m.child.as_ref().map(|c| c.id());
+            if let Some(ep) = endpoints(&m.dir) {
+                if Some(ep.pid) == pid {
+                    return ep;
+                }
+            }
+            if let Some(c) = m.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("{} exited: {st}\n{}", m.name, log_tail(&m.dir));
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} not ready\n{}",
+                m.name,
+                log_tail(&m.dir)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut c) = self.masters[i].child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait (clean stop).
+    pub fn stop(&mut self, i: usize) {
+        if let Some(mut c) = self.masters[i].child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    c.kill().unwrap();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.wait();
+        }
+    }
+
+    /// Restart from the data dir alone.
+    pub fn restart(&mut self, i: usize) {
+        assert!(self.masters[i].child.is_none());
+        let _ = std::fs::remove_file(self.masters[i].dir.join("endpoints.json"));
+        let child = spawn(&self.masters[i].dir, &[]);
+        self.masters[i].child = Some(child);
+        self.wait_ready(i);
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        endpoints(&self.masters[i].dir).expect("endpoints").etcd_url
+    }
+
+    pub fn running(&self) -> Vec<usize> {
+        (0..self.masters.len())
+            .filter(|i| self.masters[*i].child.is_some())
+            .collect()
+    }
+
+    pub async fn client(&self, i: usize) -> Channel {
+        connect(&self.url(i), &self.masters[0].dir).await
+    }
+
+    /// Index of the current leader, asked of any running master.
+    pub async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for i in self.running() {
+                if let Ok(ch) = try_connect(&self.url(i), &self.masters[0].dir).await {
+                    if let Ok(st) = pb::maintenance_client::MaintenanceClient::new(ch)
+                        .status(pb::StatusRequest::default())
+                        .await
+                    {
+                        let leader = st.into_inner().leader;
+                        if let Some(j) = self.running().into_iter().find(|j| {
+                            endpoints(&self.masters[*j].dir).map(|e| e.id) == Some(leader)
+                        }) {
+                            return j;
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for m in &mut self.masters {
+            if let Some(mut c) = m.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+pub fn log_tail(dir: &Path) -> String {
+    let s = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+pub fn create_token(dir: &Path) -> String {
+    let out = Command::new(BIN)
+        .args(["token", "create", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("token create");
+    assert!(
+        out.status.success(),
+        "token create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Admin credentials (written by `capstan up`, or issued here from master-1's CA).
+pub fn admin_files(master1: &Path) -> (String, String, String) {
+    let ca = std::fs::read_to_string(master1.join("pki/ca.crt")).unwrap();
+    // The test issues its own admin cert through the binary-independent PKI.
+    let ca_key = std::fs::read_to_string(master1.join("pki/ca.key")).unwrap();
+    let ca_obj = capstan_raft::pki::ClusterCa::from_pem(&ca, &ca_key).unwrap();
+    let cert = ca_obj
+        .issue_client("admin", &["system:masters".to_string()])
+        .unwrap();
+    (ca, cert.cert_pem, cert.key_pem)
+}
+
+pub async fn try_connect(url: &str, master1: &Path) -> Result<Channel, tonic::transport::Error> {
+    let (ca, cert, key) = admin_files(master1);
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key));
+    Channel::from_shared(url.to_string())
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(15))
+        .connect()
+        .await
+}
+
+pub async fn connect(url: &str, master1: &Path) -> Channel {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match try_connect(url, master1).await {
+            Ok(c) => return c,
+            Err(e) => assert!(Instant::now() < deadline, "connect {url}: {e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn kv(ch: &Channel) -> pb::kv_client::KvClient<Channel> {
+    pb::kv_client::KvClient::new(ch.clone())
+}

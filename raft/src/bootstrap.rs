@@ -1,0 +1,454 @@
+//! Starting a master's store: a new cluster (`init`), joining one with a
+//! bootstrap token (`join`), or restarting from the data dir alone.
+//!
+//! Data dir layout:
+//! ```text
+//! <data-dir>/member.json     id, name, addresses (written once, at init/join)
+//! <data-dir>/pki/ca.crt      cluster CA (every master holds it, to sign joiners)
+//! <data-dir>/pki/ca.key
+//! <data-dir>/pki/master.crt  this master's certificate, CN "master:<name>"
+//! <data-dir>/pki/master.key
+//! <data-dir>/db/             RocksDB (see storage.rs)
+//! <data-dir>/snapshot.bin    the latest Raft snapshot
+//! ```
+//!
+//! Bootstrap tokens live in the replicated store under
+//! `/capstan/bootstrap-tokens/<id>` (value: JSON with the SHA-256 of the
+//! secret and the usage), attached to a lease so they expire. The token a
+//! joiner is given, `capstan1.<id>.<secret>.<ca-sha256>`, also pins the CA
+//! so the joiner can trust the master it first dials.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::node::{Limits, StoreNode};
+use crate::pki::{self, CertifiedKey, ClusterCa};
+use crate::storage::Storage;
+use crate::transport::{JoinRequest, Network, PeerClients, PeerRequest, PeerResponse};
+use crate::types::*;
+use crate::watch::WatchHub;
+
+pub const MASTER_CN_PREFIX: &str = "master:";
+pub const TOKEN_PREFIX: &str = "/capstan/bootstrap-tokens/";
+
+pub struct Pki {
+    pub ca: ClusterCa,
+    pub identity: CertifiedKey,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MemberFile {
+    pub id: NodeId,
+    pub name: String,
+    pub peer_listen: SocketAddr,
+    pub peer_advertise: String,
+    pub client_url: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub peer_listen: SocketAddr,
+    /// Address other masters dial; defaults to `peer_listen`.
+    pub peer_advertise: Option<String>,
+    /// etcd v3 URL clients use for this master.
+    pub client_url: String,
+    pub limits: Limits,
+    /// Take a snapshot (and purge the log behind it) every this many entries.
+    pub snapshot_every: u64,
+}
+
+pub enum Bootstrap {
+    Init,
+    Join { addr: String, token: String },
+    Restart,
+}
+
+pub struct Started {
+    pub node: Arc<StoreNode>,
+    pub pki: Arc<Pki>,
+    pub member: MemberFile,
+    pub storage: Arc<Storage>,
+    pub endpoint: quinn::Endpoint,
+}
+
+fn pki_dir(d: &Path) -> PathBuf {
+    d.join("pki")
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(contents.as_bytes())?;
+    f.sync_all()?;
+    Ok(())
+}
+
+fn save_pki(dir: &Path, ca_cert: &str, ca_key: &str, id: &CertifiedKey) -> anyhow::Result<()> {
+    let p = pki_dir(dir);
+    std::fs::create_dir_all(&p)?;
+    write_private(&p.join("ca.crt"), ca_cert)?;
+    write_private(&p.join("ca.key"), ca_key)?;
+    write_private(&p.join("master.crt"), &id.cert_pem)?;
+    write_private(&p.join("master.key"), &id.key_pem)?;
+    Ok(())
+}
+
+/// Loads the CA and this master's identity from a data dir.
+pub fn load_pki(dir: &Path) -> anyhow::Result<Pki> {
+    let p = pki_dir(dir);
+    let read = |n: &str| {
+        std::fs::read_to_string(p.join(n))
+            .with_context(|| format!("reading {}", p.join(n).display()))
+    };
+    let ca = ClusterCa::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
+    let identity = CertifiedKey {
+        cert_pem: read("master.crt")?,
+        key_pem: read("master.key")?,
+    };
+    Ok(Pki { ca, identity })
+}
+
+pub fn load_member(dir: &Path) -> anyhow::Result<MemberFile> {
+    let path = dir.join("member.json");
+    let b = std::fs::read(&path)
+        .with_context(|| format!("{} is not a master data dir", dir.display()))?;
+    Ok(serde_json::from_slice(&b)?)
+}
+
+/// The subject CN of the first certificate in a PEM.
+pub fn common_name_of_pem(pem: &str) -> anyhow::Result<String> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| anyhow::anyhow!("bad PEM: {e}"))?;
+    Ok(pki::common_name(&parsed.contents)?)
+}
+
+fn host_of(addr: &str) -> String {
+    addr.rsplit_once(':')
+        .map_or(addr, |(h, _)| h)
+        .trim_matches(['[', ']'])
+        .to_string()
+}
+
+/// Hosts for a master's certificate SANs.
+fn cert_hosts(cfg: &StoreConfig, advertise: &str) -> Vec<String> {
+    let mut hosts = vec![host_of(advertise), cfg.peer_listen.ip().to_string()];
+    if let Some(h) = cfg.client_url.split("://").nth(1) {
+        hosts.push(host_of(h.trim_end_matches('/')));
+    }
+    hosts.sort();
+    hosts.dedup();
+    hosts.retain(|h| h != "0.0.0.0" && h != "::");
+    hosts
+}
+
+/// A bootstrap token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinToken {
+    pub id: String,
+    pub secret: String,
+    pub ca_fingerprint: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredToken {
+    secret_sha256: String,
+    usage: String,
+}
+
+impl JoinToken {
+    pub fn generate(ca_fingerprint: &str) -> JoinToken {
+        let mut rng = rand::thread_rng();
+        let hexn = |n: usize, rng: &mut rand::rngs::ThreadRng| -> String {
+            (0..n).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
+        };
+        JoinToken {
+            id: hexn(4, &mut rng),
+            secret: hexn(16, &mut rng),
+            ca_fingerprint: ca_fingerprint.to_string(),
+        }
+    }
+
+    pub fn parse(s: &str) -> anyhow::Result<JoinToken> {
+        let parts: Vec<&str> = s.trim().split('.').collect();
+        match parts.as_slice() {
+            ["capstan1", id, secret, fp]
+                if !id.is_empty()
+                    && !secret.is_empty()
+                    && fp.len() == 64
+                    && fp.chars().all(|c| c.is_ascii_hexdigit()) =>
+            {
+                Ok(JoinToken {
+                    id: id.to_string(),
+                    secret: secret.to_string(),
+                    ca_fingerprint: fp.to_lowercase(),
+                })
+            }
+            _ => bail!("malformed bootstrap token (expected capstan1.<id>.<secret>.<ca-sha256>)"),
+        }
+    }
+
+    pub fn store_key(&self) -> Vec<u8> {
+        format!("{TOKEN_PREFIX}{}", self.id).into_bytes()
+    }
+
+    pub fn store_value(&self, usage: &str) -> Vec<u8> {
+        let st = StoredToken {
+            secret_sha256: hex::encode(Sha256::digest(self.secret.as_bytes())),
+            usage: usage.into(),
+        };
+        serde_json::to_vec(&st).unwrap_or_default()
+    }
+
+    /// Does the stored value match this token's secret, for this usage?
+    pub fn verify(&self, stored: &[u8], usage: &str) -> bool {
+        let Ok(st) = serde_json::from_slice::<StoredToken>(stored) else {
+            return false;
+        };
+        let want = hex::encode(Sha256::digest(self.secret.as_bytes()));
+        // Constant-time enough for hex digests of equal length.
+        st.usage == usage
+            && st.secret_sha256.len() == want.len()
+            && st
+                .secret_sha256
+                .bytes()
+                .zip(want.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    }
+}
+
+impl std::fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "capstan1.{}.{}.{}",
+            self.id, self.secret, self.ca_fingerprint
+        )
+    }
+}
+
+fn raft_config(snapshot_every: u64) -> anyhow::Result<Arc<openraft::Config>> {
+    let cfg = openraft::Config {
+        cluster_name: "capstan".into(),
+        heartbeat_interval: 100,
+        election_timeout_min: 500,
+        election_timeout_max: 1000,
+        max_payload_entries: 256,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
+        max_in_snapshot_log_to_keep: 256,
+        snapshot_max_chunk_size: 1 << 20,
+        ..Default::default()
+    };
+    Ok(Arc::new(cfg.validate()?))
+}
+
+fn endpoint(listen: SocketAddr, pki: &Pki) -> anyhow::Result<quinn::Endpoint> {
+    let server = pki::quic_server_config(pki.ca.cert_pem(), &pki.identity, true)?;
+    let mut ep = quinn::Endpoint::server(server, listen)
+        .with_context(|| format!("binding peer address {listen}"))?;
+    ep.set_default_client_config(pki::quic_client_config(pki.ca.cert_pem(), &pki.identity)?);
+    Ok(ep)
+}
+
+/// Dial `addr` anonymously (pinning the CA from the token) and join.
+async fn request_join(
+    cfg: &StoreConfig,
+    addr: &str,
+    token: &str,
+    advertise: &str,
+) -> anyhow::Result<(Pki, NodeId)> {
+    let parsed = JoinToken::parse(token)?;
+    let hosts = cert_hosts(cfg, advertise);
+    let (key_pem, csr_pem) = pki::make_csr(&format!("{MASTER_CN_PREFIX}{}", cfg.name), &hosts)?;
+    let bind: SocketAddr = if cfg.peer_listen.is_ipv6() {
+        "[::]:0"
+    } else {
+        "0.0.0.0:0"
+    }
+    .parse()?;
+    let mut ep = quinn::Endpoint::client(bind)?;
+    ep.set_default_client_config(pki::quic_anonymous_client_config(&parsed.ca_fingerprint)?);
+    let clients = PeerClients::new(ep.clone());
+    let req = PeerRequest::Join(JoinRequest {
+        token: token.to_string(),
+        name: cfg.name.clone(),
+        csr_pem,
+        peer_addr: advertise.to_string(),
+        client_url: cfg.client_url.clone(),
+    });
+    let mut last_err = String::new();
+    for _ in 0..50 {
+        match clients.call(addr, &req, Duration::from_secs(15)).await {
+            Ok(PeerResponse::Join(r)) => {
+                ep.close(0u32.into(), b"joined");
+                let ca = ClusterCa::from_pem(&r.ca_cert_pem, &r.ca_key_pem)?;
+                return Ok((
+                    Pki {
+                        ca,
+                        identity: CertifiedKey {
+                            cert_pem: r.cert_pem,
+                            key_pem,
+                        },
+                    },
+                    r.id,
+                ));
+            }
+            Ok(PeerResponse::Error(e))
+                if e.starts_with("join refused") || e.starts_with("malformed") =>
+            {
+                bail!("{e}")
+            }
+            Ok(PeerResponse::Error(e)) => last_err = e,
+            Ok(other) => last_err = format!("unexpected answer {other:?}"),
+            Err(e) => last_err = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bail!("could not join through {addr}: {last_err}")
+}
+
+/// Start this master's store.
+pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let already = cfg.data_dir.join("member.json").exists();
+    let advertise = cfg
+        .peer_advertise
+        .clone()
+        .unwrap_or_else(|| cfg.peer_listen.to_string());
+    let (member, pki, init) = match how {
+        Bootstrap::Restart => (load_member(&cfg.data_dir)?, load_pki(&cfg.data_dir)?, false),
+        _ if already => bail!(
+            "{} already holds a master; restart with --data-dir only",
+            cfg.data_dir.display()
+        ),
+        Bootstrap::Init => {
+            let ca = ClusterCa::generate("capstan")?;
+            let identity = ca.issue_master(
+                &format!("{MASTER_CN_PREFIX}{}", cfg.name),
+                &cert_hosts(&cfg, &advertise),
+            )?;
+            save_pki(&cfg.data_dir, ca.cert_pem(), ca.key_pem(), &identity)?;
+            let m = MemberFile {
+                id: 1,
+                name: cfg.name.clone(),
+                peer_listen: cfg.peer_listen,
+                peer_advertise: advertise.clone(),
+                client_url: cfg.client_url.clone(),
+            };
+            (m, Pki { ca, identity }, true)
+        }
+        Bootstrap::Join {
+            ref addr,
+            ref token,
+        } => {
+            let (pki, id) = request_join(&cfg, addr, token, &advertise).await?;
+            save_pki(
+                &cfg.data_dir,
+                pki.ca.cert_pem(),
+                pki.ca.key_pem(),
+                &pki.identity,
+            )?;
+            let m = MemberFile {
+                id,
+                name: cfg.name.clone(),
+                peer_listen: cfg.peer_listen,
+                peer_advertise: advertise.clone(),
+                client_url: cfg.client_url.clone(),
+            };
+            (m, pki, false)
+        }
+    };
+    let pki = Arc::new(pki);
+    let storage = Arc::new(Storage::open(&cfg.data_dir)?);
+    let hub = Arc::new(WatchHub::new(4096));
+    let sm = storage.state_machine(hub.clone())?;
+    let state = sm.shared();
+    hub.attach(state.clone());
+    let ep = endpoint(member.peer_listen, &pki)?;
+    let clients = Arc::new(PeerClients::new(ep.clone()));
+    let network = Network {
+        clients: clients.clone(),
+    };
+    let raft = Raft::new(
+        member.id,
+        raft_config(cfg.snapshot_every)?,
+        network,
+        storage.log_store(),
+        sm,
+    )
+    .await?;
+    let node = StoreNode::new(member.id, raft, hub, state, clients, cfg.limits.clone());
+    tokio::spawn(crate::peer::serve_peers(
+        ep.clone(),
+        node.clone(),
+        pki.clone(),
+    ));
+    tokio::spawn(node.clone().run_leader_duties());
+    let self_member = Member {
+        name: member.name.clone(),
+        peer_addr: member.peer_advertise.clone(),
+        client_url: member.client_url.clone(),
+    };
+    if init && !node.raft.is_initialized().await? {
+        node.raft
+            .initialize(BTreeMap::from([(member.id, self_member.clone())]))
+            .await?;
+    }
+    // member.json is written last: its presence means "bootstrapped".
+    std::fs::write(
+        cfg.data_dir.join("member.json"),
+        serde_json::to_vec_pretty(&member)?,
+    )?;
+    if let Bootstrap::Join { addr, .. } = how {
+        // Now that our Raft runs, ask the leader (through the master we
+        // joined) to replicate to us and make us a voter.
+        let promote = PeerRequest::Promote {
+            id: member.id,
+            member: self_member,
+        };
+        let mut last = String::new();
+        let mut done = false;
+        for _ in 0..300 {
+            match node
+                .clients()
+                .call(&addr, &promote, Duration::from_secs(60))
+                .await
+            {
+                Ok(PeerResponse::Done) => {
+                    done = true;
+                    break;
+                }
+                Ok(PeerResponse::Error(e)) => last = e,
+                Ok(other) => last = format!("{other:?}"),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if !done {
+            bail!("joined, but could not become a voter: {last}");
+        }
+    }
+    Ok(Started {
+        node,
+        pki,
+        member,
+        storage,
+        endpoint: ep,
+    })
+}

@@ -1,0 +1,480 @@
+//! A running master's store: openraft, the state machine, the watch hub and
+//! the peer transport wired together, plus what the leader alone decides
+//! (lease expiry, automatic compaction).
+//!
+//! Clients (the etcd API, the Kubernetes API) call [`StoreNode`]:
+//! - `write` proposes a command; on a follower it is forwarded to the leader
+//!   over the peer transport. It returns only after the entry is committed
+//!   (on disk on a quorum) and applied.
+//! - `read_index` makes the next local read linearizable (ReadIndex: the
+//!   leader confirms it still leads and names the log index to wait for).
+//! - reads themselves are served from the local in-memory MVCC (`state()`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use parking_lot::Mutex;
+
+use crate::storage::SharedState;
+use crate::transport::{PeerClients, PeerRequest, PeerResponse, TransportError};
+use crate::types::*;
+use crate::watch::WatchHub;
+
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest accepted write, in bytes of its encoded command.
+    pub max_request_bytes: usize,
+    /// Over this many bytes of MVCC data writes are slowed and an alarm raised.
+    pub quota_soft_bytes: u64,
+    /// Over this only deletes, lease revokes and compaction pass.
+    pub quota_hard_bytes: u64,
+    /// Keep this many revisions of history; older ones are compacted by the
+    /// leader. 0 disables automatic compaction.
+    pub retain_revisions: i64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_request_bytes: 3 * 1024 * 1024 / 2,
+            quota_soft_bytes: 6 << 30,
+            quota_hard_bytes: 8 << 30,
+            retain_revisions: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("etcdserver: no leader")]
+    NoLeader,
+    #[error("etcdserver: request timed out")]
+    Timeout,
+    #[error("etcdserver: request is too large ({size} bytes, limit {max})")]
+    TooLarge { size: usize, max: usize },
+    #[error("etcdserver: mvcc: database space exceeded")]
+    NoSpace,
+    #[error("{0}")]
+    Mvcc(#[from] MvccError),
+    /// The request may or may not have been applied.
+    #[error("etcdserver: request outcome unknown: {0}")]
+    Indeterminate(String),
+    #[error("etcdserver: {0}")]
+    Internal(String),
+}
+
+pub struct StoreNode {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub hub: Arc<WatchHub>,
+    pub limits: Limits,
+    state: SharedState,
+    clients: Arc<PeerClients>,
+    /// Leader only: when each lease expires. Rebuilt (full TTL) by a new leader.
+    lease_deadlines: Mutex<LeaseClock>,
+    pub alarm_nospace: std::sync::atomic::AtomicBool,
+}
+
+#[derive(Default)]
+struct LeaseClock {
+    term: u64,
+    deadlines: HashMap<i64, Instant>,
+}
+
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const PEER_RPC_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl StoreNode {
+    pub fn new(
+        id: NodeId,
+        raft: Raft,
+        hub: Arc<WatchHub>,
+        state: SharedState,
+        clients: Arc<PeerClients>,
+        limits: Limits,
+    ) -> Arc<StoreNode> {
+        Arc::new(StoreNode {
+            id,
+            raft,
+            hub,
+            limits,
+            state,
+            clients,
+            lease_deadlines: Mutex::new(LeaseClock::default()),
+            alarm_nospace: Default::default(),
+        })
+    }
+
+    pub fn state(&self) -> &SharedState {
+        &self.state
+    }
+
+    pub fn clients(&self) -> &Arc<PeerClients> {
+        &self.clients
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().current_leader == Some(self.id)
+    }
+
+    pub fn leader(&self) -> Option<(NodeId, Member)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let member = m.membership_config.membership().get_node(&id).cloned()?;
+        Some((id, member))
+    }
+
+    /// Voters and learners of the current membership.
+    pub fn members(&self) -> Vec<(NodeId, Member, bool)> {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        membership
+            .nodes()
+            .map(|(id, n)| (*id, n.clone(), !voters.contains(id)))
+            .collect()
+    }
+
+    fn check_admission(&self, cmd: &Command) -> Result<(), StoreError> {
+        let size = postcard::to_stdvec(cmd).map_or(usize::MAX, |v| v.len());
+        if size > self.limits.max_request_bytes {
+            return Err(StoreError::TooLarge {
+                size,
+                max: self.limits.max_request_bytes,
+            });
+        }
+        let used = self.state.read().mvcc.size_bytes();
+        let freeing = match cmd {
+            Command::Txn(t) => t
+                .success
+                .iter()
+                .chain(&t.failure)
+                .all(|op| matches!(op, Op::Delete(_) | Op::Range(_))),
+            Command::Compact { .. } | Command::LeaseRevoke { .. } => true,
+            Command::LeaseGrant { .. } => false,
+        };
+        let over_soft = used > self.limits.quota_soft_bytes;
+        self.alarm_nospace
+            .store(over_soft, std::sync::atomic::Ordering::Relaxed);
+        if used > self.limits.quota_hard_bytes && !freeing {
+            return Err(StoreError::NoSpace);
+        }
+        Ok(())
+    }
+
+    /// Propose `cmd` and wait until it is committed and applied (here or, for
+    /// a follower, on the leader). Retries only while the command has surely
+    /// not been accepted by any leader.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
+        self.check_admission(&cmd)?;
+        if self
+            .alarm_nospace
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // Soft quota: slow writers down instead of failing them.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let deadline = Instant::now() + WRITE_TIMEOUT;
+        loop {
+            match self.write_local(cmd.clone()).await {
+                Ok(r) => return Ok(r),
+                Err(Forward::To(member)) => {
+                    match self
+                        .clients
+                        .call(
+                            &member.peer_addr,
+                            &PeerRequest::ClientWrite(cmd.clone()),
+                            WRITE_TIMEOUT,
+                        )
+                        .await
+                    {
+                        Ok(PeerResponse::ClientWrite(r)) => return Ok(r),
+                        Ok(PeerResponse::Error(e)) if e == NOT_LEADER => {}
+                        Ok(PeerResponse::Error(e)) => return Err(StoreError::Internal(e)),
+                        Ok(_) => {
+                            return Err(StoreError::Internal("unexpected peer response".into()))
+                        }
+                        Err(TransportError::Unreachable { .. }) => {}
+                        Err(e) => return Err(StoreError::Indeterminate(e.to_string())),
+                    }
+                }
+                Err(Forward::Unknown) => {}
+                Err(Forward::Failed(e)) => return Err(e),
+            }
+            if Instant::now() > deadline {
+                return Err(StoreError::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Propose on this node only; used for writes forwarded to us.
+    pub(crate) async fn write_local(&self, cmd: Command) -> Result<CommandResult, Forward> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok(resp.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                match (f.leader_id, f.leader_node) {
+                    (Some(id), Some(node)) if id != self.id => Err(Forward::To(node)),
+                    _ => Err(Forward::Unknown),
+                }
+            }
+            Err(e) => Err(Forward::Failed(StoreError::Indeterminate(e.to_string()))),
+        }
+    }
+
+    /// Wait until this node's state machine reflects every write committed
+    /// before this call (ReadIndex). After it returns, a local read is
+    /// linearizable.
+    pub async fn read_index(&self) -> Result<(), StoreError> {
+        let deadline = Instant::now() + WRITE_TIMEOUT;
+        loop {
+            if self.is_leader() {
+                match self.raft.ensure_linearizable().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => tracing::debug!(error = %e, "read index on leader failed; retrying"),
+                }
+            } else if let Some((_, leader)) = self.leader() {
+                match self
+                    .clients
+                    .call(&leader.peer_addr, &PeerRequest::ReadIndex, PEER_RPC_TIMEOUT)
+                    .await
+                {
+                    Ok(PeerResponse::ReadIndex(idx)) => {
+                        let wait = self
+                            .raft
+                            .wait(Some(deadline.saturating_duration_since(Instant::now())));
+                        return wait
+                            .applied_index_at_least(Some(idx), "read index")
+                            .await
+                            .map(|_| ())
+                            .map_err(|_| StoreError::Timeout);
+                    }
+                    Ok(other) => tracing::debug!(?other, "read index refused; retrying"),
+                    Err(e) => tracing::debug!(error = %e, "read index call failed; retrying"),
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(StoreError::NoLeader);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Leader side of ReadIndex: confirm leadership, return the index to wait for.
+    pub(crate) async fn leader_read_index(&self) -> Result<u64, String> {
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map_or(0, |l| l.index)),
+            Err(_) => Err(NOT_LEADER.to_string()),
+        }
+    }
+
+    /// Renew a lease; returns its TTL, or `None` if it does not exist.
+    pub async fn lease_keepalive(&self, id: i64) -> Result<Option<i64>, StoreError> {
+        self.lease_call(id, true).await
+    }
+
+    /// Remaining TTL (seconds) and granted TTL, or `None` if it does not exist.
+    pub async fn lease_time_to_live(&self, id: i64) -> Result<Option<(i64, i64)>, StoreError> {
+        if self.is_leader() {
+            return Ok(self.lease_local(id, false));
+        }
+        let (_, leader) = self.leader().ok_or(StoreError::NoLeader)?;
+        match self
+            .clients
+            .call(
+                &leader.peer_addr,
+                &PeerRequest::LeaseTimeToLive { id },
+                PEER_RPC_TIMEOUT,
+            )
+            .await
+        {
+            Ok(PeerResponse::LeaseTtl { ttl, granted }) if ttl >= 0 => Ok(Some((ttl, granted))),
+            Ok(PeerResponse::LeaseTtl { .. }) => Ok(None),
+            Ok(_) => Err(StoreError::NoLeader),
+            Err(e) => Err(StoreError::Internal(e.to_string())),
+        }
+    }
+
+    async fn lease_call(&self, id: i64, renew: bool) -> Result<Option<i64>, StoreError> {
+        if self.is_leader() {
+            return Ok(self.lease_local(id, renew).map(|(ttl, _)| ttl));
+        }
+        let (_, leader) = self.leader().ok_or(StoreError::NoLeader)?;
+        match self
+            .clients
+            .call(
+                &leader.peer_addr,
+                &PeerRequest::LeaseKeepAlive { id },
+                PEER_RPC_TIMEOUT,
+            )
+            .await
+        {
+            Ok(PeerResponse::LeaseTtl { ttl, .. }) if ttl >= 0 => Ok(Some(ttl)),
+            Ok(PeerResponse::LeaseTtl { .. }) => Ok(None),
+            Ok(_) => Err(StoreError::NoLeader),
+            Err(e) => Err(StoreError::Internal(e.to_string())),
+        }
+    }
+
+    /// Leader-local lease clock. `renew` resets the deadline to a full TTL.
+    pub(crate) fn lease_local(&self, id: i64, renew: bool) -> Option<(i64, i64)> {
+        let granted = self.state.read().mvcc.lease(id)?.ttl;
+        let now = Instant::now();
+        let mut clock = self.lease_deadlines.lock();
+        let deadline = clock
+            .deadlines
+            .entry(id)
+            .or_insert(now + Duration::from_secs(granted as u64));
+        if renew {
+            *deadline = now + Duration::from_secs(granted as u64);
+        }
+        let remaining = deadline.saturating_duration_since(now).as_secs_f64().ceil() as i64;
+        Some((remaining, granted))
+    }
+
+    /// The leader's periodic duties: expire leases, compact old history.
+    pub async fn run_leader_duties(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut last_compact_check = Instant::now();
+        loop {
+            tick.tick().await;
+            let metrics = self.raft.metrics().borrow().clone();
+            if metrics.state != ServerState::Leader {
+                continue;
+            }
+            let expired = self.expired_leases(metrics.current_term);
+            for id in expired {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = node.write(Command::LeaseRevoke { id }).await {
+                        tracing::debug!(lease = id, error = %e, "lease expiry proposal failed");
+                    }
+                });
+            }
+            if self.limits.retain_revisions > 0
+                && last_compact_check.elapsed() > Duration::from_secs(5)
+            {
+                last_compact_check = Instant::now();
+                let (rev, compacted) = {
+                    let st = self.state.read();
+                    (st.mvcc.revision(), st.mvcc.compacted())
+                };
+                let target = rev - self.limits.retain_revisions;
+                // Compact in steps of at least a tenth of the window, not every tick.
+                if target > compacted + self.limits.retain_revisions / 10 {
+                    if let Err(e) = self.write(Command::Compact { revision: target }).await {
+                        tracing::debug!(error = %e, "automatic compaction failed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn expired_leases(&self, term: u64) -> Vec<i64> {
+        let leases: BTreeMap<i64, i64> = self
+            .state
+            .read()
+            .mvcc
+            .leases()
+            .map(|(id, l)| (*id, l.ttl))
+            .collect();
+        let now = Instant::now();
+        let mut clock = self.lease_deadlines.lock();
+        if clock.term != term {
+            // New leadership: nobody knows when the old leader last saw a
+            // keep-alive, so every lease gets its full TTL again (as etcd).
+            clock.term = term;
+            clock.deadlines.clear();
+        }
+        clock.deadlines.retain(|id, _| leases.contains_key(id));
+        let mut expired = Vec::new();
+        for (id, ttl) in leases {
+            let d = *clock
+                .deadlines
+                .entry(id)
+                .or_insert(now + Duration::from_secs(ttl as u64));
+            if d <= now {
+                expired.push(id);
+                // Do not propose again every tick while the revoke commits.
+                clock.deadlines.insert(id, now + Duration::from_secs(2));
+            }
+        }
+        expired
+    }
+
+    /// Leader: add `id` as a learner, wait for it to catch up, make it a voter.
+    pub(crate) async fn promote(&self, id: NodeId, member: Member) -> Result<(), String> {
+        let exists = self.members().iter().any(|(i, _, _)| *i == id);
+        if !exists {
+            self.raft
+                .add_learner(id, member, true)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        let voters: BTreeSet<NodeId> = [id].into();
+        self.raft
+            .change_membership(ChangeMembers::AddVoterIds(voters), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    pub(crate) async fn remove_member(&self, id: NodeId) -> Result<(), String> {
+        let ids: BTreeSet<NodeId> = [id].into();
+        self.raft
+            .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.raft
+            .change_membership(ChangeMembers::RemoveNodes(ids), false)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// Run a membership change on the leader, forwarding if needed.
+    pub async fn membership_call(&self, req: PeerRequest) -> Result<(), StoreError> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let result = if self.is_leader() {
+                match &req {
+                    PeerRequest::Promote { id, member } => self.promote(*id, member.clone()).await,
+                    PeerRequest::RemoveMember { id } => self.remove_member(*id).await,
+                    _ => return Err(StoreError::Internal("not a membership request".into())),
+                }
+            } else if let Some((_, leader)) = self.leader() {
+                match self
+                    .clients
+                    .call(&leader.peer_addr, &req, Duration::from_secs(60))
+                    .await
+                {
+                    Ok(PeerResponse::Done) => Ok(()),
+                    Ok(PeerResponse::Error(e)) => Err(e),
+                    Ok(_) => Err("unexpected response".into()),
+                    Err(e) => Err(e.to_string()),
+                }
+            } else {
+                Err("no leader".into())
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::info!(error = %e, "membership change not done yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(StoreError::Internal(e)),
+            }
+        }
+    }
+}
+
+pub(crate) const NOT_LEADER: &str = "not leader";
+
+pub(crate) enum Forward {
+    To(Member),
+    Unknown,
+    Failed(StoreError),
+}

@@ -1,0 +1,165 @@
+//! Serving the peer protocol: accepts QUIC connections from other masters,
+//! decides who may do what, and dispatches each stream's request.
+//!
+//! Only a master certificate (CN `master:<name>`, signed by the cluster CA)
+//! may replicate, vote, forward writes or change membership. A connection
+//! without a certificate may only send `Join` with a valid bootstrap token.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use rand::Rng;
+
+use crate::bootstrap::{JoinToken, Pki, MASTER_CN_PREFIX};
+use crate::node::{Forward, StoreNode, NOT_LEADER};
+use crate::transport::{read_frame, write_frame, JoinResponse, PeerRequest, PeerResponse};
+use crate::types::*;
+
+/// Accept loop; runs until the endpoint is closed.
+pub async fn serve_peers(endpoint: quinn::Endpoint, node: Arc<StoreNode>, pki: Arc<Pki>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let (node, pki) = (node.clone(), pki.clone());
+        tokio::spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::debug!(error = %e, "peer handshake failed");
+                    return;
+                }
+            };
+            let master = is_master(&conn);
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let (node, pki) = (node.clone(), pki.clone());
+                tokio::spawn(async move {
+                    let resp = match read_frame::<PeerRequest>(&mut recv).await {
+                        Ok(req) => handle(&node, &pki, req, master).await,
+                        Err(e) => PeerResponse::Error(format!("bad request: {e}")),
+                    };
+                    let _ = write_frame(&mut send, &resp).await;
+                });
+            }
+        });
+    }
+}
+
+/// A master presents a CA-signed server certificate named `master:<name>`;
+/// admin and client certificates lack the serverAuth usage.
+fn is_master(conn: &quinn::Connection) -> bool {
+    let Some(leaf) = crate::pki::peer_leaf(conn) else {
+        return false;
+    };
+    crate::pki::cert_info(leaf.as_ref())
+        .is_ok_and(|i| i.server_auth && i.common_name.starts_with(MASTER_CN_PREFIX))
+}
+
+async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool) -> PeerResponse {
+    if !master {
+        return match req {
+            PeerRequest::Join(j) => match join(node, pki, j).await {
+                Ok(r) => PeerResponse::Join(r),
+                Err(e) => PeerResponse::Error(e),
+            },
+            _ => PeerResponse::Error("permission denied: a master certificate is required".into()),
+        };
+    }
+    match req {
+        PeerRequest::AppendEntries(rpc) => {
+            PeerResponse::AppendEntries(node.raft.append_entries(rpc).await)
+        }
+        PeerRequest::Vote(rpc) => PeerResponse::Vote(node.raft.vote(rpc).await),
+        PeerRequest::InstallSnapshot(rpc) => {
+            PeerResponse::InstallSnapshot(node.raft.install_snapshot(rpc).await)
+        }
+        PeerRequest::ClientWrite(cmd) => match node.write_local(cmd).await {
+            Ok(r) => PeerResponse::ClientWrite(r),
+            Err(Forward::To(..)) | Err(Forward::Unknown) => PeerResponse::Error(NOT_LEADER.into()),
+            Err(Forward::Failed(e)) => PeerResponse::Error(e.to_string()),
+        },
+        PeerRequest::ReadIndex => match node.leader_read_index().await {
+            Ok(i) => PeerResponse::ReadIndex(i),
+            Err(e) => PeerResponse::Error(e),
+        },
+        PeerRequest::LeaseKeepAlive { id } | PeerRequest::LeaseTimeToLive { id }
+            if !node.is_leader() =>
+        {
+            let _ = id;
+            PeerResponse::Error(NOT_LEADER.into())
+        }
+        PeerRequest::LeaseKeepAlive { id } => match node.lease_local(id, true) {
+            Some((ttl, granted)) => PeerResponse::LeaseTtl { ttl, granted },
+            None => PeerResponse::LeaseTtl {
+                ttl: -1,
+                granted: 0,
+            },
+        },
+        PeerRequest::LeaseTimeToLive { id } => match node.lease_local(id, false) {
+            Some((ttl, granted)) => PeerResponse::LeaseTtl { ttl, granted },
+            None => PeerResponse::LeaseTtl {
+                ttl: -1,
+                granted: 0,
+            },
+        },
+        PeerRequest::Join(j) => match join(node, pki, j).await {
+            Ok(r) => PeerResponse::Join(r),
+            Err(e) => PeerResponse::Error(e),
+        },
+        req @ (PeerRequest::Promote { .. } | PeerRequest::RemoveMember { .. }) => {
+            match node.membership_call(req).await {
+                Ok(()) => PeerResponse::Done,
+                Err(e) => PeerResponse::Error(e.to_string()),
+            }
+        }
+    }
+}
+
+/// Check the bootstrap token against the store, sign the joiner's CSR.
+async fn join(
+    node: &StoreNode,
+    pki: &Pki,
+    j: crate::transport::JoinRequest,
+) -> Result<JoinResponse, String> {
+    let token = JoinToken::parse(&j.token).map_err(|e| e.to_string())?;
+    node.read_index().await.map_err(|e| e.to_string())?;
+    let stored = {
+        let st = node.state().read();
+        let r = st
+            .mvcc
+            .range(&RangeRequest {
+                range: KeyRange::key(Bytes::from(token.store_key())),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+        r.kvs.first().map(|kv| kv.value.clone())
+    };
+    let Some(stored) = stored else {
+        return Err("join refused: unknown or expired bootstrap token".into());
+    };
+    if !token.verify(&stored, "master") {
+        return Err("join refused: bootstrap token does not match".into());
+    }
+    if node.members().iter().any(|(_, m, _)| m.name == j.name) {
+        return Err(format!(
+            "join refused: a master named {:?} is already a member",
+            j.name
+        ));
+    }
+    let cert_pem = pki.ca.sign_csr(&j.csr_pem).map_err(|e| e.to_string())?;
+    let cn = crate::bootstrap::common_name_of_pem(&cert_pem).map_err(|e| e.to_string())?;
+    if cn != format!("{MASTER_CN_PREFIX}{}", j.name) {
+        return Err("join refused: the CSR's common name must be master:<name>".into());
+    }
+    let taken: Vec<NodeId> = node.members().iter().map(|(id, _, _)| *id).collect();
+    let id = loop {
+        let id = rand::thread_rng().gen_range(2..u64::MAX / 2);
+        if !taken.contains(&id) {
+            break id;
+        }
+    };
+    tracing::info!(name = %j.name, id, peer = %j.peer_addr, "master joining");
+    Ok(JoinResponse {
+        id,
+        cert_pem,
+        ca_cert_pem: pki.ca.cert_pem().to_string(),
+        ca_key_pem: pki.ca.key_pem().to_string(),
+    })
+}

@@ -1,0 +1,333 @@
+//! Peer transport between masters: QUIC (quinn) with mutual TLS.
+//!
+//! One QUIC connection per peer pair, cached and re-dialled on failure with
+//! backoff; every RPC is one bidirectional stream carrying one postcard
+//! request and one postcard response, each delimited by the stream's FIN.
+//! Streams are independent, so append entries, votes, snapshot chunks and
+//! forwarded client writes are pipelined over one connection without
+//! head-of-line blocking.
+//!
+//! This module only moves bytes; `node.rs` decides what a request means and
+//! who may send it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::types::*;
+
+/// Largest frame accepted on a stream (a snapshot chunk or an append batch).
+pub const MAX_FRAME: usize = 64 << 20;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    pub name: String,
+    pub csr_pem: String,
+    pub peer_addr: String,
+    pub client_url: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub id: NodeId,
+    pub cert_pem: String,
+    pub ca_cert_pem: String,
+    pub ca_key_pem: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A client write forwarded to the leader.
+    ClientWrite(Command),
+    /// ReadIndex: the leader confirms leadership and answers its commit index.
+    ReadIndex,
+    LeaseKeepAlive {
+        id: i64,
+    },
+    LeaseTimeToLive {
+        id: i64,
+    },
+    /// From a master that has no certificate yet (anonymous connection).
+    Join(JoinRequest),
+    /// From a joined master once it runs: add it as learner, then voter.
+    Promote {
+        id: NodeId,
+        member: Member,
+    },
+    RemoveMember {
+        id: NodeId,
+    },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
+    Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
+    ClientWrite(CommandResult),
+    ReadIndex(u64),
+    /// Remaining TTL in seconds; `-1` when the lease does not exist.
+    LeaseTtl {
+        ttl: i64,
+        granted: i64,
+    },
+    Join(JoinResponse),
+    Done,
+    /// The request failed; the text says why.
+    Error(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("peer {addr} unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("peer {addr}: {reason}")]
+    Stream { addr: String, reason: String },
+    #[error("malformed frame: {0}")]
+    Decode(String),
+}
+
+/// Read a whole request/response frame from a stream.
+pub async fn read_frame<T: for<'de> Deserialize<'de>>(
+    recv: &mut quinn::RecvStream,
+) -> Result<T, TransportError> {
+    let buf = recv
+        .read_to_end(MAX_FRAME)
+        .await
+        .map_err(|e| TransportError::Decode(e.to_string()))?;
+    postcard::from_bytes(&buf).map_err(|e| TransportError::Decode(e.to_string()))
+}
+
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    v: &T,
+) -> Result<(), TransportError> {
+    let buf = postcard::to_stdvec(v).map_err(|e| TransportError::Decode(e.to_string()))?;
+    send.write_all(&buf)
+        .await
+        .map_err(|e| TransportError::Decode(e.to_string()))?;
+    send.finish()
+        .map_err(|e| TransportError::Decode(e.to_string()))?;
+    Ok(())
+}
+
+struct Cached {
+    conn: Option<quinn::Connection>,
+    /// No redial before this instant (backoff after a failed dial).
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+/// Dials peers and caches one connection per address.
+pub struct PeerClients {
+    endpoint: quinn::Endpoint,
+    conns: Mutex<HashMap<String, Cached>>,
+}
+
+impl PeerClients {
+    /// `endpoint` must have a default client config (mutual TLS).
+    pub fn new(endpoint: quinn::Endpoint) -> PeerClients {
+        PeerClients {
+            endpoint,
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn connection(&self, addr: &str) -> Result<quinn::Connection, TransportError> {
+        let unreachable = |reason: String| TransportError::Unreachable {
+            addr: addr.to_string(),
+            reason,
+        };
+        {
+            let mut conns = self.conns.lock();
+            if let Some(c) = conns.get_mut(addr) {
+                if let Some(conn) = &c.conn {
+                    if conn.close_reason().is_none() {
+                        return Ok(conn.clone());
+                    }
+                    c.conn = None;
+                }
+                if Instant::now() < c.retry_at {
+                    return Err(unreachable("backing off after a failed dial".into()));
+                }
+            }
+        }
+        let sock: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?
+            .next()
+            .ok_or_else(|| unreachable("no address".into()))?;
+        let host = addr
+            .rsplit_once(':')
+            .map_or(addr, |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let result = match self.endpoint.connect(sock, host) {
+            Ok(connecting) => tokio::time::timeout(Duration::from_secs(3), connecting)
+                .await
+                .map_err(|_| "dial timed out".to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut conns = self.conns.lock();
+        let entry = conns.entry(addr.to_string()).or_insert(Cached {
+            conn: None,
+            retry_at: Instant::now(),
+            backoff: Duration::from_millis(50),
+        });
+        match result {
+            Ok(Ok(conn)) => {
+                entry.conn = Some(conn.clone());
+                entry.backoff = Duration::from_millis(50);
+                Ok(conn)
+            }
+            Ok(Err(e)) => {
+                entry.retry_at = Instant::now() + entry.backoff;
+                entry.backoff = (entry.backoff * 2).min(Duration::from_secs(1));
+                Err(unreachable(e.to_string()))
+            }
+            Err(e) => {
+                entry.retry_at = Instant::now() + entry.backoff;
+                entry.backoff = (entry.backoff * 2).min(Duration::from_secs(1));
+                Err(unreachable(e))
+            }
+        }
+    }
+
+    /// One RPC on a fresh stream of the cached connection.
+    pub async fn call(
+        &self,
+        addr: &str,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<PeerResponse, TransportError> {
+        let conn = self.connection(addr).await?;
+        let fut = async {
+            let (mut send, mut recv) =
+                conn.open_bi()
+                    .await
+                    .map_err(|e| TransportError::Unreachable {
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    })?;
+            write_frame(&mut send, req).await?;
+            read_frame::<PeerResponse>(&mut recv).await
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(TransportError::Stream {
+                addr: addr.to_string(),
+                reason: "timed out".into(),
+            }),
+        }
+    }
+}
+
+/// openraft's network factory over [`PeerClients`].
+#[derive(Clone)]
+pub struct Network {
+    pub clients: Arc<PeerClients>,
+}
+
+pub struct PeerConn {
+    target: NodeId,
+    addr: String,
+    clients: Arc<PeerClients>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerConn;
+
+    async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerConn {
+        PeerConn {
+            target,
+            addr: node.peer_addr.clone(),
+            clients: self.clients.clone(),
+        }
+    }
+}
+
+type RpcErr<E = RaftError<NodeId>> = RPCError<NodeId, Member, E>;
+
+impl PeerConn {
+    async fn rpc<E: std::error::Error>(
+        &self,
+        req: PeerRequest,
+        option: &RPCOption,
+    ) -> Result<PeerResponse, RpcErr<E>> {
+        match self.clients.call(&self.addr, &req, option.hard_ttl()).await {
+            Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other(e),
+            ))),
+            Ok(r) => Ok(r),
+            Err(e @ TransportError::Unreachable { .. }) => {
+                Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+        }
+    }
+
+    fn unexpected<E: std::error::Error>(&self) -> RpcErr<E> {
+        RPCError::Network(NetworkError::new(&std::io::Error::other(
+            "unexpected response kind",
+        )))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConn {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
+        match self.rpc(PeerRequest::AppendEntries(rpc), &option).await? {
+            PeerResponse::AppendEntries(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<RaftError<NodeId, InstallSnapshotError>>>
+    {
+        match self.rpc(PeerRequest::InstallSnapshot(rpc), &option).await? {
+            PeerResponse::InstallSnapshot(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+        match self.rpc(PeerRequest::Vote(rpc), &option).await? {
+            PeerResponse::Vote(r) => {
+                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            _ => Err(self.unexpected()),
+        }
+    }
+}
