@@ -22,9 +22,7 @@ pub const ADMIN_GROUP: &str = "system:masters";
 /// Issue an admin client certificate from the CA in a master's data dir.
 pub fn issue_admin(data_dir: &Path) -> anyhow::Result<(String, CertifiedKey)> {
     let pki = bootstrap::load_pki(data_dir)?;
-    let cert = pki
-        .ca
-        .issue_client(ADMIN_USER, &[ADMIN_GROUP.to_string()])?;
+    let cert = pki.ca.issue_client(ADMIN_USER, &[ADMIN_GROUP.to_string()])?;
     Ok((pki.ca.cert_pem().to_string(), cert))
 }
 
@@ -51,19 +49,12 @@ pub async fn admin_channel(data_dir: &Path) -> anyhow::Result<Channel> {
 }
 
 /// Store a new bootstrap token (expiring with a lease) and return it.
-pub async fn create_token(
-    data_dir: &Path,
-    ttl: Duration,
-    usage: &str,
-) -> anyhow::Result<JoinToken> {
+pub async fn create_token(data_dir: &Path, ttl: Duration, usage: &str) -> anyhow::Result<JoinToken> {
     let pki = bootstrap::load_pki(data_dir)?;
     let token = JoinToken::generate(&pki.ca.fingerprint());
     let ch = admin_channel(data_dir).await?;
     let lease = pb::lease_client::LeaseClient::new(ch.clone())
-        .lease_grant(pb::LeaseGrantRequest {
-            ttl: ttl.as_secs() as i64,
-            id: 0,
-        })
+        .lease_grant(pb::LeaseGrantRequest { ttl: ttl.as_secs() as i64, id: 0 })
         .await
         .context("granting the token's lease")?
         .into_inner();

@@ -12,9 +12,7 @@ pub fn init(level: &str) {
     } else {
         filter.add_directive("openraft=warn".parse().expect("static directive"))
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if std::io::stderr().is_terminal() {
         builder.init();
     } else {

@@ -53,10 +53,7 @@ enum TokenCmd {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(&cli.log_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -67,9 +64,7 @@ fn main() -> std::process::ExitCode {
         match cli.cmd {
             Cmd::Server(a) => server::run(a).await,
             Cmd::Up(a) => up::run(a).await,
-            Cmd::Token {
-                cmd: TokenCmd::Create(a),
-            } => admin::token_create(a).await,
+            Cmd::Token { cmd: TokenCmd::Create(a) } => admin::token_create(a).await,
         }
     });
     match result {

@@ -95,47 +95,25 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     let how = match (a.init, &a.join, bootstrapped) {
         (false, None, true) => Bootstrap::Restart,
         (true, None, false) => Bootstrap::Init,
-        (false, Some(addr), false) => Bootstrap::Join {
-            addr: addr.clone(),
-            token: a.token.clone().unwrap_or_default(),
-        },
-        (_, _, true) => bail!(
-            "{} already holds a master: restart it with --data-dir only",
-            a.data_dir.display()
-        ),
-        (false, None, false) => bail!(
-            "{} holds no master: start with --init or --join",
-            a.data_dir.display()
-        ),
+        (false, Some(addr), false) => {
+            Bootstrap::Join { addr: addr.clone(), token: a.token.clone().unwrap_or_default() }
+        }
+        (_, _, true) => bail!("{} already holds a master: restart it with --data-dir only", a.data_dir.display()),
+        (false, None, false) => bail!("{} holds no master: start with --init or --join", a.data_dir.display()),
         (true, Some(_), _) => bail!("--init and --join exclude each other"),
     };
     let (name, peer_listen, server_file) = if bootstrapped {
         let m = bootstrap::load_member(&a.data_dir)?;
-        let sf: ServerFile =
-            serde_json::from_slice(&std::fs::read(a.data_dir.join("server.json"))?)?;
+        let sf: ServerFile = serde_json::from_slice(&std::fs::read(a.data_dir.join("server.json"))?)?;
         (m.name, m.peer_listen, sf)
     } else {
-        let name = a
-            .name
-            .clone()
-            .context("--name is required on first start")?;
-        let mut peer = a
-            .peer_listen
-            .unwrap_or_else(|| "127.0.0.1:2380".parse().expect("static addr"));
+        let name = a.name.clone().context("--name is required on first start")?;
+        let mut peer = a.peer_listen.unwrap_or_else(|| "127.0.0.1:2380".parse().expect("static addr"));
         if peer.port() == 0 {
             peer.set_port(free_udp_port(peer.ip())?);
         }
-        let etcd = a
-            .etcd_listen
-            .unwrap_or_else(|| "127.0.0.1:2379".parse().expect("static addr"));
-        (
-            name,
-            peer,
-            ServerFile {
-                etcd_listen: etcd,
-                etcd_plaintext_listen: a.etcd_plaintext_listen,
-            },
-        )
+        let etcd = a.etcd_listen.unwrap_or_else(|| "127.0.0.1:2379".parse().expect("static addr"));
+        (name, peer, ServerFile { etcd_listen: etcd, etcd_plaintext_listen: a.etcd_plaintext_listen })
     };
     if let Some(p) = server_file.etcd_plaintext_listen {
         if !p.ip().is_loopback() {
@@ -149,11 +127,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding etcd address {}", server_file.etcd_listen))?;
     let etcd_addr = etcd_listener.local_addr()?;
     let plain_listener = match server_file.etcd_plaintext_listen {
-        Some(p) => Some(
-            TcpListener::bind(p)
-                .await
-                .with_context(|| format!("binding {p}"))?,
-        ),
+        Some(p) => Some(TcpListener::bind(p).await.with_context(|| format!("binding {p}"))?),
         None => None,
     };
     let mut persisted = server_file.clone();
@@ -179,28 +153,16 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&a.data_dir)?;
     let started = bootstrap::start(cfg, how).await?;
-    std::fs::write(
-        a.data_dir.join("server.json"),
-        serde_json::to_vec_pretty(&persisted)?,
-    )?;
+    std::fs::write(a.data_dir.join("server.json"), serde_json::to_vec_pretty(&persisted)?)?;
 
     let cluster_id = u64::from_str_radix(&started.pki.ca.fingerprint()[..16], 16).unwrap_or(1);
-    let api = EtcdApi {
-        node: started.node.clone(),
-        cluster_id,
-    };
+    let api = EtcdApi { node: started.node.clone(), cluster_id };
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(
-            format!(
-                "{}{}",
-                started.pki.identity.cert_pem,
-                started.pki.ca.cert_pem()
-            ),
+            format!("{}{}", started.pki.identity.cert_pem, started.pki.ca.cert_pem()),
             &started.pki.identity.key_pem,
         ))
-        .client_ca_root(tonic::transport::Certificate::from_pem(
-            started.pki.ca.cert_pem(),
-        ));
+        .client_ca_root(tonic::transport::Certificate::from_pem(started.pki.ca.cert_pem()));
     let routes = api.clone().routes(a.max_request_bytes);
     let tls_server = tonic::transport::Server::builder()
         .tls_config(tls)?

@@ -42,20 +42,11 @@ struct Master {
 fn spawn_master(dir: &Path, extra: &[String], log_level: &str) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
     std::fs::create_dir_all(dir)?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("server.log"))?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--log-level")
-        .arg(log_level)
-        .arg("server")
-        .arg("--data-dir")
-        .arg(dir);
+    cmd.arg("--log-level").arg(log_level).arg("server").arg("--data-dir").arg(dir);
     cmd.args(extra);
-    cmd.stdout(log.try_clone()?)
-        .stderr(log)
-        .stdin(std::process::Stdio::null());
+    cmd.stdout(log.try_clone()?).stderr(log).stdin(std::process::Stdio::null());
     cmd.kill_on_drop(true);
     // If `up` itself dies, its masters must not linger.
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
@@ -77,19 +68,10 @@ async fn wait_ready(m: &mut Master, timeout: Duration) -> anyhow::Result<Endpoin
             }
         }
         if let Some(status) = m.child.try_wait()? {
-            bail!(
-                "{} exited ({status}); see {}",
-                m.name,
-                m.dir.join("server.log").display()
-            );
+            bail!("{} exited ({status}); see {}", m.name, m.dir.join("server.log").display());
         }
         if Instant::now() > deadline {
-            bail!(
-                "{} not ready after {:?}; see {}",
-                m.name,
-                timeout,
-                m.dir.join("server.log").display()
-            );
+            bail!("{} not ready after {:?}; see {}", m.name, timeout, m.dir.join("server.log").display());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -125,10 +107,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         stop_all(&mut masters).await;
         return Err(e);
     }
-    eprintln!(
-        "cluster up; `source {}/etcdctl.env; etcdctl member list`. Ctrl-C stops it.",
-        data_dir.display()
-    );
+    eprintln!("cluster up; `source {}/etcdctl.env; etcdctl member list`. Ctrl-C stops it.", data_dir.display());
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -150,12 +129,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn bring_up(
-    a: &UpArgs,
-    data_dir: &Path,
-    log_level: &str,
-    masters: &mut Vec<Master>,
-) -> anyhow::Result<()> {
+async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Vec<Master>) -> anyhow::Result<()> {
     let n = a.masters as usize;
     let mut endpoints = Vec::new();
     for i in 1..=n {
@@ -163,12 +137,7 @@ async fn bring_up(
         let dir = data_dir.join(&name);
         let mut extra = a.server_arg.clone();
         if !dir.join("member.json").exists() {
-            extra.extend([
-                "--name".into(),
-                name.clone(),
-                "--peer-listen".into(),
-                "127.0.0.1:0".into(),
-            ]);
+            extra.extend(["--name".into(), name.clone(), "--peer-listen".into(), "127.0.0.1:0".into()]);
             extra.extend(["--etcd-listen".into(), "127.0.0.1:0".into()]);
             if a.plaintext {
                 extra.extend(["--etcd-plaintext-listen".into(), "127.0.0.1:0".into()]);
@@ -176,37 +145,16 @@ async fn bring_up(
             if i == 1 {
                 extra.push("--init".into());
             } else {
-                let token = admin::create_token(
-                    &data_dir.join("master-1"),
-                    Duration::from_secs(600),
-                    "master",
-                )
-                .await?;
+                let token = admin::create_token(&data_dir.join("master-1"), Duration::from_secs(600), "master").await?;
                 let first: &Endpoints = &endpoints[0];
-                extra.extend([
-                    "--join".into(),
-                    first.peer.clone(),
-                    "--token".into(),
-                    token.to_string(),
-                ]);
+                extra.extend(["--join".into(), first.peer.clone(), "--token".into(), token.to_string()]);
             }
         }
         eprintln!("[{i}/{n}] starting {name}");
         let child = spawn_master(&dir, &extra, log_level)?;
-        masters.push(Master {
-            name: name.clone(),
-            dir,
-            child,
-        });
-        let ep = wait_ready(
-            masters.last_mut().expect("just pushed"),
-            Duration::from_secs(120),
-        )
-        .await?;
-        eprintln!(
-            "[{i}/{n}] {name} ready: etcd {} peer {}",
-            ep.etcd_url, ep.peer
-        );
+        masters.push(Master { name: name.clone(), dir, child });
+        let ep = wait_ready(masters.last_mut().expect("just pushed"), Duration::from_secs(120)).await?;
+        eprintln!("[{i}/{n}] {name} ready: etcd {} peer {}", ep.etcd_url, ep.peer);
         endpoints.push(ep);
         if i == 1 && masters.len() == 1 {
             write_admin_env(data_dir, &endpoints)?;
@@ -219,22 +167,13 @@ async fn bring_up(
 /// Admin credentials and `etcdctl.env` for every master.
 fn write_admin_env(data_dir: &Path, endpoints: &[Endpoints]) -> anyhow::Result<()> {
     let (ca, cert) = admin::issue_admin(&data_dir.join("master-1"))?;
-    let (ca_p, cert_p, key_p) = (
-        data_dir.join("ca.crt"),
-        data_dir.join("admin.crt"),
-        data_dir.join("admin.key"),
-    );
+    let (ca_p, cert_p, key_p) = (data_dir.join("ca.crt"), data_dir.join("admin.crt"), data_dir.join("admin.key"));
     std::fs::write(&ca_p, ca)?;
     std::fs::write(&cert_p, &cert.cert_pem)?;
     {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&key_p)?;
+        let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&key_p)?;
         f.write_all(cert.key_pem.as_bytes())?;
     }
     let urls: Vec<&str> = endpoints.iter().map(|e| e.etcd_url.as_str()).collect();
@@ -245,19 +184,10 @@ fn write_admin_env(data_dir: &Path, endpoints: &[Endpoints]) -> anyhow::Result<(
         cert_p.display(),
         key_p.display()
     );
-    let plain: Vec<&str> = endpoints
-        .iter()
-        .filter_map(|e| e.etcd_plaintext_url.as_deref())
-        .collect();
+    let plain: Vec<&str> = endpoints.iter().filter_map(|e| e.etcd_plaintext_url.as_deref()).collect();
     if !plain.is_empty() {
-        env.push_str(&format!(
-            "# plaintext loopback endpoints (benchmarks): {}\n",
-            plain.join(",")
-        ));
-        env.push_str(&format!(
-            "export CAPSTAN_PLAINTEXT_ENDPOINTS={}\n",
-            plain.join(",")
-        ));
+        env.push_str(&format!("# plaintext loopback endpoints (benchmarks): {}\n", plain.join(",")));
+        env.push_str(&format!("export CAPSTAN_PLAINTEXT_ENDPOINTS={}\n", plain.join(",")));
     }
     std::fs::write(data_dir.join("etcdctl.env"), env)?;
     Ok(())

@@ -8,10 +8,7 @@ use tonic::Code;
 
 async fn revision(ch: &tonic::transport::Channel) -> i64 {
     kv(ch)
-        .range(pb::RangeRequest {
-            key: b"x".to_vec(),
-            ..Default::default()
-        })
+        .range(pb::RangeRequest { key: b"x".to_vec(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
@@ -21,11 +18,7 @@ async fn revision(ch: &tonic::transport::Channel) -> i64 {
 }
 
 /// Sends raw bytes as a gRPC request body: a malformed protobuf message.
-async fn raw_call(
-    ch: &tonic::transport::Channel,
-    path: &'static str,
-    body: Vec<u8>,
-) -> tonic::Status {
+async fn raw_call(ch: &tonic::transport::Channel, path: &'static str, body: Vec<u8>) -> tonic::Status {
     #[derive(Clone, Default)]
     struct RawCodec;
     struct RawEnc;
@@ -33,11 +26,7 @@ async fn raw_call(
     impl tonic::codec::Encoder for RawEnc {
         type Item = Vec<u8>;
         type Error = tonic::Status;
-        fn encode(
-            &mut self,
-            item: Vec<u8>,
-            dst: &mut tonic::codec::EncodeBuf<'_>,
-        ) -> Result<(), tonic::Status> {
+        fn encode(&mut self, item: Vec<u8>, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), tonic::Status> {
             use bytes::BufMut;
             dst.put_slice(&item);
             Ok(())
@@ -46,10 +35,7 @@ async fn raw_call(
     impl tonic::codec::Decoder for RawDec {
         type Item = Vec<u8>;
         type Error = tonic::Status;
-        fn decode(
-            &mut self,
-            src: &mut tonic::codec::DecodeBuf<'_>,
-        ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        fn decode(&mut self, src: &mut tonic::codec::DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
             use bytes::Buf;
             Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
         }
@@ -68,76 +54,36 @@ async fn raw_call(
     }
     let mut grpc = tonic::client::Grpc::new(ch.clone());
     grpc.ready().await.unwrap();
-    grpc.unary(
-        tonic::Request::new(body),
-        http::uri::PathAndQuery::from_static(path),
-        RawCodec,
-    )
-    .await
-    .expect_err("malformed body must fail")
+    grpc.unary(tonic::Request::new(body), http::uri::PathAndQuery::from_static(path), RawCodec)
+        .await
+        .expect_err("malformed body must fail")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_input_is_rejected_and_changes_nothing() {
     let cluster = Cluster::start(3, &["--max-request-bytes", "65536"]);
     let ch = cluster.client(1).await;
-    kv(&ch)
-        .put(pb::PutRequest {
-            key: b"keep".to_vec(),
-            value: b"v".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    kv(&ch).put(pb::PutRequest { key: b"keep".to_vec(), value: b"v".to_vec(), ..Default::default() }).await.unwrap();
     let before = revision(&ch).await;
 
     // malformed protobuf
-    let st = raw_call(
-        &ch,
-        "/etcdserverpb.KV/Put",
-        vec![0xff, 0xff, 0xff, 0x0f, 0x01],
-    )
-    .await;
-    assert!(
-        matches!(st.code(), Code::Internal | Code::InvalidArgument),
-        "{st:?}"
-    );
+    let st = raw_call(&ch, "/etcdserverpb.KV/Put", vec![0xff, 0xff, 0xff, 0x0f, 0x01]).await;
+    assert!(matches!(st.code(), Code::Internal | Code::InvalidArgument), "{st:?}");
     // oversized value
     let st = kv(&ch)
-        .put(pb::PutRequest {
-            key: b"big".to_vec(),
-            value: vec![7; 100_000],
-            ..Default::default()
-        })
+        .put(pb::PutRequest { key: b"big".to_vec(), value: vec![7; 100_000], ..Default::default() })
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            st.code(),
-            Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange
-        ),
-        "{st:?}"
-    );
+    assert!(matches!(st.code(), Code::InvalidArgument | Code::ResourceExhausted | Code::OutOfRange), "{st:?}");
     // empty key
     let st = kv(&ch).put(pb::PutRequest::default()).await.unwrap_err();
-    assert_eq!(
-        (st.code(), st.message()),
-        (Code::InvalidArgument, "etcdserver: key is not provided")
-    );
+    assert_eq!((st.code(), st.message()), (Code::InvalidArgument, "etcdserver: key is not provided"));
     // lease that does not exist
     let st = kv(&ch)
-        .put(pb::PutRequest {
-            key: b"l".to_vec(),
-            value: b"v".to_vec(),
-            lease: 12345,
-            ..Default::default()
-        })
+        .put(pb::PutRequest { key: b"l".to_vec(), value: b"v".to_vec(), lease: 12345, ..Default::default() })
         .await
         .unwrap_err();
-    assert_eq!(
-        (st.code(), st.message()),
-        (Code::NotFound, "etcdserver: requested lease not found")
-    );
+    assert_eq!((st.code(), st.message()), (Code::NotFound, "etcdserver: requested lease not found"));
     let st = pb::lease_client::LeaseClient::new(ch.clone())
         .lease_revoke(pb::LeaseRevokeRequest { id: 999 })
         .await
@@ -158,62 +104,28 @@ async fn bad_input_is_rejected_and_changes_nothing() {
         })),
     };
     let st = kv(&ch)
-        .txn(pb::TxnRequest {
-            success: (0..200).map(|i| put(format!("t{i}"))).collect(),
-            ..Default::default()
-        })
+        .txn(pb::TxnRequest { success: (0..200).map(|i| put(format!("t{i}"))).collect(), ..Default::default() })
         .await
         .unwrap_err();
-    assert_eq!(
-        (st.code(), st.message()),
-        (
-            Code::InvalidArgument,
-            "etcdserver: too many operations in txn request"
-        )
-    );
+    assert_eq!((st.code(), st.message()), (Code::InvalidArgument, "etcdserver: too many operations in txn request"));
     let dup = vec![put("dup".into()), put("dup".into())];
-    let st = kv(&ch)
-        .txn(pb::TxnRequest {
-            success: dup,
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let st = kv(&ch).txn(pb::TxnRequest { success: dup, ..Default::default() }).await.unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
     // read of a future revision / bad sort option
     let st = kv(&ch)
-        .range(pb::RangeRequest {
-            key: b"keep".to_vec(),
-            revision: before + 1000,
-            ..Default::default()
-        })
+        .range(pb::RangeRequest { key: b"keep".to_vec(), revision: before + 1000, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::OutOfRange);
     let st = kv(&ch)
-        .range(pb::RangeRequest {
-            key: b"keep".to_vec(),
-            sort_order: 9,
-            ..Default::default()
-        })
+        .range(pb::RangeRequest { key: b"keep".to_vec(), sort_order: 9, ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(st.code(), Code::InvalidArgument);
 
-    assert_eq!(
-        revision(&ch).await,
-        before,
-        "a rejected request changed the store"
-    );
+    assert_eq!(revision(&ch).await, before, "a rejected request changed the store");
     for k in ["big", "l", "t0", "dup"] {
-        let r = kv(&ch)
-            .range(pb::RangeRequest {
-                key: k.into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let r = kv(&ch).range(pb::RangeRequest { key: k.into(), ..Default::default() }).await.unwrap().into_inner();
         assert!(r.kvs.is_empty(), "{k} was written by a rejected request");
     }
 }

@@ -47,22 +47,17 @@ async fn resilient_watcher(
         };
         let (tx, rx) = mpsc::channel(16);
         tx.send(pb::WatchRequest {
-            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
-                pb::WatchCreateRequest {
-                    key: vec![0],
-                    range_end: vec![0],
-                    start_revision: next_rev,
-                    ..Default::default()
-                },
-            )),
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(pb::WatchCreateRequest {
+                key: vec![0],
+                range_end: vec![0],
+                start_revision: next_rev,
+                ..Default::default()
+            })),
         })
         .await
         .unwrap();
         let mut client = pb::watch_client::WatchClient::new(ch);
-        let Ok(resp) = client
-            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-        else {
+        let Ok(resp) = client.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await else {
             continue;
         };
         let mut stream = resp.into_inner();
@@ -78,12 +73,7 @@ async fn resilient_watcher(
                 continue;
             }
             let rev = msg.events[0].kv.as_ref().unwrap().mod_revision;
-            assert!(
-                msg.events
-                    .iter()
-                    .all(|e| e.kv.as_ref().unwrap().mod_revision == rev),
-                "one revision per response"
-            );
+            assert!(msg.events.iter().all(|e| e.kv.as_ref().unwrap().mod_revision == rev), "one revision per response");
             seen.push((rev, msg.events));
             next_rev = rev + 1;
             if let Some(end) = *until.lock() {
@@ -102,28 +92,16 @@ async fn three_masters_survive_two_leader_kills() {
     let master1 = cluster.masters[0].dir.clone();
     let urls: Vec<String> = (0..3).map(|i| cluster.url(i)).collect();
     let until = Arc::new(Mutex::new(None));
-    let watchers: Vec<_> = (0..2)
-        .map(|_| {
-            tokio::spawn(resilient_watcher(
-                urls.clone(),
-                master1.clone(),
-                until.clone(),
-            ))
-        })
-        .collect();
+    let watchers: Vec<_> =
+        (0..2).map(|_| tokio::spawn(resilient_watcher(urls.clone(), master1.clone(), until.clone()))).collect();
 
     let acked: Arc<Mutex<Vec<Acked>>> = Default::default();
     let issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let last_ack = Arc::new(Mutex::new(Instant::now()));
     let mut writers = Vec::new();
     for c in 0..CLIENTS {
-        let (urls, master1, acked, issued, last_ack) = (
-            urls.clone(),
-            master1.clone(),
-            acked.clone(),
-            issued.clone(),
-            last_ack.clone(),
-        );
+        let (urls, master1, acked, issued, last_ack) =
+            (urls.clone(), master1.clone(), acked.clone(), issued.clone(), last_ack.clone());
         writers.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
             let mut chans: Vec<Option<tonic::transport::Channel>> = vec![None, None, None];
@@ -181,10 +159,7 @@ async fn three_masters_survive_two_leader_kills() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let recovery = last_ack.lock().duration_since(t0);
-        println!(
-            "kill -9 of leader {} -> next acknowledged write after {:?}",
-            cluster.masters[leader].name, recovery
-        );
+        println!("kill -9 of leader {} -> next acknowledged write after {:?}", cluster.masters[leader].name, recovery);
         recoveries.push(recovery);
         cluster.restart(leader);
     }
@@ -258,9 +233,7 @@ async fn three_masters_survive_two_leader_kills() {
             *by_rev.entry(kv.mod_revision).or_default() ^= h.finish();
         }
         let hash = pb::maintenance_client::MaintenanceClient::new(ch.clone())
-            .hash_kv(pb::HashKvRequest {
-                revision: final_rev,
-            })
+            .hash_kv(pb::HashKvRequest { revision: final_rev })
             .await
             .unwrap()
             .into_inner()
@@ -278,9 +251,5 @@ async fn three_masters_survive_two_leader_kills() {
         assert_eq!(revs, want, "watcher skipped or repeated a revision");
     }
     recoveries.sort();
-    println!(
-        "recovery after leader kill: min {:?} max {:?}",
-        recoveries[0],
-        recoveries[recoveries.len() - 1]
-    );
+    println!("recovery after leader kill: min {:?} max {:?}", recoveries[0], recoveries[recoveries.len() - 1]);
 }

@@ -26,22 +26,12 @@ async fn grow_replace_quota_and_auth() {
     // 1 -> 3
     let mut cluster = Cluster::start(1, &["--quota-bytes", "400000"]);
     let ch = cluster.client(0).await;
-    kv(&ch)
-        .put(pb::PutRequest {
-            key: b"before".to_vec(),
-            value: b"1".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    kv(&ch).put(pb::PutRequest { key: b"before".to_vec(), value: b"1".to_vec(), ..Default::default() }).await.unwrap();
     cluster.add_master(2);
     cluster.add_master(3);
     let ms = members(&ch).await;
     assert_eq!(ms.len(), 3);
-    assert!(
-        ms.iter().all(|m| !m.is_learner),
-        "joined masters are voters: {ms:?}"
-    );
+    assert!(ms.iter().all(|m| !m.is_learner), "joined masters are voters: {ms:?}");
 
     // replace master-3 with master-4
     let id3 = endpoints(&cluster.masters[2].dir).unwrap().id;
@@ -54,19 +44,10 @@ async fn grow_replace_quota_and_auth() {
     let ms = members(&ch).await;
     let names: Vec<&str> = ms.iter().map(|m| m.name.as_str()).collect();
     assert_eq!(names.len(), 3, "{names:?}");
-    assert!(
-        names.contains(&"master-4") && !names.contains(&"master-3"),
-        "{names:?}"
-    );
+    assert!(names.contains(&"master-4") && !names.contains(&"master-3"), "{names:?}");
     let ch4 = cluster.client(3).await;
-    let r = kv(&ch4)
-        .range(pb::RangeRequest {
-            key: b"before".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r =
+        kv(&ch4).range(pb::RangeRequest { key: b"before".to_vec(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(r.kvs[0].value, b"1", "the new master has the old data");
 
     // quota: writes fail with a clear error once over the hard limit;
@@ -74,11 +55,7 @@ async fn grow_replace_quota_and_auth() {
     let mut last_err = None;
     for i in 0..200 {
         match kv(&ch)
-            .put(pb::PutRequest {
-                key: format!("q/{i}").into(),
-                value: vec![b'x'; 8000],
-                ..Default::default()
-            })
+            .put(pb::PutRequest { key: format!("q/{i}").into(), value: vec![b'x'; 8000], ..Default::default() })
             .await
         {
             Ok(_) => {}
@@ -89,13 +66,7 @@ async fn grow_replace_quota_and_auth() {
         }
     }
     let e = last_err.expect("the quota stopped writes");
-    assert_eq!(
-        (e.code(), e.message()),
-        (
-            Code::ResourceExhausted,
-            "etcdserver: mvcc: database space exceeded"
-        )
-    );
+    assert_eq!((e.code(), e.message()), (Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"));
     let alarms = pb::maintenance_client::MaintenanceClient::new(ch.clone())
         .alarm(pb::AlarmRequest::default())
         .await
@@ -103,57 +74,29 @@ async fn grow_replace_quota_and_auth() {
         .into_inner();
     assert!(!alarms.alarms.is_empty(), "the quota alarm is raised");
     kv(&ch)
-        .delete_range(pb::DeleteRangeRequest {
-            key: b"q/".to_vec(),
-            range_end: b"q0".to_vec(),
-            ..Default::default()
-        })
+        .delete_range(pb::DeleteRangeRequest { key: b"q/".to_vec(), range_end: b"q0".to_vec(), ..Default::default() })
         .await
         .unwrap();
     let rev = kv(&ch)
-        .range(pb::RangeRequest {
-            key: b"x".to_vec(),
-            ..Default::default()
-        })
+        .range(pb::RangeRequest { key: b"x".to_vec(), ..Default::default() })
         .await
         .unwrap()
         .into_inner()
         .header
         .unwrap()
         .revision;
+    kv(&ch).compact(pb::CompactionRequest { revision: rev, physical: false }).await.unwrap();
     kv(&ch)
-        .compact(pb::CompactionRequest {
-            revision: rev,
-            physical: false,
-        })
-        .await
-        .unwrap();
-    kv(&ch)
-        .put(pb::PutRequest {
-            key: b"after-quota".to_vec(),
-            value: b"ok".to_vec(),
-            ..Default::default()
-        })
+        .put(pb::PutRequest { key: b"after-quota".to_vec(), value: b"ok".to_vec(), ..Default::default() })
         .await
         .unwrap();
 
     // No client certificate: the etcd listener refuses the TLS handshake.
     let ca = std::fs::read_to_string(cluster.masters[0].dir.join("pki/ca.crt")).unwrap();
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(&ca));
-    let anon = tonic::transport::Channel::from_shared(cluster.url(0))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect()
-        .await;
+    let tls = tonic::transport::ClientTlsConfig::new().ca_certificate(tonic::transport::Certificate::from_pem(&ca));
+    let anon = tonic::transport::Channel::from_shared(cluster.url(0)).unwrap().tls_config(tls).unwrap().connect().await;
     if let Ok(anon) = anon {
-        let r = kv(&anon)
-            .range(pb::RangeRequest {
-                key: b"before".to_vec(),
-                ..Default::default()
-            })
-            .await;
+        let r = kv(&anon).range(pb::RangeRequest { key: b"before".to_vec(), ..Default::default() }).await;
         assert!(r.is_err(), "a client without a certificate read the store");
     }
 
@@ -172,11 +115,7 @@ async fn grow_replace_quota_and_auth() {
         })],
         ..Default::default()
     }));
-    for req in [
-        write,
-        PeerRequest::ReadIndex,
-        PeerRequest::LeaseKeepAlive { id: 1 },
-    ] {
+    for req in [write, PeerRequest::ReadIndex, PeerRequest::LeaseKeepAlive { id: 1 }] {
         match peers.call(&addr, &req, t).await.unwrap() {
             PeerResponse::Error(e) => assert!(e.contains("permission denied"), "{e}"),
             other => panic!("anonymous peer was served: {other:?}"),
@@ -186,9 +125,7 @@ async fn grow_replace_quota_and_auth() {
         PeerRequest::Join(JoinRequest {
             token,
             name: "evil".into(),
-            csr_pem: capstan_raft::pki::make_csr("master:evil", &["127.0.0.1".into()])
-                .unwrap()
-                .1,
+            csr_pem: capstan_raft::pki::make_csr("master:evil", &["127.0.0.1".into()]).unwrap().1,
             peer_addr: "127.0.0.1:9".into(),
             client_url: "https://127.0.0.1:9".into(),
         })
@@ -198,14 +135,8 @@ async fn grow_replace_quota_and_auth() {
         PeerResponse::Error(e) => assert!(e.contains("join refused"), "{e}"),
         other => panic!("join with a bogus token succeeded: {other:?}"),
     }
-    let r = kv(&ch)
-        .range(pb::RangeRequest {
-            key: b"intruder".to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r =
+        kv(&ch).range(pb::RangeRequest { key: b"intruder".to_vec(), ..Default::default() }).await.unwrap().into_inner();
     assert!(r.kvs.is_empty());
     assert_eq!(members(&ch).await.len(), 3);
 }

@@ -32,7 +32,7 @@ use sha2::{Digest, Sha256};
 use crate::node::{Limits, StoreNode};
 use crate::pki::{self, CertifiedKey, ClusterCa};
 use crate::storage::Storage;
-use crate::transport::{JoinRequest, Network, PeerClients, PeerRequest, PeerResponse};
+use crate::transport::{transport_config, JoinRequest, Network, PeerClients, PeerRequest, PeerResponse};
 use crate::types::*;
 use crate::watch::WatchHub;
 
@@ -88,12 +88,7 @@ fn pki_dir(d: &Path) -> PathBuf {
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()?;
     Ok(())
@@ -112,37 +107,26 @@ fn save_pki(dir: &Path, ca_cert: &str, ca_key: &str, id: &CertifiedKey) -> anyho
 /// Loads the CA and this master's identity from a data dir.
 pub fn load_pki(dir: &Path) -> anyhow::Result<Pki> {
     let p = pki_dir(dir);
-    let read = |n: &str| {
-        std::fs::read_to_string(p.join(n))
-            .with_context(|| format!("reading {}", p.join(n).display()))
-    };
+    let read = |n: &str| std::fs::read_to_string(p.join(n)).with_context(|| format!("reading {}", p.join(n).display()));
     let ca = ClusterCa::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
-    let identity = CertifiedKey {
-        cert_pem: read("master.crt")?,
-        key_pem: read("master.key")?,
-    };
+    let identity = CertifiedKey { cert_pem: read("master.crt")?, key_pem: read("master.key")? };
     Ok(Pki { ca, identity })
 }
 
 pub fn load_member(dir: &Path) -> anyhow::Result<MemberFile> {
     let path = dir.join("member.json");
-    let b = std::fs::read(&path)
-        .with_context(|| format!("{} is not a master data dir", dir.display()))?;
+    let b = std::fs::read(&path).with_context(|| format!("{} is not a master data dir", dir.display()))?;
     Ok(serde_json::from_slice(&b)?)
 }
 
 /// The subject CN of the first certificate in a PEM.
 pub fn common_name_of_pem(pem: &str) -> anyhow::Result<String> {
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| anyhow::anyhow!("bad PEM: {e}"))?;
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| anyhow::anyhow!("bad PEM: {e}"))?;
     Ok(pki::common_name(&parsed.contents)?)
 }
 
 fn host_of(addr: &str) -> String {
-    addr.rsplit_once(':')
-        .map_or(addr, |(h, _)| h)
-        .trim_matches(['[', ']'])
-        .to_string()
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']).to_string()
 }
 
 /// Hosts for a master's certificate SANs.
@@ -177,11 +161,7 @@ impl JoinToken {
         let hexn = |n: usize, rng: &mut rand::rngs::ThreadRng| -> String {
             (0..n).map(|_| format!("{:02x}", rng.gen::<u8>())).collect()
         };
-        JoinToken {
-            id: hexn(4, &mut rng),
-            secret: hexn(16, &mut rng),
-            ca_fingerprint: ca_fingerprint.to_string(),
-        }
+        JoinToken { id: hexn(4, &mut rng), secret: hexn(16, &mut rng), ca_fingerprint: ca_fingerprint.to_string() }
     }
 
     pub fn parse(s: &str) -> anyhow::Result<JoinToken> {
@@ -193,11 +173,7 @@ impl JoinToken {
                     && fp.len() == 64
                     && fp.chars().all(|c| c.is_ascii_hexdigit()) =>
             {
-                Ok(JoinToken {
-                    id: id.to_string(),
-                    secret: secret.to_string(),
-                    ca_fingerprint: fp.to_lowercase(),
-                })
+                Ok(JoinToken { id: id.to_string(), secret: secret.to_string(), ca_fingerprint: fp.to_lowercase() })
             }
             _ => bail!("malformed bootstrap token (expected capstan1.<id>.<secret>.<ca-sha256>)"),
         }
@@ -208,10 +184,8 @@ impl JoinToken {
     }
 
     pub fn store_value(&self, usage: &str) -> Vec<u8> {
-        let st = StoredToken {
-            secret_sha256: hex::encode(Sha256::digest(self.secret.as_bytes())),
-            usage: usage.into(),
-        };
+        let st =
+            StoredToken { secret_sha256: hex::encode(Sha256::digest(self.secret.as_bytes())), usage: usage.into() };
         serde_json::to_vec(&st).unwrap_or_default()
     }
 
@@ -224,22 +198,13 @@ impl JoinToken {
         // Constant-time enough for hex digests of equal length.
         st.usage == usage
             && st.secret_sha256.len() == want.len()
-            && st
-                .secret_sha256
-                .bytes()
-                .zip(want.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0
+            && st.secret_sha256.bytes().zip(want.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
     }
 }
 
 impl std::fmt::Display for JoinToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "capstan1.{}.{}.{}",
-            self.id, self.secret, self.ca_fingerprint
-        )
+        write!(f, "capstan1.{}.{}.{}", self.id, self.secret, self.ca_fingerprint)
     }
 }
 
@@ -259,29 +224,21 @@ fn raft_config(snapshot_every: u64) -> anyhow::Result<Arc<openraft::Config>> {
 }
 
 fn endpoint(listen: SocketAddr, pki: &Pki) -> anyhow::Result<quinn::Endpoint> {
-    let server = pki::quic_server_config(pki.ca.cert_pem(), &pki.identity, true)?;
-    let mut ep = quinn::Endpoint::server(server, listen)
-        .with_context(|| format!("binding peer address {listen}"))?;
-    ep.set_default_client_config(pki::quic_client_config(pki.ca.cert_pem(), &pki.identity)?);
+    let mut server = pki::quic_server_config(pki.ca.cert_pem(), &pki.identity, true)?;
+    server.transport_config(transport_config());
+    let mut ep = quinn::Endpoint::server(server, listen).with_context(|| format!("binding peer address {listen}"))?;
+    let mut client = pki::quic_client_config(pki.ca.cert_pem(), &pki.identity)?;
+    client.transport_config(transport_config());
+    ep.set_default_client_config(client);
     Ok(ep)
 }
 
 /// Dial `addr` anonymously (pinning the CA from the token) and join.
-async fn request_join(
-    cfg: &StoreConfig,
-    addr: &str,
-    token: &str,
-    advertise: &str,
-) -> anyhow::Result<(Pki, NodeId)> {
+async fn request_join(cfg: &StoreConfig, addr: &str, token: &str, advertise: &str) -> anyhow::Result<(Pki, NodeId)> {
     let parsed = JoinToken::parse(token)?;
     let hosts = cert_hosts(cfg, advertise);
     let (key_pem, csr_pem) = pki::make_csr(&format!("{MASTER_CN_PREFIX}{}", cfg.name), &hosts)?;
-    let bind: SocketAddr = if cfg.peer_listen.is_ipv6() {
-        "[::]:0"
-    } else {
-        "0.0.0.0:0"
-    }
-    .parse()?;
+    let bind: SocketAddr = if cfg.peer_listen.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse()?;
     let mut ep = quinn::Endpoint::client(bind)?;
     ep.set_default_client_config(pki::quic_anonymous_client_config(&parsed.ca_fingerprint)?);
     let clients = PeerClients::new(ep.clone());
@@ -298,20 +255,9 @@ async fn request_join(
             Ok(PeerResponse::Join(r)) => {
                 ep.close(0u32.into(), b"joined");
                 let ca = ClusterCa::from_pem(&r.ca_cert_pem, &r.ca_key_pem)?;
-                return Ok((
-                    Pki {
-                        ca,
-                        identity: CertifiedKey {
-                            cert_pem: r.cert_pem,
-                            key_pem,
-                        },
-                    },
-                    r.id,
-                ));
+                return Ok((Pki { ca, identity: CertifiedKey { cert_pem: r.cert_pem, key_pem } }, r.id));
             }
-            Ok(PeerResponse::Error(e))
-                if e.starts_with("join refused") || e.starts_with("malformed") =>
-            {
+            Ok(PeerResponse::Error(e)) if e.starts_with("join refused") || e.starts_with("malformed") => {
                 bail!("{e}")
             }
             Ok(PeerResponse::Error(e)) => last_err = e,
@@ -327,22 +273,14 @@ async fn request_join(
 pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> {
     std::fs::create_dir_all(&cfg.data_dir)?;
     let already = cfg.data_dir.join("member.json").exists();
-    let advertise = cfg
-        .peer_advertise
-        .clone()
-        .unwrap_or_else(|| cfg.peer_listen.to_string());
+    let advertise = cfg.peer_advertise.clone().unwrap_or_else(|| cfg.peer_listen.to_string());
     let (member, pki, init) = match how {
         Bootstrap::Restart => (load_member(&cfg.data_dir)?, load_pki(&cfg.data_dir)?, false),
-        _ if already => bail!(
-            "{} already holds a master; restart with --data-dir only",
-            cfg.data_dir.display()
-        ),
+        _ if already => bail!("{} already holds a master; restart with --data-dir only", cfg.data_dir.display()),
         Bootstrap::Init => {
             let ca = ClusterCa::generate("capstan")?;
-            let identity = ca.issue_master(
-                &format!("{MASTER_CN_PREFIX}{}", cfg.name),
-                &cert_hosts(&cfg, &advertise),
-            )?;
+            let identity =
+                ca.issue_master(&format!("{MASTER_CN_PREFIX}{}", cfg.name), &cert_hosts(&cfg, &advertise))?;
             save_pki(&cfg.data_dir, ca.cert_pem(), ca.key_pem(), &identity)?;
             let m = MemberFile {
                 id: 1,
@@ -353,17 +291,9 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
             };
             (m, Pki { ca, identity }, true)
         }
-        Bootstrap::Join {
-            ref addr,
-            ref token,
-        } => {
+        Bootstrap::Join { ref addr, ref token } => {
             let (pki, id) = request_join(&cfg, addr, token, &advertise).await?;
-            save_pki(
-                &cfg.data_dir,
-                pki.ca.cert_pem(),
-                pki.ca.key_pem(),
-                &pki.identity,
-            )?;
+            save_pki(&cfg.data_dir, pki.ca.cert_pem(), pki.ca.key_pem(), &pki.identity)?;
             let m = MemberFile {
                 id,
                 name: cfg.name.clone(),
@@ -382,23 +312,10 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     hub.attach(state.clone());
     let ep = endpoint(member.peer_listen, &pki)?;
     let clients = Arc::new(PeerClients::new(ep.clone()));
-    let network = Network {
-        clients: clients.clone(),
-    };
-    let raft = Raft::new(
-        member.id,
-        raft_config(cfg.snapshot_every)?,
-        network,
-        storage.log_store(),
-        sm,
-    )
-    .await?;
+    let network = Network { clients: clients.clone() };
+    let raft = Raft::new(member.id, raft_config(cfg.snapshot_every)?, network, storage.log_store(), sm).await?;
     let node = StoreNode::new(member.id, raft, hub, state, clients, cfg.limits.clone());
-    tokio::spawn(crate::peer::serve_peers(
-        ep.clone(),
-        node.clone(),
-        pki.clone(),
-    ));
+    tokio::spawn(crate::peer::serve_peers(ep.clone(), node.clone(), pki.clone()));
     tokio::spawn(node.clone().run_leader_duties());
     let self_member = Member {
         name: member.name.clone(),
@@ -406,30 +323,18 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
         client_url: member.client_url.clone(),
     };
     if init && !node.raft.is_initialized().await? {
-        node.raft
-            .initialize(BTreeMap::from([(member.id, self_member.clone())]))
-            .await?;
+        node.raft.initialize(BTreeMap::from([(member.id, self_member.clone())])).await?;
     }
     // member.json is written last: its presence means "bootstrapped".
-    std::fs::write(
-        cfg.data_dir.join("member.json"),
-        serde_json::to_vec_pretty(&member)?,
-    )?;
+    std::fs::write(cfg.data_dir.join("member.json"), serde_json::to_vec_pretty(&member)?)?;
     if let Bootstrap::Join { addr, .. } = how {
         // Now that our Raft runs, ask the leader (through the master we
         // joined) to replicate to us and make us a voter.
-        let promote = PeerRequest::Promote {
-            id: member.id,
-            member: self_member,
-        };
+        let promote = PeerRequest::Promote { id: member.id, member: self_member };
         let mut last = String::new();
         let mut done = false;
         for _ in 0..300 {
-            match node
-                .clients()
-                .call(&addr, &promote, Duration::from_secs(60))
-                .await
-            {
+            match node.clients().call(&addr, &promote, Duration::from_secs(60)).await {
                 Ok(PeerResponse::Done) => {
                     done = true;
                     break;
@@ -444,11 +349,5 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
             bail!("joined, but could not become a voter: {last}");
         }
     }
-    Ok(Started {
-        node,
-        pki,
-        member,
-        storage,
-        endpoint: ep,
-    })
+    Ok(Started { node, pki, member, storage, endpoint: ep })
 }

@@ -12,6 +12,7 @@
 //! - [`watch`]: the watch hub; each committed revision is one immutable rkyv
 //!   frame in a `Bytes`, shared by every watcher.
 //! - [`pki`]: the cluster CA and TLS configurations.
+//! - [`backup`]: the backup file format of `etcdctl snapshot save`.
 //! - [`transport`]: QUIC peer transport (openraft's network) and the peer
 //!   protocol messages; [`peer`] serves them and decides who may send what.
 //! - [`node`]: a running master's store: writes (forwarded to the leader),
@@ -22,6 +23,7 @@
 //! alpha and nothing here needs its additions (storage v2 and chunked
 //! snapshot transfer are in 0.9).
 
+pub mod backup;
 pub mod bootstrap;
 pub mod metrics;
 pub mod mvcc;

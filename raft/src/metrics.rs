@@ -14,10 +14,7 @@ impl Default for WatchMetrics {
     fn default() -> Self {
         let c = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric name");
         WatchMetrics {
-            events_sent: c(
-                "capstan_watch_events_sent_total",
-                "Watch events delivered to watchers.",
-            ),
+            events_sent: c("capstan_watch_events_sent_total", "Watch events delivered to watchers."),
             lagged: c(
                 "capstan_watch_lagged_total",
                 "Times a watcher fell behind the live stream and caught up from history.",

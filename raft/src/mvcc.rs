@@ -173,23 +173,13 @@ impl Mvcc {
         rows: impl IntoIterator<Item = (Bytes, Version)>,
         leases: impl IntoIterator<Item = (i64, i64)>,
     ) -> Mvcc {
-        let mut m = Mvcc {
-            revision: revision.max(1),
-            compacted,
-            ..Mvcc::default()
-        };
+        let mut m = Mvcc { revision: revision.max(1), compacted, ..Mvcc::default() };
         for (key, row) in rows {
             m.bytes += row.size(&key);
             m.keys.entry(key).or_default().push(row);
         }
         for (id, ttl) in leases {
-            m.leases.insert(
-                id,
-                Lease {
-                    ttl,
-                    keys: BTreeSet::new(),
-                },
-            );
+            m.leases.insert(id, Lease { ttl, keys: BTreeSet::new() });
         }
         for (key, hist) in m.keys.iter_mut() {
             hist.sort_by_key(|v| v.mod_revision);
@@ -211,34 +201,22 @@ impl Mvcc {
         Image {
             revision: self.revision,
             compacted: self.compacted,
-            keys: self
-                .keys
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect(),
+            keys: self.keys.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             leases: self.leases.iter().map(|(id, l)| (*id, l.ttl)).collect(),
         }
     }
 
     pub fn from_image(image: Image) -> Mvcc {
-        let rows = image
-            .keys
-            .into_iter()
-            .flat_map(|(k, hist)| hist.into_iter().map(move |v| (k.clone(), v)));
+        let rows = image.keys.into_iter().flat_map(|(k, hist)| hist.into_iter().map(move |v| (k.clone(), v)));
         Mvcc::restore(image.revision, image.compacted, rows, image.leases)
     }
 
     /// Every persisted row, for rewriting storage after a snapshot install.
     pub fn rows(&self) -> impl Iterator<Item = (&Bytes, &Version)> {
-        self.keys
-            .iter()
-            .flat_map(|(k, h)| h.iter().map(move |v| (k, v)))
+        self.keys.iter().flat_map(|(k, h)| h.iter().map(move |v| (k, v)))
     }
 
-    fn keys_in<'a>(
-        &'a self,
-        range: &KeyRange,
-    ) -> Box<dyn Iterator<Item = (&'a Bytes, &'a Vec<Version>)> + 'a> {
+    fn keys_in<'a>(&'a self, range: &KeyRange) -> Box<dyn Iterator<Item = (&'a Bytes, &'a Vec<Version>)> + 'a> {
         if range.end.is_empty() {
             return Box::new(self.keys.get_key_value(&range.start).into_iter());
         }
@@ -249,10 +227,7 @@ impl Mvcc {
         } else {
             Bound::Excluded(range.end.clone())
         };
-        Box::new(
-            self.keys
-                .range((Bound::Included(range.start.clone()), upper)),
-        )
+        Box::new(self.keys.range((Bound::Included(range.start.clone()), upper)))
     }
 
     /// The row visible at `rev` in a key's history.
@@ -262,10 +237,7 @@ impl Mvcc {
     }
 
     fn latest(&self, key: &Bytes) -> Option<&Version> {
-        self.keys
-            .get(key)
-            .and_then(|h| h.last())
-            .filter(|v| v.is_live())
+        self.keys.get(key).and_then(|h| h.last()).filter(|v| v.is_live())
     }
 
     fn check_read_revision(&self, rev: i64) -> Result<i64, MvccError> {
@@ -273,14 +245,10 @@ impl Mvcc {
             return Ok(self.revision);
         }
         if rev > self.revision {
-            return Err(MvccError::FutureRevision {
-                current: self.revision,
-            });
+            return Err(MvccError::FutureRevision { current: self.revision });
         }
         if rev < self.compacted {
-            return Err(MvccError::Compacted {
-                compacted: self.compacted,
-            });
+            return Err(MvccError::Compacted { compacted: self.compacted });
         }
         Ok(rev)
     }
@@ -294,11 +262,7 @@ impl Mvcc {
         for (k, hist) in self.keys_in(&req.range) {
             if let Some(v) = Self::visible(hist, rev) {
                 if within(v.mod_revision, req.min_mod_revision, req.max_mod_revision)
-                    && within(
-                        v.create_revision,
-                        req.min_create_revision,
-                        req.max_create_revision,
-                    )
+                    && within(v.create_revision, req.min_create_revision, req.max_create_revision)
                 {
                     keys.push(k);
                     kvs.push(v);
@@ -307,11 +271,7 @@ impl Mvcc {
         }
         let count = kvs.len() as i64;
         if req.count_only {
-            return Ok(RangeResponse {
-                kvs: vec![],
-                more: false,
-                count,
-            });
+            return Ok(RangeResponse { kvs: vec![], more: false, count });
         }
         let mut pairs: Vec<(&Bytes, &Version)> = keys.into_iter().zip(kvs).collect();
         let order = match (req.sort_order, req.sort_target) {
@@ -335,11 +295,7 @@ impl Mvcc {
                 }
             });
         }
-        let limit = if req.limit > 0 {
-            req.limit as usize
-        } else {
-            usize::MAX
-        };
+        let limit = if req.limit > 0 { req.limit as usize } else { usize::MAX };
         let more = pairs.len() > limit;
         let kvs = pairs
             .into_iter()
@@ -361,16 +317,9 @@ impl Mvcc {
     /// `from` must be above the compacted revision: compaction at `c` drops
     /// the tombstones and previous values of revision `c` itself, so a replay
     /// from `c` could silently miss events (an etcd bug we do not repeat).
-    pub fn history(
-        &self,
-        range: &KeyRange,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<(i64, Event)>, MvccError> {
+    pub fn history(&self, range: &KeyRange, from: i64, to: i64) -> Result<Vec<(i64, Event)>, MvccError> {
         if from <= self.compacted {
-            return Err(MvccError::Compacted {
-                compacted: self.compacted,
-            });
+            return Err(MvccError::Compacted { compacted: self.compacted });
         }
         let mut out: Vec<(i64, u32, Event)> = Vec::new();
         for (k, hist) in self.keys_in(range) {
@@ -380,11 +329,7 @@ impl Mvcc {
                 if v.mod_revision > to {
                     break;
                 }
-                let prev = i
-                    .checked_sub(1)
-                    .map(|p| &hist[p])
-                    .filter(|p| p.is_live())
-                    .map(|p| p.to_kv(k));
+                let prev = i.checked_sub(1).map(|p| &hist[p]).filter(|p| p.is_live()).map(|p| p.to_kv(k));
                 out.push((v.mod_revision, v.sub, Self::event_of(k, v, prev)));
             }
         }
@@ -394,19 +339,11 @@ impl Mvcc {
 
     fn event_of(key: &Bytes, v: &Version, prev_kv: Option<KeyValue>) -> Event {
         if v.is_live() {
-            Event {
-                kind: EventKind::Put,
-                kv: v.to_kv(key),
-                prev_kv,
-            }
+            Event { kind: EventKind::Put, kv: v.to_kv(key), prev_kv }
         } else {
             Event {
                 kind: EventKind::Delete,
-                kv: KeyValue {
-                    key: key.clone(),
-                    mod_revision: v.mod_revision,
-                    ..KeyValue::default()
-                },
+                kv: KeyValue { key: key.clone(), mod_revision: v.mod_revision, ..KeyValue::default() },
                 prev_kv,
             }
         }
@@ -417,42 +354,26 @@ impl Mvcc {
     pub fn apply(&mut self, cmd: &Command) -> Applied {
         let before = self.revision;
         let outcome = match cmd {
-            Command::Txn(txn) => self
-                .apply_txn(txn)
-                .map(|(resp, ev, rows)| (Outcome::Txn(resp), ev, rows)),
-            Command::Compact { revision } => self
-                .compact(*revision)
-                .map(|rows| (Outcome::Compacted, vec![], rows)),
+            Command::Txn(txn) => self.apply_txn(txn).map(|(resp, ev, rows)| (Outcome::Txn(resp), ev, rows)),
+            Command::Compact { revision } => self.compact(*revision).map(|rows| (Outcome::Compacted, vec![], rows)),
             Command::LeaseGrant { id, ttl } => self.lease_grant(*id, *ttl),
             Command::LeaseRevoke { id } => self.lease_revoke(*id),
         };
         match outcome {
-            Ok((out, events, rows)) => Applied {
-                result: CommandResult {
-                    revision: self.revision,
-                    outcome: Some(Ok(out)),
-                },
-                events,
-                rows,
-            },
+            Ok((out, events, rows)) => {
+                Applied { result: CommandResult { revision: self.revision, outcome: Some(Ok(out)) }, events, rows }
+            }
             Err(e) => {
                 debug_assert_eq!(before, self.revision);
                 Applied {
-                    result: CommandResult {
-                        revision: self.revision,
-                        outcome: Some(Err(e)),
-                    },
+                    result: CommandResult { revision: self.revision, outcome: Some(Err(e)) },
                     ..Default::default()
                 }
             }
         }
     }
 
-    fn lease_grant(
-        &mut self,
-        id: i64,
-        ttl: i64,
-    ) -> Result<(Outcome, Vec<Event>, Vec<RowChange>), MvccError> {
+    fn lease_grant(&mut self, id: i64, ttl: i64) -> Result<(Outcome, Vec<Event>, Vec<RowChange>), MvccError> {
         if id <= 0 {
             return Err(MvccError::Invalid("lease id must be positive".into()));
         }
@@ -462,31 +383,13 @@ impl Mvcc {
         if self.leases.contains_key(&id) {
             return Err(MvccError::LeaseExists);
         }
-        self.leases.insert(
-            id,
-            Lease {
-                ttl,
-                keys: BTreeSet::new(),
-            },
-        );
-        Ok((
-            Outcome::LeaseGranted { id, ttl },
-            vec![],
-            vec![RowChange::LeasePut { id, ttl }],
-        ))
+        self.leases.insert(id, Lease { ttl, keys: BTreeSet::new() });
+        Ok((Outcome::LeaseGranted { id, ttl }, vec![], vec![RowChange::LeasePut { id, ttl }]))
     }
 
-    fn lease_revoke(
-        &mut self,
-        id: i64,
-    ) -> Result<(Outcome, Vec<Event>, Vec<RowChange>), MvccError> {
+    fn lease_revoke(&mut self, id: i64) -> Result<(Outcome, Vec<Event>, Vec<RowChange>), MvccError> {
         let lease = self.leases.get(&id).ok_or(MvccError::LeaseNotFound)?;
-        let mut ctx = TxnCtx {
-            rev: self.revision + 1,
-            sub: 0,
-            events: vec![],
-            rows: vec![],
-        };
+        let mut ctx = TxnCtx { rev: self.revision + 1, sub: 0, events: vec![], rows: vec![] };
         let keys: Vec<Bytes> = lease.keys.iter().cloned().collect();
         for k in keys {
             self.delete_key(&k, &mut ctx);
@@ -527,14 +430,10 @@ impl Mvcc {
                         return Err(MvccError::KeyNotFoundForIgnore);
                     }
                     if p.ignore_value && !p.value.is_empty() {
-                        return Err(MvccError::Invalid(
-                            "value is provided with ignore_value".into(),
-                        ));
+                        return Err(MvccError::Invalid("value is provided with ignore_value".into()));
                     }
                     if p.ignore_lease && p.lease != 0 {
-                        return Err(MvccError::Invalid(
-                            "lease is provided with ignore_lease".into(),
-                        ));
+                        return Err(MvccError::Invalid("lease is provided with ignore_lease".into()));
                     }
                     if !p.ignore_lease && p.lease != 0 && !self.leases.contains_key(&p.lease) {
                         return Err(MvccError::LeaseNotFound);
@@ -582,9 +481,7 @@ impl Mvcc {
         use std::cmp::Ordering;
         let ord: Ordering = match (&c.target, v) {
             (CompareTarget::Value(_), None) => return false,
-            (CompareTarget::Value(want), Some(v)) => {
-                v.value.as_deref().unwrap_or_default().cmp(&want[..])
-            }
+            (CompareTarget::Value(want), Some(v)) => v.value.as_deref().unwrap_or_default().cmp(&want[..]),
             (CompareTarget::Version(n), v) => v.map_or(0, |v| v.version).cmp(n),
             (CompareTarget::Create(n), v) => v.map_or(0, |v| v.create_revision).cmp(n),
             (CompareTarget::Mod(n), v) => v.map_or(0, |v| v.mod_revision).cmp(n),
@@ -599,29 +496,15 @@ impl Mvcc {
     }
 
     #[allow(clippy::type_complexity)]
-    fn apply_txn(
-        &mut self,
-        txn: &TxnRequest,
-    ) -> Result<(TxnResponse, Vec<Event>, Vec<RowChange>), MvccError> {
+    fn apply_txn(&mut self, txn: &TxnRequest) -> Result<(TxnResponse, Vec<Event>, Vec<RowChange>), MvccError> {
         let n = Self::count_ops(&txn.success)?.max(Self::count_ops(&txn.failure)?);
         if n > self.max_txn_ops || txn.compare.len() > self.max_txn_ops {
-            return Err(MvccError::TooManyOps {
-                max: self.max_txn_ops,
-            });
+            return Err(MvccError::TooManyOps { max: self.max_txn_ops });
         }
         let succeeded = txn.compare.iter().all(|c| self.compare(c));
-        let ops = if succeeded {
-            &txn.success
-        } else {
-            &txn.failure
-        };
+        let ops = if succeeded { &txn.success } else { &txn.failure };
         self.validate_ops(ops)?;
-        let mut ctx = TxnCtx {
-            rev: self.revision + 1,
-            sub: 0,
-            events: vec![],
-            rows: vec![],
-        };
+        let mut ctx = TxnCtx { rev: self.revision + 1, sub: 0, events: vec![], rows: vec![] };
         let mut responses = Vec::with_capacity(ops.len());
         for op in ops {
             responses.push(match op {
@@ -641,9 +524,7 @@ impl Mvcc {
                 }
                 Op::Put(p) => {
                     let prev = self.put_key(p, &mut ctx);
-                    OpResponse::Put {
-                        prev_kv: if p.prev_kv { prev } else { None },
-                    }
+                    OpResponse::Put { prev_kv: if p.prev_kv { prev } else { None } }
                 }
                 Op::Delete(d) => {
                     let keys: Vec<Bytes> = self
@@ -659,10 +540,7 @@ impl Mvcc {
                             }
                         }
                     }
-                    OpResponse::Delete {
-                        deleted: keys.len() as i64,
-                        prev_kvs,
-                    }
+                    OpResponse::Delete { deleted: keys.len() as i64, prev_kvs }
                 }
                 Op::Txn(_) => return Err(MvccError::NestedTxn),
             });
@@ -670,14 +548,7 @@ impl Mvcc {
         if !ctx.events.is_empty() {
             self.revision = ctx.rev;
         }
-        Ok((
-            TxnResponse {
-                succeeded,
-                responses,
-            },
-            ctx.events,
-            ctx.rows,
-        ))
+        Ok((TxnResponse { succeeded, responses }, ctx.events, ctx.rows))
     }
 
     fn put_key(&mut self, p: &PutRequest, ctx: &mut TxnCtx) -> Option<KeyValue> {
@@ -686,24 +557,9 @@ impl Mvcc {
             Some(v) => (v.create_revision, v.version + 1),
             None => (ctx.rev, 1),
         };
-        let value = if p.ignore_value {
-            prev.as_ref().and_then(|v| v.value.clone())
-        } else {
-            Some(p.value.clone())
-        };
-        let lease = if p.ignore_lease {
-            prev.as_ref().map_or(0, |v| v.lease)
-        } else {
-            p.lease
-        };
-        let row = Version {
-            mod_revision: ctx.rev,
-            sub: ctx.sub,
-            create_revision,
-            version,
-            lease,
-            value,
-        };
+        let value = if p.ignore_value { prev.as_ref().and_then(|v| v.value.clone()) } else { Some(p.value.clone()) };
+        let lease = if p.ignore_lease { prev.as_ref().map_or(0, |v| v.lease) } else { p.lease };
+        let row = Version { mod_revision: ctx.rev, sub: ctx.sub, create_revision, version, lease, value };
         ctx.sub += 1;
         if let Some(pv) = &prev {
             if pv.lease != 0 && pv.lease != lease {
@@ -720,16 +576,9 @@ impl Mvcc {
             }
         }
         let prev_kv = prev.as_ref().map(|v| v.to_kv(&p.key));
-        ctx.events.push(Event {
-            kind: EventKind::Put,
-            kv: row.to_kv(&p.key),
-            prev_kv: prev_kv.clone(),
-        });
+        ctx.events.push(Event { kind: EventKind::Put, kv: row.to_kv(&p.key), prev_kv: prev_kv.clone() });
         self.bytes += row.size(&p.key);
-        ctx.rows.push(RowChange::Put {
-            key: p.key.clone(),
-            row: row.clone(),
-        });
+        ctx.rows.push(RowChange::Put { key: p.key.clone(), row: row.clone() });
         self.keys.entry(p.key.clone()).or_default().push(row);
         prev_kv
     }
@@ -741,24 +590,14 @@ impl Mvcc {
                 l.keys.remove(key);
             }
         }
-        let row = Version {
-            mod_revision: ctx.rev,
-            sub: ctx.sub,
-            create_revision: 0,
-            version: 0,
-            lease: 0,
-            value: None,
-        };
+        let row =
+            Version { mod_revision: ctx.rev, sub: ctx.sub, create_revision: 0, version: 0, lease: 0, value: None };
         ctx.sub += 1;
         let prev_kv = prev.to_kv(key);
-        ctx.events
-            .push(Self::event_of(key, &row, Some(prev_kv.clone())));
+        ctx.events.push(Self::event_of(key, &row, Some(prev_kv.clone())));
         self.bytes += row.size(key);
         self.live_keys -= 1;
-        ctx.rows.push(RowChange::Put {
-            key: key.clone(),
-            row: row.clone(),
-        });
+        ctx.rows.push(RowChange::Put { key: key.clone(), row: row.clone() });
         self.keys.entry(key.clone()).or_default().push(row);
         Some(prev_kv)
     }
@@ -766,14 +605,10 @@ impl Mvcc {
     /// Forget history no read at revision >= `rev` can see.
     fn compact(&mut self, rev: i64) -> Result<Vec<RowChange>, MvccError> {
         if rev <= self.compacted {
-            return Err(MvccError::Compacted {
-                compacted: self.compacted,
-            });
+            return Err(MvccError::Compacted { compacted: self.compacted });
         }
         if rev > self.revision {
-            return Err(MvccError::FutureRevision {
-                current: self.revision,
-            });
+            return Err(MvccError::FutureRevision { current: self.revision });
         }
         let mut rows = Vec::new();
         let mut emptied = Vec::new();
@@ -787,10 +622,7 @@ impl Mvcc {
             let drop = if keep_last { upto - 1 } else { upto };
             for v in hist.drain(..drop) {
                 self.bytes = self.bytes.saturating_sub(v.size(k));
-                rows.push(RowChange::Remove {
-                    key: k.clone(),
-                    mod_revision: v.mod_revision,
-                });
+                rows.push(RowChange::Remove { key: k.clone(), mod_revision: v.mod_revision });
             }
             if hist.is_empty() {
                 emptied.push(k.clone());

@@ -15,32 +15,17 @@ fn b(s: &str) -> Bytes {
 
 fn put(k: &str, v: &str) -> Command {
     Command::Txn(TxnRequest {
-        success: vec![Op::Put(PutRequest {
-            key: b(k),
-            value: b(v),
-            prev_kv: true,
-            ..Default::default()
-        })],
+        success: vec![Op::Put(PutRequest { key: b(k), value: b(v), prev_kv: true, ..Default::default() })],
         ..Default::default()
     })
 }
 
 fn del(range: KeyRange) -> Command {
-    Command::Txn(TxnRequest {
-        success: vec![Op::Delete(DeleteRequest {
-            range,
-            prev_kv: true,
-        })],
-        ..Default::default()
-    })
+    Command::Txn(TxnRequest { success: vec![Op::Delete(DeleteRequest { range, prev_kv: true })], ..Default::default() })
 }
 
 fn get(m: &Mvcc, range: KeyRange, rev: i64) -> Result<RangeResponse, MvccError> {
-    m.range(&RangeRequest {
-        range,
-        revision: rev,
-        ..Default::default()
-    })
+    m.range(&RangeRequest { range, revision: rev, ..Default::default() })
 }
 
 fn txn_ok(a: &Applied) -> &TxnResponse {
@@ -58,23 +43,13 @@ fn put_get_versions_and_tombstones() {
     m.apply(&put("a", "2"));
     let r = get(&m, KeyRange::key(b("a")), 0).unwrap();
     assert_eq!(r.kvs[0].value, b("2"));
-    assert_eq!(
-        (
-            r.kvs[0].create_revision,
-            r.kvs[0].mod_revision,
-            r.kvs[0].version
-        ),
-        (2, 3, 2)
-    );
+    assert_eq!((r.kvs[0].create_revision, r.kvs[0].mod_revision, r.kvs[0].version), (2, 3, 2));
     let d = m.apply(&del(KeyRange::key(b("a"))));
     assert_eq!(d.result.revision, 4);
     assert_eq!(d.events[0].kind, EventKind::Delete);
     assert_eq!(d.events[0].prev_kv.as_ref().unwrap().value, b("2"));
     assert!(get(&m, KeyRange::key(b("a")), 0).unwrap().kvs.is_empty());
-    assert_eq!(
-        get(&m, KeyRange::key(b("a")), 3).unwrap().kvs[0].value,
-        b("2")
-    );
+    assert_eq!(get(&m, KeyRange::key(b("a")), 3).unwrap().kvs[0].value, b("2"));
     m.apply(&put("a", "3"));
     let r = get(&m, KeyRange::key(b("a")), 0).unwrap();
     assert_eq!((r.kvs[0].create_revision, r.kvs[0].version), (5, 1));
@@ -95,15 +70,8 @@ fn txn_compare_and_atomicity() {
                 result: CompareResult::Equal,
                 target: CompareTarget::Mod(want_mod),
             }],
-            success: vec![Op::Put(PutRequest {
-                key: b("k"),
-                value: b(v),
-                ..Default::default()
-            })],
-            failure: vec![Op::Range(RangeRequest {
-                range: KeyRange::key(b("k")),
-                ..Default::default()
-            })],
+            success: vec![Op::Put(PutRequest { key: b("k"), value: b(v), ..Default::default() })],
+            failure: vec![Op::Range(RangeRequest { range: KeyRange::key(b("k")), ..Default::default() })],
         })
     };
     let a = m.apply(&cas(2, "w"));
@@ -114,16 +82,8 @@ fn txn_compare_and_atomicity() {
     // duplicate key: rejected whole, nothing written
     let bad = Command::Txn(TxnRequest {
         success: vec![
-            Op::Put(PutRequest {
-                key: b("n"),
-                value: b("1"),
-                ..Default::default()
-            }),
-            Op::Put(PutRequest {
-                key: b("n"),
-                value: b("2"),
-                ..Default::default()
-            }),
+            Op::Put(PutRequest { key: b("n"), value: b("1"), ..Default::default() }),
+            Op::Put(PutRequest { key: b("n"), value: b("2"), ..Default::default() }),
         ],
         ..Default::default()
     });
@@ -134,28 +94,14 @@ fn txn_compare_and_atomicity() {
     // too many ops
     let many = Command::Txn(TxnRequest {
         success: (0..200)
-            .map(|i| {
-                Op::Put(PutRequest {
-                    key: b(&format!("m{i}")),
-                    value: b("x"),
-                    ..Default::default()
-                })
-            })
+            .map(|i| Op::Put(PutRequest { key: b(&format!("m{i}")), value: b("x"), ..Default::default() }))
             .collect(),
         ..Default::default()
     });
-    assert!(matches!(
-        m.apply(&many).result.outcome,
-        Some(Err(MvccError::TooManyOps { .. }))
-    ));
+    assert!(matches!(m.apply(&many).result.outcome, Some(Err(MvccError::TooManyOps { .. }))));
     // unknown lease
     let a = m.apply(&Command::Txn(TxnRequest {
-        success: vec![Op::Put(PutRequest {
-            key: b("l"),
-            value: b("1"),
-            lease: 99,
-            ..Default::default()
-        })],
+        success: vec![Op::Put(PutRequest { key: b("l"), value: b("1"), lease: 99, ..Default::default() })],
         ..Default::default()
     }));
     assert_eq!(a.result.outcome, Some(Err(MvccError::LeaseNotFound)));
@@ -168,16 +114,9 @@ fn range_options() {
     for (k, v) in [("p/c", "3"), ("p/a", "1"), ("p/b", "2"), ("q", "9")] {
         m.apply(&put(k, v));
     }
-    let req = RangeRequest {
-        range: KeyRange::prefix(b("p/")),
-        limit: 2,
-        ..Default::default()
-    };
+    let req = RangeRequest { range: KeyRange::prefix(b("p/")), limit: 2, ..Default::default() };
     let r = m.range(&req).unwrap();
-    assert_eq!(
-        r.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>(),
-        vec![b("p/a"), b("p/b")]
-    );
+    assert_eq!(r.kvs.iter().map(|kv| kv.key.clone()).collect::<Vec<_>>(), vec![b("p/a"), b("p/b")]);
     assert!(r.more);
     assert_eq!(r.count, 3);
     let r = m
@@ -191,38 +130,19 @@ fn range_options() {
         .unwrap();
     assert_eq!(r.kvs[0].key, b("p/c"));
     assert!(r.kvs[0].value.is_empty());
-    let r = m
-        .range(&RangeRequest {
-            range: KeyRange::prefix(b("")),
-            count_only: true,
-            ..Default::default()
-        })
-        .unwrap();
+    let r = m.range(&RangeRequest { range: KeyRange::prefix(b("")), count_only: true, ..Default::default() }).unwrap();
     assert_eq!((r.count, r.kvs.len()), (4, 0));
-    assert_eq!(
-        get(&m, KeyRange::key(b("q")), 99),
-        Err(MvccError::FutureRevision { current: 5 })
-    );
+    assert_eq!(get(&m, KeyRange::key(b("q")), 99), Err(MvccError::FutureRevision { current: 5 }));
 }
 
 #[test]
 fn leases_own_keys() {
     let mut m = Mvcc::default();
     m.apply(&Command::LeaseGrant { id: 7, ttl: 10 });
-    assert_eq!(
-        m.apply(&Command::LeaseGrant { id: 7, ttl: 10 })
-            .result
-            .outcome,
-        Some(Err(MvccError::LeaseExists))
-    );
+    assert_eq!(m.apply(&Command::LeaseGrant { id: 7, ttl: 10 }).result.outcome, Some(Err(MvccError::LeaseExists)));
     for k in ["a", "b"] {
         m.apply(&Command::Txn(TxnRequest {
-            success: vec![Op::Put(PutRequest {
-                key: b(k),
-                value: b("v"),
-                lease: 7,
-                ..Default::default()
-            })],
+            success: vec![Op::Put(PutRequest { key: b(k), value: b("v"), lease: 7, ..Default::default() })],
             ..Default::default()
         }));
     }
@@ -233,10 +153,7 @@ fn leases_own_keys() {
     assert_eq!(a.result.revision, 5);
     assert!(m.lease(7).is_none());
     assert_eq!(get(&m, KeyRange::prefix(b("")), 0).unwrap().count, 1);
-    assert_eq!(
-        m.apply(&Command::LeaseRevoke { id: 7 }).result.outcome,
-        Some(Err(MvccError::LeaseNotFound))
-    );
+    assert_eq!(m.apply(&Command::LeaseRevoke { id: 7 }).result.outcome, Some(Err(MvccError::LeaseNotFound)));
 }
 
 #[test]
@@ -248,14 +165,8 @@ fn compaction_keeps_latest_and_rejects_old_reads() {
     m.apply(&del(KeyRange::key(b("b")))); // 5
     let a = m.apply(&Command::Compact { revision: 5 });
     assert_eq!(a.result.outcome, Some(Ok(Outcome::Compacted)));
-    assert_eq!(
-        get(&m, KeyRange::key(b("a")), 4),
-        Err(MvccError::Compacted { compacted: 5 })
-    );
-    assert_eq!(
-        get(&m, KeyRange::key(b("a")), 5).unwrap().kvs[0].value,
-        b("2")
-    );
+    assert_eq!(get(&m, KeyRange::key(b("a")), 4), Err(MvccError::Compacted { compacted: 5 }));
+    assert_eq!(get(&m, KeyRange::key(b("a")), 5).unwrap().kvs[0].value, b("2"));
     assert!(m.history(&KeyRange::prefix(b("")), 4, 5).is_err());
     assert_eq!(
         m.apply(&Command::Compact { revision: 5 }).result.outcome,
@@ -271,12 +182,7 @@ fn restore_from_rows_equals_original() {
     m.apply(&Command::LeaseGrant { id: 1, ttl: 5 });
     m.apply(&put("x", "1"));
     m.apply(&Command::Txn(TxnRequest {
-        success: vec![Op::Put(PutRequest {
-            key: b("y"),
-            value: b("v"),
-            lease: 1,
-            ..Default::default()
-        })],
+        success: vec![Op::Put(PutRequest { key: b("y"), value: b("v"), lease: 1, ..Default::default() })],
         ..Default::default()
     }));
     m.apply(&del(KeyRange::key(b("x"))));
@@ -334,19 +240,10 @@ impl Model {
     }
     fn put(&self, next: &mut BTreeMap<Bytes, KeyValue>, k: Bytes, v: Bytes) {
         let rev = self.rev() + 1;
-        let (create, version) = next
-            .get(&k)
-            .map_or((rev, 1), |p| (p.create_revision, p.version + 1));
+        let (create, version) = next.get(&k).map_or((rev, 1), |p| (p.create_revision, p.version + 1));
         next.insert(
             k.clone(),
-            KeyValue {
-                key: k,
-                create_revision: create,
-                mod_revision: rev,
-                version,
-                value: v,
-                lease: 0,
-            },
+            KeyValue { key: k, create_revision: create, mod_revision: rev, version, value: v, lease: 0 },
         );
     }
 }

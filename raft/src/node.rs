@@ -132,33 +132,22 @@ impl StoreNode {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        membership
-            .nodes()
-            .map(|(id, n)| (*id, n.clone(), !voters.contains(id)))
-            .collect()
+        membership.nodes().map(|(id, n)| (*id, n.clone(), !voters.contains(id))).collect()
     }
 
     fn check_admission(&self, cmd: &Command) -> Result<(), StoreError> {
         let size = postcard::to_stdvec(cmd).map_or(usize::MAX, |v| v.len());
         if size > self.limits.max_request_bytes {
-            return Err(StoreError::TooLarge {
-                size,
-                max: self.limits.max_request_bytes,
-            });
+            return Err(StoreError::TooLarge { size, max: self.limits.max_request_bytes });
         }
         let used = self.state.read().mvcc.size_bytes();
         let freeing = match cmd {
-            Command::Txn(t) => t
-                .success
-                .iter()
-                .chain(&t.failure)
-                .all(|op| matches!(op, Op::Delete(_) | Op::Range(_))),
+            Command::Txn(t) => t.success.iter().chain(&t.failure).all(|op| matches!(op, Op::Delete(_) | Op::Range(_))),
             Command::Compact { .. } | Command::LeaseRevoke { .. } => true,
             Command::LeaseGrant { .. } => false,
         };
         let over_soft = used > self.limits.quota_soft_bytes;
-        self.alarm_nospace
-            .store(over_soft, std::sync::atomic::Ordering::Relaxed);
+        self.alarm_nospace.store(over_soft, std::sync::atomic::Ordering::Relaxed);
         if used > self.limits.quota_hard_bytes && !freeing {
             return Err(StoreError::NoSpace);
         }
@@ -170,10 +159,7 @@ impl StoreNode {
     /// not been accepted by any leader.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
         self.check_admission(&cmd)?;
-        if self
-            .alarm_nospace
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if self.alarm_nospace.load(std::sync::atomic::Ordering::Relaxed) {
             // Soft quota: slow writers down instead of failing them.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -184,19 +170,13 @@ impl StoreNode {
                 Err(Forward::To(member)) => {
                     match self
                         .clients
-                        .call(
-                            &member.peer_addr,
-                            &PeerRequest::ClientWrite(cmd.clone()),
-                            WRITE_TIMEOUT,
-                        )
+                        .call(&member.peer_addr, &PeerRequest::ClientWrite(cmd.clone()), WRITE_TIMEOUT)
                         .await
                     {
                         Ok(PeerResponse::ClientWrite(r)) => return Ok(r),
                         Ok(PeerResponse::Error(e)) if e == NOT_LEADER => {}
                         Ok(PeerResponse::Error(e)) => return Err(StoreError::Internal(e)),
-                        Ok(_) => {
-                            return Err(StoreError::Internal("unexpected peer response".into()))
-                        }
+                        Ok(_) => return Err(StoreError::Internal("unexpected peer response".into())),
                         Err(TransportError::Unreachable { .. }) => {}
                         Err(e) => return Err(StoreError::Indeterminate(e.to_string())),
                     }
@@ -215,12 +195,10 @@ impl StoreNode {
     pub(crate) async fn write_local(&self, cmd: Command) -> Result<CommandResult, Forward> {
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                match (f.leader_id, f.leader_node) {
-                    (Some(id), Some(node)) if id != self.id => Err(Forward::To(node)),
-                    _ => Err(Forward::Unknown),
-                }
-            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
+                (Some(id), Some(node)) if id != self.id => Err(Forward::To(node)),
+                _ => Err(Forward::Unknown),
+            },
             Err(e) => Err(Forward::Failed(StoreError::Indeterminate(e.to_string()))),
         }
     }
@@ -237,15 +215,9 @@ impl StoreNode {
                     Err(e) => tracing::debug!(error = %e, "read index on leader failed; retrying"),
                 }
             } else if let Some((_, leader)) = self.leader() {
-                match self
-                    .clients
-                    .call(&leader.peer_addr, &PeerRequest::ReadIndex, PEER_RPC_TIMEOUT)
-                    .await
-                {
+                match self.clients.call(&leader.peer_addr, &PeerRequest::ReadIndex, PEER_RPC_TIMEOUT).await {
                     Ok(PeerResponse::ReadIndex(idx)) => {
-                        let wait = self
-                            .raft
-                            .wait(Some(deadline.saturating_duration_since(Instant::now())));
+                        let wait = self.raft.wait(Some(deadline.saturating_duration_since(Instant::now())));
                         return wait
                             .applied_index_at_least(Some(idx), "read index")
                             .await
@@ -282,15 +254,7 @@ impl StoreNode {
             return Ok(self.lease_local(id, false));
         }
         let (_, leader) = self.leader().ok_or(StoreError::NoLeader)?;
-        match self
-            .clients
-            .call(
-                &leader.peer_addr,
-                &PeerRequest::LeaseTimeToLive { id },
-                PEER_RPC_TIMEOUT,
-            )
-            .await
-        {
+        match self.clients.call(&leader.peer_addr, &PeerRequest::LeaseTimeToLive { id }, PEER_RPC_TIMEOUT).await {
             Ok(PeerResponse::LeaseTtl { ttl, granted }) if ttl >= 0 => Ok(Some((ttl, granted))),
             Ok(PeerResponse::LeaseTtl { .. }) => Ok(None),
             Ok(_) => Err(StoreError::NoLeader),
@@ -303,15 +267,7 @@ impl StoreNode {
             return Ok(self.lease_local(id, renew).map(|(ttl, _)| ttl));
         }
         let (_, leader) = self.leader().ok_or(StoreError::NoLeader)?;
-        match self
-            .clients
-            .call(
-                &leader.peer_addr,
-                &PeerRequest::LeaseKeepAlive { id },
-                PEER_RPC_TIMEOUT,
-            )
-            .await
-        {
+        match self.clients.call(&leader.peer_addr, &PeerRequest::LeaseKeepAlive { id }, PEER_RPC_TIMEOUT).await {
             Ok(PeerResponse::LeaseTtl { ttl, .. }) if ttl >= 0 => Ok(Some(ttl)),
             Ok(PeerResponse::LeaseTtl { .. }) => Ok(None),
             Ok(_) => Err(StoreError::NoLeader),
@@ -324,10 +280,7 @@ impl StoreNode {
         let granted = self.state.read().mvcc.lease(id)?.ttl;
         let now = Instant::now();
         let mut clock = self.lease_deadlines.lock();
-        let deadline = clock
-            .deadlines
-            .entry(id)
-            .or_insert(now + Duration::from_secs(granted as u64));
+        let deadline = clock.deadlines.entry(id).or_insert(now + Duration::from_secs(granted as u64));
         if renew {
             *deadline = now + Duration::from_secs(granted as u64);
         }
@@ -354,9 +307,7 @@ impl StoreNode {
                     }
                 });
             }
-            if self.limits.retain_revisions > 0
-                && last_compact_check.elapsed() > Duration::from_secs(5)
-            {
+            if self.limits.retain_revisions > 0 && last_compact_check.elapsed() > Duration::from_secs(5) {
                 last_compact_check = Instant::now();
                 let (rev, compacted) = {
                     let st = self.state.read();
@@ -374,13 +325,7 @@ impl StoreNode {
     }
 
     fn expired_leases(&self, term: u64) -> Vec<i64> {
-        let leases: BTreeMap<i64, i64> = self
-            .state
-            .read()
-            .mvcc
-            .leases()
-            .map(|(id, l)| (*id, l.ttl))
-            .collect();
+        let leases: BTreeMap<i64, i64> = self.state.read().mvcc.leases().map(|(id, l)| (*id, l.ttl)).collect();
         let now = Instant::now();
         let mut clock = self.lease_deadlines.lock();
         if clock.term != term {
@@ -392,10 +337,7 @@ impl StoreNode {
         clock.deadlines.retain(|id, _| leases.contains_key(id));
         let mut expired = Vec::new();
         for (id, ttl) in leases {
-            let d = *clock
-                .deadlines
-                .entry(id)
-                .or_insert(now + Duration::from_secs(ttl as u64));
+            let d = *clock.deadlines.entry(id).or_insert(now + Duration::from_secs(ttl as u64));
             if d <= now {
                 expired.push(id);
                 // Do not propose again every tick while the revoke commits.
@@ -409,16 +351,10 @@ impl StoreNode {
     pub(crate) async fn promote(&self, id: NodeId, member: Member) -> Result<(), String> {
         let exists = self.members().iter().any(|(i, _, _)| *i == id);
         if !exists {
-            self.raft
-                .add_learner(id, member, true)
-                .await
-                .map_err(|e| e.to_string())?;
+            self.raft.add_learner(id, member, true).await.map_err(|e| e.to_string())?;
         }
         let voters: BTreeSet<NodeId> = [id].into();
-        self.raft
-            .change_membership(ChangeMembers::AddVoterIds(voters), false)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.raft.change_membership(ChangeMembers::AddVoterIds(voters), false).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -428,10 +364,7 @@ impl StoreNode {
             .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
             .await
             .map_err(|e| e.to_string())?;
-        self.raft
-            .change_membership(ChangeMembers::RemoveNodes(ids), false)
-            .await
-            .map_err(|e| e.to_string())?;
+        self.raft.change_membership(ChangeMembers::RemoveNodes(ids), false).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 
@@ -446,11 +379,7 @@ impl StoreNode {
                     _ => return Err(StoreError::Internal("not a membership request".into())),
                 }
             } else if let Some((_, leader)) = self.leader() {
-                match self
-                    .clients
-                    .call(&leader.peer_addr, &req, Duration::from_secs(60))
-                    .await
-                {
+                match self.clients.call(&leader.peer_addr, &req, Duration::from_secs(60)).await {
                     Ok(PeerResponse::Done) => Ok(()),
                     Ok(PeerResponse::Error(e)) => Err(e),
                     Ok(_) => Err("unexpected response".into()),

@@ -48,8 +48,7 @@ fn is_master(conn: &quinn::Connection) -> bool {
     let Some(leaf) = crate::pki::peer_leaf(conn) else {
         return false;
     };
-    crate::pki::cert_info(leaf.as_ref())
-        .is_ok_and(|i| i.server_auth && i.common_name.starts_with(MASTER_CN_PREFIX))
+    crate::pki::cert_info(leaf.as_ref()).is_ok_and(|i| i.server_auth && i.common_name.starts_with(MASTER_CN_PREFIX))
 }
 
 async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool) -> PeerResponse {
@@ -63,13 +62,9 @@ async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool
         };
     }
     match req {
-        PeerRequest::AppendEntries(rpc) => {
-            PeerResponse::AppendEntries(node.raft.append_entries(rpc).await)
-        }
+        PeerRequest::AppendEntries(rpc) => PeerResponse::AppendEntries(node.raft.append_entries(rpc).await),
         PeerRequest::Vote(rpc) => PeerResponse::Vote(node.raft.vote(rpc).await),
-        PeerRequest::InstallSnapshot(rpc) => {
-            PeerResponse::InstallSnapshot(node.raft.install_snapshot(rpc).await)
-        }
+        PeerRequest::InstallSnapshot(rpc) => PeerResponse::InstallSnapshot(node.raft.install_snapshot(rpc).await),
         PeerRequest::ClientWrite(cmd) => match node.write_local(cmd).await {
             Ok(r) => PeerResponse::ClientWrite(r),
             Err(Forward::To(..)) | Err(Forward::Unknown) => PeerResponse::Error(NOT_LEADER.into()),
@@ -79,25 +74,17 @@ async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool
             Ok(i) => PeerResponse::ReadIndex(i),
             Err(e) => PeerResponse::Error(e),
         },
-        PeerRequest::LeaseKeepAlive { id } | PeerRequest::LeaseTimeToLive { id }
-            if !node.is_leader() =>
-        {
+        PeerRequest::LeaseKeepAlive { id } | PeerRequest::LeaseTimeToLive { id } if !node.is_leader() => {
             let _ = id;
             PeerResponse::Error(NOT_LEADER.into())
         }
         PeerRequest::LeaseKeepAlive { id } => match node.lease_local(id, true) {
             Some((ttl, granted)) => PeerResponse::LeaseTtl { ttl, granted },
-            None => PeerResponse::LeaseTtl {
-                ttl: -1,
-                granted: 0,
-            },
+            None => PeerResponse::LeaseTtl { ttl: -1, granted: 0 },
         },
         PeerRequest::LeaseTimeToLive { id } => match node.lease_local(id, false) {
             Some((ttl, granted)) => PeerResponse::LeaseTtl { ttl, granted },
-            None => PeerResponse::LeaseTtl {
-                ttl: -1,
-                granted: 0,
-            },
+            None => PeerResponse::LeaseTtl { ttl: -1, granted: 0 },
         },
         PeerRequest::Join(j) => match join(node, pki, j).await {
             Ok(r) => PeerResponse::Join(r),
@@ -113,21 +100,14 @@ async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool
 }
 
 /// Check the bootstrap token against the store, sign the joiner's CSR.
-async fn join(
-    node: &StoreNode,
-    pki: &Pki,
-    j: crate::transport::JoinRequest,
-) -> Result<JoinResponse, String> {
+async fn join(node: &StoreNode, pki: &Pki, j: crate::transport::JoinRequest) -> Result<JoinResponse, String> {
     let token = JoinToken::parse(&j.token).map_err(|e| e.to_string())?;
     node.read_index().await.map_err(|e| e.to_string())?;
     let stored = {
         let st = node.state().read();
         let r = st
             .mvcc
-            .range(&RangeRequest {
-                range: KeyRange::key(Bytes::from(token.store_key())),
-                ..Default::default()
-            })
+            .range(&RangeRequest { range: KeyRange::key(Bytes::from(token.store_key())), ..Default::default() })
             .map_err(|e| e.to_string())?;
         r.kvs.first().map(|kv| kv.value.clone())
     };
@@ -138,10 +118,7 @@ async fn join(
         return Err("join refused: bootstrap token does not match".into());
     }
     if node.members().iter().any(|(_, m, _)| m.name == j.name) {
-        return Err(format!(
-            "join refused: a master named {:?} is already a member",
-            j.name
-        ));
+        return Err(format!("join refused: a master named {:?} is already a member", j.name));
     }
     let cert_pem = pki.ca.sign_csr(&j.csr_pem).map_err(|e| e.to_string())?;
     let cn = crate::bootstrap::common_name_of_pem(&cert_pem).map_err(|e| e.to_string())?;

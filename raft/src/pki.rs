@@ -37,9 +37,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData,
-    SanType, SerialNumber, SigningKey,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SigningKey,
 };
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -106,10 +105,7 @@ pub struct CertifiedKey {
 
 impl fmt::Debug for CertifiedKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertifiedKey")
-            .field("cert_pem", &self.cert_pem)
-            .field("key_pem", &"<redacted>")
-            .finish()
+        f.debug_struct("CertifiedKey").field("cert_pem", &self.cert_pem).field("key_pem", &"<redacted>").finish()
     }
 }
 
@@ -125,9 +121,7 @@ pub struct ClusterCa {
 
 impl fmt::Debug for ClusterCa {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ClusterCa")
-            .field("fingerprint", &self.fingerprint)
-            .finish_non_exhaustive()
+        f.debug_struct("ClusterCa").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
     }
 }
 
@@ -142,11 +136,8 @@ impl ClusterCa {
         dn.push(DnType::CommonName, format!("capstan-ca:{cluster_name}"));
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let now = SystemTime::now();
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + CA_VALIDITY).into();
@@ -163,12 +154,10 @@ impl ClusterCa {
         let cert_der = first_cert(cert_pem)?;
         let key = KeyPair::from_pem(key_pem)?;
         let (not_after, spki) = {
-            let (_, x509) = x509_parser::parse_x509_certificate(&cert_der)
-                .map_err(|e| PkiError::Parse(e.to_string()))?;
-            let is_ca = x509
-                .basic_constraints()
-                .map_err(|e| PkiError::Parse(e.to_string()))?
-                .is_some_and(|bc| bc.value.ca);
+            let (_, x509) =
+                x509_parser::parse_x509_certificate(&cert_der).map_err(|e| PkiError::Parse(e.to_string()))?;
+            let is_ca =
+                x509.basic_constraints().map_err(|e| PkiError::Parse(e.to_string()))?.is_some_and(|bc| bc.value.ca);
             if !is_ca {
                 return Err(PkiError::NotCa);
             }
@@ -219,15 +208,9 @@ impl ClusterCa {
         let mut params = self.leaf_params();
         params.distinguished_name = cn_only(name);
         params.subject_alt_names = master_sans(hosts)?;
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(CertifiedKey {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
     }
 
     /// Client cert (EKU clientAuth) with CN = user, O = each group (e.g.
@@ -249,10 +232,7 @@ impl ClusterCa {
             let subject = encode_subject(user, groups);
             replace_subject(cert.der(), &subject, self.issuer.key())?
         };
-        Ok(CertifiedKey {
-            cert_pem: der_to_pem(&der),
-            key_pem: key.serialize_pem(),
-        })
+        Ok(CertifiedKey { cert_pem: der_to_pem(&der), key_pem: key.serialize_pem() })
     }
 
     /// Sign a PEM CSR produced by [`make_csr`]. The subject CN and the SANs
@@ -267,10 +247,7 @@ impl ClusterCa {
         let mut params = self.leaf_params();
         params.distinguished_name = cn_only(&cn);
         params.subject_alt_names = std::mem::take(&mut csr.params.subject_alt_names);
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         csr.params = params;
         Ok(csr.signed_by(&self.issuer)?.pem())
     }
@@ -336,32 +313,15 @@ pub struct CertInfo {
 
 /// Subject CN, groups, EKU and expiry of a DER certificate.
 pub fn cert_info(cert_der: &[u8]) -> Result<CertInfo, PkiError> {
-    let (_, x509) = x509_parser::parse_x509_certificate(cert_der)
-        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| PkiError::Parse(e.to_string()))?;
     let attr_str = |a: &x509_parser::x509::AttributeTypeAndValue<'_>| {
-        a.as_str()
-            .map(str::to_owned)
-            .map_err(|e| PkiError::Parse(e.to_string()))
+        a.as_str().map(str::to_owned).map_err(|e| PkiError::Parse(e.to_string()))
     };
-    let common_name = x509
-        .subject()
-        .iter_common_name()
-        .next()
-        .ok_or(PkiError::NoCommonName)
-        .and_then(attr_str)?;
-    let organizations = x509
-        .subject()
-        .iter_organization()
-        .map(attr_str)
-        .collect::<Result<Vec<_>, _>>()?;
-    let eku = x509
-        .extended_key_usage()
-        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let common_name = x509.subject().iter_common_name().next().ok_or(PkiError::NoCommonName).and_then(attr_str)?;
+    let organizations = x509.subject().iter_organization().map(attr_str).collect::<Result<Vec<_>, _>>()?;
+    let eku = x509.extended_key_usage().map_err(|e| PkiError::Parse(e.to_string()))?;
     let (server_auth, client_auth) = match eku {
-        Some(eku) => (
-            eku.value.server_auth || eku.value.any,
-            eku.value.client_auth || eku.value.any,
-        ),
+        Some(eku) => (eku.value.server_auth || eku.value.any, eku.value.client_auth || eku.value.any),
         None => (false, false),
     };
     Ok(CertInfo {
@@ -406,13 +366,7 @@ pub fn quic_server_config(
     identity: &CertifiedKey,
     allow_anonymous: bool,
 ) -> Result<quinn::ServerConfig, PkiError> {
-    let tls = rustls_server_config(
-        ca_pem,
-        identity,
-        allow_anonymous,
-        &[&rustls::version::TLS13],
-        &[PEER_ALPN],
-    )?;
+    let tls = rustls_server_config(ca_pem, identity, allow_anonymous, &[&rustls::version::TLS13], &[PEER_ALPN])?;
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
     Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
 }
@@ -420,16 +374,8 @@ pub fn quic_server_config(
 /// QUIC client configuration for the peer transport: presents `identity`
 /// (with the CA appended), verifies the server chains to `ca_pem` and that
 /// the server name used to connect is one of its SANs.
-pub fn quic_client_config(
-    ca_pem: &str,
-    identity: &CertifiedKey,
-) -> Result<quinn::ClientConfig, PkiError> {
-    let tls = rustls_client_config(
-        ca_pem,
-        Some(identity),
-        &[&rustls::version::TLS13],
-        &[PEER_ALPN],
-    )?;
+pub fn quic_client_config(ca_pem: &str, identity: &CertifiedKey) -> Result<quinn::ClientConfig, PkiError> {
+    let tls = rustls_client_config(ca_pem, Some(identity), &[&rustls::version::TLS13], &[PEER_ALPN])?;
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     Ok(quinn::ClientConfig::new(Arc::new(quic)))
 }
@@ -443,10 +389,7 @@ pub fn quic_client_config(
 pub fn quic_anonymous_client_config(ca_fingerprint: &str) -> Result<quinn::ClientConfig, PkiError> {
     let fingerprint = normalize_fingerprint(ca_fingerprint)?;
     let provider = provider();
-    let verifier = Arc::new(PinnedCaVerifier {
-        fingerprint,
-        provider: provider.clone(),
-    });
+    let verifier = Arc::new(PinnedCaVerifier { fingerprint, provider: provider.clone() });
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
@@ -467,13 +410,7 @@ pub fn grpc_server_config(
     identity: &CertifiedKey,
     allow_anonymous: bool,
 ) -> Result<rustls::ServerConfig, PkiError> {
-    rustls_server_config(
-        ca_pem,
-        identity,
-        allow_anonymous,
-        rustls::DEFAULT_VERSIONS,
-        &[b"h2"],
-    )
+    rustls_server_config(ca_pem, identity, allow_anonymous, rustls::DEFAULT_VERSIONS, &[b"h2"])
 }
 
 /// rustls server configuration: presents `identity` + CA, verifies client
@@ -488,11 +425,7 @@ pub fn rustls_server_config(
     let provider = provider();
     let roots = Arc::new(root_store(ca_pem)?);
     let builder = WebPkiClientVerifier::builder_with_provider(roots, provider.clone());
-    let client_verifier = if allow_anonymous {
-        builder.allow_unauthenticated().build()?
-    } else {
-        builder.build()?
-    };
+    let client_verifier = if allow_anonymous { builder.allow_unauthenticated().build()? } else { builder.build()? };
     let (chain, key) = identity_parts(ca_pem, identity)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
@@ -547,15 +480,12 @@ impl ServerCertVerifier for PinnedCaVerifier {
         let ca = intermediates
             .iter()
             .find(|c| sha256_hex(c) == self.fingerprint)
-            .ok_or(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::UnknownIssuer,
-            ))?;
+            .ok_or(rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer))?;
         let mut roots = RootCertStore::empty();
         roots.add(ca.clone().into_owned())?;
-        let verifier =
-            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         // No intermediates: the leaf must be signed by the pinned CA itself.
         verifier.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
     }
@@ -566,12 +496,7 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn verify_tls13_signature(
@@ -580,18 +505,11 @@ impl ServerCertVerifier for PinnedCaVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 
@@ -607,12 +525,7 @@ fn sha256_hex(der: &[u8]) -> String {
 }
 
 fn normalize_fingerprint(fp: &str) -> Result<String, PkiError> {
-    let norm: String = fp
-        .trim()
-        .chars()
-        .filter(|c| *c != ':')
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
+    let norm: String = fp.trim().chars().filter(|c| *c != ':').map(|c| c.to_ascii_lowercase()).collect();
     if norm.len() == 64 && norm.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(norm)
     } else {
@@ -650,41 +563,27 @@ fn check_subject_name(name: &str) -> Result<(), PkiError> {
     } else {
         return Ok(());
     };
-    Err(PkiError::InvalidName {
-        name: name.to_owned(),
-        reason: reason.to_owned(),
-    })
+    Err(PkiError::InvalidName { name: name.to_owned(), reason: reason.to_owned() })
 }
 
 /// SANs for a master: `hosts` (IPs as IP SANs, "[v6]" accepted), then
 /// "localhost" and 127.0.0.1, without duplicates.
 fn master_sans(hosts: &[String]) -> Result<Vec<SanType>, PkiError> {
     let mut sans = Vec::new();
-    let all = hosts
-        .iter()
-        .map(String::as_str)
-        .chain(["localhost", "127.0.0.1"]);
+    let all = hosts.iter().map(String::as_str).chain(["localhost", "127.0.0.1"]);
     for host in all {
         let host = host.trim();
         if host.is_empty() {
             continue;
         }
-        let unbracketed = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
+        let unbracketed = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
         let san = match unbracketed.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
             Err(_) => {
-                let invalid = |reason: String| PkiError::InvalidName {
-                    name: host.to_owned(),
-                    reason,
-                };
+                let invalid = |reason: String| PkiError::InvalidName { name: host.to_owned(), reason };
                 rustls::pki_types::DnsName::try_from(host).map_err(|e| invalid(e.to_string()))?;
                 SanType::DnsName(
-                    host.to_ascii_lowercase()
-                        .try_into()
-                        .map_err(|e: rcgen::Error| invalid(e.to_string()))?,
+                    host.to_ascii_lowercase().try_into().map_err(|e: rcgen::Error| invalid(e.to_string()))?,
                 )
             }
         };
@@ -702,10 +601,7 @@ fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
 }
 
 fn first_cert(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
-    parse_certs(pem)?
-        .into_iter()
-        .next()
-        .ok_or(PkiError::NoCertificate)
+    parse_certs(pem)?.into_iter().next().ok_or(PkiError::NoCertificate)
 }
 
 fn root_store(ca_pem: &str) -> Result<RootCertStore, PkiError> {
@@ -759,11 +655,7 @@ mod base64_lite {
     pub fn encode(data: &[u8]) -> String {
         let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
         for chunk in data.chunks(3) {
-            let b = [
-                chunk[0],
-                chunk.get(1).copied().unwrap_or(0),
-                chunk.get(2).copied().unwrap_or(0),
-            ];
+            let b = [chunk[0], chunk.get(1).copied().unwrap_or(0), chunk.get(2).copied().unwrap_or(0)];
             let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -809,9 +701,7 @@ fn der_tlv_span(der: &[u8]) -> Result<(usize, usize), PkiError> {
             return Err(bad());
         }
         let bytes = der.get(2..2 + n).ok_or_else(bad)?;
-        let len = bytes
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
+        let len = bytes.iter().fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
         (2 + n, len)
     };
     let total = header + len;
@@ -841,8 +731,7 @@ fn encode_subject(cn: &str, groups: &[String]) -> Vec<u8> {
 /// `subject` (a DER Name): splice the new subject into the TBS certificate,
 /// sign the new TBS with the CA key and reassemble the certificate.
 fn replace_subject(cert_der: &[u8], subject: &[u8], ca_key: &KeyPair) -> Result<Vec<u8>, PkiError> {
-    let (_, x509) = x509_parser::parse_x509_certificate(cert_der)
-        .map_err(|e| PkiError::Parse(e.to_string()))?;
+    let (_, x509) = x509_parser::parse_x509_certificate(cert_der).map_err(|e| PkiError::Parse(e.to_string()))?;
     let tbs = x509.tbs_certificate.as_ref();
     let old_subject = x509.subject().as_raw();
     // Both slices borrow from `cert_der`.
@@ -852,9 +741,7 @@ fn replace_subject(cert_der: &[u8], subject: &[u8], ca_key: &KeyPair) -> Result<
     let tbs_end = tbs_start + tbs.len();
     let tbs_content_start = tbs_start + der_tlv_span(tbs)?.0;
     if !(tbs_content_start <= subj_start && subj_end <= tbs_end) {
-        return Err(PkiError::Parse(
-            "subject outside TBS certificate".to_owned(),
-        ));
+        return Err(PkiError::Parse("subject outside TBS certificate".to_owned()));
     }
     let mut content = Vec::with_capacity(tbs.len() + subject.len());
     content.extend_from_slice(&cert_der[tbs_content_start..subj_start]);
@@ -889,25 +776,17 @@ mod tests {
 
     fn verify_server(ca_pem: &str, cert_pem: &str, name: &str) -> Result<(), rustls::Error> {
         let roots = Arc::new(root_store(ca_pem).unwrap());
-        let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider())
-            .build()
-            .unwrap();
+        let verifier = WebPkiServerVerifier::builder_with_provider(roots, provider()).build().unwrap();
         let leaf = first_cert(cert_pem).unwrap();
         let name = ServerName::try_from(name.to_owned()).unwrap();
-        verifier
-            .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
-            .map(|_| ())
+        verifier.verify_server_cert(&leaf, &[], &name, &[], UnixTime::now()).map(|_| ())
     }
 
     fn verify_client(ca_pem: &str, cert_pem: &str) -> Result<(), rustls::Error> {
         let roots = Arc::new(root_store(ca_pem).unwrap());
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .build()
-            .unwrap();
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider()).build().unwrap();
         let leaf = first_cert(cert_pem).unwrap();
-        verifier
-            .verify_client_cert(&leaf, &[], UnixTime::now())
-            .map(|_| ())
+        verifier.verify_client_cert(&leaf, &[], UnixTime::now()).map(|_| ())
     }
 
     struct Outcome {
@@ -917,13 +796,8 @@ mod tests {
     }
 
     /// One QUIC handshake over 127.0.0.1, both sides bounded by a timeout.
-    async fn handshake(
-        server_cfg: quinn::ServerConfig,
-        client_cfg: quinn::ClientConfig,
-        server_name: &str,
-    ) -> Outcome {
-        let server_ep =
-            quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
+    async fn handshake(server_cfg: quinn::ServerConfig, client_cfg: quinn::ClientConfig, server_name: &str) -> Outcome {
+        let server_ep = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = server_ep.local_addr().unwrap();
         let client_ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let accept = async {
@@ -937,14 +811,9 @@ mod tests {
                 .await
                 .map_err(|e| e.to_string())
         };
-        let (server, client) = timeout(STEP, async { tokio::join!(accept, connect) })
-            .await
-            .expect("handshake timed out");
-        Outcome {
-            server,
-            client,
-            _endpoints: (server_ep, client_ep),
-        }
+        let (server, client) =
+            timeout(STEP, async { tokio::join!(accept, connect) }).await.expect("handshake timed out");
+        Outcome { server, client, _endpoints: (server_ep, client_ep) }
     }
 
     /// The client side failed, or (TLS 1.3: the client may finish before the
@@ -963,10 +832,7 @@ mod tests {
         assert_eq!(ca.fingerprint(), fingerprint_pem(ca.cert_pem()).unwrap());
         let info = cert_info(ca.cert_der()).unwrap();
         assert_eq!(info.common_name, "capstan-ca:test");
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
         assert!(info.not_after_unix > now + 9 * 365 * 24 * 3600);
 
         let reloaded = ClusterCa::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
@@ -977,33 +843,16 @@ mod tests {
 
         // Wrong key for the cert, and a non-CA cert, are refused.
         let other = ClusterCa::generate("other").unwrap();
-        assert!(matches!(
-            ClusterCa::from_pem(ca.cert_pem(), other.key_pem()),
-            Err(PkiError::KeyMismatch)
-        ));
-        assert!(matches!(
-            ClusterCa::from_pem(&m.cert_pem, &m.key_pem),
-            Err(PkiError::NotCa)
-        ));
-        assert!(matches!(
-            ClusterCa::from_pem("garbage", ca.key_pem()),
-            Err(PkiError::NoCertificate)
-        ));
+        assert!(matches!(ClusterCa::from_pem(ca.cert_pem(), other.key_pem()), Err(PkiError::KeyMismatch)));
+        assert!(matches!(ClusterCa::from_pem(&m.cert_pem, &m.key_pem), Err(PkiError::NotCa)));
+        assert!(matches!(ClusterCa::from_pem("garbage", ca.key_pem()), Err(PkiError::NoCertificate)));
     }
 
     #[test]
     fn master_cert_chains_and_has_sans() {
         let ca = ClusterCa::generate("test").unwrap();
-        let m = ca
-            .issue_master("master-1", &hosts(&["10.0.0.5", "m1.example.com", "[::1]"]))
-            .unwrap();
-        for name in [
-            "10.0.0.5",
-            "m1.example.com",
-            "localhost",
-            "127.0.0.1",
-            "::1",
-        ] {
+        let m = ca.issue_master("master-1", &hosts(&["10.0.0.5", "m1.example.com", "[::1]"])).unwrap();
+        for name in ["10.0.0.5", "m1.example.com", "localhost", "127.0.0.1", "::1"] {
             verify_server(ca.cert_pem(), &m.cert_pem, name).unwrap();
         }
         assert!(verify_server(ca.cert_pem(), &m.cert_pem, "10.0.0.6").is_err());
@@ -1026,11 +875,9 @@ mod tests {
     #[test]
     fn client_cert_groups() {
         let ca = ClusterCa::generate("test").unwrap();
-        for groups in [
-            hosts(&[]),
-            hosts(&["system:masters"]),
-            hosts(&["system:masters", "system:authenticated", "team-a"]),
-        ] {
+        for groups in
+            [hosts(&[]), hosts(&["system:masters"]), hosts(&["system:masters", "system:authenticated", "team-a"])]
+        {
             let c = ca.issue_client("admin", &groups).unwrap();
             verify_client(ca.cert_pem(), &c.cert_pem).unwrap();
             let der = first_cert(&c.cert_pem).unwrap();
@@ -1047,9 +894,7 @@ mod tests {
             assert!(verify_server(ca.cert_pem(), &c.cert_pem, "localhost").is_err());
         }
         // A long group list forces multi-byte DER lengths.
-        let many: Vec<String> = (0..20)
-            .map(|i| format!("group-{i:02}-xxxxxxxxxxxxxxxx"))
-            .collect();
+        let many: Vec<String> = (0..20).map(|i| format!("group-{i:02}-xxxxxxxxxxxxxxxx")).collect();
         let c = ca.issue_client("u", &many).unwrap();
         verify_client(ca.cert_pem(), &c.cert_pem).unwrap();
         let info = cert_info(&first_cert(&c.cert_pem).unwrap()).unwrap();
@@ -1061,10 +906,7 @@ mod tests {
         let ca = ClusterCa::generate("test").unwrap();
         let (key_pem, csr_pem) = make_csr("master-2", &hosts(&["10.1.2.3", "m2.local"])).unwrap();
         let cert_pem = ca.sign_csr(&csr_pem).unwrap();
-        assert_eq!(
-            common_name(&first_cert(&cert_pem).unwrap()).unwrap(),
-            "master-2"
-        );
+        assert_eq!(common_name(&first_cert(&cert_pem).unwrap()).unwrap(), "master-2");
         for name in ["10.1.2.3", "m2.local", "localhost", "127.0.0.1"] {
             verify_server(ca.cert_pem(), &cert_pem, name).unwrap();
         }
@@ -1086,27 +928,13 @@ mod tests {
         assert_eq!(certs.len(), 2);
         assert_eq!(certs[1].as_ref(), ca.cert_der().as_ref());
         // Idempotent.
-        let again = CertifiedKey {
-            cert_pem: chain.clone(),
-            key_pem: m.key_pem.clone(),
-        };
-        assert_eq!(
-            parse_certs(&pem_identity_chain(ca.cert_pem(), &again).unwrap())
-                .unwrap()
-                .len(),
-            2
-        );
-        assert_eq!(
-            fingerprint_pem(&chain).unwrap(),
-            fingerprint_pem(&m.cert_pem).unwrap()
-        );
+        let again = CertifiedKey { cert_pem: chain.clone(), key_pem: m.key_pem.clone() };
+        assert_eq!(parse_certs(&pem_identity_chain(ca.cert_pem(), &again).unwrap()).unwrap().len(), 2);
+        assert_eq!(fingerprint_pem(&chain).unwrap(), fingerprint_pem(&m.cert_pem).unwrap());
 
         let fp = ca.fingerprint();
-        let colons: Vec<String> = fp
-            .as_bytes()
-            .chunks(2)
-            .map(|c| std::str::from_utf8(c).unwrap().to_uppercase())
-            .collect();
+        let colons: Vec<String> =
+            fp.as_bytes().chunks(2).map(|c| std::str::from_utf8(c).unwrap().to_uppercase()).collect();
         assert_eq!(normalize_fingerprint(&colons.join(":")).unwrap(), fp);
         assert!(quic_anonymous_client_config("abcd").is_err());
         assert!(quic_anonymous_client_config(&"zz".repeat(32)).is_err());
@@ -1142,17 +970,9 @@ mod tests {
         let client = out.client.expect("client side");
         let seen = peer_leaf(&server).expect("client cert");
         assert_eq!(common_name(&seen).unwrap(), "master-2");
-        let chain = server
-            .peer_identity()
-            .unwrap()
-            .downcast::<Vec<CertificateDer<'static>>>()
-            .unwrap();
+        let chain = server.peer_identity().unwrap().downcast::<Vec<CertificateDer<'static>>>().unwrap();
         assert_eq!(chain.len(), 2, "client presents leaf + CA");
-        let server_chain = client
-            .peer_identity()
-            .unwrap()
-            .downcast::<Vec<CertificateDer<'static>>>()
-            .unwrap();
+        let server_chain = client.peer_identity().unwrap().downcast::<Vec<CertificateDer<'static>>>().unwrap();
         assert_eq!(common_name(&server_chain[0]).unwrap(), "master-1");
         assert_eq!(server_chain[1].as_ref(), ca.cert_der().as_ref());
         assert_eq!(
@@ -1184,10 +1004,7 @@ mod tests {
         )
         .await;
         let server = out.server.expect("server side");
-        assert_eq!(
-            common_name(&peer_leaf(&server).unwrap()).unwrap(),
-            "master-2"
-        );
+        assert_eq!(common_name(&peer_leaf(&server).unwrap()).unwrap(), "master-2");
         assert!(out.client.is_ok());
     }
 
@@ -1226,10 +1043,7 @@ mod tests {
         let server = out.server.expect("server side");
         assert!(peer_leaf(&server).is_none());
         let client = out.client.expect("client side");
-        assert_eq!(
-            common_name(&peer_leaf(&client).unwrap()).unwrap(),
-            "master-1"
-        );
+        assert_eq!(common_name(&peer_leaf(&client).unwrap()).unwrap(), "master-1");
 
         // Fingerprint of another CA: the client refuses the server.
         let other = ClusterCa::generate("other").unwrap();

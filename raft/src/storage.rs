@@ -39,13 +39,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageError,
-    StorageIOError,
+    AnyError, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageError, StorageIOError,
 };
 use parking_lot::RwLock;
-use rocksdb::{
-    ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB,
-};
+use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::mvcc::{Image, Mvcc, RowChange, Version};
@@ -141,19 +138,13 @@ impl Storage {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        let cfs = [CF_LOG, CF_META, CF_KV, CF_LEASE]
-            .map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
+        let cfs = [CF_LOG, CF_META, CF_KV, CF_LEASE].map(|n| ColumnFamilyDescriptor::new(n, Options::default()));
         let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?;
-        Ok(Storage {
-            db: Arc::new(db),
-            dir: dir.to_path_buf(),
-        })
+        Ok(Storage { db: Arc::new(db), dir: dir.to_path_buf() })
     }
 
     pub fn log_store(&self) -> LogStore {
-        LogStore {
-            db: self.db.clone(),
-        }
+        LogStore { db: self.db.clone() }
     }
 
     /// Builds the state machine, loading the MVCC state from disk.
@@ -161,18 +152,13 @@ impl Storage {
         let db = &self.db;
         let meta = cf(db, CF_META);
         let get_i64 = |k: &str| -> anyhow::Result<i64> {
-            Ok(db
-                .get_cf(meta, k)?
-                .and_then(|v| v.try_into().ok())
-                .map(i64::from_be_bytes)
-                .unwrap_or(0))
+            Ok(db.get_cf(meta, k)?.and_then(|v| v.try_into().ok()).map(i64::from_be_bytes).unwrap_or(0))
         };
         let (revision, compacted) = (get_i64("revision")?, get_i64("compacted")?);
         let mut rows = Vec::new();
         for item in db.iterator_cf(cf(db, CF_KV), IteratorMode::Start) {
             let (k, v) = item?;
-            let (key, _) =
-                decode_row_key(&k).ok_or_else(|| anyhow::anyhow!("corrupt kv row key"))?;
+            let (key, _) = decode_row_key(&k).ok_or_else(|| anyhow::anyhow!("corrupt kv row key"))?;
             rows.push((key, postcard::from_bytes::<Version>(&v)?));
         }
         let mut leases = Vec::new();
@@ -183,42 +169,17 @@ impl Storage {
             leases.push((id, ttl));
         }
         let mvcc = Mvcc::restore(revision, compacted, rows, leases);
-        let applied = db
-            .get_cf(meta, "applied")?
-            .map(|b| postcard::from_bytes(&b))
-            .transpose()?
-            .flatten();
-        let membership = db
-            .get_cf(meta, "membership")?
-            .map(|b| postcard::from_bytes(&b))
-            .transpose()?
-            .unwrap_or_default();
-        let state = Arc::new(RwLock::new(SmState {
-            mvcc,
-            applied,
-            membership,
-        }));
-        Ok(StateMachine {
-            db: self.db.clone(),
-            state,
-            hub,
-            snapshot_path: self.dir.join("snapshot.bin"),
-        })
+        let applied = db.get_cf(meta, "applied")?.map(|b| postcard::from_bytes(&b)).transpose()?.flatten();
+        let membership =
+            db.get_cf(meta, "membership")?.map(|b| postcard::from_bytes(&b)).transpose()?.unwrap_or_default();
+        let state = Arc::new(RwLock::new(SmState { mvcc, applied, membership }));
+        Ok(StateMachine { db: self.db.clone(), state, hub, snapshot_path: self.dir.join("snapshot.bin") })
     }
 
     /// Approximate on-disk size of the database.
     pub fn disk_size(&self) -> u64 {
-        self.db
-            .property_int_value("rocksdb.total-sst-files-size")
-            .ok()
-            .flatten()
-            .unwrap_or(0)
-            + self
-                .db
-                .property_int_value("rocksdb.cur-size-all-mem-tables")
-                .ok()
-                .flatten()
-                .unwrap_or(0)
+        self.db.property_int_value("rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0)
+            + self.db.property_int_value("rocksdb.cur-size-all-mem-tables").ok().flatten().unwrap_or(0)
     }
 }
 
@@ -242,20 +203,14 @@ pub struct LogStore {
 
 impl LogStore {
     fn get_meta<T: DeserializeOwned>(&self, key: &str) -> StResult<Option<T>> {
-        match self
-            .db
-            .get_cf(cf(&self.db, CF_META), key)
-            .map_err(read_err)?
-        {
+        match self.db.get_cf(cf(&self.db, CF_META), key).map_err(read_err)? {
             Some(b) => Ok(Some(decode(&b)?)),
             None => Ok(None),
         }
     }
 
     fn put_meta<T: Serialize>(&self, key: &str, v: &T) -> StResult<()> {
-        self.db
-            .put_cf_opt(cf(&self.db, CF_META), key, encode(v)?, &sync_opts())
-            .map_err(write_err)
+        self.db.put_cf_opt(cf(&self.db, CF_META), key, encode(v)?, &sync_opts()).map_err(write_err)
     }
 }
 
@@ -270,10 +225,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let mut out = Vec::new();
-        let it = self.db.iterator_cf(
-            cf(&self.db, CF_LOG),
-            IteratorMode::From(&start.to_be_bytes(), Direction::Forward),
-        );
+        let it =
+            self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::From(&start.to_be_bytes(), Direction::Forward));
         for item in it {
             let (k, v) = item.map_err(read_err)?;
             let idx = u64::from_be_bytes(k[..].try_into().map_err(read_err)?);
@@ -291,18 +244,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> StResult<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self.get_meta("purged")?;
-        let last = self
-            .db
-            .iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End)
-            .next();
+        let last = self.db.iterator_cf(cf(&self.db, CF_LOG), IteratorMode::End).next();
         let last_log_id = match last {
             Some(item) => Some(decode::<Entry>(&item.map_err(read_err)?.1)?.log_id),
             None => last_purged,
         };
-        Ok(LogState {
-            last_purged_log_id: last_purged,
-            last_log_id,
-        })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -320,9 +267,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> StResult<()> {
         // Not synced: losing it only means re-deciding commitment, which is safe.
         let v = encode(&committed)?;
-        self.db
-            .put_cf(cf(&self.db, CF_META), "committed", v)
-            .map_err(write_err)
+        self.db.put_cf(cf(&self.db, CF_META), "committed", v).map_err(write_err)
     }
 
     async fn read_committed(&mut self) -> StResult<Option<LogId>> {
@@ -340,28 +285,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             batch.put_cf(log, e.log_id.index.to_be_bytes(), encode(&e)?);
         }
         let res = self.db.write_opt(batch, &sync_opts());
-        callback.log_io_completed(
-            res.as_ref()
-                .map(|_| ())
-                .map_err(|e| std::io::Error::other(e.to_string())),
-        );
+        callback.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string())));
         res.map_err(write_err)
     }
 
     async fn truncate(&mut self, log_id: LogId) -> StResult<()> {
         let log = cf(&self.db, CF_LOG);
         self.db
-            .delete_range_cf_opt(
-                log,
-                log_id.index.to_be_bytes(),
-                u64::MAX.to_be_bytes(),
-                &sync_opts(),
-            )
+            .delete_range_cf_opt(log, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes(), &sync_opts())
             .map_err(write_err)?;
         // delete_range excludes the end key
-        self.db
-            .delete_cf_opt(log, u64::MAX.to_be_bytes(), &sync_opts())
-            .map_err(write_err)
+        self.db.delete_cf_opt(log, u64::MAX.to_be_bytes(), &sync_opts()).map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId) -> StResult<()> {
@@ -369,9 +303,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.db.flush_wal(true).map_err(write_err)?;
         self.put_meta("purged", &log_id)?;
         let log = cf(&self.db, CF_LOG);
-        self.db
-            .delete_range_cf(log, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes())
-            .map_err(write_err)
+        self.db.delete_range_cf(log, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes()).map_err(write_err)
     }
 }
 
@@ -400,15 +332,9 @@ impl StateMachine {
         let (kv, lease) = (cf(&self.db, CF_KV), cf(&self.db, CF_LEASE));
         for r in rows {
             match r {
-                RowChange::Put { key, row } => {
-                    batch.put_cf(kv, row_key(key, row.mod_revision), encode(row)?)
-                }
-                RowChange::Remove { key, mod_revision } => {
-                    batch.delete_cf(kv, row_key(key, *mod_revision))
-                }
-                RowChange::LeasePut { id, ttl } => {
-                    batch.put_cf(lease, id.to_be_bytes(), ttl.to_be_bytes())
-                }
+                RowChange::Put { key, row } => batch.put_cf(kv, row_key(key, row.mod_revision), encode(row)?),
+                RowChange::Remove { key, mod_revision } => batch.delete_cf(kv, row_key(key, *mod_revision)),
+                RowChange::LeasePut { id, ttl } => batch.put_cf(lease, id.to_be_bytes(), ttl.to_be_bytes()),
                 RowChange::LeaseRemove { id } => batch.delete_cf(lease, id.to_be_bytes()),
             }
         }
@@ -427,9 +353,7 @@ impl StateMachine {
     fn save_snapshot_file(&self, file: &SnapshotFile) -> StResult<()> {
         let tmp = self.snapshot_path.with_extension("tmp");
         let bytes = encode(file)?;
-        let io = |e: std::io::Error| -> StorageError<NodeId> {
-            StorageIOError::write_snapshot(None, &e).into()
-        };
+        let io = |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
         {
             use std::io::Write;
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
@@ -459,20 +383,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, image.revision),
             None => format!("0-0-{}", image.revision),
         };
-        let meta = SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
-            snapshot_id,
-        };
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            data,
-        };
+        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+        let file = SnapshotFile { meta: meta.clone(), data };
         self.save_snapshot_file(&file)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(file.data)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
     }
 }
 
@@ -497,16 +411,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for entry in entries {
                 st.applied = Some(entry.log_id);
                 match entry.payload {
-                    EntryPayload::Blank => results.push(CommandResult {
-                        revision: st.mvcc.revision(),
-                        outcome: None,
-                    }),
+                    EntryPayload::Blank => results.push(CommandResult { revision: st.mvcc.revision(), outcome: None }),
                     EntryPayload::Membership(m) => {
                         st.membership = StoredMembership::new(Some(entry.log_id), m);
-                        results.push(CommandResult {
-                            revision: st.mvcc.revision(),
-                            outcome: None,
-                        });
+                        results.push(CommandResult { revision: st.mvcc.revision(), outcome: None });
                     }
                     EntryPayload::Normal(cmd) => {
                         let applied = st.mvcc.apply(&cmd);
@@ -540,11 +448,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> StResult<()> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> StResult<()> {
         let data = snapshot.into_inner();
         let image: Image = decode(&data)?;
         let mvcc = Mvcc::from_image(image);
@@ -556,17 +460,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 batch.delete_cf(handle, item.map_err(read_err)?.0);
             }
         }
-        let mut rows: Vec<RowChange> = mvcc
-            .rows()
-            .map(|(k, v)| RowChange::Put {
-                key: k.clone(),
-                row: v.clone(),
-            })
-            .collect();
-        rows.extend(mvcc.leases().map(|(id, l)| RowChange::LeasePut {
-            id: *id,
-            ttl: l.ttl,
-        }));
+        let mut rows: Vec<RowChange> =
+            mvcc.rows().map(|(k, v)| RowChange::Put { key: k.clone(), row: v.clone() }).collect();
+        rows.extend(mvcc.leases().map(|(id, l)| RowChange::LeasePut { id: *id, ttl: l.ttl }));
         self.write_rows(&mut batch, &rows)?;
         let revision = mvcc.revision();
         {
@@ -577,20 +473,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.write_meta(&mut batch, &st)?;
             self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
         }
-        self.save_snapshot_file(&SnapshotFile {
-            meta: meta.clone(),
-            data,
-        })?;
+        self.save_snapshot_file(&SnapshotFile { meta: meta.clone(), data })?;
         tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
         self.hub.reset(revision);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
-        Ok(self.load_snapshot_file()?.map(|f| Snapshot {
-            meta: f.meta,
-            snapshot: Box::new(Cursor::new(f.data)),
-        }))
+        Ok(self.load_snapshot_file()?.map(|f| Snapshot { meta: f.meta, snapshot: Box::new(Cursor::new(f.data)) }))
     }
 }
 
@@ -600,17 +490,7 @@ mod tests {
 
     #[test]
     fn row_keys_sort_by_key_then_revision() {
-        let keys: Vec<&[u8]> = vec![
-            b"",
-            b"\x00",
-            b"\x00\x00",
-            b"\x00\x01",
-            b"a",
-            b"a\x00",
-            b"a\x00b",
-            b"ab",
-            b"b",
-        ];
+        let keys: Vec<&[u8]> = vec![b"", b"\x00", b"\x00\x00", b"\x00\x01", b"a", b"a\x00", b"a\x00b", b"ab", b"b"];
         let mut rows = Vec::new();
         for (i, k) in keys.iter().enumerate() {
             for rev in [1i64, 300, 70000] {
@@ -621,23 +501,17 @@ mod tests {
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         assert_eq!(sorted, rows, "encoding must preserve (key, revision) order");
         for (row, i, rev) in rows {
-            assert_eq!(
-                decode_row_key(&row),
-                Some((Bytes::copy_from_slice(keys[i]), rev))
-            );
+            assert_eq!(decode_row_key(&row), Some((Bytes::copy_from_slice(keys[i]), rev)));
         }
         assert_eq!(decode_row_key(b"\x00\x02garbage!"), None);
     }
 
     struct Builder;
 
-    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir>
-        for Builder
-    {
+    impl openraft::testing::StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
         async fn build(&self) -> StResult<(tempfile::TempDir, LogStore, StateMachine)> {
             let dir = tempfile::tempdir().map_err(write_err)?;
-            let storage = Storage::open(dir.path())
-                .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
+            let storage = Storage::open(dir.path()).map_err(|e| write_err(std::io::Error::other(e.to_string())))?;
             let sm = storage
                 .state_machine(Arc::new(WatchHub::new(16)))
                 .map_err(|e| write_err(std::io::Error::other(e.to_string())))?;

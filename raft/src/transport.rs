@@ -15,13 +15,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
-};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -30,6 +28,17 @@ use crate::types::*;
 
 /// Largest frame accepted on a stream (a snapshot chunk or an append batch).
 pub const MAX_FRAME: usize = 64 << 20;
+
+/// QUIC settings for peer connections: keep-alives well inside the idle
+/// timeout, so a dead peer is noticed in about a second, and enough
+/// concurrent streams for many forwarded client requests.
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_millis(300)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(1500))));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(8192));
+    Arc::new(t)
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JoinRequest {
@@ -79,9 +88,7 @@ pub enum PeerRequest {
 pub enum PeerResponse {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    InstallSnapshot(
-        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
-    ),
+    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
     ClientWrite(CommandResult),
     ReadIndex(u64),
     /// Remaining TTL in seconds; `-1` when the lease does not exist.
@@ -106,26 +113,15 @@ pub enum TransportError {
 }
 
 /// Read a whole request/response frame from a stream.
-pub async fn read_frame<T: for<'de> Deserialize<'de>>(
-    recv: &mut quinn::RecvStream,
-) -> Result<T, TransportError> {
-    let buf = recv
-        .read_to_end(MAX_FRAME)
-        .await
-        .map_err(|e| TransportError::Decode(e.to_string()))?;
+pub async fn read_frame<T: for<'de> Deserialize<'de>>(recv: &mut quinn::RecvStream) -> Result<T, TransportError> {
+    let buf = recv.read_to_end(MAX_FRAME).await.map_err(|e| TransportError::Decode(e.to_string()))?;
     postcard::from_bytes(&buf).map_err(|e| TransportError::Decode(e.to_string()))
 }
 
-pub async fn write_frame<T: Serialize>(
-    send: &mut quinn::SendStream,
-    v: &T,
-) -> Result<(), TransportError> {
+pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, v: &T) -> Result<(), TransportError> {
     let buf = postcard::to_stdvec(v).map_err(|e| TransportError::Decode(e.to_string()))?;
-    send.write_all(&buf)
-        .await
-        .map_err(|e| TransportError::Decode(e.to_string()))?;
-    send.finish()
-        .map_err(|e| TransportError::Decode(e.to_string()))?;
+    send.write_all(&buf).await.map_err(|e| TransportError::Decode(e.to_string()))?;
+    send.finish().map_err(|e| TransportError::Decode(e.to_string()))?;
     Ok(())
 }
 
@@ -145,17 +141,11 @@ pub struct PeerClients {
 impl PeerClients {
     /// `endpoint` must have a default client config (mutual TLS).
     pub fn new(endpoint: quinn::Endpoint) -> PeerClients {
-        PeerClients {
-            endpoint,
-            conns: Mutex::new(HashMap::new()),
-        }
+        PeerClients { endpoint, conns: Mutex::new(HashMap::new()) }
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, TransportError> {
-        let unreachable = |reason: String| TransportError::Unreachable {
-            addr: addr.to_string(),
-            reason,
-        };
+        let unreachable = |reason: String| TransportError::Unreachable { addr: addr.to_string(), reason };
         {
             let mut conns = self.conns.lock();
             if let Some(c) = conns.get_mut(addr) {
@@ -175,14 +165,11 @@ impl PeerClients {
             .map_err(|e| unreachable(e.to_string()))?
             .next()
             .ok_or_else(|| unreachable("no address".into()))?;
-        let host = addr
-            .rsplit_once(':')
-            .map_or(addr, |(h, _)| h)
-            .trim_matches(['[', ']']);
+        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
         let result = match self.endpoint.connect(sock, host) {
-            Ok(connecting) => tokio::time::timeout(Duration::from_secs(3), connecting)
-                .await
-                .map_err(|_| "dial timed out".to_string()),
+            Ok(connecting) => {
+                tokio::time::timeout(Duration::from_secs(3), connecting).await.map_err(|_| "dial timed out".to_string())
+            }
             Err(e) => Err(e.to_string()),
         };
         let mut conns = self.conns.lock();
@@ -211,31 +198,32 @@ impl PeerClients {
     }
 
     /// One RPC on a fresh stream of the cached connection.
-    pub async fn call(
-        &self,
-        addr: &str,
-        req: &PeerRequest,
-        timeout: Duration,
-    ) -> Result<PeerResponse, TransportError> {
+    pub async fn call(&self, addr: &str, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, TransportError> {
         let conn = self.connection(addr).await?;
         let fut = async {
-            let (mut send, mut recv) =
-                conn.open_bi()
-                    .await
-                    .map_err(|e| TransportError::Unreachable {
-                        addr: addr.to_string(),
-                        reason: e.to_string(),
-                    })?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| TransportError::Unreachable { addr: addr.to_string(), reason: e.to_string() })?;
             write_frame(&mut send, req).await?;
             read_frame::<PeerResponse>(&mut recv).await
         };
-        match tokio::time::timeout(timeout, fut).await {
+        let result = match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
-            Err(_) => Err(TransportError::Stream {
-                addr: addr.to_string(),
-                reason: "timed out".into(),
-            }),
+            Err(_) => Err(TransportError::Stream { addr: addr.to_string(), reason: "timed out".into() }),
+        };
+        if result.is_err() {
+            // The peer may have restarted on the same address: its new process
+            // cannot reset our old connection, so drop it and redial next time.
+            let mut conns = self.conns.lock();
+            if let Some(c) = conns.get_mut(addr) {
+                if c.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                    c.conn = None;
+                }
+            }
+            conn.close(0u32.into(), b"rpc failed");
         }
+        result
     }
 }
 
@@ -255,38 +243,24 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConn;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerConn {
-        PeerConn {
-            target,
-            addr: node.peer_addr.clone(),
-            clients: self.clients.clone(),
-        }
+        PeerConn { target, addr: node.peer_addr.clone(), clients: self.clients.clone() }
     }
 }
 
 type RpcErr<E = RaftError<NodeId>> = RPCError<NodeId, Member, E>;
 
 impl PeerConn {
-    async fn rpc<E: std::error::Error>(
-        &self,
-        req: PeerRequest,
-        option: &RPCOption,
-    ) -> Result<PeerResponse, RpcErr<E>> {
+    async fn rpc<E: std::error::Error>(&self, req: PeerRequest, option: &RPCOption) -> Result<PeerResponse, RpcErr<E>> {
         match self.clients.call(&self.addr, &req, option.hard_ttl()).await {
-            Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(
-                &std::io::Error::other(e),
-            ))),
+            Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&std::io::Error::other(e)))),
             Ok(r) => Ok(r),
-            Err(e @ TransportError::Unreachable { .. }) => {
-                Err(RPCError::Unreachable(Unreachable::new(&e)))
-            }
+            Err(e @ TransportError::Unreachable { .. }) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
     }
 
     fn unexpected<E: std::error::Error>(&self) -> RpcErr<E> {
-        RPCError::Network(NetworkError::new(&std::io::Error::other(
-            "unexpected response kind",
-        )))
+        RPCError::Network(NetworkError::new(&std::io::Error::other("unexpected response kind")))
     }
 }
 
@@ -297,9 +271,7 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         match self.rpc(PeerRequest::AppendEntries(rpc), &option).await? {
-            PeerResponse::AppendEntries(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            PeerResponse::AppendEntries(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(self.unexpected()),
         }
     }
@@ -308,25 +280,16 @@ impl RaftNetwork<TypeConfig> for PeerConn {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<RaftError<NodeId, InstallSnapshotError>>>
-    {
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<RaftError<NodeId, InstallSnapshotError>>> {
         match self.rpc(PeerRequest::InstallSnapshot(rpc), &option).await? {
-            PeerResponse::InstallSnapshot(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            PeerResponse::InstallSnapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(self.unexpected()),
         }
     }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<NodeId>,
-        option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RpcErr> {
+    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {
         match self.rpc(PeerRequest::Vote(rpc), &option).await? {
-            PeerResponse::Vote(r) => {
-                r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
-            }
+            PeerResponse::Vote(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(self.unexpected()),
         }
     }

@@ -59,19 +59,13 @@ pub struct KeyRange {
 
 impl KeyRange {
     pub fn key(k: impl Into<Bytes>) -> Self {
-        KeyRange {
-            start: k.into(),
-            end: Bytes::new(),
-        }
+        KeyRange { start: k.into(), end: Bytes::new() }
     }
 
     /// Every key starting with `prefix` (etcdctl's `--prefix`).
     pub fn prefix(prefix: impl Into<Bytes>) -> Self {
         let start: Bytes = prefix.into();
-        KeyRange {
-            end: prefix_end(&start),
-            start,
-        }
+        KeyRange { end: prefix_end(&start), start }
     }
 
     pub fn is_single(&self) -> bool {
@@ -232,13 +226,8 @@ pub struct RangeResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResponse {
     Range(RangeResponse),
-    Put {
-        prev_kv: Option<KeyValue>,
-    },
-    Delete {
-        deleted: i64,
-        prev_kvs: Vec<KeyValue>,
-    },
+    Put { prev_kv: Option<KeyValue> },
+    Delete { deleted: i64, prev_kvs: Vec<KeyValue> },
     Txn(TxnResponse),
 }
 

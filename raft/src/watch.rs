@@ -104,11 +104,7 @@ impl Frame {
         // Serializing plain vectors and integers cannot fail.
         let aligned = rkyv::to_bytes::<rancor::Error>(&wire).expect("rkyv encoding of a frame");
         // `from_owner` keeps the AlignedVec's alignment, which in-place access needs.
-        Frame {
-            revision,
-            reset: false,
-            bytes: Bytes::from_owner(aligned),
-        }
+        Frame { revision, reset: false, bytes: Bytes::from_owner(aligned) }
     }
 
     /// The archived frame, validated, read in place.
@@ -135,10 +131,7 @@ pub enum WatchMessage {
     /// Nothing at or below `revision` is still to come.
     Progress { revision: i64 },
     /// The watch ended; no further messages.
-    Canceled {
-        reason: String,
-        compact_revision: i64,
-    },
+    Canceled { reason: String, compact_revision: i64 },
 }
 
 /// Fan-out point for committed revisions.
@@ -173,11 +166,7 @@ impl WatchHub {
     }
 
     pub fn reset(&self, revision: i64) {
-        let _ = self.tx.send(Frame {
-            revision,
-            reset: true,
-            bytes: Bytes::new(),
-        });
+        let _ = self.tx.send(Frame { revision, reset: true, bytes: Bytes::new() });
     }
 
     /// Subscribe to raw frames (in-process consumers such as informers).
@@ -200,11 +189,7 @@ impl WatchHub {
         let rx = self.tx.subscribe();
         let hub = self.clone();
         let task = tokio::spawn(async move { run_watcher(hub, req, rx, out_tx, ctl_rx).await });
-        Watcher {
-            rx: out_rx,
-            ctl: ctl_tx,
-            abort: task.abort_handle(),
-        }
+        Watcher { rx: out_rx, ctl: ctl_tx, abort: task.abort_handle() }
     }
 }
 
@@ -246,10 +231,7 @@ fn history_messages(req: &WatchRequest, events: Vec<(i64, Event)>) -> Vec<WatchM
         }
         match out.last_mut() {
             Some(WatchMessage::Events { revision, events }) if *revision == rev => events.push(e),
-            _ => out.push(WatchMessage::Events {
-                revision: rev,
-                events: vec![e],
-            }),
+            _ => out.push(WatchMessage::Events { revision: rev, events: vec![e] }),
         }
     }
     out
@@ -307,11 +289,7 @@ async fn run_watcher(
         Some(s) => s.read().mvcc.revision(),
         None => 1,
     };
-    let start = if req.start_revision <= 0 {
-        current + 1
-    } else {
-        req.start_revision
-    };
+    let start = if req.start_revision <= 0 { current + 1 } else { req.start_revision };
     let mut last = current.max(start - 1);
     if start <= current {
         match catch_up(&hub, &req, start, Some(current)) {

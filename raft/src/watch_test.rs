@@ -27,10 +27,7 @@ struct Fixture {
 impl Fixture {
     fn new(capacity: usize) -> Fixture {
         let hub = Arc::new(WatchHub::new(capacity));
-        let state = Arc::new(RwLock::new(SmState {
-            mvcc: Mvcc::default(),
-            ..Default::default()
-        }));
+        let state = Arc::new(RwLock::new(SmState { mvcc: Mvcc::default(), ..Default::default() }));
         hub.attach(state.clone());
         Fixture { hub, state }
     }
@@ -80,10 +77,7 @@ async fn history_then_live_without_gap_or_repeat() {
     }
     assert_eq!(revs(&got), (3..=11).collect::<Vec<_>>());
     if let WatchMessage::Events { events, .. } = &got[0] {
-        assert_eq!(
-            events[0].prev_kv.as_ref().unwrap().value,
-            Bytes::from_static(b"0")
-        );
+        assert_eq!(events[0].prev_kv.as_ref().unwrap().value, Bytes::from_static(b"0"));
     }
 }
 
@@ -94,11 +88,7 @@ async fn frames_are_shared_not_copied() {
     let mut b = f.hub.frames();
     f.apply(put("k", "v"));
     let (fa, fb) = (a.recv().await.unwrap(), b.recv().await.unwrap());
-    assert_eq!(
-        fa.bytes.as_ptr(),
-        fb.bytes.as_ptr(),
-        "every subscriber sees the same buffer"
-    );
+    assert_eq!(fa.bytes.as_ptr(), fb.bytes.as_ptr(), "every subscriber sees the same buffer");
     let arch = fa.archived().unwrap();
     assert_eq!(arch.revision.to_native(), 2);
     assert_eq!(&arch.events[0].kv.key[..], b"k");
@@ -107,10 +97,7 @@ async fn frames_are_shared_not_copied() {
 #[tokio::test]
 async fn slow_watcher_catches_up_from_history() {
     let f = Fixture::new(2);
-    let mut w = f.hub.watch(WatchRequest {
-        range: KeyRange::prefix(Bytes::new()),
-        ..Default::default()
-    });
+    let mut w = f.hub.watch(WatchRequest { range: KeyRange::prefix(Bytes::new()), ..Default::default() });
     tokio::task::yield_now().await;
     for i in 0..50 {
         f.apply(put(&format!("k{}", i % 7), "v")); // 2..=51, far beyond the ring
@@ -128,10 +115,7 @@ async fn compacted_start_is_an_explicit_error_and_filters_apply() {
     for i in 0..5 {
         f.apply(put("x", &i.to_string()));
     }
-    f.state
-        .write()
-        .mvcc
-        .apply(&Command::Compact { revision: 4 });
+    f.state.write().mvcc.apply(&Command::Compact { revision: 4 });
     let mut w = f.hub.watch(WatchRequest {
         range: KeyRange::key(Bytes::from_static(b"x")),
         start_revision: 2,
@@ -139,10 +123,7 @@ async fn compacted_start_is_an_explicit_error_and_filters_apply() {
     });
     assert_eq!(
         next(&mut w).await,
-        WatchMessage::Canceled {
-            reason: "mvcc: required revision has been compacted".into(),
-            compact_revision: 4
-        }
+        WatchMessage::Canceled { reason: "mvcc: required revision has been compacted".into(), compact_revision: 4 }
     );
     // no_put filter: only the delete comes through; progress reports the last revision seen
     let mut w = f.hub.watch(WatchRequest {
@@ -153,10 +134,7 @@ async fn compacted_start_is_an_explicit_error_and_filters_apply() {
     tokio::task::yield_now().await;
     f.apply(put("x", "again"));
     f.apply(Command::Txn(TxnRequest {
-        success: vec![Op::Delete(DeleteRequest {
-            range: KeyRange::key(Bytes::from_static(b"x")),
-            prev_kv: false,
-        })],
+        success: vec![Op::Delete(DeleteRequest { range: KeyRange::key(Bytes::from_static(b"x")), prev_kv: false })],
         ..Default::default()
     }));
     match next(&mut w).await {

@@ -23,10 +23,7 @@ impl EtcdApi {
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for EtcdApi {
-    async fn member_add(
-        &self,
-        _req: Request<pb::MemberAddRequest>,
-    ) -> Result<Response<pb::MemberAddResponse>, Status> {
+    async fn member_add(&self, _req: Request<pb::MemberAddRequest>) -> Result<Response<pb::MemberAddResponse>, Status> {
         Err(Status::unimplemented(
             "capstan: masters join with a bootstrap token: `capstan token create`, then `capstan server --join <addr> --token <t>`",
         ))
@@ -40,33 +37,22 @@ impl pb::cluster_server::Cluster for EtcdApi {
         if !self.node.members().iter().any(|(i, _, _)| *i == id) {
             return Err(Status::not_found("etcdserver: member not found"));
         }
-        self.node
-            .membership_call(PeerRequest::RemoveMember { id })
-            .await
-            .map_err(store_status)?;
-        Ok(Response::new(pb::MemberRemoveResponse {
-            header: Some(self.header()),
-            members: self.member_list(),
-        }))
+        self.node.membership_call(PeerRequest::RemoveMember { id }).await.map_err(store_status)?;
+        Ok(Response::new(pb::MemberRemoveResponse { header: Some(self.header()), members: self.member_list() }))
     }
 
     async fn member_update(
         &self,
         _req: Request<pb::MemberUpdateRequest>,
     ) -> Result<Response<pb::MemberUpdateResponse>, Status> {
-        Err(Status::unimplemented(
-            "capstan: member addresses are fixed at join; remove and re-join to change them",
-        ))
+        Err(Status::unimplemented("capstan: member addresses are fixed at join; remove and re-join to change them"))
     }
 
     async fn member_list(
         &self,
         _req: Request<pb::MemberListRequest>,
     ) -> Result<Response<pb::MemberListResponse>, Status> {
-        Ok(Response::new(pb::MemberListResponse {
-            header: Some(self.header()),
-            members: self.member_list(),
-        }))
+        Ok(Response::new(pb::MemberListResponse { header: Some(self.header()), members: self.member_list() }))
     }
 
     async fn member_promote(
@@ -74,22 +60,13 @@ impl pb::cluster_server::Cluster for EtcdApi {
         req: Request<pb::MemberPromoteRequest>,
     ) -> Result<Response<pb::MemberPromoteResponse>, Status> {
         let id = req.into_inner().id;
-        let Some((_, member, learner)) = self.node.members().into_iter().find(|(i, _, _)| *i == id)
-        else {
+        let Some((_, member, learner)) = self.node.members().into_iter().find(|(i, _, _)| *i == id) else {
             return Err(Status::not_found("etcdserver: member not found"));
         };
         if !learner {
-            return Err(Status::failed_precondition(
-                "etcdserver: can only promote a learner member",
-            ));
+            return Err(Status::failed_precondition("etcdserver: can only promote a learner member"));
         }
-        self.node
-            .membership_call(PeerRequest::Promote { id, member })
-            .await
-            .map_err(store_status)?;
-        Ok(Response::new(pb::MemberPromoteResponse {
-            header: Some(self.header()),
-            members: self.member_list(),
-        }))
+        self.node.membership_call(PeerRequest::Promote { id, member }).await.map_err(store_status)?;
+        Ok(Response::new(pb::MemberPromoteResponse { header: Some(self.header()), members: self.member_list() }))
     }
 }

@@ -11,10 +11,7 @@ use capstan_raft::StoreError;
 use tonic::Status;
 
 pub fn range_of(key: Vec<u8>, range_end: Vec<u8>) -> KeyRange {
-    KeyRange {
-        start: Bytes::from(key),
-        end: Bytes::from(range_end),
-    }
+    KeyRange { start: Bytes::from(key), end: Bytes::from(range_end) }
 }
 
 pub fn range_request(r: pb::RangeRequest) -> Result<RangeRequest, Status> {
@@ -68,10 +65,7 @@ pub fn delete_request(r: pb::DeleteRangeRequest) -> Result<DeleteRequest, Status
     if r.key.is_empty() && r.range_end.is_empty() {
         return Err(Status::invalid_argument("etcdserver: key is not provided"));
     }
-    Ok(DeleteRequest {
-        range: range_of(r.key, r.range_end),
-        prev_kv: r.prev_kv,
-    })
+    Ok(DeleteRequest { range: range_of(r.key, r.range_end), prev_kv: r.prev_kv })
 }
 
 fn op(o: pb::RequestOp) -> Result<Op, Status> {
@@ -80,9 +74,7 @@ fn op(o: pb::RequestOp) -> Result<Op, Status> {
         Some(Request::RequestRange(r)) => Ok(Op::Range(range_request(r)?)),
         Some(Request::RequestPut(r)) => Ok(Op::Put(put_request(r)?)),
         Some(Request::RequestDeleteRange(r)) => Ok(Op::Delete(delete_request(r)?)),
-        Some(Request::RequestTxn(_)) => Err(Status::invalid_argument(
-            "etcdserver: nested txn is not supported",
-        )),
+        Some(Request::RequestTxn(_)) => Err(Status::invalid_argument("etcdserver: nested txn is not supported")),
         None => Err(Status::invalid_argument("etcdserver: empty request op")),
     }
 }
@@ -96,11 +88,7 @@ pub fn txn_request(t: pb::TxnRequest) -> Result<TxnRequest, Status> {
             1 => CompareResult::Greater,
             2 => CompareResult::Less,
             3 => CompareResult::NotEqual,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "etcdserver: invalid compare result",
-                ))
-            }
+            _ => return Err(Status::invalid_argument("etcdserver: invalid compare result")),
         };
         let target = match (c.target, c.target_union) {
             (0, Some(TargetUnion::Version(v))) => CompareTarget::Version(v),
@@ -114,17 +102,9 @@ pub fn txn_request(t: pb::TxnRequest) -> Result<TxnRequest, Status> {
             (2, None) => CompareTarget::Mod(0),
             (3, None) => CompareTarget::Value(Bytes::new()),
             (4, None) => CompareTarget::Lease(0),
-            _ => {
-                return Err(Status::invalid_argument(
-                    "etcdserver: compare target does not match its value",
-                ))
-            }
+            _ => return Err(Status::invalid_argument("etcdserver: compare target does not match its value")),
         };
-        compare.push(Compare {
-            range: range_of(c.key, c.range_end),
-            result,
-            target,
-        });
+        compare.push(Compare { range: range_of(c.key, c.range_end), result, target });
     }
     Ok(TxnRequest {
         compare,
@@ -156,12 +136,7 @@ pub fn event(e: Event) -> mvccpb::Event {
 }
 
 pub fn range_response(r: RangeResponse, header: pb::ResponseHeader) -> pb::RangeResponse {
-    pb::RangeResponse {
-        header: Some(header),
-        kvs: r.kvs.into_iter().map(kv).collect(),
-        more: r.more,
-        count: r.count,
-    }
+    pb::RangeResponse { header: Some(header), kvs: r.kvs.into_iter().map(kv).collect(), more: r.more, count: r.count }
 }
 
 pub fn txn_response(t: TxnResponse, header: &pb::ResponseHeader) -> pb::TxnResponse {
@@ -172,26 +147,19 @@ pub fn txn_response(t: TxnResponse, header: &pb::ResponseHeader) -> pb::TxnRespo
         .map(|r| pb::ResponseOp {
             response: Some(match r {
                 OpResponse::Range(r) => Response::ResponseRange(range_response(r, *header)),
-                OpResponse::Put { prev_kv } => Response::ResponsePut(pb::PutResponse {
-                    header: Some(*header),
-                    prev_kv: prev_kv.map(kv),
-                }),
-                OpResponse::Delete { deleted, prev_kvs } => {
-                    Response::ResponseDeleteRange(pb::DeleteRangeResponse {
-                        header: Some(*header),
-                        deleted,
-                        prev_kvs: prev_kvs.into_iter().map(kv).collect(),
-                    })
+                OpResponse::Put { prev_kv } => {
+                    Response::ResponsePut(pb::PutResponse { header: Some(*header), prev_kv: prev_kv.map(kv) })
                 }
+                OpResponse::Delete { deleted, prev_kvs } => Response::ResponseDeleteRange(pb::DeleteRangeResponse {
+                    header: Some(*header),
+                    deleted,
+                    prev_kvs: prev_kvs.into_iter().map(kv).collect(),
+                }),
                 OpResponse::Txn(t) => Response::ResponseTxn(txn_response(t, header)),
             }),
         })
         .collect();
-    pb::TxnResponse {
-        header: Some(*header),
-        succeeded: t.succeeded,
-        responses,
-    }
+    pb::TxnResponse { header: Some(*header), succeeded: t.succeeded, responses }
 }
 
 pub fn mvcc_status(e: &MvccError) -> Status {
@@ -202,20 +170,12 @@ pub fn mvcc_status(e: &MvccError) -> Status {
         MvccError::FutureRevision { .. } => {
             return Status::out_of_range("etcdserver: mvcc: required revision is a future revision")
         }
-        MvccError::LeaseNotFound => {
-            return Status::not_found("etcdserver: requested lease not found")
-        }
-        MvccError::LeaseExists => {
-            return Status::failed_precondition("etcdserver: lease already exists")
-        }
-        MvccError::NoSpace => {
-            return Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
-        }
+        MvccError::LeaseNotFound => return Status::not_found("etcdserver: requested lease not found"),
+        MvccError::LeaseExists => return Status::failed_precondition("etcdserver: lease already exists"),
+        MvccError::NoSpace => return Status::resource_exhausted("etcdserver: mvcc: database space exceeded"),
         MvccError::DuplicateKey => "etcdserver: duplicate key given in txn request".to_string(),
         MvccError::EmptyKey => "etcdserver: key is not provided".to_string(),
-        MvccError::TooManyOps { .. } => {
-            "etcdserver: too many operations in txn request".to_string()
-        }
+        MvccError::TooManyOps { .. } => "etcdserver: too many operations in txn request".to_string(),
         MvccError::KeyNotFoundForIgnore => "etcdserver: key not found".to_string(),
         MvccError::NestedTxn => "etcdserver: nested txn is not supported".to_string(),
         MvccError::Invalid(m) => format!("etcdserver: {m}"),
@@ -227,14 +187,12 @@ pub fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::Mvcc(m) => mvcc_status(&m),
         StoreError::TooLarge { .. } => Status::invalid_argument("etcdserver: request is too large"),
-        StoreError::NoSpace => {
-            Status::resource_exhausted("etcdserver: mvcc: database space exceeded")
-        }
+        StoreError::NoSpace => Status::resource_exhausted("etcdserver: mvcc: database space exceeded"),
         StoreError::NoLeader => Status::unavailable("etcdserver: no leader"),
         StoreError::Timeout => Status::unavailable("etcdserver: request timed out"),
-        StoreError::Indeterminate(m) => Status::unavailable(format!(
-            "etcdserver: request timed out, outcome unknown: {m}"
-        )),
+        StoreError::Indeterminate(m) => {
+            Status::unavailable(format!("etcdserver: request timed out, outcome unknown: {m}"))
+        }
         StoreError::Internal(m) => Status::internal(format!("etcdserver: {m}")),
     }
 }

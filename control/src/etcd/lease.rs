@@ -25,21 +25,11 @@ impl pb::lease_server::Lease for EtcdApi {
             return Err(Status::out_of_range("etcdserver: too large lease TTL"));
         }
         if req.id < 0 {
-            return Err(Status::invalid_argument(
-                "etcdserver: lease ID must be positive",
-            ));
+            return Err(Status::invalid_argument("etcdserver: lease ID must be positive"));
         }
-        let id = if req.id == 0 {
-            rand::thread_rng().gen_range(1..i64::MAX)
-        } else {
-            req.id
-        };
+        let id = if req.id == 0 { rand::thread_rng().gen_range(1..i64::MAX) } else { req.id };
         let ttl = req.ttl.max(MIN_TTL);
-        let r = self
-            .node
-            .write(Command::LeaseGrant { id, ttl })
-            .await
-            .map_err(store_status)?;
+        let r = self.node.write(Command::LeaseGrant { id, ttl }).await.map_err(store_status)?;
         match convert::outcome(r)? {
             (Outcome::LeaseGranted { id, ttl }, rev) => Ok(Response::new(pb::LeaseGrantResponse {
                 header: Some(self.header_at(rev)),
@@ -55,21 +45,12 @@ impl pb::lease_server::Lease for EtcdApi {
         &self,
         req: Request<pb::LeaseRevokeRequest>,
     ) -> Result<Response<pb::LeaseRevokeResponse>, Status> {
-        let r = self
-            .node
-            .write(Command::LeaseRevoke {
-                id: req.into_inner().id,
-            })
-            .await
-            .map_err(store_status)?;
+        let r = self.node.write(Command::LeaseRevoke { id: req.into_inner().id }).await.map_err(store_status)?;
         let (_, rev) = convert::outcome(r)?;
-        Ok(Response::new(pb::LeaseRevokeResponse {
-            header: Some(self.header_at(rev)),
-        }))
+        Ok(Response::new(pb::LeaseRevokeResponse { header: Some(self.header_at(rev)) }))
     }
 
-    type LeaseKeepAliveStream =
-        Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
+    type LeaseKeepAliveStream = Pin<Box<dyn Stream<Item = Result<pb::LeaseKeepAliveResponse, Status>> + Send>>;
 
     async fn lease_keep_alive(
         &self,
@@ -81,17 +62,8 @@ impl pb::lease_server::Lease for EtcdApi {
             async move {
                 let id = msg?.id;
                 // A lease that does not exist answers TTL 0, as etcd does.
-                let ttl = api
-                    .node
-                    .lease_keepalive(id)
-                    .await
-                    .map_err(store_status)?
-                    .unwrap_or(0);
-                Ok(pb::LeaseKeepAliveResponse {
-                    header: Some(api.header()),
-                    id,
-                    ttl,
-                })
+                let ttl = api.node.lease_keepalive(id).await.map_err(store_status)?.unwrap_or(0);
+                Ok(pb::LeaseKeepAliveResponse { header: Some(api.header()), id, ttl })
             }
         });
         Ok(Response::new(Box::pin(out)))
@@ -102,17 +74,10 @@ impl pb::lease_server::Lease for EtcdApi {
         req: Request<pb::LeaseTimeToLiveRequest>,
     ) -> Result<Response<pb::LeaseTimeToLiveResponse>, Status> {
         let req = req.into_inner();
-        let found = self
-            .node
-            .lease_time_to_live(req.id)
-            .await
-            .map_err(store_status)?;
+        let found = self.node.lease_time_to_live(req.id).await.map_err(store_status)?;
         let keys = if req.keys {
             let st = self.node.state().read();
-            st.mvcc
-                .lease(req.id)
-                .map(|l| l.keys.iter().map(|k| k.to_vec()).collect())
-                .unwrap_or_default()
+            st.mvcc.lease(req.id).map(|l| l.keys.iter().map(|k| k.to_vec()).collect()).unwrap_or_default()
         } else {
             vec![]
         };
@@ -131,17 +96,7 @@ impl pb::lease_server::Lease for EtcdApi {
         _req: Request<pb::LeaseLeasesRequest>,
     ) -> Result<Response<pb::LeaseLeasesResponse>, Status> {
         self.node.read_index().await.map_err(store_status)?;
-        let leases = self
-            .node
-            .state()
-            .read()
-            .mvcc
-            .leases()
-            .map(|(id, _)| pb::LeaseStatus { id: *id })
-            .collect();
-        Ok(Response::new(pb::LeaseLeasesResponse {
-            header: Some(self.header()),
-            leases,
-        }))
+        let leases = self.node.state().read().mvcc.leases().map(|(id, _)| pb::LeaseStatus { id: *id }).collect();
+        Ok(Response::new(pb::LeaseLeasesResponse { header: Some(self.header()), leases }))
     }
 }

@@ -12,41 +12,21 @@ const CHUNK: usize = 1 << 20;
 
 #[tonic::async_trait]
 impl pb::maintenance_server::Maintenance for EtcdApi {
-    async fn alarm(
-        &self,
-        _req: Request<pb::AlarmRequest>,
-    ) -> Result<Response<pb::AlarmResponse>, Status> {
+    async fn alarm(&self, _req: Request<pb::AlarmRequest>) -> Result<Response<pb::AlarmResponse>, Status> {
         let mut alarms = vec![];
-        if self
-            .node
-            .alarm_nospace
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            alarms.push(pb::AlarmMember {
-                member_id: self.node.id,
-                alarm: pb::AlarmType::Nospace as i32,
-            });
+        if self.node.alarm_nospace.load(std::sync::atomic::Ordering::Relaxed) {
+            alarms.push(pb::AlarmMember { member_id: self.node.id, alarm: pb::AlarmType::Nospace as i32 });
         }
-        Ok(Response::new(pb::AlarmResponse {
-            header: Some(self.header()),
-            alarms,
-        }))
+        Ok(Response::new(pb::AlarmResponse { header: Some(self.header()), alarms }))
     }
 
-    async fn status(
-        &self,
-        _req: Request<pb::StatusRequest>,
-    ) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let m = self.node.raft.metrics().borrow().clone();
         let (size, applied_rev) = {
             let st = self.node.state().read();
             (st.mvcc.size_bytes() as i64, st.mvcc.revision())
         };
-        let learner = self
-            .node
-            .members()
-            .iter()
-            .any(|(id, _, l)| *id == self.node.id && *l);
+        let learner = self.node.members().iter().any(|(id, _, l)| *id == self.node.id && *l);
         let mut errors = vec![];
         if m.current_leader.is_none() {
             errors.push("etcdserver: no leader".to_string());
@@ -70,40 +50,25 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
         _req: Request<pb::DefragmentRequest>,
     ) -> Result<Response<pb::DefragmentResponse>, Status> {
         // RocksDB compacts in the background; there is nothing to defragment.
-        Ok(Response::new(pb::DefragmentResponse {
-            header: Some(self.header()),
-        }))
+        Ok(Response::new(pb::DefragmentResponse { header: Some(self.header()) }))
     }
 
-    async fn hash(
-        &self,
-        _req: Request<pb::HashRequest>,
-    ) -> Result<Response<pb::HashResponse>, Status> {
+    async fn hash(&self, _req: Request<pb::HashRequest>) -> Result<Response<pb::HashResponse>, Status> {
         let st = self.node.state().read();
         let h = st.mvcc.hash_kv(st.mvcc.revision());
-        Ok(Response::new(pb::HashResponse {
-            header: Some(self.header()),
-            hash: (h ^ (h >> 32)) as u32,
-        }))
+        Ok(Response::new(pb::HashResponse { header: Some(self.header()), hash: (h ^ (h >> 32)) as u32 }))
     }
 
-    async fn hash_kv(
-        &self,
-        req: Request<pb::HashKvRequest>,
-    ) -> Result<Response<pb::HashKvResponse>, Status> {
+    async fn hash_kv(&self, req: Request<pb::HashKvRequest>) -> Result<Response<pb::HashKvResponse>, Status> {
         let rev = req.into_inner().revision;
         let (h, compacted, cur) = {
             let st = self.node.state().read();
             let at = if rev <= 0 { st.mvcc.revision() } else { rev };
             if at > st.mvcc.revision() {
-                return Err(Status::out_of_range(
-                    "etcdserver: mvcc: required revision is a future revision",
-                ));
+                return Err(Status::out_of_range("etcdserver: mvcc: required revision is a future revision"));
             }
             if at < st.mvcc.compacted() {
-                return Err(Status::out_of_range(
-                    "etcdserver: mvcc: required revision has been compacted",
-                ));
+                return Err(Status::out_of_range("etcdserver: mvcc: required revision has been compacted"));
             }
             (st.mvcc.hash_kv(at), st.mvcc.compacted(), st.mvcc.revision())
         };
@@ -116,15 +81,12 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
 
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotResponse, Status>> + Send>>;
 
-    /// A consistent image of the store (Capstan's format, restored with
-    /// `capstan snapshot restore`), streamed in 1 MiB chunks.
-    async fn snapshot(
-        &self,
-        _req: Request<pb::SnapshotRequest>,
-    ) -> Result<Response<Self::SnapshotStream>, Status> {
+    /// A consistent image of the store (`capstan_raft::backup` format, with
+    /// the trailing SHA-256 etcd clients check), streamed in 1 MiB chunks.
+    async fn snapshot(&self, _req: Request<pb::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         self.node.read_index().await.map_err(store_status)?;
         let image = self.node.state().read().mvcc.image();
-        let data = postcard::to_stdvec(&image).map_err(|e| Status::internal(e.to_string()))?;
+        let data = capstan_raft::backup::encode(&image);
         let header = self.header_at(image.revision);
         let total = data.len();
         let chunks: Vec<Result<pb::SnapshotResponse, Status>> = data
@@ -145,8 +107,6 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
         &self,
         _req: Request<pb::MoveLeaderRequest>,
     ) -> Result<Response<pb::MoveLeaderResponse>, Status> {
-        Err(Status::unimplemented(
-            "capstan: leadership transfer is not supported yet",
-        ))
+        Err(Status::unimplemented("capstan: leadership transfer is not supported yet"))
     }
 }

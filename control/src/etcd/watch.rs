@@ -21,17 +21,13 @@ type Out = mpsc::Sender<Result<pb::WatchResponse, Status>>;
 impl pb::watch_server::Watch for EtcdApi {
     type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
-    async fn watch(
-        &self,
-        req: Request<Streaming<pb::WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, req: Request<Streaming<pb::WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let mut input = req.into_inner();
         let (tx, rx) = mpsc::channel(256);
         let api = self.clone();
         tokio::spawn(async move {
             // watch id -> task forwarding that watcher's messages
-            let watchers: Arc<Mutex<HashMap<i64, tokio::task::JoinHandle<()>>>> =
-                Default::default();
+            let watchers: Arc<Mutex<HashMap<i64, tokio::task::JoinHandle<()>>>> = Default::default();
             let progress: Arc<Mutex<HashMap<i64, mpsc::Sender<()>>>> = Default::default();
             let mut next_id = 0i64;
             loop {
@@ -45,11 +41,7 @@ impl pb::watch_server::Watch for EtcdApi {
                         let id = if c.watch_id > 0 { c.watch_id } else { next_id };
                         next_id = next_id.max(id) + 1;
                         if watchers.lock().contains_key(&id) {
-                            let _ = tx
-                                .send(Err(Status::invalid_argument(
-                                    "etcdserver: duplicate watch ID",
-                                )))
-                                .await;
+                            let _ = tx.send(Err(Status::invalid_argument("etcdserver: duplicate watch ID"))).await;
                             continue;
                         }
                         if c.key.is_empty() && c.range_end.is_empty() {
@@ -69,12 +61,8 @@ impl pb::watch_server::Watch for EtcdApi {
                             range: convert::range_of(c.key, c.range_end),
                             start_revision: c.start_revision,
                             prev_kv: c.prev_kv,
-                            no_put: c
-                                .filters
-                                .contains(&(pb::watch_create_request::FilterType::Noput as i32)),
-                            no_delete: c
-                                .filters
-                                .contains(&(pb::watch_create_request::FilterType::Nodelete as i32)),
+                            no_put: c.filters.contains(&(pb::watch_create_request::FilterType::Noput as i32)),
+                            no_delete: c.filters.contains(&(pb::watch_create_request::FilterType::Nodelete as i32)),
                             progress_notify: c.progress_notify,
                         };
                         // `created` goes out before any event of this watcher.
@@ -123,13 +111,7 @@ impl pb::watch_server::Watch for EtcdApi {
 }
 
 /// Moves one watcher's messages onto the shared stream, one revision per response.
-async fn forward(
-    api: EtcdApi,
-    id: i64,
-    req: WatchRequest,
-    tx: Out,
-    mut progress: mpsc::Receiver<()>,
-) {
+async fn forward(api: EtcdApi, id: i64, req: WatchRequest, tx: Out, mut progress: mpsc::Receiver<()>) {
     let mut w = api.node.hub.watch(req);
     loop {
         let msg = tokio::select! {
@@ -144,15 +126,10 @@ async fn forward(
                 events: events.into_iter().map(convert::event).collect(),
                 ..Default::default()
             },
-            WatchMessage::Progress { revision } => pb::WatchResponse {
-                header: Some(api.header_at(revision)),
-                watch_id: id,
-                ..Default::default()
-            },
-            WatchMessage::Canceled {
-                reason,
-                compact_revision,
-            } => {
+            WatchMessage::Progress { revision } => {
+                pb::WatchResponse { header: Some(api.header_at(revision)), watch_id: id, ..Default::default() }
+            }
+            WatchMessage::Canceled { reason, compact_revision } => {
                 let _ = tx
                     .send(Ok(pb::WatchResponse {
                         header: Some(api.header()),

@@ -40,11 +40,7 @@ pub fn endpoints(dir: &Path) -> Option<Endpoints> {
 
 fn spawn(dir: &Path, args: &[String]) -> Child {
     std::fs::create_dir_all(dir).unwrap();
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("server.log"))
-        .unwrap();
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log")).unwrap();
     Command::new(BIN)
         .args(["--log-level", "info", "server", "--data-dir"])
         .arg(dir)
@@ -60,11 +56,7 @@ impl Cluster {
     /// Start `n` masters: the first with --init, the rest joining with tokens.
     pub fn start(n: usize, extra: &[&str]) -> Cluster {
         let tmp = tempfile::tempdir().unwrap();
-        let mut c = Cluster {
-            tmp,
-            masters: vec![],
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
+        let mut c = Cluster { tmp, masters: vec![], extra: extra.iter().map(|s| s.to_string()).collect() };
         for i in 1..=n {
             c.add_master(i);
         }
@@ -86,21 +78,13 @@ impl Cluster {
         if self.masters.is_empty() {
             args.push("--init".into());
         } else {
-            let via = self
-                .masters
-                .iter()
-                .find(|m| m.child.is_some())
-                .expect("a running master");
+            let via = self.masters.iter().find(|m| m.child.is_some()).expect("a running master");
             let token = create_token(&via.dir);
             let peer = endpoints(&via.dir).expect("endpoints").peer;
             args.extend(["--join".into(), peer, "--token".into(), token]);
         }
         let child = spawn(&dir, &args);
-        self.masters.push(Master {
-            name,
-            dir: dir.clone(),
-            child: Some(child),
-        });
+        self.masters.push(Master { name, dir: dir.clone(), child: Some(child) });
         self.wait_ready(self.masters.len() - 1);
     }
 
@@ -119,12 +103,7 @@ impl Cluster {
                     panic!("{} exited: {st}\n{}", m.name, log_tail(&m.dir));
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} not ready\n{}",
-                m.name,
-                log_tail(&m.dir)
-            );
+            assert!(Instant::now() < deadline, "{} not ready\n{}", m.name, log_tail(&m.dir));
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -168,9 +147,7 @@ impl Cluster {
     }
 
     pub fn running(&self) -> Vec<usize> {
-        (0..self.masters.len())
-            .filter(|i| self.masters[*i].child.is_some())
-            .collect()
+        (0..self.masters.len()).filter(|i| self.masters[*i].child.is_some()).collect()
     }
 
     pub async fn client(&self, i: usize) -> Channel {
@@ -183,14 +160,15 @@ impl Cluster {
         loop {
             for i in self.running() {
                 if let Ok(ch) = try_connect(&self.url(i), &self.masters[0].dir).await {
-                    if let Ok(st) = pb::maintenance_client::MaintenanceClient::new(ch)
-                        .status(pb::StatusRequest::default())
-                        .await
+                    if let Ok(st) =
+                        pb::maintenance_client::MaintenanceClient::new(ch).status(pb::StatusRequest::default()).await
                     {
                         let leader = st.into_inner().leader;
-                        if let Some(j) = self.running().into_iter().find(|j| {
-                            endpoints(&self.masters[*j].dir).map(|e| e.id) == Some(leader)
-                        }) {
+                        if let Some(j) = self
+                            .running()
+                            .into_iter()
+                            .find(|j| endpoints(&self.masters[*j].dir).map(|e| e.id) == Some(leader))
+                        {
                             return j;
                         }
                     }
@@ -220,16 +198,8 @@ pub fn log_tail(dir: &Path) -> String {
 }
 
 pub fn create_token(dir: &Path) -> String {
-    let out = Command::new(BIN)
-        .args(["token", "create", "--data-dir"])
-        .arg(dir)
-        .output()
-        .expect("token create");
-    assert!(
-        out.status.success(),
-        "token create failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(BIN).args(["token", "create", "--data-dir"]).arg(dir).output().expect("token create");
+    assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
@@ -239,17 +209,13 @@ pub fn admin_files(master1: &Path) -> (String, String, String) {
     // The test issues its own admin cert through the binary-independent PKI.
     let ca_key = std::fs::read_to_string(master1.join("pki/ca.key")).unwrap();
     let ca_obj = capstan_raft::pki::ClusterCa::from_pem(&ca, &ca_key).unwrap();
-    let cert = ca_obj
-        .issue_client("admin", &["system:masters".to_string()])
-        .unwrap();
+    let cert = ca_obj.issue_client("admin", &["system:masters".to_string()]).unwrap();
     (ca, cert.cert_pem, cert.key_pem)
 }
 
 pub async fn try_connect(url: &str, master1: &Path) -> Result<Channel, tonic::transport::Error> {
     let (ca, cert, key) = admin_files(master1);
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(ca))
-        .identity(Identity::from_pem(cert, key));
+    let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)).identity(Identity::from_pem(cert, key));
     Channel::from_shared(url.to_string())
         .unwrap()
         .tls_config(tls)?
