@@ -1,1 +1,42 @@
-fn main() {}
+//! `capstan-bench`: load generators for Capstan.
+//!
+//! `capstan-bench store` drives the etcd v3 gRPC API (Capstan's store, or a
+//! real etcd as the baseline) with a fixed workload from many concurrent
+//! clients over a few shared HTTP/2 connections, and prints one JSON object
+//! with throughput and latency percentiles on stdout. Progress goes to
+//! stderr. See `benches/compare-etcd.sh` for a side-by-side run and
+//! `benches/RESULTS.md` for recorded numbers.
+
+mod conn;
+mod store;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "capstan-bench", about = "Load generators for Capstan")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Load an etcd v3 API endpoint (Capstan masters or etcd) and report
+    /// throughput and latency as JSON.
+    Store(store::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Store(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(store::run(args))?;
+            println!("{}", report.json);
+            if report.requests == 0 {
+                anyhow::bail!("no request succeeded ({} errors)", report.errors);
+            }
+            Ok(())
+        }
+    }
+}

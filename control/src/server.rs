@@ -48,18 +48,49 @@ pub struct ServerArgs {
     /// Additional plaintext etcd listener; loopback addresses only (benchmarks).
     #[arg(long)]
     pub etcd_plaintext_listen: Option<SocketAddr>,
-    /// Largest accepted request in bytes.
-    #[arg(long, default_value_t = 3 * 1024 * 1024 / 2)]
+    /// Largest accepted request in bytes [default: 1572864]. Settings given
+    /// once are kept for restarts; a flag given again overrides them.
+    #[arg(long)]
+    pub max_request_bytes: Option<usize>,
+    /// Hard quota of stored data in bytes; 80% of it is the soft quota [default: 8 GiB].
+    #[arg(long)]
+    pub quota_bytes: Option<u64>,
+    /// Revisions of history to keep; older ones are compacted, 0 = never [default: 100000].
+    #[arg(long)]
+    pub auto_compaction_revisions: Option<i64>,
+    /// Raft log entries between snapshots [default: 10000].
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
+}
+
+/// Tunables, persisted so a restart with `--data-dir` alone keeps them.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Settings {
     pub max_request_bytes: usize,
-    /// Hard quota of stored data in bytes; 80% of it is the soft quota.
-    #[arg(long, default_value_t = 8u64 << 30)]
     pub quota_bytes: u64,
-    /// Revisions of history to keep; older ones are compacted (0 = never).
-    #[arg(long, default_value_t = 100_000)]
     pub auto_compaction_revisions: i64,
-    /// Raft log entries between snapshots.
-    #[arg(long, default_value_t = 10_000)]
     pub snapshot_every: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            max_request_bytes: 3 * 1024 * 1024 / 2,
+            quota_bytes: 8 << 30,
+            auto_compaction_revisions: 100_000,
+            snapshot_every: 10_000,
+        }
+    }
+}
+
+impl Settings {
+    fn overridden_by(mut self, a: &ServerArgs) -> Settings {
+        self.max_request_bytes = a.max_request_bytes.unwrap_or(self.max_request_bytes);
+        self.quota_bytes = a.quota_bytes.unwrap_or(self.quota_bytes);
+        self.auto_compaction_revisions = a.auto_compaction_revisions.unwrap_or(self.auto_compaction_revisions);
+        self.snapshot_every = a.snapshot_every.unwrap_or(self.snapshot_every);
+        self
+    }
 }
 
 /// Addresses and settings kept across restarts.
@@ -67,6 +98,8 @@ pub struct ServerArgs {
 pub struct ServerFile {
     pub etcd_listen: SocketAddr,
     pub etcd_plaintext_listen: Option<SocketAddr>,
+    #[serde(default)]
+    pub settings: Settings,
 }
 
 /// What a running master actually serves.
@@ -113,8 +146,9 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
             peer.set_port(free_udp_port(peer.ip())?);
         }
         let etcd = a.etcd_listen.unwrap_or_else(|| "127.0.0.1:2379".parse().expect("static addr"));
-        (name, peer, ServerFile { etcd_listen: etcd, etcd_plaintext_listen: a.etcd_plaintext_listen })
+        (name, peer, ServerFile { etcd_listen: etcd, etcd_plaintext_listen: a.etcd_plaintext_listen, settings: Settings::default() })
     };
+    let settings = server_file.settings.clone().overridden_by(&a);
     if let Some(p) = server_file.etcd_plaintext_listen {
         if !p.ip().is_loopback() {
             bail!("--etcd-plaintext-listen must be a loopback address (got {p}); use the TLS listener");
@@ -131,12 +165,13 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         None => None,
     };
     let mut persisted = server_file.clone();
+    persisted.settings = settings.clone();
     persisted.etcd_listen = etcd_addr;
     if let Some(l) = &plain_listener {
         persisted.etcd_plaintext_listen = Some(l.local_addr()?);
     }
     let client_url = format!("https://{etcd_addr}");
-    let hard = a.quota_bytes;
+    let hard = settings.quota_bytes;
     let cfg = StoreConfig {
         name: name.clone(),
         data_dir: a.data_dir.clone(),
@@ -144,12 +179,12 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         peer_advertise: a.peer_advertise.clone(),
         client_url: client_url.clone(),
         limits: Limits {
-            max_request_bytes: a.max_request_bytes,
+            max_request_bytes: settings.max_request_bytes,
             quota_soft_bytes: hard / 10 * 8,
             quota_hard_bytes: hard,
-            retain_revisions: a.auto_compaction_revisions,
+            retain_revisions: settings.auto_compaction_revisions,
         },
-        snapshot_every: a.snapshot_every,
+        snapshot_every: settings.snapshot_every,
     };
     std::fs::create_dir_all(&a.data_dir)?;
     let started = bootstrap::start(cfg, how).await?;
@@ -163,7 +198,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
             &started.pki.identity.key_pem,
         ))
         .client_ca_root(tonic::transport::Certificate::from_pem(started.pki.ca.cert_pem()));
-    let routes = api.clone().routes(a.max_request_bytes);
+    let routes = api.clone().routes(settings.max_request_bytes);
     let tls_server = tonic::transport::Server::builder()
         .tls_config(tls)?
         .tcp_nodelay(true)
@@ -174,7 +209,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     let mut plain_url = None;
     if let Some(l) = plain_listener {
         plain_url = Some(format!("http://{}", l.local_addr()?));
-        let routes = api.clone().routes(a.max_request_bytes);
+        let routes = api.clone().routes(settings.max_request_bytes);
         let srv = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .add_routes(routes)

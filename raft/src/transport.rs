@@ -22,6 +22,7 @@ use openraft::raft::{
     VoteResponse,
 };
 use parking_lot::Mutex;
+use tokio::sync::Notify;
 use serde::{Deserialize, Serialize};
 
 use crate::types::*;
@@ -127,74 +128,103 @@ pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, v: &T) -> R
 
 struct Cached {
     conn: Option<quinn::Connection>,
+    /// A dial task is running; waiters are woken through `ready`.
+    dialing: bool,
+    ready: Arc<Notify>,
     /// No redial before this instant (backoff after a failed dial).
     retry_at: Instant,
     backoff: Duration,
 }
 
-/// Dials peers and caches one connection per address.
-pub struct PeerClients {
+struct Inner {
     endpoint: quinn::Endpoint,
     conns: Mutex<HashMap<String, Cached>>,
 }
 
+/// Dials peers and caches one connection per address.
+///
+/// Dials run in their own tasks: a caller that gives up (openraft bounds
+/// every RPC, heartbeats by 100 ms) does not abort the dial, and a dead peer
+/// answers `Unreachable` at once while backing off, so openraft backs off
+/// too instead of keeping a replication permanently in flight.
+#[derive(Clone)]
+pub struct PeerClients {
+    inner: Arc<Inner>,
+}
+
+const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
+
 impl PeerClients {
     /// `endpoint` must have a default client config (mutual TLS).
     pub fn new(endpoint: quinn::Endpoint) -> PeerClients {
-        PeerClients { endpoint, conns: Mutex::new(HashMap::new()) }
+        PeerClients { inner: Arc::new(Inner { endpoint, conns: Mutex::new(HashMap::new()) }) }
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, TransportError> {
-        let unreachable = |reason: String| TransportError::Unreachable { addr: addr.to_string(), reason };
-        {
-            let mut conns = self.conns.lock();
-            if let Some(c) = conns.get_mut(addr) {
-                if let Some(conn) = &c.conn {
+        let unreachable = |reason: &str| TransportError::Unreachable { addr: addr.to_string(), reason: reason.into() };
+        loop {
+            let ready = {
+                let mut conns = self.inner.conns.lock();
+                let e = conns.entry(addr.to_string()).or_insert_with(|| Cached {
+                    conn: None,
+                    dialing: false,
+                    ready: Arc::new(Notify::new()),
+                    retry_at: Instant::now(),
+                    backoff: Duration::from_millis(50),
+                });
+                if let Some(conn) = &e.conn {
                     if conn.close_reason().is_none() {
                         return Ok(conn.clone());
                     }
-                    c.conn = None;
+                    e.conn = None;
                 }
-                if Instant::now() < c.retry_at {
-                    return Err(unreachable("backing off after a failed dial".into()));
+                if !e.dialing {
+                    if Instant::now() < e.retry_at {
+                        return Err(unreachable("backing off after a failed dial"));
+                    }
+                    e.dialing = true;
+                    tokio::spawn(self.clone().dial(addr.to_string()));
                 }
+                e.ready.clone()
+            };
+            let notified = ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // The dial may have finished between unlocking and enabling.
+            let done = self.inner.conns.lock().get(addr).is_none_or(|e| !e.dialing);
+            if !done {
+                notified.await;
             }
         }
-        let sock: SocketAddr = tokio::net::lookup_host(addr)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?
-            .next()
-            .ok_or_else(|| unreachable("no address".into()))?;
-        let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']);
-        let result = match self.endpoint.connect(sock, host) {
-            Ok(connecting) => {
-                tokio::time::timeout(Duration::from_secs(3), connecting).await.map_err(|_| "dial timed out".to_string())
+    }
+
+    async fn dial(self, addr: String) {
+        let result: Result<quinn::Connection, String> = async {
+            let sock: SocketAddr =
+                tokio::net::lookup_host(&addr).await.map_err(|e| e.to_string())?.next().ok_or("no address")?;
+            let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+            let connecting = self.inner.endpoint.connect(sock, host).map_err(|e| e.to_string())?;
+            match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err("dial timed out".into()),
             }
-            Err(e) => Err(e.to_string()),
-        };
-        let mut conns = self.conns.lock();
-        let entry = conns.entry(addr.to_string()).or_insert(Cached {
-            conn: None,
-            retry_at: Instant::now(),
-            backoff: Duration::from_millis(50),
-        });
+        }
+        .await;
+        let mut conns = self.inner.conns.lock();
+        let Some(e) = conns.get_mut(&addr) else { return };
+        e.dialing = false;
         match result {
-            Ok(Ok(conn)) => {
-                entry.conn = Some(conn.clone());
-                entry.backoff = Duration::from_millis(50);
-                Ok(conn)
+            Ok(conn) => {
+                e.conn = Some(conn);
+                e.backoff = Duration::from_millis(50);
             }
-            Ok(Err(e)) => {
-                entry.retry_at = Instant::now() + entry.backoff;
-                entry.backoff = (entry.backoff * 2).min(Duration::from_secs(1));
-                Err(unreachable(e.to_string()))
-            }
-            Err(e) => {
-                entry.retry_at = Instant::now() + entry.backoff;
-                entry.backoff = (entry.backoff * 2).min(Duration::from_secs(1));
-                Err(unreachable(e))
+            Err(reason) => {
+                tracing::debug!(peer = %addr, %reason, "dial failed");
+                e.retry_at = Instant::now() + e.backoff;
+                e.backoff = (e.backoff * 2).min(Duration::from_secs(1));
             }
         }
+        e.ready.notify_waiters();
     }
 
     /// One RPC on a fresh stream of the cached connection.
@@ -215,7 +245,7 @@ impl PeerClients {
         if result.is_err() {
             // The peer may have restarted on the same address: its new process
             // cannot reset our old connection, so drop it and redial next time.
-            let mut conns = self.conns.lock();
+            let mut conns = self.inner.conns.lock();
             if let Some(c) = conns.get_mut(addr) {
                 if c.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
                     c.conn = None;
@@ -285,6 +315,14 @@ impl RaftNetwork<TypeConfig> for PeerConn {
             PeerResponse::InstallSnapshot(r) => r.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e))),
             _ => Err(self.unexpected()),
         }
+    }
+
+    /// Back off from an unreachable peer: 200 ms doubling to 2 s. While
+    /// backing off no replication to it is in flight, which is what lets
+    /// the leader purge its log behind a snapshot while a member is down
+    /// (openraft never purges entries an in-flight replication uses).
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new((0..).map(|i: u32| Duration::from_millis(200 * 2u64.pow(i.min(3))).min(Duration::from_secs(2))))
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {

@@ -20,6 +20,7 @@ pub struct Master {
 }
 
 pub struct Cluster {
+    /// Kept (not deleted) when CAPSTAN_TEST_KEEP is set, for post-mortems.
     pub tmp: tempfile::TempDir,
     pub masters: Vec<Master>,
     pub extra: Vec<String>,
@@ -42,7 +43,7 @@ fn spawn(dir: &Path, args: &[String]) -> Child {
     std::fs::create_dir_all(dir).unwrap();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log")).unwrap();
     Command::new(BIN)
-        .args(["--log-level", "info", "server", "--data-dir"])
+        .args(["--log-level", &std::env::var("CAPSTAN_TEST_LOG").unwrap_or_else(|_| "info".into()), "server", "--data-dir"])
         .arg(dir)
         .args(args)
         .stdin(Stdio::null())
