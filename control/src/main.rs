@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one master.
-    Server(server::ServerArgs),
+    Server(Box<server::ServerArgs>),
     /// Bring up a local cluster of masters on loopback and run until Ctrl-C.
     Up(up::UpArgs),
     /// Bootstrap tokens for joining masters.
@@ -62,7 +62,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Server(a) => server::run(a).await,
+            Cmd::Server(a) => server::run(*a).await,
             Cmd::Up(a) => up::run(a).await,
             Cmd::Token { cmd: TokenCmd::Create(a) } => admin::token_create(a).await,
         }

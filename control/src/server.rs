@@ -146,7 +146,15 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
             peer.set_port(free_udp_port(peer.ip())?);
         }
         let etcd = a.etcd_listen.unwrap_or_else(|| "127.0.0.1:2379".parse().expect("static addr"));
-        (name, peer, ServerFile { etcd_listen: etcd, etcd_plaintext_listen: a.etcd_plaintext_listen, settings: Settings::default() })
+        (
+            name,
+            peer,
+            ServerFile {
+                etcd_listen: etcd,
+                etcd_plaintext_listen: a.etcd_plaintext_listen,
+                settings: Settings::default(),
+            },
+        )
     };
     let settings = server_file.settings.clone().overridden_by(&a);
     if let Some(p) = server_file.etcd_plaintext_listen {

@@ -148,7 +148,11 @@ fn etcdctl_against_three_masters() {
     let old = up.ok(&["get", "/app/a", "--rev", &(first_rev - 2).to_string(), "--print-value-only"]);
     assert_eq!(old.trim(), "1", "read at a past revision");
     let sorted = up.ok(&["get", "/app/", "--prefix", "--keys-only", "--sort-by=VALUE", "--order=DESCEND"]);
-    assert_eq!(sorted.split_whitespace().collect::<Vec<_>>(), ["/app/c", "/app/b", "/app/a"], "sorted by value, descending");
+    assert_eq!(
+        sorted.split_whitespace().collect::<Vec<_>>(),
+        ["/app/c", "/app/b", "/app/a"],
+        "sorted by value, descending"
+    );
 
     // del
     assert_eq!(up.ok(&["del", "/app/c"]).trim(), "1");

@@ -97,11 +97,12 @@ async fn three_masters_survive_two_leader_kills() {
 
     let acked: Arc<Mutex<Vec<Acked>>> = Default::default();
     let issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let last_ack = Arc::new(Mutex::new(Instant::now()));
+    // (sent, acknowledged) of every acknowledged attempt
+    let ack_times: Arc<Mutex<Vec<(Instant, Instant)>>> = Default::default();
     let mut writers = Vec::new();
     for c in 0..CLIENTS {
-        let (urls, master1, acked, issued, last_ack) =
-            (urls.clone(), master1.clone(), acked.clone(), issued.clone(), last_ack.clone());
+        let (urls, master1, acked, issued, ack_times) =
+            (urls.clone(), master1.clone(), acked.clone(), issued.clone(), ack_times.clone());
         writers.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
             let mut chans: Vec<Option<tonic::transport::Channel>> = vec![None, None, None];
@@ -121,6 +122,7 @@ async fn three_masters_survive_two_leader_kills() {
                     }
                     let Some(ch) = chans[i].clone() else { continue };
                     let value = format!("{value}-{attempt}");
+                    let sent = Instant::now();
                     match kv(&ch)
                         .put(pb::PutRequest {
                             key: key.clone().into(),
@@ -132,7 +134,7 @@ async fn three_masters_survive_two_leader_kills() {
                         Ok(r) => {
                             let rev = r.into_inner().header.unwrap().revision;
                             acked.lock().push((key.clone(), value, rev));
-                            *last_ack.lock() = Instant::now();
+                            ack_times.lock().push((sent, Instant::now()));
                             break;
                         }
                         Err(_) => {
@@ -152,13 +154,16 @@ async fn three_masters_survive_two_leader_kills() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let leader = cluster.leader().await;
-        let acks_before = acked.lock().len();
         let t0 = Instant::now();
         cluster.kill9(leader);
-        while acked.lock().len() <= acks_before || *last_ack.lock() < t0 {
+        // The first write *sent* after the kill that was acknowledged.
+        let recovery = loop {
+            let first = ack_times.lock().iter().filter(|(sent, _)| *sent > t0).map(|(_, acked)| *acked).min();
+            if let Some(at) = first {
+                break at.duration_since(t0);
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let recovery = last_ack.lock().duration_since(t0);
+        };
         println!("kill -9 of leader {} -> next acknowledged write after {:?}", cluster.masters[leader].name, recovery);
         recoveries.push(recovery);
         cluster.restart(leader);

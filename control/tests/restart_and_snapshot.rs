@@ -115,7 +115,12 @@ async fn restart_all_then_follower_catches_up_by_snapshot() {
     );
     // And its copy is complete, value by value.
     let r = kv(&ch)
-        .range(pb::RangeRequest { key: b"b/".to_vec(), range_end: b"b0".to_vec(), serializable: true, ..Default::default() })
+        .range(pb::RangeRequest {
+            key: b"b/".to_vec(),
+            range_end: b"b0".to_vec(),
+            serializable: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

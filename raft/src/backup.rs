@@ -49,7 +49,8 @@ pub fn decode(data: &[u8]) -> Result<Image, BackupError> {
         return Err(BackupError::BadMagic);
     }
     let len = u64::from_le_bytes(content[8..16].try_into().map_err(|_| BackupError::Truncated)?) as usize;
-    let body = content.get(16..16usize.checked_add(len).ok_or(BackupError::Truncated)?).ok_or(BackupError::Truncated)?;
+    let body =
+        content.get(16..16usize.checked_add(len).ok_or(BackupError::Truncated)?).ok_or(BackupError::Truncated)?;
     postcard::from_bytes(body).map_err(|e| BackupError::Decode(e.to_string()))
 }
 

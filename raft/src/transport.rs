@@ -22,8 +22,8 @@ use openraft::raft::{
     VoteResponse,
 };
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
 
 use crate::types::*;
 
@@ -322,7 +322,9 @@ impl RaftNetwork<TypeConfig> for PeerConn {
     /// the leader purge its log behind a snapshot while a member is down
     /// (openraft never purges entries an in-flight replication uses).
     fn backoff(&self) -> openraft::network::Backoff {
-        openraft::network::Backoff::new((0..).map(|i: u32| Duration::from_millis(200 * 2u64.pow(i.min(3))).min(Duration::from_secs(2))))
+        openraft::network::Backoff::new(
+            (0..).map(|i: u32| Duration::from_millis(200 * 2u64.pow(i.min(3))).min(Duration::from_secs(2))),
+        )
     }
 
     async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> Result<VoteResponse<NodeId>, RpcErr> {

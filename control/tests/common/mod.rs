@@ -43,7 +43,12 @@ fn spawn(dir: &Path, args: &[String]) -> Child {
     std::fs::create_dir_all(dir).unwrap();
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log")).unwrap();
     Command::new(BIN)
-        .args(["--log-level", &std::env::var("CAPSTAN_TEST_LOG").unwrap_or_else(|_| "info".into()), "server", "--data-dir"])
+        .args([
+            "--log-level",
+            &std::env::var("CAPSTAN_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            "server",
+            "--data-dir",
+        ])
         .arg(dir)
         .args(args)
         .stdin(Stdio::null())
