@@ -214,7 +214,8 @@ fn raft_config(snapshot_every: u64) -> anyhow::Result<Arc<openraft::Config>> {
         heartbeat_interval: 100,
         election_timeout_min: 500,
         election_timeout_max: 1000,
-        max_payload_entries: 256,
+        // Entries can be batches of up to 4 MiB (batch.rs); keep a message bounded.
+        max_payload_entries: 32,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
         max_in_snapshot_log_to_keep: 256,
         snapshot_max_chunk_size: 1 << 20,
@@ -313,7 +314,7 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     let ep = endpoint(member.peer_listen, &pki)?;
     let clients = Arc::new(PeerClients::new(ep.clone()));
     let network = Network { clients: clients.clone() };
-    let raft = Raft::new(member.id, raft_config(cfg.snapshot_every)?, network, storage.log_store(), sm).await?;
+    let raft = Raft::new(member.id, raft_config(cfg.snapshot_every)?, network, storage.log_store()?, sm).await?;
     let node = StoreNode::new(member.id, raft, hub, state, clients, cfg.limits.clone());
     tokio::spawn(crate::peer::serve_peers(ep.clone(), node.clone(), pki.clone()));
     tokio::spawn(node.clone().run_leader_duties());

@@ -16,7 +16,8 @@
 //! - [`transport`]: QUIC peer transport (openraft's network) and the peer
 //!   protocol messages; [`peer`] serves them and decides who may send what.
 //! - [`node`]: a running master's store: writes (forwarded to the leader),
-//!   ReadIndex reads, leases, leader duties.
+//!   ReadIndex reads, leases, leader duties; `batch` packs concurrent writes
+//!   into one log entry and concurrent reads into one ReadIndex round.
 //! - [`bootstrap`]: init / join with a token / restart from the data dir.
 //!
 //! openraft is pinned to 0.9.25, its newest stable release: 0.10 is still an
@@ -24,6 +25,7 @@
 //! snapshot transfer are in 0.9).
 
 pub mod backup;
+mod batch;
 pub mod bootstrap;
 pub mod metrics;
 pub mod mvcc;

@@ -358,15 +358,17 @@ impl Mvcc {
             Command::Compact { revision } => self.compact(*revision).map(|rows| (Outcome::Compacted, vec![], rows)),
             Command::LeaseGrant { id, ttl } => self.lease_grant(*id, *ttl),
             Command::LeaseRevoke { id } => self.lease_revoke(*id),
+            // Batches are unpacked by the storage layer; one inside another is not valid.
+            Command::Batch(_) => Err(MvccError::Invalid("nested command batch".into())),
         };
         match outcome {
             Ok((out, events, rows)) => {
-                Applied { result: CommandResult { revision: self.revision, outcome: Some(Ok(out)) }, events, rows }
+                Applied { result: CommandResult { revision: self.revision, outcome: Some(Ok(out)), batch: vec![] }, events, rows }
             }
             Err(e) => {
                 debug_assert_eq!(before, self.revision);
                 Applied {
-                    result: CommandResult { revision: self.revision, outcome: Some(Err(e)) },
+                    result: CommandResult { revision: self.revision, outcome: Some(Err(e)), batch: vec![] },
                     ..Default::default()
                 }
             }

@@ -14,10 +14,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use parking_lot::Mutex;
 
+use crate::batch::{Coalescer, ProposalBatcher};
 use crate::storage::SharedState;
 use crate::transport::{PeerClients, PeerRequest, PeerResponse, TransportError};
 use crate::types::*;
@@ -47,7 +47,7 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("etcdserver: no leader")]
     NoLeader,
@@ -76,6 +76,10 @@ pub struct StoreNode {
     /// Leader only: when each lease expires. Rebuilt (full TTL) by a new leader.
     lease_deadlines: Mutex<LeaseClock>,
     pub alarm_nospace: std::sync::atomic::AtomicBool,
+    batcher: ProposalBatcher,
+    /// ReadIndex rounds of this node (leader: confirm leadership; follower:
+    /// ask the leader), shared by concurrent reads.
+    reads: Arc<Coalescer<Result<u64, StoreError>>>,
 }
 
 #[derive(Default)]
@@ -98,13 +102,15 @@ impl StoreNode {
     ) -> Arc<StoreNode> {
         Arc::new(StoreNode {
             id,
-            raft,
             hub,
             limits,
             state,
             clients,
             lease_deadlines: Mutex::new(LeaseClock::default()),
             alarm_nospace: Default::default(),
+            batcher: ProposalBatcher::start(raft.clone(), id),
+            reads: Arc::default(),
+            raft,
         })
     }
 
@@ -135,8 +141,9 @@ impl StoreNode {
         membership.nodes().map(|(id, n)| (*id, n.clone(), !voters.contains(id))).collect()
     }
 
-    fn check_admission(&self, cmd: &Command) -> Result<(), StoreError> {
-        let size = postcard::to_stdvec(cmd).map_or(usize::MAX, |v| v.len());
+    /// Size and quota checks; returns the command's encoded size.
+    fn check_admission(&self, cmd: &Command) -> Result<usize, StoreError> {
+        let size = encoded_size(cmd);
         if size > self.limits.max_request_bytes {
             return Err(StoreError::TooLarge { size, max: self.limits.max_request_bytes });
         }
@@ -144,28 +151,28 @@ impl StoreNode {
         let freeing = match cmd {
             Command::Txn(t) => t.success.iter().chain(&t.failure).all(|op| matches!(op, Op::Delete(_) | Op::Range(_))),
             Command::Compact { .. } | Command::LeaseRevoke { .. } => true,
-            Command::LeaseGrant { .. } => false,
+            Command::LeaseGrant { .. } | Command::Batch(_) => false,
         };
         let over_soft = used > self.limits.quota_soft_bytes;
         self.alarm_nospace.store(over_soft, std::sync::atomic::Ordering::Relaxed);
         if used > self.limits.quota_hard_bytes && !freeing {
             return Err(StoreError::NoSpace);
         }
-        Ok(())
+        Ok(size)
     }
 
     /// Propose `cmd` and wait until it is committed and applied (here or, for
     /// a follower, on the leader). Retries only while the command has surely
     /// not been accepted by any leader.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, StoreError> {
-        self.check_admission(&cmd)?;
+        let size = self.check_admission(&cmd)?;
         if self.alarm_nospace.load(std::sync::atomic::Ordering::Relaxed) {
             // Soft quota: slow writers down instead of failing them.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let deadline = Instant::now() + WRITE_TIMEOUT;
         loop {
-            match self.write_local(cmd.clone()).await {
+            match self.batcher.propose(cmd.clone(), size).await {
                 Ok(r) => return Ok(r),
                 Err(Forward::To(member)) => {
                     match self
@@ -193,37 +200,39 @@ impl StoreNode {
 
     /// Propose on this node only; used for writes forwarded to us.
     pub(crate) async fn write_local(&self, cmd: Command) -> Result<CommandResult, Forward> {
-        match self.raft.client_write(cmd).await {
-            Ok(resp) => Ok(resp.data),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => match (f.leader_id, f.leader_node) {
-                (Some(id), Some(node)) if id != self.id => Err(Forward::To(node)),
-                _ => Err(Forward::Unknown),
-            },
-            Err(e) => Err(Forward::Failed(StoreError::Indeterminate(e.to_string()))),
-        }
+        let size = encoded_size(&cmd);
+        self.batcher.propose(cmd, size).await
     }
 
     /// Wait until this node's state machine reflects every write committed
     /// before this call (ReadIndex). After it returns, a local read is
-    /// linearizable.
-    pub async fn read_index(&self) -> Result<(), StoreError> {
+    /// linearizable. Concurrent calls share one round (see `batch.rs`).
+    pub async fn read_index(self: &Arc<Self>) -> Result<(), StoreError> {
+        let me = self.clone();
+        let round = move || {
+            let me = me.clone();
+            async move { me.read_index_round().await }
+        };
+        let idx = self.reads.join(round, Err(StoreError::Internal("read index round dropped".into()))).await?;
+        if self.raft.metrics().borrow().last_applied.map_or(0, |l| l.index) >= idx {
+            return Ok(());
+        }
+        let wait = self.raft.wait(Some(WRITE_TIMEOUT));
+        wait.applied_index_at_least(Some(idx), "read index").await.map(|_| ()).map_err(|_| StoreError::Timeout)
+    }
+
+    /// One ReadIndex round: the log index a read arriving before it must wait for.
+    async fn read_index_round(&self) -> Result<u64, StoreError> {
         let deadline = Instant::now() + WRITE_TIMEOUT;
         loop {
             if self.is_leader() {
                 match self.raft.ensure_linearizable().await {
-                    Ok(_) => return Ok(()),
+                    Ok(log_id) => return Ok(log_id.map_or(0, |l| l.index)),
                     Err(e) => tracing::debug!(error = %e, "read index on leader failed; retrying"),
                 }
             } else if let Some((_, leader)) = self.leader() {
                 match self.clients.call(&leader.peer_addr, &PeerRequest::ReadIndex, PEER_RPC_TIMEOUT).await {
-                    Ok(PeerResponse::ReadIndex(idx)) => {
-                        let wait = self.raft.wait(Some(deadline.saturating_duration_since(Instant::now())));
-                        return wait
-                            .applied_index_at_least(Some(idx), "read index")
-                            .await
-                            .map(|_| ())
-                            .map_err(|_| StoreError::Timeout);
-                    }
+                    Ok(PeerResponse::ReadIndex(idx)) => return Ok(idx),
                     Ok(other) => tracing::debug!(?other, "read index refused; retrying"),
                     Err(e) => tracing::debug!(error = %e, "read index call failed; retrying"),
                 }
@@ -236,11 +245,11 @@ impl StoreNode {
     }
 
     /// Leader side of ReadIndex: confirm leadership, return the index to wait for.
-    pub(crate) async fn leader_read_index(&self) -> Result<u64, String> {
-        match self.raft.ensure_linearizable().await {
-            Ok(log_id) => Ok(log_id.map_or(0, |l| l.index)),
-            Err(_) => Err(NOT_LEADER.to_string()),
+    pub(crate) async fn leader_read_index(self: &Arc<Self>) -> Result<u64, String> {
+        if !self.is_leader() {
+            return Err(NOT_LEADER.to_string());
         }
+        self.read_index_round().await.map_err(|_| NOT_LEADER.to_string())
     }
 
     /// Renew a lease; returns its TTL, or `None` if it does not exist.
@@ -401,6 +410,10 @@ impl StoreNode {
 }
 
 pub(crate) const NOT_LEADER: &str = "not leader";
+
+fn encoded_size(cmd: &Command) -> usize {
+    postcard::to_stdvec(cmd).map_or(usize::MAX, |v| v.len())
+}
 
 pub(crate) enum Forward {
     To(Member),

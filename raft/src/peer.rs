@@ -100,7 +100,7 @@ async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool
 }
 
 /// Check the bootstrap token against the store, sign the joiner's CSR.
-async fn join(node: &StoreNode, pki: &Pki, j: crate::transport::JoinRequest) -> Result<JoinResponse, String> {
+async fn join(node: &Arc<StoreNode>, pki: &Pki, j: crate::transport::JoinRequest) -> Result<JoinResponse, String> {
     let token = JoinToken::parse(&j.token).map_err(|e| e.to_string())?;
     node.read_index().await.map_err(|e| e.to_string())?;
     let stored = {

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use crate::types::*;
 
 /// Largest frame accepted on a stream (a snapshot chunk or an append batch).
-pub const MAX_FRAME: usize = 64 << 20;
+pub const MAX_FRAME: usize = 256 << 20;
 
 /// QUIC settings for peer connections: keep-alives well inside the idle
 /// timeout, so a dead peer is noticed in about a second, and enough

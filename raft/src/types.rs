@@ -203,6 +203,9 @@ pub enum Command {
     LeaseRevoke {
         id: i64,
     },
+    /// Several commands in one log entry (see `batch.rs`); applied in order,
+    /// each with its own result and revision.
+    Batch(Vec<Command>),
 }
 
 /// A key's value at one revision, as etcd's `mvccpb.KeyValue`.
@@ -270,6 +273,9 @@ pub enum MvccError {
 pub struct CommandResult {
     pub revision: i64,
     pub outcome: Option<Result<Outcome, MvccError>>,
+    /// One result per command of a `Command::Batch`.
+    #[serde(default)]
+    pub batch: Vec<CommandResult>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
