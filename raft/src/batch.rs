@@ -115,7 +115,8 @@ async fn propose_batch(raft: &Raft, id: NodeId, batch: Vec<Pending>) {
         Ok(resp) => {
             let mut results = resp.data.batch.into_iter();
             for reply in replies {
-                let r = results.next().ok_or_else(|| Forward::Failed(StoreError::Internal("short batch result".into())));
+                let r =
+                    results.next().ok_or_else(|| Forward::Failed(StoreError::Internal("short batch result".into())));
                 let _ = reply.send(r);
             }
         }

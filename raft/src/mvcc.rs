@@ -362,9 +362,11 @@ impl Mvcc {
             Command::Batch(_) => Err(MvccError::Invalid("nested command batch".into())),
         };
         match outcome {
-            Ok((out, events, rows)) => {
-                Applied { result: CommandResult { revision: self.revision, outcome: Some(Ok(out)), batch: vec![] }, events, rows }
-            }
+            Ok((out, events, rows)) => Applied {
+                result: CommandResult { revision: self.revision, outcome: Some(Ok(out)), batch: vec![] },
+                events,
+                rows,
+            },
             Err(e) => {
                 debug_assert_eq!(before, self.revision);
                 Applied {

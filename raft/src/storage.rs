@@ -444,7 +444,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for entry in entries {
                 st.applied = Some(entry.log_id);
                 match entry.payload {
-                    EntryPayload::Blank => results.push(CommandResult { revision: st.mvcc.revision(), ..Default::default() }),
+                    EntryPayload::Blank => {
+                        results.push(CommandResult { revision: st.mvcc.revision(), ..Default::default() })
+                    }
                     EntryPayload::Membership(m) => {
                         st.membership = StoredMembership::new(Some(entry.log_id), m);
                         results.push(CommandResult { revision: st.mvcc.revision(), ..Default::default() });
