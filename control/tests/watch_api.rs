@@ -102,9 +102,11 @@ async fn watch_stream_semantics() {
     // compacted start revision: created, then canceled with the compact revision
     let cur = put("/w/z", "z").await;
     kv(&ch).compact(pb::CompactionRequest { revision: cur, physical: false }).await.unwrap();
+    // A linearizable read makes this master apply the compaction first.
+    kv(&ch).range(pb::RangeRequest { key: b"/w/z".to_vec(), ..Default::default() }).await.unwrap();
     tx.send(create("/w/", true, 2, vec![], false)).await.unwrap();
     let mut saw_cancel = false;
-    for _ in 0..4 {
+    for _ in 0..6 {
         let r = next(&mut s).await;
         if r.canceled {
             assert_eq!(r.compact_revision, cur);
