@@ -4,6 +4,7 @@
 //! - `server.rs`: `capstan server`, one master: the replicated store
 //!   (crate `capstan-raft`) plus the APIs served over it.
 //! - `etcd/`: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance).
+//! - `health.rs`: `/metrics`, `/livez`, `/readyz`, `/healthz` for Prometheus and probes.
 //! - `up.rs`: `capstan up`, a local cluster of N masters on loopback.
 //! - `admin.rs`: admin credentials and the etcd client used by operator
 //!   commands (`capstan token create`, `up`).
@@ -11,6 +12,7 @@
 
 mod admin;
 mod etcd;
+mod health;
 mod logging;
 mod server;
 mod up;

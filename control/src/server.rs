@@ -45,6 +45,9 @@ pub struct ServerArgs {
     /// etcd v3 gRPC listen address (TLS, client certificates required).
     #[arg(long)]
     pub etcd_listen: Option<SocketAddr>,
+    /// HTTP listener for /metrics, /livez, /readyz, /healthz [default: 127.0.0.1:2381].
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Additional plaintext etcd listener; loopback addresses only (benchmarks).
     #[arg(long)]
     pub etcd_plaintext_listen: Option<SocketAddr>,
@@ -97,6 +100,7 @@ impl Settings {
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ServerFile {
     pub etcd_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
     pub etcd_plaintext_listen: Option<SocketAddr>,
     #[serde(default)]
     pub settings: Settings,
@@ -110,6 +114,7 @@ pub struct Endpoints {
     pub peer: String,
     pub etcd_url: String,
     pub etcd_plaintext_url: Option<String>,
+    pub metrics_url: String,
     pub pid: u32,
 }
 
@@ -146,15 +151,14 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
             peer.set_port(free_udp_port(peer.ip())?);
         }
         let etcd = a.etcd_listen.unwrap_or_else(|| "127.0.0.1:2379".parse().expect("static addr"));
-        (
-            name,
-            peer,
-            ServerFile {
-                etcd_listen: etcd,
-                etcd_plaintext_listen: a.etcd_plaintext_listen,
-                settings: Settings::default(),
-            },
-        )
+        let metrics = a.metrics_listen.unwrap_or_else(|| "127.0.0.1:2381".parse().expect("static addr"));
+        let sf = ServerFile {
+            etcd_listen: etcd,
+            metrics_listen: metrics,
+            etcd_plaintext_listen: a.etcd_plaintext_listen,
+            settings: Settings::default(),
+        };
+        (name, peer, sf)
     };
     let settings = server_file.settings.clone().overridden_by(&a);
     if let Some(p) = server_file.etcd_plaintext_listen {
@@ -172,7 +176,11 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         Some(p) => Some(TcpListener::bind(p).await.with_context(|| format!("binding {p}"))?),
         None => None,
     };
+    let metrics_listener = TcpListener::bind(server_file.metrics_listen)
+        .await
+        .with_context(|| format!("binding metrics address {}", server_file.metrics_listen))?;
     let mut persisted = server_file.clone();
+    persisted.metrics_listen = metrics_listener.local_addr()?;
     persisted.settings = settings.clone();
     persisted.etcd_listen = etcd_addr;
     if let Some(l) = &plain_listener {
@@ -214,6 +222,9 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         .serve_with_incoming(TcpListenerStream::new(etcd_listener));
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move { tls_server.await.context("etcd TLS listener") });
+    let registry = crate::health::registry(&started.node, &started.storage)?;
+    let ops = crate::health::router(started.node.clone(), started.storage.clone(), registry);
+    tasks.spawn(async move { axum::serve(metrics_listener, ops).await.context("metrics listener") });
     let mut plain_url = None;
     if let Some(l) = plain_listener {
         plain_url = Some(format!("http://{}", l.local_addr()?));
@@ -230,6 +241,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         peer: started.member.peer_advertise.clone(),
         etcd_url: client_url,
         etcd_plaintext_url: plain_url,
+        metrics_url: format!("http://{}", persisted.metrics_listen),
         pid: std::process::id(),
     };
     let tmp = a.data_dir.join("endpoints.json.tmp");

@@ -138,7 +138,12 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
         let mut extra = a.server_arg.clone();
         if !dir.join("member.json").exists() {
             extra.extend(["--name".into(), name.clone(), "--peer-listen".into(), "127.0.0.1:0".into()]);
-            extra.extend(["--etcd-listen".into(), "127.0.0.1:0".into()]);
+            extra.extend([
+                "--etcd-listen".into(),
+                "127.0.0.1:0".into(),
+                "--metrics-listen".into(),
+                "127.0.0.1:0".into(),
+            ]);
             if a.plaintext {
                 extra.extend(["--etcd-plaintext-listen".into(), "127.0.0.1:0".into()]);
             }
@@ -190,5 +195,21 @@ fn write_admin_env(data_dir: &Path, endpoints: &[Endpoints]) -> anyhow::Result<(
         env.push_str(&format!("export CAPSTAN_PLAINTEXT_ENDPOINTS={}\n", plain.join(",")));
     }
     std::fs::write(data_dir.join("etcdctl.env"), env)?;
+    write_prometheus_config(data_dir, endpoints)?;
+    Ok(())
+}
+
+/// `<data-dir>/prometheus.yml`: a scrape config for every process `up` started.
+fn write_prometheus_config(data_dir: &Path, endpoints: &[Endpoints]) -> anyhow::Result<()> {
+    let mut targets = String::new();
+    for e in endpoints {
+        let host = e.metrics_url.trim_start_matches("http://");
+        targets.push_str(&format!("      - targets: ['{host}']\n        labels: {{ master: '{}' }}\n", e.name));
+    }
+    let yml = format!(
+        "# Written by `capstan up`: prometheus --config.file={}\nglobal:\n  scrape_interval: 5s\nscrape_configs:\n  - job_name: capstan-master\n    static_configs:\n{targets}",
+        data_dir.join("prometheus.yml").display()
+    );
+    std::fs::write(data_dir.join("prometheus.yml"), yml)?;
     Ok(())
 }

@@ -5,31 +5,10 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::BIN;
-
-struct Up {
-    child: Child,
-    dir: tempfile::TempDir,
-    env: HashMap<String, String>,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // SIGINT, like Ctrl-C: `up` stops its masters itself.
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use common::Up;
 
 fn parse_env(path: &Path) -> HashMap<String, String> {
     std::fs::read_to_string(path)
@@ -41,35 +20,18 @@ fn parse_env(path: &Path) -> HashMap<String, String> {
         .collect()
 }
 
-fn up() -> Up {
-    let dir = tempfile::tempdir().unwrap();
-    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let child = Command::new(BIN)
-        .args(["up", "--masters", "3", "--data-dir"])
-        .arg(dir.path())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let mut up = Up { child, dir, env: HashMap::new() };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let log = std::fs::read_to_string(up.dir.path().join("up.log")).unwrap_or_default();
-        if log.contains("cluster up") {
-            break;
-        }
-        if let Ok(Some(st)) = up.child.try_wait() {
-            panic!("capstan up exited {st}:\n{log}");
-        }
-        assert!(Instant::now() < deadline, "capstan up not ready:\n{log}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    up.env = parse_env(&up.dir.path().join("etcdctl.env"));
-    up
+struct Etcdctl {
+    up: Up,
+    env: HashMap<String, String>,
 }
 
-impl Up {
+fn up() -> Etcdctl {
+    let up = Up::start(3);
+    let env = parse_env(&up.dir.path().join("etcdctl.env"));
+    Etcdctl { up, env }
+}
+
+impl Etcdctl {
     /// `program` with the env from etcdctl.env; etcdctl refuses an endpoint
     /// given both as flag and variable, so an explicit flag drops the variable.
     fn command(&self, program: &str, args: &[&str]) -> Command {
@@ -200,7 +162,7 @@ fn etcdctl_against_three_masters() {
     assert!(up.ok(&["lease", "timetolive", &id]).contains("already expired"));
 
     // snapshot save
-    let snap = up.dir.path().join("snap.db");
+    let snap = up.up.dir.path().join("snap.db");
     let out = up.etcdctl(&["--endpoints", &eps[0], "snapshot", "save", snap.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(std::fs::metadata(&snap).unwrap().len() > 0);
@@ -224,7 +186,7 @@ fn etcdctl_against_three_masters() {
     let leader_id = status[0]["Status"]["leader"].as_u64().unwrap();
     let mut leader_dir = None;
     for i in 1..=3 {
-        let d = up.dir.path().join(format!("master-{i}"));
+        let d = up.up.dir.path().join(format!("master-{i}"));
         if common::endpoints(&d).map(|e| e.id) == Some(leader_id) {
             leader_dir = Some(d);
         }

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use openraft::error::{ClientWriteError, RaftError};
 use parking_lot::Mutex;
+use prometheus::IntCounter;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::node::{Forward, StoreError};
@@ -41,9 +42,9 @@ pub(crate) struct ProposalBatcher {
 }
 
 impl ProposalBatcher {
-    pub(crate) fn start(raft: Raft, id: NodeId) -> ProposalBatcher {
+    pub(crate) fn start(raft: Raft, id: NodeId, committed: IntCounter, failed: IntCounter) -> ProposalBatcher {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(raft, id, rx));
+        tokio::spawn(run(raft, id, rx, Counters { committed, failed }));
         ProposalBatcher { tx }
     }
 
@@ -57,7 +58,13 @@ impl ProposalBatcher {
     }
 }
 
-async fn run(raft: Raft, id: NodeId, mut rx: mpsc::UnboundedReceiver<Pending>) {
+#[derive(Clone)]
+struct Counters {
+    committed: IntCounter,
+    failed: IntCounter,
+}
+
+async fn run(raft: Raft, id: NodeId, mut rx: mpsc::UnboundedReceiver<Pending>, counters: Counters) {
     let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
     let mut carry: Option<Pending> = None;
     loop {
@@ -85,9 +92,14 @@ async fn run(raft: Raft, id: NodeId, mut rx: mpsc::UnboundedReceiver<Pending>) {
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
+        let (raft, counters) = (raft.clone(), counters.clone());
         tokio::spawn(async move {
-            propose_batch(&raft, id, batch).await;
+            let n = batch.len() as u64;
+            if propose_batch(&raft, id, batch).await {
+                counters.committed.inc_by(n);
+            } else {
+                counters.failed.inc_by(n);
+            }
             drop(permit);
         });
     }
@@ -103,12 +115,14 @@ fn forward_of(e: &RaftError<NodeId, ClientWriteError<NodeId, Member>>, id: NodeI
     }
 }
 
-async fn propose_batch(raft: &Raft, id: NodeId, batch: Vec<Pending>) {
+/// Proposes the batch and answers every caller; true if it committed.
+async fn propose_batch(raft: &Raft, id: NodeId, batch: Vec<Pending>) -> bool {
     if batch.len() == 1 {
         let p = batch.into_iter().next().expect("one element");
         let r = raft.client_write(p.cmd).await.map(|r| r.data).map_err(|e| forward_of(&e, id));
+        let ok = r.is_ok();
         let _ = p.reply.send(r);
-        return;
+        return ok;
     }
     let (cmds, replies): (Vec<Command>, Vec<Reply>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     match raft.client_write(Command::Batch(cmds)).await {
@@ -119,11 +133,13 @@ async fn propose_batch(raft: &Raft, id: NodeId, batch: Vec<Pending>) {
                     results.next().ok_or_else(|| Forward::Failed(StoreError::Internal("short batch result".into())));
                 let _ = reply.send(r);
             }
+            true
         }
         Err(e) => {
             for reply in replies {
                 let _ = reply.send(Err(forward_of(&e, id)));
             }
+            false
         }
     }
 }

@@ -318,6 +318,7 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     let node = StoreNode::new(member.id, raft, hub, state, clients, cfg.limits.clone());
     tokio::spawn(crate::peer::serve_peers(ep.clone(), node.clone(), pki.clone()));
     tokio::spawn(node.clone().run_leader_duties());
+    tokio::spawn(node.clone().track_leader_changes());
     let self_member = Member {
         name: member.name.clone(),
         peer_addr: member.peer_advertise.clone(),

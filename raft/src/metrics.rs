@@ -1,27 +1,57 @@
-//! Prometheus metrics of the store. Counters are created unregistered, so
-//! every component can be built in tests; `register` attaches them to the
-//! registry a process serves on `/metrics`.
+//! Prometheus metrics of the store.
+//!
+//! Metrics are created unregistered, so every component can be built in
+//! tests; `register` attaches them to the registry a process serves on
+//! `/metrics`. Counters and histograms are updated where things happen;
+//! gauges describing state (term, leader, indexes, sizes) are refreshed from
+//! the live state just before each scrape (`StoreNode::refresh_metrics`).
 
-use prometheus::{IntCounter, Registry};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+fn counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).expect("valid metric")
+}
+
+fn gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).expect("valid metric")
+}
+
+fn histogram(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric")
+}
+
+/// 100 µs .. ~6.5 s, doubling.
+fn latency_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.0001, 2.0, 17).expect("valid buckets")
+}
 
 pub struct WatchMetrics {
     pub events_sent: IntCounter,
     pub lagged: IntCounter,
-    pub cancelled_compacted: IntCounter,
+    pub cancelled: IntCounterVec,
+    pub watchers: IntGauge,
+    /// Time from a revision's apply to its delivery to a watcher.
+    pub delivery_lag: Histogram,
 }
 
 impl Default for WatchMetrics {
     fn default() -> Self {
-        let c = |name: &str, help: &str| IntCounter::new(name, help).expect("valid metric name");
         WatchMetrics {
-            events_sent: c("capstan_watch_events_sent_total", "Watch events delivered to watchers."),
-            lagged: c(
+            events_sent: counter("capstan_watch_events_sent_total", "Watch events delivered to watchers."),
+            lagged: counter(
                 "capstan_watch_lagged_total",
                 "Times a watcher fell behind the live stream and caught up from history.",
             ),
-            cancelled_compacted: c(
-                "capstan_watch_cancelled_total",
-                "Watchers cancelled because the revision they needed was compacted.",
+            cancelled: IntCounterVec::new(
+                Opts::new("capstan_watch_cancelled_total", "Watchers cancelled by the server, by reason."),
+                &["reason"],
+            )
+            .expect("valid metric"),
+            watchers: gauge("capstan_watch_watchers", "Active watchers."),
+            delivery_lag: histogram(
+                "capstan_watch_delivery_lag_seconds",
+                "Time from a revision's apply to its delivery to a watcher.",
+                latency_buckets(),
             ),
         }
     }
@@ -31,7 +61,141 @@ impl WatchMetrics {
     pub fn register(&self, r: &Registry) -> prometheus::Result<()> {
         r.register(Box::new(self.events_sent.clone()))?;
         r.register(Box::new(self.lagged.clone()))?;
-        r.register(Box::new(self.cancelled_compacted.clone()))?;
+        r.register(Box::new(self.cancelled.clone()))?;
+        r.register(Box::new(self.watchers.clone()))?;
+        r.register(Box::new(self.delivery_lag.clone()))?;
+        Ok(())
+    }
+}
+
+/// Log and state-machine IO.
+pub struct StorageMetrics {
+    pub fsync: Histogram,
+    pub appended_entries: IntCounter,
+    pub snapshot_build: Histogram,
+    pub snapshot_install: Histogram,
+    pub snapshot_size: IntGauge,
+    pub compaction: Histogram,
+}
+
+impl Default for StorageMetrics {
+    fn default() -> Self {
+        StorageMetrics {
+            fsync: histogram(
+                "capstan_raft_log_fsync_duration_seconds",
+                "Duration of a Raft log WAL sync (one per group commit).",
+                latency_buckets(),
+            ),
+            appended_entries: counter("capstan_raft_log_appended_entries_total", "Entries appended to the Raft log."),
+            snapshot_build: histogram(
+                "capstan_raft_snapshot_build_duration_seconds",
+                "Duration of building a Raft snapshot.",
+                latency_buckets(),
+            ),
+            snapshot_install: histogram(
+                "capstan_raft_snapshot_install_duration_seconds",
+                "Duration of installing a Raft snapshot received from the leader.",
+                latency_buckets(),
+            ),
+            snapshot_size: gauge("capstan_raft_snapshot_size_bytes", "Size of the latest Raft snapshot."),
+            compaction: histogram(
+                "capstan_store_compaction_duration_seconds",
+                "Duration of applying a history compaction.",
+                latency_buckets(),
+            ),
+        }
+    }
+}
+
+impl StorageMetrics {
+    pub fn register(&self, r: &Registry) -> prometheus::Result<()> {
+        r.register(Box::new(self.fsync.clone()))?;
+        r.register(Box::new(self.appended_entries.clone()))?;
+        r.register(Box::new(self.snapshot_build.clone()))?;
+        r.register(Box::new(self.snapshot_install.clone()))?;
+        r.register(Box::new(self.snapshot_size.clone()))?;
+        r.register(Box::new(self.compaction.clone()))?;
+        Ok(())
+    }
+}
+
+/// Raft and store state, refreshed at scrape time, plus proposal counters.
+pub struct NodeMetrics {
+    pub term: IntGauge,
+    pub is_leader: IntGauge,
+    pub has_leader: IntGauge,
+    pub leader_changes: IntCounter,
+    pub last_log_index: IntGauge,
+    pub applied_index: IntGauge,
+    pub apply_lag: IntGauge,
+    pub proposals_committed: IntCounter,
+    pub proposals_failed: IntCounter,
+    pub revision: IntGauge,
+    pub compacted_revision: IntGauge,
+    pub keys: IntGauge,
+    pub data_bytes: IntGauge,
+    pub db_size_bytes: IntGauge,
+    pub quota_bytes: IntGauge,
+    pub alarm_nospace: IntGauge,
+    pub members: IntGauge,
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        NodeMetrics {
+            term: gauge("capstan_raft_term", "Current Raft term."),
+            is_leader: gauge("capstan_raft_is_leader", "1 if this master is the Raft leader."),
+            has_leader: gauge("capstan_raft_has_leader", "1 if this master knows a Raft leader."),
+            leader_changes: counter("capstan_raft_leader_changes_total", "Leader changes seen by this master."),
+            last_log_index: gauge("capstan_raft_last_log_index", "Index of the last entry in the local Raft log."),
+            applied_index: gauge("capstan_raft_applied_index", "Index of the last entry applied to the state machine."),
+            apply_lag: gauge("capstan_raft_apply_lag_entries", "Local log entries not yet applied."),
+            proposals_committed: counter(
+                "capstan_raft_proposals_committed_total",
+                "Client commands committed through this master.",
+            ),
+            proposals_failed: counter(
+                "capstan_raft_proposals_failed_total",
+                "Client commands proposed through this master that failed.",
+            ),
+            revision: gauge("capstan_store_revision", "Current store revision."),
+            compacted_revision: gauge("capstan_store_compacted_revision", "Revision history is compacted up to."),
+            keys: gauge("capstan_store_keys", "Live keys in the store."),
+            data_bytes: gauge(
+                "capstan_store_data_bytes",
+                "Bytes of keys and values held, all revisions (quota basis).",
+            ),
+            db_size_bytes: gauge("capstan_store_db_size_bytes", "On-disk size of the RocksDB database."),
+            quota_bytes: gauge("capstan_store_quota_bytes", "Hard quota on stored data."),
+            alarm_nospace: gauge("capstan_store_alarm_nospace", "1 while stored data is over the soft quota."),
+            members: gauge("capstan_raft_members", "Members (voters and learners) in the Raft membership."),
+        }
+    }
+}
+
+impl NodeMetrics {
+    pub fn register(&self, r: &Registry) -> prometheus::Result<()> {
+        for g in [
+            &self.term,
+            &self.is_leader,
+            &self.has_leader,
+            &self.last_log_index,
+            &self.applied_index,
+            &self.apply_lag,
+            &self.revision,
+            &self.compacted_revision,
+            &self.keys,
+            &self.data_bytes,
+            &self.db_size_bytes,
+            &self.quota_bytes,
+            &self.alarm_nospace,
+            &self.members,
+        ] {
+            r.register(Box::new(g.clone()))?;
+        }
+        for c in [&self.leader_changes, &self.proposals_committed, &self.proposals_failed] {
+            r.register(Box::new(c.clone()))?;
+        }
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ use openraft::{ChangeMembers, ServerState};
 use parking_lot::Mutex;
 
 use crate::batch::{Coalescer, ProposalBatcher};
+use crate::metrics::NodeMetrics;
 use crate::storage::SharedState;
 use crate::transport::{PeerClients, PeerRequest, PeerResponse, TransportError};
 use crate::types::*;
@@ -77,6 +78,7 @@ pub struct StoreNode {
     lease_deadlines: Mutex<LeaseClock>,
     pub alarm_nospace: std::sync::atomic::AtomicBool,
     batcher: ProposalBatcher,
+    pub metrics: NodeMetrics,
     /// ReadIndex rounds of this node (leader: confirm leadership; follower:
     /// ask the leader), shared by concurrent reads.
     reads: Arc<Coalescer<Result<u64, StoreError>>>,
@@ -100,6 +102,7 @@ impl StoreNode {
         clients: Arc<PeerClients>,
         limits: Limits,
     ) -> Arc<StoreNode> {
+        let metrics = NodeMetrics::default();
         Arc::new(StoreNode {
             id,
             hub,
@@ -108,7 +111,13 @@ impl StoreNode {
             clients,
             lease_deadlines: Mutex::new(LeaseClock::default()),
             alarm_nospace: Default::default(),
-            batcher: ProposalBatcher::start(raft.clone(), id),
+            batcher: ProposalBatcher::start(
+                raft.clone(),
+                id,
+                metrics.proposals_committed.clone(),
+                metrics.proposals_failed.clone(),
+            ),
+            metrics,
             reads: Arc::default(),
             raft,
         })
@@ -295,6 +304,46 @@ impl StoreNode {
         }
         let remaining = deadline.saturating_duration_since(now).as_secs_f64().ceil() as i64;
         Some((remaining, granted))
+    }
+
+    /// Bring the state gauges up to date (called before each scrape).
+    pub fn refresh_metrics(&self, db_size_bytes: u64) {
+        let m = self.raft.metrics().borrow().clone();
+        let g = &self.metrics;
+        g.term.set(m.current_term as i64);
+        g.is_leader.set((m.current_leader == Some(self.id)) as i64);
+        g.has_leader.set(m.current_leader.is_some() as i64);
+        let last = m.last_log_index.unwrap_or(0);
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        g.last_log_index.set(last as i64);
+        g.applied_index.set(applied as i64);
+        g.apply_lag.set(last.saturating_sub(applied) as i64);
+        g.members.set(m.membership_config.membership().nodes().count() as i64);
+        {
+            let st = self.state.read();
+            g.revision.set(st.mvcc.revision());
+            g.compacted_revision.set(st.mvcc.compacted());
+            g.keys.set(st.mvcc.live_keys() as i64);
+            g.data_bytes.set(st.mvcc.size_bytes() as i64);
+        }
+        g.db_size_bytes.set(db_size_bytes as i64);
+        g.quota_bytes.set(self.limits.quota_hard_bytes as i64);
+        g.alarm_nospace.set(self.alarm_nospace.load(std::sync::atomic::Ordering::Relaxed) as i64);
+    }
+
+    /// Counts leader changes as they happen (not only at scrapes).
+    pub async fn track_leader_changes(self: Arc<Self>) {
+        let mut rx = self.raft.metrics();
+        let mut last = rx.borrow().current_leader;
+        while rx.changed().await.is_ok() {
+            let now = rx.borrow().current_leader;
+            if now != last {
+                if now.is_some() {
+                    self.metrics.leader_changes.inc();
+                }
+                last = now;
+            }
+        }
     }
 
     /// The leader's periodic duties: expire leases, compact old history.

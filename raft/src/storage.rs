@@ -45,6 +45,7 @@ use parking_lot::RwLock;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::metrics::StorageMetrics;
 use crate::mvcc::{Image, Mvcc, RowChange, Version};
 use crate::types::*;
 use crate::watch::WatchHub;
@@ -130,6 +131,7 @@ pub type SharedState = Arc<RwLock<SmState>>;
 pub struct Storage {
     db: Arc<DB>,
     dir: PathBuf,
+    pub metrics: Arc<StorageMetrics>,
 }
 
 impl Storage {
@@ -150,11 +152,15 @@ impl Storage {
             ColumnFamilyDescriptor::new(n, o)
         });
         let db = DB::open_cf_descriptors(&opts, dir.join("db"), cfs)?;
-        Ok(Storage { db: Arc::new(db), dir: dir.to_path_buf() })
+        Ok(Storage { db: Arc::new(db), dir: dir.to_path_buf(), metrics: Arc::default() })
     }
 
     pub fn log_store(&self) -> std::io::Result<LogStore> {
-        Ok(LogStore { db: self.db.clone(), flusher: spawn_flusher(self.db.clone())? })
+        Ok(LogStore {
+            db: self.db.clone(),
+            flusher: spawn_flusher(self.db.clone(), self.metrics.clone())?,
+            metrics: self.metrics.clone(),
+        })
     }
 
     /// Builds the state machine, loading the MVCC state from disk.
@@ -183,7 +189,13 @@ impl Storage {
         let membership =
             db.get_cf(meta, "membership")?.map(|b| postcard::from_bytes(&b)).transpose()?.unwrap_or_default();
         let state = Arc::new(RwLock::new(SmState { mvcc, applied, membership }));
-        Ok(StateMachine { db: self.db.clone(), state, hub, snapshot_path: self.dir.join("snapshot.bin") })
+        Ok(StateMachine {
+            db: self.db.clone(),
+            state,
+            hub,
+            snapshot_path: self.dir.join("snapshot.bin"),
+            metrics: self.metrics.clone(),
+        })
     }
 
     /// Approximate on-disk size of the database.
@@ -210,21 +222,26 @@ fn sync_opts() -> WriteOptions {
 pub struct LogStore {
     db: Arc<DB>,
     flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
+    metrics: Arc<StorageMetrics>,
 }
 
 /// Group commit: appends are written without sync and their completion
 /// callbacks queued here; one thread syncs the WAL for everything queued so
 /// far (one fsync for many appends) and only then reports those entries
 /// flushed. RocksDB's WAL is sequential, so a sync covers every earlier write.
-fn spawn_flusher(db: Arc<DB>) -> std::io::Result<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>> {
+fn spawn_flusher(
+    db: Arc<DB>,
+    metrics: Arc<StorageMetrics>,
+) -> std::io::Result<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>> {
     let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
     std::thread::Builder::new().name("log-fsync".into()).spawn(move || {
         // Ends when every LogStore (every sender) is gone.
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             batch.extend(rx.try_iter());
-            tracing::trace!(callbacks = batch.len(), "log fsync");
+            let started = std::time::Instant::now();
             let res = db.flush_wal(true).map_err(|e| e.to_string());
+            metrics.fsync.observe(started.elapsed().as_secs_f64());
             for cb in batch {
                 cb.log_io_completed(res.clone().map_err(std::io::Error::other));
             }
@@ -316,7 +333,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in entries {
             batch.put_cf(log, e.log_id.index.to_be_bytes(), encode(&e)?);
         }
-        tracing::trace!(entries = batch.len(), "log append");
+        self.metrics.appended_entries.inc_by(batch.len() as u64);
         // Written now (readable at once), durable when the flusher reports it.
         self.db.write(batch).map_err(write_err)?;
         self.flusher.send(callback).map_err(|_| write_err(std::io::Error::other("log fsync thread is gone")))
@@ -347,6 +364,7 @@ pub struct StateMachine {
     state: SharedState,
     hub: Arc<WatchHub>,
     snapshot_path: PathBuf,
+    metrics: Arc<StorageMetrics>,
 }
 
 /// What a snapshot file holds.
@@ -407,6 +425,7 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StResult<Snapshot<TypeConfig>> {
+        let _timer = self.metrics.snapshot_build.start_timer();
         let (image, applied, membership) = {
             let st = self.state.read();
             (st.mvcc.image(), st.applied, st.membership.clone())
@@ -419,6 +438,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let file = SnapshotFile { meta: meta.clone(), data };
         self.save_snapshot_file(&file)?;
+        self.metrics.snapshot_size.set(file.data.len() as i64);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
     }
 }
@@ -464,7 +484,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         results.push(CommandResult { revision: st.mvcc.revision(), outcome: None, batch: out });
                     }
                     EntryPayload::Normal(cmd) => {
+                        let timer =
+                            matches!(cmd, Command::Compact { .. }).then(|| self.metrics.compaction.start_timer());
                         let applied = st.mvcc.apply(&cmd);
+                        drop(timer);
                         self.write_rows(&mut batch, &applied.rows)?;
                         if !applied.events.is_empty() {
                             published.push((applied.result.revision, applied.events));
@@ -488,6 +511,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             state: self.state.clone(),
             hub: self.hub.clone(),
             snapshot_path: self.snapshot_path.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 
@@ -496,6 +520,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> StResult<()> {
+        let _timer = self.metrics.snapshot_install.start_timer();
         let data = snapshot.into_inner();
         let image: Image = decode(&data)?;
         let mvcc = Mvcc::from_image(image);

@@ -82,6 +82,8 @@ impl ArchivedWireKv {
 #[derive(Clone, Debug)]
 pub struct Frame {
     pub revision: i64,
+    /// When apply published it (for the delivery-lag histogram).
+    pub published: std::time::Instant,
     /// The store jumped to `revision` without events (snapshot installed):
     /// subscribers catch up from history.
     pub reset: bool,
@@ -104,7 +106,7 @@ impl Frame {
         // Serializing plain vectors and integers cannot fail.
         let aligned = rkyv::to_bytes::<rancor::Error>(&wire).expect("rkyv encoding of a frame");
         // `from_owner` keeps the AlignedVec's alignment, which in-place access needs.
-        Frame { revision, reset: false, bytes: Bytes::from_owner(aligned) }
+        Frame { revision, published: std::time::Instant::now(), reset: false, bytes: Bytes::from_owner(aligned) }
     }
 
     /// The archived frame, validated, read in place.
@@ -166,16 +168,13 @@ impl WatchHub {
     }
 
     pub fn reset(&self, revision: i64) {
-        let _ = self.tx.send(Frame { revision, reset: true, bytes: Bytes::new() });
+        let _ =
+            self.tx.send(Frame { revision, published: std::time::Instant::now(), reset: true, bytes: Bytes::new() });
     }
 
     /// Subscribe to raw frames (in-process consumers such as informers).
     pub fn frames(&self) -> broadcast::Receiver<Frame> {
         self.tx.subscribe()
-    }
-
-    pub fn watchers(&self) -> usize {
-        self.tx.receiver_count()
     }
 
     pub fn metrics(&self) -> &crate::metrics::WatchMetrics {
@@ -258,6 +257,15 @@ fn catch_up(hub: &WatchHub, req: &WatchRequest, from: i64, to: Option<i64>) -> C
     }
 }
 
+/// Keeps the active-watchers gauge right however the watcher task ends.
+struct ActiveWatcher<'a>(&'a prometheus::IntGauge);
+
+impl Drop for ActiveWatcher<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn run_watcher(
     hub: Arc<WatchHub>,
     req: WatchRequest,
@@ -274,7 +282,7 @@ async fn run_watcher(
     }
     macro_rules! cancel_compacted {
         ($c:expr) => {{
-            hub.metrics.cancelled_compacted.inc();
+            hub.metrics.cancelled.with_label_values(&["compacted"]).inc();
             let _ = out
                 .send(WatchMessage::Canceled {
                     reason: "mvcc: required revision has been compacted".into(),
@@ -284,6 +292,8 @@ async fn run_watcher(
             return;
         }};
     }
+    hub.metrics.watchers.inc();
+    let _active = ActiveWatcher(&hub.metrics.watchers);
     // Subscribed before reading the current revision: nothing falls between.
     let current = match hub.state.get() {
         Some(s) => s.read().mvcc.revision(),
@@ -348,6 +358,7 @@ async fn run_watcher(
                     last = frame.revision;
                     if !events.is_empty() {
                         hub.metrics.events_sent.inc_by(events.len() as u64);
+                        hub.metrics.delivery_lag.observe(frame.published.elapsed().as_secs_f64());
                         sent_since_tick = true;
                         send!(WatchMessage::Events { revision: frame.revision, events });
                     }

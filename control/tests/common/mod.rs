@@ -79,6 +79,8 @@ impl Cluster {
             "127.0.0.1:0".into(),
             "--etcd-listen".into(),
             "127.0.0.1:0".into(),
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
         ];
         args.extend(self.extra.clone());
         if self.masters.is_empty() {
@@ -244,4 +246,72 @@ pub async fn connect(url: &str, master1: &Path) -> Channel {
 
 pub fn kv(ch: &Channel) -> pb::kv_client::KvClient<Channel> {
     pb::kv_client::KvClient::new(ch.clone())
+}
+
+/// A minimal HTTP/1.0 GET (no client library needed for loopback checks):
+/// returns (status code, body).
+pub fn http_get(url: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n")?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap_or((&buf, ""));
+    let code = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((code, body.to_string()))
+}
+
+/// `capstan up` as a user runs it; stopped with SIGINT (Ctrl-C) on drop.
+pub struct Up {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+}
+
+impl Up {
+    pub fn start(masters: usize) -> Up {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["up", "--masters", &masters.to_string(), "--data-dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut up = Up { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let log = std::fs::read_to_string(up.dir.path().join("up.log")).unwrap_or_default();
+            if log.contains("cluster up") {
+                return up;
+            }
+            if let Ok(Some(st)) = up.child.try_wait() {
+                panic!("capstan up exited {st}:\n{log}");
+            }
+            assert!(Instant::now() < deadline, "capstan up not ready:\n{log}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn master_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("master-{i}"))
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGINT);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
