@@ -18,18 +18,17 @@ impl Drop for Prometheus {
     }
 }
 
-fn query(port: u16, q: &str) -> serde_json::Value {
+/// The single value of an instant query, or None (not up yet, no data).
+fn query(port: u16, q: &str) -> Option<f64> {
     let enc: String = q
         .bytes()
         .map(|b| if b.is_ascii_alphanumeric() || b == b'_' { (b as char).to_string() } else { format!("%{b:02X}") })
         .collect();
-    let (code, body) =
-        http_get(&format!("http://127.0.0.1:{port}/api/v1/query?query={enc}")).expect("query prometheus");
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
-}
-
-fn scalar(v: &serde_json::Value) -> Option<f64> {
+    let (code, body) = http_get(&format!("http://127.0.0.1:{port}/api/v1/query?query={enc}")).ok()?;
+    if code != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
     v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
 }
 
@@ -90,12 +89,9 @@ fn prometheus_scrapes_every_master() {
     );
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let ok = std::panic::catch_unwind(|| {
-            let up_sum = scalar(&query(port, "sum(up{job=\"capstan-master\"})"));
-            let leaders = scalar(&query(port, "sum(capstan_raft_is_leader)"));
-            (up_sum, leaders)
-        });
-        if let Ok((Some(up_sum), Some(leaders))) = ok {
+        let up_sum = query(port, "sum(up{job=\"capstan-master\"})");
+        let leaders = query(port, "sum(capstan_raft_is_leader)");
+        if let (Some(up_sum), Some(leaders)) = (up_sum, leaders) {
             if up_sum == 3.0 {
                 assert_eq!(leaders, 1.0, "exactly one leader");
                 break;

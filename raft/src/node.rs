@@ -184,11 +184,18 @@ impl StoreNode {
             match self.batcher.propose(cmd.clone(), size).await {
                 Ok(r) => return Ok(r),
                 Err(Forward::To(member)) => {
-                    match self
-                        .clients
-                        .call(&member.peer_addr, &PeerRequest::ClientWrite(cmd.clone()), WRITE_TIMEOUT)
-                        .await
-                    {
+                    let req = PeerRequest::ClientWrite(cmd.clone());
+                    let call = self.clients.call(&member.peer_addr, &req, WRITE_TIMEOUT);
+                    let result = tokio::select! {
+                        r = call => r,
+                        // A dead leader is noticed by the election long before
+                        // the QUIC idle timeout: answer "unknown" then, so the
+                        // client retries against the new leader.
+                        () = self.leader_changed_from(&member) => {
+                            return Err(StoreError::Indeterminate("leader changed while the write was in flight".into()));
+                        }
+                    };
+                    match result {
                         Ok(PeerResponse::ClientWrite(r)) => return Ok(r),
                         Ok(PeerResponse::Error(e)) if e == NOT_LEADER => {}
                         Ok(PeerResponse::Error(e)) => return Err(StoreError::Internal(e)),
@@ -204,6 +211,23 @@ impl StoreNode {
                 return Err(StoreError::NoLeader);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Resolves once the known leader is no longer `member`.
+    async fn leader_changed_from(&self, member: &Member) {
+        let mut rx = self.raft.metrics();
+        loop {
+            let current = {
+                let m = rx.borrow_and_update();
+                m.current_leader.and_then(|id| m.membership_config.membership().get_node(&id).cloned())
+            };
+            if current.as_ref().is_some_and(|c| c != member) {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
         }
     }
 

@@ -35,8 +35,8 @@ pub const MAX_FRAME: usize = 256 << 20;
 /// concurrent streams for many forwarded client requests.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_millis(300)));
-    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(1500))));
+    t.keep_alive_interval(Some(Duration::from_millis(250)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(1000))));
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(8192));
     Arc::new(t)
 }
