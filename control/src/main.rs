@@ -8,12 +8,14 @@
 //! - `up.rs`: `capstan up`, a local cluster of N masters on loopback.
 //! - `admin.rs`: admin credentials and the etcd client used by operator
 //!   commands (`capstan token create`, `up`).
+//! - `operator.rs`: `capstan status`, `member`, `snapshot save|restore`.
 //! - `logging.rs`: tracing setup (JSON when stderr is not a terminal).
 
 mod admin;
 mod etcd;
 mod health;
 mod logging;
+mod operator;
 mod server;
 mod up;
 
@@ -48,6 +50,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// A table of the masters: role, term, applied index, lag, size, alarms.
+    Status(operator::StatusArgs),
+    /// Cluster membership, online.
+    Member {
+        #[command(subcommand)]
+        cmd: operator::MemberCmd,
+    },
+    /// Backups: save from a running cluster, restore into a new one.
+    Snapshot {
+        #[command(subcommand)]
+        cmd: operator::SnapshotCmd,
+    },
 }
 
 #[derive(Subcommand)]
@@ -71,6 +85,9 @@ fn main() -> std::process::ExitCode {
             Cmd::Server(a) => server::run(*a).await,
             Cmd::Up(a) => up::run(a).await,
             Cmd::Token { cmd: TokenCmd::Create(a) } => admin::token_create(a).await,
+            Cmd::Status(a) => operator::status(a).await,
+            Cmd::Member { cmd } => operator::member(cmd).await,
+            Cmd::Snapshot { cmd } => operator::snapshot(cmd).await,
         }
     });
     match result {

@@ -33,6 +33,13 @@ pub struct ServerArgs {
     /// Join an existing cluster through this master's peer address.
     #[arg(long, requires = "token")]
     pub join: Option<String>,
+    /// With --init: start the new cluster from a backup taken with
+    /// `capstan snapshot save` (or `etcdctl snapshot save` against Capstan).
+    #[arg(long, requires = "init")]
+    pub restore: Option<PathBuf>,
+    /// Prepare the data dir, then stop instead of serving (`capstan snapshot restore`).
+    #[arg(long, hide = true)]
+    pub exit_when_ready: bool,
     /// Bootstrap token from `capstan token create`.
     #[arg(long)]
     pub token: Option<String>,
@@ -201,6 +208,13 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
             retain_revisions: settings.auto_compaction_revisions,
         },
         snapshot_every: settings.snapshot_every,
+        restore: match &a.restore {
+            Some(path) => {
+                let bytes = std::fs::read(path).with_context(|| format!("reading backup {}", path.display()))?;
+                Some(capstan_raft::backup::decode(&bytes).with_context(|| format!("backup {}", path.display()))?)
+            }
+            None => None,
+        },
     };
     std::fs::create_dir_all(&a.data_dir)?;
     let started = bootstrap::start(cfg, how).await?;
@@ -250,12 +264,20 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(name = %name, id = started.member.id, peer = %endpoints.peer, etcd = %endpoints.etcd_url, "master serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
+    if a.exit_when_ready {
+        // A one-member cluster is ready once it leads and has applied its first entries.
+        let wait = started.node.raft.wait(Some(std::time::Duration::from_secs(30)));
+        wait.state(openraft::ServerState::Leader, "restored cluster elects itself").await?;
+        started.node.read_index().await?;
+        tracing::info!("data dir prepared; start it with `capstan server --data-dir {}`", a.data_dir.display());
+    } else {
+        tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = term.recv() => tracing::info!("terminated; shutting down"),
         Some(r) = tasks.join_next() => {
             let r = r.context("listener task")?;
             r?;
+        }
         }
     }
     let _ = std::fs::remove_file(a.data_dir.join("endpoints.json"));

@@ -65,6 +65,8 @@ pub struct StoreConfig {
     pub limits: Limits,
     /// Take a snapshot (and purge the log behind it) every this many entries.
     pub snapshot_every: u64,
+    /// With `Bootstrap::Init`: start the new cluster from this backup.
+    pub restore: Option<crate::mvcc::Image>,
 }
 
 pub enum Bootstrap {
@@ -307,6 +309,9 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     };
     let pki = Arc::new(pki);
     let storage = Arc::new(Storage::open(&cfg.data_dir)?);
+    if let (true, Some(image)) = (init, cfg.restore.clone()) {
+        storage.load_image(image)?;
+    }
     let hub = Arc::new(WatchHub::new(4096));
     let sm = storage.state_machine(hub.clone())?;
     let state = sm.shared();
