@@ -41,9 +41,11 @@ fn prometheus_scrapes_every_master() {
     assert!(out.status.success(), "promtool check config: {}", String::from_utf8_lossy(&out.stderr));
 
     // Every /metrics page is well-formed and lint-clean; health endpoints answer.
+    let mut exposed = String::new();
     for i in 1..=3 {
         let (code, body) = http_get(&format!("{}/metrics", metrics_url(&up, i))).unwrap();
         assert_eq!(code, 200);
+        exposed.push_str(&body);
         for name in [
             "capstan_raft_is_leader",
             "capstan_store_revision",
@@ -72,6 +74,21 @@ fn prometheus_scrapes_every_master() {
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("[+]raft-leader ok"), "{body}");
         assert_eq!(http_get(&format!("{}/livez", metrics_url(&up, i))).unwrap(), (200, "ok".to_string()));
+    }
+
+    // The shipped alerts and dashboard only use metrics that exist.
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let used = std::fs::read_to_string(deploy.join("prometheus/capstan-alerts.yml")).unwrap()
+        + &std::fs::read_to_string(deploy.join("grafana/capstan-masters.json")).unwrap();
+    let mut names: Vec<&str> = used
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("capstan_") || w.starts_with("process_"))
+        .collect();
+    names.sort();
+    names.dedup();
+    assert!(names.len() > 10);
+    for n in names {
+        assert!(exposed.contains(n), "deploy/ refers to {n}, which no master exposes");
     }
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -106,4 +123,25 @@ fn metrics_url(up: &Up, i: usize) -> String {
     let raw = std::fs::read(up.master_dir(i).join("endpoints.json")).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
     v["metrics_url"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn shipped_rules_and_config_pass_promtool() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    for args in [
+        vec!["check", "config", "prometheus.yml"],
+        vec!["check", "rules", "capstan-alerts.yml"],
+        vec!["test", "rules", "capstan-alerts.test.yml"],
+    ] {
+        let out = Command::new("promtool").args(&args).current_dir(&dir).output().unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("../grafana/capstan-masters.json")).unwrap()).unwrap();
+    assert!(dash["panels"].as_array().unwrap().iter().all(|p| !p["targets"][0]["expr"].as_str().unwrap().is_empty()));
 }
