@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use capstan_chaos::history::{Input, Op, Output};
 use capstan_proto::etcd::etcdserverpb as pb;
 use capstan_proto::etcd::mvccpb;
 use common::*;
@@ -18,6 +19,20 @@ use tokio::sync::mpsc;
 
 const WRITES: usize = 10_000;
 const CLIENTS: usize = 16;
+
+/// Client history for the linearizability checker.
+struct History {
+    start: Instant,
+    ops: Mutex<Vec<Op>>,
+}
+
+impl History {
+    fn record(&self, key: &str, sent: Instant, input: Input, output: Output) {
+        let ns = |t: Instant| t.duration_since(self.start).as_nanos() as u64;
+        let op = Op { client: 0, key: key.to_string(), call: ns(sent), ret: ns(Instant::now()), input, output };
+        self.ops.lock().push(op);
+    }
+}
 
 /// A write we got an answer for: key, value, revision.
 type Acked = (String, String, i64);
@@ -97,12 +112,13 @@ async fn three_masters_survive_two_leader_kills() {
 
     let acked: Arc<Mutex<Vec<Acked>>> = Default::default();
     let issued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let history = Arc::new(History { start: Instant::now(), ops: Default::default() });
     // (sent, acknowledged) of every acknowledged attempt
     let ack_times: Arc<Mutex<Vec<(Instant, Instant)>>> = Default::default();
     let mut writers = Vec::new();
     for c in 0..CLIENTS {
-        let (urls, master1, acked, issued, ack_times) =
-            (urls.clone(), master1.clone(), acked.clone(), issued.clone(), ack_times.clone());
+        let (urls, master1, acked, issued, ack_times, history) =
+            (urls.clone(), master1.clone(), acked.clone(), issued.clone(), ack_times.clone(), history.clone());
         writers.push(tokio::spawn(async move {
             let mut rng = rand::rngs::StdRng::seed_from_u64(c as u64);
             let mut chans: Vec<Option<tonic::transport::Channel>> = vec![None, None, None];
@@ -133,15 +149,48 @@ async fn three_masters_survive_two_leader_kills() {
                     {
                         Ok(r) => {
                             let rev = r.into_inner().header.unwrap().revision;
+                            history.record(&key, sent, Input::Put(value.clone()), Output::Ok);
                             acked.lock().push((key.clone(), value, rev));
                             ack_times.lock().push((sent, Instant::now()));
                             break;
                         }
                         Err(_) => {
+                            // May or may not have happened: indeterminate.
+                            history.record(&key, sent, Input::Put(value.clone()), Output::Failed);
                             chans[i] = None;
                             tokio::time::sleep(Duration::from_millis(20)).await;
                         }
                     }
+                }
+            }
+        }));
+    }
+
+    // Linearizable readers on random keys through random masters.
+    let reading = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut readers = Vec::new();
+    for c in 0..4u64 {
+        let (urls, master1, history, reading) = (urls.clone(), master1.clone(), history.clone(), reading.clone());
+        readers.push(tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(100 + c);
+            let mut chans: Vec<Option<tonic::transport::Channel>> = vec![None, None, None];
+            while reading.load(std::sync::atomic::Ordering::Relaxed) {
+                let i = rng.gen_range(0..3);
+                if chans[i].is_none() {
+                    chans[i] = try_connect(&urls[i], &master1).await.ok();
+                }
+                let Some(ch) = chans[i].clone() else {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                };
+                let key = format!("k/{:05}", rng.gen_range(0..4000));
+                let sent = Instant::now();
+                match kv(&ch).range(pb::RangeRequest { key: key.clone().into(), ..Default::default() }).await {
+                    Ok(r) => {
+                        let v = r.into_inner().kvs.first().map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+                        history.record(&key, sent, Input::Get, Output::Value(v));
+                    }
+                    Err(_) => chans[i] = None, // a failed read observed nothing
                 }
             }
         }));
@@ -171,6 +220,14 @@ async fn three_masters_survive_two_leader_kills() {
     for w in writers {
         w.await.unwrap();
     }
+    reading.store(false, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    let ops = history.ops.lock().clone();
+    let verdict = capstan_chaos::linearizability::check(&ops);
+    println!("linearizability: {} operations, verdict {verdict:?}", ops.len());
+    assert_eq!(verdict, capstan_chaos::linearizability::Verdict::Ok);
     let acked = acked.lock().clone();
     assert_eq!(acked.len(), WRITES);
     let final_rev = acked.iter().map(|a| a.2).max().unwrap();

@@ -1,0 +1,15 @@
+//! `capstan-chaos`: proof that a Capstan cluster loses nothing under faults.
+//!
+//! Tour (this crate grows with the harness; see the chaos issue):
+//! - [`history`]: client operation histories as workloads record them.
+//! - [`linearizability`]: a porcupine-style checker (per key, Wing–Gong
+//!   search with memoisation) and a brute-force one it is cross-checked
+//!   against on small histories.
+//! - [`watch_check`]: the nine watch guarantees of RELIABILITY.md, each
+//!   counted, from the stored revision history and what watchers received.
+//!
+//! Checkers are pure functions over recorded data: no sockets, no clocks.
+
+pub mod history;
+pub mod linearizability;
+pub mod watch_check;
