@@ -39,7 +39,8 @@ pub struct WatchSpec {
 impl WatchSpec {
     fn matches(&self, e: &Event) -> bool {
         let in_range = if self.end.is_empty() { e.key == self.start } else { e.key >= self.start && e.key < self.end };
-        in_range && !(e.delete && self.no_delete) && !(!e.delete && self.no_put)
+        let wanted = if e.delete { !self.no_delete } else { !self.no_put };
+        in_range && wanted
     }
 }
 
