@@ -85,3 +85,68 @@ pub async fn token_create(a: TokenCreateArgs) -> anyhow::Result<()> {
     println!("{token}");
     Ok(())
 }
+
+#[derive(Args, Debug)]
+pub struct TokenListArgs {
+    /// Data dir of a running master on this host.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+}
+
+/// Bootstrap tokens in the store: id, usage and remaining lifetime (the
+/// secrets are stored only as hashes and cannot be shown again).
+pub async fn token_list(a: TokenListArgs) -> anyhow::Result<()> {
+    let ch = admin_channel(&a.data_dir).await?;
+    let prefix = bootstrap::TOKEN_PREFIX.as_bytes().to_vec();
+    let mut end = prefix.clone();
+    *end.last_mut().expect("non-empty prefix") += 1;
+    let r = pb::kv_client::KvClient::new(ch.clone())
+        .range(pb::RangeRequest { key: prefix.clone(), range_end: end, ..Default::default() })
+        .await?
+        .into_inner();
+    println!("{:<10} {:<8} EXPIRES IN", "ID", "USAGE");
+    for kv in r.kvs {
+        let id = String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned();
+        let usage = serde_json::from_slice::<serde_json::Value>(&kv.value)
+            .ok()
+            .and_then(|v| v["usage"].as_str().map(String::from))
+            .unwrap_or_else(|| "?".into());
+        let ttl = if kv.lease == 0 {
+            "never".to_string()
+        } else {
+            let t = pb::lease_client::LeaseClient::new(ch.clone())
+                .lease_time_to_live(pb::LeaseTimeToLiveRequest { id: kv.lease, keys: false })
+                .await?
+                .into_inner();
+            format!("{}s", t.ttl)
+        };
+        println!("{id:<10} {usage:<8} {ttl}");
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct TokenDeleteArgs {
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// The token id (the part after `capstan1.`), or the whole token.
+    pub token: String,
+}
+
+pub async fn token_delete(a: TokenDeleteArgs) -> anyhow::Result<()> {
+    let id = match JoinToken::parse(&a.token) {
+        Ok(t) => t.id,
+        Err(_) => a.token.clone(),
+    };
+    if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+        anyhow::bail!("{:?} is not a token id", a.token);
+    }
+    let ch = admin_channel(&a.data_dir).await?;
+    let key = format!("{}{id}", bootstrap::TOKEN_PREFIX).into_bytes();
+    let r = pb::kv_client::KvClient::new(ch).delete_range(pb::DeleteRangeRequest { key, ..Default::default() }).await?;
+    if r.into_inner().deleted == 0 {
+        anyhow::bail!("no token with id {id}");
+    }
+    println!("deleted token {id}");
+    Ok(())
+}

@@ -68,6 +68,10 @@ enum Cmd {
 enum TokenCmd {
     /// Create a bootstrap token and print it.
     Create(admin::TokenCreateArgs),
+    /// List bootstrap tokens (ids, usage, lifetime left).
+    List(admin::TokenListArgs),
+    /// Delete a bootstrap token before it expires.
+    Delete(admin::TokenDeleteArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -85,6 +89,8 @@ fn main() -> std::process::ExitCode {
             Cmd::Server(a) => server::run(*a).await,
             Cmd::Up(a) => up::run(a).await,
             Cmd::Token { cmd: TokenCmd::Create(a) } => admin::token_create(a).await,
+            Cmd::Token { cmd: TokenCmd::List(a) } => admin::token_list(a).await,
+            Cmd::Token { cmd: TokenCmd::Delete(a) } => admin::token_delete(a).await,
             Cmd::Status(a) => operator::status(a).await,
             Cmd::Member { cmd } => operator::member(cmd).await,
             Cmd::Snapshot { cmd } => operator::snapshot(cmd).await,

@@ -33,7 +33,24 @@ async fn grow_replace_quota_and_auth() {
     assert_eq!(ms.len(), 3);
     assert!(ms.iter().all(|m| !m.is_learner), "joined masters are voters: {ms:?}");
 
-    // replace master-3 with master-4
+    // replace master-3 with master-4 while clients keep writing
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let acked: std::sync::Arc<parking_lot::Mutex<Vec<(String, i64)>>> = Default::default();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (ch, stop, acked) = (ch.clone(), stop.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let key = format!("load/{w}/{i}");
+                let put = pb::PutRequest { key: key.clone().into(), value: b"x".to_vec(), ..Default::default() };
+                if let Ok(r) = kv(&ch).put(put).await {
+                    acked.lock().push((key, r.into_inner().header.unwrap().revision));
+                }
+                i += 1;
+            }
+        }));
+    }
     let id3 = endpoints(&cluster.masters[2].dir).unwrap().id;
     pb::cluster_client::ClusterClient::new(ch.clone())
         .member_remove(pb::MemberRemoveRequest { id: id3 })
@@ -49,6 +66,27 @@ async fn grow_replace_quota_and_auth() {
     let r =
         kv(&ch4).range(pb::RangeRequest { key: b"before".to_vec(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(r.kvs[0].value, b"1", "the new master has the old data");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().clone();
+    assert!(acked.len() > 50, "writes went on during the membership change ({} acked)", acked.len());
+    for (key, rev) in &acked {
+        for c in [&ch, &ch4] {
+            let r = kv(c).range(pb::RangeRequest { key: key.clone().into(), ..Default::default() }).await.unwrap();
+            let r = r.into_inner();
+            assert_eq!(r.kvs.first().map(|kv| kv.mod_revision), Some(*rev), "acknowledged write {key} lost");
+        }
+    }
+    kv(&ch)
+        .delete_range(pb::DeleteRangeRequest {
+            key: b"load/".to_vec(),
+            range_end: b"load0".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 
     // quota: writes fail with a clear error once over the hard limit;
     // deletes and compaction still pass, and free the space again.

@@ -44,6 +44,16 @@ async fn status_members_and_backup_restore_under_load() {
         assert!(members.contains(n), "{members}");
     }
 
+    // Tokens: create, list, delete; a deleted token no longer joins.
+    let token = capstan(&["token", "create", "--data-dir", &m1s]).trim().to_string();
+    let id = token.split('.').nth(1).unwrap().to_string();
+    let list = capstan(&["token", "list", "--data-dir", &m1s]);
+    assert!(list.lines().any(|l| l.starts_with(&id) && l.contains("master")), "{list}");
+    capstan(&["token", "delete", "--data-dir", &m1s, &token]);
+    assert!(!capstan(&["token", "list", "--data-dir", &m1s]).contains(&id));
+    let out = Command::new(BIN).args(["token", "delete", "--data-dir", &m1s, &id]).output().unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no token"));
+
     // Writers keep going while the backup is taken.
     let ch = cluster.client(1).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
