@@ -32,6 +32,8 @@ pub mod mvcc;
 pub mod node;
 pub mod peer;
 pub mod pki;
+#[cfg(feature = "planted-bugs")]
+mod planted;
 pub mod storage;
 pub mod transport;
 pub mod types;

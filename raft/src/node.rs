@@ -241,6 +241,11 @@ impl StoreNode {
     /// before this call (ReadIndex). After it returns, a local read is
     /// linearizable. Concurrent calls share one round (see `batch.rs`).
     pub async fn read_index(self: &Arc<Self>) -> Result<(), StoreError> {
+        #[cfg(feature = "planted-bugs")]
+        if crate::planted::armed("stale-read") {
+            // Planted bug: serve "linearizable" reads from local state as is.
+            return Ok(());
+        }
         let me = self.clone();
         let round = move || {
             let me = me.clone();

@@ -356,6 +356,11 @@ async fn run_watcher(
                         }
                     }
                     last = frame.revision;
+                    #[cfg(feature = "planted-bugs")]
+                    if crate::planted::armed("drop-watch-event") && frame.revision % 25 == 0 {
+                        // Planted bug: lose one revision in 25 on the live path.
+                        events.clear();
+                    }
                     if !events.is_empty() {
                         hub.metrics.events_sent.inc_by(events.len() as u64);
                         hub.metrics.delivery_lag.observe(frame.published.elapsed().as_secs_f64());
