@@ -8,8 +8,14 @@
 //! - [`watch_check`]: the nine watch guarantees of RELIABILITY.md, each
 //!   counted, from the stored revision history and what watchers received.
 //!
+//! - [`cluster`]: the cluster under test (`capstan up`) and its faults.
+//! - [`run`]: one scenario: workload + watchers + faults, then the checkers
+//!   and a JSON report.
+//!
 //! Checkers are pure functions over recorded data: no sockets, no clocks.
 
+pub mod cluster;
 pub mod history;
 pub mod linearizability;
+pub mod run;
 pub mod watch_check;

@@ -1,9 +1,10 @@
-//! `capstan-chaos`: fault-injection harness and checkers. For now: the
-//! checkers over recorded histories; the harness (namespaces, faults,
-//! workloads) comes next (see the chaos issue).
+//! `capstan-chaos`: run fault scenarios against real masters and check that
+//! nothing was lost; or check a recorded history.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
+use capstan_chaos::run::{RunConfig, Scenario};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -15,6 +16,37 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run one scenario against a fresh local cluster; prints a JSON report.
+    Run {
+        #[arg(long, value_enum)]
+        scenario: Scenario,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Seconds of workload.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Seconds between faults.
+        #[arg(long, default_value_t = 6)]
+        interval: u64,
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 20)]
+        keys: usize,
+        /// The capstan binary.
+        #[arg(long, default_value = "/var/tmp/capstan-target/debug/capstan")]
+        capstan: PathBuf,
+    },
+    /// Run every scenario and write a Markdown summary (e.g. chaos/RESULTS.md).
+    Matrix {
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        #[arg(long, default_value = "/var/tmp/capstan-target/debug/capstan")]
+        capstan: PathBuf,
+        #[arg(long, default_value = "chaos/RESULTS.md")]
+        out: PathBuf,
+    },
     /// Check a KV history (JSON array of operations) for linearizability.
     CheckHistory { file: PathBuf },
 }
@@ -22,6 +54,70 @@ enum Cmd {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Run { scenario, seed, duration, interval, clients, keys, capstan } => {
+            let cfg = RunConfig {
+                capstan,
+                scenario,
+                seed,
+                duration: Duration::from_secs(duration),
+                clients,
+                keys,
+                interval: Duration::from_secs(interval),
+            };
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return std::process::ExitCode::from(2);
+                }
+            };
+            match rt.block_on(capstan_chaos::run::run(cfg)) {
+                Ok(report) => {
+                    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+                    if report.passed {
+                        std::process::ExitCode::SUCCESS
+                    } else {
+                        std::process::ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::ExitCode::from(2)
+                }
+            }
+        }
+        Cmd::Matrix { seed, duration, capstan, out } => {
+            let cfg = RunConfig {
+                capstan,
+                scenario: Scenario::Steady,
+                seed,
+                duration: Duration::from_secs(duration),
+                clients: 8,
+                keys: 20,
+                interval: Duration::from_secs(6),
+            };
+            let result = tokio::runtime::Runtime::new()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(capstan_chaos::run::matrix(cfg)));
+            match result {
+                Ok((md, all)) => {
+                    print!("{md}");
+                    if let Err(e) = std::fs::write(&out, md) {
+                        eprintln!("error: writing {}: {e}", out.display());
+                        return std::process::ExitCode::from(2);
+                    }
+                    if all {
+                        std::process::ExitCode::SUCCESS
+                    } else {
+                        std::process::ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    std::process::ExitCode::from(2)
+                }
+            }
+        }
         Cmd::CheckHistory { file } => {
             let ops: Vec<capstan_chaos::history::Op> = match std::fs::read(&file)
                 .map_err(anyhow::Error::from)

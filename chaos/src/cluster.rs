@@ -1,0 +1,131 @@
+//! A cluster under test, as a user would run it: `capstan up` on loopback.
+//! `up` restarts a master that dies, which is exactly "kill -9 and restart".
+//! Faults are signals to the masters' PIDs (read from each master's
+//! `endpoints.json`); nothing else on the machine is touched, and dropping
+//! the cluster stops `up`, which stops its masters (SIGKILL after 10 s, which
+//! also ends a master left paused).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+pub struct UpCluster {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub masters: usize,
+    env: HashMap<String, String>,
+}
+
+#[derive(Clone, Debug, serde::Deserialize)]
+pub struct Endpoints {
+    pub name: String,
+    pub id: u64,
+    pub etcd_url: String,
+    pub pid: u32,
+}
+
+impl UpCluster {
+    pub fn start(capstan: &Path, masters: usize) -> anyhow::Result<UpCluster> {
+        let dir = tempfile::Builder::new().prefix("capstan-chaos").tempdir()?;
+        let log = std::fs::File::create(dir.path().join("up.log"))?;
+        let child = Command::new(capstan)
+            .args(["up", "--masters", &masters.to_string(), "--data-dir"])
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {}", capstan.display()))?;
+        let mut c = UpCluster { child, dir, masters, env: HashMap::new() };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let log = std::fs::read_to_string(c.dir.path().join("up.log")).unwrap_or_default();
+            if log.contains("cluster up") {
+                break;
+            }
+            if let Some(st) = c.child.try_wait()? {
+                bail!("capstan up exited ({st}):\n{log}");
+            }
+            if Instant::now() > deadline {
+                bail!("capstan up not ready in 120 s:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let env = std::fs::read_to_string(c.dir.path().join("etcdctl.env"))?;
+        c.env = env
+            .lines()
+            .filter_map(|l| l.strip_prefix("export "))
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Ok(c)
+    }
+
+    pub fn master_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("master-{}", i + 1))
+    }
+
+    pub fn endpoints(&self, i: usize) -> Option<Endpoints> {
+        serde_json::from_slice(&std::fs::read(self.master_dir(i).join("endpoints.json")).ok()?).ok()
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        (0..self.masters).filter_map(|i| self.endpoints(i).map(|e| e.etcd_url)).collect()
+    }
+
+    /// An admin channel to `url` (credentials written by `capstan up`).
+    pub async fn channel(&self, url: &str) -> anyhow::Result<Channel> {
+        let read = |k: &str| std::fs::read_to_string(&self.env[k]);
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ETCDCTL_CACERT")?))
+            .identity(Identity::from_pem(read("ETCDCTL_CERT")?, read("ETCDCTL_KEY")?));
+        Ok(Channel::from_shared(url.to_string())?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(10))
+            .connect()
+            .await?)
+    }
+
+    fn signal(&self, pid: u32, sig: i32) {
+        // SAFETY: kill(2) on a PID of a master this cluster's `up` started.
+        unsafe {
+            libc::kill(pid as i32, sig);
+        }
+    }
+
+    /// kill -9; `up` restarts it from its data dir.
+    pub fn kill9(&self, i: usize) -> Option<u32> {
+        let pid = self.endpoints(i)?.pid;
+        self.signal(pid, libc::SIGKILL);
+        Some(pid)
+    }
+
+    /// Wait until master `i` runs with a process other than `old_pid`.
+    pub fn wait_restarted(&self, i: usize, old_pid: u32, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.endpoints(i).is_some_and(|e| e.pid != old_pid) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+}
+
+impl Drop for UpCluster {
+    fn drop(&mut self) {
+        self.signal(self.child.id(), libc::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,495 @@
+//! One chaos run: a `capstan up` cluster, a seeded KV workload with
+//! watchers, a fault schedule, then the checkers and a JSON report.
+//!
+//! Figures (RELIABILITY.md): linearizability of the KV history;
+//! `acked_writes_lost` (every acknowledged put read back at its revision on
+//! every master); the nine watch guarantees for resumable watchers;
+//! `split_brain` (revisions whose events differ between masters); recovery
+//! time from each fault to the first acknowledged write sent after it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capstan_proto::etcd::etcdserverpb as pb;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+use crate::cluster::UpCluster;
+use crate::history::{Input, Op, Output};
+use crate::linearizability::{self, Verdict};
+use crate::watch_check::{self, Event, Response, WatchReport, WatchSpec};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum Scenario {
+    /// No faults: the baseline every figure must meet too.
+    Steady,
+    /// kill -9 the leader (it is restarted), repeatedly.
+    KillLeader,
+    /// kill -9 a follower (it is restarted), repeatedly.
+    KillFollower,
+    /// SIGSTOP the leader for 3 s, then SIGCONT, repeatedly.
+    PauseLeader,
+}
+
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub capstan: PathBuf,
+    pub scenario: Scenario,
+    pub seed: u64,
+    pub duration: Duration,
+    pub clients: usize,
+    pub keys: usize,
+    /// Time between faults.
+    pub interval: Duration,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub seed: u64,
+    pub duration_s: f64,
+    pub operations: usize,
+    pub acknowledged_writes: usize,
+    pub faults: usize,
+    pub linearizable: bool,
+    pub verdict: Verdict,
+    pub acked_writes_lost: u64,
+    pub watch: WatchReport,
+    pub split_brain: u64,
+    pub recovery_ms: Option<Recovery>,
+    pub pass: BTreeMap<&'static str, bool>,
+    pub passed: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Recovery {
+    pub p50: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+struct Shared {
+    start: Instant,
+    ops: Mutex<Vec<Op>>,
+    /// Acknowledged puts: key, value, revision.
+    acked: Mutex<Vec<(String, String, i64)>>,
+    /// (sent, acknowledged) of acknowledged puts, for recovery times.
+    ack_times: Mutex<Vec<(Instant, Instant)>>,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn ns(&self, t: Instant) -> u64 {
+        t.duration_since(self.start).as_nanos() as u64
+    }
+}
+
+fn progress(msg: &str) {
+    eprintln!("[capstan-chaos] {msg}");
+}
+
+async fn connect(cluster: &UpCluster, url: &str) -> Option<Channel> {
+    cluster.channel(url).await.ok()
+}
+
+async fn client(cluster: Arc<UpCluster>, shared: Arc<Shared>, id: u32, seed: u64, keys: usize) {
+    let urls = cluster.urls();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (id as u64).wrapping_mul(0x9e37_79b9));
+    let mut chans: Vec<Option<Channel>> = vec![None; urls.len()];
+    let mut last_seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut n = 0u64;
+    while !shared.stop.load(Ordering::Relaxed) {
+        let i = rng.gen_range(0..urls.len());
+        if chans[i].is_none() {
+            chans[i] = connect(&cluster, &urls[i]).await;
+        }
+        let Some(ch) = chans[i].clone() else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let mut kv = pb::kv_client::KvClient::new(ch);
+        let key = format!("chaos/{}", rng.gen_range(0..keys));
+        n += 1;
+        let value = format!("c{id}-{n}");
+        let roll = rng.gen_range(0..10);
+        let sent = Instant::now();
+        let (input, output, failed) = if roll < 4 {
+            match kv.range(pb::RangeRequest { key: key.clone().into_bytes(), ..Default::default() }).await {
+                Ok(r) => {
+                    let v = r.into_inner().kvs.first().map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+                    if let Some(v) = &v {
+                        last_seen.insert(key.clone(), v.clone());
+                    }
+                    (Input::Get, Output::Value(v), false)
+                }
+                Err(_) => (Input::Get, Output::Failed, true),
+            }
+        } else if roll < 8 || !last_seen.contains_key(&key) {
+            let put = pb::PutRequest {
+                key: key.clone().into_bytes(),
+                value: value.clone().into_bytes(),
+                ..Default::default()
+            };
+            match kv.put(put).await {
+                Ok(r) => {
+                    let rev = r.into_inner().header.map_or(0, |h| h.revision);
+                    shared.acked.lock().expect("not poisoned").push((key.clone(), value.clone(), rev));
+                    shared.ack_times.lock().expect("not poisoned").push((sent, Instant::now()));
+                    last_seen.insert(key.clone(), value.clone());
+                    (Input::Put(value), Output::Ok, false)
+                }
+                Err(_) => (Input::Put(value), Output::Failed, true),
+            }
+        } else {
+            let expect = last_seen[&key].clone();
+            let txn = pb::TxnRequest {
+                compare: vec![pb::Compare {
+                    key: key.clone().into_bytes(),
+                    result: pb::compare::CompareResult::Equal as i32,
+                    target: pb::compare::CompareTarget::Value as i32,
+                    target_union: Some(pb::compare::TargetUnion::Value(expect.clone().into_bytes())),
+                    range_end: vec![],
+                }],
+                success: vec![pb::RequestOp {
+                    request: Some(pb::request_op::Request::RequestPut(pb::PutRequest {
+                        key: key.clone().into_bytes(),
+                        value: value.clone().into_bytes(),
+                        ..Default::default()
+                    })),
+                }],
+                failure: vec![],
+            };
+            let input = Input::Cas { expect, new: value.clone() };
+            match kv.txn(txn).await {
+                Ok(r) => {
+                    let ok = r.into_inner().succeeded;
+                    if ok {
+                        last_seen.insert(key.clone(), value);
+                    }
+                    (input, Output::Cas(ok), false)
+                }
+                Err(_) => (input, Output::Failed, true),
+            }
+        };
+        if failed {
+            chans[i] = None;
+        }
+        let op = Op { client: id, key, call: shared.ns(sent), ret: shared.ns(Instant::now()), input, output };
+        shared.ops.lock().expect("not poisoned").push(op);
+    }
+}
+
+fn to_event(e: &capstan_proto::etcd::mvccpb::Event) -> Option<Event> {
+    let kv = e.kv.as_ref()?;
+    Some(Event {
+        key: String::from_utf8_lossy(&kv.key).into_owned(),
+        delete: e.r#type == 1,
+        value: String::from_utf8_lossy(&kv.value).into_owned(),
+        mod_revision: kv.mod_revision,
+        create_revision: kv.create_revision,
+        version: kv.version,
+        prev_value: e.prev_kv.as_ref().map(|p| String::from_utf8_lossy(&p.value).into_owned()),
+    })
+}
+
+/// A watcher that resumes on another master from the revision after the
+/// last it saw, until `until` (revision) is reached or `stop` and timeout.
+async fn watcher(
+    cluster: Arc<UpCluster>,
+    seed: u64,
+    until: Arc<Mutex<Option<i64>>>,
+    deadline: Instant,
+) -> Vec<Response> {
+    let urls = cluster.urls();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut received = Vec::new();
+    let mut next_rev = 1i64;
+    'outer: while Instant::now() < deadline {
+        if until.lock().expect("not poisoned").is_some_and(|end| next_rev > end) {
+            break;
+        }
+        let url = &urls[rng.gen_range(0..urls.len())];
+        let Some(ch) = connect(&cluster, url).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let create = pb::WatchCreateRequest {
+            key: b"chaos/".to_vec(),
+            range_end: b"chaos0".to_vec(),
+            start_revision: next_rev,
+            prev_kv: true,
+            ..Default::default()
+        };
+        let req = pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) };
+        if tx.send(req).await.is_err() {
+            continue;
+        }
+        let Ok(resp) =
+            pb::watch_client::WatchClient::new(ch).watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await
+        else {
+            continue;
+        };
+        let mut stream = resp.into_inner();
+        loop {
+            let msg = match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+                Ok(Ok(Some(m))) => m,
+                _ => continue 'outer,
+            };
+            if msg.canceled {
+                continue 'outer;
+            }
+            let events: Vec<Event> = msg.events.iter().filter_map(to_event).collect();
+            if let Some(last) = events.iter().map(|e| e.mod_revision).max() {
+                next_rev = last + 1;
+                received.push(Response::Events(events));
+            }
+            if until.lock().expect("not poisoned").is_some_and(|end| next_rev > end) {
+                break 'outer;
+            }
+        }
+    }
+    received
+}
+
+/// Every master's full event history (revision -> events), read by a watch
+/// from revision 1 served by that master alone.
+async fn history_of(cluster: &UpCluster, url: &str, until: i64) -> anyhow::Result<BTreeMap<i64, Vec<Event>>> {
+    let ch = cluster.channel(url).await?;
+    let (tx, rx) = mpsc::channel(4);
+    let create = pb::WatchCreateRequest {
+        key: b"chaos/".to_vec(),
+        range_end: b"chaos0".to_vec(),
+        start_revision: 1,
+        prev_kv: true,
+        ..Default::default()
+    };
+    tx.send(pb::WatchRequest { request_union: Some(pb::watch_request::RequestUnion::CreateRequest(create)) }).await?;
+    let mut stream = pb::watch_client::WatchClient::new(ch)
+        .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut out: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while out.keys().last().copied().unwrap_or(0) < until {
+        anyhow::ensure!(Instant::now() < deadline, "history of {url} incomplete");
+        let Some(msg) = tokio::time::timeout(Duration::from_secs(10), stream.message()).await?? else { break };
+        anyhow::ensure!(!msg.canceled, "history watch canceled: {}", msg.cancel_reason);
+        for e in msg.events.iter().filter_map(to_event) {
+            out.entry(e.mod_revision).or_default().push(e);
+        }
+    }
+    Ok(out)
+}
+
+async fn leader_index(cluster: &UpCluster) -> Option<usize> {
+    for i in 0..cluster.masters {
+        let Some(ep) = cluster.endpoints(i) else { continue };
+        let Some(ch) = connect(cluster, &ep.etcd_url).await else { continue };
+        let Ok(st) = pb::maintenance_client::MaintenanceClient::new(ch).status(pb::StatusRequest::default()).await
+        else {
+            continue;
+        };
+        let leader = st.into_inner().leader;
+        return (0..cluster.masters).find(|j| cluster.endpoints(*j).is_some_and(|e| e.id == leader));
+    }
+    None
+}
+
+pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
+    progress(&format!("starting 3 masters ({:?}, seed {})", cfg.scenario, cfg.seed));
+    let cluster = Arc::new(UpCluster::start(&cfg.capstan, 3)?);
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        ops: Mutex::default(),
+        acked: Mutex::default(),
+        ack_times: Mutex::default(),
+        stop: AtomicBool::new(false),
+    });
+    let until = Arc::new(Mutex::new(None));
+    let watch_deadline = Instant::now() + cfg.duration + Duration::from_secs(90);
+    let watchers: Vec<_> = (0..2)
+        .map(|w| tokio::spawn(watcher(cluster.clone(), cfg.seed + 1000 + w, until.clone(), watch_deadline)))
+        .collect();
+    let clients: Vec<_> = (0..cfg.clients)
+        .map(|c| tokio::spawn(client(cluster.clone(), shared.clone(), c as u32, cfg.seed, cfg.keys)))
+        .collect();
+
+    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
+    let end = Instant::now() + cfg.duration;
+    let mut faults = 0;
+    let mut fault_times = Vec::new();
+    // Leave an interval after the last fault to measure its recovery.
+    while Instant::now() + 2 * cfg.interval <= end {
+        tokio::time::sleep(cfg.interval).await;
+        let Some(leader) = leader_index(&cluster).await else { continue };
+        let t0 = Instant::now();
+        match cfg.scenario {
+            Scenario::Steady => continue,
+            Scenario::KillLeader | Scenario::KillFollower => {
+                let target =
+                    if cfg.scenario == Scenario::KillLeader { leader } else { (leader + 1 + rng.gen_range(0..2)) % 3 };
+                progress(&format!("kill -9 master-{}", target + 1));
+                if let Some(pid) = cluster.kill9(target) {
+                    let c = cluster.clone();
+                    tokio::task::spawn_blocking(move || c.wait_restarted(target, pid, Duration::from_secs(60))).await?;
+                }
+            }
+            Scenario::PauseLeader => {
+                progress(&format!("SIGSTOP master-{} for 3 s", leader + 1));
+                let pid = cluster.endpoints(leader).map(|e| e.pid);
+                if let Some(pid) = pid {
+                    // SAFETY: signals to a master PID started by this run's `capstan up`.
+                    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+                    tokio::time::sleep(Duration::from_secs(3)).await;
+                    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+                }
+            }
+        }
+        faults += 1;
+        fault_times.push(t0);
+    }
+    tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
+    shared.stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await?;
+    }
+    let acked = shared.acked.lock().expect("not poisoned").clone();
+    // The store's revision now, not the last acknowledged one: a write that
+    // failed for its client may still have committed after it.
+    let mut final_rev = acked.iter().map(|a| a.2).max().unwrap_or(1);
+    for url in cluster.urls() {
+        if let Some(ch) = connect(&cluster, &url).await {
+            let r = pb::kv_client::KvClient::new(ch)
+                .range(pb::RangeRequest { key: b"chaos/".to_vec(), ..Default::default() })
+                .await;
+            if let Ok(r) = r {
+                final_rev = final_rev.max(r.into_inner().header.map_or(0, |h| h.revision));
+                break;
+            }
+        }
+    }
+    *until.lock().expect("not poisoned") = Some(final_rev);
+    progress(&format!("workload done: {} acknowledged writes, final revision {final_rev}; checking", acked.len()));
+
+    // Histories of every master, compared revision by revision.
+    let urls = cluster.urls();
+    let mut histories = Vec::new();
+    for url in &urls {
+        histories.push(history_of(&cluster, url, final_rev).await?);
+    }
+    let mut split_brain = 0u64;
+    for rev in histories[0].keys().chain(histories[1].keys()).chain(histories[2].keys()) {
+        let first = histories[0].get(rev);
+        if histories.iter().any(|h| h.get(rev) != first) {
+            split_brain += 1;
+        }
+    }
+    let truth = &histories[0];
+    let mut acked_writes_lost = 0;
+    for (key, value, rev) in &acked {
+        for h in &histories {
+            let found = h.get(rev).is_some_and(|evs| evs.iter().any(|e| &e.key == key && &e.value == value));
+            if !found {
+                acked_writes_lost += 1;
+            }
+        }
+    }
+    let spec = WatchSpec {
+        start: "chaos/".into(),
+        end: "chaos0".into(),
+        start_revision: 1,
+        prev_kv: true,
+        ..Default::default()
+    };
+    let mut watch = WatchReport::default();
+    for w in watchers {
+        let r = watch_check::check(&spec, truth, &w.await?);
+        watch.filter += r.filter;
+        watch.ordered += r.ordered;
+        watch.unique += r.unique;
+        watch.atomic += r.atomic;
+        watch.bookmarkable += r.bookmarkable;
+        watch.reliable += r.reliable;
+        watch.resumable += r.resumable;
+        watch.prev_value += r.prev_value;
+        watch.create_flag += r.create_flag;
+    }
+    let ops = shared.ops.lock().expect("not poisoned").clone();
+    let verdict = linearizability::check(&ops);
+    let ack_times = shared.ack_times.lock().expect("not poisoned").clone();
+    let mut rec: Vec<u64> = fault_times
+        .iter()
+        .filter_map(|t0| {
+            ack_times
+                .iter()
+                .filter(|(s, _)| s > t0)
+                .map(|(_, a)| *a)
+                .min()
+                .map(|a| a.duration_since(*t0).as_millis() as u64)
+        })
+        .collect();
+    rec.sort();
+    progress(&format!("recovery times (ms) after {} faults: {rec:?}", fault_times.len()));
+    let pct = |p: f64| rec[((rec.len() - 1) as f64 * p).round() as usize];
+    let recovery_ms = (!rec.is_empty()).then(|| Recovery { p50: pct(0.5), p99: pct(0.99), max: rec[rec.len() - 1] });
+    let linearizable = verdict == Verdict::Ok;
+    let pass = BTreeMap::from([
+        ("linearizable", linearizable),
+        ("acked_writes_lost", acked_writes_lost == 0),
+        ("watch_guarantees", watch.total() == 0),
+        ("split_brain", split_brain == 0),
+        ("progress", !acked.is_empty()),
+    ]);
+    let passed = pass.values().all(|v| *v);
+    Ok(Report {
+        scenario: cfg.scenario,
+        seed: cfg.seed,
+        duration_s: cfg.duration.as_secs_f64(),
+        operations: ops.len(),
+        acknowledged_writes: acked.len(),
+        faults,
+        linearizable,
+        verdict,
+        acked_writes_lost,
+        watch,
+        split_brain,
+        recovery_ms,
+        pass,
+        passed,
+    })
+}
+
+/// Runs every scenario with the same seed and renders a Markdown summary.
+pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
+    let mut md = String::from(
+        "| scenario | seed | s | ops | acked writes | faults | linearizable | acked lost | watch violations | split brain | recovery p50/p99 ms | pass |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut all = true;
+    for scenario in [Scenario::Steady, Scenario::KillLeader, Scenario::KillFollower, Scenario::PauseLeader] {
+        let r = run(RunConfig { scenario, ..base.clone() }).await?;
+        all &= r.passed;
+        let rec = r.recovery_ms.as_ref().map_or("-".to_string(), |x| format!("{}/{}", x.p50, x.p99));
+        md.push_str(&format!(
+            "| {:?} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            r.scenario,
+            r.seed,
+            r.duration_s,
+            r.operations,
+            r.acknowledged_writes,
+            r.faults,
+            r.linearizable,
+            r.acked_writes_lost,
+            r.watch.total(),
+            r.split_brain,
+            rec,
+            if r.passed { "PASS" } else { "FAIL" }
+        ));
+    }
+    Ok((md, all))
+}
