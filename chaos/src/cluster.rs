@@ -86,7 +86,9 @@ impl UpCluster {
         Ok(Channel::from_shared(url.to_string())?
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
+            // Like a real client's per-request deadline: a paused master must
+            // not capture every client until it resumes.
+            .timeout(Duration::from_secs(2))
             .connect()
             .await?)
     }
