@@ -24,8 +24,41 @@ pub struct UpCluster {
 pub struct Endpoints {
     pub name: String,
     pub id: u64,
+    pub peer: String,
     pub etcd_url: String,
     pub pid: u32,
+}
+
+/// Master `i` cut off from the other masters: nftables drops every UDP
+/// packet to or from its peer (QUIC) port, in a table of this run's own that
+/// is deleted on drop. Client traffic (TCP) still reaches it, so it plays a
+/// deposed leader that clients can still talk to.
+pub struct Partition {
+    table: String,
+}
+
+impl Partition {
+    pub fn isolate(peer_port: u16) -> anyhow::Result<Partition> {
+        let table = format!("capstan_chaos_{}_{peer_port}", std::process::id());
+        let script = format!(
+            "add table inet {table}\n\
+             add chain inet {table} input {{ type filter hook input priority -10 ; policy accept ; }}\n\
+             add rule inet {table} input udp dport {peer_port} drop\n\
+             add rule inet {table} input udp sport {peer_port} drop\n"
+        );
+        let mut nft = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().context("running nft")?;
+        use std::io::Write;
+        nft.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
+        let st = nft.wait()?;
+        anyhow::ensure!(st.success(), "nft refused the partition rules ({st})");
+        Ok(Partition { table })
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+    }
 }
 
 impl UpCluster {

@@ -34,6 +34,9 @@ pub enum Scenario {
     KillFollower,
     /// SIGSTOP the leader for 3 s, then SIGCONT, repeatedly.
     PauseLeader,
+    /// Cut the leader off from the other masters for 4 s (nftables), while
+    /// clients can still reach it: a deposed leader must not serve stale reads.
+    PartitionLeader,
 }
 
 #[derive(Clone, Debug)]
@@ -350,6 +353,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
                 }
             }
+            Scenario::PartitionLeader => {
+                let port =
+                    cluster.endpoints(leader).and_then(|e| e.peer.rsplit_once(':').and_then(|(_, p)| p.parse().ok()));
+                if let Some(port) = port {
+                    progress(&format!("partition master-{} (peer port {port}) for 4 s", leader + 1));
+                    let cut = crate::cluster::Partition::isolate(port)?;
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    drop(cut);
+                }
+            }
         }
         faults += 1;
         fault_times.push(t0);
@@ -471,7 +484,13 @@ pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
         "| scenario | seed | s | ops | acked writes | faults | linearizable | acked lost | watch violations | split brain | recovery p50/p99 ms | pass |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut all = true;
-    for scenario in [Scenario::Steady, Scenario::KillLeader, Scenario::KillFollower, Scenario::PauseLeader] {
+    for scenario in [
+        Scenario::Steady,
+        Scenario::KillLeader,
+        Scenario::KillFollower,
+        Scenario::PauseLeader,
+        Scenario::PartitionLeader,
+    ] {
         let r = run(RunConfig { scenario, ..base.clone() }).await?;
         all &= r.passed;
         let rec = r.recovery_ms.as_ref().map_or("-".to_string(), |x| format!("{}/{}", x.p50, x.p99));
