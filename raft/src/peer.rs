@@ -12,7 +12,9 @@ use rand::Rng;
 
 use crate::bootstrap::{JoinToken, Pki, MASTER_CN_PREFIX};
 use crate::node::{Forward, StoreNode, NOT_LEADER};
-use crate::transport::{read_frame, write_frame, JoinResponse, PeerRequest, PeerResponse};
+use crate::transport::{
+    read_frame, write_frame, JoinResponse, PeerRequest, PeerResponse, MAX_ANONYMOUS_FRAME, MAX_FRAME,
+};
 use crate::types::*;
 
 /// Accept loop; runs until the endpoint is closed.
@@ -31,7 +33,8 @@ pub async fn serve_peers(endpoint: quinn::Endpoint, node: Arc<StoreNode>, pki: A
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let (node, pki) = (node.clone(), pki.clone());
                 tokio::spawn(async move {
-                    let resp = match read_frame::<PeerRequest>(&mut recv).await {
+                    let max = if master { MAX_FRAME } else { MAX_ANONYMOUS_FRAME };
+                    let resp = match read_frame::<PeerRequest>(&mut recv, max).await {
                         Ok(req) => handle(&node, &pki, req, master).await,
                         Err(e) => PeerResponse::Error(format!("bad request: {e}")),
                     };

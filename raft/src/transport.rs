@@ -29,6 +29,8 @@ use crate::types::*;
 
 /// Largest frame accepted on a stream (a snapshot chunk or an append batch).
 pub const MAX_FRAME: usize = 256 << 20;
+/// Largest frame accepted from a peer without a master certificate (a join request).
+pub const MAX_ANONYMOUS_FRAME: usize = 64 << 10;
 
 /// QUIC settings for peer connections: keep-alives well inside the idle
 /// timeout, so a dead peer is noticed in about a second, and enough
@@ -114,8 +116,12 @@ pub enum TransportError {
 }
 
 /// Read a whole request/response frame from a stream.
-pub async fn read_frame<T: for<'de> Deserialize<'de>>(recv: &mut quinn::RecvStream) -> Result<T, TransportError> {
-    let buf = recv.read_to_end(MAX_FRAME).await.map_err(|e| TransportError::Decode(e.to_string()))?;
+/// Read a whole frame of at most `max` bytes from a stream.
+pub async fn read_frame<T: for<'de> Deserialize<'de>>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<T, TransportError> {
+    let buf = recv.read_to_end(max).await.map_err(|e| TransportError::Decode(e.to_string()))?;
     postcard::from_bytes(&buf).map_err(|e| TransportError::Decode(e.to_string()))
 }
 
@@ -236,7 +242,7 @@ impl PeerClients {
                 .await
                 .map_err(|e| TransportError::Unreachable { addr: addr.to_string(), reason: e.to_string() })?;
             write_frame(&mut send, req).await?;
-            read_frame::<PeerResponse>(&mut recv).await
+            read_frame::<PeerResponse>(&mut recv, MAX_FRAME).await
         };
         let result = match tokio::time::timeout(timeout, fut).await {
             Ok(r) => r,
