@@ -51,6 +51,7 @@ fn prometheus_scrapes_every_master() {
             "capstan_store_revision",
             "capstan_raft_log_fsync_duration_seconds_bucket",
             "process_resident_memory_bytes",
+            "capstan_peer_rtt_seconds",
         ] {
             assert!(body.contains(name), "master-{i} /metrics lacks {name}");
         }

@@ -138,6 +138,7 @@ pub struct NodeMetrics {
     pub quota_bytes: IntGauge,
     pub alarm_nospace: IntGauge,
     pub members: IntGauge,
+    pub peer_rtt: prometheus::GaugeVec,
 }
 
 impl Default for NodeMetrics {
@@ -169,6 +170,11 @@ impl Default for NodeMetrics {
             quota_bytes: gauge("capstan_store_quota_bytes", "Hard quota on stored data."),
             alarm_nospace: gauge("capstan_store_alarm_nospace", "1 while stored data is over the soft quota."),
             members: gauge("capstan_raft_members", "Members (voters and learners) in the Raft membership."),
+            peer_rtt: prometheus::GaugeVec::new(
+                Opts::new("capstan_peer_rtt_seconds", "QUIC round-trip time to each peer master this one dials."),
+                &["peer"],
+            )
+            .expect("valid metric"),
         }
     }
 }
@@ -196,6 +202,7 @@ impl NodeMetrics {
         for c in [&self.leader_changes, &self.proposals_committed, &self.proposals_failed] {
             r.register(Box::new(c.clone()))?;
         }
+        r.register(Box::new(self.peer_rtt.clone()))?;
         Ok(())
     }
 }

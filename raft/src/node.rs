@@ -358,6 +358,10 @@ impl StoreNode {
         g.db_size_bytes.set(db_size_bytes as i64);
         g.quota_bytes.set(self.limits.quota_hard_bytes as i64);
         g.alarm_nospace.set(self.alarm_nospace.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        g.peer_rtt.reset();
+        for (peer, rtt) in self.clients.rtts() {
+            g.peer_rtt.with_label_values(&[peer.as_str()]).set(rtt.as_secs_f64());
+        }
     }
 
     /// Counts leader changes as they happen (not only at scrapes).

@@ -233,6 +233,17 @@ impl PeerClients {
         e.ready.notify_waiters();
     }
 
+    /// Round-trip time of each live peer connection.
+    pub fn rtts(&self) -> Vec<(String, Duration)> {
+        let conns = self.inner.conns.lock();
+        conns
+            .iter()
+            .filter_map(|(addr, c)| {
+                c.conn.as_ref().filter(|c| c.close_reason().is_none()).map(|c| (addr.clone(), c.rtt()))
+            })
+            .collect()
+    }
+
     /// One RPC on a fresh stream of the cached connection.
     pub async fn call(&self, addr: &str, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, TransportError> {
         let conn = self.connection(addr).await?;
