@@ -18,11 +18,17 @@
 //! - [`node`]: a running master's store: writes (forwarded to the leader),
 //!   ReadIndex reads, leases, leader duties; `batch` packs concurrent writes
 //!   into one log entry and concurrent reads into one ReadIndex round.
-//! - [`bootstrap`]: init / join with a token / restart from the data dir.
+//! - [`bootstrap`]: init / join with a token / restart from the data dir /
+//!   restore from a backup.
+//! - [`metrics`]: Prometheus metrics of all of the above (registered by the
+//!   binary that serves `/metrics`).
+//! - `planted` (feature `planted-bugs` only): deliberate bugs for the
+//!   checkers' negative controls; absent from normal builds.
 //!
 //! openraft is pinned to 0.9.25, its newest stable release: 0.10 is still an
 //! alpha and nothing here needs its additions (storage v2 and chunked
-//! snapshot transfer are in 0.9).
+//! snapshot transfer are in 0.9). 0.9's RaftCore waits for each log flush
+//! before taking the next proposal; `batch` is how throughput survives that.
 
 pub mod backup;
 mod batch;
