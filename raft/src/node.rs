@@ -494,7 +494,7 @@ impl StoreNode {
 pub(crate) const NOT_LEADER: &str = "not leader";
 
 fn encoded_size(cmd: &Command) -> usize {
-    postcard::to_stdvec(cmd).map_or(usize::MAX, |v| v.len())
+    cmd.approx_size()
 }
 
 pub(crate) enum Forward {

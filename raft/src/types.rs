@@ -208,6 +208,42 @@ pub enum Command {
     Batch(Vec<Command>),
 }
 
+impl Command {
+    /// Bytes this command carries (keys, values, ranges) plus a small
+    /// constant per operation: what request-size limits and batch sizes are
+    /// measured in, without encoding the command.
+    pub fn approx_size(&self) -> usize {
+        fn range(r: &KeyRange) -> usize {
+            r.start.len() + r.end.len()
+        }
+        fn ops(ops: &[Op]) -> usize {
+            ops.iter()
+                .map(|op| {
+                    16 + match op {
+                        Op::Range(r) => range(&r.range),
+                        Op::Put(p) => p.key.len() + p.value.len(),
+                        Op::Delete(d) => range(&d.range),
+                        Op::Txn(t) => txn(t),
+                    }
+                })
+                .sum()
+        }
+        fn txn(t: &TxnRequest) -> usize {
+            let compares: usize = t
+                .compare
+                .iter()
+                .map(|c| 16 + range(&c.range) + if let CompareTarget::Value(v) = &c.target { v.len() } else { 0 })
+                .sum();
+            compares + ops(&t.success) + ops(&t.failure)
+        }
+        match self {
+            Command::Txn(t) => 8 + txn(t),
+            Command::Compact { .. } | Command::LeaseGrant { .. } | Command::LeaseRevoke { .. } => 24,
+            Command::Batch(cmds) => 8 + cmds.iter().map(Command::approx_size).sum::<usize>(),
+        }
+    }
+}
+
 /// A key's value at one revision, as etcd's `mvccpb.KeyValue`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyValue {
@@ -284,4 +320,29 @@ pub enum Outcome {
     Compacted,
     LeaseGranted { id: i64, ttl: i64 },
     LeaseRevoked,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn approx_size_bounds_the_encoding() {
+        let put = |k: &str, v: usize| {
+            Op::Put(PutRequest {
+                key: Bytes::copy_from_slice(k.as_bytes()),
+                value: Bytes::from(vec![7u8; v]),
+                ..Default::default()
+            })
+        };
+        for cmd in [
+            Command::Txn(TxnRequest { success: vec![put("a", 10)], ..Default::default() }),
+            Command::Txn(TxnRequest { success: vec![put("key", 100_000), put("k2", 5)], ..Default::default() }),
+            Command::Batch(vec![Command::LeaseGrant { id: 1, ttl: 5 }, Command::Compact { revision: 9 }]),
+        ] {
+            let encoded = postcard::to_stdvec(&cmd).unwrap().len();
+            // Never far below what is actually encoded (limits stay meaningful).
+            assert!(cmd.approx_size() + 64 >= encoded, "{} vs {encoded}", cmd.approx_size());
+        }
+    }
 }
