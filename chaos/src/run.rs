@@ -331,7 +331,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     while Instant::now() + 2 * cfg.interval <= end {
         tokio::time::sleep(cfg.interval).await;
         let Some(leader) = leader_index(&cluster).await else { continue };
-        let t0 = Instant::now();
+        // t0 = the moment the fault is in effect (set by each arm).
+        let mut t0 = Instant::now();
         match cfg.scenario {
             Scenario::Steady => continue,
             Scenario::KillLeader | Scenario::KillFollower => {
@@ -339,6 +340,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                     if cfg.scenario == Scenario::KillLeader { leader } else { (leader + 1 + rng.gen_range(0..2)) % 3 };
                 progress(&format!("kill -9 master-{}", target + 1));
                 if let Some(pid) = cluster.kill9(target) {
+                    t0 = Instant::now();
                     let c = cluster.clone();
                     tokio::task::spawn_blocking(move || c.wait_restarted(target, pid, Duration::from_secs(60))).await?;
                 }
@@ -349,6 +351,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                 if let Some(pid) = pid {
                     // SAFETY: signals to a master PID started by this run's `capstan up`.
                     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+                    t0 = Instant::now();
                     tokio::time::sleep(Duration::from_secs(3)).await;
                     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
                 }
@@ -359,6 +362,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                 if let Some(port) = port {
                     progress(&format!("partition master-{} (peer port {port}) for 4 s", leader + 1));
                     let cut = crate::cluster::Partition::isolate(port)?;
+                    t0 = Instant::now();
                     tokio::time::sleep(Duration::from_secs(4)).await;
                     drop(cut);
                 }

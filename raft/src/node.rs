@@ -91,6 +91,9 @@ struct LeaseClock {
 }
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The election timeout's upper bound (bootstrap.rs): past this without a
+/// quorum acknowledgement a leader knows it may have been replaced.
+const QUORUM_LOST_AFTER_MS: u64 = 1000;
 const PEER_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl StoreNode {
@@ -181,6 +184,10 @@ impl StoreNode {
         }
         let deadline = Instant::now() + WRITE_TIMEOUT;
         loop {
+            if self.leader_lost_quorum() {
+                // Nothing was proposed: a clean failure the client can retry elsewhere.
+                return Err(StoreError::NoLeader);
+            }
             match self.batcher.propose(cmd.clone(), size).await {
                 Ok(r) => return Ok(r),
                 Err(Forward::To(member)) => {
@@ -212,6 +219,15 @@ impl StoreNode {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// A leader cut off from its quorum (no acknowledgement for longer than
+    /// an election timeout) cannot commit: it refuses writes at once, so
+    /// clients go to the side that elects a new leader instead of waiting.
+    fn leader_lost_quorum(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms > QUORUM_LOST_AFTER_MS)
     }
 
     /// Resolves once the known leader is no longer `member`.
