@@ -52,91 +52,49 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
-    match cli.cmd {
+    match execute(Cli::parse().cmd) {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        // Ran, and a figure missed its goal (or the history is not linearizable).
+        Ok(false) => std::process::ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the command; `Ok(passed)`.
+fn execute(cmd: Cmd) -> anyhow::Result<bool> {
+    let config = |capstan, scenario, seed, duration, interval, clients, keys| RunConfig {
+        capstan,
+        scenario,
+        seed,
+        duration: Duration::from_secs(duration),
+        clients,
+        keys,
+        interval: Duration::from_secs(interval),
+    };
+    match cmd {
         Cmd::Run { scenario, seed, duration, interval, clients, keys, capstan } => {
-            let cfg = RunConfig {
-                capstan,
-                scenario,
-                seed,
-                duration: Duration::from_secs(duration),
-                clients,
-                keys,
-                interval: Duration::from_secs(interval),
-            };
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return std::process::ExitCode::from(2);
-                }
-            };
-            match rt.block_on(capstan_chaos::run::run(cfg)) {
-                Ok(report) => {
-                    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
-                    if report.passed {
-                        std::process::ExitCode::SUCCESS
-                    } else {
-                        std::process::ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    std::process::ExitCode::from(2)
-                }
-            }
+            let cfg = config(capstan, scenario, seed, duration, interval, clients, keys);
+            let report = tokio::runtime::Runtime::new()?.block_on(capstan_chaos::run::run(cfg))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(report.passed)
         }
         Cmd::Matrix { seed, duration, capstan, out } => {
-            let cfg = RunConfig {
-                capstan,
-                scenario: Scenario::Steady,
-                seed,
-                duration: Duration::from_secs(duration),
-                clients: 8,
-                keys: 20,
-                interval: Duration::from_secs(6),
-            };
-            let result = tokio::runtime::Runtime::new()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(capstan_chaos::run::matrix(cfg)));
-            match result {
-                Ok((md, all)) => {
-                    print!("{md}");
-                    if let Err(e) = std::fs::write(&out, md) {
-                        eprintln!("error: writing {}: {e}", out.display());
-                        return std::process::ExitCode::from(2);
-                    }
-                    if all {
-                        std::process::ExitCode::SUCCESS
-                    } else {
-                        std::process::ExitCode::FAILURE
-                    }
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    std::process::ExitCode::from(2)
-                }
-            }
+            let cfg = config(capstan, Scenario::Steady, seed, duration, 6, 8, 20);
+            let (md, all) = tokio::runtime::Runtime::new()?.block_on(capstan_chaos::run::matrix(cfg))?;
+            print!("{md}");
+            std::fs::write(&out, md).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+            Ok(all)
         }
         Cmd::CheckHistory { file } => {
-            let ops: Vec<capstan_chaos::history::Op> = match std::fs::read(&file)
-                .map_err(anyhow::Error::from)
-                .and_then(|b| serde_json::from_slice(&b).map_err(anyhow::Error::from))
-            {
-                Ok(ops) => ops,
-                Err(e) => {
-                    eprintln!("error: reading {}: {e}", file.display());
-                    return std::process::ExitCode::from(2);
-                }
-            };
+            let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+            let ops: Vec<capstan_chaos::history::Op> = serde_json::from_slice(&bytes)?;
             let verdict = capstan_chaos::linearizability::check(&ops);
             let ok = verdict == capstan_chaos::linearizability::Verdict::Ok;
             println!("{}", serde_json::json!({ "operations": ops.len(), "linearizable": ok, "verdict": verdict }));
-            if ok {
-                std::process::ExitCode::SUCCESS
-            } else {
-                std::process::ExitCode::FAILURE
-            }
+            Ok(ok)
         }
     }
 }

@@ -187,7 +187,8 @@ async fn client(cluster: Arc<UpCluster>, shared: Arc<Shared>, id: u32, seed: u64
     }
 }
 
-fn to_event(e: &capstan_proto::etcd::mvccpb::Event) -> Option<Event> {
+/// A received etcd watch event in the checker's terms.
+pub fn to_event(e: &capstan_proto::etcd::mvccpb::Event) -> Option<Event> {
     let kv = e.kv.as_ref()?;
     Some(Event {
         key: String::from_utf8_lossy(&kv.key).into_owned(),

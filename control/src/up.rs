@@ -161,7 +161,8 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
         let ep = wait_ready(masters.last_mut().expect("just pushed"), Duration::from_secs(120)).await?;
         eprintln!("[{i}/{n}] {name} ready: etcd {} peer {}", ep.etcd_url, ep.peer);
         endpoints.push(ep);
-        if i == 1 && masters.len() == 1 {
+        if i == 1 {
+            // Usable at once, even if a later master fails to start.
             write_admin_env(data_dir, &endpoints)?;
         }
     }

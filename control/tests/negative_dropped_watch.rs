@@ -56,22 +56,7 @@ async fn dropped_watch_events_are_caught() {
     let last = *stored.keys().last().unwrap();
     let mut received = Vec::new();
     while let Ok(Ok(Some(msg))) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
-        let events: Vec<Event> = msg
-            .events
-            .iter()
-            .map(|e| {
-                let kv = e.kv.as_ref().unwrap();
-                Event {
-                    key: String::from_utf8_lossy(&kv.key).into_owned(),
-                    delete: e.r#type == 1,
-                    value: String::from_utf8_lossy(&kv.value).into_owned(),
-                    mod_revision: kv.mod_revision,
-                    create_revision: kv.create_revision,
-                    version: kv.version,
-                    prev_value: None,
-                }
-            })
-            .collect();
+        let events: Vec<Event> = msg.events.iter().filter_map(capstan_chaos::run::to_event).collect();
         let done = events.iter().any(|e| e.mod_revision == last);
         received.push(Response::Events(events));
         if done {

@@ -340,17 +340,18 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
         let promote = PeerRequest::Promote { id: member.id, member: self_member };
         let mut last = String::new();
         let mut done = false;
-        for _ in 0..300 {
+        // Catching up a large store can take a while, but not forever.
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        while !done && std::time::Instant::now() < deadline {
             match node.clients().call(&addr, &promote, Duration::from_secs(60)).await {
-                Ok(PeerResponse::Done) => {
-                    done = true;
-                    break;
-                }
+                Ok(PeerResponse::Done) => done = true,
                 Ok(PeerResponse::Error(e)) => last = e,
                 Ok(other) => last = format!("{other:?}"),
                 Err(e) => last = e.to_string(),
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            if !done {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         }
         if !done {
             bail!("joined, but could not become a voter: {last}");

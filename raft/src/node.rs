@@ -153,9 +153,9 @@ impl StoreNode {
         membership.nodes().map(|(id, n)| (*id, n.clone(), !voters.contains(id))).collect()
     }
 
-    /// Size and quota checks; returns the command's encoded size.
+    /// Size and quota checks; returns the command's size (`approx_size`).
     fn check_admission(&self, cmd: &Command) -> Result<usize, StoreError> {
-        let size = encoded_size(cmd);
+        let size = cmd.approx_size();
         if size > self.limits.max_request_bytes {
             return Err(StoreError::TooLarge { size, max: self.limits.max_request_bytes });
         }
@@ -249,7 +249,7 @@ impl StoreNode {
 
     /// Propose on this node only; used for writes forwarded to us.
     pub(crate) async fn write_local(&self, cmd: Command) -> Result<CommandResult, Forward> {
-        let size = encoded_size(&cmd);
+        let size = cmd.approx_size();
         self.batcher.propose(cmd, size).await
     }
 
@@ -308,30 +308,23 @@ impl StoreNode {
 
     /// Renew a lease; returns its TTL, or `None` if it does not exist.
     pub async fn lease_keepalive(&self, id: i64) -> Result<Option<i64>, StoreError> {
-        self.lease_call(id, true).await
+        Ok(self.lease_on_leader(id, true).await?.map(|(ttl, _)| ttl))
     }
 
     /// Remaining TTL (seconds) and granted TTL, or `None` if it does not exist.
     pub async fn lease_time_to_live(&self, id: i64) -> Result<Option<(i64, i64)>, StoreError> {
-        if self.is_leader() {
-            return Ok(self.lease_local(id, false));
-        }
-        let (_, leader) = self.leader().ok_or(StoreError::NoLeader)?;
-        match self.clients.call(&leader.peer_addr, &PeerRequest::LeaseTimeToLive { id }, PEER_RPC_TIMEOUT).await {
-            Ok(PeerResponse::LeaseTtl { ttl, granted }) if ttl >= 0 => Ok(Some((ttl, granted))),
-            Ok(PeerResponse::LeaseTtl { .. }) => Ok(None),
-            Ok(_) => Err(StoreError::NoLeader),
-            Err(e) => Err(StoreError::Internal(e.to_string())),
-        }
+        self.lease_on_leader(id, false).await
     }
 
-    async fn lease_call(&self, id: i64, renew: bool) -> Result<Option<i64>, StoreError> {
+    /// The leader alone keeps lease clocks: answer here or ask it.
+    async fn lease_on_leader(&self, id: i64, renew: bool) -> Result<Option<(i64, i64)>, StoreError> {
         if self.is_leader() {
-            return Ok(self.lease_local(id, renew).map(|(ttl, _)| ttl));
+            return Ok(self.lease_local(id, renew));
         }
         let (_, leader) = self.leader().ok_or(StoreError::NoLeader)?;
-        match self.clients.call(&leader.peer_addr, &PeerRequest::LeaseKeepAlive { id }, PEER_RPC_TIMEOUT).await {
-            Ok(PeerResponse::LeaseTtl { ttl, .. }) if ttl >= 0 => Ok(Some(ttl)),
+        let req = if renew { PeerRequest::LeaseKeepAlive { id } } else { PeerRequest::LeaseTimeToLive { id } };
+        match self.clients.call(&leader.peer_addr, &req, PEER_RPC_TIMEOUT).await {
+            Ok(PeerResponse::LeaseTtl { ttl, granted }) if ttl >= 0 => Ok(Some((ttl, granted))),
             Ok(PeerResponse::LeaseTtl { .. }) => Ok(None),
             Ok(_) => Err(StoreError::NoLeader),
             Err(e) => Err(StoreError::Internal(e.to_string())),
@@ -508,10 +501,6 @@ impl StoreNode {
 }
 
 pub(crate) const NOT_LEADER: &str = "not leader";
-
-fn encoded_size(cmd: &Command) -> usize {
-    cmd.approx_size()
-}
 
 pub(crate) enum Forward {
     To(Member),

@@ -77,18 +77,16 @@ async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool
             Ok(i) => PeerResponse::ReadIndex(i),
             Err(e) => PeerResponse::Error(e),
         },
-        PeerRequest::LeaseKeepAlive { id } | PeerRequest::LeaseTimeToLive { id } if !node.is_leader() => {
-            let _ = id;
+        PeerRequest::LeaseKeepAlive { .. } | PeerRequest::LeaseTimeToLive { .. } if !node.is_leader() => {
             PeerResponse::Error(NOT_LEADER.into())
         }
-        PeerRequest::LeaseKeepAlive { id } => match node.lease_local(id, true) {
-            Some((ttl, granted)) => PeerResponse::LeaseTtl { ttl, granted },
-            None => PeerResponse::LeaseTtl { ttl: -1, granted: 0 },
-        },
-        PeerRequest::LeaseTimeToLive { id } => match node.lease_local(id, false) {
-            Some((ttl, granted)) => PeerResponse::LeaseTtl { ttl, granted },
-            None => PeerResponse::LeaseTtl { ttl: -1, granted: 0 },
-        },
+        PeerRequest::LeaseKeepAlive { id } | PeerRequest::LeaseTimeToLive { id } => {
+            let renew = matches!(req, PeerRequest::LeaseKeepAlive { .. });
+            match node.lease_local(id, renew) {
+                Some((ttl, granted)) => PeerResponse::LeaseTtl { ttl, granted },
+                None => PeerResponse::LeaseTtl { ttl: -1, granted: 0 },
+            }
+        }
         PeerRequest::Join(j) => match join(node, pki, j).await {
             Ok(r) => PeerResponse::Join(r),
             Err(e) => PeerResponse::Error(e),

@@ -205,16 +205,10 @@ impl Storage {
         if db.iterator_cf(cf(db, CF_KV), IteratorMode::Start).next().is_some() {
             anyhow::bail!("refusing to restore over existing data");
         }
-        let mvcc = Mvcc::from_image(image);
+        let st = SmState { mvcc: Mvcc::from_image(image), ..SmState::default() };
         let mut batch = WriteBatch::default();
-        for (k, v) in mvcc.rows() {
-            batch.put_cf(cf(db, CF_KV), row_key(k, v.mod_revision), postcard::to_stdvec(v)?);
-        }
-        for (id, l) in mvcc.leases() {
-            batch.put_cf(cf(db, CF_LEASE), id.to_be_bytes(), l.ttl.to_be_bytes());
-        }
-        batch.put_cf(cf(db, CF_META), "revision", mvcc.revision().to_be_bytes());
-        batch.put_cf(cf(db, CF_META), "compacted", mvcc.compacted().to_be_bytes());
+        write_rows(db, &mut batch, &image_rows(&st.mvcc))?;
+        write_meta(db, &mut batch, &st, true)?;
         db.write_opt(batch, &sync_opts())?;
         Ok(())
     }
@@ -229,6 +223,40 @@ impl Storage {
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
     // The column families are created at open; a missing one is a bug.
     db.cf_handle(name).expect("column family created at open")
+}
+
+fn write_rows(db: &DB, batch: &mut WriteBatch, rows: &[RowChange]) -> StResult<()> {
+    let (kv, lease) = (cf(db, CF_KV), cf(db, CF_LEASE));
+    for r in rows {
+        match r {
+            RowChange::Put { key, row } => batch.put_cf(kv, row_key(key, row.mod_revision), encode(row)?),
+            RowChange::Remove { key, mod_revision } => batch.delete_cf(kv, row_key(key, *mod_revision)),
+            RowChange::LeasePut { id, ttl } => batch.put_cf(lease, id.to_be_bytes(), ttl.to_be_bytes()),
+            RowChange::LeaseRemove { id } => batch.delete_cf(lease, id.to_be_bytes()),
+        }
+    }
+    Ok(())
+}
+
+/// Every row of a whole state (snapshot install, restore).
+fn image_rows(mvcc: &Mvcc) -> Vec<RowChange> {
+    let mut rows: Vec<RowChange> =
+        mvcc.rows().map(|(k, v)| RowChange::Put { key: k.clone(), row: v.clone() }).collect();
+    rows.extend(mvcc.leases().map(|(id, l)| RowChange::LeasePut { id: *id, ttl: l.ttl }));
+    rows
+}
+
+/// The state machine's meta rows. Membership changes rarely, so the apply
+/// path writes it only when a membership entry was applied.
+fn write_meta(db: &DB, batch: &mut WriteBatch, st: &SmState, membership: bool) -> StResult<()> {
+    let meta = cf(db, CF_META);
+    batch.put_cf(meta, "applied", encode(&st.applied)?);
+    if membership {
+        batch.put_cf(meta, "membership", encode(&st.membership)?);
+    }
+    batch.put_cf(meta, "revision", st.mvcc.revision().to_be_bytes());
+    batch.put_cf(meta, "compacted", st.mvcc.compacted().to_be_bytes());
+    Ok(())
 }
 
 fn sync_opts() -> WriteOptions {
@@ -400,26 +428,22 @@ impl StateMachine {
         self.state.clone()
     }
 
-    fn write_rows(&self, batch: &mut WriteBatch, rows: &[RowChange]) -> StResult<()> {
-        let (kv, lease) = (cf(&self.db, CF_KV), cf(&self.db, CF_LEASE));
-        for r in rows {
-            match r {
-                RowChange::Put { key, row } => batch.put_cf(kv, row_key(key, row.mod_revision), encode(row)?),
-                RowChange::Remove { key, mod_revision } => batch.delete_cf(kv, row_key(key, *mod_revision)),
-                RowChange::LeasePut { id, ttl } => batch.put_cf(lease, id.to_be_bytes(), ttl.to_be_bytes()),
-                RowChange::LeaseRemove { id } => batch.delete_cf(lease, id.to_be_bytes()),
-            }
+    /// Apply one command to the MVCC state, queue its rows and events.
+    fn apply_command(
+        &self,
+        st: &mut SmState,
+        cmd: &Command,
+        batch: &mut WriteBatch,
+        published: &mut Vec<(i64, Vec<crate::mvcc::Event>)>,
+    ) -> StResult<CommandResult> {
+        let timer = matches!(cmd, Command::Compact { .. }).then(|| self.metrics.compaction.start_timer());
+        let applied = st.mvcc.apply(cmd);
+        drop(timer);
+        write_rows(&self.db, batch, &applied.rows)?;
+        if !applied.events.is_empty() {
+            published.push((applied.result.revision, applied.events));
         }
-        Ok(())
-    }
-
-    fn write_meta(&self, batch: &mut WriteBatch, st: &SmState) -> StResult<()> {
-        let meta = cf(&self.db, CF_META);
-        batch.put_cf(meta, "applied", encode(&st.applied)?);
-        batch.put_cf(meta, "membership", encode(&st.membership)?);
-        batch.put_cf(meta, "revision", st.mvcc.revision().to_be_bytes());
-        batch.put_cf(meta, "compacted", st.mvcc.compacted().to_be_bytes());
-        Ok(())
+        Ok(applied.result)
     }
 
     fn save_snapshot_file(&self, file: &SnapshotFile) -> StResult<()> {
@@ -480,6 +504,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut batch = WriteBatch::default();
         let mut results = Vec::new();
         let mut published = Vec::new();
+        let mut membership_changed = false;
         {
             let mut st = self.state.write();
             for entry in entries {
@@ -490,34 +515,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     }
                     EntryPayload::Membership(m) => {
                         st.membership = StoredMembership::new(Some(entry.log_id), m);
+                        membership_changed = true;
                         results.push(CommandResult { revision: st.mvcc.revision(), ..Default::default() });
                     }
                     EntryPayload::Normal(Command::Batch(cmds)) => {
-                        let mut out = Vec::with_capacity(cmds.len());
-                        for cmd in &cmds {
-                            let applied = st.mvcc.apply(cmd);
-                            self.write_rows(&mut batch, &applied.rows)?;
-                            if !applied.events.is_empty() {
-                                published.push((applied.result.revision, applied.events));
-                            }
-                            out.push(applied.result);
-                        }
+                        let out = cmds
+                            .iter()
+                            .map(|cmd| self.apply_command(&mut st, cmd, &mut batch, &mut published))
+                            .collect::<StResult<Vec<_>>>()?;
                         results.push(CommandResult { revision: st.mvcc.revision(), outcome: None, batch: out });
                     }
                     EntryPayload::Normal(cmd) => {
-                        let timer =
-                            matches!(cmd, Command::Compact { .. }).then(|| self.metrics.compaction.start_timer());
-                        let applied = st.mvcc.apply(&cmd);
-                        drop(timer);
-                        self.write_rows(&mut batch, &applied.rows)?;
-                        if !applied.events.is_empty() {
-                            published.push((applied.result.revision, applied.events));
-                        }
-                        results.push(applied.result);
+                        results.push(self.apply_command(&mut st, &cmd, &mut batch, &mut published)?);
                     }
                 }
             }
-            self.write_meta(&mut batch, &st)?;
+            write_meta(&self.db, &mut batch, &st, membership_changed)?;
         }
         self.db.write(batch).map_err(write_err)?;
         for (rev, events) in published {
@@ -553,17 +566,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 batch.delete_cf(handle, item.map_err(read_err)?.0);
             }
         }
-        let mut rows: Vec<RowChange> =
-            mvcc.rows().map(|(k, v)| RowChange::Put { key: k.clone(), row: v.clone() }).collect();
-        rows.extend(mvcc.leases().map(|(id, l)| RowChange::LeasePut { id: *id, ttl: l.ttl }));
-        self.write_rows(&mut batch, &rows)?;
+        write_rows(&self.db, &mut batch, &image_rows(&mvcc))?;
         let revision = mvcc.revision();
         {
             let mut st = self.state.write();
             st.mvcc = mvcc;
             st.applied = meta.last_log_id;
             st.membership = meta.last_membership.clone();
-            self.write_meta(&mut batch, &st)?;
+            write_meta(&self.db, &mut batch, &st, true)?;
             self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
         }
         self.save_snapshot_file(&SnapshotFile { meta: meta.clone(), data })?;

@@ -39,7 +39,8 @@ impl pb::watch_server::Watch for EtcdApi {
                 match msg.request_union {
                     Some(RequestUnion::CreateRequest(c)) => {
                         let id = if c.watch_id > 0 { c.watch_id } else { next_id };
-                        next_id = next_id.max(id) + 1;
+                        // A client-chosen id may be i64::MAX: never overflow.
+                        next_id = next_id.max(id).saturating_add(1);
                         if watchers.lock().contains_key(&id) {
                             let _ = tx.send(Err(Status::invalid_argument("etcdserver: duplicate watch ID"))).await;
                             continue;
