@@ -26,7 +26,7 @@ struct Etcdctl {
 }
 
 fn up() -> Etcdctl {
-    let up = Up::start(3);
+    let up = common::up(3);
     let env = parse_env(&up.dir.path().join("etcdctl.env"));
     Etcdctl { up, env }
 }

@@ -34,7 +34,7 @@ fn query(port: u16, q: &str) -> Option<f64> {
 
 #[test]
 fn prometheus_scrapes_every_master() {
-    let up = Up::start(3);
+    let up = up(3);
     let config = up.dir.path().join("prometheus.yml");
     assert!(config.exists(), "capstan up writes prometheus.yml");
     let out = Command::new("promtool").arg("check").arg("config").arg(&config).output().unwrap();
@@ -121,7 +121,7 @@ fn prometheus_scrapes_every_master() {
 }
 
 fn metrics_url(up: &Up, i: usize) -> String {
-    let raw = std::fs::read(up.master_dir(i).join("endpoints.json")).unwrap();
+    let raw = std::fs::read(up.master_dir(i - 1).join("endpoints.json")).unwrap();
     let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
     v["metrics_url"].as_str().unwrap().to_string()
 }

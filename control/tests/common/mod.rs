@@ -264,54 +264,10 @@ pub fn http_get(url: &str) -> std::io::Result<(u16, String)> {
     Ok((code, body.to_string()))
 }
 
-/// `capstan up` as a user runs it; stopped with SIGINT (Ctrl-C) on drop.
-pub struct Up {
-    pub child: Child,
-    pub dir: tempfile::TempDir,
-}
+/// `capstan up` as a user runs it (the chaos harness's driver); stopped
+/// with SIGINT (Ctrl-C) on drop.
+pub use capstan_chaos::cluster::UpCluster as Up;
 
-impl Up {
-    pub fn start(masters: usize) -> Up {
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-        let child = Command::new(BIN)
-            .args(["up", "--masters", &masters.to_string(), "--data-dir"])
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut up = Up { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let log = std::fs::read_to_string(up.dir.path().join("up.log")).unwrap_or_default();
-            if log.contains("cluster up") {
-                return up;
-            }
-            if let Ok(Some(st)) = up.child.try_wait() {
-                panic!("capstan up exited {st}:\n{log}");
-            }
-            assert!(Instant::now() < deadline, "capstan up not ready:\n{log}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    pub fn master_dir(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("master-{i}"))
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        unsafe {
-            libc::kill(self.child.id() as i32, libc::SIGINT);
-        }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.child.try_wait().unwrap().is_none() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+pub fn up(masters: usize) -> Up {
+    Up::start(Path::new(BIN), masters).expect("capstan up")
 }
