@@ -178,19 +178,22 @@ run_etcd() {
     pids+=($!)
   done
   log "etcd: 3 members (pids ${pids[*]}) at $eps"
-  local ok=0
-  for _ in $(seq 60); do
-    if ETCDCTL_API=3 etcdctl --endpoints "$eps" "${ctlflags[@]}" --command-timeout=2s endpoint health >/dev/null 2>&1; then
-      ok=1
-      break
-    fi
-    sleep 0.5
-  done
-  ((ok)) || { tail -5 "$TMP"/etcd-*.log >&2; die "etcd did not become healthy in 30 s"; }
+  wait_healthy "$eps" "${ctlflags[@]}" || { tail -5 "$TMP"/etcd-*.log >&2; die "etcd did not become healthy in 30 s"; }
   log "etcd: $(etcd --version | head -1), healthy"
   run_loads etcd "$eps" "${benchflags[@]}"
   for i in "${pids[@]}"; do stop_pid "$i" 10 TERM KILL; done
   log "etcd: stopped"
+}
+
+# wait_healthy ENDPOINTS [etcdctl TLS flags...]: up to 30 s for `endpoint health`.
+wait_healthy() {
+  local eps=$1
+  shift
+  for _ in $(seq 60); do
+    ETCDCTL_API=3 etcdctl --endpoints "$eps" "$@" --command-timeout=2s endpoint health >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  return 1
 }
 
 # Reads one variable from etcdctl.env without sourcing it into this shell.
@@ -226,15 +229,7 @@ run_capstan() {
     benchflags=(--cacert "$cacert" --cert "$cert" --key "$key")
     ctlflags=("${benchflags[@]}")
   fi
-  local ok=0
-  for _ in $(seq 60); do
-    if ETCDCTL_API=3 etcdctl --endpoints "$eps" "${ctlflags[@]}" --command-timeout=2s endpoint health >/dev/null 2>&1; then
-      ok=1
-      break
-    fi
-    sleep 0.5
-  done
-  ((ok)) || { tail -20 "$TMP/capstan-up.log" >&2; die "capstan endpoints not healthy in 30 s"; }
+  wait_healthy "$eps" "${ctlflags[@]}" || { tail -20 "$TMP/capstan-up.log" >&2; die "capstan endpoints not healthy in 30 s"; }
   log "capstan: healthy at $eps"
   run_loads capstan "$eps" "${benchflags[@]}"
   stop_pid "$pid" 20 INT TERM KILL

@@ -41,20 +41,28 @@ pub async fn channel(url: &str, ca_pem: &str, cert: &CertifiedKey) -> anyhow::Re
     Ok(ch)
 }
 
-/// Admin channel to the master whose data dir this is.
-pub async fn admin_channel(data_dir: &Path) -> anyhow::Result<Channel> {
+/// Admin channel to the master whose data dir this is, and the cluster CA (PEM).
+async fn admin_channel_and_ca(data_dir: &Path) -> anyhow::Result<(Channel, String)> {
     let ep = read_endpoints(data_dir).context("is that master running?")?;
     let (ca, cert) = issue_admin(data_dir)?;
-    channel(&ep.etcd_url, &ca, &cert).await
+    Ok((channel(&ep.etcd_url, &ca, &cert).await?, ca))
+}
+
+/// Admin channel to the master whose data dir this is.
+pub async fn admin_channel(data_dir: &Path) -> anyhow::Result<Channel> {
+    Ok(admin_channel_and_ca(data_dir).await?.0)
 }
 
 /// Store a new bootstrap token (expiring with a lease) and return it.
 pub async fn create_token(data_dir: &Path, ttl: Duration, usage: &str) -> anyhow::Result<JoinToken> {
-    let pki = bootstrap::load_pki(data_dir)?;
-    let token = JoinToken::generate(&pki.ca.fingerprint());
-    let ch = admin_channel(data_dir).await?;
+    let ttl = i64::try_from(ttl.as_secs())
+        .ok()
+        .filter(|t| (1..=9_000_000_000).contains(t))
+        .context("token lifetime must be between 1 s and 9,000,000,000 s")?;
+    let (ch, ca) = admin_channel_and_ca(data_dir).await?;
+    let token = JoinToken::generate(&capstan_raft::pki::fingerprint_pem(&ca)?);
     let lease = pb::lease_client::LeaseClient::new(ch.clone())
-        .lease_grant(pb::LeaseGrantRequest { ttl: ttl.as_secs() as i64, id: 0 })
+        .lease_grant(pb::LeaseGrantRequest { ttl, id: 0 })
         .await
         .context("granting the token's lease")?
         .into_inner();

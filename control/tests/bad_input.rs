@@ -6,17 +6,6 @@ use capstan_proto::etcd::etcdserverpb as pb;
 use common::*;
 use tonic::Code;
 
-async fn revision(ch: &tonic::transport::Channel) -> i64 {
-    kv(ch)
-        .range(pb::RangeRequest { key: b"x".to_vec(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision
-}
-
 /// Sends raw bytes as a gRPC request body: a malformed protobuf message.
 async fn raw_call(ch: &tonic::transport::Channel, path: &'static str, body: Vec<u8>) -> tonic::Status {
     #[derive(Clone, Default)]

@@ -115,14 +115,7 @@ async fn grow_replace_quota_and_auth() {
         .delete_range(pb::DeleteRangeRequest { key: b"q/".to_vec(), range_end: b"q0".to_vec(), ..Default::default() })
         .await
         .unwrap();
-    let rev = kv(&ch)
-        .range(pb::RangeRequest { key: b"x".to_vec(), ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .header
-        .unwrap()
-        .revision;
+    let rev = revision(&ch).await;
     kv(&ch).compact(pb::CompactionRequest { revision: rev, physical: false }).await.unwrap();
     kv(&ch)
         .put(pb::PutRequest { key: b"after-quota".to_vec(), value: b"ok".to_vec(), ..Default::default() })

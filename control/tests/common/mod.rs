@@ -20,20 +20,12 @@ pub struct Master {
 }
 
 pub struct Cluster {
-    /// Kept (not deleted) when CAPSTAN_TEST_KEEP is set, for post-mortems.
     pub tmp: tempfile::TempDir,
     pub masters: Vec<Master>,
     pub extra: Vec<String>,
 }
 
-#[derive(serde::Deserialize, Clone, Debug)]
-pub struct Endpoints {
-    pub name: String,
-    pub id: u64,
-    pub peer: String,
-    pub etcd_url: String,
-    pub pid: u32,
-}
+pub use capstan_chaos::cluster::Endpoints;
 
 pub fn endpoints(dir: &Path) -> Option<Endpoints> {
     serde_json::from_slice(&std::fs::read(dir.join("endpoints.json")).ok()?).ok()
@@ -246,6 +238,12 @@ pub async fn connect(url: &str, master1: &Path) -> Channel {
 
 pub fn kv(ch: &Channel) -> pb::kv_client::KvClient<Channel> {
     pb::kv_client::KvClient::new(ch.clone())
+}
+
+/// The store's current revision as this master reports it.
+pub async fn revision(ch: &Channel) -> i64 {
+    let r = kv(ch).range(pb::RangeRequest { key: b"x".to_vec(), ..Default::default() }).await.unwrap();
+    r.into_inner().header.unwrap().revision
 }
 
 /// A minimal HTTP/1.0 GET (no client library needed for loopback checks):
