@@ -66,12 +66,19 @@ async fn grow_replace_quota_and_auth() {
     let r =
         kv(&ch4).range(pb::RangeRequest { key: b"before".to_vec(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(r.kvs[0].value, b"1", "the new master has the old data");
+    let during = acked.lock().len();
+    assert!(during > 0, "writes went on during the membership change");
+    // Keep writing against the new membership too, then stop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while acked.lock().len() < during + 50 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for w in writers {
         w.await.unwrap();
     }
     let acked = acked.lock().clone();
-    assert!(acked.len() > 50, "writes went on during the membership change ({} acked)", acked.len());
+    assert!(acked.len() >= during + 50, "writes went on after the membership change ({} acked)", acked.len());
     for (key, rev) in &acked {
         for c in [&ch, &ch4] {
             let r = kv(c).range(pb::RangeRequest { key: key.clone().into(), ..Default::default() }).await.unwrap();
