@@ -70,7 +70,7 @@ struct Ctx {
     registry: Registry,
 }
 
-fn input(node: &StoreNode) -> HealthInput {
+pub fn input(node: &StoreNode) -> HealthInput {
     let m = node.raft.metrics().borrow().clone();
     HealthInput {
         has_leader: m.current_leader.is_some(),

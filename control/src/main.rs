@@ -3,17 +3,21 @@
 //! Tour:
 //! - `server.rs`: `capstan server`, one master: the replicated store
 //!   (crate `capstan-raft`) plus the APIs served over it.
+//! - `api/`: the Kubernetes API server (HTTPS; what kubectl talks to).
 //! - `etcd/`: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance).
 //! - `health.rs`: `/metrics`, `/livez`, `/readyz`, `/healthz` for Prometheus and probes.
 //! - `up.rs`: `capstan up`, a local cluster of N masters on loopback.
 //! - `admin.rs`: admin credentials and the etcd client used by operator
 //!   commands (`capstan token create`, `up`).
+//! - `kubeconfig.rs`: `capstan kubeconfig`, credentials for kubectl.
 //! - `operator.rs`: `capstan status`, `member`, `snapshot save|restore`.
 //! - `logging.rs`: tracing setup (JSON when stderr is not a terminal).
 
 mod admin;
+mod api;
 mod etcd;
 mod health;
+mod kubeconfig;
 mod logging;
 mod operator;
 mod server;
@@ -57,6 +61,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: operator::MemberCmd,
     },
+    /// Print (or write) a kubeconfig for the admin or a named user.
+    Kubeconfig(kubeconfig::KubeconfigArgs),
     /// Backups: save from a running cluster, restore into a new one.
     Snapshot {
         #[command(subcommand)]
@@ -94,6 +100,7 @@ fn main() -> std::process::ExitCode {
             Cmd::Status(a) => operator::status(a).await,
             Cmd::Member { cmd } => operator::member(cmd).await,
             Cmd::Snapshot { cmd } => operator::snapshot(cmd).await,
+            Cmd::Kubeconfig(a) => kubeconfig::run(a).await,
         }
     });
     match result {

@@ -221,6 +221,8 @@ pub enum SnapshotCmd {
         etcd_listen: Option<std::net::SocketAddr>,
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
+        #[arg(long)]
+        api_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -246,7 +248,7 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
             std::fs::rename(&tmp, &file)?;
             println!("saved {} ({} bytes, revision {revision}, {} keys)", file.display(), data.len(), image.keys.len());
         }
-        SnapshotCmd::Restore { file, data_dir, name, peer_listen, etcd_listen, metrics_listen } => {
+        SnapshotCmd::Restore { file, data_dir, name, peer_listen, etcd_listen, metrics_listen, api_listen } => {
             if data_dir.join("member.json").exists() {
                 bail!("{} already holds a master; restore into a new directory", data_dir.display());
             }
@@ -262,6 +264,7 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
                 peer_advertise: None,
                 etcd_listen,
                 metrics_listen,
+                api_listen,
                 etcd_plaintext_listen: None,
                 max_request_bytes: None,
                 quota_bytes: None,

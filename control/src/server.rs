@@ -52,6 +52,9 @@ pub struct ServerArgs {
     /// etcd v3 gRPC listen address (TLS, client certificates required).
     #[arg(long)]
     pub etcd_listen: Option<SocketAddr>,
+    /// Kubernetes API server listen address (HTTPS) [default: 127.0.0.1:6443].
+    #[arg(long)]
+    pub api_listen: Option<SocketAddr>,
     /// HTTP listener for /metrics, /livez, /readyz, /healthz [default: 127.0.0.1:2381].
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
@@ -107,10 +110,16 @@ impl Settings {
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct ServerFile {
     pub etcd_listen: SocketAddr,
+    #[serde(default = "default_api_listen")]
+    pub api_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub etcd_plaintext_listen: Option<SocketAddr>,
     #[serde(default)]
     pub settings: Settings,
+}
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6443))
 }
 
 /// What a running master actually serves.
@@ -121,6 +130,9 @@ pub struct Endpoints {
     pub peer: String,
     pub etcd_url: String,
     pub etcd_plaintext_url: Option<String>,
+    /// Kubernetes API (HTTPS).
+    #[serde(default)]
+    pub api_url: String,
     pub metrics_url: String,
     pub pid: u32,
 }
@@ -161,6 +173,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         let metrics = a.metrics_listen.unwrap_or_else(|| "127.0.0.1:2381".parse().expect("static addr"));
         let sf = ServerFile {
             etcd_listen: etcd,
+            api_listen: a.api_listen.unwrap_or_else(default_api_listen),
             metrics_listen: metrics,
             etcd_plaintext_listen: a.etcd_plaintext_listen,
             settings: Settings::default(),
@@ -186,7 +199,11 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     let metrics_listener = TcpListener::bind(server_file.metrics_listen)
         .await
         .with_context(|| format!("binding metrics address {}", server_file.metrics_listen))?;
+    let api_listener = TcpListener::bind(server_file.api_listen)
+        .await
+        .with_context(|| format!("binding API address {}", server_file.api_listen))?;
     let mut persisted = server_file.clone();
+    persisted.api_listen = api_listener.local_addr()?;
     persisted.metrics_listen = metrics_listener.local_addr()?;
     persisted.settings = settings.clone();
     persisted.etcd_listen = etcd_addr;
@@ -237,6 +254,25 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(async move { tls_server.await.context("etcd TLS listener") });
     let registry = crate::health::registry(&started.node, &started.storage)?;
+    let api_tls = capstan_raft::pki::rustls_server_config(
+        started.pki.ca.cert_pem(),
+        &started.pki.identity,
+        true,
+        rustls::DEFAULT_VERSIONS,
+        &[b"h2", b"http/1.1"],
+    )?;
+    let api_server = std::sync::Arc::new(crate::api::ApiServer {
+        objects: crate::api::objects::Objects { node: started.node.clone() },
+        hub: started.node.hub.clone(),
+        node: started.node.clone(),
+        max_request_bytes: settings.max_request_bytes,
+        address: persisted.api_listen.to_string(),
+        metrics: crate::api::ApiMetrics::new(&registry)?,
+    });
+    tokio::spawn(crate::api::bootstrap::ensure_forever(api_server.clone()));
+    let api_tls = std::sync::Arc::new(api_tls);
+    let serving = api_server.clone();
+    tasks.spawn(async move { serving.serve(api_listener, api_tls).await.context("API listener") });
     let ops = crate::health::router(started.node.clone(), started.storage.clone(), registry);
     tasks.spawn(async move { axum::serve(metrics_listener, ops).await.context("metrics listener") });
     let mut plain_url = None;
@@ -255,6 +291,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         peer: started.member.peer_advertise.clone(),
         etcd_url: client_url,
         etcd_plaintext_url: plain_url,
+        api_url: format!("https://{}", persisted.api_listen),
         metrics_url: format!("http://{}", persisted.metrics_listen),
         pid: std::process::id(),
     };

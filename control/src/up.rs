@@ -107,7 +107,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
         stop_all(&mut masters).await;
         return Err(e);
     }
-    eprintln!("cluster up; `source {}/etcdctl.env; etcdctl member list`. Ctrl-C stops it.", data_dir.display());
+    eprintln!("kubectl:  export KUBECONFIG={}/kubeconfig; kubectl get namespaces", data_dir.display());
+    eprintln!("etcdctl:  source {}/etcdctl.env; etcdctl member list", data_dir.display());
+    eprintln!("cluster up (ready). Ctrl-C stops it.");
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     loop {
         tokio::select! {
@@ -143,6 +145,8 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
                 "127.0.0.1:0".into(),
                 "--metrics-listen".into(),
                 "127.0.0.1:0".into(),
+                "--api-listen".into(),
+                "127.0.0.1:0".into(),
             ]);
             if a.plaintext {
                 extra.extend(["--etcd-plaintext-listen".into(), "127.0.0.1:0".into()]);
@@ -159,7 +163,7 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
         let child = spawn_master(&dir, &extra, log_level)?;
         masters.push(Master { name: name.clone(), dir, child });
         let ep = wait_ready(masters.last_mut().expect("just pushed"), Duration::from_secs(120)).await?;
-        eprintln!("[{i}/{n}] {name} ready: etcd {} peer {}", ep.etcd_url, ep.peer);
+        eprintln!("[{i}/{n}] {name} ready: api {} etcd {} peer {}", ep.api_url, ep.etcd_url, ep.peer);
         endpoints.push(ep);
         if i == 1 {
             // Usable at once, even if a later master fails to start.
@@ -174,7 +178,7 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
 fn write_admin_env(data_dir: &Path, endpoints: &[Endpoints]) -> anyhow::Result<()> {
     let (ca, cert) = admin::issue_admin(&data_dir.join("master-1"))?;
     let (ca_p, cert_p, key_p) = (data_dir.join("ca.crt"), data_dir.join("admin.crt"), data_dir.join("admin.key"));
-    std::fs::write(&ca_p, ca)?;
+    std::fs::write(&ca_p, &ca)?;
     std::fs::write(&cert_p, &cert.cert_pem)?;
     {
         use std::io::Write;
@@ -196,6 +200,15 @@ fn write_admin_env(data_dir: &Path, endpoints: &[Endpoints]) -> anyhow::Result<(
         env.push_str(&format!("export CAPSTAN_PLAINTEXT_ENDPOINTS={}\n", plain.join(",")));
     }
     std::fs::write(data_dir.join("etcdctl.env"), env)?;
+    if let Some(first) = endpoints.first() {
+        let kc = crate::kubeconfig::render(
+            &first.api_url,
+            &ca,
+            admin::ADMIN_USER,
+            crate::kubeconfig::Credential::Cert { cert_pem: &cert.cert_pem, key_pem: &cert.key_pem },
+        );
+        crate::kubeconfig::write_private(&data_dir.join("kubeconfig"), &kc)?;
+    }
     write_prometheus_config(data_dir, endpoints)?;
     Ok(())
 }

@@ -100,6 +100,8 @@ async fn status_members_and_backup_restore_under_load() {
         "127.0.0.1:0",
         "--metrics-listen",
         "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
     ]);
     let mut child = Command::new(BIN)
         .args(["server", "--data-dir", d])

@@ -10,8 +10,8 @@
 //!   `proto/etcd/**/*.proto`, Capstan's own rendering of etcd 3.4/3.5's
 //!   `mvccpb` and `etcdserverpb` packages (same names, field numbers and enum
 //!   values, so the bytes on the wire are etcd's).
-//! - The Kubernetes object model (pods, nodes, services, ...) will live here
-//!   too, next to the store API it is persisted through.
+//! - [`k8s`]: the Kubernetes object model (pods, nodes, services, ...), the
+//!   registry of served kinds and the rkyv envelope objects are stored in.
 //!
 //! # The etcd API at a glance
 //!
@@ -52,6 +52,8 @@
 ///
 /// The two modules mirror etcd's protobuf packages; `etcdserverpb` refers to
 /// `mvccpb` types as `super::mvccpb`, which is why they sit side by side.
+pub mod k8s;
+
 pub mod etcd {
     /// Keys, values and watch events (etcd's `mvccpb` package).
     #[allow(clippy::all, clippy::pedantic, clippy::nursery, missing_docs, rustdoc::all)]

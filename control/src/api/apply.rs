@@ -1,0 +1,410 @@
+//! Server-side apply (`PATCH` with `application/apply-patch+yaml`): field
+//! ownership in `metadata.managedFields` (FieldsV1), conflicts (409) unless
+//! `force`, and removal of fields a manager stopped applying when nobody
+//! else owns them.
+//!
+//! Paths are FieldsV1 path elements: `f:<field>`, `k:{<merge keys>}` for an
+//! item of a keyed list, `v:<value>` for a set item, and `.` for "this list
+//! item exists". Lists merge with the same strategies as strategic merge
+//! patch (`patch.rs`), so both patch styles agree on list identity.
+
+use std::collections::BTreeSet;
+
+use capstan_proto::k8s::registry::ResourceType;
+use http::StatusCode;
+use serde_json::{json, Map, Value};
+
+use super::patch::{list_key, strategic_merge};
+use super::status::ApiError;
+use super::{admission, ApiServer, Ctx, Reply, ReplyBody};
+
+pub type Path = Vec<String>;
+pub type FieldSet = BTreeSet<Path>;
+
+/// Metadata fields that are identity or system-owned, never managed.
+const UNMANAGED_META: &[&str] = &[
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "managedFields",
+    "selfLink",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+];
+
+/// The fields an applied configuration sets.
+pub fn field_set(config: &Value) -> FieldSet {
+    let mut out = FieldSet::new();
+    let Some(m) = config.as_object() else { return out };
+    for (k, v) in m {
+        match k.as_str() {
+            "apiVersion" | "kind" | "status" => {}
+            "metadata" => {
+                for (mk, mv) in v.as_object().into_iter().flatten() {
+                    if !UNMANAGED_META.contains(&mk.as_str()) {
+                        collect(mv, mk, &mut vec!["f:metadata".into(), format!("f:{mk}")], &mut out);
+                    }
+                }
+            }
+            _ => collect(v, k, &mut vec![format!("f:{k}")], &mut out),
+        }
+    }
+    out
+}
+
+fn collect(v: &Value, field: &str, prefix: &mut Path, out: &mut FieldSet) {
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, c) in m {
+                prefix.push(format!("f:{k}"));
+                collect(c, k, prefix, out);
+                prefix.pop();
+            }
+        }
+        Value::Array(items) => match list_key(field, items) {
+            Some(Some(key)) => {
+                for item in items {
+                    let id = json!({ key: item.get(key).cloned().unwrap_or(Value::Null) });
+                    prefix.push(format!("k:{id}"));
+                    let mut dot = prefix.clone();
+                    dot.push(".".into());
+                    out.insert(dot);
+                    if let Some(m) = item.as_object() {
+                        for (k, c) in m {
+                            prefix.push(format!("f:{k}"));
+                            collect(c, k, prefix, out);
+                            prefix.pop();
+                        }
+                    }
+                    prefix.pop();
+                }
+            }
+            Some(None) => {
+                for item in items {
+                    let mut p = prefix.clone();
+                    p.push(format!("v:{item}"));
+                    out.insert(p);
+                }
+            }
+            None => {
+                out.insert(prefix.clone());
+            }
+        },
+        _ => {
+            out.insert(prefix.clone());
+        }
+    }
+}
+
+/// FieldsV1 JSON of a set.
+pub fn to_fields_v1(set: &FieldSet) -> Value {
+    let mut root = Map::new();
+    for path in set {
+        let mut node = &mut root;
+        for el in path {
+            node =
+                node.entry(el.clone()).or_insert_with(|| json!({})).as_object_mut().expect("fields nodes are objects");
+        }
+    }
+    Value::Object(root)
+}
+
+/// The set a FieldsV1 JSON names (leaves and `.` markers).
+pub fn from_fields_v1(v: &Value) -> FieldSet {
+    fn walk(v: &Value, prefix: &mut Path, out: &mut FieldSet) {
+        match v.as_object() {
+            Some(m) if !m.is_empty() => {
+                for (k, c) in m {
+                    prefix.push(k.clone());
+                    walk(c, prefix, out);
+                    prefix.pop();
+                }
+            }
+            _ => {
+                if !prefix.is_empty() {
+                    out.insert(prefix.clone());
+                }
+            }
+        }
+    }
+    let mut out = FieldSet::new();
+    walk(v, &mut Vec::new(), &mut out);
+    out
+}
+
+/// The value at a path, if present.
+fn value_at<'a>(obj: &'a Value, path: &[String]) -> Option<&'a Value> {
+    let mut cur = obj;
+    for el in path {
+        cur = step(cur, el)?;
+    }
+    Some(cur)
+}
+
+fn step<'a>(cur: &'a Value, el: &str) -> Option<&'a Value> {
+    if el == "." {
+        return Some(cur);
+    }
+    if let Some(f) = el.strip_prefix("f:") {
+        return cur.get(f);
+    }
+    let items = cur.as_array()?;
+    if let Some(k) = el.strip_prefix("k:") {
+        let id: Map<String, Value> = serde_json::from_str(k).ok()?;
+        return items.iter().find(|i| id.iter().all(|(ik, iv)| i.get(ik) == Some(iv)));
+    }
+    if let Some(v) = el.strip_prefix("v:") {
+        let want: Value = serde_json::from_str(v).ok()?;
+        return items.iter().find(|i| **i == want);
+    }
+    None
+}
+
+/// Removes the value at a path (a field, a keyed item, a set item).
+fn remove_at(obj: &mut Value, path: &[String]) {
+    let Some((last, parent_path)) = path.split_last() else { return };
+    let (target, parent_path) = if last == "." {
+        match parent_path.split_last() {
+            Some((item, pp)) => (item.as_str(), pp),
+            None => return,
+        }
+    } else {
+        (last.as_str(), parent_path)
+    };
+    let mut cur = obj;
+    for el in parent_path {
+        let next = if el == "." {
+            continue;
+        } else if let Some(f) = el.strip_prefix("f:") {
+            cur.get_mut(f)
+        } else {
+            let idx = value_at(cur, std::slice::from_ref(el))
+                .and_then(|found| cur.as_array().and_then(|a| a.iter().position(|i| std::ptr::eq(i, found))));
+            match idx {
+                Some(i) => cur.get_mut(i),
+                None => None,
+            }
+        };
+        match next {
+            Some(n) => cur = n,
+            None => return,
+        }
+    }
+    if let Some(f) = target.strip_prefix("f:") {
+        if let Some(m) = cur.as_object_mut() {
+            m.remove(f);
+        }
+    } else if let Some(found) = value_at(cur, &[target.to_string()]) {
+        let found = found as *const Value;
+        if let Some(a) = cur.as_array_mut() {
+            a.retain(|i| !std::ptr::eq(i, found));
+        }
+    }
+}
+
+fn managers(obj: &Value) -> Vec<Value> {
+    obj["metadata"]["managedFields"].as_array().cloned().unwrap_or_default()
+}
+
+fn entry(rt: &ResourceType, manager: &str, operation: &str, set: &FieldSet, now: &str) -> Value {
+    json!({"manager": manager, "operation": operation, "apiVersion": rt.api_version(), "time": now,
+        "fieldsType": "FieldsV1", "fieldsV1": to_fields_v1(set)})
+}
+
+fn manager_name(ctx: &Ctx) -> Result<String, ApiError> {
+    ctx.query.get("fieldManager").map(str::to_string).ok_or_else(|| {
+        ApiError::bad_request("PATCH with application/apply-patch+yaml requires the fieldManager parameter")
+    })
+}
+
+fn check_config(rt: &ResourceType, config: &Value, name: &str) -> Result<(), ApiError> {
+    if config["apiVersion"].as_str() != Some(&rt.api_version()) || config["kind"].as_str() != Some(rt.kind) {
+        return Err(ApiError::bad_request(format!(
+            "apply configurations must name apiVersion {} and kind {}",
+            rt.api_version(),
+            rt.kind
+        )));
+    }
+    match config["metadata"]["name"].as_str() {
+        Some(n) if n == name => Ok(()),
+        _ => Err(ApiError::bad_request(format!("the applied configuration's metadata.name must be {name:?}"))),
+    }
+}
+
+/// The object after `ctx`'s manager applies `config` to `current`:
+/// conflicts checked, fields it dropped removed, managedFields updated.
+pub fn apply(rt: &ResourceType, current: &Value, config: &Value, ctx: &Ctx) -> Result<Value, ApiError> {
+    let name = current["metadata"]["name"].as_str().unwrap_or_default().to_string();
+    check_config(rt, config, &name)?;
+    let manager = manager_name(ctx)?;
+    let force = ctx.query.flag("force");
+    let now = super::handlers::now();
+    let applied = field_set(config);
+    let mut entries = managers(current);
+    let mut prev = FieldSet::new();
+    let mut conflicts: Vec<(String, String)> = Vec::new();
+    for e in &entries {
+        let set = from_fields_v1(&e["fieldsV1"]);
+        let m = e["manager"].as_str().unwrap_or_default();
+        if m == manager && e["operation"] == "Apply" {
+            prev = set;
+            continue;
+        }
+        for p in set.intersection(&applied) {
+            if p.last().is_some_and(|l| l == ".") {
+                continue;
+            }
+            if value_at(current, p).is_some_and(|cur| Some(cur) != value_at(config, p)) {
+                conflicts.push((m.to_string(), display(p)));
+            }
+        }
+    }
+    if !conflicts.is_empty() && !force {
+        let msg = conflicts.iter().map(|(m, p)| format!("conflict with \"{m}\": {p}")).collect::<Vec<_>>().join("\n- ");
+        let causes: Vec<Value> = conflicts
+            .iter()
+            .map(|(m, p)| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{m}\""), "field": p}))
+            .collect();
+        return Err(ApiError::new(
+            409,
+            "Conflict",
+            format!(
+                "Apply failed with {} conflict{}: {msg}",
+                conflicts.len(),
+                if conflicts.len() == 1 { "" } else { "s" }
+            ),
+        )
+        .with_details(json!({"name": name, "kind": rt.plural, "causes": causes})));
+    }
+    // Forced: the others lose what this manager now applies.
+    let mut others: Vec<(Value, FieldSet)> = Vec::new();
+    for e in entries.drain(..) {
+        let is_me = e["manager"].as_str() == Some(&manager) && e["operation"] == "Apply";
+        if is_me {
+            continue;
+        }
+        let mut set = from_fields_v1(&e["fieldsV1"]);
+        set.retain(|p| !applied.contains(p));
+        if !set.is_empty() {
+            others.push((e, set));
+        }
+    }
+    let mut obj = current.clone();
+    let owned_by_others = |p: &Path| others.iter().any(|(_, s)| s.contains(p));
+    let mut dropped: Vec<&Path> = prev.difference(&applied).filter(|p| !owned_by_others(p)).collect();
+    dropped.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in dropped {
+        remove_at(&mut obj, p);
+    }
+    let mut merged = strategic_merge(&obj, config).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let mut out_entries: Vec<Value> = others
+        .into_iter()
+        .map(|(mut e, set)| {
+            e["fieldsV1"] = to_fields_v1(&set);
+            e
+        })
+        .collect();
+    out_entries.push(entry(rt, &manager, "Apply", &applied, &now));
+    merged["metadata"]["managedFields"] = Value::Array(out_entries);
+    // The applied config's resourceVersion (if any) is a precondition the caller checks.
+    match config["metadata"]["resourceVersion"].as_str() {
+        Some(rv) => merged["metadata"]["resourceVersion"] = json!(rv),
+        None => merged["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone(),
+    }
+    Ok(merged)
+}
+
+/// `.spec.replicas`-style rendering of a path for conflict messages.
+fn display(p: &Path) -> String {
+    let mut s = String::new();
+    for el in p {
+        if let Some(f) = el.strip_prefix("f:") {
+            s.push('.');
+            s.push_str(f);
+        } else if el != "." {
+            s.push('[');
+            s.push_str(&el[2..]);
+            s.push(']');
+        }
+    }
+    s
+}
+
+/// Apply to an object that does not exist yet: create it from the config.
+pub async fn create(
+    api: &ApiServer,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    name: &str,
+    config: &Value,
+    ctx: &Ctx,
+) -> Result<Reply, ApiError> {
+    check_config(rt, config, name)?;
+    let manager = manager_name(ctx)?;
+    let now = super::handlers::now();
+    let mut obj = config.clone();
+    obj["metadata"]["managedFields"] = json!([entry(rt, &manager, "Apply", &field_set(config), &now)]);
+    let (obj, warnings) = super::handlers::normalize(rt, &obj, ctx)?;
+    let obj = admission::prepare_create(rt, ns, obj, &now, &uuid::Uuid::new_v4().to_string(), "")?;
+    let created = api.objects.create(rt, obj).await?;
+    Ok(Reply { code: StatusCode::CREATED, body: ReplyBody::Json(created), warnings })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_proto::k8s::registry::by_kind;
+
+    fn ctx(manager: &str, force: bool) -> Ctx {
+        Ctx {
+            user: super::super::rbac::User { name: "u".into(), groups: vec![] },
+            query: super::super::request::Query::parse(Some(&format!("fieldManager={manager}&force={force}"))),
+            accept: String::new(),
+            content_type: String::new(),
+            body: Default::default(),
+        }
+    }
+
+    fn deploy(replicas: i64, ports: &[i64]) -> Value {
+        let ports: Vec<Value> = ports.iter().map(|p| json!({"containerPort": p})).collect();
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "labels": {"a": "1"}},
+            "spec": {"replicas": replicas, "template": {"spec": {"containers": [{"name": "c", "image": "i", "ports": ports}]}}}})
+    }
+
+    #[test]
+    fn fields_v1_round_trips() {
+        let set = field_set(&deploy(1, &[80]));
+        assert!(set.contains(&vec!["f:spec".to_string(), "f:replicas".to_string()]));
+        let item = r#"k:{"name":"c"}"#.to_string();
+        assert!(set.iter().any(|p| p.contains(&item) && p.last().unwrap() == "."));
+        assert_eq!(from_fields_v1(&to_fields_v1(&set)), set);
+    }
+
+    #[test]
+    fn conflicts_force_and_removal() {
+        let rt = by_kind("apps/v1", "Deployment").unwrap();
+        let mut cur = deploy(1, &[80]);
+        cur["metadata"]["resourceVersion"] = json!("5");
+        let a = apply(rt, &cur, &deploy(2, &[80, 443]), &ctx("alice", false)).unwrap();
+        assert_eq!(a["spec"]["replicas"], 2);
+        assert_eq!(a["spec"]["template"]["spec"]["containers"][0]["ports"].as_array().unwrap().len(), 2);
+        // bob applies a different replica count: conflict, unless forced.
+        let e = apply(rt, &a, &deploy(3, &[80, 443]), &ctx("bob", false)).unwrap_err();
+        assert_eq!(e.code, 409);
+        assert!(e.message.contains("conflict with \"alice\": .spec.replicas"), "{}", e.message);
+        let b = apply(rt, &a, &deploy(3, &[80, 443]), &ctx("bob", true)).unwrap();
+        assert_eq!(b["spec"]["replicas"], 3);
+        // alice drops port 443; bob still owns it (he applied it too), so it stays.
+        let c = apply(rt, &b, &deploy(3, &[80]), &ctx("alice", true)).unwrap();
+        assert_eq!(c["spec"]["template"]["spec"]["containers"][0]["ports"].as_array().unwrap().len(), 2);
+        // bob drops it as well: now nobody owns it and it goes.
+        let d = apply(rt, &c, &deploy(3, &[80]), &ctx("bob", false)).unwrap();
+        assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["ports"], json!([{"containerPort": 80}]));
+        // Same value as another owner is shared ownership, not a conflict.
+        assert!(apply(rt, &d, &deploy(3, &[80]), &ctx("carol", false)).is_ok());
+        assert!(apply(rt, &d, &json!({"kind": "Deployment", "metadata": {"name": "web"}}), &ctx("x", false)).is_err());
+    }
+}

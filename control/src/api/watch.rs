@@ -1,0 +1,250 @@
+//! `?watch=true`: a chunked stream of `{"type": ..., "object": ...}` lines
+//! fed by the store's watch hub. Every event after the requested
+//! resourceVersion is delivered once, in revision order; a compacted start
+//! is an `ERROR` event carrying a 410 `Status`, never a silent gap.
+//!
+//! Selectors are applied per event with Kubernetes' semantics: an object
+//! that stops matching is sent as `DELETED`, one that starts matching as `ADDED`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use capstan_proto::k8s::registry::ResourceType;
+use capstan_raft::mvcc::{Event, EventKind};
+use capstan_raft::types::KeyRange;
+use capstan_raft::watch::{WatchMessage, WatchRequest};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::handlers::{wants_table, Filter};
+use super::objects::{decode_kv, prefix};
+use super::status::ApiError;
+use super::{table, ApiServer, Ctx, Reply, ReplyBody};
+
+/// Default watch length when the client gives no `timeoutSeconds`
+/// (Kubernetes: `--min-request-timeout`, 1800 s).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1800);
+
+struct Encoder {
+    kind: &'static str,
+    table: bool,
+    include: String,
+}
+
+impl Encoder {
+    fn line(&self, ty: &str, obj: &Value) -> Bytes {
+        let object = if self.table {
+            let row = table::row(self.kind, obj, chrono::Utc::now(), &self.include);
+            let rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or_default();
+            table::table(self.kind, vec![row], rv, None)
+        } else {
+            obj.clone()
+        };
+        let mut b = serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
+        b.push(b'\n');
+        Bytes::from(b)
+    }
+
+    fn error(&self, e: &ApiError) -> Bytes {
+        let mut b = serde_json::to_vec(&json!({"type": "ERROR", "object": e.to_status()})).unwrap_or_default();
+        b.push(b'\n');
+        Bytes::from(b)
+    }
+}
+
+/// The watch event (type, object) for one store event, or `None` when the
+/// filter hides it before and after.
+fn convert(ev: &Event, revision: i64, filter: &Filter) -> Result<Option<(&'static str, Value)>, ApiError> {
+    match ev.kind {
+        EventKind::Put => {
+            let new = decode_kv(&ev.kv)?;
+            let now_matches = filter.matches(&new);
+            let before = match &ev.prev_kv {
+                Some(p) => Some(filter.matches(&decode_kv(p)?)),
+                None => None,
+            };
+            Ok(match (before, now_matches) {
+                (None | Some(false), true) => Some(("ADDED", new)),
+                (Some(true), true) => Some(("MODIFIED", new)),
+                (Some(true), false) => Some(("DELETED", new)),
+                (_, false) => None,
+            })
+        }
+        EventKind::Delete => {
+            let Some(p) = &ev.prev_kv else { return Ok(None) };
+            let mut old = decode_kv(p)?;
+            if !filter.matches(&old) {
+                return Ok(None);
+            }
+            old["metadata"]["resourceVersion"] = json!(revision.to_string());
+            Ok(Some(("DELETED", old)))
+        }
+    }
+}
+
+pub async fn watch(
+    api: Arc<ApiServer>,
+    rt: &'static ResourceType,
+    ns: Option<&str>,
+    name: Option<String>,
+    ctx: Ctx,
+) -> Result<Reply, ApiError> {
+    let mut filter = Filter::from_query(rt, &ctx)?;
+    if let Some(n) = &name {
+        let mut sel = format!("metadata.name={n}");
+        if let Some(f) = ctx.query.get("fieldSelector") {
+            sel = format!("{f},{sel}");
+        }
+        filter.fields = super::selector::FieldSelector::parse(&sel).map_err(ApiError::bad_request)?;
+    }
+    let rv = match ctx.query.get("resourceVersion") {
+        None => None,
+        Some(s) => Some(s.parse::<i64>().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {s:?}")))?),
+    };
+    let timeout = match ctx.query.get("timeoutSeconds") {
+        Some(t) => Duration::from_secs(t.parse().map_err(|_| ApiError::bad_request("invalid timeoutSeconds"))?),
+        None => DEFAULT_TIMEOUT,
+    };
+    let bookmarks = ctx.query.flag("allowWatchBookmarks");
+    let enc = Encoder {
+        kind: rt.kind,
+        table: wants_table(&ctx.accept),
+        include: ctx.query.get("includeObject").unwrap_or("Metadata").to_string(),
+    };
+    // No resourceVersion (or "0"): start with the current state as ADDED
+    // events, then changes after it — Kubernetes' "get state and start at most recent".
+    let mut initial = Vec::new();
+    let start = match rv {
+        Some(n) if n > 0 => n + 1,
+        _ => {
+            if rv.is_none() {
+                api.objects.sync().await?;
+            }
+            let page = api.objects.list_local(rt, ns, None, None, &|kv| filter.matches_stored(&kv.value))?;
+            initial = page.items.iter().map(|o| enc.line("ADDED", o)).collect();
+            page.revision + 1
+        }
+    };
+    let req = WatchRequest {
+        range: KeyRange::prefix(prefix(rt, ns)),
+        start_revision: start,
+        prev_kv: true,
+        progress_notify: bookmarks,
+        ..Default::default()
+    };
+    let mut watcher = api.hub.watch(req);
+    let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
+    let gauge = api.metrics.watches.with_label_values(&["watch", rt.plural]);
+    gauge.inc();
+    tokio::spawn(async move {
+        let _guard = scopeguard(gauge);
+        for line in initial {
+            if tx.send(Ok(line)).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            let msg = tokio::select! {
+                _ = &mut deadline => return,
+                _ = tx.closed() => return,
+                m = watcher.rx.recv() => m,
+            };
+            let lines: Vec<Bytes> = match msg {
+                None => return,
+                Some(WatchMessage::Events { revision, events }) => {
+                    let mut out = Vec::new();
+                    for ev in &events {
+                        match convert(ev, revision, &filter) {
+                            Ok(Some((ty, obj))) => out.push(enc.line(ty, &obj)),
+                            Ok(None) => {}
+                            Err(e) => out.push(enc.error(&e)),
+                        }
+                    }
+                    out
+                }
+                Some(WatchMessage::Progress { revision }) => {
+                    if !bookmarks {
+                        continue;
+                    }
+                    let bm = json!({"kind": enc.kind, "apiVersion": rt.api_version(),
+                        "metadata": {"resourceVersion": revision.to_string()}});
+                    let mut b = serde_json::to_vec(&json!({"type": "BOOKMARK", "object": bm})).unwrap_or_default();
+                    b.push(b'\n');
+                    vec![Bytes::from(b)]
+                }
+                Some(WatchMessage::Canceled { compact_revision, reason }) => {
+                    let e = if compact_revision > 0 {
+                        ApiError::gone(format!("too old resource version: {} ({compact_revision})", start - 1))
+                    } else {
+                        ApiError::internal(format!("watch ended: {reason}"))
+                    };
+                    let _ = tx.send(Ok(enc.error(&e))).await;
+                    return;
+                }
+            };
+            for line in lines {
+                if tx.send(Ok(line)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(Reply { code: http::StatusCode::OK, body: ReplyBody::Stream(body, "application/json"), warnings: vec![] })
+}
+
+/// Decrements the open-watches gauge however the stream task ends.
+struct GaugeGuard(prometheus::IntGauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+fn scopeguard(g: prometheus::IntGauge) -> GaugeGuard {
+    GaugeGuard(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capstan_proto::k8s::stored::StoredObject;
+    use capstan_raft::types::KeyValue;
+
+    fn kv(labels: Value, rev: i64) -> KeyValue {
+        let obj = json!({"metadata": {"name": "a", "labels": labels}});
+        KeyValue {
+            key: "/k".into(),
+            mod_revision: rev,
+            value: StoredObject::from_object(&obj).unwrap().encode().into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn selector_transitions_become_added_and_deleted() {
+        let filter = Filter {
+            labels: super::super::selector::LabelSelector::parse("app=web").unwrap(),
+            fields: Default::default(),
+        };
+        let put = |prev: Option<KeyValue>, new: KeyValue| Event { kind: EventKind::Put, kv: new, prev_kv: prev };
+        let ty = |e: &Event| convert(e, 9, &filter).unwrap().map(|(t, _)| t);
+        assert_eq!(ty(&put(None, kv(json!({"app": "web"}), 2))), Some("ADDED"));
+        assert_eq!(ty(&put(Some(kv(json!({"app": "web"}), 2)), kv(json!({"app": "web"}), 3))), Some("MODIFIED"));
+        assert_eq!(ty(&put(Some(kv(json!({"app": "web"}), 3)), kv(json!({"app": "db"}), 4))), Some("DELETED"));
+        assert_eq!(ty(&put(Some(kv(json!({"app": "db"}), 4)), kv(json!({"app": "web"}), 5))), Some("ADDED"));
+        assert_eq!(ty(&put(None, kv(json!({}), 6))), None);
+        let del = Event {
+            kind: EventKind::Delete,
+            kv: KeyValue { key: "/k".into(), mod_revision: 9, ..Default::default() },
+            prev_kv: Some(kv(json!({"app": "web"}), 5)),
+        };
+        let (t, obj) = convert(&del, 9, &filter).unwrap().unwrap();
+        assert_eq!((t, obj["metadata"]["resourceVersion"].as_str()), ("DELETED", Some("9")));
+    }
+}

@@ -1,0 +1,15 @@
+//! The Kubernetes object model.
+//!
+//! - The typed objects themselves are `k8s-openapi`'s (re-exported as
+//!   [`api`]): every kind Kubernetes 1.32 defines, with Kubernetes' JSON
+//!   field names and JSON schemas. A maintained crate generated from the
+//!   Kubernetes OpenAPI document is more faithful than a hand-written copy.
+//! - [`registry`]: the kinds Capstan serves and how each is decoded.
+//! - [`fields`]: which fields of a body Kubernetes does not define.
+//! - [`stored`]: the rkyv envelope objects are stored, watched and sent in.
+
+pub mod fields;
+pub mod registry;
+pub mod stored;
+
+pub use k8s_openapi as api;
