@@ -4,6 +4,7 @@
 //! - `server.rs`: `capstan server`, one master: the replicated store
 //!   (crate `capstan-raft`) plus the APIs served over it.
 //! - `api/`: the Kubernetes API server (HTTPS; what kubectl talks to).
+//! - `controllers/`: garbage collector and namespace lifecycle.
 //! - `etcd/`: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance).
 //! - `health.rs`: `/metrics`, `/livez`, `/readyz`, `/healthz` for Prometheus and probes.
 //! - `up.rs`: `capstan up`, a local cluster of N masters on loopback.
@@ -15,6 +16,7 @@
 
 mod admin;
 mod api;
+mod controllers;
 mod etcd;
 mod health;
 mod kubeconfig;

@@ -76,6 +76,12 @@ pub fn prepare_create(
         meta.remove("generation");
     }
     set_api_version_kind(rt, &mut obj);
+    if rt.subresources.contains(&"status") {
+        // Status is the system's to write (through /status), never the creator's.
+        if let Some(o) = obj.as_object_mut() {
+            o.remove("status");
+        }
+    }
     default_object(rt.kind, &mut obj);
     validate(rt, &obj)?;
     Ok(obj)
@@ -140,8 +146,30 @@ pub fn prepare_update(
             }
         }
     }
+    if rt.kind == "Service" {
+        // The cluster IP is claimed at create (objects::claims) and immutable.
+        for f in ["clusterIP", "clusterIPs"] {
+            let old_v = &old["spec"][f];
+            match new["spec"].get(f) {
+                None | Some(Value::Null) => new["spec"][f] = old_v.clone(),
+                Some(v) if v == old_v || (v == "" && f == "clusterIP") => new["spec"][f] = old_v.clone(),
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        rt.kind,
+                        &name,
+                        vec![(format!("spec.{f}"), "Invalid value: field is immutable".into())],
+                    ))
+                }
+            }
+        }
+    }
+    if new_meta_missing_managed_fields(&new) {
+        if let Some(mf) = old["metadata"].get("managedFields") {
+            new["metadata"]["managedFields"] = mf.clone();
+        }
+    }
     if has_generation(rt.kind) {
-        let gen = old_meta["generation"].as_i64().unwrap_or(1);
+        let gen = old["metadata"]["generation"].as_i64().unwrap_or(1);
         let changed = spec_of(old) != spec_of(&new);
         new["metadata"]["generation"] = json!(if changed { gen + 1 } else { gen });
     } else if let Some(m) = new["metadata"].as_object_mut() {
@@ -153,6 +181,12 @@ pub fn prepare_update(
     default_object(rt.kind, &mut new);
     validate(rt, &new)?;
     Ok(new)
+}
+
+/// An update that omits managedFields keeps the stored ones (Kubernetes:
+/// only an explicit list replaces them).
+fn new_meta_missing_managed_fields(new: &Value) -> bool {
+    new["metadata"].get("managedFields").is_none_or(Value::is_null)
 }
 
 /// Everything but metadata and status: what `generation` counts changes of.
@@ -180,6 +214,24 @@ fn set_default(obj: &mut Value, key: &str, v: Value) {
 }
 
 pub fn default_object(kind: &str, obj: &mut Value) {
+    apply_defaults(kind, obj);
+    strip_nulls(obj);
+}
+
+/// In Kubernetes JSON a null field is an absent one; drop them so stored
+/// objects have one spelling.
+fn strip_nulls(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.retain(|_, x| !x.is_null());
+            m.values_mut().for_each(strip_nulls);
+        }
+        Value::Array(a) => a.iter_mut().for_each(strip_nulls),
+        _ => {}
+    }
+}
+
+fn apply_defaults(kind: &str, obj: &mut Value) {
     match kind {
         "Pod" => {
             default_pod_spec(&mut obj["spec"], true);
@@ -194,7 +246,8 @@ pub fn default_object(kind: &str, obj: &mut Value) {
             set_default(spec, "replicas", json!(1));
             set_default(spec, "revisionHistoryLimit", json!(10));
             set_default(spec, "progressDeadlineSeconds", json!(600));
-            set_default(spec, "strategy", json!({"type": "RollingUpdate"}));
+            set_default(spec, "strategy", json!({}));
+            set_default(&mut spec["strategy"], "type", json!("RollingUpdate"));
             if spec["strategy"]["type"] == "RollingUpdate" {
                 set_default(&mut spec["strategy"], "rollingUpdate", json!({}));
                 let ru = &mut spec["strategy"]["rollingUpdate"];
@@ -210,7 +263,8 @@ pub fn default_object(kind: &str, obj: &mut Value) {
         "DaemonSet" => {
             let spec = &mut obj["spec"];
             set_default(spec, "revisionHistoryLimit", json!(10));
-            set_default(spec, "updateStrategy", json!({"type": "RollingUpdate"}));
+            set_default(spec, "updateStrategy", json!({}));
+            set_default(&mut spec["updateStrategy"], "type", json!("RollingUpdate"));
             if spec["updateStrategy"]["type"] == "RollingUpdate" {
                 set_default(&mut spec["updateStrategy"], "rollingUpdate", json!({}));
                 let ru = &mut spec["updateStrategy"]["rollingUpdate"];
@@ -224,7 +278,8 @@ pub fn default_object(kind: &str, obj: &mut Value) {
             set_default(spec, "replicas", json!(1));
             set_default(spec, "revisionHistoryLimit", json!(10));
             set_default(spec, "podManagementPolicy", json!("OrderedReady"));
-            set_default(spec, "updateStrategy", json!({"type": "RollingUpdate"}));
+            set_default(spec, "updateStrategy", json!({}));
+            set_default(&mut spec["updateStrategy"], "type", json!("RollingUpdate"));
             if spec["updateStrategy"]["type"] == "RollingUpdate" {
                 set_default(&mut spec["updateStrategy"], "rollingUpdate", json!({"partition": 0}));
             }
@@ -271,7 +326,18 @@ pub fn default_object(kind: &str, obj: &mut Value) {
             set_default(&mut obj["metadata"], "labels", json!({}));
             set_default(&mut obj["metadata"]["labels"], "kubernetes.io/metadata.name", name);
         }
-        "Secret" => set_default(obj, "type", json!("Opaque")),
+        "Secret" => {
+            set_default(obj, "type", json!("Opaque"));
+            // stringData is write-only: folded into data (base64), as Kubernetes does.
+            if let Some(Value::Object(sd)) = obj.as_object_mut().and_then(|o| o.remove("stringData")) {
+                use base64::Engine;
+                set_default(obj, "data", json!({}));
+                for (k, v) in sd {
+                    let text = v.as_str().unwrap_or_default().to_string();
+                    obj["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+                }
+            }
+        }
         _ => {}
     }
 }

@@ -246,6 +246,7 @@ pub fn apply(rt: &ResourceType, current: &Value, config: &Value, ctx: &Ctx) -> R
     let mut entries = managers(current);
     let mut prev = FieldSet::new();
     let mut conflicts: Vec<(String, String)> = Vec::new();
+    let mut conflicting: FieldSet = FieldSet::new();
     for e in &entries {
         let set = from_fields_v1(&e["fieldsV1"]);
         let m = e["manager"].as_str().unwrap_or_default();
@@ -259,6 +260,7 @@ pub fn apply(rt: &ResourceType, current: &Value, config: &Value, ctx: &Ctx) -> R
             }
             if value_at(current, p).is_some_and(|cur| Some(cur) != value_at(config, p)) {
                 conflicts.push((m.to_string(), display(p)));
+                conflicting.insert(p.clone());
             }
         }
     }
@@ -279,7 +281,8 @@ pub fn apply(rt: &ResourceType, current: &Value, config: &Value, ctx: &Ctx) -> R
         )
         .with_details(json!({"name": name, "kind": rt.plural, "causes": causes})));
     }
-    // Forced: the others lose what this manager now applies.
+    // Forced: the others lose the fields that conflicted; fields applied
+    // with the value they already had stay shared.
     let mut others: Vec<(Value, FieldSet)> = Vec::new();
     for e in entries.drain(..) {
         let is_me = e["manager"].as_str() == Some(&manager) && e["operation"] == "Apply";
@@ -287,7 +290,7 @@ pub fn apply(rt: &ResourceType, current: &Value, config: &Value, ctx: &Ctx) -> R
             continue;
         }
         let mut set = from_fields_v1(&e["fieldsV1"]);
-        set.retain(|p| !applied.contains(p));
+        set.retain(|p| !conflicting.contains(p));
         if !set.is_empty() {
             others.push((e, set));
         }
@@ -397,6 +400,15 @@ mod tests {
         assert!(e.message.contains("conflict with \"alice\": .spec.replicas"), "{}", e.message);
         let b = apply(rt, &a, &deploy(3, &[80, 443]), &ctx("bob", true)).unwrap();
         assert_eq!(b["spec"]["replicas"], 3);
+        let alice = b["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["manager"] == "alice")
+            .unwrap()
+            .clone();
+        assert!(alice["fieldsV1"]["f:spec"].get("f:replicas").is_none(), "the forced field moved to bob");
+        assert!(alice["fieldsV1"]["f:metadata"]["f:labels"].get("f:a").is_some(), "same-valued fields stay shared");
         // alice drops port 443; bob still owns it (he applied it too), so it stays.
         let c = apply(rt, &b, &deploy(3, &[80]), &ctx("alice", true)).unwrap();
         assert_eq!(c["spec"]["template"]["spec"]["containers"][0]["ports"].as_array().unwrap().len(), 2);

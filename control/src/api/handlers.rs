@@ -106,6 +106,14 @@ fn decode_body(ctx: &Ctx) -> Result<Value, ApiError> {
             .map_err(|e| ApiError::bad_request(format!("error decoding JSON body: {e}")))?,
         "application/yaml" | "application/apply-patch+yaml" | "text/yaml" => serde_norway::from_slice(&ctx.body)
             .map_err(|e| ApiError::bad_request(format!("error decoding YAML body: {e}")))?,
+        "application/vnd.kubernetes.protobuf" => {
+            capstan_proto::k8s::protobuf::decode(&ctx.body).map_err(|e| match e {
+                capstan_proto::k8s::protobuf::ProtobufError::UnknownKind(_) => {
+                    ApiError::unsupported_media(&e.to_string())
+                }
+                other => ApiError::bad_request(other.to_string()),
+            })?
+        }
         other => return Err(ApiError::unsupported_media(other)),
     };
     Ok(v)
@@ -291,8 +299,33 @@ async fn create(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx)
     if dry_run(ctx)? {
         return Ok(object_reply(StatusCode::CREATED, obj, warnings));
     }
+    if rt.kind == "Service" && needs_cluster_ip(&obj) {
+        // Random free address; a taken one fails the create's txn, so retry.
+        for _ in 0..16 {
+            let mut svc = obj.clone();
+            let ip = random_service_ip();
+            svc["spec"]["clusterIP"] = json!(ip);
+            svc["spec"]["clusterIPs"] = json!([ip]);
+            match api.objects.create(rt, svc).await {
+                Err(e) if e.code == 422 => continue,
+                r => return r.map(|c| object_reply(StatusCode::CREATED, c, warnings)),
+            }
+        }
+        return Err(ApiError::internal("no free service IP found after 16 tries; the range may be full"));
+    }
     let created = api.objects.create(rt, obj).await?;
     Ok(object_reply(StatusCode::CREATED, created, warnings))
+}
+
+fn needs_cluster_ip(svc: &Value) -> bool {
+    svc["spec"]["type"] != "ExternalName" && svc["spec"]["clusterIP"].as_str().is_none_or(str::is_empty)
+}
+
+fn random_service_ip() -> String {
+    use rand::Rng;
+    // 10.96.0.0/16 without .0.0, .0.1 (kept for the kubernetes Service) and the broadcast.
+    let n: u32 = rand::thread_rng().gen_range(2..65535);
+    format!("10.96.{}.{}", n >> 8, n & 0xff)
 }
 
 async fn current(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, name: &str) -> Result<Found, ApiError> {
@@ -315,8 +348,7 @@ async fn store_update(
     let finalizers_left = new["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty())
         || (rt.kind == "Namespace" && new["spec"]["finalizers"].as_array().is_some_and(|f| !f.is_empty()));
     if deleting && !finalizers_left {
-        let (ns, name) = ns_name(&new);
-        let rev = api.objects.delete(rt, ns.as_deref(), &name, cur.mod_revision).await?;
+        let rev = api.objects.delete(rt, &new, cur.mod_revision).await?;
         return Ok(super::objects::with_rv(new, rev));
     }
     api.objects.update(rt, new, cur.mod_revision).await
@@ -497,7 +529,7 @@ async fn delete_found(api: &ApiServer, rt: &ResourceType, cur: Found, opts: &Del
     match plan {
         admission::DeletePlan::Now => {
             if !dry {
-                api.objects.delete(rt, cur.object["metadata"]["namespace"].as_str(), &name, cur.mod_revision).await?;
+                api.objects.delete(rt, &cur.object, cur.mod_revision).await?;
             }
             let details = json!({"name": name, "group": rt.group, "kind": rt.plural, "uid": meta["uid"]});
             if rt.kind == "Pod" {

@@ -220,24 +220,42 @@ impl Objects {
         }
     }
 
-    /// Creates `obj`; 409 AlreadyExists if the key is taken.
+    /// Creates `obj`; 409 AlreadyExists if the key is taken, 422 if one of
+    /// its claims (see [`claims`]) is held by another object.
     pub async fn create(&self, rt: &ResourceType, obj: Value) -> Result<Value, ApiError> {
         let (ns, name) = ns_name(&obj);
         let k = Bytes::from(key(rt, ns.as_deref(), &name));
-        let txn = TxnRequest {
-            compare: vec![Compare {
-                range: KeyRange::key(k.clone()),
-                result: CompareResult::Equal,
-                target: CompareTarget::Create(0),
-            }],
-            success: vec![Op::Put(PutRequest { key: k, value: encode(&obj)?, ..Default::default() })],
-            failure: vec![],
+        let owner = Bytes::from(k.to_vec());
+        let claimed = claims(rt.kind, &obj);
+        let absent = |key: &Bytes| Compare {
+            range: KeyRange::key(key.clone()),
+            result: CompareResult::Equal,
+            target: CompareTarget::Create(0),
         };
-        let (ok, _, rev) = self.txn(txn).await?;
+        let mut compare = vec![absent(&k)];
+        let mut success = vec![Op::Put(PutRequest { key: k.clone(), value: encode(&obj)?, ..Default::default() })];
+        for (c, _) in &claimed {
+            compare.push(absent(c));
+            success.push(Op::Put(PutRequest { key: c.clone(), value: owner.clone(), ..Default::default() }));
+        }
+        let (ok, _, rev) = self.txn(TxnRequest { compare, success, failure: vec![] }).await?;
         if !ok {
+            self.sync().await?;
+            if let (false, Some((_, field))) = (self.exists_local(&owner), claimed.first()) {
+                return Err(ApiError::invalid(
+                    rt.kind,
+                    &name,
+                    vec![(field.to_string(), "Invalid value: provided IP is already allocated".into())],
+                ));
+            }
             return Err(ApiError::already_exists(rt.group, rt.plural, &name));
         }
         Ok(with_rv(obj, rev))
+    }
+
+    fn exists_local(&self, key: &Bytes) -> bool {
+        self.range(&RangeRequest { range: KeyRange::key(key.clone()), ..Default::default() })
+            .is_ok_and(|(kvs, _, _)| !kvs.is_empty())
     }
 
     /// Replaces the object if it is still at `expected` (its mod revision).
@@ -265,29 +283,44 @@ impl Objects {
         Ok(with_rv(obj, rev))
     }
 
-    /// Deletes the object if it is still at `expected`; returns the revision of the delete.
-    pub async fn delete(
-        &self,
-        rt: &ResourceType,
-        ns: Option<&str>,
-        name: &str,
-        expected: i64,
-    ) -> Result<i64, ApiError> {
-        let k = Bytes::from(key(rt, ns, name));
+    /// Deletes `obj` (and releases its claims) if it is still at
+    /// `expected`; returns the revision of the delete.
+    pub async fn delete(&self, rt: &ResourceType, obj: &Value, expected: i64) -> Result<i64, ApiError> {
+        let (ns, name) = ns_name(obj);
+        let k = Bytes::from(key(rt, ns.as_deref(), &name));
+        let mut success = vec![Op::Delete(DeleteRequest { range: KeyRange::key(k.clone()), prev_kv: false })];
+        for (c, _) in claims(rt.kind, obj) {
+            success.push(Op::Delete(DeleteRequest { range: KeyRange::key(c), prev_kv: false }));
+        }
         let txn = TxnRequest {
             compare: vec![Compare {
-                range: KeyRange::key(k.clone()),
+                range: KeyRange::key(k),
                 result: CompareResult::Equal,
                 target: CompareTarget::Mod(expected),
             }],
-            success: vec![Op::Delete(DeleteRequest { range: KeyRange::key(k), prev_kv: false })],
+            success,
             failure: vec![],
         };
         let (ok, _, rev) = self.txn(txn).await?;
         if !ok {
-            return Err(ApiError::conflict(rt.group, rt.plural, name, "the object has been modified"));
+            return Err(ApiError::conflict(rt.group, rt.plural, &name, "the object has been modified"));
         }
         Ok(rev)
+    }
+}
+
+/// Keys an object holds exclusively besides its own (with the field that
+/// claims each): a Service's cluster IP. Claimed in the create's txn,
+/// released in the delete's, so two Services never share an IP.
+pub fn claims(kind: &str, obj: &Value) -> Vec<(Bytes, &'static str)> {
+    match kind {
+        "Service" => match obj["spec"]["clusterIP"].as_str() {
+            Some(ip) if ip.parse::<std::net::IpAddr>().is_ok() => {
+                vec![(Bytes::from(format!("/registry/ranges/serviceips/{ip}")), "spec.clusterIP")]
+            }
+            _ => vec![],
+        },
+        _ => vec![],
     }
 }
 

@@ -6,9 +6,11 @@
 //!   Kubernetes OpenAPI document is more faithful than a hand-written copy.
 //! - [`registry`]: the kinds Capstan serves and how each is decoded.
 //! - [`fields`]: which fields of a body Kubernetes does not define.
+//! - [`protobuf`]: decoding the protobuf bodies kubectl's typed clients send.
 //! - [`stored`]: the rkyv envelope objects are stored, watched and sent in.
 
 pub mod fields;
+pub mod protobuf;
 pub mod registry;
 pub mod stored;
 

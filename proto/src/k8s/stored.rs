@@ -22,6 +22,8 @@ pub struct StoredObject {
     pub node_name: String,
     /// `metadata.ownerReferences[*].uid`.
     pub owners: Vec<String>,
+    /// `metadata.deletionTimestamp` is set: the object is being deleted.
+    pub deleting: bool,
     /// The object as JSON, `metadata.resourceVersion` removed.
     pub json: Vec<u8>,
 }
@@ -58,6 +60,7 @@ impl StoredObject {
                 .as_array()
                 .map(|a| a.iter().map(|o| s(&o["uid"])).collect())
                 .unwrap_or_default(),
+            deleting: meta["deletionTimestamp"].is_string(),
             json: serde_json::to_vec(&body)?,
         })
     }
