@@ -447,7 +447,7 @@ async fn patch(
 
 fn patch_error(rt: &ResourceType, name: &str, e: String) -> ApiError {
     ApiError::new(422, "Invalid", format!("{} \"{name}\" could not be patched: {e}", rt.kind))
-        .with_details(json!({"name": name, "kind": rt.plural}))
+        .with_details(json!({"name": name, "kind": rt.kind}))
 }
 
 // ---------------------------------------------------------------------------
@@ -709,7 +709,8 @@ fn review(api: &ApiServer, kind: &str, ctx: &Ctx) -> Result<Reply, ApiError> {
             };
             out["status"] = match api.authorize(&ctx.user, &attrs) {
                 Ok(()) => json!({"allowed": true, "reason": "allowed by RBAC"}),
-                Err(e) => json!({"allowed": false, "reason": e.message}),
+                // Kubernetes leaves the reason empty on an RBAC denial.
+                Err(_) => json!({"allowed": false}),
             };
         }
         "SelfSubjectReview" => {

@@ -217,7 +217,11 @@ pub async fn run(objects: Objects) {
             continue;
         }
         let actions = match snapshot(&objects) {
-            Ok(objs) => plan(&objs),
+            Ok(objs) => {
+                let a = plan(&objs);
+                tracing::debug!(objects = objs.len(), actions = a.len(), "garbage collector pass");
+                a
+            }
             Err(e) => {
                 tracing::warn!("garbage collector: reading objects: {e}");
                 continue;
@@ -297,7 +301,7 @@ mod tests {
                 owner: "d1".into()
             }]
         );
-        assert_eq!(plan(&[owner.clone()]), vec![remove_finalizer(&owner, "orphan")]);
+        assert_eq!(plan(std::slice::from_ref(&owner)), vec![remove_finalizer(&owner, "orphan")]);
     }
 
     #[test]
@@ -309,6 +313,6 @@ mod tests {
             a,
             vec![Action::Delete { kind: "ConfigMap", namespace: "team".into(), name: "c".into(), uid: "c1".into() }]
         );
-        assert_eq!(plan(&[ns.clone()]), vec![remove_finalizer(&ns, "kubernetes")]);
+        assert_eq!(plan(std::slice::from_ref(&ns)), vec![remove_finalizer(&ns, "kubernetes")]);
     }
 }

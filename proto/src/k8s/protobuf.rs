@@ -331,7 +331,7 @@ mod tests {
         let mut b = body("v1", "Namespace", &json!({"metadata": {"name": "x"}}));
         assert!(decode(&b).is_ok());
         // An unknown kind, and a field number the schema lacks.
-        let nokind = body("v1", "Namespace", &json!({})).iter().map(|x| *x).collect::<Vec<u8>>();
+        let nokind = body("v1", "Namespace", &json!({}));
         let s = String::from_utf8_lossy(&nokind).replace("Namespace", "Nonsense!");
         assert!(matches!(decode(s.as_bytes()), Err(ProtobufError::UnknownKind(_))));
         let desc = message("k8s.io.api.core.v1.Namespace").unwrap();
