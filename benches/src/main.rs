@@ -1,5 +1,6 @@
 //! `capstan-bench`: load generators for Capstan.
 //!
+//! `capstan-bench api` drives the Kubernetes API (see `api.rs`).
 //! `capstan-bench store` drives the etcd v3 gRPC API (Capstan's store, or a
 //! real etcd as the baseline) with a fixed workload from many concurrent
 //! clients over a few shared HTTP/2 connections, and prints one JSON object
@@ -7,6 +8,7 @@
 //! stderr. See `benches/compare-etcd.sh` for a side-by-side run and
 //! `benches/RESULTS.md` for recorded numbers.
 
+mod api;
 mod conn;
 mod store;
 
@@ -24,6 +26,9 @@ enum Cmd {
     /// Load an etcd v3 API endpoint (Capstan masters or etcd) and report
     /// throughput and latency as JSON.
     Store(store::Args),
+    /// Load the Kubernetes API (ConfigMap creates; pod lists as Tables)
+    /// and report throughput and latency as JSON.
+    Api(api::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,6 +41,12 @@ fn main() -> anyhow::Result<()> {
             if report.requests == 0 {
                 anyhow::bail!("no request succeeded ({} errors)", report.errors);
             }
+            Ok(())
+        }
+        Cmd::Api(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(api::run(args))?;
+            println!("{report}");
             Ok(())
         }
     }

@@ -8,6 +8,8 @@ use capstan_proto::k8s::registry::{self, ResourceType};
 use http::StatusCode;
 use serde_json::{json, Value};
 
+use capstan_raft::types::KeyValue;
+
 use super::objects::{ns_name, Found};
 use super::patch::{self, PatchType};
 use super::rbac::Attributes;
@@ -193,12 +195,8 @@ async fn get(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, name: &str, c
     let found = api.objects.get_local(rt, ns, name)?.ok_or_else(|| ApiError::not_found(rt.group, rt.plural, name))?;
     if wants_table(&ctx.accept) {
         let rv = found.mod_revision.to_string();
-        let row = table::row(
-            rt.kind,
-            &found.object,
-            chrono::Utc::now(),
-            ctx.query.get("includeObject").unwrap_or("Metadata"),
-        );
+        let row =
+            table::row(rt.kind, found.object, chrono::Utc::now(), ctx.query.get("includeObject").unwrap_or("Metadata"));
         return table_reply(table::table(rt.kind, vec![row], &rv, None));
     }
     Ok(Reply::ok(found.object))
@@ -229,6 +227,23 @@ impl Filter {
         self.labels.matches_json(&obj["metadata"]["labels"]) && self.fields.matches(obj)
     }
 
+    /// The object if it matches, decoded whole.
+    pub fn select(&self, kv: &KeyValue) -> Result<Option<Value>, ApiError> {
+        self.select_shaped(kv, super::project::Shape::All)
+    }
+
+    /// The object if it matches, decoded as far as `shape` says.
+    pub fn select_shaped(&self, kv: &KeyValue, shape: super::project::Shape) -> Result<Option<Value>, ApiError> {
+        if !self.matches_stored(&kv.value)? {
+            return Ok(None);
+        }
+        let a = capstan_proto::k8s::stored::StoredObject::access(&kv.value)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        let mut v = super::project::decode(&a.json, shape).map_err(|e| ApiError::internal(e.to_string()))?;
+        v["metadata"]["resourceVersion"] = Value::String(kv.mod_revision.to_string());
+        Ok(Some(v))
+    }
+
     /// Decides from the archived index fields alone when it can (labels),
     /// so non-matching objects are never decoded.
     pub fn matches_stored(&self, value: &[u8]) -> Result<bool, ApiError> {
@@ -252,20 +267,31 @@ async fn list(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx) -
     if !stale_ok(ctx) && ctx.query.get("continue").is_none() {
         api.objects.sync().await?;
     }
+    let table = wants_table(&ctx.accept);
+    let include = ctx.query.get("includeObject").unwrap_or("Metadata");
+    let shape =
+        if table && include != "Object" { super::project::table_shape(rt.kind) } else { super::project::Shape::All };
     let page =
-        api.objects.list_local(rt, ns, limit, ctx.query.get("continue"), &|kv| filter.matches_stored(&kv.value))?;
+        api.objects.list_local(rt, ns, limit, ctx.query.get("continue"), &|kv| filter.select_shaped(kv, shape))?;
     let rv = page.revision.to_string();
-    if wants_table(&ctx.accept) {
+    if table {
         let now = chrono::Utc::now();
         let include = ctx.query.get("includeObject").unwrap_or("Metadata");
-        let rows = page.items.iter().map(|o| table::row(rt.kind, o, now, include)).collect();
+        let rows = page.items.into_iter().map(|o| table::row(rt.kind, o, now, include)).collect();
         return table_reply(table::table(rt.kind, rows, &rv, page.continue_token.as_deref()));
     }
     let mut meta = json!({"resourceVersion": rv});
     if let Some(c) = page.continue_token {
         meta["continue"] = json!(c);
     }
-    Ok(Reply::ok(json!({"kind": rt.list_kind, "apiVersion": rt.api_version(), "metadata": meta, "items": page.items})))
+    Ok(Reply::ok(list_object(rt, meta, page.items)))
+}
+
+/// A `<Kind>List`; the items are moved in (`json!` would copy each one).
+fn list_object(rt: &ResourceType, meta: Value, items: Vec<Value>) -> Value {
+    let mut l = json!({"kind": rt.list_kind, "apiVersion": rt.api_version(), "metadata": meta});
+    l["items"] = Value::Array(items);
+    l
 }
 
 // ---------------------------------------------------------------------------
@@ -549,7 +575,7 @@ async fn delete_collection(api: &ApiServer, rt: &ResourceType, ns: Option<&str>,
     let filter = Filter::from_query(rt, ctx)?;
     let opts = delete_options(ctx)?;
     api.objects.sync().await?;
-    let page = api.objects.list_local(rt, ns, None, None, &|kv| filter.matches_stored(&kv.value))?;
+    let page = api.objects.list_local(rt, ns, None, None, &|kv| filter.select(kv))?;
     let mut deleted = Vec::new();
     for obj in page.items {
         let (ns, name) = ns_name(&obj);
@@ -560,7 +586,7 @@ async fn delete_collection(api: &ApiServer, rt: &ResourceType, ns: Option<&str>,
             Err(e) => return Err(e),
         }
     }
-    Ok(Reply::ok(json!({"kind": rt.list_kind, "apiVersion": rt.api_version(), "metadata": {}, "items": deleted})))
+    Ok(Reply::ok(list_object(rt, json!({}), deleted)))
 }
 
 // ---------------------------------------------------------------------------

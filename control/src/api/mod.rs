@@ -10,6 +10,7 @@
 //! - `objects.rs`: objects in the replicated store (key layout, optimistic concurrency).
 //! - `admission.rs`: system metadata, defaults, validation.
 //! - `patch.rs`: JSON, merge and strategic merge patches.
+//! - `project.rs`: decoding only the fields a Table row reads.
 //! - `selector.rs`, `table.rs`, `discovery.rs`, `openapi.rs`, `rbac.rs`, `status.rs`.
 //! - `bootstrap.rs`: built-in namespaces and RBAC roles created at start.
 //!
@@ -25,6 +26,7 @@ mod handlers;
 pub mod objects;
 pub mod openapi;
 pub mod patch;
+mod project;
 pub mod rbac;
 pub mod request;
 pub mod selector;
@@ -325,7 +327,10 @@ impl ApiServer {
             let Some(rt) = capstan_proto::k8s::registry::by_kind("rbac.authorization.k8s.io/v1", kind) else {
                 return vec![];
             };
-            self.objects.list_local(rt, ns, None, None, &|_| Ok(true)).map(|p| p.items).unwrap_or_default()
+            self.objects
+                .list_local(rt, ns, None, None, &|kv| objects::decode_kv(kv).map(Some))
+                .map(|p| p.items)
+                .unwrap_or_default()
         };
         let crbs = list("ClusterRoleBinding", None);
         let ns = match attrs {

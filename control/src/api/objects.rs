@@ -144,15 +144,16 @@ impl Objects {
         self.get_local(rt, ns, name)
     }
 
-    /// A page of objects that pass `keep`, in key order, read at one
-    /// revision (continuations resume at the same revision).
+    /// A page of the objects `select` returns (it decodes the ones it
+    /// keeps), in key order, read at one revision (continuations resume at
+    /// the same revision).
     pub fn list_local(
         &self,
         rt: &ResourceType,
         ns: Option<&str>,
         limit: Option<i64>,
         continue_token: Option<&str>,
-        keep: &dyn Fn(&KeyValue) -> Result<bool, ApiError>,
+        select: &dyn Fn(&KeyValue) -> Result<Option<Value>, ApiError>,
     ) -> Result<Page, ApiError> {
         let full = KeyRange::prefix(prefix(rt, ns));
         let (start, revision) = match continue_token {
@@ -186,8 +187,8 @@ impl Objects {
                     next = Some(kv.key.clone());
                     break 'outer;
                 }
-                if keep(kv)? {
-                    items.push(decode_kv(kv)?);
+                if let Some(v) = select(kv)? {
+                    items.push(v);
                 }
             }
             match kvs.last() {

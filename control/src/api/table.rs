@@ -178,13 +178,24 @@ pub fn column_definitions(kind: &str) -> Value {
 
 /// A row: cells plus the object as PartialObjectMetadata (kubectl's default
 /// `includeObject=Metadata`) or whole (`includeObject=Object`).
-pub fn row(kind: &str, obj: &Value, now: DateTime<Utc>, include_object: &str) -> Value {
+pub fn row(kind: &str, mut obj: Value, now: DateTime<Utc>, include_object: &str) -> Value {
+    let cells = cells(kind, &obj, now);
+    // Move, never copy, the object into the row: lists hold thousands.
     let object = match include_object {
-        "Object" => obj.clone(),
+        "Object" => obj,
         "None" => Value::Null,
-        _ => json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj["metadata"]}),
+        _ => {
+            let mut m = serde_json::Map::new();
+            m.insert("kind".into(), Value::String("PartialObjectMetadata".into()));
+            m.insert("apiVersion".into(), Value::String("meta.k8s.io/v1".into()));
+            m.insert("metadata".into(), obj["metadata"].take());
+            Value::Object(m)
+        }
     };
-    json!({"cells": cells(kind, obj, now), "object": object})
+    let mut r = serde_json::Map::new();
+    r.insert("cells".into(), Value::Array(cells));
+    r.insert("object".into(), object);
+    Value::Object(r)
 }
 
 pub fn table(kind: &str, rows: Vec<Value>, resource_version: &str, continue_token: Option<&str>) -> Value {
@@ -192,8 +203,11 @@ pub fn table(kind: &str, rows: Vec<Value>, resource_version: &str, continue_toke
     if let Some(c) = continue_token {
         meta["continue"] = json!(c);
     }
-    json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
-        "columnDefinitions": column_definitions(kind), "rows": rows})
+    let mut t = json!({"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": meta,
+        "columnDefinitions": column_definitions(kind)});
+    // Moved in, not through `json!` (which would copy every row).
+    t["rows"] = Value::Array(rows);
+    t
 }
 
 fn s(v: &Value) -> String {
@@ -717,7 +731,7 @@ mod tests {
             "spec": {"replicas": 3, "selector": {"matchLabels": {"a": "b"}}, "template": {"spec": {"containers": [{"name": "c", "image": "i"}]}}},
             "status": {"readyReplicas": 2}});
         for rt in capstan_proto::k8s::registry::all() {
-            let r = row(rt.kind, &obj, now, "Metadata");
+            let r = row(rt.kind, obj.clone(), now, "Metadata");
             assert_eq!(r["cells"].as_array().unwrap().len(), columns(rt.kind).len(), "{}", rt.kind);
         }
         assert_eq!(cells("Deployment", &obj, now)[1], "2/3");

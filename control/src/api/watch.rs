@@ -34,15 +34,19 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn line(&self, ty: &str, obj: &Value) -> Bytes {
+    fn line(&self, ty: &str, obj: Value) -> Bytes {
         let object = if self.table {
+            let rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or_default().to_string();
             let row = table::row(self.kind, obj, chrono::Utc::now(), &self.include);
-            let rv = obj["metadata"]["resourceVersion"].as_str().unwrap_or_default();
-            table::table(self.kind, vec![row], rv, None)
+            table::table(self.kind, vec![row], &rv, None)
         } else {
-            obj.clone()
+            obj
         };
-        let mut b = serde_json::to_vec(&json!({"type": ty, "object": object})).unwrap_or_default();
+        // Built by hand: `json!` would copy the object through serialization.
+        let mut event = serde_json::Map::new();
+        event.insert("type".into(), Value::String(ty.into()));
+        event.insert("object".into(), object);
+        let mut b = serde_json::to_vec(&event).unwrap_or_default();
         b.push(b'\n');
         Bytes::from(b)
     }
@@ -122,8 +126,8 @@ pub async fn watch(
             if rv.is_none() {
                 api.objects.sync().await?;
             }
-            let page = api.objects.list_local(rt, ns, None, None, &|kv| filter.matches_stored(&kv.value))?;
-            initial = page.items.iter().map(|o| enc.line("ADDED", o)).collect();
+            let page = api.objects.list_local(rt, ns, None, None, &|kv| filter.select(kv))?;
+            initial = page.items.into_iter().map(|o| enc.line("ADDED", o)).collect();
             page.revision + 1
         }
     };
@@ -159,7 +163,7 @@ pub async fn watch(
                     let mut out = Vec::new();
                     for ev in &events {
                         match convert(ev, revision, &filter) {
-                            Ok(Some((ty, obj))) => out.push(enc.line(ty, &obj)),
+                            Ok(Some((ty, obj))) => out.push(enc.line(ty, obj)),
                             Ok(None) => {}
                             Err(e) => out.push(enc.error(&e)),
                         }

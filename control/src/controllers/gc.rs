@@ -134,7 +134,7 @@ pub fn snapshot(objects: &Objects) -> Result<Vec<Obj>, ApiError> {
                 o.finalizers.extend(list(&v["spec"]["finalizers"]));
             }
             out.borrow_mut().push(o);
-            Ok(false)
+            Ok(None)
         })?;
         debug_assert!(page.items.is_empty());
     }
