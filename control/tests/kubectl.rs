@@ -421,3 +421,80 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(strip(&before), strip(&after), "nothing but the label changed");
     assert_eq!(k.json(&["get", "cm", "keep", "-n", "default"])["data"]["a"], "1");
 }
+
+/// Runs etcdctl against the cluster with the credentials `capstan up` wrote.
+fn etcdctl(up: &common::Up, args: &[&str]) -> String {
+    let env = std::fs::read_to_string(up.dir.path().join("etcdctl.env")).unwrap();
+    let mut cmd = Command::new("etcdctl");
+    for (k, v) in env.lines().filter_map(|l| l.strip_prefix("export ")).filter_map(|l| l.split_once('=')) {
+        cmd.env(k, v);
+    }
+    let out = cmd.args(args).output().unwrap();
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn paging_watch_from_a_revision_and_compaction() {
+    let up = common::up(1);
+    let k = Kubectl::new(up.dir.path().join("kubeconfig"));
+    for i in 0..5 {
+        k.ok(&["create", "cm", &format!("page-{i}"), "-n", "default", &format!("--from-literal=i={i}")]);
+    }
+    let cms = "/api/v1/namespaces/default/configmaps";
+    // limit/continue: pages of 2, all at the first page's resourceVersion.
+    let first: serde_json::Value = serde_json::from_str(&k.ok(&["get", "--raw", &format!("{cms}?limit=2")])).unwrap();
+    let rv = first["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let mut names: Vec<String> =
+        first["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap().into()).collect();
+    let mut token = first["metadata"]["continue"].as_str().map(str::to_string);
+    k.ok(&["create", "cm", "page-late", "-n", "default"]);
+    while let Some(t) = token {
+        let page: serde_json::Value =
+            serde_json::from_str(&k.ok(&["get", "--raw", &format!("{cms}?limit=2&continue={t}")])).unwrap();
+        assert_eq!(page["metadata"]["resourceVersion"].as_str(), Some(rv.as_str()), "pages share one revision");
+        names.extend(
+            page["items"].as_array().unwrap().iter().map(|i| i["metadata"]["name"].as_str().unwrap().to_string()),
+        );
+        token = page["metadata"]["continue"].as_str().map(str::to_string);
+    }
+    assert_eq!(
+        names,
+        (0..5).map(|i| format!("page-{i}")).collect::<Vec<_>>(),
+        "a consistent snapshot, without page-late"
+    );
+    assert!(k.ok(&["get", "cm", "-n", "default", "--chunk-size=2", "-o", "name"]).contains("page-late"));
+    let stale_token = serde_json::from_str::<serde_json::Value>(&k.ok(&["get", "--raw", &format!("{cms}?limit=1")]))
+        .unwrap()["metadata"]["continue"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // Watch from a revision: exactly the later events, in order; the
+    // stream ends at timeoutSeconds.
+    k.ok(&["label", "cm", "page-0", "-n", "default", "x=1"]);
+    k.ok(&["delete", "cm", "page-1", "-n", "default"]);
+    let started = Instant::now();
+    let events = k.ok(&["get", "--raw", &format!("{cms}?watch=true&resourceVersion={rv}&timeoutSeconds=2")]);
+    assert!(started.elapsed() < Duration::from_secs(10), "timeoutSeconds ends the watch");
+    let seen: Vec<(String, String)> = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| {
+            (e["type"].as_str().unwrap().to_string(), e["object"]["metadata"]["name"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let want = [("ADDED", "page-late"), ("MODIFIED", "page-0"), ("DELETED", "page-1")];
+    assert_eq!(seen, want.map(|(a, b)| (a.to_string(), b.to_string())), "{events}");
+
+    // After compaction, a watch from before it gets a 410 ERROR event and
+    // an old continue token a 410: never a silent gap.
+    let head: serde_json::Value = serde_json::from_str(&k.ok(&["get", "--raw", cms])).unwrap();
+    let now_rv = head["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    etcdctl(&up, &["compact", &now_rv]);
+    let events = k.ok(&["get", "--raw", &format!("{cms}?watch=true&resourceVersion={rv}&timeoutSeconds=2")]);
+    let e: serde_json::Value = serde_json::from_str(events.lines().next().expect("an event")).unwrap();
+    assert_eq!((e["type"].as_str(), e["object"]["code"].as_i64()), (Some("ERROR"), Some(410)), "{events}");
+    let err = k.fails(&["get", "--raw", &format!("{cms}?limit=1&continue={stale_token}")]);
+    assert!(err.contains("Expired") || err.contains("too old") || err.contains("410"), "{err}");
+}

@@ -320,6 +320,66 @@ pub fn apply(rt: &ResourceType, current: &Value, config: &Value, ctx: &Ctx) -> R
     Ok(merged)
 }
 
+/// Records a non-apply write (create, update, patch, scale) in
+/// managedFields as Kubernetes does: `manager` (operation Update) takes
+/// ownership of every field the write set or changed, other managers lose
+/// those fields, and fields the write removed are owned by nobody.
+pub fn track_update(rt: &ResourceType, old: Option<&Value>, new: &mut Value, manager: &str, now: &str) {
+    let new_set = field_set(new);
+    let old_set = old.map(field_set).unwrap_or_default();
+    let changed: FieldSet = new_set
+        .iter()
+        .filter(|p| match old {
+            None => true,
+            Some(o) => !old_set.contains(*p) || value_at(o, p) != value_at(new, p),
+        })
+        .cloned()
+        .collect();
+    let removed: FieldSet = old_set.difference(&new_set).cloned().collect();
+    if changed.is_empty() && removed.is_empty() {
+        return;
+    }
+    let mut entries = managers(new);
+    let mut mine = FieldSet::new();
+    entries.retain_mut(|e| {
+        let mut set = from_fields_v1(&e["fieldsV1"]);
+        if e["manager"].as_str() == Some(manager) && e["operation"] == "Update" {
+            mine = set;
+            return false;
+        }
+        set.retain(|p| !changed.contains(p) && !removed.contains(p));
+        e["fieldsV1"] = to_fields_v1(&set);
+        !set.is_empty()
+    });
+    mine.retain(|p| !removed.contains(p));
+    mine.extend(changed);
+    if !mine.is_empty() {
+        entries.push(entry(rt, manager, "Update", &mine, now));
+    }
+    if entries.is_empty() {
+        if let Some(m) = new["metadata"].as_object_mut() {
+            m.remove("managedFields");
+        }
+    } else {
+        new["metadata"]["managedFields"] = Value::Array(entries);
+    }
+}
+
+/// The manager of a non-apply write: `?fieldManager=`, else the client's
+/// name from its User-Agent (`kubectl/v1.32.4 (...)` -> `kubectl`), as
+/// Kubernetes defaults it.
+pub fn update_manager(ctx: &Ctx) -> String {
+    if let Some(m) = ctx.query.get("fieldManager") {
+        return m.to_string();
+    }
+    let ua = ctx.user_agent.split('/').next().unwrap_or_default().trim();
+    if ua.is_empty() {
+        "unknown".into()
+    } else {
+        ua.chars().take(128).collect()
+    }
+}
+
 /// `.spec.replicas`-style rendering of a path for conflict messages.
 fn display(p: &Path) -> String {
     let mut s = String::new();
@@ -367,6 +427,7 @@ mod tests {
             query: super::super::request::Query::parse(Some(&format!("fieldManager={manager}&force={force}"))),
             accept: String::new(),
             content_type: String::new(),
+            user_agent: String::new(),
             body: Default::default(),
         }
     }
@@ -375,6 +436,30 @@ mod tests {
         let ports: Vec<Value> = ports.iter().map(|p| json!({"containerPort": p})).collect();
         json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "labels": {"a": "1"}},
             "spec": {"replicas": replicas, "template": {"spec": {"containers": [{"name": "c", "image": "i", "ports": ports}]}}}})
+    }
+
+    #[test]
+    fn updates_take_over_the_fields_they_change() {
+        let rt = by_kind("apps/v1", "Deployment").unwrap();
+        let mut created = deploy(1, &[80]);
+        track_update(rt, None, &mut created, "kubectl-create", "t0");
+        let applied = apply(rt, &created, &deploy(1, &[80]), &ctx("kubectl", false)).unwrap();
+        let mut scaled = applied.clone();
+        scaled["spec"]["replicas"] = json!(4);
+        track_update(rt, Some(&applied), &mut scaled, "kubectl-scale", "t1");
+        let e = apply(rt, &scaled, &deploy(2, &[80]), &ctx("kubectl", false)).unwrap_err();
+        assert!(e.message.contains("conflict with \"kubectl-scale\": .spec.replicas"), "{}", e.message);
+        let owners: Vec<&str> = scaled["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["manager"].as_str().unwrap())
+            .collect();
+        assert!(owners.contains(&"kubectl-create") && owners.contains(&"kubectl-scale"), "{owners:?}");
+        // A no-op write changes no ownership.
+        let mut same = scaled.clone();
+        track_update(rt, Some(&scaled), &mut same, "other", "t2");
+        assert_eq!(same, scaled);
     }
 
     #[test]

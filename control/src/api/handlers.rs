@@ -317,7 +317,9 @@ async fn create(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx)
     let input = decode_body(ctx)?;
     check_type(rt, &input)?;
     let (obj, warnings) = normalize(rt, &input, ctx)?;
-    let obj = admission::prepare_create(rt, ns, obj, &now(), &uuid::Uuid::new_v4().to_string(), &random_suffix())?;
+    let now = now();
+    let mut obj = admission::prepare_create(rt, ns, obj, &now, &uuid::Uuid::new_v4().to_string(), &random_suffix())?;
+    super::apply::track_update(rt, None, &mut obj, &super::apply::update_manager(ctx), &now);
     let (obj_ns, _) = ns_name(&obj);
     if rt.kind != "Namespace" {
         ensure_namespace_active(api, obj_ns.as_deref()).await?;
@@ -406,7 +408,8 @@ async fn update(
             ));
         }
     }
-    let new = admission::prepare_update(rt, &cur.object, obj, sub)?;
+    let mut new = admission::prepare_update(rt, &cur.object, obj, sub)?;
+    super::apply::track_update(rt, Some(&cur.object), &mut new, &super::apply::update_manager(ctx), &now());
     let out = store_update(api, rt, &cur, new, dry_run(ctx)?).await?;
     Ok(object_reply(StatusCode::OK, out, warnings))
 }
@@ -462,7 +465,10 @@ async fn patch(
         }
         check_type(rt, &patched)?;
         let (obj, warnings) = normalize(rt, &patched, ctx)?;
-        let new = admission::prepare_update(rt, &cur.object, obj, sub)?;
+        let mut new = admission::prepare_update(rt, &cur.object, obj, sub)?;
+        if pt != PatchType::Apply {
+            super::apply::track_update(rt, Some(&cur.object), &mut new, &super::apply::update_manager(ctx), &now());
+        }
         match store_update(api, rt, &cur, new, dry).await {
             Err(e) if e.code == 409 && !pinned && attempt < 8 => continue,
             r => return r.map(|o| object_reply(StatusCode::OK, o, warnings)),
@@ -650,7 +656,8 @@ async fn scale(
         })?;
         let mut obj = cur.object.clone();
         obj["spec"]["replicas"] = json!(replicas);
-        let new = admission::prepare_update(rt, &cur.object, obj, None)?;
+        let mut new = admission::prepare_update(rt, &cur.object, obj, None)?;
+        super::apply::track_update(rt, Some(&cur.object), &mut new, &super::apply::update_manager(ctx), &now());
         match store_update(api, rt, &cur, new, dry_run(ctx)?).await {
             Err(e) if e.code == 409 && attempt < 8 => continue,
             Err(e) => return Err(e),

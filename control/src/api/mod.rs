@@ -132,6 +132,7 @@ pub struct Ctx {
     pub query: Query,
     pub accept: String,
     pub content_type: String,
+    pub user_agent: String,
     pub body: Bytes,
 }
 
@@ -277,8 +278,14 @@ impl ApiServer {
             Route::NotFound => Err(not_found_path()),
             Route::Resource(r) => {
                 let body = read_body(body, self.max_request_bytes).await?;
-                let ctx =
-                    Ctx { user, query, accept, content_type: header_str(&parts.headers, header::CONTENT_TYPE), body };
+                let ctx = Ctx {
+                    user,
+                    query,
+                    accept,
+                    content_type: header_str(&parts.headers, header::CONTENT_TYPE),
+                    user_agent: header_str(&parts.headers, header::USER_AGENT),
+                    body,
+                };
                 handlers::resource(self, r, ctx).await
             }
         }
