@@ -218,6 +218,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         peer_listen,
         peer_advertise: a.peer_advertise.clone(),
         client_url: client_url.clone(),
+        extra_sans: vec![persisted.api_listen.ip().to_string()],
         limits: Limits {
             max_request_bytes: settings.max_request_bytes,
             quota_soft_bytes: hard / 10 * 8,
@@ -262,7 +263,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         &[b"h2", b"http/1.1"],
     )?;
     let api_server = std::sync::Arc::new(crate::api::ApiServer {
-        objects: crate::api::objects::Objects { node: started.node.clone() },
+        objects: crate::api::objects::Objects::new(started.node.clone()),
         hub: started.node.hub.clone(),
         node: started.node.clone(),
         max_request_bytes: settings.max_request_bytes,

@@ -498,3 +498,60 @@ fn paging_watch_from_a_revision_and_compaction() {
     let err = k.fails(&["get", "--raw", &format!("{cms}?limit=1&continue={stale_token}")]);
     assert!(err.contains("Expired") || err.contains("too old") || err.contains("410"), "{err}");
 }
+
+#[test]
+fn pods_and_events() {
+    let up = common::up(1);
+    let k = Kubectl::new(up.dir.path().join("kubeconfig"));
+    // `kubectl run` sends a protobuf Pod; admission fills Kubernetes' defaults.
+    k.ok(&["run", "p1", "--image=busybox:1.36", "--restart=Never", "--", "sleep", "3600"]);
+    let pod = k.json(&["get", "pod", "p1"]);
+    assert_eq!(pod["spec"]["containers"][0]["args"], serde_json::json!(["sleep", "3600"]));
+    assert_eq!(pod["spec"]["restartPolicy"], "Never");
+    assert_eq!(pod["spec"]["serviceAccountName"], "default");
+    assert_eq!(pod["status"]["phase"], "Pending");
+    assert_eq!(pod["spec"]["tolerations"].as_array().map(Vec::len), Some(2), "default NoExecute tolerations");
+    let table = k.ok(&["get", "pods"]);
+    assert!(
+        table.lines().next().unwrap().split_whitespace().eq(["NAME", "READY", "STATUS", "RESTARTS", "AGE"]),
+        "{table}"
+    );
+    assert!(table.contains("0/1") && table.contains("Pending"), "{table}");
+    // Logs and exec need the pod's node; this one has none.
+    let e = k.fails(&["logs", "p1"]);
+    assert!(e.contains("does not have a host assigned"), "{e}");
+    let e = k.fails(&["logs", "p1", "-c", "nope"]);
+    assert!(e.contains("container nope is not valid"), "{e}");
+    // An unscheduled pod is deleted at once (no kubelet to wait for).
+    k.ok(&["delete", "pod", "p1", "--wait=true", "--timeout=20s"]);
+
+    // Events carry a lease: they expire after Kubernetes' event TTL.
+    let event = "apiVersion: v1\nkind: Event\nmetadata:\n  name: e1\n  namespace: default\ninvolvedObject:\n  kind: Pod\n  name: p1\n  namespace: default\nreason: Tested\nmessage: hello\ntype: Normal\n";
+    k.ok_with(&["create", "-f", "-"], Some(event));
+    let got: serde_json::Value =
+        serde_json::from_str(&etcdctl(&up, &["get", "/registry/core/events/default/e1", "-w", "json"])).unwrap();
+    let lease = got["kvs"][0]["lease"].as_i64().expect("the event's key has a lease");
+    let ttl = etcdctl(&up, &["lease", "timetolive", &format!("{lease:x}")]);
+    let secs: i64 =
+        ttl.split("remaining(").nth(1).and_then(|r| r.split('s').next()).and_then(|n| n.parse().ok()).expect(&ttl);
+    assert!((3500..=3660).contains(&secs), "{ttl}");
+    k.ok(&["label", "event", "e1", "x=y"]);
+    let got: serde_json::Value =
+        serde_json::from_str(&etcdctl(&up, &["get", "/registry/core/events/default/e1", "-w", "json"])).unwrap();
+    assert_eq!(got["kvs"][0]["lease"].as_i64(), Some(lease), "updates keep the lease");
+    // Bookmarks: an idle watch that asked for them gets one with the
+    // current revision (the hub's progress interval is 10 s).
+    let list: serde_json::Value =
+        serde_json::from_str(&k.ok(&["get", "--raw", "/api/v1/namespaces/default/configmaps"])).unwrap();
+    let rv = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let lines = k.ok(&["get", "--raw", &format!("/api/v1/namespaces/default/configmaps?watch=true&allowWatchBookmarks=true&resourceVersion={rv}&timeoutSeconds=12")]);
+    let bookmark = lines
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|e| e["type"] == "BOOKMARK")
+        .unwrap_or_else(|| panic!("no bookmark in {lines}"));
+    let brv: i64 = bookmark["object"]["metadata"]["resourceVersion"].as_str().unwrap().parse().unwrap();
+    assert!(brv >= rv.parse::<i64>().unwrap(), "{bookmark}");
+    let described = k.ok(&["get", "events", "--field-selector", "involvedObject.name=p1"]);
+    assert!(described.contains("Tested") && described.contains("pod/p1"), "{described}");
+}

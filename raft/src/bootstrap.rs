@@ -62,6 +62,9 @@ pub struct StoreConfig {
     pub peer_advertise: Option<String>,
     /// etcd v3 URL clients use for this master.
     pub client_url: String,
+    /// More names or addresses clients reach this master by (e.g. its
+    /// Kubernetes API address), added to its certificate's SANs.
+    pub extra_sans: Vec<String>,
     pub limits: Limits,
     /// Take a snapshot (and purge the log behind it) every this many entries.
     pub snapshot_every: u64,
@@ -137,6 +140,7 @@ fn cert_hosts(cfg: &StoreConfig, advertise: &str) -> Vec<String> {
     if let Some(h) = cfg.client_url.split("://").nth(1) {
         hosts.push(host_of(h.trim_end_matches('/')));
     }
+    hosts.extend(cfg.extra_sans.iter().cloned());
     hosts.sort();
     hosts.dedup();
     hosts.retain(|h| h != "0.0.0.0" && h != "::");

@@ -81,6 +81,7 @@ pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Resu
         ("get" | "update" | "patch", Some("scale")) => scale(&api, rt, ns, name, r.verb, &ctx).await,
         ("create", Some("binding")) => binding(&api, rt, ns, name, &ctx).await,
         ("create", Some("eviction")) => eviction(&api, rt, ns, name).await,
+        ("get", Some("log")) | ("get" | "create", Some("exec")) => node_stream(&api, rt, ns, name, &ctx).await,
         ("update", Some("finalize")) => update(&api, rt, ns, name, None, &ctx).await,
         (verb, sub) => Err(ApiError::method_not_allowed(format!(
             "{verb} is not supported on {}{}",
@@ -706,6 +707,42 @@ async fn eviction(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, name: &s
     // (issue: controllers); until then every eviction is a graceful delete.
     delete_found(api, rt, cur, &DeleteOptions::default()).await?;
     Ok(Reply::ok(success(json!({}))).with_code(StatusCode::CREATED))
+}
+
+/// `pods/log` and `pods/exec` are served by the pod's node agent; the API
+/// server checks the request the way Kubernetes does first.
+async fn node_stream(
+    api: &ApiServer,
+    rt: &ResourceType,
+    ns: Option<&str>,
+    name: &str,
+    ctx: &Ctx,
+) -> Result<Reply, ApiError> {
+    let pod = current(api, rt, ns, name).await?.object;
+    let spec = &pod["spec"];
+    let names: Vec<&str> = ["containers", "initContainers", "ephemeralContainers"]
+        .iter()
+        .flat_map(|l| spec[*l].as_array().into_iter().flatten())
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    match ctx.query.get("container") {
+        Some(c) if !names.contains(&c) => {
+            return Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}")))
+        }
+        None if spec["containers"].as_array().is_some_and(|c| c.len() > 1) => {
+            return Err(ApiError::bad_request(format!(
+                "a container name must be specified for pod {name}, choose one of: [{}]",
+                names.join(" ")
+            )))
+        }
+        _ => {}
+    }
+    match spec["nodeName"].as_str().filter(|n| !n.is_empty()) {
+        None => Err(ApiError::bad_request(format!("pod {name} does not have a host assigned"))),
+        Some(node) => {
+            Err(ApiError::unavailable(format!("the node agent of node {node} is not connected to this master")))
+        }
+    }
 }
 
 /// SelfSubjectAccessReview (`kubectl auth can-i`), SelfSubjectReview

@@ -105,12 +105,47 @@ fn encode(obj: &Value) -> Result<Bytes, ApiError> {
     Ok(Bytes::from(stored.encode()))
 }
 
+/// Events expire after this long (Kubernetes' `--event-ttl`): they are
+/// high-churn, low-value data and must not fill the store.
+pub const EVENT_TTL_SECS: i64 = 3600;
+/// Events created within this window share one lease, as Kubernetes'
+/// apiserver reuses leases, so an event burst is not a lease burst.
+const EVENT_LEASE_REUSE: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Clone)]
 pub struct Objects {
     pub node: Arc<StoreNode>,
+    event_lease: Arc<tokio::sync::Mutex<Option<(i64, std::time::Instant)>>>,
 }
 
 impl Objects {
+    pub fn new(node: Arc<StoreNode>) -> Objects {
+        Objects { node, event_lease: Default::default() }
+    }
+
+    /// The lease new Events are attached to: granted with the event TTL
+    /// plus the reuse window, so no event outlives its TTL by less.
+    async fn event_lease(&self) -> Result<i64, ApiError> {
+        let mut cur = self.event_lease.lock().await;
+        if let Some((id, at)) = *cur {
+            if at.elapsed() < EVENT_LEASE_REUSE {
+                return Ok(id);
+            }
+        }
+        use rand::Rng;
+        let id = rand::thread_rng().gen_range(1..i64::MAX);
+        let ttl = EVENT_TTL_SECS + EVENT_LEASE_REUSE.as_secs() as i64;
+        let r = self.node.write(Command::LeaseGrant { id, ttl }).await.map_err(store_error)?;
+        match r.outcome {
+            Some(Ok(Outcome::LeaseGranted { id, .. })) => {
+                *cur = Some((id, std::time::Instant::now()));
+                Ok(id)
+            }
+            Some(Err(e)) => Err(store_error(StoreError::Mvcc(e))),
+            _ => Err(ApiError::internal("unexpected store outcome granting an event lease")),
+        }
+    }
+
     /// Waits until this master has applied everything committed before the
     /// call (ReadIndex), so the read that follows is linearizable.
     pub async fn sync(&self) -> Result<(), ApiError> {
@@ -233,8 +268,10 @@ impl Objects {
             result: CompareResult::Equal,
             target: CompareTarget::Create(0),
         };
+        let lease = if rt.kind == "Event" { self.event_lease().await? } else { 0 };
         let mut compare = vec![absent(&k)];
-        let mut success = vec![Op::Put(PutRequest { key: k.clone(), value: encode(&obj)?, ..Default::default() })];
+        let mut success =
+            vec![Op::Put(PutRequest { key: k.clone(), value: encode(&obj)?, lease, ..Default::default() })];
         for (c, _) in &claimed {
             compare.push(absent(c));
             success.push(Op::Put(PutRequest { key: c.clone(), value: owner.clone(), ..Default::default() }));
@@ -269,7 +306,13 @@ impl Objects {
                 result: CompareResult::Equal,
                 target: CompareTarget::Mod(expected),
             }],
-            success: vec![Op::Put(PutRequest { key: k, value: encode(&obj)?, ..Default::default() })],
+            // An Event keeps the lease it was created with.
+            success: vec![Op::Put(PutRequest {
+                key: k,
+                value: encode(&obj)?,
+                ignore_lease: rt.kind == "Event",
+                ..Default::default()
+            })],
             failure: vec![],
         };
         let (ok, _, rev) = self.txn(txn).await?;
