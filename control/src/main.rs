@@ -4,7 +4,8 @@
 //! - `server.rs`: `capstan server`, one master: the replicated store
 //!   (crate `capstan-raft`) plus the APIs served over it.
 //! - `api/`: the Kubernetes API server (HTTPS; what kubectl talks to).
-//! - `controllers/`: garbage collector and namespace lifecycle.
+//! - `controllers/`: informers, controller actors (ReplicaSet, Deployment,
+//!   garbage collector), the scheduler and the lease electing their master.
 //! - `etcd/`: the etcd v3 gRPC API (KV, Watch, Lease, Cluster, Maintenance).
 //! - `health.rs`: `/metrics`, `/livez`, `/readyz`, `/healthz` for Prometheus and probes.
 //! - `up.rs`: `capstan up`, a local cluster of N masters on loopback.

@@ -76,8 +76,9 @@ pub fn prepare_create(
         meta.remove("generation");
     }
     set_api_version_kind(rt, &mut obj);
-    if rt.subresources.contains(&"status") {
-        // Status is the system's to write (through /status), never the creator's.
+    if rt.subresources.contains(&"status") && rt.kind != "Node" {
+        // Status is the system's to write (through /status), never the
+        // creator's — except a Node's, which its agent registers with.
         if let Some(o) = obj.as_object_mut() {
             o.remove("status");
         }

@@ -25,7 +25,7 @@ pub fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-fn random_suffix() -> String {
+pub fn random_suffix() -> String {
     // Kubernetes' generateName alphabet: no vowels, no look-alikes.
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
     use rand::Rng;

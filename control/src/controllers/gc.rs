@@ -197,9 +197,9 @@ pub async fn execute(objects: &Objects, a: &Action) -> Result<(), ApiError> {
     }
 }
 
-/// Runs passes while this master leads: after every committed change
-/// (coalesced) and at least every 5 s.
-pub async fn run(objects: Objects) {
+/// Runs passes while this master holds the controller lease: after every
+/// committed change (coalesced) and at least every 5 s.
+pub async fn run(objects: Objects, leading: tokio::sync::watch::Receiver<bool>) {
     let mut frames = objects.node.hub.frames();
     loop {
         tokio::select! {
@@ -213,7 +213,7 @@ pub async fn run(objects: Objects) {
             }
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
-        if !objects.node.is_leader() {
+        if !*leading.borrow() {
             continue;
         }
         let actions = match snapshot(&objects) {

@@ -1,10 +1,120 @@
-//! Controllers that finish what the API starts. For now: the garbage
-//! collector and namespace lifecycle (`gc.rs`), without which deletes with
-//! a propagation policy and namespace deletes never complete.
+//! Kubernetes' controller manager and scheduler, built the Capstan way.
 //!
-//! Decision logic is pure (`gc::plan`: objects in, actions out); the shell
-//! reads this master's applied state, and only the Raft leader acts. Every
-//! action is an optimistic-concurrency write, so a former leader still
-//! finishing a pass cannot undo or duplicate anything.
+//! - `informer.rs`: one cache per resource per master, fed by the watch
+//!   hub's shared frames; objects held as `Arc`s, index fields read in place.
+//! - `queue.rs`: the keyed, rate-limited work queue (pure).
+//! - `runtime.rs`: each controller is an actix actor around a queue.
+//! - `leader.rs`: the Lease that decides which master's controllers act.
+//! - `replicaset.rs`, `deployment.rs`, `scheduler.rs`, `gc.rs`: the
+//!   controllers, each a pure `plan` plus a thin shell.
+//!
+//! Every master runs informers and actors (warm caches); only the lease
+//! holder's actors process their queues. Writes go through the API's
+//! admission path in-process (`api::internal`).
 
+pub mod deployment;
 pub mod gc;
+pub mod informer;
+pub mod leader;
+pub mod queue;
+pub mod replicaset;
+pub mod runtime;
+pub mod scheduler;
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::watch;
+
+use self::informer::{Change, Informers};
+use self::runtime::{ControllerActor, Enqueue, Leading};
+use crate::api::ApiServer;
+
+/// Forwards every change of `inf` to `addr` as the keys `route` maps it to.
+fn route(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    addr: Addr<ControllerActor>,
+    map: impl Fn(&Change) -> Vec<String> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        while let Some(c) = rx.recv().await {
+            for k in map(&c) {
+                addr.do_send(Enqueue(k));
+            }
+        }
+    });
+}
+
+/// Starts informers, the controller actors (on their own actix system
+/// thread) and the lease elector. Returns whether this master is acting.
+pub fn start(api: Arc<ApiServer>, me: String) -> anyhow::Result<watch::Receiver<bool>> {
+    let inf = Arc::new(Informers::start(&api.objects, &["Pod", "ReplicaSet", "Deployment", "Node"]));
+    let (lead_tx, lead_rx) = watch::channel(false);
+    tokio::spawn(leader::run(api.clone(), me, lead_tx));
+
+    let rs = Arc::new(replicaset::ReplicaSetController::new(
+        api.clone(),
+        inf.get("ReplicaSet").clone(),
+        inf.get("Pod").clone(),
+    ));
+    let dc = Arc::new(deployment::DeploymentController::new(
+        api.clone(),
+        inf.get("Deployment").clone(),
+        inf.get("ReplicaSet").clone(),
+    ));
+    let sched = Arc::new(scheduler::Scheduler::new(api.clone(), inf.get("Pod").clone(), inf.get("Node").clone()));
+
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (rs2, dc2, sched2) = (rs.clone(), dc.clone(), sched.clone());
+    std::thread::Builder::new().name("controllers".into()).spawn(move || {
+        let sys = actix::System::new();
+        sys.block_on(async move {
+            let addrs = (
+                ControllerActor::new(rs2, 4).start(),
+                ControllerActor::new(dc2, 2).start(),
+                ControllerActor::new(sched2, 1).start(),
+            );
+            let _ = addr_tx.send(addrs);
+            std::future::pending::<()>().await;
+        });
+    })?;
+    let (rs_addr, dc_addr, sched_addr) = addr_rx.recv()?;
+
+    let pods = inf.get("Pod").clone();
+    route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
+    let rs_for_pods = rs.clone();
+    route(pods.subscribe(), rs_addr.clone(), move |c| {
+        c.new.iter().chain(c.old.iter()).flat_map(|p| rs_for_pods.keys_for_pod(p)).collect()
+    });
+    route(inf.get("Deployment").subscribe(), dc_addr.clone(), |c| vec![c.key.clone()]);
+    let dc_for_rs = dc.clone();
+    route(inf.get("ReplicaSet").subscribe(), dc_addr.clone(), move |c| {
+        c.new.iter().chain(c.old.iter()).flat_map(|r| dc_for_rs.keys_for_replicaset(r)).collect()
+    });
+    route(pods.subscribe(), sched_addr.clone(), |c| {
+        // A pod waiting to be placed, or one whose placement frees or takes room.
+        let unbound = c.new.as_ref().is_some_and(|p| p.node_name().is_empty());
+        let released = c.old.as_ref().is_some_and(|p| !p.node_name().is_empty()) && c.new.is_none();
+        if unbound || released {
+            vec![scheduler::PASS_KEY.to_string()]
+        } else {
+            vec![]
+        }
+    });
+    route(inf.get("Node").subscribe(), sched_addr.clone(), |_| vec![scheduler::PASS_KEY.to_string()]);
+
+    let mut lead = lead_rx.clone();
+    let actors = [rs_addr, dc_addr, sched_addr];
+    tokio::spawn(async move {
+        loop {
+            let now = *lead.borrow_and_update();
+            for a in &actors {
+                a.do_send(Leading(now));
+            }
+            if lead.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(lead_rx)
+}

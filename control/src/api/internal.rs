@@ -1,0 +1,66 @@
+//! The in-process write path for controllers and the scheduler: the same
+//! admission as an HTTP request (typed normalization, defaults, validation,
+//! system metadata, managedFields), then an optimistic-concurrency write
+//! through Raft — without an HTTP hop.
+
+use capstan_proto::k8s::registry::ResourceType;
+use serde_json::Value;
+
+use super::objects::Found;
+use super::status::ApiError;
+use super::ApiServer;
+
+fn normalized(rt: &ResourceType, obj: &Value) -> Result<Value, ApiError> {
+    (rt.normalize)(obj)
+        .map_err(|e| ApiError::internal(format!("{} built by a controller does not decode: {e}", rt.kind)))
+}
+
+/// Creates `obj` (`cur` = None) or replaces `cur` with it, as `manager`.
+pub async fn write(
+    api: &ApiServer,
+    rt: &ResourceType,
+    cur: Option<&Found>,
+    obj: Value,
+    manager: &str,
+) -> Result<Value, ApiError> {
+    let now = super::handlers::now();
+    let obj = normalized(rt, &obj)?;
+    match cur {
+        None => {
+            let ns = obj["metadata"]["namespace"].as_str().map(str::to_string);
+            let mut new = super::admission::prepare_create(
+                rt,
+                ns.as_deref(),
+                obj,
+                &now,
+                &uuid::Uuid::new_v4().to_string(),
+                &super::handlers::random_suffix(),
+            )?;
+            super::apply::track_update(rt, None, &mut new, manager, &now);
+            api.objects.create(rt, new).await
+        }
+        Some(cur) => {
+            let mut new = super::admission::prepare_update(rt, &cur.object, obj, None)?;
+            super::apply::track_update(rt, Some(&cur.object), &mut new, manager, &now);
+            api.objects.update(rt, new, cur.mod_revision).await
+        }
+    }
+}
+
+/// Replaces `cur`'s status with `status` (the `/status` subresource).
+pub async fn write_status(api: &ApiServer, rt: &ResourceType, cur: &Found, status: Value) -> Result<Value, ApiError> {
+    let mut obj = cur.object.clone();
+    obj["status"] = status;
+    let obj = normalized(rt, &obj)?;
+    let new = super::admission::prepare_update(rt, &cur.object, obj, Some("status"))?;
+    api.objects.update(rt, new, cur.mod_revision).await
+}
+
+/// Deletes `cur` as a Background DELETE would.
+pub async fn delete(api: &ApiServer, rt: &ResourceType, cur: &Found) -> Result<(), ApiError> {
+    match super::admission::plan_delete(rt.kind, &cur.object, Some("Background"), None, &super::handlers::now()) {
+        super::admission::DeletePlan::Now => api.objects.delete(rt, &cur.object, cur.mod_revision).await.map(|_| ()),
+        super::admission::DeletePlan::Mark(m) => api.objects.update(rt, m, cur.mod_revision).await.map(|_| ()),
+        super::admission::DeletePlan::Pending => Ok(()),
+    }
+}

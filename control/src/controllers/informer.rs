@@ -1,0 +1,248 @@
+//! Informers: one per resource per master, fed by the store's watch hub.
+//!
+//! The hub hands every subscriber the same `Bytes` frame (a refcount, never
+//! a copy). The informer's single writer task takes each changed object out
+//! of the frame once, into an aligned buffer held by an `Arc<Cached>`;
+//! every controller on this master shares that `Arc` and reads the
+//! object's index fields (name, namespace, labels, node, owners) in place
+//! from its rkyv archive. Only a reconcile that needs the whole object
+//! decodes its JSON.
+//!
+//! The cache is resynchronised from the store (a list at one revision,
+//! emitted as a diff) at start, when the hub lags, when a frame is missing
+//! or when the store installs a snapshot — never a silent gap.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use capstan_proto::k8s::registry::ResourceType;
+use capstan_proto::k8s::stored::{ArchivedStoredObject, StoredObject};
+use capstan_raft::types::{KeyRange, RangeRequest};
+use parking_lot::{Mutex, RwLock};
+use rkyv::util::AlignedVec;
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::api::objects::{prefix, Objects};
+
+/// One object as the informer holds it.
+pub struct Cached {
+    /// `namespace/name`, or `name` for cluster-scoped kinds.
+    pub key: String,
+    pub mod_revision: i64,
+    bytes: AlignedVec,
+}
+
+impl Cached {
+    fn new(key: String, mod_revision: i64, value: &[u8]) -> Option<Cached> {
+        let mut bytes = AlignedVec::with_capacity(value.len());
+        bytes.extend_from_slice(value);
+        // Validate once here, so readers can rely on it.
+        StoredObject::access(&bytes).ok()?;
+        Some(Cached { key, mod_revision, bytes })
+    }
+
+    /// The archived object, read in place.
+    pub fn archived(&self) -> &ArchivedStoredObject {
+        // Validated in `new`; the buffer never changes afterwards.
+        StoredObject::access(&self.bytes).expect("validated when cached")
+    }
+
+    /// The whole object, decoded (with its resourceVersion).
+    pub fn object(&self) -> Value {
+        StoredObject::decode(&self.bytes, self.mod_revision).unwrap_or(Value::Null)
+    }
+
+    pub fn namespace(&self) -> &str {
+        self.archived().namespace.as_str()
+    }
+
+    pub fn uid(&self) -> &str {
+        self.archived().uid.as_str()
+    }
+
+    pub fn node_name(&self) -> &str {
+        self.archived().node_name.as_str()
+    }
+
+    pub fn owned_by(&self, uid: &str) -> bool {
+        self.archived().owners.iter().any(|o| o.as_str() == uid)
+    }
+
+    pub fn deleting(&self) -> bool {
+        self.archived().deleting
+    }
+}
+
+/// A change the informer applied: what was, what is.
+#[derive(Clone)]
+pub struct Change {
+    pub key: String,
+    pub old: Option<Arc<Cached>>,
+    pub new: Option<Arc<Cached>>,
+}
+
+pub struct Informer {
+    pub rt: &'static ResourceType,
+    prefix: Vec<u8>,
+    cache: RwLock<BTreeMap<String, Arc<Cached>>>,
+    revision: AtomicI64,
+    subscribers: Mutex<Vec<mpsc::UnboundedSender<Change>>>,
+}
+
+fn cache_key(prefix: &[u8], key: &[u8]) -> Option<String> {
+    key.strip_prefix(prefix).and_then(|k| std::str::from_utf8(k).ok()).map(str::to_string)
+}
+
+impl Informer {
+    /// Starts the informer's writer task on the current runtime.
+    pub fn start(rt: &'static ResourceType, objects: Objects) -> Arc<Informer> {
+        let inf = Arc::new(Informer {
+            rt,
+            prefix: prefix(rt, None),
+            cache: RwLock::new(BTreeMap::new()),
+            revision: AtomicI64::new(0),
+            subscribers: Mutex::new(Vec::new()),
+        });
+        let writer = inf.clone();
+        tokio::spawn(async move { writer.run(objects).await });
+        inf
+    }
+
+    pub fn get(&self, key: &str) -> Option<Arc<Cached>> {
+        self.cache.read().get(key).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Cached>> {
+        self.cache.read().values().cloned().collect()
+    }
+
+    /// Objects of one namespace (key prefix `ns/`).
+    pub fn list_namespace(&self, ns: &str) -> Vec<Arc<Cached>> {
+        let start = format!("{ns}/");
+        self.cache
+            .read()
+            .range(start.clone()..)
+            .take_while(|(k, _)| k.starts_with(&start))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// The store revision the cache reflects.
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    /// Every change from now on (a resync replays differences as changes).
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Change> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.subscribers.lock().push(tx);
+        rx
+    }
+
+    fn emit(&self, c: Change) {
+        self.subscribers.lock().retain(|s| s.send(c.clone()).is_ok());
+    }
+
+    /// Replaces the cache with the store's state at its current revision,
+    /// emitting the differences.
+    fn relist(&self, objects: &Objects) {
+        let range = KeyRange::prefix(self.prefix.clone());
+        let Ok((kvs, _, rev)) = objects.range(&RangeRequest { range, ..Default::default() }) else {
+            return;
+        };
+        let mut fresh = BTreeMap::new();
+        for kv in &kvs {
+            if let Some(k) = cache_key(&self.prefix, &kv.key) {
+                if let Some(c) = Cached::new(k.clone(), kv.mod_revision, &kv.value) {
+                    fresh.insert(k, Arc::new(c));
+                }
+            }
+        }
+        let old = std::mem::replace(&mut *self.cache.write(), fresh.clone());
+        self.revision.store(rev, Ordering::Release);
+        for (k, o) in &old {
+            match fresh.get(k) {
+                None => self.emit(Change { key: k.clone(), old: Some(o.clone()), new: None }),
+                Some(n) if n.mod_revision != o.mod_revision => {
+                    self.emit(Change { key: k.clone(), old: Some(o.clone()), new: Some(n.clone()) })
+                }
+                Some(_) => {}
+            }
+        }
+        for (k, n) in &fresh {
+            if !old.contains_key(k) {
+                self.emit(Change { key: k.clone(), old: None, new: Some(n.clone()) });
+            }
+        }
+    }
+
+    async fn run(self: Arc<Self>, objects: Objects) {
+        loop {
+            // Subscribe before listing: frames after the list's revision are
+            // then all in the channel.
+            let mut frames = objects.node.hub.frames();
+            self.relist(&objects);
+            loop {
+                match frames.recv().await {
+                    Ok(frame) => {
+                        let rev = self.revision();
+                        if frame.reset || frame.revision > rev + 1 {
+                            break; // resync
+                        }
+                        if frame.revision <= rev {
+                            continue;
+                        }
+                        let Ok(wire) = frame.archived() else { break };
+                        for ev in wire.events.iter() {
+                            let Some(k) = cache_key(&self.prefix, &ev.kv.key) else { continue };
+                            let old = self.cache.read().get(&k).cloned();
+                            let new = if ev.delete {
+                                self.cache.write().remove(&k);
+                                None
+                            } else {
+                                match Cached::new(k.clone(), ev.kv.mod_revision.to_native(), &ev.kv.value) {
+                                    Some(c) => {
+                                        let c = Arc::new(c);
+                                        self.cache.write().insert(k.clone(), c.clone());
+                                        Some(c)
+                                    }
+                                    // Not an object (written around the API): not cached.
+                                    None => {
+                                        self.cache.write().remove(&k);
+                                        None
+                                    }
+                                }
+                            };
+                            self.emit(Change { key: k, old, new });
+                        }
+                        self.revision.store(frame.revision, Ordering::Release);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => break,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    }
+}
+
+/// The informers of one master, by kind.
+pub struct Informers {
+    pub by_kind: BTreeMap<&'static str, Arc<Informer>>,
+}
+
+impl Informers {
+    pub fn start(objects: &Objects, kinds: &[&str]) -> Informers {
+        let by_kind = capstan_proto::k8s::registry::all()
+            .iter()
+            .filter(|rt| kinds.contains(&rt.kind))
+            .map(|rt| (rt.kind, Informer::start(rt, objects.clone())))
+            .collect();
+        Informers { by_kind }
+    }
+
+    pub fn get(&self, kind: &str) -> &Arc<Informer> {
+        self.by_kind.get(kind).unwrap_or_else(|| panic!("no informer for {kind} was started"))
+    }
+}

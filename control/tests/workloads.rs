@@ -1,0 +1,239 @@
+//! Deployments, ReplicaSets and the scheduler against a real `capstan up`
+//! cluster, driven by kubectl. Nodes are Node objects created through the
+//! API; a small test kubelet (below) plays every node: it marks pods bound
+//! to a node Running and Ready, and finishes the deletion of pods being
+//! deleted, as a kubelet would.
+
+mod common;
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+fn kubectl(kc: &PathBuf, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new("timeout")
+        .arg("90")
+        .arg("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kc)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn ok(kc: &PathBuf, args: &[&str]) -> String {
+    let (success, out, err) = kubectl(kc, args, None);
+    assert!(success, "kubectl {args:?}: {err}");
+    out
+}
+
+fn json_of(kc: &PathBuf, args: &[&str]) -> Value {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    serde_json::from_str(&ok(kc, &a)).unwrap()
+}
+
+/// Plays the kubelet of every node until dropped.
+struct TestKubelet {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestKubelet {
+    fn start(kc: PathBuf) -> TestKubelet {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let (good, out, _) = kubectl(&kc, &["get", "pods", "-A", "-o", "json"], None);
+                if good {
+                    let list: Value = serde_json::from_str(&out).unwrap_or(json!({}));
+                    for p in list["items"].as_array().into_iter().flatten() {
+                        let (ns, name) =
+                            (p["metadata"]["namespace"].as_str().unwrap(), p["metadata"]["name"].as_str().unwrap());
+                        if p["spec"]["nodeName"].as_str().is_none_or(str::is_empty) {
+                            continue;
+                        }
+                        if p["metadata"]["deletionTimestamp"].is_string() {
+                            kubectl(
+                                &kc,
+                                &["delete", "pod", name, "-n", ns, "--grace-period=0", "--force", "--wait=false"],
+                                None,
+                            );
+                        } else if p["status"]["phase"] != "Running" {
+                            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                            let c = p["spec"]["containers"][0]["name"].clone();
+                            let status = json!({"status": {"phase": "Running", "podIP": "10.244.0.9",
+                                "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now},
+                                    {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}],
+                                "containerStatuses": [{"name": c, "ready": true, "restartCount": 0, "image": p["spec"]["containers"][0]["image"],
+                                    "imageID": "", "started": true, "state": {"running": {"startedAt": now}}}]}});
+                            kubectl(
+                                &kc,
+                                &[
+                                    "patch",
+                                    "pod",
+                                    name,
+                                    "-n",
+                                    ns,
+                                    "--subresource=status",
+                                    "--type=merge",
+                                    "-p",
+                                    &status.to_string(),
+                                ],
+                                None,
+                            );
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        TestKubelet { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for TestKubelet {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn node(name: &str, cpu: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{kubernetes.io/hostname: {name}}}\nstatus:\n  capacity: {{cpu: \"{cpu}\", memory: 8Gi, pods: \"110\"}}\n  allocatable: {{cpu: \"{cpu}\", memory: 8Gi, pods: \"110\"}}\n"
+    )
+}
+
+const DEPLOY: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: web
+  namespace: default
+spec:
+  replicas: 3
+  selector:
+    matchLabels: {app: web}
+  strategy:
+    type: RollingUpdate
+    rollingUpdate: {maxSurge: 1, maxUnavailable: 0}
+  template:
+    metadata:
+      labels: {app: web}
+    spec:
+      containers:
+      - name: app
+        image: registry.local/web:1
+        resources:
+          requests: {cpu: 100m, memory: 64Mi}
+";
+
+#[test]
+fn deployments_roll_out_through_replicasets_onto_nodes() {
+    let up = common::up(3);
+    let kc = up.dir.path().join("kubeconfig");
+    for n in ["n1", "n2", "n3"] {
+        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, "4")));
+        assert!(good, "{err}");
+    }
+    let _kubelet = TestKubelet::start(kc.clone());
+
+    // apply -> ReplicaSet -> pods bound to nodes; rollout status returns.
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(DEPLOY));
+    assert!(good, "{err}");
+    ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
+    ok(&kc, &["wait", "--for=condition=Available", "deploy/web", "--timeout=30s"]);
+    let pods = json_of(&kc, &["get", "pods", "-l", "app=web"]);
+    let nodes: Vec<&str> =
+        pods["items"].as_array().unwrap().iter().map(|p| p["spec"]["nodeName"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes.iter().collect::<std::collections::HashSet<_>>().len() >= 2, "pods spread over nodes: {nodes:?}");
+    let rs = json_of(&kc, &["get", "rs", "-l", "app=web"]);
+    assert_eq!(rs["items"].as_array().unwrap().len(), 1);
+    assert_eq!(rs["items"][0]["metadata"]["annotations"]["deployment.kubernetes.io/revision"], "1");
+
+    // A new image rolls out within maxSurge 1 / maxUnavailable 0 at every step.
+    let watching = Arc::new(AtomicBool::new(true));
+    let (w, kc2) = (watching.clone(), kc.clone());
+    let sampler = std::thread::spawn(move || {
+        let mut worst = (0i64, i64::MAX);
+        while w.load(Ordering::Relaxed) {
+            let (good, out, _) = kubectl(&kc2, &["get", "rs", "-l", "app=web", "-o", "json"], None);
+            if good {
+                let v: Value = serde_json::from_str(&out).unwrap();
+                let items = v["items"].as_array().cloned().unwrap_or_default();
+                let total: i64 = items.iter().map(|r| r["spec"]["replicas"].as_i64().unwrap_or(0)).sum();
+                let available: i64 = items.iter().map(|r| r["status"]["availableReplicas"].as_i64().unwrap_or(0)).sum();
+                worst = (worst.0.max(total), worst.1.min(available));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        worst
+    });
+    ok(&kc, &["set", "image", "deploy/web", "app=registry.local/web:2"]);
+    ok(&kc, &["rollout", "status", "deploy/web", "--timeout=90s"]);
+    watching.store(false, Ordering::Relaxed);
+    let (max_total, min_available) = sampler.join().unwrap();
+    eprintln!("rolling update: at most {max_total} replicas, at least {min_available} available");
+    assert!(max_total <= 4, "maxSurge 1: at most 4 replicas, saw {max_total}");
+    assert!(min_available >= 3, "maxUnavailable 0: never fewer than 3 available, saw {min_available}");
+    let d = json_of(&kc, &["get", "deploy", "web"]);
+    assert_eq!(d["status"]["updatedReplicas"], 3);
+    assert_eq!(d["metadata"]["annotations"]["deployment.kubernetes.io/revision"], "2");
+    let history = ok(&kc, &["rollout", "history", "deploy/web"]);
+    assert!(history.contains('1') && history.contains('2'), "{history}");
+
+    // Undo goes back to the first template, as revision 3.
+    ok(&kc, &["rollout", "undo", "deploy/web"]);
+    ok(&kc, &["rollout", "status", "deploy/web", "--timeout=90s"]);
+    let d = json_of(&kc, &["get", "deploy", "web"]);
+    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["image"], "registry.local/web:1");
+    assert_eq!(d["metadata"]["annotations"]["deployment.kubernetes.io/revision"], "3");
+
+    // Scale.
+    ok(&kc, &["scale", "deploy/web", "--replicas=5"]);
+    ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
+    assert_eq!(json_of(&kc, &["get", "pods", "-l", "app=web"])["items"].as_array().unwrap().len(), 5);
+
+    // A pod that fits nowhere says why.
+    let big = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: huge\n  namespace: default\nspec:\n  containers:\n  - name: c\n    image: x\n    resources:\n      requests: {cpu: \"64\"}\n";
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(big));
+    assert!(good, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = json_of(&kc, &["get", "pod", "huge"]);
+        let c =
+            p["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "PodScheduled")).cloned();
+        if let Some(c) = c {
+            assert_eq!(c["status"], "False");
+            assert_eq!(c["message"], "0/3 nodes are available: 3 Insufficient cpu.");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no PodScheduled condition on {p}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Deleting the Deployment takes its ReplicaSets and pods with it.
+    ok(&kc, &["delete", "deploy", "web"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !json_of(&kc, &["get", "pods", "-l", "app=web"])["items"].as_array().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "pods of the deleted Deployment remain");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(json_of(&kc, &["get", "rs", "-l", "app=web"])["items"].as_array().unwrap().is_empty());
+}
