@@ -485,7 +485,17 @@ mod tests {
         rs
     }
 
-    fn apply(rss: &mut Vec<Value>, d: &Value, actions: &[Action]) {
+    /// Every ReplicaSet at its spec, all pods ready.
+    fn settle_all(rss: Vec<Value>) -> Vec<Value> {
+        rss.into_iter()
+            .map(|r| {
+                let n = i(&r["spec"]["replicas"]);
+                settled(r, n)
+            })
+            .collect()
+    }
+
+    fn apply(rss: &mut Vec<Value>, actions: &[Action]) {
         for a in actions {
             match a {
                 Action::CreateReplicaSet(rs) => rss.push(rs.clone()),
@@ -499,7 +509,6 @@ mod tests {
                 Action::DeleteReplicaSet(name) => rss.retain(|r| r["metadata"]["name"] != json!(name)),
             }
         }
-        let _ = d;
     }
 
     #[test]
@@ -521,15 +530,9 @@ mod tests {
         let d2 = deploy(3, "v2");
         for step in 0..20 {
             let p = plan(&d2, &rss, now);
-            apply(&mut rss, &d2, &p.actions);
+            apply(&mut rss, &p.actions);
             // The RS controller settles every ReplicaSet; all pods become ready.
-            rss = rss
-                .into_iter()
-                .map(|r| {
-                    let n = i(&r["spec"]["replicas"]);
-                    settled(r, n)
-                })
-                .collect();
+            rss = settle_all(rss);
             let total: i64 = rss.iter().map(|r| i(&r["spec"]["replicas"])).sum();
             let available: i64 = rss.iter().map(|r| i(&r["status"]["availableReplicas"])).sum();
             assert!(total <= 4, "step {step}: maxSurge 1 exceeded: {total}");
@@ -573,30 +576,18 @@ mod tests {
         rss.push(settled(rs2.clone(), 0));
         let p = plan(&d, &rss, now);
         assert!(p.actions.iter().any(|a| matches!(a, Action::Scale { replicas: 0, .. })));
-        apply(&mut rss, &d, &p.actions);
-        rss = rss
-            .into_iter()
-            .map(|r| {
-                let n = i(&r["spec"]["replicas"]);
-                settled(r, n)
-            })
-            .collect();
+        apply(&mut rss, &p.actions);
+        rss = settle_all(rss);
         let p = plan(&d, &rss, now);
         assert!(p.actions.iter().any(|a| matches!(a, Action::Scale { replicas: 2, .. })), "{:?}", p.actions);
         // A third template: two idle old ReplicaSets, history limit 1.
-        apply(&mut rss, &d, &p.actions);
-        rss = rss
-            .into_iter()
-            .map(|r| {
-                let n = i(&r["spec"]["replicas"]);
-                settled(r, n)
-            })
-            .collect();
+        apply(&mut rss, &p.actions);
+        rss = settle_all(rss);
         d["spec"]["template"]["spec"]["containers"][0]["image"] = json!("v3");
         let p = plan(&d, &rss, now);
         assert!(!p.actions.iter().any(|a| matches!(a, Action::DeleteReplicaSet(_))), "only one idle");
         let mut rss2 = rss.clone();
-        apply(&mut rss2, &d, &p.actions);
+        apply(&mut rss2, &p.actions);
         for r in rss2.iter_mut() {
             if r["metadata"]["name"] != json!(format!("web-{}", template_hash(&d["spec"]["template"]))) {
                 r["spec"]["replicas"] = json!(0);
