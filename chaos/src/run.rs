@@ -240,11 +240,27 @@ async fn watcher(
             continue;
         };
         let mut stream = resp.into_inner();
+        let mut silent = 0;
         loop {
-            let msg = match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+            let msg = match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
                 Ok(Ok(Some(m))) => m,
+                Err(_) if silent < 2 => {
+                    // Quiet: ask where the stream stands (the last workload
+                    // write need not be the store's last revision).
+                    silent += 1;
+                    let progress = pb::WatchRequest {
+                        request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(
+                            pb::WatchProgressRequest {},
+                        )),
+                    };
+                    if tx.send(progress).await.is_err() {
+                        continue 'outer;
+                    }
+                    continue;
+                }
                 _ => continue 'outer,
             };
+            silent = 0;
             if msg.canceled {
                 continue 'outer;
             }
@@ -253,7 +269,11 @@ async fn watcher(
                 next_rev = last + 1;
                 received.push(Response::Events(events));
             }
-            if until.lock().expect("not poisoned").is_some_and(|end| next_rev > end) {
+            let end = *until.lock().expect("not poisoned");
+            let progressed_past_end = msg.events.is_empty()
+                && !msg.created
+                && msg.header.as_ref().zip(end).is_some_and(|(h, end)| h.revision >= end);
+            if end.is_some_and(|end| next_rev > end) || progressed_past_end {
                 break 'outer;
             }
         }
@@ -280,12 +300,33 @@ async fn history_of(cluster: &UpCluster, url: &str, until: i64) -> anyhow::Resul
         .into_inner();
     let mut out: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while out.keys().last().copied().unwrap_or(0) < until {
+    // The store has writers besides the workload (the API server's own
+    // objects, the controller lease), so the last revision need not be a
+    // workload key: the history is complete once a progress notification
+    // at or past `until` arrives after every event before it.
+    loop {
+        if out.keys().last().copied().unwrap_or(0) >= until {
+            break;
+        }
         anyhow::ensure!(Instant::now() < deadline, "history of {url} incomplete");
-        let Some(msg) = tokio::time::timeout(Duration::from_secs(10), stream.message()).await?? else { break };
+        let msg = match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+            Ok(m) => m?,
+            Err(_) => {
+                let progress = pb::WatchRequest {
+                    request_union: Some(pb::watch_request::RequestUnion::ProgressRequest(pb::WatchProgressRequest {})),
+                };
+                tx.send(progress).await?;
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
         anyhow::ensure!(!msg.canceled, "history watch canceled: {}", msg.cancel_reason);
+        let progress_only = msg.events.is_empty() && !msg.created;
         for e in msg.events.iter().filter_map(to_event) {
             out.entry(e.mod_revision).or_default().push(e);
+        }
+        if progress_only && msg.header.as_ref().is_some_and(|h| h.revision >= until) {
+            break;
         }
     }
     Ok(out)

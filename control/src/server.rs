@@ -271,7 +271,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         metrics: crate::api::ApiMetrics::new(&registry)?,
     });
     tokio::spawn(crate::api::bootstrap::ensure_forever(api_server.clone()));
-    let leading = crate::controllers::start(api_server.clone(), name.clone())?;
+    let leading = crate::controllers::start(api_server.clone(), name.clone(), &registry)?;
     tokio::spawn(crate::controllers::gc::run(api_server.objects.clone(), leading));
     let api_tls = std::sync::Arc::new(api_tls);
     let serving = api_server.clone();

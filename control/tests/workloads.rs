@@ -143,20 +143,26 @@ spec:
           requests: {cpu: 100m, memory: 64Mi}
 ";
 
-#[test]
-fn deployments_roll_out_through_replicasets_onto_nodes() {
+/// Three masters, three nodes of `cpu` cores with the test kubelet, and
+/// the `web` Deployment rolled out.
+fn cluster_with_deployment(cpu: &str) -> (common::Up, PathBuf, TestKubelet) {
     let up = common::up(3);
     let kc = up.dir.path().join("kubeconfig");
     for n in ["n1", "n2", "n3"] {
-        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, "4")));
+        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, cpu)));
         assert!(good, "{err}");
     }
-    let _kubelet = TestKubelet::start(kc.clone());
-
-    // apply -> ReplicaSet -> pods bound to nodes; rollout status returns.
+    let kubelet = TestKubelet::start(kc.clone());
     let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(DEPLOY));
     assert!(good, "{err}");
     ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
+    (up, kc, kubelet)
+}
+
+#[test]
+fn deployments_roll_out_through_replicasets_onto_nodes() {
+    // apply -> ReplicaSet -> pods bound to nodes; rollout status returns.
+    let (up, kc, _kubelet) = cluster_with_deployment("4");
     ok(&kc, &["wait", "--for=condition=Available", "deploy/web", "--timeout=30s"]);
     let pods = json_of(&kc, &["get", "pods", "-l", "app=web"]);
     let nodes: Vec<&str> =
@@ -236,4 +242,72 @@ fn deployments_roll_out_through_replicasets_onto_nodes() {
         std::thread::sleep(Duration::from_millis(300));
     }
     assert!(json_of(&kc, &["get", "rs", "-l", "app=web"])["items"].as_array().unwrap().is_empty());
+}
+
+/// A kubeconfig like `capstan up`'s, pointing at master `i`.
+fn kubeconfig_for_master(up: &common::Up, i: usize) -> PathBuf {
+    let ep: Value = serde_json::from_slice(&std::fs::read(up.master_dir(i).join("endpoints.json")).unwrap()).unwrap();
+    let kc = std::fs::read_to_string(up.dir.path().join("kubeconfig")).unwrap();
+    let server = kc.lines().find_map(|l| l.trim().strip_prefix("server: ")).unwrap().to_string();
+    let path = up.dir.path().join(format!("kubeconfig-{i}"));
+    std::fs::write(&path, kc.replace(&server, ep["api_url"].as_str().unwrap())).unwrap();
+    path
+}
+
+#[test]
+fn controllers_fail_over_when_their_master_dies() {
+    let (up, kc, _kubelet) = cluster_with_deployment("8");
+
+    let holder = ok(
+        &kc,
+        &["get", "lease", "-n", "kube-system", "capstan-controller-manager", "-o", "jsonpath={.spec.holderIdentity}"],
+    );
+    // Holder identities are `<master name>_<process uuid>`.
+    let victim: usize = holder
+        .trim()
+        .strip_prefix("master-")
+        .and_then(|n| n.split('_').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or_else(|| panic!("holder {holder:?} is not a master"))
+        - 1;
+    let survivor = (victim + 1) % 3;
+    let kc2 = kubeconfig_for_master(&up, survivor);
+    let killed = up.kill9(victim).expect("victim pid");
+
+    // Ask for more replicas through a surviving master, then time how long
+    // until a controller acts on it.
+    let asked = Instant::now();
+    let deadline = asked + Duration::from_secs(30);
+    loop {
+        let (good, _, _) = kubectl(&kc2, &["scale", "deploy/web", "--replicas=5"], None);
+        if good {
+            break;
+        }
+        assert!(Instant::now() < deadline, "scale not accepted after the kill");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let acted = loop {
+        let rs = json_of(&kc2, &["get", "rs", "-l", "app=web"]);
+        if rs["items"].as_array().unwrap().iter().any(|r| r["spec"]["replicas"] == 5) {
+            break asked.elapsed();
+        }
+        assert!(Instant::now() < deadline, "no controller acted within 30 s of the kill");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("controllers acted {acted:?} after the lease holder (master-{}) was killed", victim + 1);
+    let new_holder = ok(
+        &kc2,
+        &["get", "lease", "-n", "kube-system", "capstan-controller-manager", "-o", "jsonpath={.spec.holderIdentity}"],
+    );
+    assert_ne!(new_holder.trim(), holder.trim(), "another process took the lease");
+    assert!(acted < Duration::from_secs(3), "failover took {acted:?}");
+    ok(&kc2, &["rollout", "status", "deploy/web", "--timeout=60s"]);
+    // No work done twice: exactly the asked-for pods, and it stays so while
+    // the killed master comes back.
+    assert!(up.wait_restarted(victim, killed, Duration::from_secs(30)), "capstan up restarts the killed master");
+    for _ in 0..10 {
+        let pods = json_of(&kc2, &["get", "pods", "-l", "app=web"]);
+        assert_eq!(pods["items"].as_array().unwrap().len(), 5, "{pods}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

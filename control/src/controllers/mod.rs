@@ -16,6 +16,7 @@ pub mod deployment;
 pub mod gc;
 pub mod informer;
 pub mod leader;
+pub mod metrics;
 pub mod queue;
 pub mod replicaset;
 pub mod runtime;
@@ -47,10 +48,18 @@ fn route(
 
 /// Starts informers, the controller actors (on their own actix system
 /// thread) and the lease elector. Returns whether this master is acting.
-pub fn start(api: Arc<ApiServer>, me: String) -> anyhow::Result<watch::Receiver<bool>> {
+pub fn start(
+    api: Arc<ApiServer>,
+    me: String,
+    registry: &prometheus::Registry,
+) -> anyhow::Result<watch::Receiver<bool>> {
+    let metrics = metrics::ControllerMetrics::new(registry)?;
     let inf = Arc::new(Informers::start(&api.objects, &["Pod", "ReplicaSet", "Deployment", "Node"]));
     let (lead_tx, lead_rx) = watch::channel(false);
-    tokio::spawn(leader::run(api.clone(), me, lead_tx));
+    // One identity per process, as Kubernetes does: a restarted master
+    // waits for its predecessor's lease to expire like anyone else.
+    let identity = format!("{me}_{}", uuid::Uuid::new_v4());
+    tokio::spawn(leader::run(api.clone(), identity, lead_tx));
 
     let rs = Arc::new(replicaset::ReplicaSetController::new(
         api.clone(),
@@ -62,7 +71,12 @@ pub fn start(api: Arc<ApiServer>, me: String) -> anyhow::Result<watch::Receiver<
         inf.get("Deployment").clone(),
         inf.get("ReplicaSet").clone(),
     ));
-    let sched = Arc::new(scheduler::Scheduler::new(api.clone(), inf.get("Pod").clone(), inf.get("Node").clone()));
+    let sched = Arc::new(scheduler::Scheduler::new(
+        api.clone(),
+        inf.get("Pod").clone(),
+        inf.get("Node").clone(),
+        metrics.clone(),
+    ));
 
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (rs2, dc2, sched2) = (rs.clone(), dc.clone(), sched.clone());
@@ -70,9 +84,9 @@ pub fn start(api: Arc<ApiServer>, me: String) -> anyhow::Result<watch::Receiver<
         let sys = actix::System::new();
         sys.block_on(async move {
             let addrs = (
-                ControllerActor::new(rs2, 4).start(),
-                ControllerActor::new(dc2, 2).start(),
-                ControllerActor::new(sched2, 1).start(),
+                ControllerActor::new(rs2, 4, metrics.clone()).start(),
+                ControllerActor::new(dc2, 2, metrics.clone()).start(),
+                ControllerActor::new(sched2, 1, metrics).start(),
             );
             let _ = addr_tx.send(addrs);
             std::future::pending::<()>().await;

@@ -34,11 +34,8 @@ pub struct Enqueue(pub String);
 #[rtype(result = "()")]
 pub struct Leading(pub bool);
 
-#[derive(Message)]
-#[rtype(result = "usize")]
-pub struct QueueDepth;
-
 pub struct ControllerActor {
+    metrics: super::metrics::ControllerMetrics,
     r: Arc<dyn ReconcilerDyn>,
     queue: WorkQueue,
     busy: usize,
@@ -67,8 +64,20 @@ impl<R: Reconciler> ReconcilerDyn for Arc<R> {
 }
 
 impl ControllerActor {
-    pub fn new<R: Reconciler>(r: Arc<R>, workers: usize) -> ControllerActor {
-        ControllerActor { r: Arc::new(r), queue: WorkQueue::default(), busy: 0, workers, leading: false, wakeup: None }
+    pub fn new<R: Reconciler>(
+        r: Arc<R>,
+        workers: usize,
+        metrics: super::metrics::ControllerMetrics,
+    ) -> ControllerActor {
+        ControllerActor {
+            metrics,
+            r: Arc::new(r),
+            queue: WorkQueue::default(),
+            busy: 0,
+            workers,
+            leading: false,
+            wakeup: None,
+        }
     }
 
     fn pump(&mut self, ctx: &mut Context<Self>) {
@@ -91,17 +100,19 @@ impl ControllerActor {
                         act.queue.add_after(&key, now + after);
                     }
                     Err(e) => {
+                        act.metrics.retries.with_label_values(&[act.r.name()]).inc();
                         let d = act.queue.failed(&key, now);
                         tracing::debug!(controller = act.r.name(), key, retry_in = ?d, "reconcile failed: {e}");
                     }
                 }
-                tracing::trace!(controller = act.r.name(), key, took = ?started.elapsed(), "reconciled");
+                act.metrics.work.with_label_values(&[act.r.name()]).observe(started.elapsed().as_secs_f64());
                 act.pump(ctx);
             }));
         }
         if let Some(h) = self.wakeup.take() {
             ctx.cancel_future(h);
         }
+        self.metrics.depth.with_label_values(&[self.r.name()]).set(self.queue.len() as i64);
         if self.queue.is_empty() {
             return;
         }
@@ -140,12 +151,5 @@ impl Handler<Leading> for ControllerActor {
             tracing::info!(controller = self.r.name(), "controller active");
         }
         self.pump(ctx);
-    }
-}
-
-impl Handler<QueueDepth> for ControllerActor {
-    type Result = usize;
-    fn handle(&mut self, _: QueueDepth, _: &mut Context<Self>) -> usize {
-        self.queue.len()
     }
 }

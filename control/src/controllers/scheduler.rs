@@ -280,13 +280,19 @@ pub struct Scheduler {
     expect: Mutex<i64>,
     /// Last unschedulable message per pod, so it is written once.
     reported: Mutex<HashMap<String, String>>,
+    metrics: super::metrics::ControllerMetrics,
 }
 
 pub const PASS_KEY: &str = "pass";
 
 impl Scheduler {
-    pub fn new(api: Arc<ApiServer>, pods: Arc<Informer>, nodes: Arc<Informer>) -> Scheduler {
-        Scheduler { api, pods, nodes, expect: Mutex::new(0), reported: Mutex::default() }
+    pub fn new(
+        api: Arc<ApiServer>,
+        pods: Arc<Informer>,
+        nodes: Arc<Informer>,
+        metrics: super::metrics::ControllerMetrics,
+    ) -> Scheduler {
+        Scheduler { api, pods, nodes, expect: Mutex::new(0), reported: Mutex::default(), metrics }
     }
 
     async fn pass(self: Arc<Self>) -> ReconcileResult {
@@ -318,7 +324,8 @@ impl Scheduler {
                 || a["metadata"]["creationTimestamp"].as_str().cmp(&b["metadata"]["creationTimestamp"].as_str()),
             )
         });
-        let mut unschedulable = false;
+        let mut unschedulable = 0;
+        self.metrics.pending.with_label_values(&["active"]).set(pending.len() as i64);
         for (pod, rev) in pending {
             let key = format!(
                 "{}/{}",
@@ -339,17 +346,31 @@ impl Scheduler {
                     match self.api.objects.update(self.pods.rt, bound, rev).await {
                         Ok(b) => {
                             infos[i].add(&pod);
+                            self.metrics.attempts.with_label_values(&["scheduled"]).inc();
+                            if let Some(created) = pod["metadata"]["creationTimestamp"]
+                                .as_str()
+                                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                            {
+                                let secs = (chrono::Utc::now() - created.with_timezone(&chrono::Utc)).num_milliseconds()
+                                    as f64
+                                    / 1000.0;
+                                self.metrics.scheduling.observe(secs.max(0.0));
+                            }
                             let r = b["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
                             let mut e = self.expect.lock();
                             *e = (*e).max(r);
                             self.reported.lock().remove(&key);
                         }
                         Err(e) if e.code == 409 || e.code == 404 => {}
-                        Err(e) => return Err(e.to_string()),
+                        Err(e) => {
+                            self.metrics.attempts.with_label_values(&["error"]).inc();
+                            return Err(e.to_string());
+                        }
                     }
                 }
                 Err(why) => {
-                    unschedulable = true;
+                    unschedulable += 1;
+                    self.metrics.attempts.with_label_values(&["unschedulable"]).inc();
                     if self.reported.lock().get(&key) == Some(&why) {
                         continue;
                     }
@@ -379,7 +400,9 @@ impl Scheduler {
         }
         // Unschedulable pods are retried when nodes or pods change; and
         // periodically, in case what changed was not seen.
-        Ok(unschedulable.then(|| Duration::from_secs(5)))
+        self.metrics.pending.with_label_values(&["unschedulable"]).set(unschedulable);
+        self.metrics.pending.with_label_values(&["active"]).set(0);
+        Ok((unschedulable > 0).then(|| Duration::from_secs(5)))
     }
 }
 

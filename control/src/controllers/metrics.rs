@@ -1,0 +1,56 @@
+//! Controller and scheduler metrics, with Kubernetes' names.
+
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+#[derive(Clone)]
+pub struct ControllerMetrics {
+    /// `workqueue_depth{name}`: keys waiting (ready or backing off).
+    pub depth: IntGaugeVec,
+    /// `workqueue_work_duration_seconds{name}`: one reconcile.
+    pub work: HistogramVec,
+    /// `workqueue_retries_total{name}`: failed reconciles put back with backoff.
+    pub retries: IntCounterVec,
+    /// `scheduler_schedule_attempts_total{result}`: scheduled, unschedulable, error.
+    pub attempts: IntCounterVec,
+    /// `scheduler_pod_scheduling_duration_seconds`: pod creation to binding.
+    pub scheduling: Histogram,
+    /// `scheduler_pending_pods{queue}`: pods waiting ("active") or fitting nowhere ("unschedulable").
+    pub pending: IntGaugeVec,
+}
+
+impl ControllerMetrics {
+    pub fn new(r: &Registry) -> prometheus::Result<ControllerMetrics> {
+        let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let m = ControllerMetrics {
+            depth: IntGaugeVec::new(
+                Opts::new("workqueue_depth", "Keys waiting in a controller's work queue."),
+                &["name"],
+            )?,
+            work: HistogramVec::new(
+                HistogramOpts::new("workqueue_work_duration_seconds", "Time one reconcile takes.")
+                    .buckets(buckets.clone()),
+                &["name"],
+            )?,
+            retries: IntCounterVec::new(
+                Opts::new("workqueue_retries_total", "Failed reconciles retried with backoff."),
+                &["name"],
+            )?,
+            attempts: IntCounterVec::new(
+                Opts::new("scheduler_schedule_attempts_total", "Scheduling attempts by result."),
+                &["result"],
+            )?,
+            scheduling: Histogram::with_opts(
+                HistogramOpts::new("scheduler_pod_scheduling_duration_seconds", "From pod creation to its binding.")
+                    .buckets(buckets),
+            )?,
+            pending: IntGaugeVec::new(Opts::new("scheduler_pending_pods", "Pods waiting for a node."), &["queue"])?,
+        };
+        r.register(Box::new(m.depth.clone()))?;
+        r.register(Box::new(m.work.clone()))?;
+        r.register(Box::new(m.retries.clone()))?;
+        r.register(Box::new(m.attempts.clone()))?;
+        r.register(Box::new(m.scheduling.clone()))?;
+        r.register(Box::new(m.pending.clone()))?;
+        Ok(m)
+    }
+}
