@@ -162,7 +162,7 @@ fn cluster_with_deployment(cpu: &str) -> (common::Up, PathBuf, TestKubelet) {
 #[test]
 fn deployments_roll_out_through_replicasets_onto_nodes() {
     // apply -> ReplicaSet -> pods bound to nodes; rollout status returns.
-    let (up, kc, _kubelet) = cluster_with_deployment("4");
+    let (_up, kc, _kubelet) = cluster_with_deployment("4");
     ok(&kc, &["wait", "--for=condition=Available", "deploy/web", "--timeout=30s"]);
     let pods = json_of(&kc, &["get", "pods", "-l", "app=web"]);
     let nodes: Vec<&str> =
