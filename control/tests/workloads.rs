@@ -56,6 +56,8 @@ impl TestKubelet {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         let thread = std::thread::spawn(move || {
+            // Each pod gets its own address, as CNI would give it.
+            let mut ips: std::collections::HashMap<String, String> = std::collections::HashMap::new();
             while !s.load(Ordering::Relaxed) {
                 let (good, out, _) = kubectl(&kc, &["get", "pods", "-A", "-o", "json"], None);
                 if good {
@@ -75,7 +77,12 @@ impl TestKubelet {
                         } else if p["status"]["phase"] != "Running" {
                             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
                             let c = p["spec"]["containers"][0]["name"].clone();
-                            let status = json!({"status": {"phase": "Running", "podIP": "10.244.0.9",
+                            let n = ips.len();
+                            let ip = ips
+                                .entry(format!("{ns}/{name}"))
+                                .or_insert_with(|| format!("10.244.{}.{}", n / 250, n % 250 + 2))
+                                .clone();
+                            let status = json!({"status": {"phase": "Running", "podIP": ip,
                                 "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now},
                                     {"type": "ContainersReady", "status": "True", "lastTransitionTime": now}],
                                 "containerStatuses": [{"name": c, "ready": true, "restartCount": 0, "image": p["spec"]["containers"][0]["image"],
@@ -211,10 +218,25 @@ fn deployments_roll_out_through_replicasets_onto_nodes() {
     assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["image"], "registry.local/web:1");
     assert_eq!(d["metadata"]["annotations"]["deployment.kubernetes.io/revision"], "3");
 
-    // Scale.
+    // Scale; a Service's Endpoints and EndpointSlice follow the ready pods.
     ok(&kc, &["scale", "deploy/web", "--replicas=5"]);
     ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
     assert_eq!(json_of(&kc, &["get", "pods", "-l", "app=web"])["items"].as_array().unwrap().len(), 5);
+    ok(&kc, &["create", "service", "clusterip", "web", "--tcp=80:8080"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (good, out, _) = kubectl(&kc, &["get", "endpoints", "web", "-o", "json"], None);
+        let ep: Value = if good { serde_json::from_str(&out).unwrap() } else { json!({}) };
+        let ready = ep["subsets"][0]["addresses"].as_array().map_or(0, Vec::len);
+        if ready == 5 {
+            assert_eq!(ep["subsets"][0]["ports"][0]["port"], 8080);
+            break;
+        }
+        assert!(Instant::now() < deadline, "endpoints never listed the 5 ready pods: {ep}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let slices = json_of(&kc, &["get", "endpointslices", "-l", "kubernetes.io/service-name=web"]);
+    assert_eq!(slices["items"][0]["endpoints"].as_array().map(Vec::len), Some(5));
 
     // A pod that fits nowhere says why.
     let big = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: huge\n  namespace: default\nspec:\n  containers:\n  - name: c\n    image: x\n    resources:\n      requests: {cpu: \"64\"}\n";

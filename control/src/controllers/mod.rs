@@ -5,7 +5,7 @@
 //! - `queue.rs`: the keyed, rate-limited work queue (pure).
 //! - `runtime.rs`: each controller is an actix actor around a queue.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `scheduler.rs`, `gc.rs`: the
+//! - `replicaset.rs`, `deployment.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //!
 //! Every master runs informers and actors (warm caches); only the lease
@@ -13,6 +13,7 @@
 //! admission path in-process (`api::internal`).
 
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 pub mod informer;
 pub mod leader;
@@ -54,7 +55,10 @@ pub fn start(
     registry: &prometheus::Registry,
 ) -> anyhow::Result<watch::Receiver<bool>> {
     let metrics = metrics::ControllerMetrics::new(registry)?;
-    let inf = Arc::new(Informers::start(&api.objects, &["Pod", "ReplicaSet", "Deployment", "Node"]));
+    let inf = Arc::new(Informers::start(
+        &api.objects,
+        &["Pod", "ReplicaSet", "Deployment", "Node", "Service", "Endpoints", "EndpointSlice"],
+    ));
     let (lead_tx, lead_rx) = watch::channel(false);
     // One identity per process, as Kubernetes does: a restarted master
     // waits for its predecessor's lease to expire like anyone else.
@@ -78,21 +82,29 @@ pub fn start(
         metrics.clone(),
     ));
 
+    let ep = Arc::new(endpoints::EndpointsController {
+        api: api.clone(),
+        services: inf.get("Service").clone(),
+        pods: inf.get("Pod").clone(),
+        endpoints: inf.get("Endpoints").clone(),
+        slices: inf.get("EndpointSlice").clone(),
+    });
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (rs2, dc2, sched2) = (rs.clone(), dc.clone(), sched.clone());
+    let (rs2, dc2, sched2, ep2) = (rs.clone(), dc.clone(), sched.clone(), ep.clone());
     std::thread::Builder::new().name("controllers".into()).spawn(move || {
         let sys = actix::System::new();
         sys.block_on(async move {
             let addrs = (
                 ControllerActor::new(rs2, 4, metrics.clone()).start(),
                 ControllerActor::new(dc2, 2, metrics.clone()).start(),
-                ControllerActor::new(sched2, 1, metrics).start(),
+                ControllerActor::new(sched2, 1, metrics.clone()).start(),
+                ControllerActor::new(ep2, 2, metrics).start(),
             );
             let _ = addr_tx.send(addrs);
             std::future::pending::<()>().await;
         });
     })?;
-    let (rs_addr, dc_addr, sched_addr) = addr_rx.recv()?;
+    let (rs_addr, dc_addr, sched_addr, ep_addr) = addr_rx.recv()?;
 
     let pods = inf.get("Pod").clone();
     route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
@@ -117,8 +129,18 @@ pub fn start(
     });
     route(inf.get("Node").subscribe(), sched_addr.clone(), |_| vec![scheduler::PASS_KEY.to_string()]);
 
+    route(inf.get("Service").subscribe(), ep_addr.clone(), |c| vec![c.key.clone()]);
+    route(inf.get("Endpoints").subscribe(), ep_addr.clone(), |c| vec![c.key.clone()]);
+    let ep_for_pods = ep.clone();
+    route(pods.subscribe(), ep_addr.clone(), move |c| {
+        let mut keys: Vec<String> =
+            c.new.iter().chain(c.old.iter()).flat_map(|p| ep_for_pods.keys_for_pod(p)).collect();
+        keys.dedup();
+        keys
+    });
+
     let mut lead = lead_rx.clone();
-    let actors = [rs_addr, dc_addr, sched_addr];
+    let actors = [rs_addr, dc_addr, sched_addr, ep_addr];
     tokio::spawn(async move {
         loop {
             let now = *lead.borrow_and_update();

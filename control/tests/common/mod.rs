@@ -243,6 +243,23 @@ pub fn kv(ch: &Channel) -> pb::kv_client::KvClient<Channel> {
 }
 
 /// The store's current revision as this master reports it.
+/// Every key outside what the masters keep for themselves (Kubernetes
+/// objects under `/registry/`, Capstan's own under `/capstan/`), with its mod
+/// revision: what clients of the etcd API wrote. (The store revision itself
+/// moves on its own: the controller lease is renewed several times a second.)
+pub async fn client_keys(ch: &Channel) -> Vec<(Vec<u8>, i64)> {
+    let r = kv(ch)
+        .range(pb::RangeRequest { key: vec![0], range_end: vec![0], keys_only: true, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    r.kvs
+        .into_iter()
+        .filter(|kv| !kv.key.starts_with(b"/registry/") && !kv.key.starts_with(b"/capstan/"))
+        .map(|kv| (kv.key, kv.mod_revision))
+        .collect()
+}
+
 pub async fn revision(ch: &Channel) -> i64 {
     let r = kv(ch).range(pb::RangeRequest { key: b"x".to_vec(), ..Default::default() }).await.unwrap();
     r.into_inner().header.unwrap().revision
