@@ -76,6 +76,24 @@ pub fn prepare_create(
         meta.remove("generation");
     }
     set_api_version_kind(rt, &mut obj);
+    if rt.kind == "Job" && obj["spec"]["manualSelector"] != true {
+        // Kubernetes selects a Job's pods by its uid, so two Jobs never adopt
+        // each other's pods, and labels the template to match.
+        let name = obj["metadata"]["name"].clone();
+        obj["spec"]["selector"] = json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}});
+        let t = &mut obj["spec"]["template"];
+        if !t["metadata"].is_object() {
+            t["metadata"] = json!({});
+        }
+        for (k, v) in [
+            ("batch.kubernetes.io/controller-uid", json!(uid)),
+            ("batch.kubernetes.io/job-name", name.clone()),
+            ("controller-uid", json!(uid)),
+            ("job-name", name),
+        ] {
+            t["metadata"]["labels"][k] = v;
+        }
+    }
     if rt.subresources.contains(&"status") && rt.kind != "Node" {
         // Status is the system's to write (through /status), never the
         // creator's — except a Node's, which its agent registers with.

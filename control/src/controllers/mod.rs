@@ -5,7 +5,7 @@
 //! - `queue.rs`: the keyed, rate-limited work queue (pure).
 //! - `runtime.rs`: each controller is an actix actor around a queue.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
+//! - `replicaset.rs`, `deployment.rs`, `job.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //!
 //! Every master runs informers and actors (warm caches); only the lease
@@ -16,6 +16,7 @@ pub mod deployment;
 pub mod endpoints;
 pub mod gc;
 pub mod informer;
+pub mod job;
 pub mod leader;
 pub mod metrics;
 pub mod queue;
@@ -47,6 +48,21 @@ fn route(
     });
 }
 
+/// Forwards changes to the keys `owners` names for the object before and
+/// after the change (e.g. the ReplicaSet owning a pod).
+fn route_owners(
+    rx: tokio::sync::mpsc::UnboundedReceiver<Change>,
+    addr: Addr<ControllerActor>,
+    owners: impl Fn(&informer::Cached) -> Vec<String> + Send + 'static,
+) {
+    route(rx, addr, move |c| {
+        let mut keys: Vec<String> = c.new.iter().chain(c.old.iter()).flat_map(|o| owners(o)).collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    });
+}
+
 /// Starts informers, the controller actors (on their own actix system
 /// thread) and the lease elector. Returns whether this master is acting.
 pub fn start(
@@ -57,7 +73,7 @@ pub fn start(
     let metrics = metrics::ControllerMetrics::new(registry)?;
     let inf = Arc::new(Informers::start(
         &api.objects,
-        &["Pod", "ReplicaSet", "Deployment", "Node", "Service", "Endpoints", "EndpointSlice"],
+        &["Pod", "ReplicaSet", "Deployment", "Node", "Service", "Endpoints", "EndpointSlice", "Job"],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
     // One identity per process, as Kubernetes does: a restarted master
@@ -89,8 +105,9 @@ pub fn start(
         endpoints: inf.get("Endpoints").clone(),
         slices: inf.get("EndpointSlice").clone(),
     });
+    let jc = Arc::new(job::JobController::new(api.clone(), inf.get("Job").clone(), inf.get("Pod").clone()));
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (rs2, dc2, sched2, ep2) = (rs.clone(), dc.clone(), sched.clone(), ep.clone());
+    let (rs2, dc2, sched2, ep2, jc2) = (rs.clone(), dc.clone(), sched.clone(), ep.clone(), jc.clone());
     std::thread::Builder::new().name("controllers".into()).spawn(move || {
         let sys = actix::System::new();
         sys.block_on(async move {
@@ -98,25 +115,22 @@ pub fn start(
                 ControllerActor::new(rs2, 4, metrics.clone()).start(),
                 ControllerActor::new(dc2, 2, metrics.clone()).start(),
                 ControllerActor::new(sched2, 1, metrics.clone()).start(),
-                ControllerActor::new(ep2, 2, metrics).start(),
+                ControllerActor::new(ep2, 2, metrics.clone()).start(),
+                ControllerActor::new(jc2, 2, metrics).start(),
             );
             let _ = addr_tx.send(addrs);
             std::future::pending::<()>().await;
         });
     })?;
-    let (rs_addr, dc_addr, sched_addr, ep_addr) = addr_rx.recv()?;
+    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr) = addr_rx.recv()?;
 
     let pods = inf.get("Pod").clone();
     route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
     let rs_for_pods = rs.clone();
-    route(pods.subscribe(), rs_addr.clone(), move |c| {
-        c.new.iter().chain(c.old.iter()).flat_map(|p| rs_for_pods.keys_for_pod(p)).collect()
-    });
+    route_owners(pods.subscribe(), rs_addr.clone(), move |p| rs_for_pods.keys_for_pod(p));
     route(inf.get("Deployment").subscribe(), dc_addr.clone(), |c| vec![c.key.clone()]);
     let dc_for_rs = dc.clone();
-    route(inf.get("ReplicaSet").subscribe(), dc_addr.clone(), move |c| {
-        c.new.iter().chain(c.old.iter()).flat_map(|r| dc_for_rs.keys_for_replicaset(r)).collect()
-    });
+    route_owners(inf.get("ReplicaSet").subscribe(), dc_addr.clone(), move |r| dc_for_rs.keys_for_replicaset(r));
     route(pods.subscribe(), sched_addr.clone(), |c| {
         // A pod waiting to be placed, or one whose placement frees or takes room.
         let unbound = c.new.as_ref().is_some_and(|p| p.node_name().is_empty());
@@ -132,15 +146,14 @@ pub fn start(
     route(inf.get("Service").subscribe(), ep_addr.clone(), |c| vec![c.key.clone()]);
     route(inf.get("Endpoints").subscribe(), ep_addr.clone(), |c| vec![c.key.clone()]);
     let ep_for_pods = ep.clone();
-    route(pods.subscribe(), ep_addr.clone(), move |c| {
-        let mut keys: Vec<String> =
-            c.new.iter().chain(c.old.iter()).flat_map(|p| ep_for_pods.keys_for_pod(p)).collect();
-        keys.dedup();
-        keys
-    });
+    route_owners(pods.subscribe(), ep_addr.clone(), move |p| ep_for_pods.keys_for_pod(p));
+
+    route(inf.get("Job").subscribe(), job_addr.clone(), |c| vec![c.key.clone()]);
+    let jc_for_pods = jc.clone();
+    route_owners(pods.subscribe(), job_addr.clone(), move |p| jc_for_pods.keys_for_pod(p));
 
     let mut lead = lead_rx.clone();
-    let actors = [rs_addr, dc_addr, sched_addr, ep_addr];
+    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr];
     tokio::spawn(async move {
         loop {
             let now = *lead.borrow_and_update();
