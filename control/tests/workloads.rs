@@ -254,6 +254,36 @@ fn deployments_roll_out_through_replicasets_onto_nodes() {
         std::thread::sleep(Duration::from_millis(200));
     }
 
+    // A DaemonSet puts one pod on every node, and rolls a new image out.
+    let ds = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: agent\n  namespace: default\nspec:\n  selector:\n    matchLabels: {app: agent}\n  template:\n    metadata:\n      labels: {app: agent}\n    spec:\n      containers:\n      - name: agent\n        image: registry.local/agent:1\n";
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(ds));
+    assert!(good, "{err}");
+    ok(&kc, &["rollout", "status", "ds/agent", "--timeout=60s"]);
+    // Live agent pods (old ones may still be terminating: the test kubelet
+    // finishes them): (node, image).
+    let live = |kc: &PathBuf| -> Vec<(String, String)> {
+        let pods = json_of(kc, &["get", "pods", "-l", "app=agent"]);
+        let mut out: Vec<(String, String)> = pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| !p["metadata"]["deletionTimestamp"].is_string())
+            .map(|p| {
+                (
+                    p["spec"]["nodeName"].as_str().unwrap().to_string(),
+                    p["spec"]["containers"][0]["image"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect();
+        out.sort();
+        out
+    };
+    let on = |image: &str| ["n1", "n2", "n3"].map(|n| (n.to_string(), image.to_string())).to_vec();
+    assert_eq!(live(&kc), on("registry.local/agent:1"));
+    ok(&kc, &["set", "image", "ds/agent", "agent=registry.local/agent:2"]);
+    ok(&kc, &["rollout", "status", "ds/agent", "--timeout=60s"]);
+    assert_eq!(live(&kc), on("registry.local/agent:2"));
+
     // A Job runs its pods to completion, two at a time.
     let job = "apiVersion: batch/v1\nkind: Job\nmetadata:\n  name: pi\n  namespace: default\nspec:\n  completions: 3\n  parallelism: 2\n  template:\n    spec:\n      restartPolicy: Never\n      containers:\n      - name: pi\n        image: registry.local/pi:1\n";
     let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(job));

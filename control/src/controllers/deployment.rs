@@ -17,10 +17,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use super::informer::Informer;
+use super::owned::{self, Expectations, Start};
 use super::runtime::{ReconcileResult, Reconciler};
 use crate::api::objects::Found;
 use crate::api::{internal, ApiServer};
@@ -351,36 +351,24 @@ pub struct DeploymentController {
     pub api: Arc<ApiServer>,
     pub deployments: Arc<Informer>,
     pub replicasets: Arc<Informer>,
-    expectations: Mutex<HashMap<String, i64>>,
+    expectations: Expectations,
 }
 
 impl DeploymentController {
     pub fn new(api: Arc<ApiServer>, deployments: Arc<Informer>, replicasets: Arc<Informer>) -> Self {
-        DeploymentController { api, deployments, replicasets, expectations: Mutex::default() }
+        DeploymentController { api, deployments, replicasets, expectations: Expectations::default() }
     }
 
     pub fn keys_for_replicaset(&self, rs: &super::informer::Cached) -> Vec<String> {
-        self.deployments
-            .list_namespace(rs.namespace())
-            .into_iter()
-            .filter(|d| rs.owned_by(d.uid()))
-            .map(|d| d.key.clone())
-            .collect()
+        owned::owner_keys(&self.deployments, rs)
     }
 
     async fn run(self: Arc<Self>, key: String) -> ReconcileResult {
-        let Some(cached) = self.deployments.get(&key) else {
-            self.expectations.lock().remove(&key);
-            return Ok(None);
+        let cached = match self.expectations.start(&self.deployments, &self.replicasets, &key) {
+            Start::Nothing => return Ok(None),
+            Start::Wait => return Ok(Some(Duration::from_millis(20))),
+            Start::Go(c) => c,
         };
-        if cached.deleting() {
-            return Ok(None);
-        }
-        if let Some(rev) = self.expectations.lock().get(&key) {
-            if self.replicasets.revision() < *rev {
-                return Ok(Some(Duration::from_millis(20)));
-            }
-        }
         let d = cached.object();
         let uid = cached.uid().to_string();
         let ns = cached.namespace().to_string();
@@ -420,9 +408,7 @@ impl DeploymentController {
             last_rev =
                 last_rev.max(written["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0));
         }
-        if last_rev > 0 {
-            self.expectations.lock().insert(key.clone(), last_rev);
-        }
+        self.expectations.wrote(&key, last_rev);
         let rev_annotation = d["metadata"]["annotations"][REVISION].as_str().and_then(|s| s.parse::<i64>().ok());
         let found = Found { object: d.clone(), mod_revision: cached.mod_revision };
         if rev_annotation != Some(p.revision) {

@@ -8,16 +8,16 @@
 //! expectations like the ReplicaSet controller. Counts never go down: a
 //! finished pod that is deleted still counts (status keeps the maximum).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use super::informer::Informer;
+use super::owned::{self, Expectations, Start};
 use super::runtime::{ReconcileResult, Reconciler};
 use crate::api::objects::Found;
 use crate::api::{internal, ApiServer};
@@ -244,64 +244,38 @@ pub struct JobController {
     pub api: Arc<ApiServer>,
     pub jobs: Arc<Informer>,
     pub pods: Arc<Informer>,
-    expectations: Mutex<HashMap<String, i64>>,
+    expectations: Expectations,
 }
 
 impl JobController {
     pub fn new(api: Arc<ApiServer>, jobs: Arc<Informer>, pods: Arc<Informer>) -> Self {
-        JobController { api, jobs, pods, expectations: Mutex::default() }
+        JobController { api, jobs, pods, expectations: Expectations::default() }
     }
 
     pub fn keys_for_pod(&self, pod: &super::informer::Cached) -> Vec<String> {
-        self.jobs
-            .list_namespace(pod.namespace())
-            .into_iter()
-            .filter(|j| pod.owned_by(j.uid()))
-            .map(|j| j.key.clone())
-            .collect()
+        owned::owner_keys(&self.jobs, pod)
     }
 
     async fn run(self: Arc<Self>, key: String) -> ReconcileResult {
-        let Some(cached) = self.jobs.get(&key) else {
-            self.expectations.lock().remove(&key);
-            return Ok(None);
+        let cached = match self.expectations.start(&self.jobs, &self.pods, &key) {
+            Start::Nothing => return Ok(None),
+            Start::Wait => return Ok(Some(Duration::from_millis(20))),
+            Start::Go(c) => c,
         };
-        if cached.deleting() {
-            return Ok(None);
-        }
-        if self.expectations.lock().get(&key).is_some_and(|rev| self.pods.revision() < *rev) {
-            return Ok(Some(Duration::from_millis(20)));
-        }
         let job = cached.object();
-        let uid = cached.uid().to_string();
-        let ns = cached.namespace().to_string();
-        let pods: Vec<Value> =
-            self.pods.list_namespace(&ns).iter().filter(|p| p.owned_by(&uid)).map(|p| p.object()).collect();
+        let pods = owned::dependents_of(&self.pods, &cached);
         let p = plan(&job, &pods, Utc::now());
-        let err = |e: crate::api::status::ApiError| e.to_string();
         let found = Found { object: job.clone(), mod_revision: cached.mod_revision };
         if p.delete_job {
-            internal::delete(&self.api, self.jobs.rt, &found).await.map_err(err)?;
+            internal::delete(&self.api, self.jobs.rt, &found).await.map_err(|e| e.to_string())?;
             return Ok(None);
         }
-        let mut last = 0;
-        for index in &p.create {
-            let pod = internal::write(&self.api, self.pods.rt, None, pod_for(&job, *index), "job-controller")
-                .await
-                .map_err(err)?;
-            last = last.max(pod["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0));
-        }
-        for name in &p.delete {
-            if let Some(c) = self.pods.get(&format!("{ns}/{name}")) {
-                let f = Found { object: c.object(), mod_revision: c.mod_revision };
-                internal::delete(&self.api, self.pods.rt, &f).await.map_err(err)?;
-            }
-        }
-        if last > 0 {
-            self.expectations.lock().insert(key.clone(), last);
-        }
+        let creates = p.create.iter().map(|i| pod_for(&job, *i)).collect();
+        let last = owned::create_all(&self.api, &self.pods, creates, "job-controller").await?;
+        owned::delete_all(&self.api, &self.pods, cached.namespace(), &p.delete).await?;
+        self.expectations.wrote(&key, last);
         if job["status"] != p.status {
-            internal::write_status(&self.api, self.jobs.rt, &found, p.status).await.map_err(err)?;
+            internal::write_status(&self.api, self.jobs.rt, &found, p.status).await.map_err(|e| e.to_string())?;
         }
         Ok(p.requeue)
     }

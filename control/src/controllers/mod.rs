@@ -4,14 +4,16 @@
 //!   hub's shared frames; objects held as `Arc`s, index fields read in place.
 //! - `queue.rs`: the keyed, rate-limited work queue (pure).
 //! - `runtime.rs`: each controller is an actix actor around a queue.
+//! - `owned.rs`: owners, dependents and expectations, shared by the controllers of owned objects.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `job.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
+//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `job.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //!
 //! Every master runs informers and actors (warm caches); only the lease
 //! holder's actors process their queues. Writes go through the API's
 //! admission path in-process (`api::internal`).
 
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
@@ -19,6 +21,7 @@ pub mod informer;
 pub mod job;
 pub mod leader;
 pub mod metrics;
+pub mod owned;
 pub mod queue;
 pub mod replicaset;
 pub mod runtime;
@@ -30,7 +33,7 @@ use actix::prelude::*;
 use tokio::sync::watch;
 
 use self::informer::{Change, Informers};
-use self::runtime::{ControllerActor, Enqueue, Leading};
+use self::runtime::{ControllerActor, Enqueue, Leading, Reconciler};
 use crate::api::ApiServer;
 
 /// Forwards every change of `inf` to `addr` as the keys `route` maps it to.
@@ -73,7 +76,7 @@ pub fn start(
     let metrics = metrics::ControllerMetrics::new(registry)?;
     let inf = Arc::new(Informers::start(
         &api.objects,
-        &["Pod", "ReplicaSet", "Deployment", "Node", "Service", "Endpoints", "EndpointSlice", "Job"],
+        &["Pod", "ReplicaSet", "Deployment", "Node", "Service", "Endpoints", "EndpointSlice", "Job", "DaemonSet"],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
     // One identity per process, as Kubernetes does: a restarted master
@@ -106,8 +109,15 @@ pub fn start(
         slices: inf.get("EndpointSlice").clone(),
     });
     let jc = Arc::new(job::JobController::new(api.clone(), inf.get("Job").clone(), inf.get("Pod").clone()));
+    let dsc = Arc::new(daemonset::DaemonSetController::new(
+        api.clone(),
+        inf.get("DaemonSet").clone(),
+        inf.get("Pod").clone(),
+        inf.get("Node").clone(),
+    ));
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (rs2, dc2, sched2, ep2, jc2) = (rs.clone(), dc.clone(), sched.clone(), ep.clone(), jc.clone());
+    let (rs2, dc2, sched2, ep2, jc2, dsc2) =
+        (rs.clone(), dc.clone(), sched.clone(), ep.clone(), jc.clone(), dsc.clone());
     std::thread::Builder::new().name("controllers".into()).spawn(move || {
         let sys = actix::System::new();
         sys.block_on(async move {
@@ -116,13 +126,14 @@ pub fn start(
                 ControllerActor::new(dc2, 2, metrics.clone()).start(),
                 ControllerActor::new(sched2, 1, metrics.clone()).start(),
                 ControllerActor::new(ep2, 2, metrics.clone()).start(),
-                ControllerActor::new(jc2, 2, metrics).start(),
+                ControllerActor::new(jc2, 2, metrics.clone()).start(),
+                ControllerActor::new(dsc2, 2, metrics).start(),
             );
             let _ = addr_tx.send(addrs);
             std::future::pending::<()>().await;
         });
     })?;
-    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr) = addr_rx.recv()?;
+    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr) = addr_rx.recv()?;
 
     let pods = inf.get("Pod").clone();
     route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
@@ -152,8 +163,15 @@ pub fn start(
     let jc_for_pods = jc.clone();
     route_owners(pods.subscribe(), job_addr.clone(), move |p| jc_for_pods.keys_for_pod(p));
 
+    route(inf.get("DaemonSet").subscribe(), ds_addr.clone(), |c| vec![c.key.clone()]);
+    let dsc_for_pods = dsc.clone();
+    route_owners(pods.subscribe(), ds_addr.clone(), move |p| dsc_for_pods.keys_for_pod(p));
+    // Any node change may change where every DaemonSet belongs.
+    let dsc_for_nodes = dsc.clone();
+    route(inf.get("Node").subscribe(), ds_addr.clone(), move |_| dsc_for_nodes.all_keys());
+
     let mut lead = lead_rx.clone();
-    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr];
+    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr];
     tokio::spawn(async move {
         loop {
             let now = *lead.borrow_and_update();

@@ -7,16 +7,15 @@
 //! waits until the pod informer has seen them before planning again, so it
 //! never creates or deletes twice for one need.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
-use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use super::informer::Informer;
+use super::owned::{self, Expectations, Start};
 use super::runtime::{ReconcileResult, Reconciler};
 use crate::api::objects::Found;
 use crate::api::{internal, ApiServer};
@@ -114,47 +113,30 @@ pub struct ReplicaSetController {
     pub api: Arc<ApiServer>,
     pub replicasets: Arc<Informer>,
     pub pods: Arc<Informer>,
-    /// Per ReplicaSet key: the store revision of its last write, which the
-    /// pod informer must reach before the next plan.
-    expectations: Mutex<HashMap<String, i64>>,
+    expectations: Expectations,
 }
 
 impl ReplicaSetController {
     pub fn new(api: Arc<ApiServer>, replicasets: Arc<Informer>, pods: Arc<Informer>) -> Self {
-        ReplicaSetController { api, replicasets, pods, expectations: Mutex::default() }
+        ReplicaSetController { api, replicasets, pods, expectations: Expectations::default() }
     }
 
-    /// The ReplicaSets a pod change concerns: its controller owner's key.
+    /// The ReplicaSets a pod change concerns: its owner's key.
     pub fn keys_for_pod(&self, pod: &super::informer::Cached) -> Vec<String> {
-        self.replicasets
-            .list_namespace(pod.namespace())
-            .into_iter()
-            .filter(|rs| pod.owned_by(rs.uid()))
-            .map(|rs| rs.key.clone())
-            .collect()
+        owned::owner_keys(&self.replicasets, pod)
     }
 
     async fn run(self: Arc<Self>, key: String) -> ReconcileResult {
-        let Some(cached) = self.replicasets.get(&key) else {
-            self.expectations.lock().remove(&key);
-            return Ok(None);
+        let cached = match self.expectations.start(&self.replicasets, &self.pods, &key) {
+            Start::Nothing => return Ok(None),
+            Start::Wait => return Ok(Some(Duration::from_millis(20))),
+            Start::Go(c) => c,
         };
-        if let Some(rev) = self.expectations.lock().get(&key) {
-            if self.pods.revision() < *rev {
-                return Ok(Some(Duration::from_millis(20)));
-            }
-        }
         let rs = cached.object();
-        if cached.deleting() {
-            return Ok(None);
-        }
         let uid = cached.uid().to_string();
-        let pods: Vec<Value> = self
-            .pods
-            .list_namespace(cached.namespace())
-            .iter()
-            .filter(|p| p.owned_by(&uid))
-            .map(|p| p.object())
+        // Only the pods it controls (ownerReference with controller: true).
+        let pods: Vec<Value> = owned::dependents_of(&self.pods, &cached)
+            .into_iter()
             .filter(|p| {
                 p["metadata"]["ownerReferences"]
                     .as_array()
@@ -164,23 +146,14 @@ impl ReplicaSetController {
             })
             .collect();
         let p = plan(&rs, &pods, Utc::now());
-        let pod_rt = self.pods.rt;
-        let mut last_rev = 0;
-        for _ in 0..p.create.min(500) {
-            let pod = internal::write(&self.api, pod_rt, None, pod_from_template(&rs), "replicaset-controller")
-                .await
-                .map_err(|e| e.to_string())?;
-            last_rev = last_rev.max(rv(&pod));
+        let creates = (0..p.create.min(500)).map(|_| pod_from_template(&rs)).collect();
+        let mut last = owned::create_all(&self.api, &self.pods, creates, "replicaset-controller").await?;
+        owned::delete_all(&self.api, &self.pods, cached.namespace(), &p.delete).await?;
+        if !p.delete.is_empty() {
+            // A delete's revision is not returned; the store's current one bounds it.
+            last = last.max(self.api.objects.revision());
         }
-        for name in &p.delete {
-            let Some(c) = self.pods.get(&format!("{}/{name}", cached.namespace())) else { continue };
-            let found = Found { object: c.object(), mod_revision: c.mod_revision };
-            internal::delete(&self.api, pod_rt, &found).await.map_err(|e| e.to_string())?;
-            last_rev = last_rev.max(self.api.objects.revision());
-        }
-        if last_rev > 0 {
-            self.expectations.lock().insert(key.clone(), last_rev);
-        }
+        self.expectations.wrote(&key, last);
         if rs["status"] != p.status && status_differs(&rs["status"], &p.status) {
             let found = Found { object: rs.clone(), mod_revision: cached.mod_revision };
             internal::write_status(&self.api, self.replicasets.rt, &found, p.status)
@@ -191,10 +164,6 @@ impl ReplicaSetController {
         let min_ready = rs["spec"]["minReadySeconds"].as_i64().unwrap_or(0);
         Ok((min_ready > 0).then(|| Duration::from_secs(min_ready as u64)))
     }
-}
-
-fn rv(obj: &Value) -> i64 {
-    obj["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
 /// Compares the fields the controller owns (not conditions others set).

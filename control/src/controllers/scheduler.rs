@@ -227,6 +227,12 @@ fn resources(pod: &Value, n: &NodeInfo) -> Result<(), String> {
 
 const FILTERS: &[Filter] = &[node_name, unschedulable, node_affinity, taints, resources];
 
+/// Whether `pod` may run on `n` at all, resources aside (DaemonSets place
+/// their pods on every such node).
+pub fn eligible(pod: &Value, n: &NodeInfo) -> bool {
+    [node_name as Filter, unschedulable, node_affinity, taints].iter().all(|f| f(pod, n).is_ok())
+}
+
 /// Least allocated plus balanced allocation, 0..=200.
 fn score(pod: &Value, n: &NodeInfo) -> i64 {
     let (c, m) = non_zero(pod);

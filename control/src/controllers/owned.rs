@@ -1,0 +1,90 @@
+//! What the controllers of owned objects share (ReplicaSets own pods,
+//! Deployments own ReplicaSets, Jobs and DaemonSets own pods): finding an
+//! object's owners, its dependents, and expectations — after writing, wait
+//! until the dependents' informer has seen the write before planning again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde_json::Value;
+
+use super::informer::{Cached, Informer};
+use crate::api::objects::Found;
+use crate::api::{internal, ApiServer};
+
+/// Per owner key: the store revision of its controller's last write.
+#[derive(Default)]
+pub struct Expectations(Mutex<HashMap<String, i64>>);
+
+/// Where a reconcile of an owner starts.
+pub enum Start {
+    /// The owner is gone or being deleted: nothing to do.
+    Nothing,
+    /// Our last writes are not visible yet: look again shortly.
+    Wait,
+    Go(Arc<Cached>),
+}
+
+impl Expectations {
+    pub fn start(&self, owners: &Informer, dependents: &Informer, key: &str) -> Start {
+        let Some(cached) = owners.get(key) else {
+            self.0.lock().remove(key);
+            return Start::Nothing;
+        };
+        if cached.deleting() {
+            return Start::Nothing;
+        }
+        if self.0.lock().get(key).is_some_and(|rev| dependents.revision() < *rev) {
+            return Start::Wait;
+        }
+        Start::Go(cached)
+    }
+
+    pub fn wrote(&self, key: &str, revision: i64) {
+        if revision > 0 {
+            self.0.lock().insert(key.to_string(), revision);
+        }
+    }
+}
+
+/// Keys of the objects in `owners` that own `obj`.
+pub fn owner_keys(owners: &Informer, obj: &Cached) -> Vec<String> {
+    owners
+        .list_namespace(obj.namespace())
+        .into_iter()
+        .filter(|o| obj.owned_by(o.uid()))
+        .map(|o| o.key.clone())
+        .collect()
+}
+
+/// The objects of `dependents` that `owner` owns, decoded.
+pub fn dependents_of(dependents: &Informer, owner: &Cached) -> Vec<Value> {
+    let uid = owner.uid();
+    dependents.list_namespace(owner.namespace()).iter().filter(|p| p.owned_by(uid)).map(|p| p.object()).collect()
+}
+
+pub fn revision_of(obj: &Value) -> i64 {
+    obj["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Creates `objs` through admission as `manager`; the last write's revision.
+pub async fn create_all(api: &ApiServer, into: &Informer, objs: Vec<Value>, manager: &str) -> Result<i64, String> {
+    let mut last = 0;
+    for o in objs {
+        let created = internal::write(api, into.rt, None, o, manager).await.map_err(|e| e.to_string())?;
+        last = last.max(revision_of(&created));
+    }
+    Ok(last)
+}
+
+/// Deletes the named objects of namespace `ns` that `from` still holds.
+pub async fn delete_all(api: &ApiServer, from: &Informer, ns: &str, names: &[String]) -> Result<(), String> {
+    for name in names {
+        if let Some(c) = from.get(&format!("{ns}/{name}")) {
+            let f = Found { object: c.object(), mod_revision: c.mod_revision };
+            internal::delete(api, from.rt, &f).await.map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(())
+}
