@@ -63,11 +63,19 @@ impl Drop for Partition {
 
 impl UpCluster {
     pub fn start(capstan: &Path, masters: usize) -> anyhow::Result<UpCluster> {
+        Self::start_with(capstan, masters, &[])
+    }
+
+    /// Like [`UpCluster::start`], passing `server_args` to every master
+    /// (`capstan up --server-arg`).
+    pub fn start_with(capstan: &Path, masters: usize, server_args: &[&str]) -> anyhow::Result<UpCluster> {
         let dir = tempfile::Builder::new().prefix("capstan-chaos").tempdir()?;
         let log = std::fs::File::create(dir.path().join("up.log"))?;
+        let extra: Vec<String> = server_args.iter().map(|a| format!("--server-arg={a}")).collect();
         let child = Command::new(capstan)
             .args(["up", "--masters", &masters.to_string(), "--data-dir"])
             .arg(dir.path())
+            .args(&extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

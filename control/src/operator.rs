@@ -265,6 +265,7 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
                 etcd_listen,
                 metrics_listen,
                 api_listen,
+                node_monitor_grace_period: None,
                 etcd_plaintext_listen: None,
                 max_request_bytes: None,
                 quota_bytes: None,

@@ -71,6 +71,10 @@ pub struct ServerArgs {
     /// Revisions of history to keep; older ones are compacted, 0 = never [default: 100000].
     #[arg(long)]
     pub auto_compaction_revisions: Option<i64>,
+    /// Seconds without a node heartbeat before the node is Unknown and
+    /// tainted unreachable [default: 40].
+    #[arg(long)]
+    pub node_monitor_grace_period: Option<u64>,
     /// Raft log entries between snapshots [default: 10000].
     #[arg(long)]
     pub snapshot_every: Option<u64>,
@@ -79,6 +83,8 @@ pub struct ServerArgs {
 /// Tunables, persisted so a restart with `--data-dir` alone keeps them.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Settings {
+    #[serde(default = "default_node_grace")]
+    pub node_monitor_grace_period: u64,
     pub max_request_bytes: usize,
     pub quota_bytes: u64,
     pub auto_compaction_revisions: i64,
@@ -88,6 +94,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
+            node_monitor_grace_period: default_node_grace(),
             max_request_bytes: 3 * 1024 * 1024 / 2,
             quota_bytes: 8 << 30,
             auto_compaction_revisions: 100_000,
@@ -96,8 +103,13 @@ impl Default for Settings {
     }
 }
 
+fn default_node_grace() -> u64 {
+    40
+}
+
 impl Settings {
     fn overridden_by(mut self, a: &ServerArgs) -> Settings {
+        self.node_monitor_grace_period = a.node_monitor_grace_period.unwrap_or(self.node_monitor_grace_period);
         self.max_request_bytes = a.max_request_bytes.unwrap_or(self.max_request_bytes);
         self.quota_bytes = a.quota_bytes.unwrap_or(self.quota_bytes);
         self.auto_compaction_revisions = a.auto_compaction_revisions.unwrap_or(self.auto_compaction_revisions);
@@ -271,7 +283,12 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         metrics: crate::api::ApiMetrics::new(&registry)?,
     });
     tokio::spawn(crate::api::bootstrap::ensure_forever(api_server.clone()));
-    let leading = crate::controllers::start(api_server.clone(), name.clone(), &registry)?;
+    let leading = crate::controllers::start(
+        api_server.clone(),
+        name.clone(),
+        &registry,
+        std::time::Duration::from_secs(settings.node_monitor_grace_period),
+    )?;
     tokio::spawn(crate::controllers::gc::run(api_server.objects.clone(), leading));
     let api_tls = std::sync::Arc::new(api_tls);
     let serving = api_server.clone();

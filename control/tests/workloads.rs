@@ -55,16 +55,35 @@ fn set_status(kc: &PathBuf, ns: &str, name: &str, status: &Value) {
 struct TestKubelet {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Nodes whose status it reports (heartbeats) about once a second.
+    alive: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl TestKubelet {
     fn start(kc: PathBuf) -> TestKubelet {
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
+        let alive = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let beating = alive.clone();
         let thread = std::thread::spawn(move || {
+            let mut last_beat = Instant::now() - Duration::from_secs(10);
             // Each pod gets its own address, as CNI would give it.
             let mut ips: std::collections::HashMap<String, String> = std::collections::HashMap::new();
             while !s.load(Ordering::Relaxed) {
+                if last_beat.elapsed() > Duration::from_secs(1) {
+                    last_beat = Instant::now();
+                    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+                    let nodes = beating.lock().unwrap().clone();
+                    for n in nodes {
+                        let ready = json!({"status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",
+                            "message": "test kubelet", "lastHeartbeatTime": now, "lastTransitionTime": now}]}});
+                        kubectl(
+                            &kc,
+                            &["patch", "node", &n, "--subresource=status", "--type=merge", "-p", &ready.to_string()],
+                            None,
+                        );
+                    }
+                }
                 let (good, out, _) = kubectl(&kc, &["get", "pods", "-A", "-o", "json"], None);
                 if good {
                     let list: Value = serde_json::from_str(&out).unwrap_or(json!({}));
@@ -106,7 +125,7 @@ impl TestKubelet {
                 std::thread::sleep(Duration::from_millis(200));
             }
         });
-        TestKubelet { stop, thread: Some(thread) }
+        TestKubelet { stop, thread: Some(thread), alive }
     }
 }
 
@@ -158,6 +177,7 @@ fn cluster_with_deployment(cpu: &str) -> (common::Up, PathBuf, TestKubelet) {
         assert!(good, "{err}");
     }
     let kubelet = TestKubelet::start(kc.clone());
+    *kubelet.alive.lock().unwrap() = vec!["n1".into(), "n2".into(), "n3".into()];
     let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(DEPLOY));
     assert!(good, "{err}");
     ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
@@ -374,5 +394,76 @@ fn controllers_fail_over_when_their_master_dies() {
         let pods = json_of(&kc2, &["get", "pods", "-l", "app=web"]);
         assert_eq!(pods["items"].as_array().unwrap().len(), 5, "{pods}");
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() {
+    let up = common::Up::start_with(std::path::Path::new(common::BIN), 1, &["--node-monitor-grace-period=3"])
+        .expect("capstan up");
+    let kc = up.dir.path().join("kubeconfig");
+    for n in ["n1", "n2"] {
+        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, "8")));
+        assert!(good, "{err}");
+    }
+    let kubelet = TestKubelet::start(kc.clone());
+    *kubelet.alive.lock().unwrap() = vec!["n1".into(), "n2".into()];
+    // Pods that leave an unreachable node after 2 s instead of 300 s.
+    let deploy = DEPLOY.replace("replicas: 3", "replicas: 4").replace(
+        "      containers:",
+        "      tolerations:\n      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}\n      containers:",
+    );
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&deploy));
+    assert!(good, "{err}");
+    ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
+    let on = |kc: &PathBuf, node: &str| -> usize {
+        let pods = json_of(kc, &["get", "pods", "-l", "app=web"]);
+        pods["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| !p["metadata"]["deletionTimestamp"].is_string() && p["spec"]["nodeName"] == node)
+            .count()
+    };
+    assert!(on(&kc, "n1") > 0, "pods spread onto n1 too");
+
+    // n1 goes silent.
+    kubelet.alive.lock().unwrap().retain(|n| n != "n1");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n1 = json_of(&kc, &["get", "node", "n1"]);
+        let unknown = n1["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "Unknown");
+        let tainted = n1["spec"]["taints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|t| t["key"] == "node.kubernetes.io/unreachable" && t["effect"] == "NoExecute");
+        if unknown && tainted && on(&kc, "n1") == 0 && on(&kc, "n2") == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pods did not leave the silent node: {n1}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let table = ok(&kc, &["get", "nodes"]);
+    assert!(table.lines().any(|l| l.starts_with("n1") && l.contains("Unknown")), "{table}");
+
+    // It comes back: Ready, untainted.
+    kubelet.alive.lock().unwrap().push("n1".into());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let n1 = json_of(&kc, &["get", "node", "n1"]);
+        let taints = n1["spec"]["taints"].as_array().map_or(0, Vec::len);
+        if taints == 0
+            && ok(&kc, &["get", "node", "n1"]).contains("Ready")
+            && !ok(&kc, &["get", "node", "n1"]).contains("NotReady")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "n1 did not come back: {n1}");
+        std::thread::sleep(Duration::from_millis(300));
     }
 }

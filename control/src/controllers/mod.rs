@@ -6,7 +6,7 @@
 //! - `runtime.rs`: each controller is an actix actor around a queue.
 //! - `owned.rs`: owners, dependents and expectations, shared by the controllers of owned objects.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `job.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
+//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `job.rs`, `nodelifecycle.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //!
 //! Every master runs informers and actors (warm caches); only the lease
@@ -21,6 +21,7 @@ pub mod informer;
 pub mod job;
 pub mod leader;
 pub mod metrics;
+pub mod nodelifecycle;
 pub mod owned;
 pub mod queue;
 pub mod replicaset;
@@ -72,11 +73,23 @@ pub fn start(
     api: Arc<ApiServer>,
     me: String,
     registry: &prometheus::Registry,
+    node_grace: std::time::Duration,
 ) -> anyhow::Result<watch::Receiver<bool>> {
     let metrics = metrics::ControllerMetrics::new(registry)?;
     let inf = Arc::new(Informers::start(
         &api.objects,
-        &["Pod", "ReplicaSet", "Deployment", "Node", "Service", "Endpoints", "EndpointSlice", "Job", "DaemonSet"],
+        &[
+            "Pod",
+            "ReplicaSet",
+            "Deployment",
+            "Node",
+            "Service",
+            "Endpoints",
+            "EndpointSlice",
+            "Job",
+            "DaemonSet",
+            "Lease",
+        ],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
     // One identity per process, as Kubernetes does: a restarted master
@@ -115,9 +128,16 @@ pub fn start(
         inf.get("Pod").clone(),
         inf.get("Node").clone(),
     ));
+    let nlc = Arc::new(nodelifecycle::NodeLifecycleController {
+        api: api.clone(),
+        nodes: inf.get("Node").clone(),
+        leases: inf.get("Lease").clone(),
+        pods: inf.get("Pod").clone(),
+        grace: node_grace,
+    });
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (rs2, dc2, sched2, ep2, jc2, dsc2) =
-        (rs.clone(), dc.clone(), sched.clone(), ep.clone(), jc.clone(), dsc.clone());
+    let (rs2, dc2, sched2, ep2, jc2, dsc2, nlc2) =
+        (rs.clone(), dc.clone(), sched.clone(), ep.clone(), jc.clone(), dsc.clone(), nlc.clone());
     std::thread::Builder::new().name("controllers".into()).spawn(move || {
         let sys = actix::System::new();
         sys.block_on(async move {
@@ -127,13 +147,14 @@ pub fn start(
                 ControllerActor::new(sched2, 1, metrics.clone()).start(),
                 ControllerActor::new(ep2, 2, metrics.clone()).start(),
                 ControllerActor::new(jc2, 2, metrics.clone()).start(),
-                ControllerActor::new(dsc2, 2, metrics).start(),
+                ControllerActor::new(dsc2, 2, metrics.clone()).start(),
+                ControllerActor::new(nlc2, 2, metrics).start(),
             );
             let _ = addr_tx.send(addrs);
             std::future::pending::<()>().await;
         });
     })?;
-    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr) = addr_rx.recv()?;
+    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr) = addr_rx.recv()?;
 
     let pods = inf.get("Pod").clone();
     route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
@@ -170,8 +191,13 @@ pub fn start(
     let dsc_for_nodes = dsc.clone();
     route(inf.get("Node").subscribe(), ds_addr.clone(), move |_| dsc_for_nodes.all_keys());
 
+    route(inf.get("Node").subscribe(), node_addr.clone(), |c| vec![c.key.clone()]);
+    route(inf.get("Lease").subscribe(), node_addr.clone(), |c| {
+        c.key.strip_prefix(&format!("{}/", nodelifecycle::LEASE_NAMESPACE)).map(str::to_string).into_iter().collect()
+    });
+
     let mut lead = lead_rx.clone();
-    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr];
+    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr];
     tokio::spawn(async move {
         loop {
             let now = *lead.borrow_and_update();
