@@ -467,3 +467,42 @@ fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() {
         std::thread::sleep(Duration::from_millis(300));
     }
 }
+
+#[test]
+fn cronjobs_fire_on_schedule() {
+    let (_up, kc, _kubelet) = cluster_with_deployment("4");
+    let bad = "apiVersion: batch/v1\nkind: CronJob\nmetadata:\n  name: bad\n  namespace: default\nspec:\n  schedule: \"61 * * * *\"\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers:\n          - {name: c, image: x}\n";
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(bad));
+    assert!(!good && err.contains("spec.schedule"), "an invalid schedule is refused: {err}");
+    // Every minute: the first run comes within 60 s.
+    let cj = bad.replace("name: bad", "name: tick").replace("61 * * * *", "* * * * *");
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&cj));
+    assert!(good, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let jobs = json_of(&kc, &["get", "jobs"]);
+        let done = jobs["items"].as_array().unwrap().iter().any(|j| {
+            j["metadata"]["name"].as_str().is_some_and(|n| n.starts_with("tick-"))
+                && j["status"]["conditions"].as_array().into_iter().flatten().any(|c| c["type"] == "Complete")
+        });
+        if done {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no run of the CronJob completed: {jobs}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let cj = json_of(&kc, &["get", "cronjob", "tick"]);
+    assert!(cj["status"]["lastScheduleTime"].is_string(), "{cj}");
+    // Each run is named by its minute, and the status names the latest.
+    let jobs = json_of(&kc, &["get", "jobs"]);
+    let times: Vec<&str> = jobs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|j| j["metadata"]["annotations"]["batch.kubernetes.io/cronjob-scheduled-timestamp"].as_str())
+        .collect();
+    assert!(!times.is_empty());
+    let latest = times.iter().max().unwrap();
+    let cj = json_of(&kc, &["get", "cronjob", "tick"]);
+    assert!(cj["status"]["lastScheduleTime"].as_str().unwrap() >= *latest, "{cj}");
+}

@@ -558,11 +558,21 @@ pub fn validate(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
             validate_pod_spec(&spec["template"]["spec"], "spec.template.spec", &mut errs);
         }
         "Job" => validate_pod_spec(&obj["spec"]["template"]["spec"], "spec.template.spec", &mut errs),
-        "CronJob" => validate_pod_spec(
-            &obj["spec"]["jobTemplate"]["spec"]["template"]["spec"],
-            "spec.jobTemplate.spec.template.spec",
-            &mut errs,
-        ),
+        "CronJob" => {
+            let spec = &obj["spec"];
+            let schedule = spec["schedule"].as_str().unwrap_or_default();
+            let tz = spec["timeZone"].as_str();
+            if let Err(e) = crate::controllers::cronjob::due_times(schedule, tz, chrono::Utc::now(), chrono::Utc::now())
+            {
+                let field = if e.contains("time zone") { "spec.timeZone" } else { "spec.schedule" };
+                errs.push((field.into(), format!("Invalid value: {e}")));
+            }
+            validate_pod_spec(
+                &spec["jobTemplate"]["spec"]["template"]["spec"],
+                "spec.jobTemplate.spec.template.spec",
+                &mut errs,
+            )
+        }
         "Service" => {
             for (i, p) in obj["spec"]["ports"].as_array().into_iter().flatten().enumerate() {
                 if !p["port"].as_i64().is_some_and(|n| (1..=65535).contains(&n)) {

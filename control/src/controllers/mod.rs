@@ -6,13 +6,14 @@
 //! - `runtime.rs`: each controller is an actix actor around a queue.
 //! - `owned.rs`: owners, dependents and expectations, shared by the controllers of owned objects.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `job.rs`, `nodelifecycle.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
+//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //!
 //! Every master runs informers and actors (warm caches); only the lease
 //! holder's actors process their queues. Writes go through the API's
 //! admission path in-process (`api::internal`).
 
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
@@ -89,6 +90,7 @@ pub fn start(
             "Job",
             "DaemonSet",
             "Lease",
+            "CronJob",
         ],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
@@ -135,9 +137,14 @@ pub fn start(
         pods: inf.get("Pod").clone(),
         grace: node_grace,
     });
+    let cjc = Arc::new(cronjob::CronJobController {
+        api: api.clone(),
+        cronjobs: inf.get("CronJob").clone(),
+        jobs: inf.get("Job").clone(),
+    });
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (rs2, dc2, sched2, ep2, jc2, dsc2, nlc2) =
-        (rs.clone(), dc.clone(), sched.clone(), ep.clone(), jc.clone(), dsc.clone(), nlc.clone());
+    let (rs2, dc2, sched2, ep2, jc2, dsc2, nlc2, cjc2) =
+        (rs.clone(), dc.clone(), sched.clone(), ep.clone(), jc.clone(), dsc.clone(), nlc.clone(), cjc.clone());
     std::thread::Builder::new().name("controllers".into()).spawn(move || {
         let sys = actix::System::new();
         sys.block_on(async move {
@@ -148,13 +155,14 @@ pub fn start(
                 ControllerActor::new(ep2, 2, metrics.clone()).start(),
                 ControllerActor::new(jc2, 2, metrics.clone()).start(),
                 ControllerActor::new(dsc2, 2, metrics.clone()).start(),
-                ControllerActor::new(nlc2, 2, metrics).start(),
+                ControllerActor::new(nlc2, 2, metrics.clone()).start(),
+                ControllerActor::new(cjc2, 1, metrics).start(),
             );
             let _ = addr_tx.send(addrs);
             std::future::pending::<()>().await;
         });
     })?;
-    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr) = addr_rx.recv()?;
+    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr) = addr_rx.recv()?;
 
     let pods = inf.get("Pod").clone();
     route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
@@ -197,7 +205,11 @@ pub fn start(
     });
 
     let mut lead = lead_rx.clone();
-    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr];
+    route(inf.get("CronJob").subscribe(), cj_addr.clone(), |c| vec![c.key.clone()]);
+    let cjc_for_jobs = cjc.clone();
+    route_owners(inf.get("Job").subscribe(), cj_addr.clone(), move |j| cjc_for_jobs.keys_for_job(j));
+
+    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr];
     tokio::spawn(async move {
         loop {
             let now = *lead.borrow_and_update();
