@@ -256,6 +256,53 @@ fn deployments_roll_out_through_replicasets_onto_nodes() {
     let slices = json_of(&kc, &["get", "endpointslices", "-l", "kubernetes.io/service-name=web"]);
     assert_eq!(slices["items"][0]["endpoints"].as_array().map(Vec::len), Some(5));
 
+    // A disruption budget: evictions that would break it are refused (429).
+    let pdb = "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata:\n  name: web\n  namespace: default\nspec:\n  minAvailable: 5\n  selector:\n    matchLabels: {app: web}\n";
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(pdb));
+    assert!(good, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while json_of(&kc, &["get", "pdb", "web"])["status"]["currentHealthy"] != 5 {
+        assert!(Instant::now() < deadline, "PDB status never counted the pods");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let victim =
+        json_of(&kc, &["get", "pods", "-l", "app=web"])["items"][0]["metadata"]["name"].as_str().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let eviction = dir.path().join("eviction.json");
+    std::fs::write(
+        &eviction,
+        json!({"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": victim, "namespace": "default"}})
+            .to_string(),
+    )
+    .unwrap();
+    let evict = |kc: &PathBuf| {
+        kubectl(
+            kc,
+            &[
+                "create",
+                "--raw",
+                &format!("/api/v1/namespaces/default/pods/{victim}/eviction"),
+                "-f",
+                eviction.to_str().unwrap(),
+            ],
+            None,
+        )
+    };
+    let (good, _, err) = evict(&kc);
+    assert!(!good && err.contains("disruption budget"), "{err}");
+    assert!(kubectl(&kc, &["get", "pod", &victim], None).0, "a refused eviction changes nothing");
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&pdb.replace("minAvailable: 5", "minAvailable: 4")));
+    assert!(good, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while json_of(&kc, &["get", "pdb", "web"])["status"]["disruptionsAllowed"] != 1 {
+        assert!(Instant::now() < deadline, "PDB never allowed a disruption");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (good, _, err) = evict(&kc);
+    assert!(good, "an eviction within budget: {err}");
+    ok(&kc, &["delete", "pdb", "web"]);
+    ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
+
     // A pod that fits nowhere says why.
     let big = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: huge\n  namespace: default\nspec:\n  containers:\n  - name: c\n    image: x\n    resources:\n      requests: {cpu: \"64\"}\n";
     let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(big));

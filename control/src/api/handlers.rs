@@ -703,8 +703,46 @@ async fn binding(
 
 async fn eviction(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, name: &str) -> Result<Reply, ApiError> {
     let cur = current(api, rt, ns, name).await?;
-    // Disruption budgets are enforced by the disruption controller's status
-    // (issue: controllers); until then every eviction is a graceful delete.
+    let terminal = matches!(cur.object["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+    let pdb_rt = registry::by_kind("policy/v1", "PodDisruptionBudget")
+        .ok_or_else(|| ApiError::internal("no PodDisruptionBudget kind"))?;
+    let labels = &cur.object["metadata"]["labels"];
+    let budgets: Vec<Value> = api
+        .objects
+        .list_local(pdb_rt, ns, None, None, &|kv| super::objects::decode_kv(kv).map(Some))?
+        .items
+        .into_iter()
+        .filter(|b| crate::controllers::disruption::selects(&b["spec"]["selector"], labels))
+        .collect();
+    if budgets.len() > 1 && !terminal {
+        return Err(ApiError::internal(
+            "This pod has more than one PodDisruptionBudget, which the eviction subresource does not support.",
+        ));
+    }
+    if let (Some(b), false) = (budgets.first(), terminal) {
+        let allowed = b["status"]["disruptionsAllowed"].as_i64().unwrap_or(0);
+        let bname = b["metadata"]["name"].as_str().unwrap_or_default();
+        if allowed <= 0 {
+            let msg = format!(
+                "The disruption budget {bname} needs {} healthy pods and has {} currently",
+                b["status"]["desiredHealthy"].as_i64().unwrap_or(0),
+                b["status"]["currentHealthy"].as_i64().unwrap_or(0)
+            );
+            return Err(ApiError::new(
+                429,
+                "TooManyRequests",
+                "Cannot evict pod as it would violate the pod's disruption budget.",
+            )
+            .with_details(json!({"causes": [{"reason": "DisruptionBudget", "message": msg}]})));
+        }
+        // Spend the allowance first (optimistic concurrency): two evictions
+        // racing for the last disruption cannot both succeed.
+        let rv = b["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let found = Found { object: b.clone(), mod_revision: rv };
+        let mut st = b["status"].clone();
+        st["disruptionsAllowed"] = json!(allowed - 1);
+        super::internal::write_status(api, pdb_rt, &found, st).await?;
+    }
     delete_found(api, rt, cur, &DeleteOptions::default()).await?;
     Ok(Reply::ok(success(json!({}))).with_code(StatusCode::CREATED))
 }

@@ -6,7 +6,7 @@
 //! - `runtime.rs`: each controller is an actix actor around a queue.
 //! - `owned.rs`: owners, dependents and expectations, shared by the controllers of owned objects.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
+//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //!
 //! Every master runs informers and actors (warm caches); only the lease
@@ -16,6 +16,7 @@
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod gc;
 pub mod informer;
@@ -91,6 +92,7 @@ pub fn start(
             "DaemonSet",
             "Lease",
             "CronJob",
+            "PodDisruptionBudget",
         ],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
@@ -142,9 +144,23 @@ pub fn start(
         cronjobs: inf.get("CronJob").clone(),
         jobs: inf.get("Job").clone(),
     });
+    let pdbc = Arc::new(disruption::DisruptionController {
+        api: api.clone(),
+        pdbs: inf.get("PodDisruptionBudget").clone(),
+        pods: inf.get("Pod").clone(),
+    });
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (rs2, dc2, sched2, ep2, jc2, dsc2, nlc2, cjc2) =
-        (rs.clone(), dc.clone(), sched.clone(), ep.clone(), jc.clone(), dsc.clone(), nlc.clone(), cjc.clone());
+    let (rs2, dc2, sched2, ep2, jc2, dsc2, nlc2, cjc2, pdbc2) = (
+        rs.clone(),
+        dc.clone(),
+        sched.clone(),
+        ep.clone(),
+        jc.clone(),
+        dsc.clone(),
+        nlc.clone(),
+        cjc.clone(),
+        pdbc.clone(),
+    );
     std::thread::Builder::new().name("controllers".into()).spawn(move || {
         let sys = actix::System::new();
         sys.block_on(async move {
@@ -156,13 +172,14 @@ pub fn start(
                 ControllerActor::new(jc2, 2, metrics.clone()).start(),
                 ControllerActor::new(dsc2, 2, metrics.clone()).start(),
                 ControllerActor::new(nlc2, 2, metrics.clone()).start(),
-                ControllerActor::new(cjc2, 1, metrics).start(),
+                ControllerActor::new(cjc2, 1, metrics.clone()).start(),
+                ControllerActor::new(pdbc2, 1, metrics).start(),
             );
             let _ = addr_tx.send(addrs);
             std::future::pending::<()>().await;
         });
     })?;
-    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr) = addr_rx.recv()?;
+    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr) = addr_rx.recv()?;
 
     let pods = inf.get("Pod").clone();
     route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
@@ -209,7 +226,11 @@ pub fn start(
     let cjc_for_jobs = cjc.clone();
     route_owners(inf.get("Job").subscribe(), cj_addr.clone(), move |j| cjc_for_jobs.keys_for_job(j));
 
-    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr];
+    route(inf.get("PodDisruptionBudget").subscribe(), pdb_addr.clone(), |c| vec![c.key.clone()]);
+    let pdbc_for_pods = pdbc.clone();
+    route_owners(pods.subscribe(), pdb_addr.clone(), move |p| pdbc_for_pods.keys_for_pod(p));
+
+    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr];
     tokio::spawn(async move {
         loop {
             let now = *lead.borrow_and_update();
