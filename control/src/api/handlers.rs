@@ -599,7 +599,7 @@ async fn delete_collection(api: &ApiServer, rt: &ResourceType, ns: Option<&str>,
 // ---------------------------------------------------------------------------
 // Subresources.
 
-fn scale_of(rt: &ResourceType, f: &Found) -> Value {
+fn scale_of(f: &Found) -> Value {
     let o = &f.object;
     let m = &o["metadata"];
     json!({
@@ -609,7 +609,6 @@ fn scale_of(rt: &ResourceType, f: &Found) -> Value {
         "spec": {"replicas": o["spec"]["replicas"].as_i64().unwrap_or(1)},
         "status": {"replicas": o["status"]["replicas"].as_i64().unwrap_or(0),
             "selector": table::selector_string(&o["spec"]["selector"])},
-        "_kind": rt.kind,
     })
 }
 
@@ -623,10 +622,7 @@ async fn scale(
 ) -> Result<Reply, ApiError> {
     for attempt in 0.. {
         let cur = current(api, rt, ns, name).await?;
-        let mut sc = scale_of(rt, &cur);
-        if let Some(m) = sc.as_object_mut() {
-            m.remove("_kind");
-        }
+        let sc = scale_of(&cur);
         if verb == "get" {
             return Ok(Reply::ok(sc));
         }
@@ -663,15 +659,8 @@ async fn scale(
             Err(e) if e.code == 409 && attempt < 8 => continue,
             Err(e) => return Err(e),
             Ok(o) => {
-                let f = Found {
-                    mod_revision: o["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0),
-                    object: o,
-                };
-                let mut sc = scale_of(rt, &f);
-                if let Some(m) = sc.as_object_mut() {
-                    m.remove("_kind");
-                }
-                return Ok(Reply::ok(sc));
+                let f = Found { mod_revision: super::objects::revision_of(&o), object: o };
+                return Ok(Reply::ok(scale_of(&f)));
             }
         }
     }
@@ -737,7 +726,7 @@ async fn eviction(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, name: &s
         }
         // Spend the allowance first (optimistic concurrency): two evictions
         // racing for the last disruption cannot both succeed.
-        let rv = b["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let rv = super::objects::revision_of(b);
         let found = Found { object: b.clone(), mod_revision: rv };
         let mut st = b["status"].clone();
         st["disruptionsAllowed"] = json!(allowed - 1);

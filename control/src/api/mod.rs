@@ -359,11 +359,6 @@ impl ApiServer {
     }
 }
 
-/// The API's timestamp format (RFC 3339, seconds, UTC).
-pub fn handlers_now() -> String {
-    handlers::now()
-}
-
 /// Metric label for non-resource requests.
 fn method_label(m: &http::Method) -> &'static str {
     match m.as_str() {

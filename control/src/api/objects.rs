@@ -373,6 +373,11 @@ pub fn ns_name(obj: &Value) -> (Option<String>, String) {
     (m["namespace"].as_str().map(str::to_string), m["name"].as_str().unwrap_or_default().to_string())
 }
 
+/// The object's resourceVersion as a store revision (0 if absent).
+pub fn revision_of(obj: &Value) -> i64 {
+    obj["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
 pub fn with_rv(mut obj: Value, rev: i64) -> Value {
     obj["metadata"]["resourceVersion"] = Value::String(rev.to_string());
     obj

@@ -395,18 +395,17 @@ impl DeploymentController {
                     }
                     rs["metadata"]["annotations"]["deployment.kubernetes.io/desired-replicas"] =
                         json!(d["spec"]["replicas"].as_i64().unwrap_or(1).to_string());
-                    let found = Found { object: c.object(), mod_revision: c.mod_revision };
+                    let found = c.found();
                     internal::write(&self.api, rs_rt, Some(&found), rs, "deployment-controller").await.map_err(err)?
                 }
                 Action::DeleteReplicaSet(name) => {
                     let Some(c) = self.replicasets.get(&format!("{ns}/{name}")) else { continue };
-                    let found = Found { object: c.object(), mod_revision: c.mod_revision };
+                    let found = c.found();
                     internal::delete(&self.api, rs_rt, &found).await.map_err(err)?;
                     continue;
                 }
             };
-            last_rev =
-                last_rev.max(written["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0));
+            last_rev = last_rev.max(crate::api::objects::revision_of(&written));
         }
         self.expectations.wrote(&key, last_rev);
         let rev_annotation = d["metadata"]["annotations"][REVISION].as_str().and_then(|s| s.parse::<i64>().ok());

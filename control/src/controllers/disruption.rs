@@ -68,7 +68,7 @@ pub fn status(pdb: &Value, pods: &[Value]) -> Value {
         "disruptionsAllowed": allowed,
         "conditions": [{"type": "DisruptionAllowed", "status": if allowed > 0 { "True" } else { "False" },
             "reason": if allowed > 0 { "SufficientPods" } else { "InsufficientPods" }, "message": "",
-            "lastTransitionTime": pdb["status"]["conditions"].as_array().and_then(|c| c.first()).map(|c| c["lastTransitionTime"].clone()).unwrap_or(json!(crate::api::handlers_now())),
+            "lastTransitionTime": pdb["status"]["conditions"].as_array().and_then(|c| c.first()).map(|c| c["lastTransitionTime"].clone()).unwrap_or(json!(crate::api::handlers::now())),
             "observedGeneration": pdb["metadata"]["generation"].as_i64().unwrap_or(1)}],
     })
 }
@@ -98,7 +98,7 @@ impl DisruptionController {
         let mut next = status(&pdb, &pods);
         if let Some(c) = next["conditions"][0].as_object_mut() {
             if pdb["status"]["conditions"][0]["status"] != c["status"] {
-                c.insert("lastTransitionTime".into(), json!(crate::api::handlers_now()));
+                c.insert("lastTransitionTime".into(), json!(crate::api::handlers::now()));
             }
         }
         if pdb["status"] != next {

@@ -176,7 +176,7 @@ impl EndpointsController {
         let Some(svc) = self.services.get(&key) else {
             // Service gone: its Endpoints go too (slices go with their owner, by GC).
             if let Some(c) = current_ep {
-                let found = Found { object: c.object(), mod_revision: c.mod_revision };
+                let found = c.found();
                 internal::delete(&self.api, self.endpoints.rt, &found).await.map_err(err)?;
             }
             return Ok(None);

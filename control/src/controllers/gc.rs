@@ -156,7 +156,7 @@ pub async fn execute(objects: &Objects, a: &Action) -> Result<(), ApiError> {
     let rt = kind_type(kind).ok_or_else(|| ApiError::internal(format!("no kind {kind}")))?;
     let ns = (!ns.is_empty()).then_some(ns.as_str());
     let Some(cur) = objects.get_local(rt, ns, name)? else { return Ok(()) };
-    let now = crate::api::handlers_now();
+    let now = crate::api::handlers::now();
     match a {
         Action::Delete { uid, .. } => {
             if cur.object["metadata"]["uid"].as_str() != Some(uid) {

@@ -54,6 +54,11 @@ impl Cached {
         StoredObject::decode(&self.bytes, self.mod_revision).unwrap_or(Value::Null)
     }
 
+    /// The object and its revision, as writes guarded by it take them.
+    pub fn found(&self) -> crate::api::objects::Found {
+        crate::api::objects::Found { object: self.object(), mod_revision: self.mod_revision }
+    }
+
     pub fn namespace(&self) -> &str {
         self.archived().namespace.as_str()
     }

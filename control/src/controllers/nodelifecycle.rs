@@ -58,17 +58,9 @@ fn heartbeat(node: &Value, lease: Option<&Value>) -> Option<DateTime<Utc>> {
     .max()
 }
 
+/// `Some(seconds)` if a toleration covers the taint (`None` seconds = forever).
 fn tolerates(tolerations: &[Value], taint: &Value) -> Option<Option<i64>> {
-    tolerations
-        .iter()
-        .find(|t| {
-            let key_ok = t["key"].as_str().is_none_or(|k| k.is_empty() || Some(k) == taint["key"].as_str());
-            let effect_ok = t["effect"].as_str().is_none_or(|e| e.is_empty() || e == "NoExecute");
-            let op_ok = t["operator"] == "Exists"
-                || t["value"].as_str().unwrap_or_default() == taint["value"].as_str().unwrap_or_default();
-            key_ok && effect_ok && op_ok
-        })
-        .map(|t| t["tolerationSeconds"].as_i64())
+    super::scheduler::toleration_for(tolerations, taint).map(|t| t["tolerationSeconds"].as_i64())
 }
 
 pub fn plan(node: &Value, lease: Option<&Value>, pods: &[Value], now: DateTime<Utc>, grace: Duration) -> Plan {
@@ -177,7 +169,7 @@ impl NodeLifecycleController {
             let written = internal::write(&self.api, self.nodes.rt, Some(&found), next, "node-lifecycle-controller")
                 .await
                 .map_err(err)?;
-            let rev = written["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+            let rev = crate::api::objects::revision_of(&written);
             found = Found { object: written, mod_revision: rev };
         }
         if let Some(ready) = p.ready {
@@ -193,7 +185,7 @@ impl NodeLifecycleController {
         }
         for key in &p.evict {
             if let Some(c) = self.pods.get(key) {
-                let f = Found { object: c.object(), mod_revision: c.mod_revision };
+                let f = c.found();
                 internal::delete(&self.api, self.pods.rt, &f).await.map_err(err)?;
                 tracing::info!(pod = key.as_str(), node = cached.key.as_str(), "evicted from a NoExecute-tainted node");
             }

@@ -10,7 +10,6 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use super::informer::{Cached, Informer};
-use crate::api::objects::Found;
 use crate::api::{internal, ApiServer};
 
 /// Per owner key: the store revision of its controller's last write.
@@ -64,16 +63,12 @@ pub fn dependents_of(dependents: &Informer, owner: &Cached) -> Vec<Value> {
     dependents.list_namespace(owner.namespace()).iter().filter(|p| p.owned_by(uid)).map(|p| p.object()).collect()
 }
 
-pub fn revision_of(obj: &Value) -> i64 {
-    obj["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0)
-}
-
 /// Creates `objs` through admission as `manager`; the last write's revision.
 pub async fn create_all(api: &ApiServer, into: &Informer, objs: Vec<Value>, manager: &str) -> Result<i64, String> {
     let mut last = 0;
     for o in objs {
         let created = internal::write(api, into.rt, None, o, manager).await.map_err(|e| e.to_string())?;
-        last = last.max(revision_of(&created));
+        last = last.max(crate::api::objects::revision_of(&created));
     }
     Ok(last)
 }
@@ -82,8 +77,7 @@ pub async fn create_all(api: &ApiServer, into: &Informer, objs: Vec<Value>, mana
 pub async fn delete_all(api: &ApiServer, from: &Informer, ns: &str, names: &[String]) -> Result<(), String> {
     for name in names {
         if let Some(c) = from.get(&format!("{ns}/{name}")) {
-            let f = Found { object: c.object(), mod_revision: c.mod_revision };
-            internal::delete(api, from.rt, &f).await.map_err(|e| e.to_string())?;
+            internal::delete(api, from.rt, &c.found()).await.map_err(|e| e.to_string())?;
         }
     }
     Ok(())

@@ -121,8 +121,11 @@ impl NodeInfo {
     }
 }
 
-fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
-    tolerations.iter().any(|t| {
+/// The toleration (if any) that tolerates `taint`, Kubernetes' matching:
+/// key (empty = any with Exists), operator Exists or Equal value, effect
+/// (empty = any).
+pub fn toleration_for<'a>(tolerations: &'a [Value], taint: &Value) -> Option<&'a Value> {
+    tolerations.iter().find(|t| {
         let key_ok = t["key"].as_str().is_none_or(|k| k.is_empty() || Some(k) == taint["key"].as_str());
         let op_ok = match t["operator"].as_str().unwrap_or("Equal") {
             "Exists" => true,
@@ -132,6 +135,10 @@ fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
         let wildcard = t["key"].as_str().is_none_or(str::is_empty) && t["operator"] == "Exists";
         wildcard || (key_ok && op_ok && effect_ok)
     })
+}
+
+fn tolerates(tolerations: &[Value], taint: &Value) -> bool {
+    toleration_for(tolerations, taint).is_some()
 }
 
 fn match_expression(labels: &Value, e: &Value) -> bool {
@@ -347,7 +354,7 @@ impl Scheduler {
                         "PodScheduled",
                         "True",
                         None,
-                        &crate::api::handlers_now(),
+                        &crate::api::handlers::now(),
                     );
                     match self.api.objects.update(self.pods.rt, bound, rev).await {
                         Ok(b) => {
@@ -362,7 +369,7 @@ impl Scheduler {
                                     / 1000.0;
                                 self.metrics.scheduling.observe(secs.max(0.0));
                             }
-                            let r = b["metadata"]["resourceVersion"].as_str().and_then(|s| s.parse().ok()).unwrap_or(0);
+                            let r = crate::api::objects::revision_of(&b);
                             let mut e = self.expect.lock();
                             *e = (*e).max(r);
                             self.reported.lock().remove(&key);
@@ -386,7 +393,7 @@ impl Scheduler {
                         "PodScheduled",
                         "False",
                         Some("Unschedulable"),
-                        &crate::api::handlers_now(),
+                        &crate::api::handlers::now(),
                     );
                     if let Some(c) = obj["status"]["conditions"]
                         .as_array_mut()
