@@ -197,21 +197,41 @@ pub async fn execute(objects: &Objects, a: &Action) -> Result<(), ApiError> {
     }
 }
 
+/// Whether a committed revision can give the collector work: a delete (an
+/// owner may be gone), or an object being deleted or owned by others.
+/// Read from the archived index fields (copied once to align them).
+pub fn concerns_gc(frame: &capstan_raft::watch::Frame) -> bool {
+    let Ok(wire) = frame.archived() else { return true };
+    wire.events.iter().any(|ev| {
+        if ev.delete {
+            return true;
+        }
+        let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(ev.kv.value.len());
+        buf.extend_from_slice(&ev.kv.value);
+        StoredObject::access(&buf).is_ok_and(|a| a.deleting || !a.owners.is_empty())
+    })
+}
+
 /// Runs passes while this master holds the controller lease: after every
 /// committed change (coalesced) and at least every 5 s.
 pub async fn run(objects: Objects, leading: tokio::sync::watch::Receiver<bool>) {
+    use tokio::sync::broadcast::error::RecvError;
     let mut frames = objects.node.hub.frames();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
         tokio::select! {
-            r = frames.recv() => {
-                if matches!(r, Err(tokio::sync::broadcast::error::RecvError::Closed)) {
-                    return;
+            r = frames.recv() => match r {
+                Err(RecvError::Closed) => return,
+                // Frames the GC has nothing to do about (most writes, e.g.
+                // lease renewals) cost no pass.
+                Ok(f) if !concerns_gc(&f) => continue,
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    // Coalesce a burst of changes into one pass.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    while frames.try_recv().is_ok() {}
                 }
-                // Coalesce a burst of changes into one pass.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                while frames.try_recv().is_ok() {}
-            }
-            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            },
+            _ = tick.tick() => {}
         }
         if !*leading.borrow() {
             continue;
@@ -302,6 +322,31 @@ mod tests {
             }]
         );
         assert_eq!(plan(std::slice::from_ref(&owner)), vec![remove_finalizer(&owner, "orphan")]);
+    }
+
+    #[test]
+    fn only_deletes_and_owned_or_deleting_objects_trigger_a_pass() {
+        use capstan_raft::mvcc::{Event, EventKind};
+        use capstan_raft::types::KeyValue;
+        use capstan_raft::watch::Frame;
+        let put = |obj: serde_json::Value| Event {
+            kind: EventKind::Put,
+            kv: KeyValue {
+                key: "/k".into(),
+                value: StoredObject::from_object(&obj).unwrap().encode().into(),
+                ..Default::default()
+            },
+            prev_kv: None,
+        };
+        let lease = serde_json::json!({"metadata": {"name": "l"}});
+        assert!(!concerns_gc(&Frame::encode(2, &[put(lease)])));
+        let owned = serde_json::json!({"metadata": {"name": "p", "ownerReferences": [{"uid": "rs1"}]}});
+        assert!(concerns_gc(&Frame::encode(3, &[put(owned)])));
+        let deleting = serde_json::json!({"metadata": {"name": "p", "deletionTimestamp": "2026-01-01T00:00:00Z"}});
+        assert!(concerns_gc(&Frame::encode(4, &[put(deleting)])));
+        let del =
+            Event { kind: EventKind::Delete, kv: KeyValue { key: "/k".into(), ..Default::default() }, prev_kv: None };
+        assert!(concerns_gc(&Frame::encode(5, &[del])));
     }
 
     #[test]
