@@ -21,16 +21,23 @@ pub enum Credential<'a> {
 /// The kubeconfig YAML (pure).
 pub fn render(server: &str, ca_pem: &str, user: &str, cred: Credential) -> String {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s.as_bytes());
-    let user_block = match cred {
+    let credential = match cred {
         Credential::Cert { cert_pem, key_pem } => {
-            format!("    client-certificate-data: {}\n    client-key-data: {}\n", b64(cert_pem), b64(key_pem))
+            serde_json::json!({"client-certificate-data": b64(cert_pem), "client-key-data": b64(key_pem)})
         }
-        Credential::Token(t) => format!("    token: {t}\n"),
+        Credential::Token(t) => serde_json::json!({"token": t}),
     };
-    format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: capstan\n  cluster:\n    server: {server}\n    certificate-authority-data: {}\nusers:\n- name: {user}\n  user:\n{user_block}contexts:\n- name: {user}@capstan\n  context:\n    cluster: capstan\n    user: {user}\n    namespace: default\ncurrent-context: {user}@capstan\n",
-        b64(ca_pem)
-    )
+    let context = format!("{user}@capstan");
+    // Serialized, not formatted: any user name stays one YAML string.
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "capstan", "cluster": {"server": server, "certificate-authority-data": b64(ca_pem)}}],
+        "users": [{"name": user, "user": credential}],
+        "contexts": [{"name": context, "context": {"cluster": "capstan", "user": user, "namespace": "default"}}],
+        "current-context": context,
+    });
+    serde_norway::to_string(&config).unwrap_or_default()
 }
 
 #[derive(Args, Debug)]
@@ -128,5 +135,8 @@ mod tests {
         assert_eq!(v["clusters"][0]["cluster"]["server"], "https://127.0.0.1:6443");
         assert_eq!(v["users"][0]["user"]["token"], "t0k");
         assert_eq!(v["clusters"][0]["cluster"]["certificate-authority-data"], "Q0E=");
+        let odd = render("https://h:1", "CA", "eve: {x}", Credential::Token("t"));
+        let v: serde_json::Value = serde_norway::from_str(&odd).unwrap();
+        assert_eq!(v["users"][0]["name"], "eve: {x}", "a user name cannot inject YAML");
     }
 }

@@ -294,13 +294,9 @@ fn authentication_and_rbac() {
     // kubectl with a kubeconfig without credentials prompts for a password
     // (as against any cluster); with a token nobody issued it gets the 401.
     let nobody = Kubectl::new(up.dir.path().join("nobody.kubeconfig"));
-    let stripped: Vec<&str> =
-        server.lines().filter(|l| !l.contains("client-certificate-data") && !l.contains("client-key-data")).collect();
-    std::fs::write(
-        &nobody.kubeconfig,
-        stripped.join("\n").replace("  user:\n", "  user:\n    token: capstan-nobody\n"),
-    )
-    .unwrap();
+    let mut config: serde_json::Value = serde_norway::from_str(&server).unwrap();
+    config["users"][0]["user"] = serde_json::json!({"token": "capstan-nobody"});
+    std::fs::write(&nobody.kubeconfig, serde_norway::to_string(&config).unwrap()).unwrap();
     let e = nobody.fails(&["get", "cm", "-n", "team"]);
     assert!(e.contains("provide credentials"), "kubectl's wording for a 401: {e}");
 
@@ -486,6 +482,10 @@ fn paging_watch_from_a_revision_and_compaction() {
         .collect();
     let want = [("ADDED", "page-late"), ("MODIFIED", "page-0"), ("DELETED", "page-1")];
     assert_eq!(seen, want.map(|(a, b)| (a.to_string(), b.to_string())), "{events}");
+
+    // A revision from the future is refused, not waited on.
+    let e = k.fails(&["get", "--raw", &format!("{cms}?watch=true&resourceVersion={}", i64::MAX)]);
+    assert!(e.contains("Too large resource version"), "{e}");
 
     // After compaction, a watch from before it gets a 410 ERROR event and
     // an old continue token a 410: never a silent gap.

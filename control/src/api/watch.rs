@@ -121,7 +121,22 @@ pub async fn watch(
     // events, then changes after it — Kubernetes' "get state and start at most recent".
     let mut initial = Vec::new();
     let start = match rv {
-        Some(n) if n > 0 => n + 1,
+        Some(n) if n > 0 => {
+            // A revision the store has not reached (after catching up) is
+            // refused as Kubernetes does, rather than waited on forever.
+            if n > api.objects.revision() {
+                api.objects.sync().await?;
+            }
+            let current = api.objects.revision();
+            if n > current {
+                return Err(ApiError::new(
+                    504,
+                    "Timeout",
+                    format!("Too large resource version: {n}, current: {current}"),
+                ));
+            }
+            n + 1
+        }
         _ => {
             if rv.is_none() {
                 api.objects.sync().await?;
