@@ -41,9 +41,9 @@ pub struct Args {
     pub lists: u32,
 }
 
-struct Kube {
-    server: String,
-    clients: Vec<reqwest::Client>,
+pub(crate) struct Kube {
+    pub server: String,
+    pub clients: Vec<reqwest::Client>,
 }
 
 fn kubeconfig(path: &PathBuf) -> Result<(String, Vec<u8>, Vec<u8>)> {
@@ -64,10 +64,10 @@ fn kubeconfig(path: &PathBuf) -> Result<(String, Vec<u8>, Vec<u8>)> {
 }
 
 impl Kube {
-    fn new(a: &Args) -> Result<Kube> {
-        let (server, ca, ident) = kubeconfig(&a.kubeconfig)?;
+    pub fn new(path: &PathBuf, conns: usize) -> Result<Kube> {
+        let (server, ca, ident) = kubeconfig(path)?;
         let mut clients = Vec::new();
-        for _ in 0..a.conns.max(1) {
+        for _ in 0..conns.max(1) {
             clients.push(
                 reqwest::Client::builder()
                     .use_rustls_tls()
@@ -80,27 +80,39 @@ impl Kube {
         Ok(Kube { server, clients })
     }
 
-    async fn post(&self, i: usize, path: &str, body: &Value) -> Result<()> {
+    pub async fn post(&self, i: usize, path: &str, body: &Value) -> Result<()> {
+        self.post_json(i, path, body).await.map(drop)
+    }
+
+    /// POSTs `body`; the created object.
+    pub async fn post_json(&self, i: usize, path: &str, body: &Value) -> Result<Value> {
         let r = self.clients[i % self.clients.len()].post(format!("{}{path}", self.server)).json(body).send().await?;
         if !r.status().is_success() {
             bail!("POST {path}: {} {}", r.status(), r.text().await.unwrap_or_default());
         }
-        Ok(())
+        Ok(r.json().await?)
     }
 }
 
-fn percentiles(h: &Histogram<u64>) -> Value {
+pub(crate) fn percentiles(h: &Histogram<u64>) -> Value {
     let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     json!({"p50": ms(0.5), "p99": ms(0.99), "max": h.max() as f64 / 1000.0})
 }
 
 /// `total` POSTs of `make(n)` to `path` from `clients` tasks.
-async fn load(kube: &Arc<Kube>, clients: usize, total: u64, path: String, make: fn(u64) -> Value) -> Result<Value> {
+pub(crate) async fn load(
+    kube: &Arc<Kube>,
+    clients: usize,
+    total: u64,
+    path: String,
+    make: impl Fn(u64) -> Value + Send + Sync + 'static,
+) -> Result<Value> {
+    let make = Arc::new(make);
     let next = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let (kube, next, path) = (kube.clone(), next.clone(), path.clone());
+        let (kube, next, path, make) = (kube.clone(), next.clone(), path.clone(), make.clone());
         tasks.push(tokio::spawn(async move {
             let mut h = Histogram::<u64>::new(3).expect("histogram");
             let mut errors = 0u64;
@@ -136,7 +148,7 @@ async fn load(kube: &Arc<Kube>, clients: usize, total: u64, path: String, make: 
 }
 
 pub async fn run(a: Args) -> Result<Value> {
-    let kube = Arc::new(Kube::new(&a)?);
+    let kube = Arc::new(Kube::new(&a.kubeconfig, a.conns)?);
     let ns = format!("bench-{}", std::process::id());
     kube.post(0, "/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
         .await?;

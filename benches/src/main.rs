@@ -1,6 +1,7 @@
 //! `capstan-bench`: load generators for Capstan.
 //!
-//! `capstan-bench api` drives the Kubernetes API (see `api.rs`).
+//! `capstan-bench api` drives the Kubernetes API (see `api.rs`);
+//! `capstan-bench scheduler` measures scheduling (see `scheduler.rs`).
 //! `capstan-bench store` drives the etcd v3 gRPC API (Capstan's store, or a
 //! real etcd as the baseline) with a fixed workload from many concurrent
 //! clients over a few shared HTTP/2 connections, and prints one JSON object
@@ -10,6 +11,7 @@
 
 mod api;
 mod conn;
+mod scheduler;
 mod store;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +31,8 @@ enum Cmd {
     /// Load the Kubernetes API (ConfigMap creates; pod lists as Tables)
     /// and report throughput and latency as JSON.
     Api(api::Args),
+    /// Create Nodes and pods and measure how fast the scheduler binds them.
+    Scheduler(scheduler::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -46,6 +50,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::Api(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let report = rt.block_on(api::run(args))?;
+            println!("{report}");
+            Ok(())
+        }
+        Cmd::Scheduler(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(scheduler::run(args))?;
             println!("{report}");
             Ok(())
         }

@@ -18,7 +18,7 @@ use super::deployment::{int_or_percent, template_hash};
 use super::informer::Informer;
 use super::owned::{self, Expectations, Start};
 use super::runtime::{ReconcileResult, Reconciler};
-use super::scheduler::{eligible, NodeInfo};
+use super::scheduler::{eligible, NodeInfo, PodInfo};
 use crate::api::objects::Found;
 use crate::api::{internal, ApiServer};
 
@@ -62,7 +62,7 @@ fn template_pod(ds: &Value) -> Value {
 pub fn plan(ds: &Value, pods: &[Value], nodes: &[Value]) -> Plan {
     let now = Utc::now();
     let hash = template_hash(&ds["spec"]["template"]);
-    let want = template_pod(ds);
+    let want = PodInfo::parse(&template_pod(ds));
     let eligible_nodes: Vec<String> =
         nodes.iter().map(NodeInfo::new).filter(|n| eligible(&want, n)).map(|n| n.name).collect();
     let active: Vec<&Value> = pods.iter().filter(|p| super::replicaset::is_active(p)).collect();

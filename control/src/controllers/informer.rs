@@ -12,7 +12,7 @@
 //! emitted as a diff) at start, when the hub lags, when a frame is missing
 //! or when the store installs a snapshot — never a silent gap.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
@@ -35,23 +35,25 @@ pub struct Cached {
 }
 
 impl Cached {
-    fn new(key: String, mod_revision: i64, value: &[u8]) -> Option<Cached> {
+    pub fn new(key: String, mod_revision: i64, value: &[u8]) -> Option<Cached> {
         let mut bytes = AlignedVec::with_capacity(value.len());
         bytes.extend_from_slice(value);
-        // Validate once here, so readers can rely on it.
+        // Validated once here, so readers need not (validation walks the
+        // whole archive: far more than reading one field).
         StoredObject::access(&bytes).ok()?;
         Some(Cached { key, mod_revision, bytes })
     }
 
     /// The archived object, read in place.
     pub fn archived(&self) -> &ArchivedStoredObject {
-        // Validated in `new`; the buffer never changes afterwards.
-        StoredObject::access(&self.bytes).expect("validated when cached")
+        // SAFETY: `new` validated these bytes as an `ArchivedStoredObject`,
+        // and the buffer is private and never changes afterwards.
+        unsafe { rkyv::access_unchecked::<ArchivedStoredObject>(&self.bytes) }
     }
 
     /// The whole object, decoded (with its resourceVersion).
     pub fn object(&self) -> Value {
-        StoredObject::decode(&self.bytes, self.mod_revision).unwrap_or(Value::Null)
+        StoredObject::decode_archived(self.archived(), self.mod_revision).unwrap_or(Value::Null)
     }
 
     /// The object and its revision, as writes guarded by it take them.
@@ -92,6 +94,8 @@ pub struct Informer {
     pub rt: &'static ResourceType,
     prefix: Vec<u8>,
     cache: RwLock<BTreeMap<String, Arc<Cached>>>,
+    /// Keys of the objects naming each node (pods by `spec.nodeName`).
+    by_node: RwLock<HashMap<String, BTreeSet<String>>>,
     revision: AtomicI64,
     subscribers: Mutex<Vec<mpsc::UnboundedSender<Change>>>,
 }
@@ -107,6 +111,7 @@ impl Informer {
             rt,
             prefix: prefix(rt, None),
             cache: RwLock::new(BTreeMap::new()),
+            by_node: RwLock::default(),
             revision: AtomicI64::new(0),
             subscribers: Mutex::new(Vec::new()),
         });
@@ -121,6 +126,32 @@ impl Informer {
 
     pub fn list(&self) -> Vec<Arc<Cached>> {
         self.cache.read().values().cloned().collect()
+    }
+
+    /// Objects naming `node` (pods bound to it), from an index.
+    pub fn list_node(&self, node: &str) -> Vec<Arc<Cached>> {
+        let keys: Vec<String> = self.by_node.read().get(node).map(|k| k.iter().cloned().collect()).unwrap_or_default();
+        let cache = self.cache.read();
+        keys.iter().filter_map(|k| cache.get(k).cloned()).collect()
+    }
+
+    fn reindex(&self, old: Option<&Cached>, new: Option<&Cached>) {
+        let (was, is) = (old.map_or("", |o| o.node_name()), new.map_or("", |n| n.node_name()));
+        if was == is {
+            return;
+        }
+        let mut idx = self.by_node.write();
+        if let Some(o) = old.filter(|_| !was.is_empty()) {
+            if let Some(set) = idx.get_mut(was) {
+                set.remove(&o.key);
+                if set.is_empty() {
+                    idx.remove(was);
+                }
+            }
+        }
+        if let Some(n) = new.filter(|_| !is.is_empty()) {
+            idx.entry(is.to_string()).or_default().insert(n.key.clone());
+        }
     }
 
     /// Objects of one namespace (key prefix `ns/`).
@@ -165,6 +196,13 @@ impl Informer {
                 }
             }
         }
+        let mut idx: HashMap<String, BTreeSet<String>> = HashMap::new();
+        for (k, c) in &fresh {
+            if !c.node_name().is_empty() {
+                idx.entry(c.node_name().to_string()).or_default().insert(k.clone());
+            }
+        }
+        *self.by_node.write() = idx;
         let old = std::mem::replace(&mut *self.cache.write(), fresh.clone());
         self.revision.store(rev, Ordering::Release);
         for (k, o) in &old {
@@ -220,6 +258,7 @@ impl Informer {
                                     }
                                 }
                             };
+                            self.reindex(old.as_deref(), new.as_deref());
                             self.emit(Change { key: k, old, new });
                         }
                         self.revision.store(frame.revision, Ordering::Release);

@@ -14,6 +14,9 @@ pub struct ControllerMetrics {
     pub attempts: IntCounterVec,
     /// `scheduler_pod_scheduling_duration_seconds`: pod creation to binding.
     pub scheduling: Histogram,
+    /// `scheduler_scheduling_algorithm_duration_seconds`: filtering and
+    /// scoring one pod (and preemption when it fits nowhere).
+    pub algorithm: Histogram,
     /// `scheduler_pending_pods{queue}`: pods waiting ("active") or fitting nowhere ("unschedulable").
     pub pending: IntGaugeVec,
 }
@@ -43,7 +46,17 @@ impl ControllerMetrics {
                 HistogramOpts::new("scheduler_pod_scheduling_duration_seconds", "From pod creation to its binding.")
                     .buckets(buckets),
             )?,
-            pending: IntGaugeVec::new(Opts::new("scheduler_pending_pods", "Pods waiting for a node."), &["queue"])?,
+            algorithm: Histogram::with_opts(
+                HistogramOpts::new("scheduler_scheduling_algorithm_duration_seconds", "Scheduling algorithm latency.")
+                    .buckets(vec![0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1]),
+            )?,
+            pending: IntGaugeVec::new(
+                Opts::new(
+                    "scheduler_pending_pods",
+                    "Pods waiting for a node, by queue (active, backoff, unschedulable).",
+                ),
+                &["queue"],
+            )?,
         };
         r.register(Box::new(m.depth.clone()))?;
         r.register(Box::new(m.work.clone()))?;
@@ -51,6 +64,7 @@ impl ControllerMetrics {
         r.register(Box::new(m.attempts.clone()))?;
         r.register(Box::new(m.scheduling.clone()))?;
         r.register(Box::new(m.pending.clone()))?;
+        r.register(Box::new(m.algorithm.clone()))?;
         Ok(m)
     }
 }

@@ -188,17 +188,7 @@ pub fn start(
     route(inf.get("Deployment").subscribe(), dc_addr.clone(), |c| vec![c.key.clone()]);
     let dc_for_rs = dc.clone();
     route_owners(inf.get("ReplicaSet").subscribe(), dc_addr.clone(), move |r| dc_for_rs.keys_for_replicaset(r));
-    route(pods.subscribe(), sched_addr.clone(), |c| {
-        // A pod waiting to be placed, or one whose placement frees or takes room.
-        let unbound = c.new.as_ref().is_some_and(|p| p.node_name().is_empty());
-        let released = c.old.as_ref().is_some_and(|p| !p.node_name().is_empty()) && c.new.is_none();
-        if unbound || released {
-            vec![scheduler::PASS_KEY.to_string()]
-        } else {
-            vec![]
-        }
-    });
-    route(inf.get("Node").subscribe(), sched_addr.clone(), |_| vec![scheduler::PASS_KEY.to_string()]);
+    sched.clone().feed(sched_addr.clone());
 
     route(inf.get("Service").subscribe(), ep_addr.clone(), |c| vec![c.key.clone()]);
     route(inf.get("Endpoints").subscribe(), ep_addr.clone(), |c| vec![c.key.clone()]);

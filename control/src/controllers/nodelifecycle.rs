@@ -159,7 +159,7 @@ impl NodeLifecycleController {
         let Some(cached) = self.nodes.get(&key) else { return Ok(None) };
         let node = cached.object();
         let lease = self.leases.get(&format!("{LEASE_NAMESPACE}/{key}")).map(|l| l.object());
-        let pods: Vec<Value> = self.pods.list().iter().filter(|p| p.node_name() == key).map(|p| p.object()).collect();
+        let pods: Vec<Value> = self.pods.list_node(&key).iter().map(|p| p.object()).collect();
         let p = plan(&node, lease.as_ref(), &pods, Utc::now(), self.grace);
         let err = |e: crate::api::status::ApiError| e.to_string();
         let mut found = Found { object: node.clone(), mod_revision: cached.mod_revision };

@@ -77,7 +77,11 @@ impl StoredObject {
 
     /// The object with `metadata.resourceVersion` set to `revision`.
     pub fn decode(bytes: &[u8], revision: i64) -> Result<Value, StoredError> {
-        let a = Self::access(bytes)?;
+        Self::decode_archived(Self::access(bytes)?, revision)
+    }
+
+    /// [`StoredObject::decode`] of an archive already accessed.
+    pub fn decode_archived(a: &ArchivedStoredObject, revision: i64) -> Result<Value, StoredError> {
         let mut v: Value = serde_json::from_slice(&a.json)?;
         if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
             m.insert("resourceVersion".into(), Value::String(revision.to_string()));

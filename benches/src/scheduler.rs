@@ -1,0 +1,193 @@
+//! `capstan-bench scheduler`: the scheduler's throughput and latency, as
+//! Kubernetes' scheduler_perf measures it — Node objects only (no agents),
+//! pods created through the API as fast as `--clients` can, bindings
+//! observed through a watch.
+//!
+//! 1. `--nodes` Nodes (32 CPUs, 256 GiB, 110 pods; labelled with hostname
+//!    and one of 10 zones), created concurrently.
+//! 2. A watch on the bench namespace's pods, then `--pods` pods created
+//!    concurrently. Each pod's latency runs from just before its POST to
+//!    the watch event that shows it bound.
+//! 3. Throughput: bound pods per second from the first POST to the last
+//!    binding (and the create rate alone, which bounds it).
+//!
+//! `--mode plain`: 100m/64Mi pods. `--mode anti`: the same with required
+//! pod anti-affinity on the hostname (at most one per node) and a zone
+//! topology spread constraint (maxSkew 1, DoNotSchedule).
+//!
+//! Nodes without heartbeats are tainted unreachable after the masters'
+//! `--node-monitor-grace-period` (40 s): keep a run shorter than that, or
+//! start the masters with a longer grace. Nodes and the namespace are
+//! deleted at the end.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+
+use crate::api::{load, percentiles, Kube};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// kubeconfig with the server, its CA and a client certificate (`capstan up` writes one).
+    #[arg(long)]
+    pub kubeconfig: std::path::PathBuf,
+    #[arg(long, default_value_t = 5000)]
+    pub nodes: u64,
+    #[arg(long, default_value_t = 10_000)]
+    pub pods: u64,
+    /// plain | anti (required anti-affinity on hostname + zone spread).
+    #[arg(long, default_value = "plain")]
+    pub mode: String,
+    /// Concurrent clients creating pods.
+    #[arg(long, default_value_t = 100)]
+    pub clients: usize,
+    /// HTTP/2 connections the clients share.
+    #[arg(long, default_value_t = 10)]
+    pub conns: usize,
+    /// Give up waiting for bindings after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
+}
+
+fn node(n: u64) -> Value {
+    json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": format!("bench-node-{n}"), "labels": {
+            "kubernetes.io/hostname": format!("bench-node-{n}"), "topology.kubernetes.io/zone": format!("zone-{}", n % 10),
+            "capstan.dev/bench": "scheduler"}},
+        "status": {"capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+            "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "Bench"}]}})
+}
+
+fn pod(n: u64) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("pod-{n}"), "labels": {"app": "bench"}},
+        "spec": {"containers": [{"name": "app", "image": "registry.local/app:1.0",
+            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}}}]}})
+}
+
+fn anti_pod(n: u64) -> Value {
+    let mut p = pod(n);
+    p["spec"]["affinity"] = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "bench"}}, "topologyKey": "kubernetes.io/hostname"}]}});
+    p["spec"]["topologySpreadConstraints"] = json!([{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+        "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "bench"}}}]);
+    p
+}
+
+/// Follows the namespace's pods from `rv`, recording when each is first
+/// seen bound, until `want` are or the stream ends.
+async fn watch_bindings(
+    kube: Arc<Kube>,
+    ns: String,
+    rv: String,
+    want: u64,
+    bound: Arc<Mutex<HashMap<String, Instant>>>,
+) -> Result<()> {
+    let url =
+        format!("{}/api/v1/namespaces/{ns}/pods?watch=1&resourceVersion={rv}&allowWatchBookmarks=true", kube.server);
+    let mut r = kube.clients[0].get(&url).timeout(Duration::from_secs(3600)).send().await?;
+    if !r.status().is_success() {
+        bail!("watch: {}", r.status());
+    }
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        buf.extend_from_slice(&chunk);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let Ok(ev) = serde_json::from_slice::<Value>(&line) else { continue };
+            let obj = &ev["object"];
+            if obj["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty()) {
+                let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+                let mut b = bound.lock();
+                b.entry(name).or_insert_with(Instant::now);
+                if b.len() as u64 >= want {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn delete_all(kube: &Arc<Kube>, paths: Vec<String>, clients: usize) {
+    let paths = Arc::new(Mutex::new(paths));
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (kube, paths) = (kube.clone(), paths.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let Some(p) = paths.lock().pop() else { break };
+                let _ = kube.clients[c % kube.clients.len()].delete(format!("{}{p}", kube.server)).send().await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+pub async fn run(a: Args) -> Result<Value> {
+    let make: fn(u64) -> Value = match a.mode.as_str() {
+        "plain" => pod,
+        "anti" => anti_pod,
+        m => bail!("unknown --mode {m} (plain | anti)"),
+    };
+    if a.mode == "anti" && a.pods > a.nodes {
+        bail!("--mode anti places at most one pod per node: --pods must be <= --nodes");
+    }
+    let kube = Arc::new(Kube::new(&a.kubeconfig, a.conns)?);
+    eprintln!("creating {} nodes", a.nodes);
+    let nodes = load(&kube, a.clients, a.nodes, "/api/v1/nodes".into(), node).await?;
+    let ns = format!("bench-sched-{}", std::process::id());
+    let created = kube
+        .post_json(0, "/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}))
+        .await?;
+    let rv = created["metadata"]["resourceVersion"].as_str().context("namespace without resourceVersion")?.to_string();
+    // Let the scheduler's cache take in the nodes before the clock starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let bound = Arc::new(Mutex::new(HashMap::new()));
+    let watcher = tokio::spawn(watch_bindings(kube.clone(), ns.clone(), rv, a.pods, bound.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    eprintln!("creating {} pods ({}) with {} clients", a.pods, a.mode, a.clients);
+    let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    let start = Instant::now();
+    let sent_for_make = sent.clone();
+    let creates = load(&kube, a.clients, a.pods, format!("/api/v1/namespaces/{ns}/pods"), move |n| {
+        sent_for_make.lock().insert(format!("pod-{n}"), Instant::now());
+        make(n)
+    })
+    .await?;
+    eprintln!("created; waiting for bindings");
+    let waited = tokio::time::timeout(Duration::from_secs(a.timeout), watcher).await;
+    let bound = bound.lock().clone();
+    let sent = sent.lock().clone();
+    let mut h = Histogram::<u64>::new(3)?;
+    let mut last = start;
+    for (name, at) in &bound {
+        if let Some(t) = sent.get(name) {
+            h.record(at.saturating_duration_since(*t).as_micros() as u64)?;
+        }
+        last = last.max(*at);
+    }
+    let secs = last.duration_since(start).as_secs_f64().max(1e-9);
+    let out = json!({
+        "mode": a.mode, "nodes": a.nodes, "pods": a.pods, "clients": a.clients,
+        "node_creates": nodes,
+        "pod_creates": creates,
+        "bound": bound.len(),
+        "timed_out": waited.is_err(),
+        "duration_s": (secs * 1000.0).round() / 1000.0,
+        "bound_per_s": (bound.len() as f64 / secs).round(),
+        "latency_ms": percentiles(&h),
+    });
+    eprintln!("deleting namespace {ns} and {} nodes", a.nodes);
+    let _ = kube.clients[0].delete(format!("{}/api/v1/namespaces/{ns}", kube.server)).send().await;
+    delete_all(&kube, (0..a.nodes).map(|n| format!("/api/v1/nodes/bench-node-{n}")).collect(), a.clients).await;
+    Ok(out)
+}

@@ -1,0 +1,569 @@
+//! What the scheduler knows of a pod and a node, parsed once from JSON when
+//! the informer reports a change, so the per-node filter loop touches only
+//! plain fields (no JSON lookups, no allocation).
+//!
+//! Parsing is forgiving: a malformed field is read as absent (admission
+//! validated the object; the scheduler must never fail on one).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+/// A Kubernetes quantity: milli-units when `milli` (cpu in millicores),
+/// else whole units rounded up (memory in bytes, pod counts).
+pub fn parse_quantity(q: &Value, milli: bool) -> Option<i64> {
+    let s = match q {
+        Value::String(s) => s.trim().to_string(),
+        Value::Number(n) => n.to_string(),
+        _ => return None,
+    };
+    let (num, suffix) = s.split_at(s.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(s.len()));
+    let mult: f64 = match suffix {
+        "" => 1.0,
+        "m" => 0.001,
+        "k" => 1e3,
+        "M" => 1e6,
+        "G" => 1e9,
+        "T" => 1e12,
+        "Ki" => 1024.0,
+        "Mi" => 1024.0 * 1024.0,
+        "Gi" => 1024.0 * 1024.0 * 1024.0,
+        "Ti" => 1024f64.powi(4),
+        _ => return None,
+    };
+    let v: f64 = num.parse().ok()?;
+    let v = v * mult * if milli { 1000.0 } else { 1.0 };
+    v.is_finite().then_some(v.ceil() as i64)
+}
+
+/// Requests of a pod: (millicores, bytes), the larger of the sum of its
+/// containers and its largest init container, as Kubernetes computes it.
+pub fn pod_requests(pod: &Value) -> (i64, i64) {
+    let req = |ct: &Value| {
+        let r = &ct["resources"]["requests"];
+        (parse_quantity(&r["cpu"], true).unwrap_or(0), parse_quantity(&r["memory"], false).unwrap_or(0))
+    };
+    let list = |name: &str| pod["spec"][name].as_array().into_iter().flatten().map(req);
+    let (c, m) = list("containers").fold((0, 0), |(c, m), (x, y)| (c + x, m + y));
+    let (ic, im) = list("initContainers").fold((0, 0), |(c, m), (x, y)| (c.max(x), m.max(y)));
+    (c.max(ic), m.max(im))
+}
+
+/// The toleration (if any) that tolerates `taint`, Kubernetes' matching:
+/// an empty key with Exists tolerates everything; otherwise the key must
+/// match, Equal compares values, and an empty effect matches any effect.
+pub fn toleration_for<'a>(tolerations: &'a [Value], taint: &Value) -> Option<&'a Value> {
+    tolerations.iter().find(|t| {
+        Toleration::parse(t).tolerates(&Taint {
+            key: str_of(&taint["key"]),
+            value: str_of(&taint["value"]),
+            effect: str_of(&taint["effect"]),
+        })
+    })
+}
+
+fn str_of(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+fn string_map(v: &Value) -> BTreeMap<String, String> {
+    v.as_object().into_iter().flatten().filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_string()))).collect()
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect()
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Taint {
+    pub key: String,
+    pub value: String,
+    pub effect: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Toleration {
+    key: String,
+    exists: bool,
+    value: String,
+    effect: String,
+}
+
+impl Toleration {
+    fn parse(t: &Value) -> Toleration {
+        Toleration {
+            key: str_of(&t["key"]),
+            exists: t["operator"] == "Exists",
+            value: str_of(&t["value"]),
+            effect: str_of(&t["effect"]),
+        }
+    }
+
+    pub fn tolerates(&self, taint: &Taint) -> bool {
+        if self.key.is_empty() && self.exists {
+            return self.effect.is_empty() || self.effect == taint.effect;
+        }
+        self.key == taint.key
+            && (self.exists || self.value == taint.value)
+            && (self.effect.is_empty() || self.effect == taint.effect)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Op {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+    Gt,
+    Lt,
+    /// An operator Kubernetes does not know: matches nothing.
+    Invalid,
+}
+
+/// One requirement of a label or node selector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Requirement {
+    pub key: String,
+    pub op: Op,
+    pub values: Vec<String>,
+}
+
+impl Requirement {
+    fn parse(e: &Value) -> Requirement {
+        let op = match e["operator"].as_str().unwrap_or_default() {
+            "In" => Op::In,
+            "NotIn" => Op::NotIn,
+            "Exists" => Op::Exists,
+            "DoesNotExist" => Op::DoesNotExist,
+            "Gt" => Op::Gt,
+            "Lt" => Op::Lt,
+            _ => Op::Invalid,
+        };
+        Requirement { key: str_of(&e["key"]), op, values: strings(&e["values"]) }
+    }
+
+    pub fn matches(&self, got: Option<&str>) -> bool {
+        let has = |g: &str| self.values.iter().any(|v| v == g);
+        match self.op {
+            Op::In => got.is_some_and(has),
+            Op::NotIn => got.is_none_or(|g| !has(g)),
+            Op::Exists => got.is_some(),
+            Op::DoesNotExist => got.is_none(),
+            Op::Gt | Op::Lt => {
+                let (Some(g), Some(v)) =
+                    (got.and_then(|g| g.parse::<i64>().ok()), self.values.first().and_then(|v| v.parse::<i64>().ok()))
+                else {
+                    return false;
+                };
+                if self.op == Op::Gt {
+                    g > v
+                } else {
+                    g < v
+                }
+            }
+            Op::Invalid => false,
+        }
+    }
+}
+
+/// A metav1.LabelSelector. `None` fields in the API mean "matches nothing"
+/// for affinity terms; an empty selector matches everything.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct LabelSelector {
+    pub reqs: Vec<Requirement>,
+}
+
+impl LabelSelector {
+    pub fn parse(v: &Value) -> Option<LabelSelector> {
+        if !v.is_object() {
+            return None;
+        }
+        let mut reqs: Vec<Requirement> = string_map(&v["matchLabels"])
+            .into_iter()
+            .map(|(key, val)| Requirement { key, op: Op::In, values: vec![val] })
+            .collect();
+        reqs.extend(v["matchExpressions"].as_array().into_iter().flatten().map(Requirement::parse));
+        Some(LabelSelector { reqs })
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.reqs.iter().all(|r| r.matches(labels.get(&r.key).map(String::as_str)))
+    }
+}
+
+/// A node selector term: expressions on labels, fields on the name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeSelectorTerm {
+    exprs: Vec<Requirement>,
+    fields: Vec<Requirement>,
+}
+
+impl NodeSelectorTerm {
+    fn parse(t: &Value) -> NodeSelectorTerm {
+        let reqs = |k: &str| t[k].as_array().into_iter().flatten().map(Requirement::parse).collect();
+        NodeSelectorTerm { exprs: reqs("matchExpressions"), fields: reqs("matchFields") }
+    }
+
+    /// An empty term matches no node, as in Kubernetes.
+    pub fn matches(&self, node: &NodeInfo) -> bool {
+        if self.exprs.is_empty() && self.fields.is_empty() {
+            return false;
+        }
+        self.exprs.iter().all(|r| r.matches(node.labels.get(&r.key).map(String::as_str)))
+            && self.fields.iter().all(|r| r.key == "metadata.name" && r.matches(Some(&node.name)))
+    }
+}
+
+/// A pod (anti-)affinity term: pods matching `selector` in `namespaces`,
+/// within the same `topology_key` domain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodTerm {
+    pub selector: LabelSelector,
+    /// Empty with `all_namespaces` false: the pod's own namespace.
+    pub namespaces: Vec<String>,
+    /// A `namespaceSelector` of `{}`: every namespace. (A selector with
+    /// terms would need namespace labels; it is read as every namespace
+    /// too, which errs towards stricter placement.)
+    pub all_namespaces: bool,
+    pub topology_key: String,
+    pub weight: i64,
+}
+
+impl PodTerm {
+    fn parse(t: &Value, own_ns: &str, weight: i64) -> Option<PodTerm> {
+        // A term without a selector matches no pod.
+        let selector = LabelSelector::parse(&t["labelSelector"])?;
+        let mut namespaces = strings(&t["namespaces"]);
+        let all_namespaces = t["namespaceSelector"].is_object();
+        if namespaces.is_empty() && !all_namespaces {
+            namespaces.push(own_ns.to_string());
+        }
+        Some(PodTerm { selector, namespaces, all_namespaces, topology_key: str_of(&t["topologyKey"]), weight })
+    }
+
+    pub fn matches(&self, pod: &PodInfo) -> bool {
+        (self.all_namespaces || self.namespaces.contains(&pod.namespace))
+            && self.selector.matches(&pod.labels)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpreadConstraint {
+    pub max_skew: i64,
+    pub topology_key: String,
+    /// `DoNotSchedule` (a filter) rather than `ScheduleAnyway` (a score).
+    pub hard: bool,
+    pub selector: LabelSelector,
+    pub min_domains: i64,
+    /// nodeAffinityPolicy Honor (default): only nodes the pod may use count.
+    pub honor_affinity: bool,
+    /// nodeTaintsPolicy Honor: only nodes whose taints the pod tolerates count.
+    pub honor_taints: bool,
+}
+
+/// A pod as the scheduler sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodInfo {
+    pub key: String,
+    pub namespace: String,
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub priority: i64,
+    pub preempt_never: bool,
+    pub created: String,
+    /// Requests (millicores, bytes), and the same with Kubernetes' scoring
+    /// defaults for requestless pods (100m, 200 MiB).
+    pub cpu: i64,
+    pub mem: i64,
+    pub nz_cpu: i64,
+    pub nz_mem: i64,
+    pub node_name: String,
+    pub nominated: String,
+    pub node_selector: Vec<(String, String)>,
+    /// Required node affinity: any term must match (None: no constraint).
+    pub node_terms: Option<Vec<NodeSelectorTerm>>,
+    pub preferred_nodes: Vec<(i64, NodeSelectorTerm)>,
+    pub tolerations: Vec<Toleration>,
+    pub affinity: Vec<PodTerm>,
+    pub anti_affinity: Vec<PodTerm>,
+    pub preferred_affinity: Vec<PodTerm>,
+    pub preferred_anti_affinity: Vec<PodTerm>,
+    pub spread: Vec<SpreadConstraint>,
+    /// Succeeded or Failed: holds no resources.
+    pub terminal: bool,
+    pub deleting: bool,
+    /// Ours to place: default scheduler, not terminal, not being deleted.
+    pub ours: bool,
+}
+
+impl PodInfo {
+    pub fn parse(pod: &Value) -> PodInfo {
+        let meta = &pod["metadata"];
+        let spec = &pod["spec"];
+        let namespace = str_of(&meta["namespace"]);
+        let name = str_of(&meta["name"]);
+        let (cpu, mem) = pod_requests(pod);
+        let labels = string_map(&meta["labels"]);
+        let na = &spec["affinity"]["nodeAffinity"];
+        let node_terms = na["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+            .as_array()
+            .map(|t| t.iter().map(NodeSelectorTerm::parse).collect());
+        let preferred_nodes = na["preferredDuringSchedulingIgnoredDuringExecution"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| (p["weight"].as_i64().unwrap_or(0), NodeSelectorTerm::parse(&p["preference"])))
+            .collect();
+        let terms = |kind: &str, required: bool| -> Vec<PodTerm> {
+            let a = &spec["affinity"][kind];
+            if required {
+                a["requiredDuringSchedulingIgnoredDuringExecution"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| PodTerm::parse(t, &namespace, 0))
+                    .collect()
+            } else {
+                a["preferredDuringSchedulingIgnoredDuringExecution"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|t| {
+                        PodTerm::parse(&t["podAffinityTerm"], &namespace, t["weight"].as_i64().unwrap_or(0))
+                    })
+                    .collect()
+            }
+        };
+        let (affinity, anti_affinity) = (terms("podAffinity", true), terms("podAntiAffinity", true));
+        let (preferred_affinity, preferred_anti_affinity) =
+            (terms("podAffinity", false), terms("podAntiAffinity", false));
+        let spread = spec["topologySpreadConstraints"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|c| {
+                let mut selector = LabelSelector::parse(&c["labelSelector"]).unwrap_or_default();
+                // matchLabelKeys: the pod's own values for those keys join the selector.
+                for k in strings(&c["matchLabelKeys"]) {
+                    if let Some(v) = labels.get(&k) {
+                        selector.reqs.push(Requirement { key: k, op: Op::In, values: vec![v.clone()] });
+                    }
+                }
+                SpreadConstraint {
+                    max_skew: c["maxSkew"].as_i64().unwrap_or(1).max(1),
+                    topology_key: str_of(&c["topologyKey"]),
+                    hard: c["whenUnsatisfiable"].as_str().unwrap_or("DoNotSchedule") == "DoNotSchedule",
+                    selector,
+                    min_domains: c["minDomains"].as_i64().unwrap_or(1).max(1),
+                    honor_affinity: c["nodeAffinityPolicy"].as_str().unwrap_or("Honor") == "Honor",
+                    honor_taints: c["nodeTaintsPolicy"] == "Honor",
+                }
+            })
+            .collect();
+        let terminal = matches!(pod["status"]["phase"].as_str(), Some("Succeeded" | "Failed"));
+        let deleting = meta["deletionTimestamp"].is_string();
+        let node_name = str_of(&spec["nodeName"]);
+        let ours = spec["schedulerName"].as_str().is_none_or(|s| s.is_empty() || s == "default-scheduler")
+            && !terminal
+            && !deleting;
+        PodInfo {
+            key: format!("{namespace}/{name}"),
+            namespace,
+            name,
+            priority: spec["priority"].as_i64().unwrap_or(0),
+            preempt_never: spec["preemptionPolicy"] == "Never",
+            created: str_of(&meta["creationTimestamp"]),
+            cpu,
+            mem,
+            nz_cpu: if cpu == 0 { 100 } else { cpu },
+            nz_mem: if mem == 0 { 200 << 20 } else { mem },
+            node_name,
+            nominated: str_of(&pod["status"]["nominatedNodeName"]),
+            node_selector: string_map(&spec["nodeSelector"]).into_iter().collect(),
+            node_terms,
+            preferred_nodes,
+            tolerations: spec["tolerations"].as_array().into_iter().flatten().map(Toleration::parse).collect(),
+            affinity,
+            anti_affinity,
+            preferred_affinity,
+            preferred_anti_affinity,
+            spread,
+            labels,
+            terminal,
+            deleting,
+            ours,
+        }
+    }
+
+    /// Waiting for this scheduler to place it.
+    pub fn pending(&self) -> bool {
+        self.node_name.is_empty() && self.ours
+    }
+
+    pub fn tolerates(&self, taint: &Taint) -> bool {
+        self.tolerations.iter().any(|t| t.tolerates(taint))
+    }
+
+    /// Whether what the scheduler decides on differs (so an unschedulable
+    /// pod deserves another attempt).
+    pub fn same_placement_needs(&self, o: &PodInfo) -> bool {
+        self.labels == o.labels
+            && self.cpu == o.cpu
+            && self.mem == o.mem
+            && self.priority == o.priority
+            && self.node_selector == o.node_selector
+            && self.node_terms == o.node_terms
+            && self.preferred_nodes == o.preferred_nodes
+            && self.tolerations == o.tolerations
+            && self.affinity == o.affinity
+            && self.anti_affinity == o.anti_affinity
+            && self.spread == o.spread
+    }
+}
+
+/// A node as the scheduler sees it, with what is placed on it.
+#[derive(Debug, Clone)]
+pub struct NodeInfo {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub taints: Vec<Taint>,
+    pub unschedulable: bool,
+    pub alloc_cpu: i64,
+    pub alloc_mem: i64,
+    pub alloc_pods: i64,
+    pub used_cpu: i64,
+    pub used_mem: i64,
+    /// Usage counting requestless pods as 100m / 200 MiB (scoring only).
+    pub nz_cpu: i64,
+    pub nz_mem: i64,
+    pub pods: Vec<Arc<PodInfo>>,
+}
+
+impl NodeInfo {
+    pub fn new(node: &Value) -> NodeInfo {
+        let a = if node["status"]["allocatable"].is_object() {
+            &node["status"]["allocatable"]
+        } else {
+            &node["status"]["capacity"]
+        };
+        NodeInfo {
+            name: str_of(&node["metadata"]["name"]),
+            labels: string_map(&node["metadata"]["labels"]),
+            taints: node["spec"]["taints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|t| Taint { key: str_of(&t["key"]), value: str_of(&t["value"]), effect: str_of(&t["effect"]) })
+                .collect(),
+            unschedulable: node["spec"]["unschedulable"] == true,
+            alloc_cpu: parse_quantity(&a["cpu"], true).unwrap_or(0),
+            alloc_mem: parse_quantity(&a["memory"], false).unwrap_or(0),
+            alloc_pods: parse_quantity(&a["pods"], false).unwrap_or(110),
+            used_cpu: 0,
+            used_mem: 0,
+            nz_cpu: 0,
+            nz_mem: 0,
+            pods: Vec::new(),
+        }
+    }
+
+    /// The node's new description, keeping what is placed on it.
+    pub fn update_from(&mut self, fresh: NodeInfo) {
+        let pods = std::mem::take(&mut self.pods);
+        let (used_cpu, used_mem, nz_cpu, nz_mem) = (self.used_cpu, self.used_mem, self.nz_cpu, self.nz_mem);
+        *self = NodeInfo { pods, used_cpu, used_mem, nz_cpu, nz_mem, ..fresh };
+    }
+
+    pub fn add(&mut self, pod: Arc<PodInfo>) {
+        self.used_cpu += pod.cpu;
+        self.used_mem += pod.mem;
+        self.nz_cpu += pod.nz_cpu;
+        self.nz_mem += pod.nz_mem;
+        self.pods.push(pod);
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<Arc<PodInfo>> {
+        let i = self.pods.iter().position(|p| p.key == key)?;
+        let pod = self.pods.swap_remove(i);
+        self.used_cpu -= pod.cpu;
+        self.used_mem -= pod.mem;
+        self.nz_cpu -= pod.nz_cpu;
+        self.nz_mem -= pod.nz_mem;
+        Some(pod)
+    }
+
+    pub fn label(&self, key: &str) -> Option<&str> {
+        self.labels.get(key).map(String::as_str)
+    }
+}
+
+/// The taint the node lifecycle and `kubectl cordon` imply.
+pub fn unschedulable_taint() -> Taint {
+    Taint { key: "node.kubernetes.io/unschedulable".into(), value: String::new(), effect: "NoSchedule".into() }
+}
+
+#[cfg(test)]
+pub fn pod(v: Value) -> Arc<PodInfo> {
+    Arc::new(PodInfo::parse(&v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn quantities() {
+        assert_eq!(parse_quantity(&json!("100m"), true), Some(100));
+        assert_eq!(parse_quantity(&json!("2"), true), Some(2000));
+        assert_eq!(parse_quantity(&json!("0.5"), true), Some(500));
+        assert_eq!(parse_quantity(&json!("64Mi"), false), Some(64 << 20));
+        assert_eq!(parse_quantity(&json!("1G"), false), Some(1_000_000_000));
+        assert_eq!(parse_quantity(&json!(3), false), Some(3));
+        assert_eq!(parse_quantity(&json!("lots"), false), None);
+    }
+
+    #[test]
+    fn tolerations_match_like_kubernetes() {
+        let t = |k: &str, v: &str, e: &str| Taint { key: k.into(), value: v.into(), effect: e.into() };
+        let tol = |v: Value| Toleration::parse(&v);
+        assert!(tol(json!({"operator": "Exists"})).tolerates(&t("a", "b", "NoSchedule")));
+        assert!(!tol(json!({"operator": "Exists", "effect": "NoExecute"})).tolerates(&t("a", "b", "NoSchedule")));
+        assert!(tol(json!({"key": "a", "operator": "Exists"})).tolerates(&t("a", "x", "NoExecute")));
+        assert!(tol(json!({"key": "a", "value": "b"})).tolerates(&t("a", "b", "NoSchedule")));
+        assert!(!tol(json!({"key": "a", "value": "c"})).tolerates(&t("a", "b", "NoSchedule")));
+        assert!(!tol(json!({"key": "z", "operator": "Exists"})).tolerates(&t("a", "b", "NoSchedule")));
+        let tols = vec![json!({"key": "a", "operator": "Exists", "tolerationSeconds": 5})];
+        assert_eq!(toleration_for(&tols, &json!({"key": "a", "effect": "NoExecute"})).unwrap()["tolerationSeconds"], 5);
+    }
+
+    #[test]
+    fn selectors_and_terms() {
+        let sel = LabelSelector::parse(&json!({"matchLabels": {"app": "web"},
+            "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["db"]}]}))
+        .unwrap();
+        let l = |v: Value| string_map(&v);
+        assert!(sel.matches(&l(json!({"app": "web"}))));
+        assert!(!sel.matches(&l(json!({"app": "web", "tier": "db"}))));
+        assert!(!sel.matches(&l(json!({"app": "api"}))));
+        assert!(LabelSelector::parse(&json!({})).unwrap().matches(&l(json!({"x": "y"}))));
+        assert!(LabelSelector::parse(&Value::Null).is_none());
+        let bad = Requirement::parse(&json!({"key": "a", "operator": "Sometimes", "values": ["b"]}));
+        assert!(!bad.matches(Some("b")));
+
+        let p = PodInfo::parse(&json!({"metadata": {"name": "p", "namespace": "ns", "labels": {"app": "web"}},
+            "spec": {"affinity": {"podAntiAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "zone"}, {"topologyKey": "x"}],
+                "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 7, "podAffinityTerm": {"labelSelector": {}, "namespaceSelector": {}, "topologyKey": "h"}}]}},
+                "containers": [{"name": "c", "resources": {"requests": {"cpu": "250m"}}}]}}));
+        assert_eq!(p.anti_affinity.len(), 1, "a term without selector matches nothing and is dropped");
+        assert_eq!(p.anti_affinity[0].namespaces, vec!["ns".to_string()]);
+        assert!(p.anti_affinity[0].matches(&p));
+        assert_eq!(p.preferred_anti_affinity[0].weight, 7);
+        assert!(p.preferred_anti_affinity[0].all_namespaces);
+        assert_eq!((p.cpu, p.nz_cpu, p.mem, p.nz_mem), (250, 250, 0, 200 << 20));
+        assert!(p.pending());
+    }
+}
