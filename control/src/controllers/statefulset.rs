@@ -305,7 +305,7 @@ pub fn plan(sts: &Value, pods: &[Value], revisions: &[Value], now: DateTime<Utc>
         }
         // Surplus pods go from the highest ordinal down. In OrderedReady an
         // unhealthy one blocks the others unless it is the lowest unhealthy.
-        let first_unhealthy = condemned.iter().find(|p| !(running_and_ready(p) && !terminating(p)));
+        let first_unhealthy = condemned.iter().find(|p| !running_and_ready(p) || terminating(p));
         for p in condemned.iter().rev() {
             if terminating(p) {
                 if monotonic {
