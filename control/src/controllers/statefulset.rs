@@ -51,6 +51,9 @@ use crate::api::{internal, ApiServer};
 pub const POD_NAME_LABEL: &str = "statefulset.kubernetes.io/pod-name";
 pub const POD_INDEX_LABEL: &str = "apps.kubernetes.io/pod-index";
 const MANAGER: &str = "statefulset-controller";
+/// Pods one pass creates at most (Parallel): a huge `replicas` is worked
+/// through in batches instead of planned all at once.
+const MAX_CREATES: usize = 500;
 
 /// What one pass writes, in order: revisions first (pods name them), then
 /// pods, then status, then history pruning.
@@ -284,7 +287,7 @@ pub fn plan(sts: &Value, pods: &[Value], revisions: &[Value], now: DateTime<Utc>
         for ordinal in start..end {
             let Some(p) = in_range.get(&ordinal) else {
                 create.push(new_pod(ordinal));
-                if monotonic {
+                if monotonic || create.len() >= MAX_CREATES {
                     break 'work;
                 }
                 continue;
@@ -470,7 +473,7 @@ impl StatefulSetController {
         self.revision_writes.wrote(&key, last_rev);
 
         let mut last_pod = 0;
-        for pod in p.create.iter().take(500) {
+        for pod in &p.create {
             match internal::write(&self.api, self.pods.rt, None, pod.clone(), MANAGER).await {
                 Ok(w) => last_pod = last_pod.max(crate::api::objects::revision_of(&w)),
                 Err(e) if e.code == 409 => {

@@ -357,3 +357,15 @@ fn malformed_specs_fall_back_to_defaults_instead_of_failing() {
     let p = plan(&json!({}), &[], &[], later());
     assert_eq!(p.create.len(), 1);
 }
+
+#[test]
+fn a_huge_replica_count_is_created_in_bounded_batches() {
+    let mut s = sts(i64::from(i32::MAX), "v1");
+    s["spec"]["podManagementPolicy"] = json!("Parallel");
+    s["spec"]["ordinals"] = json!({"start": i64::MAX - 5});
+    let p = plan(&s, &[], &[], later());
+    assert_eq!(p.create.len(), 5, "the ordinals end at i64::MAX without overflowing");
+    s["spec"]["ordinals"] = json!({"start": 0});
+    let p = plan(&s, &[], &[], later());
+    assert_eq!(p.create.len(), MAX_CREATES);
+}
