@@ -1,8 +1,8 @@
-//! Deployments, ReplicaSets, StatefulSets and the scheduler against a real `capstan up`
-//! cluster, driven by kubectl. Nodes are Node objects created through the
-//! API; a small test kubelet (below) plays every node: it marks pods bound
-//! to a node Running and Ready, and finishes the deletion of pods being
-//! deleted, as a kubelet would.
+//! Deployments, ReplicaSets, StatefulSets and the scheduler against a real
+//! `capstan up` cluster, driven by kubectl. Nodes are Node objects created
+//! through the API; a small test kubelet (below) plays every node: it marks
+//! pods bound to a node Running and Ready, and finishes the deletion of pods
+//! being deleted, as a kubelet would.
 
 mod common;
 
