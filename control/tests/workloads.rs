@@ -784,4 +784,19 @@ fn statefulsets_start_in_order_and_update_from_the_top() {
     eprintln!("statefulset: {} pod events watched", watch.len());
     let s = json_of(&kc, &["get", "sts", "db"]);
     assert_eq!((s["status"]["replicas"].as_i64(), s["status"]["readyReplicas"].as_i64()), (Some(1), Some(1)));
+
+    // Orphaned, then applied again: db-0 and the revisions are adopted, not
+    // replaced, and the set grows back from db-1.
+    let uid0 = json_of(&kc, &["get", "pod", "db-0"])["metadata"]["uid"].clone();
+    ok(&kc, &["delete", "sts", "db", "--cascade=orphan"]);
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(STATEFULSET));
+    assert!(good, "{err}");
+    ok(&kc, &["rollout", "status", "sts/db", "--timeout=90s"]);
+    wait_for_db_pods(&kc, &[("db-0", v1), ("db-1", v1), ("db-2", v1)], 30);
+    let s = json_of(&kc, &["get", "sts", "db"]);
+    let p0 = json_of(&kc, &["get", "pod", "db-0"]);
+    assert_eq!(p0["metadata"]["uid"], uid0, "db-0 was adopted, not recreated");
+    assert_eq!(p0["metadata"]["ownerReferences"][0]["uid"], s["metadata"]["uid"]);
+    assert_eq!(s["status"]["updateRevision"], json!(rev1), "the adopted revision, no new one");
+    assert_eq!(s["status"]["collisionCount"].as_i64().unwrap_or(0), 0);
 }

@@ -22,8 +22,11 @@
 //! - Failed or Succeeded pods are deleted and recreated.
 //! - `volumeClaimTemplates` are not acted on: this API serves no
 //!   PersistentVolumeClaims, so no claims are made and pods get no volumes
-//!   for them. Pods with a name of the set's but not controlled by it are
-//!   not adopted (their ordinal's creation fails until they go).
+//!   for them.
+//! - Orphans (no controller) matched by the set's selector are adopted —
+//!   pods only if named as its members, and ControllerRevisions — as after
+//!   `kubectl delete sts --cascade=orphan` and a new apply. A member's name taken by a pod that cannot be adopted
+//!   stops that ordinal's creation (a retried error) until the pod goes.
 //!
 //! [`plan`] is pure: the set, the pods and revisions it controls and `now`
 //! in; what to write and the status out (no IO in it). The
@@ -385,6 +388,17 @@ fn status_differs(old: &Value, new: &Value) -> bool {
     .any(|k| old[*k] != new[*k] && !(old[*k].is_null() && new[*k] == 0))
 }
 
+/// A pod or ControllerRevision (`kind`) `sts` may adopt: no controller,
+/// selected by it, and for a pod a member's name.
+pub fn adoptable(sts: &Value, kind: &str, obj: &Value) -> bool {
+    let has_controller =
+        obj["metadata"]["ownerReferences"].as_array().into_iter().flatten().any(|o| o["controller"] == true);
+    !has_controller
+        && !terminating(obj)
+        && (kind != "Pod" || ordinal_of(name_of(sts), name_of(obj)).is_some())
+        && super::disruption::selects(&sts["spec"]["selector"], &obj["metadata"]["labels"])
+}
+
 fn controlled_by(obj: &Value, uid: &str) -> bool {
     obj["metadata"]["ownerReferences"]
         .as_array()
@@ -424,6 +438,31 @@ impl StatefulSetController {
         owned::owner_keys(&self.statefulsets, obj)
     }
 
+    /// Makes the set the controller of its adoptable revisions and pods;
+    /// whether any was.
+    async fn adopt_orphans(&self, sts: &Value, key: &str, ns: &str) -> Result<bool, String> {
+        let mut adopted = false;
+        for (inf, writes) in [(&self.revisions, &self.revision_writes), (&self.pods, &self.pod_writes)] {
+            let mut last = 0;
+            for c in inf.list_namespace(ns) {
+                let mut obj = c.object();
+                if !adoptable(sts, inf.rt.kind, &obj) {
+                    continue;
+                }
+                let mut refs = obj["metadata"]["ownerReferences"].as_array().cloned().unwrap_or_default();
+                refs.extend(owner_ref(sts).as_array().cloned().unwrap_or_default());
+                obj["metadata"]["ownerReferences"] = json!(refs);
+                let w = internal::write(&self.api, inf.rt, Some(&c.found()), obj, MANAGER)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                last = last.max(crate::api::objects::revision_of(&w));
+            }
+            writes.wrote(key, last);
+            adopted |= last > 0;
+        }
+        Ok(adopted)
+    }
+
     async fn run(self: Arc<Self>, key: String) -> ReconcileResult {
         let cached = match self.pod_writes.start(&self.statefulsets, &self.pods, &key) {
             Start::Nothing => return Ok(None),
@@ -439,6 +478,9 @@ impl StatefulSetController {
         let controlled = |inf: &Informer| -> Vec<Value> {
             owned::dependents_of(inf, &cached).into_iter().filter(|o| controlled_by(o, &uid)).collect()
         };
+        if self.adopt_orphans(&sts, &key, &ns).await? {
+            return Ok(Some(Duration::from_millis(20)));
+        }
         let (pods, revisions) = (controlled(&self.pods), controlled(&self.revisions));
         let p = plan(&sts, &pods, &revisions, Utc::now());
         let err = |e: crate::api::status::ApiError| e.to_string();

@@ -369,3 +369,22 @@ fn a_huge_replica_count_is_created_in_bounded_batches() {
     let p = plan(&s, &[], &[], later());
     assert_eq!(p.create.len(), MAX_CREATES);
 }
+
+#[test]
+fn only_selected_uncontrolled_members_are_adopted() {
+    let s = sts(2, "v1");
+    let member = |name: &str, app: &str| json!({"metadata": {"name": name, "labels": {"app": app}}});
+    assert!(adoptable(&s, "Pod", &member("web-1", "web")));
+    assert!(!adoptable(&s, "Pod", &member("web-1", "other")), "not selected");
+    assert!(!adoptable(&s, "Pod", &member("web-x", "web")), "not a member's name");
+    assert!(adoptable(&s, "ControllerRevision", &member("web-x", "web")), "revisions have any name");
+    let mut owned = member("web-0", "web");
+    owned["metadata"]["ownerReferences"] = json!([{"uid": "rs", "controller": true}]);
+    assert!(!adoptable(&s, "Pod", &owned), "controlled by another");
+    let mut leaving = member("web-0", "web");
+    leaving["metadata"]["deletionTimestamp"] = json!(READY_AT);
+    assert!(!adoptable(&s, "Pod", &leaving));
+    let mut no_selector = s.clone();
+    no_selector["spec"]["selector"] = json!(null);
+    assert!(!adoptable(&no_selector, "Pod", &member("web-1", "web")));
+}
