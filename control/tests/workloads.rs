@@ -1,8 +1,8 @@
-//! Deployments, ReplicaSets and the scheduler against a real `capstan up`
-//! cluster, driven by kubectl. Nodes are Node objects created through the
-//! API; a small test kubelet (below) plays every node: it marks pods bound
-//! to a node Running and Ready, and finishes the deletion of pods being
-//! deleted, as a kubelet would.
+//! Deployments, ReplicaSets, StatefulSets and the scheduler against a real
+//! `capstan up` cluster, driven by kubectl. Nodes are Node objects created
+//! through the API; a small test kubelet (below) plays every node: it marks
+//! pods bound to a node Running and Ready, and finishes the deletion of pods
+//! being deleted, as a kubelet would.
 
 mod common;
 
@@ -552,4 +552,251 @@ fn cronjobs_fire_on_schedule() {
     let latest = times.iter().max().unwrap();
     let cj = json_of(&kc, &["get", "cronjob", "tick"]);
     assert!(cj["status"]["lastScheduleTime"].as_str().unwrap() >= *latest, "{cj}");
+}
+
+const STATEFULSET: &str = "apiVersion: v1
+kind: Service
+metadata:
+  name: db
+  namespace: default
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports:
+  - {port: 5432}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata:
+  name: db
+  namespace: default
+spec:
+  serviceName: db
+  replicas: 3
+  podManagementPolicy: OrderedReady
+  selector:
+    matchLabels: {app: db}
+  template:
+    metadata:
+      labels: {app: db}
+    spec:
+      containers:
+      - name: db
+        image: registry.local/db:1
+";
+
+/// Pod watch events (`kubectl get -w`), in the order the API sent them.
+struct PodWatch {
+    child: std::process::Child,
+    events: Arc<std::sync::Mutex<Vec<Value>>>,
+}
+
+impl PodWatch {
+    fn start(kc: &PathBuf, selector: &str) -> PodWatch {
+        let mut child = Command::new("kubectl")
+            .args(["get", "pods", "-l", selector, "--watch", "--output-watch-events", "-o", "json"])
+            .env("KUBECONFIG", kc)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (out, into) = (child.stdout.take().unwrap(), events.clone());
+        std::thread::spawn(move || {
+            for ev in serde_json::Deserializer::from_reader(out).into_iter::<Value>() {
+                match ev {
+                    Ok(ev) => into.lock().unwrap().push(ev),
+                    Err(_) => return,
+                }
+            }
+        });
+        PodWatch { child, events }
+    }
+
+    fn len(&self) -> usize {
+        self.events.lock().unwrap().len()
+    }
+
+    /// Events from index `from` on: (type, pod name, image, running and
+    /// ready, being deleted).
+    fn since(&self, from: usize) -> Vec<(String, String, String, bool, bool)> {
+        self.events.lock().unwrap()[from..]
+            .iter()
+            .map(|e| {
+                let p = &e["object"];
+                let ready = p["status"]["phase"] == "Running"
+                    && p["status"]["conditions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                (
+                    e["type"].as_str().unwrap_or_default().to_string(),
+                    p["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+                    p["spec"]["containers"][0]["image"].as_str().unwrap_or_default().to_string(),
+                    ready,
+                    p["metadata"]["deletionTimestamp"].is_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Index of the first event matching `f`, with a message if none does.
+fn first(
+    evs: &[(String, String, String, bool, bool)],
+    what: &str,
+    f: impl Fn(&(String, String, String, bool, bool)) -> bool,
+) -> usize {
+    evs.iter().position(f).unwrap_or_else(|| panic!("no event where {what}: {evs:?}"))
+}
+
+/// `(name, image)` of the live pods of `app=db`, by name.
+fn db_pods(kc: &PathBuf) -> Vec<(String, String)> {
+    let pods = json_of(kc, &["get", "pods", "-l", "app=db"]);
+    let mut out: Vec<(String, String)> = pods["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["metadata"]["deletionTimestamp"].is_string())
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_string(),
+                p["spec"]["containers"][0]["image"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn wait_for_db_pods(kc: &PathBuf, want: &[(&str, &str)], secs: u64) {
+    let want: Vec<(String, String)> = want.iter().map(|(n, i)| (n.to_string(), i.to_string())).collect();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let have = db_pods(kc);
+        if have == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "pods never became {want:?}: {have:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn statefulsets_start_in_order_and_update_from_the_top() {
+    let up = common::up(1);
+    let kc = up.dir.path().join("kubeconfig");
+    for n in ["n1", "n2"] {
+        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, "4")));
+        assert!(good, "{err}");
+    }
+    let kubelet = TestKubelet::start(kc.clone());
+    *kubelet.alive.lock().unwrap() = vec!["n1".into(), "n2".into()];
+    let watch = PodWatch::start(&kc, "app=db");
+    std::thread::sleep(Duration::from_secs(1));
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(STATEFULSET));
+    assert!(good, "{err}");
+    ok(&kc, &["rollout", "status", "sts/db", "--timeout=90s"]);
+    let (v1, v2) = ("registry.local/db:1", "registry.local/db:2");
+    assert_eq!(
+        db_pods(&kc),
+        [("db-0".to_string(), v1.to_string()), ("db-1".into(), v1.into()), ("db-2".into(), v1.into())]
+    );
+
+    // OrderedReady: db-i is created only after db-(i-1) was Running and Ready.
+    let evs = watch.since(0);
+    let added = |name: &str| first(&evs, &format!("{name} is added"), |e| e.0 == "ADDED" && e.1 == name);
+    let (a0, a1, a2) = (added("db-0"), added("db-1"), added("db-2"));
+    assert!(a0 < a1 && a1 < a2, "creation order: {evs:?}");
+    for (prev, at) in [("db-0", a1), ("db-1", a2)] {
+        let ready_at = first(&evs, &format!("{prev} is ready"), |e| e.1 == prev && e.3);
+        assert!(ready_at < at, "{prev} was not ready before its successor was created: {evs:?}");
+    }
+    let p = json_of(&kc, &["get", "pod", "db-1"]);
+    assert_eq!(p["spec"]["hostname"], "db-1");
+    assert_eq!(p["spec"]["subdomain"], "db");
+    assert_eq!(p["metadata"]["labels"]["statefulset.kubernetes.io/pod-name"], "db-1");
+    assert_eq!(p["metadata"]["labels"]["apps.kubernetes.io/pod-index"], "1");
+    let s = json_of(&kc, &["get", "sts", "db"]);
+    let rev1 = s["status"]["updateRevision"].as_str().unwrap().to_string();
+    assert_eq!(s["status"]["currentRevision"], json!(rev1));
+    assert_eq!(p["metadata"]["labels"]["controller-revision-hash"], json!(rev1));
+    assert_eq!((s["status"]["readyReplicas"].as_i64(), s["status"]["updatedReplicas"].as_i64()), (Some(3), Some(3)));
+
+    // A new image with partition 1: db-2 then db-1 are replaced, db-0 stays.
+    let mark = watch.len();
+    let patch = json!({"spec": {"updateStrategy": {"rollingUpdate": {"partition": 1}},
+        "template": {"spec": {"containers": [{"name": "db", "image": v2}]}}}});
+    ok(&kc, &["patch", "sts", "db", "-p", &patch.to_string()]);
+    ok(&kc, &["rollout", "status", "sts/db", "--timeout=90s"]);
+    wait_for_db_pods(&kc, &[("db-0", v1), ("db-1", v2), ("db-2", v2)], 30);
+    let evs = watch.since(mark);
+    let going = |name: &str| first(&evs, &format!("{name} is deleted"), |e| e.1 == name && (e.4 || e.0 == "DELETED"));
+    let back_ready = |name: &str| first(&evs, &format!("new {name} is ready"), |e| e.1 == name && e.2 == v2 && e.3);
+    assert!(going("db-2") < back_ready("db-2"), "{evs:?}");
+    assert!(back_ready("db-2") < going("db-1"), "db-1 was replaced before the new db-2 was ready: {evs:?}");
+    assert!(!evs.iter().any(|e| e.1 == "db-0" && (e.4 || e.0 == "DELETED")), "db-0 is below the partition: {evs:?}");
+    let s = json_of(&kc, &["get", "sts", "db"]);
+    let rev2 = s["status"]["updateRevision"].as_str().unwrap().to_string();
+    assert_ne!(rev1, rev2);
+    assert_eq!(s["status"]["currentRevision"], json!(rev1), "the partition keeps db-0 at the old revision");
+    assert_eq!((s["status"]["updatedReplicas"].as_i64(), s["status"]["currentReplicas"].as_i64()), (Some(2), Some(1)));
+
+    // Undo: the first revision's template again, renumbered 3.
+    ok(&kc, &["rollout", "undo", "sts/db"]);
+    wait_for_db_pods(&kc, &[("db-0", v1), ("db-1", v1), ("db-2", v1)], 90);
+    let revs = json_of(&kc, &["get", "controllerrevisions", "-l", "app=db"]);
+    let mut numbers: Vec<(String, i64)> = revs["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["metadata"]["name"].as_str().unwrap().to_string(), r["revision"].as_i64().unwrap()))
+        .collect();
+    numbers.sort();
+    let mut want = vec![(rev1.clone(), 3), (rev2.clone(), 2)];
+    want.sort();
+    assert_eq!(numbers, want);
+    let history = ok(&kc, &["rollout", "history", "sts/db"]);
+    assert!(history.contains('2') && history.contains('3'), "{history}");
+
+    // Scale to 1: db-2 goes, and only then db-1.
+    let mark = watch.len();
+    ok(&kc, &["scale", "sts", "db", "--replicas=1"]);
+    wait_for_db_pods(&kc, &[("db-0", v1)], 60);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !watch.since(mark).iter().any(|e| e.0 == "DELETED" && e.1 == "db-1") {
+        assert!(Instant::now() < deadline, "db-1 never deleted: {:?}", watch.since(mark));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let evs = watch.since(mark);
+    let gone2 = first(&evs, "db-2 is gone", |e| e.0 == "DELETED" && e.1 == "db-2");
+    let going1 = first(&evs, "db-1 is deleted", |e| e.1 == "db-1" && (e.4 || e.0 == "DELETED"));
+    assert!(gone2 < going1, "db-1 was deleted before db-2 was gone: {evs:?}");
+    eprintln!("statefulset: {} pod events watched", watch.len());
+    let s = json_of(&kc, &["get", "sts", "db"]);
+    assert_eq!((s["status"]["replicas"].as_i64(), s["status"]["readyReplicas"].as_i64()), (Some(1), Some(1)));
+
+    // Orphaned, then applied again: db-0 and the revisions are adopted, not
+    // replaced, and the set grows back from db-1.
+    let uid0 = json_of(&kc, &["get", "pod", "db-0"])["metadata"]["uid"].clone();
+    ok(&kc, &["delete", "sts", "db", "--cascade=orphan"]);
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(STATEFULSET));
+    assert!(good, "{err}");
+    ok(&kc, &["rollout", "status", "sts/db", "--timeout=90s"]);
+    wait_for_db_pods(&kc, &[("db-0", v1), ("db-1", v1), ("db-2", v1)], 30);
+    let s = json_of(&kc, &["get", "sts", "db"]);
+    let p0 = json_of(&kc, &["get", "pod", "db-0"]);
+    assert_eq!(p0["metadata"]["uid"], uid0, "db-0 was adopted, not recreated");
+    assert_eq!(p0["metadata"]["ownerReferences"][0]["uid"], s["metadata"]["uid"]);
+    assert_eq!(s["status"]["updateRevision"], json!(rev1), "the adopted revision, no new one");
+    assert_eq!(s["status"]["collisionCount"].as_i64().unwrap_or(0), 0);
 }

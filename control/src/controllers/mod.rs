@@ -6,7 +6,7 @@
 //! - `runtime.rs`: each controller is an actix actor around a queue.
 //! - `owned.rs`: owners, dependents and expectations, shared by the controllers of owned objects.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
+//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //!
 //! Every master runs informers and actors (warm caches); only the lease
@@ -29,6 +29,7 @@ pub mod queue;
 pub mod replicaset;
 pub mod runtime;
 pub mod scheduler;
+pub mod statefulset;
 
 use std::sync::Arc;
 
@@ -93,6 +94,8 @@ pub fn start(
             "Lease",
             "CronJob",
             "PodDisruptionBudget",
+            "StatefulSet",
+            "ControllerRevision",
         ],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
@@ -149,7 +152,14 @@ pub fn start(
         pdbs: inf.get("PodDisruptionBudget").clone(),
         pods: inf.get("Pod").clone(),
     });
+    let stsc = Arc::new(statefulset::StatefulSetController::new(
+        api.clone(),
+        inf.get("StatefulSet").clone(),
+        inf.get("Pod").clone(),
+        inf.get("ControllerRevision").clone(),
+    ));
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let stsc2 = stsc.clone();
     let (rs2, dc2, sched2, ep2, jc2, dsc2, nlc2, cjc2, pdbc2) = (
         rs.clone(),
         dc.clone(),
@@ -173,13 +183,14 @@ pub fn start(
                 ControllerActor::new(dsc2, 2, metrics.clone()).start(),
                 ControllerActor::new(nlc2, 2, metrics.clone()).start(),
                 ControllerActor::new(cjc2, 1, metrics.clone()).start(),
-                ControllerActor::new(pdbc2, 1, metrics).start(),
+                ControllerActor::new(pdbc2, 1, metrics.clone()).start(),
             );
-            let _ = addr_tx.send(addrs);
+            let _ = addr_tx.send((addrs, ControllerActor::new(stsc2, 2, metrics).start()));
             std::future::pending::<()>().await;
         });
     })?;
-    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr) = addr_rx.recv()?;
+    let ((rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr), sts_addr) =
+        addr_rx.recv()?;
 
     let pods = inf.get("Pod").clone();
     route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
@@ -220,7 +231,12 @@ pub fn start(
     let pdbc_for_pods = pdbc.clone();
     route_owners(pods.subscribe(), pdb_addr.clone(), move |p| pdbc_for_pods.keys_for_pod(p));
 
-    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr];
+    route(inf.get("StatefulSet").subscribe(), sts_addr.clone(), |c| vec![c.key.clone()]);
+    let stsc_for_pods = stsc.clone();
+    route_owners(pods.subscribe(), sts_addr.clone(), move |p| stsc_for_pods.keys_for_dependent(p));
+    route_owners(inf.get("ControllerRevision").subscribe(), sts_addr.clone(), move |r| stsc.keys_for_dependent(r));
+
+    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sts_addr];
     tokio::spawn(async move {
         loop {
             let now = *lead.borrow_and_update();

@@ -34,7 +34,7 @@ pub fn is_active(pod: &Value) -> bool {
         && !matches!(pod["status"]["phase"].as_str(), Some("Succeeded" | "Failed"))
 }
 
-fn condition_true(obj: &Value, ty: &str) -> Option<DateTime<Utc>> {
+pub fn condition_true(obj: &Value, ty: &str) -> Option<DateTime<Utc>> {
     obj["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == ty && c["status"] == "True").map(|c| {
         c["lastTransitionTime"]
             .as_str()
