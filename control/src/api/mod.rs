@@ -24,6 +24,7 @@ pub mod bootstrap;
 pub mod discovery;
 pub mod handlers;
 pub mod internal;
+pub mod jwt;
 pub mod objects;
 pub mod openapi;
 pub mod patch;
