@@ -8,6 +8,7 @@
 //! - `leader.rs`: the Lease that decides which master's controllers act.
 //! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
+//! - `serviceaccount.rs`: each namespace's `default` ServiceAccount and `kube-root-ca.crt`.
 //!
 //! Every master runs informers and actors (warm caches); only the lease
 //! holder's actors process their queues. Writes go through the API's
@@ -29,6 +30,7 @@ pub mod queue;
 pub mod replicaset;
 pub mod runtime;
 pub mod scheduler;
+pub mod serviceaccount;
 
 use std::sync::Arc;
 
@@ -93,6 +95,9 @@ pub fn start(
             "Lease",
             "CronJob",
             "PodDisruptionBudget",
+            "Namespace",
+            "ServiceAccount",
+            "ConfigMap",
         ],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
@@ -149,8 +154,14 @@ pub fn start(
         pdbs: inf.get("PodDisruptionBudget").clone(),
         pods: inf.get("Pod").clone(),
     });
+    let sac = Arc::new(serviceaccount::ServiceAccountController {
+        api: api.clone(),
+        namespaces: inf.get("Namespace").clone(),
+        accounts: inf.get("ServiceAccount").clone(),
+        configmaps: inf.get("ConfigMap").clone(),
+    });
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let (rs2, dc2, sched2, ep2, jc2, dsc2, nlc2, cjc2, pdbc2) = (
+    let (rs2, dc2, sched2, ep2, jc2, dsc2, nlc2, cjc2, pdbc2, sac2) = (
         rs.clone(),
         dc.clone(),
         sched.clone(),
@@ -160,6 +171,7 @@ pub fn start(
         nlc.clone(),
         cjc.clone(),
         pdbc.clone(),
+        sac.clone(),
     );
     std::thread::Builder::new().name("controllers".into()).spawn(move || {
         let sys = actix::System::new();
@@ -173,13 +185,15 @@ pub fn start(
                 ControllerActor::new(dsc2, 2, metrics.clone()).start(),
                 ControllerActor::new(nlc2, 2, metrics.clone()).start(),
                 ControllerActor::new(cjc2, 1, metrics.clone()).start(),
-                ControllerActor::new(pdbc2, 1, metrics).start(),
+                ControllerActor::new(pdbc2, 1, metrics.clone()).start(),
+                ControllerActor::new(sac2, 1, metrics).start(),
             );
             let _ = addr_tx.send(addrs);
             std::future::pending::<()>().await;
         });
     })?;
-    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr) = addr_rx.recv()?;
+    let (rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sa_addr) =
+        addr_rx.recv()?;
 
     let pods = inf.get("Pod").clone();
     route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
@@ -230,7 +244,15 @@ pub fn start(
     let pdbc_for_pods = pdbc.clone();
     route_owners(pods.subscribe(), pdb_addr.clone(), move |p| pdbc_for_pods.keys_for_pod(p));
 
-    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr];
+    route(inf.get("Namespace").subscribe(), sa_addr.clone(), |c| vec![c.key.clone()]);
+    route(inf.get("ServiceAccount").subscribe(), sa_addr.clone(), |c| {
+        serviceaccount::ServiceAccountController::key_for(c, serviceaccount::DEFAULT_ACCOUNT)
+    });
+    route(inf.get("ConfigMap").subscribe(), sa_addr.clone(), |c| {
+        serviceaccount::ServiceAccountController::key_for(c, crate::api::serviceaccount::ROOT_CA_CONFIGMAP)
+    });
+
+    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sa_addr];
     tokio::spawn(async move {
         loop {
             let now = *lead.borrow_and_update();
