@@ -186,6 +186,7 @@ pub async fn token_request(api: &ApiServer, ns: &str, name: &str, ctx: &Ctx) -> 
     let mut bound_ref = Value::Null;
     if let Some((bkind, bname, buid)) = &spec.bound {
         let rt = kind("v1", bkind)?;
+        super::admission::check_name(bkind, bname).map_err(|_| ApiError::not_found("", rt.plural, bname))?;
         let obj = api
             .objects
             .get_local(rt, Some(ns), bname)?
