@@ -281,6 +281,8 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         max_request_bytes: settings.max_request_bytes,
         address: persisted.api_listen.to_string(),
         metrics: crate::api::ApiMetrics::new(&registry)?,
+        ca_pem: started.pki.ca.cert_pem().to_string(),
+        sa_key: Default::default(),
     });
     tokio::spawn(crate::api::bootstrap::ensure_forever(api_server.clone()));
     let leading = crate::controllers::start(

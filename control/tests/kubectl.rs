@@ -84,6 +84,12 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Waits for what the ServiceAccount controller puts in every namespace, so
+/// a test that compares a namespace's contents does not see it arrive.
+fn wait_for_root_ca(k: &Kubectl, ns: &str) {
+    eventually("kube-root-ca.crt", || k.run_with(&["get", "cm", "kube-root-ca.crt", "-n", ns], None).status.success());
+}
+
 #[test]
 fn kubectl_drives_a_three_master_cluster() {
     let up = common::up(3);
@@ -311,7 +317,9 @@ fn authentication_and_rbac() {
     assert!(e.contains("forbidden") && e.contains("in the namespace \"default\""), "{e}");
     assert_eq!(alice.ok(&["auth", "can-i", "list", "configmaps", "-n", "team"]).trim(), "yes");
     assert_eq!(alice.run_with(&["auth", "can-i", "create", "configmaps", "-n", "team"], None).stdout, b"no\n");
-    assert!(admin.ok(&["get", "cm", "-n", "team", "-o", "name"]).trim() == "configmap/c", "alice changed nothing");
+    let cms = admin.ok(&["get", "cm", "-n", "team", "-o", "name"]);
+    let cms: Vec<&str> = cms.lines().filter(|l| *l != "configmap/kube-root-ca.crt").collect();
+    assert_eq!(cms, ["configmap/c"], "alice changed nothing");
 
     // Bearer token for bob, no bindings: authenticated, not authorized.
     let bob = admin.as_user(kubeconfig_for(&up, "bob", &["--token", "--group", "devs"]));
@@ -333,6 +341,7 @@ fn authentication_and_rbac() {
 fn bad_input_is_refused_and_changes_nothing() {
     let up = common::up(1);
     let k = Kubectl::new(up.dir.path().join("kubeconfig"));
+    wait_for_root_ca(&k, "default");
     k.ok(&["create", "cm", "keep", "-n", "default", "--from-literal=a=1"]);
     let state = || {
         k.ok(&[
@@ -434,6 +443,7 @@ fn etcdctl(up: &common::Up, args: &[&str]) -> String {
 fn paging_watch_from_a_revision_and_compaction() {
     let up = common::up(1);
     let k = Kubectl::new(up.dir.path().join("kubeconfig"));
+    wait_for_root_ca(&k, "default");
     for i in 0..5 {
         k.ok(&["create", "cm", &format!("page-{i}"), "-n", "default", &format!("--from-literal=i={i}")]);
     }
@@ -454,6 +464,7 @@ fn paging_watch_from_a_revision_and_compaction() {
         );
         token = page["metadata"]["continue"].as_str().map(str::to_string);
     }
+    names.retain(|n| n != "kube-root-ca.crt");
     assert_eq!(
         names,
         (0..5).map(|i| format!("page-{i}")).collect::<Vec<_>>(),
@@ -554,4 +565,146 @@ fn pods_and_events() {
     assert!(brv >= rv.parse::<i64>().unwrap(), "{bookmark}");
     let described = k.ok(&["get", "events", "--field-selector", "involvedObject.name=p1"]);
     assert!(described.contains("Tested") && described.contains("pod/p1"), "{described}");
+}
+
+/// The claims of a JWT, unverified (the server verifies).
+fn jwt_claims(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).unwrap_or_else(|| panic!("not a JWT: {token}"));
+    serde_json::from_slice(&base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
+}
+
+/// kubectl's wordings of a 401.
+fn unauthorized(stderr: &str) -> bool {
+    stderr.contains("provide credentials") || stderr.contains("(Unauthorized)")
+}
+
+/// A kubeconfig like the admin's that authenticates with `token` instead.
+fn token_kubeconfig(up: &common::Up, name: &str, token: &str) -> Kubectl {
+    let admin = std::fs::read_to_string(up.dir.path().join("kubeconfig")).unwrap();
+    let mut config: serde_json::Value = serde_norway::from_str(&admin).unwrap();
+    config["users"][0]["user"] = serde_json::json!({ "token": token });
+    let k = Kubectl::new(up.dir.path().join(format!("{name}.kubeconfig")));
+    std::fs::write(&k.kubeconfig, serde_norway::to_string(&config).unwrap()).unwrap();
+    k
+}
+
+#[test]
+fn service_accounts_tokens_and_pod_credentials() {
+    let up = common::up(1);
+    let admin = Kubectl::new(up.dir.path().join("kubeconfig"));
+    admin.ok(&["create", "namespace", "apps"]);
+    let exists = |what: &[&str]| {
+        let mut args = vec!["get"];
+        args.extend(what);
+        args.extend(["-n", "apps"]);
+        admin.run_with(&args, None).status.success()
+    };
+    eventually("the default account and the root CA", || {
+        exists(&["sa", "default"]) && exists(&["cm", "kube-root-ca.crt"])
+    });
+    // kube-root-ca.crt holds the CA the kubeconfig trusts.
+    let config: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(&admin.kubeconfig).unwrap()).unwrap();
+    let ca = {
+        use base64::Engine;
+        let b64 = config["clusters"][0]["cluster"]["certificate-authority-data"].as_str().unwrap();
+        String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+    };
+    let cm = admin.json(&["get", "cm", "kube-root-ca.crt", "-n", "apps"]);
+    assert_eq!(cm["data"]["ca.crt"].as_str().map(str::trim), Some(ca.trim()));
+
+    // TokenRequest through `kubectl create token`.
+    let token = admin.ok(&["create", "token", "default", "-n", "apps"]).trim().to_string();
+    let c = jwt_claims(&token);
+    assert_eq!(c["sub"], "system:serviceaccount:apps:default");
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 3600, "{c}");
+    let sa_uid = admin.json(&["get", "sa", "default", "-n", "apps"])["metadata"]["uid"].as_str().unwrap().to_string();
+    assert_eq!(c["kubernetes.io"]["serviceaccount"]["uid"].as_str(), Some(sa_uid.as_str()));
+    let short = admin.ok(&["create", "token", "default", "-n", "apps", "--duration", "10m"]);
+    let c = jwt_claims(short.trim());
+    assert_eq!(c["exp"].as_i64().unwrap() - c["iat"].as_i64().unwrap(), 600);
+    let e = admin.fails(&["create", "token", "default", "-n", "apps", "--duration", "5m"]);
+    assert!(e.contains("may not specify a duration less than 10 minutes"), "{e}");
+    let e = admin.fails(&["create", "token", "ghost", "-n", "apps"]);
+    assert!(e.contains("not found"), "{e}");
+
+    // The token authenticates as the account; RBAC decides the rest.
+    let sa = token_kubeconfig(&up, "sa", &token);
+    let who = sa.ok(&["auth", "whoami"]);
+    assert!(who.contains("system:serviceaccount:apps:default") && who.contains("system:serviceaccounts:apps"), "{who}");
+    let e = sa.fails(&["get", "pods", "-n", "apps"]);
+    assert!(e.contains("User \"system:serviceaccount:apps:default\" cannot list resource \"pods\""), "{e}");
+    admin.ok(&[
+        "create",
+        "rolebinding",
+        "sa-view",
+        "-n",
+        "apps",
+        "--clusterrole=view",
+        "--serviceaccount=apps:default",
+    ]);
+    eventually("the account's binding to apply", || sa.run_with(&["get", "pods", "-n", "apps"], None).status.success());
+    assert!(sa.fails(&["get", "pods", "-n", "default"]).contains("forbidden"), "bound in apps only");
+    let vault = admin.ok(&["create", "token", "default", "-n", "apps", "--audience", "vault"]);
+    let e = token_kubeconfig(&up, "vault", vault.trim()).fails(&["get", "pods", "-n", "apps"]);
+    assert!(unauthorized(&e), "a token for another audience is no API credential: {e}");
+
+    // Pod admission: the account must exist; its credentials are mounted.
+    admin.ok(&["run", "p", "-n", "apps", "--image=busybox:1.36", "--restart=Never", "--", "sleep", "3600"]);
+    let pod = admin.json(&["get", "pod", "p", "-n", "apps"]);
+    let spec = &pod["spec"];
+    assert_eq!(
+        (spec["serviceAccountName"].as_str(), spec["serviceAccount"].as_str()),
+        (Some("default"), Some("default"))
+    );
+    let vol = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"].as_str().unwrap().starts_with("kube-api-access-"));
+    let vol = vol.unwrap_or_else(|| panic!("no kube-api-access volume: {spec}"));
+    let sources = vol["projected"]["sources"].as_array().unwrap();
+    assert_eq!(sources[0]["serviceAccountToken"]["path"], "token");
+    assert_eq!(sources[1]["configMap"]["name"], "kube-root-ca.crt");
+    let mount = &spec["containers"][0]["volumeMounts"][0];
+    assert_eq!(
+        (mount["mountPath"].as_str(), mount["readOnly"].as_bool(), &mount["name"]),
+        (Some("/var/run/secrets/kubernetes.io/serviceaccount"), Some(true), &vol["name"])
+    );
+    let off = r#"{"spec":{"automountServiceAccountToken":false}}"#;
+    admin.ok(&["run", "quiet", "-n", "apps", "--image=busybox:1.36", "--restart=Never", "--overrides", off]);
+    assert!(admin.json(&["get", "pod", "quiet", "-n", "apps"])["spec"].get("volumes").is_none());
+    let ghost = r#"{"spec":{"serviceAccountName":"ghost"}}"#;
+    let e = admin.fails(&["run", "g", "-n", "apps", "--image=busybox:1.36", "--restart=Never", "--overrides", ghost]);
+    assert!(e.contains("error looking up service account apps/ghost: serviceaccount \"ghost\" not found"), "{e}");
+
+    // A token bound to a pod dies with the pod.
+    let bound = admin
+        .ok(&["create", "token", "default", "-n", "apps", "--bound-object-kind", "Pod", "--bound-object-name", "p"])
+        .trim()
+        .to_string();
+    assert_eq!(jwt_claims(&bound)["kubernetes.io"]["pod"]["name"], "p");
+    let bound_k = token_kubeconfig(&up, "bound", &bound);
+    assert!(bound_k.ok(&["auth", "whoami"]).contains("system:serviceaccount:apps:default"));
+    admin.ok(&["delete", "pod", "p", "-n", "apps", "--wait=true", "--timeout=20s"]);
+    let e = bound_k.fails(&["get", "pods", "-n", "apps"]);
+    assert!(unauthorized(&e), "the bound pod is gone: {e}");
+
+    // Deleting the account invalidates its tokens, even once it is recreated
+    // under the same name (a new uid); new tokens work again.
+    admin.ok(&["delete", "sa", "default", "-n", "apps"]);
+    eventually("the default account to be recreated", || {
+        admin.run_with(&["get", "sa", "default", "-n", "apps", "-o", "jsonpath={.metadata.uid}"], None).stdout != b""
+            && admin.ok(&["get", "sa", "default", "-n", "apps", "-o", "jsonpath={.metadata.uid}"]) != sa_uid
+    });
+    let e = sa.fails(&["get", "pods", "-n", "apps"]);
+    assert!(unauthorized(&e), "a 401 for the old account's token: {e}");
+    let fresh = admin.ok(&["create", "token", "default", "-n", "apps"]).trim().to_string();
+    token_kubeconfig(&up, "fresh", &fresh).ok(&["get", "pods", "-n", "apps"]);
+    // A token nobody signed is a 401 too.
+    let mut forged: Vec<&str> = fresh.split('.').collect();
+    forged[2] = "AAAA";
+    let e = token_kubeconfig(&up, "forged", &forged.join(".")).fails(&["get", "pods", "-n", "apps"]);
+    assert!(unauthorized(&e), "{e}");
 }

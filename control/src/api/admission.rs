@@ -395,6 +395,12 @@ fn default_pod_spec(spec: &mut Value, pod: bool) {
         }
     }
     if pod {
+        // The deprecated `serviceAccount` alone names the account too.
+        if spec["serviceAccountName"].as_str().is_none_or(str::is_empty) {
+            if let Some(sa) = spec["serviceAccount"].as_str().filter(|s| !s.is_empty()) {
+                spec["serviceAccountName"] = json!(sa);
+            }
+        }
         set_default(spec, "serviceAccountName", json!("default"));
         let sa = spec["serviceAccountName"].clone();
         set_default(spec, "serviceAccount", sa);

@@ -411,7 +411,10 @@ pub async fn create(
     let mut obj = config.clone();
     obj["metadata"]["managedFields"] = json!([entry(rt, &manager, "Apply", &field_set(config), &now)]);
     let (obj, warnings) = super::handlers::normalize(rt, &obj, ctx)?;
-    let obj = admission::prepare_create(rt, ns, obj, &now, &uuid::Uuid::new_v4().to_string(), "")?;
+    let mut obj = admission::prepare_create(rt, ns, obj, &now, &uuid::Uuid::new_v4().to_string(), "")?;
+    if rt.kind == "Pod" {
+        obj = super::serviceaccount::admit_pod(api, obj, super::serviceaccount::DEFAULT_ACCOUNT_WAIT).await?;
+    }
     let created = api.objects.create(rt, obj).await?;
     Ok(Reply { code: StatusCode::CREATED, body: ReplyBody::Json(created), warnings })
 }

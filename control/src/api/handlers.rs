@@ -81,6 +81,9 @@ pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Resu
         ("get" | "update" | "patch", Some("scale")) => scale(&api, rt, ns, name, r.verb, &ctx).await,
         ("create", Some("binding")) => binding(&api, rt, ns, name, &ctx).await,
         ("create", Some("eviction")) => eviction(&api, rt, ns, name).await,
+        ("create", Some("token")) => {
+            super::serviceaccount::token_request(&api, ns.unwrap_or_default(), name, &ctx).await
+        }
         ("get", Some("log")) | ("get" | "create", Some("exec")) => node_stream(&api, rt, ns, name, &ctx).await,
         ("update", Some("finalize")) => update(&api, rt, ns, name, None, &ctx).await,
         (verb, sub) => Err(ApiError::method_not_allowed(format!(
@@ -94,7 +97,7 @@ pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Resu
 // ---------------------------------------------------------------------------
 // Decoding.
 
-fn decode_body(ctx: &Ctx) -> Result<Value, ApiError> {
+pub(super) fn decode_body(ctx: &Ctx) -> Result<Value, ApiError> {
     if ctx.body.is_empty() {
         return Err(ApiError::bad_request("the request body is empty"));
     }
@@ -324,6 +327,9 @@ async fn create(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx)
     let (obj_ns, _) = ns_name(&obj);
     if rt.kind != "Namespace" {
         ensure_namespace_active(api, obj_ns.as_deref()).await?;
+    }
+    if rt.kind == "Pod" {
+        obj = super::serviceaccount::admit_pod(api, obj, super::serviceaccount::DEFAULT_ACCOUNT_WAIT).await?;
     }
     if dry_run(ctx)? {
         return Ok(object_reply(StatusCode::CREATED, obj, warnings));

@@ -37,6 +37,9 @@ pub async fn write(
                 &super::handlers::random_suffix(),
             )?;
             super::apply::track_update(rt, None, &mut new, manager, &now);
+            if rt.kind == "Pod" {
+                new = super::serviceaccount::admit_pod(api, new, super::serviceaccount::DEFAULT_ACCOUNT_WAIT).await?;
+            }
             api.objects.create(rt, new).await
         }
         Some(cur) => {

@@ -13,6 +13,8 @@
 //! - `project.rs`: decoding only the fields a Table row reads.
 //! - `selector.rs`, `table.rs`, `discovery.rs`, `openapi.rs`, `rbac.rs`, `status.rs`.
 //! - `bootstrap.rs`: built-in namespaces and RBAC roles created at start.
+//! - `serviceaccount.rs`: TokenRequest, ServiceAccount token authentication and
+//!   pod admission (account, API credentials volume); `jwt.rs`: the tokens (pure).
 //!
 //! Data path of a write: decode (JSON/YAML) -> typed normalization
 //! (unknown fields per `fieldValidation`) -> admission -> `Objects` txn
@@ -24,6 +26,7 @@ pub mod bootstrap;
 pub mod discovery;
 pub mod handlers;
 pub mod internal;
+pub mod jwt;
 pub mod objects;
 pub mod openapi;
 pub mod patch;
@@ -31,6 +34,7 @@ mod project;
 pub mod rbac;
 pub mod request;
 pub mod selector;
+pub mod serviceaccount;
 pub mod status;
 pub mod table;
 mod watch;
@@ -101,6 +105,10 @@ pub struct ApiServer {
     /// host:port clients reach this master's API at (discovery).
     pub address: String,
     pub metrics: ApiMetrics,
+    /// The cluster CA certificate (PEM), published to pods as `kube-root-ca.crt`.
+    pub ca_pem: String,
+    /// ServiceAccount token signing key, loaded on first use.
+    pub sa_key: serviceaccount::KeyCache,
 }
 
 /// What a handler returns: status, body, warnings.
@@ -293,8 +301,9 @@ impl ApiServer {
     }
 
     /// Bearer tokens issued by `capstan kubeconfig --token`: the store keeps
-    /// only a SHA-256 of each (see [`token_key`]). A token that matches
-    /// nothing is a 401, never an anonymous request.
+    /// only a SHA-256 of each (see [`token_key`]); and ServiceAccount tokens
+    /// (JWTs, see `serviceaccount.rs`). A token that matches nothing is a
+    /// 401, never an anonymous request.
     async fn bearer_user(&self, headers: &http::HeaderMap) -> Result<Option<User>, ApiError> {
         let Some(token) = headers
             .get(header::AUTHORIZATION)
@@ -304,6 +313,9 @@ impl ApiServer {
         else {
             return Ok(None);
         };
+        if jwt::looks_like_jwt(token) {
+            return serviceaccount::authenticate(self, token).await.map(Some);
+        }
         let key = token_key(token);
         let lookup = || -> Result<Option<User>, ApiError> {
             let req = capstan_raft::types::RangeRequest {

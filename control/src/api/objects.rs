@@ -351,6 +351,22 @@ impl Objects {
         }
         Ok(rev)
     }
+
+    /// Writes a key outside the object layout (Capstan's own, under
+    /// `/capstan/`) unless it already exists; whether this call wrote it.
+    pub async fn put_if_absent(&self, key: Vec<u8>, value: Vec<u8>) -> Result<bool, ApiError> {
+        let key = Bytes::from(key);
+        let txn = TxnRequest {
+            compare: vec![Compare {
+                range: KeyRange::key(key.clone()),
+                result: CompareResult::Equal,
+                target: CompareTarget::Create(0),
+            }],
+            success: vec![Op::Put(PutRequest { key, value: Bytes::from(value), ..Default::default() })],
+            failure: vec![],
+        };
+        Ok(self.txn(txn).await?.0)
+    }
 }
 
 /// Keys an object holds exclusively besides its own (with the field that

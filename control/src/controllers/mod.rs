@@ -6,8 +6,9 @@
 //! - `runtime.rs`: each controller is an actix actor around a queue.
 //! - `owned.rs`: owners, dependents and expectations, shared by the controllers of owned objects.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler.rs`, `gc.rs`: the
+//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler/`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
+//! - `serviceaccount.rs`: each namespace's `default` ServiceAccount and `kube-root-ca.crt`.
 //!
 //! Every master runs informers and actors (warm caches); only the lease
 //! holder's actors process their queues. Writes go through the API's
@@ -29,6 +30,7 @@ pub mod queue;
 pub mod replicaset;
 pub mod runtime;
 pub mod scheduler;
+pub mod serviceaccount;
 pub mod statefulset;
 
 use std::sync::Arc;
@@ -70,6 +72,28 @@ fn route_owners(
     });
 }
 
+/// Builds and starts one controller's actor (on the actors' thread).
+type Spawn = Box<dyn FnOnce(metrics::ControllerMetrics) -> Addr<ControllerActor> + Send>;
+
+fn actor<R: Reconciler>(r: Arc<R>, workers: usize) -> Spawn {
+    Box::new(move |m| ControllerActor::new(r, workers, m).start())
+}
+
+/// Starts the actors on one actix system thread of their own; their
+/// addresses, in order.
+fn start_actors(specs: Vec<Spawn>, metrics: metrics::ControllerMetrics) -> anyhow::Result<Vec<Addr<ControllerActor>>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("controllers".into()).spawn(move || {
+        let sys = actix::System::new();
+        sys.block_on(async move {
+            let addrs: Vec<_> = specs.into_iter().map(|s| s(metrics.clone())).collect();
+            let _ = tx.send(addrs);
+            std::future::pending::<()>().await;
+        });
+    })?;
+    Ok(rx.recv()?)
+}
+
 /// Starts informers, the controller actors (on their own actix system
 /// thread) and the lease elector. Returns whether this master is acting.
 pub fn start(
@@ -96,6 +120,9 @@ pub fn start(
             "PodDisruptionBudget",
             "StatefulSet",
             "ControllerRevision",
+            "Namespace",
+            "ServiceAccount",
+            "ConfigMap",
         ],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
@@ -158,39 +185,31 @@ pub fn start(
         inf.get("Pod").clone(),
         inf.get("ControllerRevision").clone(),
     ));
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
-    let stsc2 = stsc.clone();
-    let (rs2, dc2, sched2, ep2, jc2, dsc2, nlc2, cjc2, pdbc2) = (
-        rs.clone(),
-        dc.clone(),
-        sched.clone(),
-        ep.clone(),
-        jc.clone(),
-        dsc.clone(),
-        nlc.clone(),
-        cjc.clone(),
-        pdbc.clone(),
-    );
-    std::thread::Builder::new().name("controllers".into()).spawn(move || {
-        let sys = actix::System::new();
-        sys.block_on(async move {
-            let addrs = (
-                ControllerActor::new(rs2, 4, metrics.clone()).start(),
-                ControllerActor::new(dc2, 2, metrics.clone()).start(),
-                ControllerActor::new(sched2, 1, metrics.clone()).start(),
-                ControllerActor::new(ep2, 2, metrics.clone()).start(),
-                ControllerActor::new(jc2, 2, metrics.clone()).start(),
-                ControllerActor::new(dsc2, 2, metrics.clone()).start(),
-                ControllerActor::new(nlc2, 2, metrics.clone()).start(),
-                ControllerActor::new(cjc2, 1, metrics.clone()).start(),
-                ControllerActor::new(pdbc2, 1, metrics.clone()).start(),
-            );
-            let _ = addr_tx.send((addrs, ControllerActor::new(stsc2, 2, metrics).start()));
-            std::future::pending::<()>().await;
-        });
-    })?;
-    let ((rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr), sts_addr) =
-        addr_rx.recv()?;
+    let sac = Arc::new(serviceaccount::ServiceAccountController {
+        api: api.clone(),
+        namespaces: inf.get("Namespace").clone(),
+        accounts: inf.get("ServiceAccount").clone(),
+        configmaps: inf.get("ConfigMap").clone(),
+    });
+    let all = start_actors(
+        vec![
+            actor(rs.clone(), 4),
+            actor(dc.clone(), 2),
+            actor(sched.clone(), 1),
+            actor(ep.clone(), 2),
+            actor(jc.clone(), 2),
+            actor(dsc.clone(), 2),
+            actor(nlc, 2),
+            actor(cjc.clone(), 1),
+            actor(pdbc.clone(), 1),
+            actor(stsc.clone(), 2),
+            actor(sac, 1),
+        ],
+        metrics,
+    )?;
+    let [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sts_addr, sa_addr] =
+        <[Addr<ControllerActor>; 11]>::try_from(all.clone())
+            .map_err(|_| anyhow::anyhow!("controller actors missing"))?;
 
     let pods = inf.get("Pod").clone();
     route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
@@ -234,13 +253,20 @@ pub fn start(
     route(inf.get("StatefulSet").subscribe(), sts_addr.clone(), |c| vec![c.key.clone()]);
     let stsc_for_pods = stsc.clone();
     route_owners(pods.subscribe(), sts_addr.clone(), move |p| stsc_for_pods.keys_for_dependent(p));
-    route_owners(inf.get("ControllerRevision").subscribe(), sts_addr.clone(), move |r| stsc.keys_for_dependent(r));
+    route_owners(inf.get("ControllerRevision").subscribe(), sts_addr, move |r| stsc.keys_for_dependent(r));
 
-    let actors = [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sts_addr];
+    route(inf.get("Namespace").subscribe(), sa_addr.clone(), |c| vec![c.key.clone()]);
+    route(inf.get("ServiceAccount").subscribe(), sa_addr.clone(), |c| {
+        serviceaccount::ServiceAccountController::key_for(c, serviceaccount::DEFAULT_ACCOUNT)
+    });
+    route(inf.get("ConfigMap").subscribe(), sa_addr, |c| {
+        serviceaccount::ServiceAccountController::key_for(c, crate::api::serviceaccount::ROOT_CA_CONFIGMAP)
+    });
+
     tokio::spawn(async move {
         loop {
             let now = *lead.borrow_and_update();
-            for a in &actors {
+            for a in &all {
                 a.do_send(Leading(now));
             }
             if lead.changed().await.is_err() {

@@ -244,8 +244,7 @@ impl PodTerm {
     }
 
     pub fn matches(&self, pod: &PodInfo) -> bool {
-        (self.all_namespaces || self.namespaces.contains(&pod.namespace))
-            && self.selector.matches(&pod.labels)
+        (self.all_namespaces || self.namespaces.contains(&pod.namespace)) && self.selector.matches(&pod.labels)
     }
 }
 
