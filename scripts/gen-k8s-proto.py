@@ -26,7 +26,7 @@ OUT = os.path.join(os.path.dirname(__file__), "..", "proto", "proto", "k8s")
 
 ROOTS = ["api/core/v1", "api/apps/v1", "api/batch/v1", "api/rbac/v1", "api/authorization/v1",
          "api/authentication/v1", "api/policy/v1", "api/coordination/v1", "api/discovery/v1",
-         "api/autoscaling/v1", "api/autoscaling/v2"]
+         "api/autoscaling/v1", "api/autoscaling/v2", "api/scheduling/v1"]
 
 SCALARS = {"string": "string", "int32": "int32", "int64": "int64", "bool": "bool", "double": "double",
            "bytes": "bytes", "float": "float"}

@@ -49,6 +49,11 @@ pub struct Args {
     /// HTTP/2 connections the clients share.
     #[arg(long, default_value_t = 10)]
     pub conns: usize,
+    /// The masters' metrics addresses (host:port, comma-separated; see
+    /// `<data-dir>/prometheus.yml`): reports the scheduler's own time per
+    /// pod from `scheduler_scheduling_algorithm_duration_seconds`.
+    #[arg(long, value_delimiter = ',')]
+    pub metrics: Vec<String>,
     /// Give up waiting for bindings after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
@@ -114,6 +119,27 @@ async fn watch_bindings(
     Ok(())
 }
 
+/// (sum, count) of the scheduling algorithm histogram over every master.
+async fn algorithm_seconds(targets: &[String]) -> (f64, f64) {
+    let mut total = (0.0, 0.0);
+    for t in targets {
+        let Ok(r) = reqwest::get(format!("http://{t}/metrics")).await else { continue };
+        let Ok(text) = r.text().await else { continue };
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(name), Some(v)) = (parts.next(), parts.next().and_then(|v| v.parse::<f64>().ok())) else {
+                continue;
+            };
+            match name {
+                "scheduler_scheduling_algorithm_duration_seconds_sum" => total.0 += v,
+                "scheduler_scheduling_algorithm_duration_seconds_count" => total.1 += v,
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
 async fn delete_all(kube: &Arc<Kube>, paths: Vec<String>, clients: usize) {
     let paths = Arc::new(Mutex::new(paths));
     let mut tasks = Vec::new();
@@ -151,6 +177,7 @@ pub async fn run(a: Args) -> Result<Value> {
     // Let the scheduler's cache take in the nodes before the clock starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    let algo_before = algorithm_seconds(&a.metrics).await;
     let bound = Arc::new(Mutex::new(HashMap::new()));
     let watcher = tokio::spawn(watch_bindings(kube.clone(), ns.clone(), rv, a.pods, bound.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -176,6 +203,12 @@ pub async fn run(a: Args) -> Result<Value> {
         last = last.max(*at);
     }
     let secs = last.duration_since(start).as_secs_f64().max(1e-9);
+    let algo_after = algorithm_seconds(&a.metrics).await;
+    let (algo_s, attempts) = (algo_after.0 - algo_before.0, algo_after.1 - algo_before.1);
+    let algorithm = (attempts > 0.0).then(|| {
+        json!({"attempts": attempts, "busy_s": (algo_s * 1000.0).round() / 1000.0,
+            "us_per_pod": (algo_s / attempts * 1e7).round() / 10.0, "capacity_per_s": (attempts / algo_s).round()})
+    });
     let out = json!({
         "mode": a.mode, "nodes": a.nodes, "pods": a.pods, "clients": a.clients,
         "node_creates": nodes,
@@ -185,6 +218,7 @@ pub async fn run(a: Args) -> Result<Value> {
         "duration_s": (secs * 1000.0).round() / 1000.0,
         "bound_per_s": (bound.len() as f64 / secs).round(),
         "latency_ms": percentiles(&h),
+        "algorithm": algorithm,
     });
     eprintln!("deleting namespace {ns} and {} nodes", a.nodes);
     let _ = kube.clients[0].delete(format!("{}/api/v1/namespaces/{ns}", kube.server)).send().await;

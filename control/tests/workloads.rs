@@ -800,3 +800,192 @@ fn statefulsets_start_in_order_and_update_from_the_top() {
     assert_eq!(s["status"]["updateRevision"], json!(rev1), "the adopted revision, no new one");
     assert_eq!(s["status"]["collisionCount"].as_i64().unwrap_or(0), 0);
 }
+
+/// Waits until `check` holds for `kubectl get pods -n <ns> -l <selector>`.
+fn wait_pods(
+    kc: &PathBuf,
+    ns: &str,
+    selector: &str,
+    secs: u64,
+    what: &str,
+    check: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let list = json_of(kc, &["get", "pods", "-n", ns, "-l", selector]);
+        let items = list["items"].as_array().cloned().unwrap_or_default();
+        if check(&items) {
+            return items;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            serde_json::to_string_pretty(&items).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn node_of(p: &Value) -> String {
+    p["spec"]["nodeName"].as_str().unwrap_or_default().to_string()
+}
+
+fn scheduled_message(p: &Value) -> String {
+    p["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["type"] == "PodScheduled")
+        .map(|c| c["message"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_default()
+}
+
+const SPREAD: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: spread, namespace: sched}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: spread}}
+  template:
+    metadata: {labels: {app: spread}}
+    spec:
+      affinity:
+        podAntiAffinity:
+          requiredDuringSchedulingIgnoredDuringExecution:
+          - labelSelector: {matchLabels: {app: spread}}
+            topologyKey: kubernetes.io/hostname
+      containers:
+      - name: app
+        image: registry.local/app:1.0
+        resources: {requests: {cpu: 100m, memory: 64Mi}}
+"#;
+
+const PRIORITIES: &str = r#"
+apiVersion: scheduling.k8s.io/v1
+kind: PriorityClass
+metadata: {name: high}
+value: 1000
+description: "evicts the fillers"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: important, namespace: sched, labels: {app: important}}
+spec:
+  priorityClassName: high
+  containers:
+  - name: app
+    image: registry.local/app:1.0
+    resources: {requests: {cpu: 1500m, memory: 64Mi}}
+"#;
+
+/// Anti-affinity spreads a Deployment one pod per node, and a pod that
+/// fits nowhere says why; cordon and drain move pods off a node through
+/// the eviction API; a high-priority pod preempts low-priority ones.
+#[test]
+fn the_scheduler_spreads_drains_and_preempts() {
+    let up = common::up(3);
+    let kc = up.dir.path().join("kubeconfig");
+    for n in ["n1", "n2", "n3"] {
+        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, "2")));
+        assert!(good, "{err}");
+    }
+    let kubelet = TestKubelet::start(kc.clone());
+    *kubelet.alive.lock().unwrap() = vec!["n1".into(), "n2".into(), "n3".into()];
+    ok(&kc, &["create", "namespace", "sched"]);
+
+    // Required anti-affinity: one pod per node, and a fourth has nowhere to go.
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(SPREAD));
+    assert!(good, "{err}");
+    ok(&kc, &["rollout", "status", "deploy/spread", "-n", "sched", "--timeout=60s"]);
+    let pods = wait_pods(&kc, "sched", "app=spread", 30, "three spread pods", |p| p.len() == 3);
+    let mut nodes: Vec<String> = pods.iter().map(node_of).collect();
+    nodes.sort();
+    assert_eq!(nodes, ["n1", "n2", "n3"], "one pod per node");
+    ok(&kc, &["scale", "deploy/spread", "-n", "sched", "--replicas=4"]);
+    let pods = wait_pods(&kc, "sched", "app=spread", 30, "the fourth pod's reason", |p| {
+        p.iter().any(|p| node_of(p).is_empty() && !scheduled_message(p).is_empty())
+    });
+    let pending = pods.iter().find(|p| node_of(p).is_empty()).unwrap();
+    assert_eq!(scheduled_message(pending), "0/3 nodes are available: 3 node(s) didn't match pod anti-affinity rules.");
+
+    // Cordon + drain n3: its pod is evicted; the pending fourth cannot use n3 either.
+    ok(&kc, &["cordon", "n3"]);
+    let node = json_of(&kc, &["get", "node", "n3"]);
+    assert_eq!(node["spec"]["unschedulable"], true);
+    ok(&kc, &["drain", "n3", "--ignore-daemonsets", "--delete-emptydir-data", "--timeout=60s"]);
+    let pods = wait_pods(&kc, "sched", "app=spread", 30, "n3 empty, its pod replaced", |p| {
+        p.iter().all(|p| node_of(p) != "n3") && p.iter().filter(|p| node_of(p).is_empty()).count() == 2
+    });
+    for p in pods.iter().filter(|p| node_of(p).is_empty()) {
+        let why = scheduled_message(p);
+        assert!(why.contains("2 node(s) didn't match pod anti-affinity rules"), "{why}");
+        assert!(why.contains("1 node(s) were unschedulable"), "{why}");
+    }
+    ok(&kc, &["uncordon", "n3"]);
+    wait_pods(&kc, "sched", "app=spread", 30, "a pod back on n3", |p| p.iter().any(|p| node_of(p) == "n3"));
+    ok(&kc, &["delete", "deploy/spread", "-n", "sched", "--wait=false"]);
+    wait_pods(&kc, "sched", "app=spread", 30, "the spread pods gone", |p| p.is_empty());
+
+    // Fill every node's 2 CPUs with low-priority pods, then ask for 1.5 CPUs at priority 1000.
+    for i in 0..6 {
+        let filler = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: filler-{i}, namespace: sched, labels: {{app: filler}}}}\nspec:\n  containers:\n  - name: app\n    image: registry.local/app:1.0\n    resources: {{requests: {{cpu: 900m, memory: 64Mi}}}}\n"
+        );
+        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&filler));
+        assert!(good, "{err}");
+    }
+    wait_pods(&kc, "sched", "app=filler", 30, "six fillers placed", |p| {
+        p.len() == 6 && p.iter().all(|p| !node_of(p).is_empty())
+    });
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(PRIORITIES));
+    assert!(good, "{err}");
+    let important = wait_pods(&kc, "sched", "app=important", 60, "the important pod bound", |p| {
+        p.len() == 1 && !node_of(&p[0]).is_empty()
+    });
+    let p = &important[0];
+    assert_eq!(p["spec"]["priority"], 1000);
+    assert_eq!(p["spec"]["preemptionPolicy"], "PreemptLowerPriority");
+    assert_eq!(p["status"]["nominatedNodeName"], p["spec"]["nodeName"], "nominated where it was placed");
+    let fillers = wait_pods(&kc, "sched", "app=filler", 30, "two fillers gone", |p| p.len() == 4);
+    assert!(
+        fillers.iter().filter(|f| node_of(f) == node_of(p)).count() == 0,
+        "both fillers on the important pod's node were preempted"
+    );
+
+    // Priority admission: a class that does not exist, a priority the pod may not state.
+    let (good, _, err) = kubectl(
+        &kc,
+        &[
+            "run",
+            "nope",
+            "-n",
+            "sched",
+            "--image=registry.local/app:1.0",
+            "--overrides",
+            r#"{"spec": {"priorityClassName": "missing"}}"#,
+        ],
+        None,
+    );
+    assert!(!good);
+    assert!(err.contains("no PriorityClass with name missing was found"), "{err}");
+    let (good, _, err) = kubectl(
+        &kc,
+        &[
+            "run",
+            "liar",
+            "-n",
+            "sched",
+            "--image=registry.local/app:1.0",
+            "--overrides",
+            r#"{"spec": {"priority": 5}}"#,
+        ],
+        None,
+    );
+    assert!(!good);
+    assert!(err.contains("must not be provided in pod spec"), "{err}");
+    let table = ok(&kc, &["get", "priorityclass"]);
+    assert!(table.contains("system-node-critical") && table.contains("2000001000"), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("high") && l.contains("1000")), "{table}");
+    drop(kubelet);
+}

@@ -182,6 +182,13 @@ pub fn prepare_update(
             }
         }
     }
+    if rt.kind == "PriorityClass" && new["value"] != old["value"] {
+        return Err(ApiError::invalid(
+            rt.kind,
+            &name,
+            vec![("value".into(), "Forbidden: may not be changed in an update.".into())],
+        ));
+    }
     if new_meta_missing_managed_fields(&new) {
         if let Some(mf) = old["metadata"].get("managedFields") {
             new["metadata"]["managedFields"] = mf.clone();
@@ -405,8 +412,7 @@ fn default_pod_spec(spec: &mut Value, pod: bool) {
         let sa = spec["serviceAccountName"].clone();
         set_default(spec, "serviceAccount", sa);
         set_default(spec, "enableServiceLinks", json!(true));
-        set_default(spec, "priority", json!(0));
-        set_default(spec, "preemptionPolicy", json!("PreemptLowerPriority"));
+        // priority and preemptionPolicy come from the pod's PriorityClass (`priority.rs`).
         // DefaultTolerationSeconds: evict 300 s after the node goes NotReady/unreachable.
         set_default(spec, "tolerations", json!([]));
         if let Some(t) = spec["tolerations"].as_array_mut() {
@@ -564,6 +570,7 @@ pub fn validate(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
             validate_pod_spec(&spec["template"]["spec"], "spec.template.spec", &mut errs);
         }
         "Job" => validate_pod_spec(&obj["spec"]["template"]["spec"], "spec.template.spec", &mut errs),
+        "PriorityClass" => super::priority::validate_class(obj, &mut errs),
         "CronJob" => {
             let spec = &obj["spec"];
             let schedule = spec["schedule"].as_str().unwrap_or_default();
@@ -709,6 +716,13 @@ pub fn plan_delete(kind: &str, obj: &Value, policy: Option<&str>, grace: Option<
 }
 
 /// Sets (or replaces) a condition in `status.conditions`.
+/// What a new pod gets at admission beyond its own spec: its
+/// ServiceAccount (and token volume) and its priority.
+pub async fn admit_pod(api: &super::ApiServer, pod: Value) -> Result<Value, ApiError> {
+    let pod = super::serviceaccount::admit_pod(api, pod, super::serviceaccount::DEFAULT_ACCOUNT_WAIT).await?;
+    super::priority::admit_pod(api, pod).await
+}
+
 pub fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: Option<&str>, now: &str) {
     if !obj["status"].is_object() {
         obj["status"] = json!({});

@@ -413,7 +413,7 @@ pub async fn create(
     let (obj, warnings) = super::handlers::normalize(rt, &obj, ctx)?;
     let mut obj = admission::prepare_create(rt, ns, obj, &now, &uuid::Uuid::new_v4().to_string(), "")?;
     if rt.kind == "Pod" {
-        obj = super::serviceaccount::admit_pod(api, obj, super::serviceaccount::DEFAULT_ACCOUNT_WAIT).await?;
+        obj = super::admission::admit_pod(api, obj).await?;
     }
     let created = api.objects.create(rt, obj).await?;
     Ok(Reply { code: StatusCode::CREATED, body: ReplyBody::Json(created), warnings })

@@ -92,6 +92,10 @@ pub fn builtin_objects() -> Vec<Value> {
         group_binding("system:discovery", "system:discovery", "system:authenticated"),
         group_binding("system:basic-user", "system:basic-user", "system:authenticated"),
     ]);
+    out.extend(super::priority::SYSTEM_CLASSES.iter().map(|(name, value, description)| {
+        json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name},
+            "value": value, "description": description, "preemptionPolicy": "PreemptLowerPriority"})
+    }));
     out
 }
 

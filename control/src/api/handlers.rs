@@ -329,7 +329,7 @@ async fn create(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx)
         ensure_namespace_active(api, obj_ns.as_deref()).await?;
     }
     if rt.kind == "Pod" {
-        obj = super::serviceaccount::admit_pod(api, obj, super::serviceaccount::DEFAULT_ACCOUNT_WAIT).await?;
+        obj = admission::admit_pod(api, obj).await?;
     }
     if dry_run(ctx)? {
         return Ok(object_reply(StatusCode::CREATED, obj, warnings));

@@ -38,7 +38,7 @@ pub async fn write(
             )?;
             super::apply::track_update(rt, None, &mut new, manager, &now);
             if rt.kind == "Pod" {
-                new = super::serviceaccount::admit_pod(api, new, super::serviceaccount::DEFAULT_ACCOUNT_WAIT).await?;
+                new = super::admission::admit_pod(api, new).await?;
             }
             api.objects.create(rt, new).await
         }

@@ -8,7 +8,8 @@
 //! - `handlers.rs`: get/list/create/update/patch/delete and the subresources.
 //! - `watch.rs`: `?watch=true` streams from the store's watch hub.
 //! - `objects.rs`: objects in the replicated store (key layout, optimistic concurrency).
-//! - `admission.rs`: system metadata, defaults, validation.
+//! - `admission.rs`: system metadata, defaults, validation; `priority.rs`: pod
+//!   priority from PriorityClasses.
 //! - `patch.rs`: JSON, merge and strategic merge patches.
 //! - `project.rs`: decoding only the fields a Table row reads.
 //! - `selector.rs`, `table.rs`, `discovery.rs`, `openapi.rs`, `rbac.rs`, `status.rs`.
@@ -30,6 +31,7 @@ pub mod jwt;
 pub mod objects;
 pub mod openapi;
 pub mod patch;
+pub mod priority;
 mod project;
 pub mod rbac;
 pub mod request;

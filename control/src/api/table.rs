@@ -132,6 +132,13 @@ fn columns(kind: &str) -> Vec<Col> {
             SELECTOR,
         ],
         "Lease" => vec![NAME, c("Holder", "string", 0), AGE],
+        "PriorityClass" => vec![
+            NAME,
+            c("Value", "integer", 0),
+            c("Global-Default", "boolean", 0),
+            AGE,
+            c("PreemptionPolicy", "string", 0),
+        ],
         "PodDisruptionBudget" => vec![
             NAME,
             c("Min Available", "string", 0),
@@ -554,6 +561,13 @@ fn cells(kind: &str, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             ]
         }
         "Lease" => vec![name, json!(s(&spec["holderIdentity"])), json!(created)],
+        "PriorityClass" => vec![
+            name,
+            o["value"].clone(),
+            json!(o["globalDefault"] == true),
+            json!(created),
+            json!(s(&o["preemptionPolicy"])),
+        ],
         "PodDisruptionBudget" => vec![
             name,
             json!(if spec["minAvailable"].is_null() { "N/A".into() } else { s(&spec["minAvailable"]) }),

@@ -8,7 +8,7 @@
 use std::any::TypeId;
 use std::sync::LazyLock;
 
-use k8s_openapi::api::{apps, autoscaling, batch, coordination, core, discovery, policy, rbac};
+use k8s_openapi::api::{apps, autoscaling, batch, coordination, core, discovery, policy, rbac, scheduling};
 use k8s_openapi::{NamespaceResourceScope, Resource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -121,6 +121,7 @@ static TYPES: LazyLock<Vec<ResourceType>> = LazyLock::new(|| {
         entry::<rbac::v1::RoleBinding>(NONE, NONE, NONE),
         entry::<rbac::v1::ClusterRoleBinding>(NONE, NONE, NONE),
         entry::<autoscaling::v2::HorizontalPodAutoscaler>(&["hpa"], ALL, STATUS),
+        entry::<scheduling::v1::PriorityClass>(&["pc"], NONE, NONE),
     ]
 });
 

@@ -7,6 +7,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use parking_lot::Mutex;
+
 use super::model::{NodeInfo, PodInfo};
 
 struct Placement {
@@ -15,15 +17,27 @@ struct Placement {
     assumed: bool,
 }
 
+/// No domain: the node lacks the topology key.
+pub const NO_DOMAIN: u32 = u32::MAX;
+
+/// One topology key's domains: for each node (by index in
+/// [`Cache::nodes`]) the id of its label value, ids dense from 0.
+#[derive(Debug)]
+pub struct Topology {
+    pub domain_of: Vec<u32>,
+    pub domains: usize,
+}
+
 #[derive(Default)]
 pub struct Cache {
     pub nodes: Vec<NodeInfo>,
     index: HashMap<String, usize>,
     placed: HashMap<String, Placement>,
-    /// Placed pods with required anti-affinity: every incoming pod is
-    /// checked against their terms (the rule is symmetric).
-    /// (Key -> the pod and its node.)
-    pub with_anti: HashMap<String, (Arc<PodInfo>, String)>,
+    /// How many placed pods have required anti-affinity (every incoming
+    /// pod is checked against their terms: the rule is symmetric).
+    anti_pods: usize,
+    /// Topologies by key, built on first use and dropped when nodes change.
+    topologies: Mutex<HashMap<String, Arc<Topology>>>,
 }
 
 impl Cache {
@@ -33,9 +47,13 @@ impl Cache {
 
     pub fn upsert_node(&mut self, fresh: NodeInfo) {
         if let Some(&i) = self.index.get(&fresh.name) {
+            if self.nodes[i].labels != fresh.labels {
+                self.topologies.get_mut().clear();
+            }
             self.nodes[i].update_from(fresh);
             return;
         }
+        self.topologies.get_mut().clear();
         let mut n = fresh;
         let here: Vec<Arc<PodInfo>> =
             self.placed.values().filter(|p| p.node == n.name).map(|p| p.pod.clone()).collect();
@@ -50,6 +68,7 @@ impl Cache {
     /// counted again if it returns).
     pub fn remove_node(&mut self, name: &str) {
         let Some(i) = self.index.remove(name) else { return };
+        self.topologies.get_mut().clear();
         self.nodes.swap_remove(i);
         if let Some(moved) = self.nodes.get(i) {
             self.index.insert(moved.name.clone(), i);
@@ -62,9 +81,7 @@ impl Cache {
         if let Some(&i) = self.index.get(node) {
             self.nodes[i].add(pod.clone());
         }
-        if !pod.anti_affinity.is_empty() {
-            self.with_anti.insert(pod.key.clone(), (pod.clone(), node.to_string()));
-        }
+        self.anti_pods += usize::from(!pod.anti_affinity.is_empty());
         self.placed.insert(pod.key.clone(), Placement { node: node.to_string(), pod, assumed });
     }
 
@@ -73,8 +90,34 @@ impl Cache {
         if let Some(&i) = self.index.get(&p.node) {
             self.nodes[i].remove(key);
         }
-        self.with_anti.remove(key);
+        self.anti_pods -= usize::from(!p.pod.anti_affinity.is_empty());
         true
+    }
+
+    pub fn anti_pods(&self) -> usize {
+        self.anti_pods
+    }
+
+    /// The domains of topology key `key`.
+    pub fn topology(&self, key: &str) -> Arc<Topology> {
+        if let Some(t) = self.topologies.lock().get(key) {
+            return t.clone();
+        }
+        let mut ids: HashMap<&str, u32> = HashMap::new();
+        let domain_of = self
+            .nodes
+            .iter()
+            .map(|n| match n.label(key) {
+                Some(v) => {
+                    let next = ids.len() as u32;
+                    *ids.entry(v).or_insert(next)
+                }
+                None => NO_DOMAIN,
+            })
+            .collect();
+        let t = Arc::new(Topology { domain_of, domains: ids.len() });
+        self.topologies.lock().insert(key.to_string(), t.clone());
+        t
     }
 
     /// Whether `key` is assumed (binding in flight, not yet observed bound).
@@ -118,6 +161,14 @@ mod tests {
         assert_eq!(c.node("n2"), Some(0));
         c.upsert_node(node("n1"));
         assert_eq!(c.nodes[c.node("n1").unwrap()].pods.len(), 1);
+        let host = c.topology("kubernetes.io/hostname");
+        assert_eq!((host.domains, host.domain_of.clone()), (0, vec![NO_DOMAIN, NO_DOMAIN]));
+        let mut labelled = node("n3");
+        labelled.labels.insert("kubernetes.io/hostname".into(), "n3".into());
+        c.upsert_node(labelled);
+        let host = c.topology("kubernetes.io/hostname");
+        assert_eq!(host.domains, 1, "a new node drops the cached topology");
+        assert_eq!(host.domain_of[c.node("n3").unwrap()], 0);
         assert!(c.remove_pod("d/a"));
         assert_eq!(c.nodes[c.node("n1").unwrap()].used_cpu, 0);
         assert_eq!(c.placed_count(), 0);

@@ -16,11 +16,11 @@
 //! - *PostFilter*: when a pod fits nowhere and may preempt, the node where
 //!   evicting the fewest, least important lower-priority pods makes room.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::cache::Cache;
-use super::model::{unschedulable_taint, NodeInfo, PodInfo, SpreadConstraint, Taint};
+use super::cache::{Cache, Topology, NO_DOMAIN};
+use super::model::{unschedulable_taint, NodeInfo, PodInfo, PodTerm, SpreadConstraint, Taint};
 
 pub const NODE_NAME: &str = "node(s) didn't match the requested node name";
 pub const UNSCHEDULABLE: &str = "node(s) were unschedulable";
@@ -90,12 +90,32 @@ fn fits_resources(pod: &PodInfo, n: &NodeInfo) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// Pods counted per topology domain value.
-type Domains = HashMap<String, i64>;
+/// Per topology domain (by id, see [`Topology`]): a count or a flag.
+struct PerDomain<T> {
+    topo: Arc<Topology>,
+    values: Vec<T>,
+}
+
+impl<T: Copy + Default> PerDomain<T> {
+    fn new(topo: Arc<Topology>) -> PerDomain<T> {
+        PerDomain { values: vec![T::default(); topo.domains], topo }
+    }
+
+    /// The value for node `i`'s domain; `None` if the node lacks the key.
+    fn at(&self, i: usize) -> Option<T> {
+        let d = self.topo.domain_of.get(i).copied().unwrap_or(NO_DOMAIN);
+        (d != NO_DOMAIN).then(|| self.values[d as usize])
+    }
+
+    fn at_mut(&mut self, i: usize) -> Option<&mut T> {
+        let d = self.topo.domain_of.get(i).copied().unwrap_or(NO_DOMAIN);
+        self.values.get_mut(d as usize)
+    }
+}
 
 struct Spread {
     /// Matching pods per domain, over the nodes the constraint counts.
-    counts: Domains,
+    counts: PerDomain<i64>,
     /// The smallest count (0 when fewer domains than minDomains exist).
     min: i64,
     /// The pod matches its own selector (it adds one where it goes).
@@ -103,56 +123,62 @@ struct Spread {
 }
 
 /// What the whole cluster says about one pod, computed once per attempt.
+/// Domains are ids from the cache's [`Topology`] maps, so the per-node
+/// filter loop indexes vectors instead of looking up and hashing labels.
 pub struct PreState {
     /// Per required affinity term: domains holding a matching pod.
-    affinity: Vec<HashSet<String>>,
+    affinity: Vec<PerDomain<bool>>,
     /// No pod matches any required affinity term, and the pod matches its
     /// own terms: the first of its group may go anywhere.
     affinity_first: bool,
     /// Per required anti-affinity term: domains holding a matching pod.
-    anti: Vec<HashSet<String>>,
-    /// (topologyKey, value) domains that placed pods' anti-affinity closes.
-    closed: HashSet<(String, String)>,
+    anti: Vec<PerDomain<bool>>,
+    /// Domains that placed pods' anti-affinity closes, per topology key.
+    closed: Vec<PerDomain<bool>>,
     spread: Vec<Spread>,
     /// Per preferred term (affinity, then anti-affinity): weight (negative
-    /// for anti-affinity), topology key, matching pods per domain.
-    preferred: Vec<(i64, String, Domains)>,
+    /// for anti-affinity) and matching pods per domain.
+    preferred: Vec<(i64, PerDomain<i64>)>,
 }
 
-fn domain_counts(cache: &Cache, matches: impl Fn(&PodInfo) -> bool, key: &str) -> Domains {
-    let mut d = Domains::new();
-    for n in &cache.nodes {
-        let Some(v) = n.label(key) else { continue };
-        let c = n.pods.iter().filter(|p| matches(p)).count() as i64;
-        if c > 0 {
-            *d.entry(v.to_string()).or_default() += c;
+/// Pods matching `term` per domain of its topology key.
+fn domain_counts(cache: &Cache, term: &PodTerm) -> PerDomain<i64> {
+    let mut d = PerDomain::new(cache.topology(&term.topology_key));
+    for (i, n) in cache.nodes.iter().enumerate() {
+        if n.pods.is_empty() {
+            continue;
+        }
+        let c = n.pods.iter().filter(|p| term.matches(p)).count() as i64;
+        if let Some(v) = d.at_mut(i) {
+            *v += c;
         }
     }
     d
 }
 
+fn present(d: PerDomain<i64>) -> PerDomain<bool> {
+    PerDomain { values: d.values.iter().map(|&c| c > 0).collect(), topo: d.topo }
+}
+
 impl PreState {
     pub fn new(pod: &PodInfo, cache: &Cache) -> PreState {
-        let affinity: Vec<HashSet<String>> = pod
-            .affinity
-            .iter()
-            .map(|t| domain_counts(cache, |p| t.matches(p), &t.topology_key).into_keys().collect())
-            .collect();
-        let affinity_first = affinity.iter().all(HashSet::is_empty) && pod.affinity.iter().all(|t| t.matches(pod));
-        let anti = pod
-            .anti_affinity
-            .iter()
-            .map(|t| domain_counts(cache, |p| t.matches(p), &t.topology_key).into_keys().collect())
-            .collect();
-        let mut closed = HashSet::new();
-        for (other, node) in cache.with_anti.values() {
-            if other.key == pod.key {
-                continue;
-            }
-            let Some(i) = cache.node(node) else { continue };
-            for t in other.anti_affinity.iter().filter(|t| t.matches(pod)) {
-                if let Some(v) = cache.nodes[i].label(&t.topology_key) {
-                    closed.insert((t.topology_key.clone(), v.to_string()));
+        let affinity: Vec<PerDomain<bool>> = pod.affinity.iter().map(|t| present(domain_counts(cache, t))).collect();
+        let affinity_first =
+            affinity.iter().all(|d| !d.values.contains(&true)) && pod.affinity.iter().all(|t| t.matches(pod));
+        let anti = pod.anti_affinity.iter().map(|t| present(domain_counts(cache, t))).collect();
+        // Existing pods' anti-affinity: the rule is symmetric.
+        let mut closed: HashMap<&str, PerDomain<bool>> = HashMap::new();
+        if cache.anti_pods() > 0 {
+            for (i, n) in cache.nodes.iter().enumerate() {
+                for other in n.pods.iter().filter(|p| !p.anti_affinity.is_empty() && p.key != pod.key) {
+                    for t in other.anti_affinity.iter().filter(|t| t.matches(pod)) {
+                        let d = closed
+                            .entry(t.topology_key.as_str())
+                            .or_insert_with(|| PerDomain::new(cache.topology(&t.topology_key)));
+                        if let Some(v) = d.at_mut(i) {
+                            *v = true;
+                        }
+                    }
                 }
             }
         }
@@ -162,49 +188,53 @@ impl PreState {
             .iter()
             .map(|t| (t.weight, t))
             .chain(pod.preferred_anti_affinity.iter().map(|t| (-t.weight, t)))
-            .map(|(w, t)| (w, t.topology_key.clone(), domain_counts(cache, |p| t.matches(p), &t.topology_key)))
+            .map(|(w, t)| (w, domain_counts(cache, t)))
             .collect();
-        PreState { affinity, affinity_first, anti, closed, spread, preferred }
+        PreState { affinity, affinity_first, anti, closed: closed.into_values().collect(), spread, preferred }
     }
 }
 
 fn spread_state(pod: &PodInfo, c: &SpreadConstraint, cache: &Cache) -> Spread {
-    let mut counts = Domains::new();
-    for n in &cache.nodes {
-        let Some(v) = n.label(&c.topology_key) else { continue };
-        if (c.honor_affinity && !node_matches(pod, n)) || (c.honor_taints && untolerated_hard_taint(pod, n).is_some()) {
+    let mut counts = PerDomain::new(cache.topology(&c.topology_key));
+    let mut counted = vec![false; counts.values.len()];
+    for (i, n) in cache.nodes.iter().enumerate() {
+        let d = counts.topo.domain_of[i];
+        if d == NO_DOMAIN
+            || (c.honor_affinity && !node_matches(pod, n))
+            || (c.honor_taints && untolerated_hard_taint(pod, n).is_some())
+        {
             continue;
         }
+        counted[d as usize] = true;
         let here = n
             .pods
             .iter()
             .filter(|p| p.namespace == pod.namespace && !p.deleting && c.selector.matches(&p.labels))
             .count() as i64;
-        *counts.entry(v.to_string()).or_default() += here;
+        counts.values[d as usize] += here;
     }
-    let min = if (counts.len() as i64) < c.min_domains { 0 } else { counts.values().copied().min().unwrap_or(0) };
+    let domains = counted.iter().filter(|&&c| c).count() as i64;
+    let min = if domains < c.min_domains {
+        0
+    } else {
+        counts.values.iter().zip(&counted).filter(|(_, &c)| c).map(|(&v, _)| v).min().unwrap_or(0)
+    };
     Spread { counts, min, self_match: i64::from(c.selector.matches(&pod.labels)) }
 }
 
-fn pod_filters(pod: &PodInfo, pre: &PreState, n: &NodeInfo) -> Result<(), &'static str> {
-    if !pre.affinity_first {
-        for (t, domains) in pod.affinity.iter().zip(&pre.affinity) {
-            if !n.label(&t.topology_key).is_some_and(|v| domains.contains(v)) {
-                return Err(POD_AFFINITY);
-            }
-        }
+/// The inter-pod filters for node `i`.
+fn pod_filters(pod: &PodInfo, pre: &PreState, i: usize) -> Result<(), &'static str> {
+    if !pre.affinity_first && pre.affinity.iter().any(|d| d.at(i) != Some(true)) {
+        return Err(POD_AFFINITY);
     }
-    for (t, domains) in pod.anti_affinity.iter().zip(&pre.anti) {
-        if n.label(&t.topology_key).is_some_and(|v| domains.contains(v)) {
-            return Err(POD_ANTI_AFFINITY);
-        }
+    if pre.anti.iter().any(|d| d.at(i) == Some(true)) {
+        return Err(POD_ANTI_AFFINITY);
     }
-    if !pre.closed.is_empty() && pre.closed.iter().any(|(k, v)| n.label(k) == Some(v.as_str())) {
+    if pre.closed.iter().any(|d| d.at(i) == Some(true)) {
         return Err(EXISTING_ANTI_AFFINITY);
     }
     for (c, s) in pod.spread.iter().zip(&pre.spread).filter(|(c, _)| c.hard) {
-        let Some(v) = n.label(&c.topology_key) else { return Err(SPREAD_LABEL) };
-        let here = s.counts.get(v).copied().unwrap_or(0);
+        let Some(here) = s.counts.at(i) else { return Err(SPREAD_LABEL) };
         if here + s.self_match - s.min > c.max_skew {
             return Err(SPREAD);
         }
@@ -213,10 +243,11 @@ fn pod_filters(pod: &PodInfo, pre: &PreState, n: &NodeInfo) -> Result<(), &'stat
 }
 
 /// Every filter, with the reason for the first that rejects.
-pub fn filter(pod: &PodInfo, pre: &PreState, n: &NodeInfo) -> Result<(), String> {
+pub fn filter(pod: &PodInfo, pre: &PreState, cache: &Cache, i: usize) -> Result<(), String> {
+    let n = &cache.nodes[i];
     static_filters(pod, n)?;
     fits_resources(pod, n)?;
-    pod_filters(pod, pre, n).map_err(str::to_string)
+    pod_filters(pod, pre, i).map_err(str::to_string)
 }
 
 /// Least allocated plus balanced allocation, each 0..=100.
@@ -246,7 +277,8 @@ fn normalise(raw: &[i64], reverse: bool) -> Vec<i64> {
         .collect()
 }
 
-fn scores(pod: &PodInfo, pre: &PreState, nodes: &[&NodeInfo]) -> Vec<i64> {
+fn scores(pod: &PodInfo, pre: &PreState, cache: &Cache, feasible: &[usize]) -> Vec<i64> {
+    let nodes: Vec<&NodeInfo> = feasible.iter().map(|&i| &cache.nodes[i]).collect();
     let mut total: Vec<i64> = nodes.iter().map(|n| resource_score(pod, n)).collect();
     let mut add = |raw: Vec<i64>, reverse: bool, weight: i64| {
         for (t, s) in total.iter_mut().zip(normalise(&raw, reverse)) {
@@ -263,16 +295,12 @@ fn scores(pod: &PodInfo, pre: &PreState, nodes: &[&NodeInfo]) -> Vec<i64> {
         add(nodes.iter().map(|n| intolerable(n) as i64).collect(), true, 3);
     }
     if !pre.preferred.is_empty() {
-        let raw = nodes.iter().map(|n| {
-            pre.preferred.iter().map(|(w, key, d)| n.label(key).and_then(|v| d.get(v)).map_or(0, |c| w * c)).sum()
-        });
+        let raw = feasible.iter().map(|&i| pre.preferred.iter().map(|(w, d)| d.at(i).map_or(0, |c| w * c)).sum());
         add(raw.collect(), false, 2);
     }
     let soft: Vec<(&SpreadConstraint, &Spread)> = pod.spread.iter().zip(&pre.spread).filter(|(c, _)| !c.hard).collect();
     if !soft.is_empty() {
-        let raw = nodes.iter().map(|n| {
-            soft.iter().map(|(c, s)| n.label(&c.topology_key).and_then(|v| s.counts.get(v)).copied().unwrap_or(0)).sum()
-        });
+        let raw = feasible.iter().map(|&i| soft.iter().map(|(_, s)| s.counts.at(i).unwrap_or(0)).sum());
         add(raw.collect(), true, 2);
     }
     total
@@ -318,7 +346,7 @@ pub fn schedule(pod: &PodInfo, cache: &Cache, start: usize) -> Result<Chosen, Fi
     for k in 0..n {
         let i = (start + k) % n;
         examined += 1;
-        match filter(pod, &pre, &cache.nodes[i]) {
+        match filter(pod, &pre, cache, i) {
             Ok(()) => {
                 feasible.push(i);
                 if feasible.len() >= want {
@@ -331,8 +359,7 @@ pub fn schedule(pod: &PodInfo, cache: &Cache, start: usize) -> Result<Chosen, Fi
     if feasible.is_empty() {
         return Err(err);
     }
-    let nodes: Vec<&NodeInfo> = feasible.iter().map(|&i| &cache.nodes[i]).collect();
-    let s = scores(pod, &pre, &nodes);
+    let s = scores(pod, &pre, cache, &feasible);
     let best = (0..feasible.len()).max_by_key(|&k| (s[k], std::cmp::Reverse(k))).unwrap_or(0);
     Ok(Chosen { node: feasible[best], next_start: (start + examined) % n.max(1) })
 }
@@ -366,7 +393,7 @@ pub fn preempt(pod: &PodInfo, cache: &Cache) -> Option<Preemption> {
     let pre = PreState::new(pod, cache);
     let mut best: Option<((i64, i64, usize), Preemption)> = None;
     for (i, n) in cache.nodes.iter().enumerate() {
-        if static_filters(pod, n).is_err() || pod_filters(pod, &pre, n).is_err() {
+        if static_filters(pod, n).is_err() || pod_filters(pod, &pre, i).is_err() {
             continue;
         }
         let mut lower: Vec<Arc<PodInfo>> =
