@@ -1,7 +1,8 @@
 //! Job controller: runs pods to completion — `parallelism` at a time until
 //! `completions` succeed (or, without completions, until one succeeds and
 //! none run), failing the Job past `backoffLimit` failed pods or its
-//! `activeDeadlineSeconds`; Indexed jobs give each pod an index; finished
+//! `activeDeadlineSeconds`, replacing failed pods after Kubernetes' backoff
+//! (10 s doubling per failure, at most 10 min); Indexed jobs give each pod an index; finished
 //! Jobs are deleted `ttlSecondsAfterFinished` later; suspended Jobs run no pods.
 //!
 //! [`plan`] is pure; the shell writes pods, status and deletions with
@@ -160,6 +161,14 @@ pub fn plan(job: &Value, pods: &[Value], now: DateTime<Utc>) -> Plan {
         }
     };
     let running = active.len() as i64;
+    let deadline_in = deadline.map(|d| (d - now).to_std().unwrap_or_default());
+    let backing_off = retry_at(pods, failed).filter(|at| *at > now);
+    if running < wanted && backing_off.is_some() {
+        // Kubernetes' pod failure backoff: no new pod until it runs out.
+        let wait = backing_off.map(|at| (at - now).to_std().unwrap_or_default());
+        plan.requeue = [wait, deadline_in].into_iter().flatten().min();
+        return plan;
+    }
     if running < wanted {
         let n = (wanted - running) as usize;
         if indexed {
@@ -179,8 +188,38 @@ pub fn plan(job: &Value, pods: &[Value], now: DateTime<Utc>) -> Plan {
             .map(|p| p["metadata"]["name"].as_str().unwrap_or_default().to_string())
             .collect();
     }
-    plan.requeue = deadline.map(|d| (d - now).to_std().unwrap_or_default());
+    plan.requeue = deadline_in;
     plan
+}
+
+/// The first pod failure backoff: Kubernetes' 10 s, doubling per failed
+/// pod, at most 10 minutes.
+pub const FAILURE_BACKOFF: Duration = Duration::from_secs(10);
+pub const MAX_FAILURE_BACKOFF: Duration = Duration::from_secs(600);
+
+/// When the last failed pod stopped: its containers' finish time, else its
+/// last condition change, else its creation.
+fn failed_at(p: &Value) -> Option<DateTime<Utc>> {
+    let finished = p["status"]["containerStatuses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|c| ts(&c["state"]["terminated"]["finishedAt"]))
+        .max();
+    let changed = || {
+        p["status"]["conditions"].as_array().into_iter().flatten().filter_map(|c| ts(&c["lastTransitionTime"])).max()
+    };
+    finished.or_else(changed).or_else(|| ts(&p["metadata"]["creationTimestamp"]))
+}
+
+/// When a replacement may be created after `failed` failures (None: now).
+fn retry_at(pods: &[Value], failed: i64) -> Option<DateTime<Utc>> {
+    if failed <= 0 {
+        return None;
+    }
+    let last = pods.iter().filter(|p| phase(p) == "Failed").filter_map(failed_at).max()?;
+    let backoff = FAILURE_BACKOFF.saturating_mul(1u32 << (failed - 1).clamp(0, 16) as u32).min(MAX_FAILURE_BACKOFF);
+    Some(last + chrono::Duration::from_std(backoff).unwrap_or_default())
 }
 
 /// "1,3-5" -> {1, 3, 4, 5}.
@@ -334,6 +373,30 @@ mod tests {
         assert_eq!(p.status["conditions"][0]["type"], "Complete");
         assert_eq!(p.status["succeeded"], 3);
         assert!(p.status["completionTime"].is_string());
+    }
+
+    #[test]
+    fn failed_pods_are_replaced_after_an_exponential_backoff() {
+        let t0 = DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z").unwrap().with_timezone(&Utc);
+        let at = |secs: i64| (t0 + chrono::Duration::seconds(secs)).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let failed = |name: &str, secs: i64| {
+            json!({"metadata": {"name": name, "creationTimestamp": at(secs - 5)}, "status": {"phase": "Failed",
+                "containerStatuses": [{"name": "c", "state": {"terminated": {"exitCode": 1, "finishedAt": at(secs)}}}]}})
+        };
+        let j = job(json!({"spec": {"backoffLimit": 6, "parallelism": 1}}));
+        // One failure at t0: nothing new for 10 s, and a look again then.
+        let p = plan(&j, &[failed("a", 0)], t0 + chrono::Duration::seconds(4));
+        assert!(p.create.is_empty());
+        assert_eq!(p.requeue, Some(Duration::from_secs(6)));
+        assert_eq!(plan(&j, &[failed("a", 0)], t0 + chrono::Duration::seconds(10)).create.len(), 1);
+        // Three failures, the last at t0+30: 40 s from then.
+        let three = [failed("a", 0), failed("b", 12), failed("c", 30)];
+        assert!(plan(&j, &three, t0 + chrono::Duration::seconds(69)).create.is_empty());
+        assert_eq!(plan(&j, &three, t0 + chrono::Duration::seconds(70)).create.len(), 1);
+        // Capped at 10 minutes.
+        let many: Vec<Value> = (0..8).map(|i| failed(&format!("p{i}"), i)).collect();
+        let j = job(json!({"spec": {"backoffLimit": 10, "parallelism": 1}}));
+        assert_eq!(plan(&j, &many, t0 + chrono::Duration::seconds(7)).requeue, Some(Duration::from_secs(600)));
     }
 
     #[test]
