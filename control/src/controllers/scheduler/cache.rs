@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::model::{NodeInfo, PodInfo};
+use super::model::{NodeInfo, PodInfo, PodTerm};
 
 struct Placement {
     node: String,
@@ -28,16 +28,43 @@ pub struct Topology {
     pub domains: usize,
 }
 
+/// A term whose matching placed pods are counted per node: every one, or
+/// only those not being deleted (topology spread skips terminating pods).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TermKey {
+    pub term: PodTerm,
+    pub live_only: bool,
+}
+
+impl TermKey {
+    fn counts(&self, pod: &PodInfo) -> bool {
+        (!self.live_only || !pod.deleting) && self.term.matches(pod)
+    }
+}
+
+/// Pods per node index, kept current as pods are placed and removed, so a
+/// pre-filter reads a vector instead of matching every placed pod.
+#[derive(Default)]
+struct TermCounts {
+    /// Terms pre-filters asked about (built on first use).
+    by_term: HashMap<TermKey, Vec<i64>>,
+    /// The distinct required anti-affinity terms of placed pods: how many
+    /// pods carry each, per node (always kept).
+    anti: HashMap<PodTerm, Vec<i64>>,
+}
+
+/// Terms tracked at most; past this the lazily built ones are dropped.
+const MAX_TERMS: usize = 512;
+
 #[derive(Default)]
 pub struct Cache {
     pub nodes: Vec<NodeInfo>,
     index: HashMap<String, usize>,
     placed: HashMap<String, Placement>,
-    /// How many placed pods have required anti-affinity (every incoming
-    /// pod is checked against their terms: the rule is symmetric).
-    anti_pods: usize,
     /// Topologies by key, built on first use and dropped when nodes change.
     topologies: Mutex<HashMap<String, Arc<Topology>>>,
+    /// Rebuilt when nodes come or go (node indices move).
+    terms: Mutex<TermCounts>,
 }
 
 impl Cache {
@@ -62,6 +89,58 @@ impl Cache {
         }
         self.index.insert(n.name.clone(), self.nodes.len());
         self.nodes.push(n);
+        self.reindex_terms();
+    }
+
+    /// Node indices moved: counts by term start over.
+    fn reindex_terms(&mut self) {
+        let n = self.nodes.len();
+        let mut anti: HashMap<PodTerm, Vec<i64>> = HashMap::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            for p in &node.pods {
+                for t in &p.anti_affinity {
+                    anti.entry(t.clone()).or_insert_with(|| vec![0; n])[i] += 1;
+                }
+            }
+        }
+        *self.terms.get_mut() = TermCounts { by_term: HashMap::new(), anti };
+    }
+
+    /// Adds `delta` for `pod` on node `i` to every count it belongs to.
+    fn count(&mut self, pod: &PodInfo, i: usize, delta: i64) {
+        let n = self.nodes.len();
+        let tc = self.terms.get_mut();
+        for (k, v) in tc.by_term.iter_mut() {
+            if k.counts(pod) {
+                v[i] += delta;
+            }
+        }
+        for t in &pod.anti_affinity {
+            let v = tc.anti.entry(t.clone()).or_insert_with(|| vec![0; n]);
+            v[i] += delta;
+            if delta < 0 && v.iter().all(|&c| c == 0) {
+                tc.anti.remove(t);
+            }
+        }
+    }
+
+    /// Placed pods `key` counts, per node index.
+    pub fn with_term_counts<R>(&self, key: &TermKey, f: impl FnOnce(&[i64]) -> R) -> R {
+        let mut tc = self.terms.lock();
+        if !tc.by_term.contains_key(key) {
+            if tc.by_term.len() >= MAX_TERMS {
+                tc.by_term.clear();
+            }
+            let v = self.nodes.iter().map(|n| n.pods.iter().filter(|p| key.counts(p)).count() as i64).collect();
+            tc.by_term.insert(key.clone(), v);
+        }
+        f(&tc.by_term[key])
+    }
+
+    /// The distinct required anti-affinity terms of placed pods, each with
+    /// how many pods carry it per node index.
+    pub fn with_anti_terms<R>(&self, f: impl FnOnce(&HashMap<PodTerm, Vec<i64>>) -> R) -> R {
+        f(&self.terms.lock().anti)
     }
 
     /// The node is gone; pods that named it keep their placement (they are
@@ -73,6 +152,7 @@ impl Cache {
         if let Some(moved) = self.nodes.get(i) {
             self.index.insert(moved.name.clone(), i);
         }
+        self.reindex_terms();
     }
 
     /// `pod` holds a place on `node` (observed from the store, or assumed).
@@ -80,8 +160,8 @@ impl Cache {
         self.remove_pod(&pod.key);
         if let Some(&i) = self.index.get(node) {
             self.nodes[i].add(pod.clone());
+            self.count(&pod, i, 1);
         }
-        self.anti_pods += usize::from(!pod.anti_affinity.is_empty());
         self.placed.insert(pod.key.clone(), Placement { node: node.to_string(), pod, assumed });
     }
 
@@ -89,13 +169,9 @@ impl Cache {
         let Some(p) = self.placed.remove(key) else { return false };
         if let Some(&i) = self.index.get(&p.node) {
             self.nodes[i].remove(key);
+            self.count(&p.pod, i, -1);
         }
-        self.anti_pods -= usize::from(!p.pod.anti_affinity.is_empty());
         true
-    }
-
-    pub fn anti_pods(&self) -> usize {
-        self.anti_pods
     }
 
     /// The domains of topology key `key`.
@@ -169,6 +245,24 @@ mod tests {
         let host = c.topology("kubernetes.io/hostname");
         assert_eq!(host.domains, 1, "a new node drops the cached topology");
         assert_eq!(host.domain_of[c.node("n3").unwrap()], 0);
+        // Counts by term follow placements, and survive node changes.
+        let anti = pod(json!({"metadata": {"name": "w", "namespace": "d", "labels": {"app": "web"}},
+            "spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}]}},
+                "containers": [{"name": "c"}]}}));
+        let key = TermKey { term: anti.anti_affinity[0].clone(), live_only: false };
+        let n3 = c.node("n3").unwrap();
+        assert_eq!(c.with_term_counts(&key, |v| v.iter().sum::<i64>()), 0);
+        c.place(anti.clone(), "n3", true);
+        assert_eq!(c.with_term_counts(&key, |v| v[n3]), 1);
+        assert_eq!(c.with_anti_terms(|t| t[&key.term][n3]), 1);
+        c.upsert_node(node("n4"));
+        let n3 = c.node("n3").unwrap();
+        assert_eq!(c.with_term_counts(&key, |v| v[n3]), 1, "rebuilt after a node change");
+        assert_eq!(c.with_anti_terms(|t| t[&key.term][n3]), 1);
+        c.remove_pod("d/w");
+        assert_eq!(c.with_term_counts(&key, |v| v.iter().sum::<i64>()), 0);
+        assert!(c.with_anti_terms(|t| t.is_empty()), "a term no pod carries is forgotten");
         assert!(c.remove_pod("d/a"));
         assert_eq!(c.nodes[c.node("n1").unwrap()].used_cpu, 0);
         assert_eq!(c.placed_count(), 0);

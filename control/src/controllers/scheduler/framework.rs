@@ -19,7 +19,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use super::cache::{Cache, Topology, NO_DOMAIN};
+use super::cache::{Cache, TermKey, Topology, NO_DOMAIN};
 use super::model::{unschedulable_taint, NodeInfo, PodInfo, PodTerm, SpreadConstraint, Taint};
 
 pub const NODE_NAME: &str = "node(s) didn't match the requested node name";
@@ -144,15 +144,14 @@ pub struct PreState {
 /// Pods matching `term` per domain of its topology key.
 fn domain_counts(cache: &Cache, term: &PodTerm) -> PerDomain<i64> {
     let mut d = PerDomain::new(cache.topology(&term.topology_key));
-    for (i, n) in cache.nodes.iter().enumerate() {
-        if n.pods.is_empty() {
-            continue;
+    let key = TermKey { term: PodTerm { weight: 0, ..term.clone() }, live_only: false };
+    cache.with_term_counts(&key, |per_node| {
+        for (i, &c) in per_node.iter().enumerate().filter(|(_, &c)| c != 0) {
+            if let Some(v) = d.at_mut(i) {
+                *v += c;
+            }
         }
-        let c = n.pods.iter().filter(|p| term.matches(p)).count() as i64;
-        if let Some(v) = d.at_mut(i) {
-            *v += c;
-        }
-    }
+    });
     d
 }
 
@@ -167,21 +166,19 @@ impl PreState {
             affinity.iter().all(|d| !d.values.contains(&true)) && pod.affinity.iter().all(|t| t.matches(pod));
         let anti = pod.anti_affinity.iter().map(|t| present(domain_counts(cache, t))).collect();
         // Existing pods' anti-affinity: the rule is symmetric.
-        let mut closed: HashMap<&str, PerDomain<bool>> = HashMap::new();
-        if cache.anti_pods() > 0 {
-            for (i, n) in cache.nodes.iter().enumerate() {
-                for other in n.pods.iter().filter(|p| !p.anti_affinity.is_empty() && p.key != pod.key) {
-                    for t in other.anti_affinity.iter().filter(|t| t.matches(pod)) {
-                        let d = closed
-                            .entry(t.topology_key.as_str())
-                            .or_insert_with(|| PerDomain::new(cache.topology(&t.topology_key)));
-                        if let Some(v) = d.at_mut(i) {
-                            *v = true;
-                        }
+        let mut closed: HashMap<String, PerDomain<bool>> = HashMap::new();
+        cache.with_anti_terms(|terms| {
+            for (t, per_node) in terms.iter().filter(|(t, _)| t.matches(pod)) {
+                let d = closed
+                    .entry(t.topology_key.clone())
+                    .or_insert_with(|| PerDomain::new(cache.topology(&t.topology_key)));
+                for (i, _) in per_node.iter().enumerate().filter(|(_, &c)| c > 0) {
+                    if let Some(v) = d.at_mut(i) {
+                        *v = true;
                     }
                 }
             }
-        }
+        });
         let spread = pod.spread.iter().map(|c| spread_state(pod, c, cache)).collect();
         let preferred = pod
             .preferred_affinity
@@ -197,22 +194,29 @@ impl PreState {
 fn spread_state(pod: &PodInfo, c: &SpreadConstraint, cache: &Cache) -> Spread {
     let mut counts = PerDomain::new(cache.topology(&c.topology_key));
     let mut counted = vec![false; counts.values.len()];
-    for (i, n) in cache.nodes.iter().enumerate() {
-        let d = counts.topo.domain_of[i];
-        if d == NO_DOMAIN
-            || (c.honor_affinity && !node_matches(pod, n))
-            || (c.honor_taints && untolerated_hard_taint(pod, n).is_some())
-        {
-            continue;
+    // The constraint's pods: its selector, in the pod's namespace, not terminating.
+    let term = PodTerm {
+        selector: c.selector.clone(),
+        namespaces: vec![pod.namespace.clone()],
+        all_namespaces: false,
+        topology_key: c.topology_key.clone(),
+        weight: 0,
+    };
+    let filtered = (c.honor_affinity && (!pod.node_selector.is_empty() || pod.node_terms.is_some())) || c.honor_taints;
+    cache.with_term_counts(&TermKey { term, live_only: true }, |per_node| {
+        for (i, n) in cache.nodes.iter().enumerate() {
+            let d = counts.topo.domain_of[i];
+            if d == NO_DOMAIN
+                || (filtered
+                    && ((c.honor_affinity && !node_matches(pod, n))
+                        || (c.honor_taints && untolerated_hard_taint(pod, n).is_some())))
+            {
+                continue;
+            }
+            counted[d as usize] = true;
+            counts.values[d as usize] += per_node[i];
         }
-        counted[d as usize] = true;
-        let here = n
-            .pods
-            .iter()
-            .filter(|p| p.namespace == pod.namespace && !p.deleting && c.selector.matches(&p.labels))
-            .count() as i64;
-        counts.values[d as usize] += here;
-    }
+    });
     let domains = counted.iter().filter(|&&c| c).count() as i64;
     let min = if domains < c.min_domains {
         0

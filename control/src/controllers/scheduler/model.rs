@@ -110,7 +110,7 @@ impl Toleration {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Op {
     In,
     NotIn,
@@ -123,7 +123,7 @@ pub enum Op {
 }
 
 /// One requirement of a label or node selector.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Requirement {
     pub key: String,
     pub op: Op,
@@ -170,7 +170,7 @@ impl Requirement {
 
 /// A metav1.LabelSelector. `None` fields in the API mean "matches nothing"
 /// for affinity terms; an empty selector matches everything.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct LabelSelector {
     pub reqs: Vec<Requirement>,
 }
@@ -218,7 +218,7 @@ impl NodeSelectorTerm {
 
 /// A pod (anti-)affinity term: pods matching `selector` in `namespaces`,
 /// within the same `topology_key` domain.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PodTerm {
     pub selector: LabelSelector,
     /// Empty with `all_namespaces` false: the pod's own namespace.
