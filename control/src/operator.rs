@@ -87,12 +87,83 @@ pub fn render_status(rows: &[MasterRow]) -> String {
         };
         out.push_str(&line);
     }
-    out.push_str("\nNODES\n(no node agents yet)\n");
     out
+}
+
+/// Renders the nodes table from Node objects and their heartbeat Leases
+/// (kube-node-lease): readiness, cordon, allocatable, last heartbeat.
+pub fn render_nodes(
+    nodes: &[serde_json::Value],
+    leases: &[serde_json::Value],
+    now: chrono::DateTime<chrono::Utc>,
+) -> String {
+    if nodes.is_empty() {
+        return "\nNODES\n(none registered)\n".to_string();
+    }
+    let mut out = format!(
+        "\nNODES\n{:<24} {:<9} {:<13} {:>6} {:>10} {:>5}  {}\n",
+        "NAME", "STATUS", "SCHEDULING", "CPU", "MEMORY", "PODS", "HEARTBEAT"
+    );
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    for n in nodes {
+        let name = n["metadata"]["name"].as_str().unwrap_or_default();
+        let ready = n["status"]["conditions"].as_array().into_iter().flatten().find(|c| c["type"] == "Ready").map_or(
+            "Unknown",
+            |c| match c["status"].as_str() {
+                Some("True") => "Ready",
+                Some("False") => "NotReady",
+                _ => "Unknown",
+            },
+        );
+        let scheduling = if n["spec"]["unschedulable"] == true { "cordoned" } else { "schedulable" };
+        let alloc = &n["status"]["allocatable"];
+        let renewed = leases
+            .iter()
+            .find(|l| l["metadata"]["name"] == name)
+            .and_then(|l| l["spec"]["renewTime"].as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .map_or("never".to_string(), |t| {
+                format!("{}s ago", (now - t.with_timezone(&chrono::Utc)).num_seconds().max(0))
+            });
+        out.push_str(&format!(
+            "{:<24} {:<9} {:<13} {:>6} {:>10} {:>5}  {}\n",
+            name,
+            ready,
+            scheduling,
+            text(&alloc["cpu"]),
+            text(&alloc["memory"]),
+            text(&alloc["pods"]),
+            renewed
+        ));
+    }
+    out
+}
+
+/// Every object of a kind (in one namespace), read through the etcd API.
+async fn registry_objects(
+    ch: tonic::transport::Channel,
+    api_version: &str,
+    kind: &str,
+    ns: Option<&str>,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let rt = capstan_proto::k8s::registry::by_kind(api_version, kind).context("kind not served")?;
+    let prefix = crate::api::objects::prefix(rt, ns);
+    let mut end = prefix.clone();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    let req = pb::RangeRequest { key: prefix, range_end: end, ..Default::default() };
+    let kvs = pb::kv_client::KvClient::new(ch).range(req).await?.into_inner().kvs;
+    Ok(kvs
+        .iter()
+        .filter_map(|kv| capstan_proto::k8s::stored::StoredObject::decode(&kv.value, kv.mod_revision).ok())
+        .collect())
 }
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
     let ch = admin::admin_channel(&a.data_dir).await?;
+    let nodes = registry_objects(ch.clone(), "v1", "Node", None).await?;
+    let leases = registry_objects(ch.clone(), "coordination.k8s.io/v1", "Lease", Some("kube-node-lease")).await?;
     let members = pb::cluster_client::ClusterClient::new(ch).member_list(pb::MemberListRequest::default()).await?;
     let (ca, cert) = admin::issue_admin(&a.data_dir)?;
     let mut rows = Vec::new();
@@ -123,6 +194,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<()> {
         rows.push(MasterRow { name: m.name, id: m.id, endpoint, status });
     }
     print!("{}", render_status(&rows));
+    print!("{}", render_nodes(&nodes, &leases, chrono::Utc::now()));
     Ok(())
 }
 
@@ -308,5 +380,24 @@ mod tests {
         assert!(lines[1].contains("leader") && lines[1].contains("2.0 KiB"), "{out}");
         assert!(lines[2].contains("voter") && lines[2].split_whitespace().any(|w| w == "20"), "{out}");
         assert!(lines[3].contains("unreachable"), "{out}");
+    }
+
+    #[test]
+    fn nodes_table_shows_readiness_cordon_and_heartbeat() {
+        use serde_json::json;
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:01:00Z").unwrap().with_timezone(&chrono::Utc);
+        assert!(render_nodes(&[], &[], now).contains("(none registered)"));
+        let nodes = [
+            json!({"metadata": {"name": "n1"}, "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "pods": "110"},
+                "conditions": [{"type": "Ready", "status": "True"}]}}),
+            json!({"metadata": {"name": "n2"}, "spec": {"unschedulable": true},
+                "status": {"conditions": [{"type": "Ready", "status": "Unknown"}]}}),
+        ];
+        let leases = [json!({"metadata": {"name": "n1"}, "spec": {"renewTime": "2026-01-01T00:00:50.000000Z"}})];
+        let out = render_nodes(&nodes, &leases, now);
+        let lines: Vec<&str> = out.lines().collect();
+        let cols = |l: &str| l.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+        assert_eq!(cols(lines[3]), ["n1", "Ready", "schedulable", "4", "8Gi", "110", "10s", "ago"], "{out}");
+        assert_eq!(cols(lines[4]), ["n2", "Unknown", "cordoned", "-", "-", "-", "never"], "{out}");
     }
 }
