@@ -191,11 +191,19 @@ impl ApiServer {
         };
         let accept = header_str(&parts.headers, header::ACCEPT);
         let wants_yaml = accept.starts_with("application/yaml");
-        let result = self.clone().dispatch(cert_user, route, &parts, query, body, accept).await;
-        let resp = match result {
+        // Kubernetes' Audit-ID: the client's if it sent a sane one, else a
+        // fresh one; on every log line of the request and in the response.
+        let audit_id = audit_id(&parts.headers);
+        let span = tracing::info_span!("request", audit_id = %audit_id, verb, path = %parts.uri.path());
+        let result = {
+            use tracing::Instrument;
+            self.clone().dispatch(cert_user, route, &parts, query, body, accept).instrument(span.clone()).await
+        };
+        let _entered = span.enter();
+        let mut resp = match result {
             Ok(reply) => render(reply, wants_yaml),
             Err(e) => {
-                tracing::debug!(path = %parts.uri.path(), code = e.code, reason = e.reason, "request failed: {}", e.message);
+                tracing::debug!(code = e.code, reason = e.reason, "request failed: {}", e.message);
                 render(
                     Reply {
                         code: StatusCode::from_u16(e.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
@@ -206,6 +214,16 @@ impl ApiServer {
                 )
             }
         };
+        if let Ok(v) = HeaderValue::from_str(&audit_id) {
+            resp.headers_mut().insert("audit-id", v);
+        }
+        let code = resp.status().as_u16();
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        if code >= 500 {
+            tracing::warn!(code, latency_ms = ms, resource, "request");
+        } else {
+            tracing::debug!(code, latency_ms = ms, resource, "request");
+        }
         self.metrics.inflight.dec();
         self.metrics.requests.with_label_values(&[verb, &resource, resp.status().as_str()]).inc();
         if verb != "watch" {
@@ -399,6 +417,15 @@ pub fn token_key(token: &str) -> Vec<u8> {
     format!("/capstan/api-tokens/{}", hex::encode(sha2::Sha256::digest(token.as_bytes()))).into_bytes()
 }
 
+/// The request's Audit-ID: the client's (at most 128 printable ASCII
+/// characters) or a new UUID.
+fn audit_id(h: &http::HeaderMap) -> String {
+    h.get("audit-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string)
+}
+
 fn not_found_path() -> ApiError {
     ApiError::new(404, "NotFound", "the server could not find the requested resource")
 }
@@ -429,10 +456,6 @@ fn render(reply: Reply, yaml: bool) -> Response<Body> {
     let mut resp = Response::new(bytes);
     *resp.status_mut() = reply.code;
     resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-    resp.headers_mut().insert(
-        "audit-id",
-        HeaderValue::from_str(&uuid::Uuid::new_v4().to_string()).unwrap_or(HeaderValue::from_static("-")),
-    );
     for w in reply.warnings {
         let quoted = w.replace('\\', "\\\\").replace('"', "\\\"");
         if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{quoted}\"")) {
@@ -440,4 +463,21 @@ fn render(reply: Reply, yaml: bool) -> Response<Body> {
         }
     }
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_ids_are_the_clients_when_sane() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(audit_id(&h).len(), 36, "a fresh UUID");
+        h.insert("audit-id", HeaderValue::from_static("abc-123"));
+        assert_eq!(audit_id(&h), "abc-123");
+        h.insert("audit-id", HeaderValue::from_str(&"x".repeat(129)).unwrap());
+        assert_eq!(audit_id(&h).len(), 36, "too long: replaced");
+        h.insert("audit-id", HeaderValue::from_static("two words"));
+        assert_ne!(audit_id(&h), "two words");
+    }
 }
