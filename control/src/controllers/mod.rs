@@ -9,6 +9,9 @@
 //! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler/`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //! - `serviceaccount.rs`: each namespace's `default` ServiceAccount and `kube-root-ca.crt`.
+//! - `events.rs`: the event recorder every controller and the scheduler
+//!   records what it did with (client-go's EventRecorder; `events/correlator.rs`
+//!   aggregates and throttles them, pure).
 //!
 //! Every master runs informers and actors (warm caches); only the lease
 //! holder's actors process their queues. Writes go through the API's
@@ -19,6 +22,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
+pub mod events;
 pub mod gc;
 pub mod informer;
 pub mod job;
