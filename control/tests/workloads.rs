@@ -497,6 +497,17 @@ fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() {
     }
     let table = ok(&kc, &["get", "nodes"]);
     assert!(table.lines().any(|l| l.starts_with("n1") && l.contains("Unknown")), "{table}");
+    // As events: the node's NotReady (where describe node looks), each eviction.
+    let not_ready = wait_event(&kc, "default", 30, "NodeNotReady", |e| {
+        e["reason"] == "NodeNotReady" && e["involvedObject"]["name"] == "n1"
+    });
+    assert_eq!(not_ready["message"], "Node n1 status is now: NodeNotReady");
+    assert_eq!(not_ready["source"]["component"], "node-controller");
+    let described = ok(&kc, &["describe", "node", "n1"]);
+    assert!(described.split("Events:").nth(1).is_some_and(|e| e.contains("NodeNotReady")), "{described}");
+    let evicted = wait_event(&kc, "default", 30, "TaintManagerEviction", |e| e["reason"] == "TaintManagerEviction");
+    let pod = evicted["involvedObject"]["name"].as_str().unwrap();
+    assert_eq!(evicted["message"], format!("Marking for deletion Pod default/{pod}"));
 
     // It comes back: Ready, untainted.
     kubelet.alive.lock().unwrap().push("n1".into());
@@ -540,6 +551,21 @@ fn cronjobs_fire_on_schedule() {
     }
     let cj = json_of(&kc, &["get", "cronjob", "tick"]);
     assert!(cj["status"]["lastScheduleTime"].is_string(), "{cj}");
+    // Kubernetes' events on the CronJob: the run created, then seen completed.
+    let on_tick = |e: &Value, reason: &str| e["reason"] == reason && e["involvedObject"]["name"] == "tick";
+    let created = wait_event(&kc, "default", 30, "SuccessfulCreate on tick", |e| on_tick(e, "SuccessfulCreate"));
+    let job =
+        created["message"].as_str().unwrap().strip_prefix("Created job ").expect("Created job <name>").to_string();
+    assert!(job.starts_with("tick-"), "{created}");
+    let seen = wait_event(&kc, "default", 60, "SawCompletedJob", |e| on_tick(e, "SawCompletedJob"));
+    assert!(seen["message"].as_str().unwrap().ends_with(", condition: Complete"), "{seen}");
+    let completed = wait_event(&kc, "default", 30, "the Job's Completed", |e| {
+        e["reason"] == "Completed" && e["involvedObject"]["name"] == job.as_str()
+    });
+    assert_eq!(
+        (&completed["message"], &completed["source"]["component"]),
+        (&json!("Job completed"), &json!("job-controller"))
+    );
     // Each run is named by its minute, and the status names the latest.
     let jobs = json_of(&kc, &["get", "jobs"]);
     let times: Vec<&str> = jobs["items"]
@@ -717,6 +743,14 @@ fn statefulsets_start_in_order_and_update_from_the_top() {
     let added = |name: &str| first(&evs, &format!("{name} is added"), |e| e.0 == "ADDED" && e.1 == name);
     let (a0, a1, a2) = (added("db-0"), added("db-1"), added("db-2"));
     assert!(a0 < a1 && a1 < a2, "creation order: {evs:?}");
+    for pod in ["db-0", "db-1", "db-2"] {
+        let msg = format!("create Pod {pod} in StatefulSet db successful");
+        let e = wait_event(&kc, "default", 30, &msg, |e| e["reason"] == "SuccessfulCreate" && e["message"] == msg);
+        assert_eq!(
+            (&e["involvedObject"]["kind"], &e["source"]["component"]),
+            (&json!("StatefulSet"), &json!("statefulset-controller"))
+        );
+    }
     for (prev, at) in [("db-0", a1), ("db-1", a2)] {
         let ready_at = first(&evs, &format!("{prev} is ready"), |e| e.1 == prev && e.3);
         assert!(ready_at < at, "{prev} was not ready before its successor was created: {evs:?}");
@@ -948,6 +982,10 @@ fn the_scheduler_spreads_drains_and_preempts() {
     assert_eq!(p["spec"]["preemptionPolicy"], "PreemptLowerPriority");
     assert_eq!(p["status"]["nominatedNodeName"], p["spec"]["nodeName"], "nominated where it was placed");
     let fillers = wait_pods(&kc, "sched", "app=filler", 30, "two fillers gone", |p| p.len() == 4);
+    let preempted = wait_event(&kc, "sched", 30, "Preempted", |e| e["reason"] == "Preempted");
+    let by = format!("Preempted by pod {} on node {}", p["metadata"]["uid"].as_str().unwrap(), node_of(p));
+    assert_eq!(preempted["message"], by);
+    assert!(preempted["involvedObject"]["name"].as_str().unwrap().starts_with("filler-"), "{preempted}");
     assert!(
         fillers.iter().filter(|f| node_of(f) == node_of(p)).count() == 0,
         "both fillers on the important pod's node were preempted"
