@@ -1194,5 +1194,18 @@ fn controllers_and_the_scheduler_record_events() {
     let events = described.split("Events:").nth(1).unwrap_or_default();
     let line = events.lines().find(|l| l.contains("FailedScheduling")).unwrap_or_else(|| panic!("{described}"));
     assert!(line.contains("Warning") && line.contains(" (x") && line.contains(why), "{line}");
+
+    // The recorder's counts.
+    let raw = std::fs::read(up.master_dir(0).join("endpoints.json")).unwrap();
+    let url = serde_json::from_slice::<Value>(&raw).unwrap()["metrics_url"].as_str().unwrap().to_string();
+    let (code, body) = common::http_get(&format!("{url}/metrics")).unwrap();
+    assert_eq!(code, 200);
+    let count = |result: &str| -> f64 {
+        let series = format!("capstan_events_recorded_total{{result=\"{result}\"}} ");
+        let line = body.lines().find(|l| l.starts_with(&series)).unwrap_or_else(|| panic!("no {series}"));
+        line[series.len()..].trim().parse().unwrap()
+    };
+    assert!(count("written") >= 6.0 && count("aggregated") >= 2.0, "{}", count("written"));
+    assert_eq!((count("dropped"), count("failed")), (0.0, 0.0));
     drop(kubelet);
 }
