@@ -497,6 +497,17 @@ fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() {
     }
     let table = ok(&kc, &["get", "nodes"]);
     assert!(table.lines().any(|l| l.starts_with("n1") && l.contains("Unknown")), "{table}");
+    // As events: the node's NotReady (where describe node looks), each eviction.
+    let not_ready = wait_event(&kc, "default", 30, "NodeNotReady", |e| {
+        e["reason"] == "NodeNotReady" && e["involvedObject"]["name"] == "n1"
+    });
+    assert_eq!(not_ready["message"], "Node n1 status is now: NodeNotReady");
+    assert_eq!(not_ready["source"]["component"], "node-controller");
+    let described = ok(&kc, &["describe", "node", "n1"]);
+    assert!(described.split("Events:").nth(1).is_some_and(|e| e.contains("NodeNotReady")), "{described}");
+    let evicted = wait_event(&kc, "default", 30, "TaintManagerEviction", |e| e["reason"] == "TaintManagerEviction");
+    let pod = evicted["involvedObject"]["name"].as_str().unwrap();
+    assert_eq!(evicted["message"], format!("Marking for deletion Pod default/{pod}"));
 
     // It comes back: Ready, untainted.
     kubelet.alive.lock().unwrap().push("n1".into());
@@ -540,6 +551,21 @@ fn cronjobs_fire_on_schedule() {
     }
     let cj = json_of(&kc, &["get", "cronjob", "tick"]);
     assert!(cj["status"]["lastScheduleTime"].is_string(), "{cj}");
+    // Kubernetes' events on the CronJob: the run created, then seen completed.
+    let on_tick = |e: &Value, reason: &str| e["reason"] == reason && e["involvedObject"]["name"] == "tick";
+    let created = wait_event(&kc, "default", 30, "SuccessfulCreate on tick", |e| on_tick(e, "SuccessfulCreate"));
+    let job =
+        created["message"].as_str().unwrap().strip_prefix("Created job ").expect("Created job <name>").to_string();
+    assert!(job.starts_with("tick-"), "{created}");
+    let seen = wait_event(&kc, "default", 60, "SawCompletedJob", |e| on_tick(e, "SawCompletedJob"));
+    assert!(seen["message"].as_str().unwrap().ends_with(", condition: Complete"), "{seen}");
+    let completed = wait_event(&kc, "default", 30, "the Job's Completed", |e| {
+        e["reason"] == "Completed" && e["involvedObject"]["name"] == job.as_str()
+    });
+    assert_eq!(
+        (&completed["message"], &completed["source"]["component"]),
+        (&json!("Job completed"), &json!("job-controller"))
+    );
     // Each run is named by its minute, and the status names the latest.
     let jobs = json_of(&kc, &["get", "jobs"]);
     let times: Vec<&str> = jobs["items"]
@@ -717,6 +743,14 @@ fn statefulsets_start_in_order_and_update_from_the_top() {
     let added = |name: &str| first(&evs, &format!("{name} is added"), |e| e.0 == "ADDED" && e.1 == name);
     let (a0, a1, a2) = (added("db-0"), added("db-1"), added("db-2"));
     assert!(a0 < a1 && a1 < a2, "creation order: {evs:?}");
+    for pod in ["db-0", "db-1", "db-2"] {
+        let msg = format!("create Pod {pod} in StatefulSet db successful");
+        let e = wait_event(&kc, "default", 30, &msg, |e| e["reason"] == "SuccessfulCreate" && e["message"] == msg);
+        assert_eq!(
+            (&e["involvedObject"]["kind"], &e["source"]["component"]),
+            (&json!("StatefulSet"), &json!("statefulset-controller"))
+        );
+    }
     for (prev, at) in [("db-0", a1), ("db-1", a2)] {
         let ready_at = first(&evs, &format!("{prev} is ready"), |e| e.1 == prev && e.3);
         assert!(ready_at < at, "{prev} was not ready before its successor was created: {evs:?}");
@@ -948,6 +982,10 @@ fn the_scheduler_spreads_drains_and_preempts() {
     assert_eq!(p["spec"]["preemptionPolicy"], "PreemptLowerPriority");
     assert_eq!(p["status"]["nominatedNodeName"], p["spec"]["nodeName"], "nominated where it was placed");
     let fillers = wait_pods(&kc, "sched", "app=filler", 30, "two fillers gone", |p| p.len() == 4);
+    let preempted = wait_event(&kc, "sched", 30, "Preempted", |e| e["reason"] == "Preempted");
+    let by = format!("Preempted by pod {} on node {}", p["metadata"]["uid"].as_str().unwrap(), node_of(p));
+    assert_eq!(preempted["message"], by);
+    assert!(preempted["involvedObject"]["name"].as_str().unwrap().starts_with("filler-"), "{preempted}");
     assert!(
         fillers.iter().filter(|f| node_of(f) == node_of(p)).count() == 0,
         "both fillers on the important pod's node were preempted"
@@ -987,5 +1025,187 @@ fn the_scheduler_spreads_drains_and_preempts() {
     let table = ok(&kc, &["get", "priorityclass"]);
     assert!(table.contains("system-node-critical") && table.contains("2000001000"), "{table}");
     assert!(table.lines().any(|l| l.starts_with("high") && l.contains("1000")), "{table}");
+    drop(kubelet);
+}
+
+fn etcdctl(up: &common::Up, args: &[&str]) -> String {
+    let env = std::fs::read_to_string(up.dir.path().join("etcdctl.env")).unwrap();
+    let mut cmd = Command::new("etcdctl");
+    for (k, v) in env.lines().filter_map(|l| l.strip_prefix("export ")).filter_map(|l| l.split_once('=')) {
+        cmd.env(k, v);
+    }
+    let out = cmd.args(args).output().unwrap();
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Waits until the events of namespace `ns` hold one `check` accepts.
+fn wait_event(kc: &PathBuf, ns: &str, secs: u64, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let list = json_of(kc, &["get", "events", "-n", ns]);
+        if let Some(e) = list["items"].as_array().into_iter().flatten().find(|e| check(e)) {
+            return e.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            serde_json::to_string_pretty(&list["items"]).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+const EVENTFUL: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, namespace: ev}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: app
+        image: registry.local/web:1
+        resources: {requests: {cpu: 100m, memory: 64Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: stuck, namespace: ev}
+spec:
+  nodeSelector: {disk: ssd}
+  containers:
+  - name: app
+    image: registry.local/web:1
+";
+
+/// A rollout leaves Kubernetes' events behind — on the Deployment, its
+/// ReplicaSet and each pod — that `kubectl get events` and `kubectl
+/// describe` show; they expire with the event TTL; and an event repeated
+/// (an unschedulable pod retried) is one Event counting its repeats.
+#[test]
+fn controllers_and_the_scheduler_record_events() {
+    let up = common::up(1);
+    let kc = up.dir.path().join("kubeconfig");
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node("n1", "4")));
+    assert!(good, "{err}");
+    let kubelet = TestKubelet::start(kc.clone());
+    *kubelet.alive.lock().unwrap() = vec!["n1".into()];
+    ok(&kc, &["create", "namespace", "ev"]);
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(EVENTFUL));
+    assert!(good, "{err}");
+    ok(&kc, &["rollout", "status", "deploy/web", "-n", "ev", "--timeout=60s"]);
+    let rs = json_of(&kc, &["get", "rs", "-n", "ev", "-l", "app=web"]);
+    let rs_name = rs["items"][0]["metadata"]["name"].as_str().unwrap().to_string();
+    let rs_uid = rs["items"][0]["metadata"]["uid"].clone();
+    let pods = wait_pods(&kc, "ev", "app=web", 30, "two web pods", |p| p.len() == 2);
+
+    let is = |e: &Value, reason: &str, kind: &str, name: &str| {
+        e["reason"] == reason && e["involvedObject"]["kind"] == kind && e["involvedObject"]["name"] == name
+    };
+    let scaled = wait_event(&kc, "ev", 30, "ScalingReplicaSet", |e| is(e, "ScalingReplicaSet", "Deployment", "web"));
+    assert_eq!(scaled["message"], format!("Scaled up replica set {rs_name} from 0 to 2"));
+    assert_eq!(scaled["type"], "Normal");
+    assert_eq!(scaled["source"]["component"], "deployment-controller");
+    assert_eq!(scaled["involvedObject"]["apiVersion"], "apps/v1");
+    assert_eq!(scaled["involvedObject"]["namespace"], "ev");
+    assert_eq!(scaled["count"], 1);
+    for p in &pods {
+        let pod = p["metadata"]["name"].as_str().unwrap();
+        let created = wait_event(&kc, "ev", 30, "SuccessfulCreate", |e| {
+            is(e, "SuccessfulCreate", "ReplicaSet", &rs_name) && e["message"] == format!("Created pod: {pod}")
+        });
+        assert_eq!(created["involvedObject"]["uid"], rs_uid);
+        assert_eq!(created["source"]["component"], "replicaset-controller");
+        let scheduled = wait_event(&kc, "ev", 30, "Scheduled", |e| is(e, "Scheduled", "Pod", pod));
+        assert_eq!(scheduled["message"], format!("Successfully assigned ev/{pod} to n1"));
+        assert_eq!(scheduled["involvedObject"]["uid"], p["metadata"]["uid"]);
+        assert_eq!(scheduled["source"]["component"], "default-scheduler");
+        assert!(scheduled["firstTimestamp"].is_string() && scheduled["lastTimestamp"].is_string(), "{scheduled}");
+    }
+
+    // The table kubectl prints, and the Events section of describe.
+    let pod = pods[0]["metadata"]["name"].as_str().unwrap();
+    let table = ok(&kc, &["get", "events", "-n", "ev"]);
+    let header = table.lines().next().unwrap_or_default().split_whitespace().collect::<Vec<_>>().join(" ");
+    assert_eq!(header, "LAST SEEN TYPE REASON OBJECT MESSAGE", "{table}");
+    let row = table.lines().find(|l| l.contains(&format!("pod/{pod}")) && l.contains("Scheduled"));
+    let row = row.unwrap_or_else(|| panic!("no Scheduled row for {pod}: {table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[1..4], ["Normal", "Scheduled", &format!("pod/{pod}")], "{row}");
+    assert!(row.ends_with(&format!("Successfully assigned ev/{pod} to n1")), "{row}");
+    assert!(table.contains("deployment/web") && table.contains(&format!("replicaset/{rs_name}")), "{table}");
+    let wide = ok(&kc, &["get", "events", "-n", "ev", "-o", "wide"]);
+    assert!(wide.contains("SOURCE") && wide.contains("COUNT") && wide.contains("default-scheduler"), "{wide}");
+    let described = ok(&kc, &["describe", "pod", pod, "-n", "ev"]);
+    let events = described.split("Events:").nth(1).unwrap_or_else(|| panic!("no Events section: {described}"));
+    assert!(
+        events.lines().any(|l| l.contains("Normal")
+            && l.contains("Scheduled")
+            && l.contains("default-scheduler")
+            && l.contains(&format!("Successfully assigned ev/{pod} to n1"))),
+        "{events}"
+    );
+    let described = ok(&kc, &["describe", "deploy", "web", "-n", "ev"]);
+    assert!(described.contains(&format!("Scaled up replica set {rs_name} from 0 to 2")), "{described}");
+
+    // Written in-process, Events still go on the event lease (1 h TTL).
+    let name = scaled["metadata"]["name"].as_str().unwrap();
+    let got: Value =
+        serde_json::from_str(&etcdctl(&up, &["get", &format!("/registry/core/events/ev/{name}"), "-w", "json"]))
+            .unwrap();
+    let lease = got["kvs"][0]["lease"].as_i64().expect("the event's key has a lease");
+    let ttl = etcdctl(&up, &["lease", "timetolive", &format!("{lease:x}")]);
+    let secs: i64 =
+        ttl.split("remaining(").nth(1).and_then(|r| r.split('s').next()).and_then(|n| n.parse().ok()).expect(&ttl);
+    assert!((3500..=3660).contains(&secs), "{ttl}");
+
+    // The pod that fits nowhere: each retry (a node change) says the same,
+    // and it is one Event whose count goes up.
+    let why = "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector.";
+    let failed = wait_event(&kc, "ev", 30, "FailedScheduling", |e| is(e, "FailedScheduling", "Pod", "stuck"));
+    assert_eq!(failed["type"], "Warning");
+    assert!(failed["message"].as_str().unwrap().starts_with(why), "{failed}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tick = 0;
+    let repeated = loop {
+        tick += 1;
+        ok(&kc, &["label", "node", "n1", &format!("tick={tick}"), "--overwrite"]);
+        std::thread::sleep(Duration::from_millis(1500));
+        let list = json_of(&kc, &["get", "events", "-n", "ev", "--field-selector", "involvedObject.name=stuck"]);
+        let items: Vec<Value> = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| e["reason"] == "FailedScheduling")
+            .cloned()
+            .collect();
+        assert_eq!(items.len(), 1, "one Event for the repeats: {items:?}");
+        if items[0]["count"].as_i64().unwrap_or(0) >= 3 {
+            break items[0].clone();
+        }
+        assert!(Instant::now() < deadline, "FailedScheduling never repeated: {items:?}");
+    };
+    assert_eq!(repeated["metadata"]["name"], failed["metadata"]["name"]);
+    assert_eq!(repeated["firstTimestamp"], failed["firstTimestamp"]);
+    assert!(repeated["lastTimestamp"].as_str() >= failed["lastTimestamp"].as_str(), "{repeated}");
+    let described = ok(&kc, &["describe", "pod", "stuck", "-n", "ev"]);
+    let events = described.split("Events:").nth(1).unwrap_or_default();
+    let line = events.lines().find(|l| l.contains("FailedScheduling")).unwrap_or_else(|| panic!("{described}"));
+    assert!(line.contains("Warning") && line.contains(" (x") && line.contains(why), "{line}");
+
+    // The recorder's counts.
+    let raw = std::fs::read(up.master_dir(0).join("endpoints.json")).unwrap();
+    let url = serde_json::from_slice::<Value>(&raw).unwrap()["metrics_url"].as_str().unwrap().to_string();
+    let (code, body) = common::http_get(&format!("{url}/metrics")).unwrap();
+    assert_eq!(code, 200);
+    let count = |result: &str| -> f64 {
+        let series = format!("capstan_events_recorded_total{{result=\"{result}\"}} ");
+        let line = body.lines().find(|l| l.starts_with(&series)).unwrap_or_else(|| panic!("no {series}"));
+        line[series.len()..].trim().parse().unwrap()
+    };
+    assert!(count("written") >= 6.0 && count("aggregated") >= 2.0, "{}", count("written"));
+    assert_eq!((count("dropped"), count("failed")), (0.0, 0.0));
     drop(kubelet);
 }

@@ -543,8 +543,18 @@ async fn delete(
     ctx: &Ctx,
 ) -> Result<Reply, ApiError> {
     let opts = delete_options(ctx)?;
-    let cur = current(api, rt, ns, name).await?;
-    delete_found(api, rt, cur, &opts).await
+    // As Kubernetes' store does: a delete that lost a race with another
+    // write (a controller's status update) is retried on the fresh object,
+    // unless the client pinned the resourceVersion it meant to delete.
+    let pinned = opts.preconditions.as_ref().is_some_and(|p| p.resource_version.is_some());
+    let mut attempts = 0;
+    loop {
+        let cur = current(api, rt, ns, name).await?;
+        match delete_found(api, rt, cur, &opts).await {
+            Err(e) if e.code == 409 && !pinned && attempts < 5 => attempts += 1,
+            r => return r,
+        }
+    }
 }
 
 async fn delete_found(api: &ApiServer, rt: &ResourceType, cur: Found, opts: &DeleteOptions) -> Result<Reply, ApiError> {

@@ -67,12 +67,18 @@ fn columns(kind: &str) -> Vec<Col> {
         "ConfigMap" => vec![NAME, c("Data", "integer", 0), AGE],
         "Secret" => vec![NAME, c("Type", "string", 0), c("Data", "integer", 0), AGE],
         "ServiceAccount" => vec![NAME, c("Secrets", "integer", 0), AGE],
+        // Kubernetes' event columns; -o wide adds the priority-1 ones.
         "Event" => vec![
             c("Last Seen", "string", 0),
             c("Type", "string", 0),
             c("Reason", "string", 0),
             c("Object", "string", 0),
+            c("Subobject", "string", 1),
+            c("Source", "string", 1),
             c("Message", "string", 0),
+            c("First Seen", "string", 1),
+            c("Count", "string", 1),
+            c("Name", "string", 1),
         ],
         "Deployment" => vec![
             NAME,
@@ -416,20 +422,32 @@ fn cells(kind: &str, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
         }
         "ServiceAccount" => vec![name, json!(o["secrets"].as_array().map_or(0, |a| a.len())), json!(created)],
         "Event" => {
-            let last = if o["lastTimestamp"].is_string() {
-                &o["lastTimestamp"]
-            } else if o["eventTime"].is_string() {
-                &o["eventTime"]
-            } else {
-                &meta["creationTimestamp"]
-            };
+            // Kubernetes' printEvent: first seen falls back to eventTime,
+            // last seen to first seen; a series carries the latest.
+            let first = if o["firstTimestamp"].is_string() { &o["firstTimestamp"] } else { &o["eventTime"] };
+            let first = if first.is_string() { first } else { &meta["creationTimestamp"] };
+            let last = if o["lastTimestamp"].is_string() { &o["lastTimestamp"] } else { first };
+            let series = &o["series"];
+            let last = if series.is_object() { &series["lastObservedTime"] } else { last };
+            let count = if series.is_object() { n(&series["count"]) } else { n(&o["count"]) }.max(1);
             let io = &o["involvedObject"];
+            let kind = s(&io["kind"]).to_lowercase();
+            let target = if s(&io["name"]).is_empty() { kind } else { format!("{kind}/{}", s(&io["name"])) };
+            let or = |a: &Value, b: &Value| if s(a).is_empty() { s(b) } else { s(a) };
+            let component = or(&o["source"]["component"], &o["reportingComponent"]);
+            let instance = or(&o["source"]["host"], &o["reportingInstance"]);
+            let source = if instance.is_empty() { component } else { format!("{component}, {instance}") };
             vec![
                 json!(age(last, now)),
                 json!(s(&o["type"])),
                 json!(s(&o["reason"])),
-                json!(format!("{}/{}", s(&io["kind"]).to_lowercase(), s(&io["name"]))),
-                json!(s(&o["message"])),
+                json!(target),
+                json!(s(&io["fieldPath"])),
+                json!(source),
+                json!(s(&o["message"]).trim()),
+                json!(age(first, now)),
+                json!(count),
+                name,
             ]
         }
         "Deployment" => {
@@ -760,5 +778,24 @@ mod tests {
               "state": {"waiting": {"reason": "CrashLoopBackOff"}}}]}});
         let c = pod_cells(&pod, now);
         assert_eq!((c[1].as_str(), c[2].as_str(), c[3].as_str()), (Some("0/1"), Some("CrashLoopBackOff"), Some("4")));
+    }
+
+    #[test]
+    fn event_rows_are_kubernetes_printevent() {
+        let now = DateTime::parse_from_rfc3339("2026-01-01T00:10:00Z").unwrap().with_timezone(&Utc);
+        let e = json!({"metadata": {"name": "stuck.1a2b", "namespace": "d"},
+            "involvedObject": {"kind": "Pod", "name": "stuck", "namespace": "d"},
+            "reason": "FailedScheduling", "message": "0/1 nodes are available ", "type": "Warning",
+            "source": {"component": "default-scheduler"},
+            "firstTimestamp": "2026-01-01T00:00:00Z", "lastTimestamp": "2026-01-01T00:09:30Z", "count": 4});
+        let c = cells("Event", &e, now);
+        let want = ["30s", "Warning", "FailedScheduling", "pod/stuck", "", "default-scheduler"];
+        assert_eq!(c[..6], want.map(|w| json!(w)));
+        assert_eq!(c[6..], [json!("0/1 nodes are available"), json!("10m"), json!(4), json!("stuck.1a2b")]);
+        // New-API events: eventTime and the reporting controller stand in.
+        let e = json!({"metadata": {"name": "n"}, "involvedObject": {"kind": "Node"}, "eventTime": "2026-01-01T00:09:00.000000Z",
+            "reportingComponent": "kubelet", "reportingInstance": "n1", "type": "Normal", "reason": "Starting"});
+        let c = cells("Event", &e, now);
+        assert_eq!((&c[0], &c[3], &c[5], &c[8]), (&json!("60s"), &json!("node"), &json!("kubelet, n1"), &json!(1)));
     }
 }

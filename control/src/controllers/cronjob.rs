@@ -15,6 +15,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
+use super::events::{EventRecorder, EventType};
 use super::informer::Informer;
 use super::owned;
 use super::runtime::{ReconcileResult, Reconciler};
@@ -156,10 +157,22 @@ pub fn plan(cj: &Value, jobs: &[Value], now: DateTime<Utc>) -> Plan {
     plan
 }
 
+/// The Jobs the CronJob still lists as active that have finished, with
+/// how (Kubernetes records `SawCompletedJob` for each as it drops them).
+pub fn saw_completed<'a>(cj: &Value, jobs: &'a [Value]) -> Vec<(&'a str, &'a str)> {
+    let listed =
+        |j: &Value| cj["status"]["active"].as_array().into_iter().flatten().any(|a| a["uid"] == j["metadata"]["uid"]);
+    jobs.iter()
+        .filter(|j| listed(j))
+        .filter_map(|j| Some((j["metadata"]["name"].as_str()?, job_finished(j)?)))
+        .collect()
+}
+
 pub struct CronJobController {
     pub api: Arc<ApiServer>,
     pub cronjobs: Arc<Informer>,
     pub jobs: Arc<Informer>,
+    pub recorder: EventRecorder,
 }
 
 impl CronJobController {
@@ -175,20 +188,41 @@ impl CronJobController {
         let cj = cached.object();
         let jobs = owned::dependents_of(&self.jobs, &cached);
         let p = plan(&cj, &jobs, Utc::now());
+        let rec = &self.recorder;
         if let Some(e) = &p.error {
             tracing::warn!(cronjob = key.as_str(), "{e}");
+            let reason = if e.starts_with("unknown time zone") { "UnknownTimeZone" } else { "UnparseableSchedule" };
+            rec.event(&cj, EventType::Warning, reason, e.as_str());
         }
-        owned::delete_all(&self.api, &self.jobs, cached.namespace(), &p.delete).await?;
+        for name in &p.delete {
+            let Some(c) = self.jobs.get(&format!("{}/{name}", cached.namespace())) else { continue };
+            match internal::delete(&self.api, self.jobs.rt, &c.found()).await {
+                Ok(()) => rec.event(&cj, EventType::Normal, "SuccessfulDelete", format!("Deleted job {name}")),
+                Err(e) if e.code == 404 => {}
+                Err(e) => {
+                    rec.event(&cj, EventType::Warning, "FailedDelete", format!("Deleted job: {e}"));
+                    return Err(e.to_string());
+                }
+            }
+        }
         if let Some(job) = p.create {
+            let name = job["metadata"]["name"].as_str().unwrap_or_default().to_string();
             match internal::write(&self.api, self.jobs.rt, None, job, "cronjob-controller").await {
-                Ok(_) => {}
+                Ok(_) => rec.event(&cj, EventType::Normal, "SuccessfulCreate", format!("Created job {name}")),
                 Err(e) if e.code == 409 => {} // this run exists already
-                Err(e) => return Err(e.to_string()),
+                Err(e) => {
+                    rec.event(&cj, EventType::Warning, "FailedCreate", format!("Error creating job: {e}"));
+                    return Err(e.to_string());
+                }
             }
         }
         if cj["status"] != p.status {
             let found = Found { object: cj.clone(), mod_revision: cached.mod_revision };
             internal::write_status(&self.api, self.cronjobs.rt, &found, p.status).await.map_err(|e| e.to_string())?;
+            for (name, how) in saw_completed(&cj, &jobs) {
+                let msg = format!("Saw completed job: {name}, condition: {how}");
+                rec.event(&cj, EventType::Normal, "SawCompletedJob", msg);
+            }
         }
         Ok(p.requeue)
     }
@@ -264,5 +298,20 @@ mod tests {
         let p = plan(&cj(json!({"status": {"lastScheduleTime": "2026-01-01T00:05:00Z"}})), &history, now);
         assert_eq!(p.delete, ["ok-0", "ok-1"], "keeps the 3 newest successes");
         assert_eq!(p.status["lastSuccessfulTime"], "2026-01-01T00:04:00Z");
+    }
+
+    #[test]
+    fn completed_jobs_are_seen_once_as_they_leave_the_active_list() {
+        let jobs = [
+            job("done", Some("Complete"), "2026-01-01T00:00:00Z"),
+            job("failed", Some("Failed"), "2026-01-01T00:00:00Z"),
+            job("running", None, "2026-01-01T00:00:00Z"),
+            job("old", Some("Complete"), "2026-01-01T00:00:00Z"),
+        ];
+        let listed = cj(json!({"status": {"active": [{"uid": "done"}, {"uid": "failed"}, {"uid": "running"}]}}));
+        assert_eq!(saw_completed(&listed, &jobs), [("done", "Complete"), ("failed", "Failed")]);
+        let p = plan(&listed, &jobs, at("2026-01-01T00:01:00Z"));
+        let next = cj(json!({"status": p.status}));
+        assert_eq!(saw_completed(&next, &jobs), [], "the new status no longer lists them");
     }
 }

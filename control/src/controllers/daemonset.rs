@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
 use super::deployment::{int_or_percent, template_hash};
+use super::events::EventRecorder;
 use super::informer::Informer;
 use super::owned::{self, Expectations, Start};
 use super::runtime::{ReconcileResult, Reconciler};
@@ -148,12 +149,19 @@ pub struct DaemonSetController {
     pub daemonsets: Arc<Informer>,
     pub pods: Arc<Informer>,
     pub nodes: Arc<Informer>,
+    pub recorder: EventRecorder,
     expectations: Expectations,
 }
 
 impl DaemonSetController {
-    pub fn new(api: Arc<ApiServer>, daemonsets: Arc<Informer>, pods: Arc<Informer>, nodes: Arc<Informer>) -> Self {
-        DaemonSetController { api, daemonsets, pods, nodes, expectations: Expectations::default() }
+    pub fn new(
+        api: Arc<ApiServer>,
+        daemonsets: Arc<Informer>,
+        pods: Arc<Informer>,
+        nodes: Arc<Informer>,
+        recorder: EventRecorder,
+    ) -> Self {
+        DaemonSetController { api, daemonsets, pods, nodes, recorder, expectations: Expectations::default() }
     }
 
     pub fn keys_for_pod(&self, pod: &super::informer::Cached) -> Vec<String> {
@@ -171,8 +179,9 @@ impl DaemonSetController {
         let nodes: Vec<Value> = self.nodes.list().iter().map(|n| n.object()).collect();
         let p = plan(&ds, &pods, &nodes);
         let creates = p.create.iter().map(|node| pod_for(&ds, node)).collect();
-        let last = owned::create_all(&self.api, &self.pods, creates, "daemonset-controller").await?;
-        owned::delete_all(&self.api, &self.pods, cached.namespace(), &p.delete).await?;
+        let told = Some((&self.recorder, &ds));
+        let last = owned::create_all(&self.api, &self.pods, creates, "daemonset-controller", told).await?;
+        owned::delete_all(&self.api, &self.pods, cached.namespace(), &p.delete, told).await?;
         self.expectations.wrote(&key, last);
         let changed = [
             "desiredNumberScheduled",

@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
+use super::events::{EventRecorder, EventType};
 use super::informer::Informer;
 use super::owned::{self, Expectations, Start};
 use super::runtime::{ReconcileResult, Reconciler};
@@ -351,12 +352,18 @@ pub struct DeploymentController {
     pub api: Arc<ApiServer>,
     pub deployments: Arc<Informer>,
     pub replicasets: Arc<Informer>,
+    pub recorder: EventRecorder,
     expectations: Expectations,
 }
 
 impl DeploymentController {
-    pub fn new(api: Arc<ApiServer>, deployments: Arc<Informer>, replicasets: Arc<Informer>) -> Self {
-        DeploymentController { api, deployments, replicasets, expectations: Expectations::default() }
+    pub fn new(
+        api: Arc<ApiServer>,
+        deployments: Arc<Informer>,
+        replicasets: Arc<Informer>,
+        recorder: EventRecorder,
+    ) -> Self {
+        DeploymentController { api, deployments, replicasets, recorder, expectations: Expectations::default() }
     }
 
     pub fn keys_for_replicaset(&self, rs: &super::informer::Cached) -> Vec<String> {
@@ -381,14 +388,27 @@ impl DeploymentController {
         for a in &p.actions {
             let written = match a {
                 Action::CreateReplicaSet(rs) => {
+                    let (name, replicas) = (name_of(rs), i(&rs["spec"]["replicas"]));
                     match internal::write(&self.api, rs_rt, None, rs.clone(), "deployment-controller").await {
                         Err(e) if e.code == 409 => continue, // created by an earlier pass; the informer will show it
-                        r => r.map_err(err)?,
+                        Err(e) => {
+                            let msg = format!("Failed to create new replica set {name:?}: {e}");
+                            self.recorder.event(&d, EventType::Warning, "ReplicaSetCreateError", msg);
+                            return Err(e.to_string());
+                        }
+                        Ok(w) => {
+                            if replicas > 0 {
+                                let msg = format!("Scaled up replica set {name} from 0 to {replicas}");
+                                self.recorder.event(&d, EventType::Normal, "ScalingReplicaSet", msg);
+                            }
+                            w
+                        }
                     }
                 }
                 Action::Scale { name, replicas, revision } => {
                     let Some(c) = self.replicasets.get(&format!("{ns}/{name}")) else { continue };
                     let mut rs = c.object();
+                    let from = i(&rs["spec"]["replicas"]);
                     rs["spec"]["replicas"] = json!(replicas);
                     if let Some(r) = revision {
                         rs["metadata"]["annotations"][REVISION] = json!(r.to_string());
@@ -396,7 +416,15 @@ impl DeploymentController {
                     rs["metadata"]["annotations"]["deployment.kubernetes.io/desired-replicas"] =
                         json!(d["spec"]["replicas"].as_i64().unwrap_or(1).to_string());
                     let found = c.found();
-                    internal::write(&self.api, rs_rt, Some(&found), rs, "deployment-controller").await.map_err(err)?
+                    let w = internal::write(&self.api, rs_rt, Some(&found), rs, "deployment-controller")
+                        .await
+                        .map_err(err)?;
+                    if from != *replicas {
+                        let dir = if from < *replicas { "up" } else { "down" };
+                        let msg = format!("Scaled {dir} replica set {name} from {from} to {replicas}");
+                        self.recorder.event(&d, EventType::Normal, "ScalingReplicaSet", msg);
+                    }
+                    w
                 }
                 Action::DeleteReplicaSet(name) => {
                     let Some(c) = self.replicasets.get(&format!("{ns}/{name}")) else { continue };

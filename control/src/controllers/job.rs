@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
+use super::events::{EventRecorder, EventType};
 use super::informer::Informer;
 use super::owned::{self, Expectations, Start};
 use super::runtime::{ReconcileResult, Reconciler};
@@ -279,16 +280,34 @@ pub fn pod_for(job: &Value, index: Option<i64>) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})
 }
 
+/// The event Kubernetes records when a Job finishes: `Completed` "Job
+/// completed", or the Failed condition's reason and message as a Warning.
+pub fn finish_event(job: &Value, status: &Value) -> Option<(EventType, String, String)> {
+    if finished(job).is_some() {
+        return None;
+    }
+    let c = status["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| (c["type"] == "Complete" || c["type"] == "Failed") && c["status"] == "True")?;
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    match c["type"].as_str()? {
+        "Complete" => Some((EventType::Normal, "Completed".into(), "Job completed".into())),
+        _ => Some((EventType::Warning, s(&c["reason"]), s(&c["message"]))),
+    }
+}
+
 pub struct JobController {
     pub api: Arc<ApiServer>,
     pub jobs: Arc<Informer>,
     pub pods: Arc<Informer>,
+    pub recorder: EventRecorder,
     expectations: Expectations,
 }
 
 impl JobController {
-    pub fn new(api: Arc<ApiServer>, jobs: Arc<Informer>, pods: Arc<Informer>) -> Self {
-        JobController { api, jobs, pods, expectations: Expectations::default() }
+    pub fn new(api: Arc<ApiServer>, jobs: Arc<Informer>, pods: Arc<Informer>, recorder: EventRecorder) -> Self {
+        JobController { api, jobs, pods, recorder, expectations: Expectations::default() }
     }
 
     pub fn keys_for_pod(&self, pod: &super::informer::Cached) -> Vec<String> {
@@ -310,11 +329,16 @@ impl JobController {
             return Ok(None);
         }
         let creates = p.create.iter().map(|i| pod_for(&job, *i)).collect();
-        let last = owned::create_all(&self.api, &self.pods, creates, "job-controller").await?;
-        owned::delete_all(&self.api, &self.pods, cached.namespace(), &p.delete).await?;
+        let told = Some((&self.recorder, &job));
+        let last = owned::create_all(&self.api, &self.pods, creates, "job-controller", told).await?;
+        owned::delete_all(&self.api, &self.pods, cached.namespace(), &p.delete, told).await?;
         self.expectations.wrote(&key, last);
         if job["status"] != p.status {
+            let told = finish_event(&job, &p.status);
             internal::write_status(&self.api, self.jobs.rt, &found, p.status).await.map_err(|e| e.to_string())?;
+            if let Some((ty, reason, message)) = told {
+                self.recorder.event(&job, ty, &reason, message);
+            }
         }
         Ok(p.requeue)
     }

@@ -19,6 +19,11 @@ pub struct ControllerMetrics {
     pub algorithm: Histogram,
     /// `scheduler_pending_pods{queue}`: pods waiting ("active") or fitting nowhere ("unschedulable").
     pub pending: IntGaugeVec,
+    /// `capstan_events_recorded_total{result}`: events the controllers
+    /// recorded — written (a new Event), aggregated (an Event's count
+    /// bumped), dropped (the recorder's queue was full), spam (throttled
+    /// per object), failed (the write failed).
+    pub events: IntCounterVec,
 }
 
 impl ControllerMetrics {
@@ -57,7 +62,17 @@ impl ControllerMetrics {
                 ),
                 &["queue"],
             )?,
+            events: IntCounterVec::new(
+                Opts::new(
+                    "capstan_events_recorded_total",
+                    "Events recorded by controllers and the scheduler, by result.",
+                ),
+                &["result"],
+            )?,
         };
+        for result in ["written", "aggregated", "dropped", "spam", "failed"] {
+            m.events.with_label_values(&[result]);
+        }
         r.register(Box::new(m.depth.clone()))?;
         r.register(Box::new(m.work.clone()))?;
         r.register(Box::new(m.retries.clone()))?;
@@ -65,6 +80,7 @@ impl ControllerMetrics {
         r.register(Box::new(m.scheduling.clone()))?;
         r.register(Box::new(m.pending.clone()))?;
         r.register(Box::new(m.algorithm.clone()))?;
+        r.register(Box::new(m.events.clone()))?;
         Ok(m)
     }
 }

@@ -9,6 +9,9 @@
 //! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler/`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //! - `serviceaccount.rs`: each namespace's `default` ServiceAccount and `kube-root-ca.crt`.
+//! - `events.rs`: the event recorder every controller and the scheduler
+//!   records what it did with (client-go's EventRecorder; `events/correlator.rs`
+//!   aggregates and throttles them, pure).
 //!
 //! Every master runs informers and actors (warm caches); only the lease
 //! holder's actors process their queues. Writes go through the API's
@@ -19,6 +22,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
+pub mod events;
 pub mod gc;
 pub mod informer;
 pub mod job;
@@ -103,6 +107,7 @@ pub fn start(
     node_grace: std::time::Duration,
 ) -> anyhow::Result<watch::Receiver<bool>> {
     let metrics = metrics::ControllerMetrics::new(registry)?;
+    let events = events::EventBroadcaster::start(api.clone(), metrics.events.clone())?;
     let inf = Arc::new(Informers::start(
         &api.objects,
         &[
@@ -135,17 +140,20 @@ pub fn start(
         api.clone(),
         inf.get("ReplicaSet").clone(),
         inf.get("Pod").clone(),
+        events.recorder("replicaset-controller"),
     ));
     let dc = Arc::new(deployment::DeploymentController::new(
         api.clone(),
         inf.get("Deployment").clone(),
         inf.get("ReplicaSet").clone(),
+        events.recorder("deployment-controller"),
     ));
     let sched = Arc::new(scheduler::Scheduler::new(
         api.clone(),
         inf.get("Pod").clone(),
         inf.get("Node").clone(),
         metrics.clone(),
+        events.recorder("default-scheduler"),
     ));
 
     let ep = Arc::new(endpoints::EndpointsController {
@@ -155,12 +163,18 @@ pub fn start(
         endpoints: inf.get("Endpoints").clone(),
         slices: inf.get("EndpointSlice").clone(),
     });
-    let jc = Arc::new(job::JobController::new(api.clone(), inf.get("Job").clone(), inf.get("Pod").clone()));
+    let jc = Arc::new(job::JobController::new(
+        api.clone(),
+        inf.get("Job").clone(),
+        inf.get("Pod").clone(),
+        events.recorder("job-controller"),
+    ));
     let dsc = Arc::new(daemonset::DaemonSetController::new(
         api.clone(),
         inf.get("DaemonSet").clone(),
         inf.get("Pod").clone(),
         inf.get("Node").clone(),
+        events.recorder("daemonset-controller"),
     ));
     let nlc = Arc::new(nodelifecycle::NodeLifecycleController {
         api: api.clone(),
@@ -168,11 +182,13 @@ pub fn start(
         leases: inf.get("Lease").clone(),
         pods: inf.get("Pod").clone(),
         grace: node_grace,
+        recorder: events.recorder("node-controller"),
     });
     let cjc = Arc::new(cronjob::CronJobController {
         api: api.clone(),
         cronjobs: inf.get("CronJob").clone(),
         jobs: inf.get("Job").clone(),
+        recorder: events.recorder("cronjob-controller"),
     });
     let pdbc = Arc::new(disruption::DisruptionController {
         api: api.clone(),
@@ -184,6 +200,7 @@ pub fn start(
         inf.get("StatefulSet").clone(),
         inf.get("Pod").clone(),
         inf.get("ControllerRevision").clone(),
+        events.recorder("statefulset-controller"),
     ));
     let sac = Arc::new(serviceaccount::ServiceAccountController {
         api: api.clone(),

@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
+use super::events::{self, EventRecorder, EventType};
 use super::informer::Informer;
 use super::runtime::{ReconcileResult, Reconciler};
 use crate::api::objects::Found;
@@ -146,12 +147,17 @@ pub fn plan(node: &Value, lease: Option<&Value>, pods: &[Value], now: DateTime<U
     Plan { ready: new_ready, taints, evict, requeue }
 }
 
+fn condition_status<'a>(node: &'a Value, ty: &str) -> Option<&'a str> {
+    node["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == ty)?["status"].as_str()
+}
+
 pub struct NodeLifecycleController {
     pub api: Arc<ApiServer>,
     pub nodes: Arc<Informer>,
     pub leases: Arc<Informer>,
     pub pods: Arc<Informer>,
     pub grace: Duration,
+    pub recorder: EventRecorder,
 }
 
 impl NodeLifecycleController {
@@ -173,6 +179,8 @@ impl NodeLifecycleController {
             found = Found { object: written, mod_revision: rev };
         }
         if let Some(ready) = p.ready {
+            let was_ready = condition_status(&found.object, "Ready") == Some("True");
+            let not_ready = ready["status"] != "True";
             let mut status = found.object["status"].clone();
             if !status["conditions"].is_array() {
                 status["conditions"] = json!([]);
@@ -182,11 +190,18 @@ impl NodeLifecycleController {
                 list.push(ready);
             }
             internal::write_status(&self.api, self.nodes.rt, &found, status).await.map_err(err)?;
+            if was_ready && not_ready {
+                let msg = format!("Node {key} status is now: NodeNotReady");
+                self.recorder.event(&events::node_ref(&key), EventType::Normal, "NodeNotReady", msg);
+            }
         }
+        let taints = self.recorder.as_component("taint-eviction-controller");
         for key in &p.evict {
             if let Some(c) = self.pods.get(key) {
                 let f = c.found();
                 internal::delete(&self.api, self.pods.rt, &f).await.map_err(err)?;
+                let msg = format!("Marking for deletion Pod {key}");
+                taints.event(&f.object, EventType::Normal, "TaintManagerEviction", msg);
                 tracing::info!(pod = key.as_str(), node = cached.key.as_str(), "evicted from a NoExecute-tainted node");
             }
         }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde_json::Value;
 
+use super::events::{EventRecorder, EventType};
 use super::informer::{Cached, Informer};
 use crate::api::{internal, ApiServer};
 
@@ -63,21 +64,67 @@ pub fn dependents_of(dependents: &Informer, owner: &Cached) -> Vec<Value> {
     dependents.list_namespace(owner.namespace()).iter().filter(|p| p.owned_by(uid)).map(|p| p.object()).collect()
 }
 
+/// Whom a controller's creates and deletes of dependents are told to:
+/// the owner, with Kubernetes' PodControl events (`SuccessfulCreate`
+/// "Created pod: x", `FailedCreate` "Error creating: …", `SuccessfulDelete`
+/// "Deleted pod: x", `FailedDelete` "Error deleting: …").
+pub type Told<'a> = Option<(&'a EventRecorder, &'a Value)>;
+
 /// Creates `objs` through admission as `manager`; the last write's revision.
-pub async fn create_all(api: &ApiServer, into: &Informer, objs: Vec<Value>, manager: &str) -> Result<i64, String> {
+pub async fn create_all(
+    api: &ApiServer,
+    into: &Informer,
+    objs: Vec<Value>,
+    manager: &str,
+    told: Told<'_>,
+) -> Result<i64, String> {
     let mut last = 0;
     for o in objs {
-        let created = internal::write(api, into.rt, None, o, manager).await.map_err(|e| e.to_string())?;
-        last = last.max(crate::api::objects::revision_of(&created));
+        match internal::write(api, into.rt, None, o, manager).await {
+            Ok(created) => {
+                if let Some((rec, owner)) = told {
+                    let name = created["metadata"]["name"].as_str().unwrap_or_default();
+                    let kind = into.rt.kind.to_lowercase();
+                    rec.event(owner, EventType::Normal, "SuccessfulCreate", format!("Created {kind}: {name}"));
+                }
+                last = last.max(crate::api::objects::revision_of(&created));
+            }
+            Err(e) => {
+                if let Some((rec, owner)) = told {
+                    rec.event(owner, EventType::Warning, "FailedCreate", format!("Error creating: {e}"));
+                }
+                return Err(e.to_string());
+            }
+        }
     }
     Ok(last)
 }
 
 /// Deletes the named objects of namespace `ns` that `from` still holds.
-pub async fn delete_all(api: &ApiServer, from: &Informer, ns: &str, names: &[String]) -> Result<(), String> {
+pub async fn delete_all(
+    api: &ApiServer,
+    from: &Informer,
+    ns: &str,
+    names: &[String],
+    told: Told<'_>,
+) -> Result<(), String> {
     for name in names {
         if let Some(c) = from.get(&format!("{ns}/{name}")) {
-            internal::delete(api, from.rt, &c.found()).await.map_err(|e| e.to_string())?;
+            match internal::delete(api, from.rt, &c.found()).await {
+                Ok(()) => {
+                    if let Some((rec, owner)) = told {
+                        let kind = from.rt.kind.to_lowercase();
+                        rec.event(owner, EventType::Normal, "SuccessfulDelete", format!("Deleted {kind}: {name}"));
+                    }
+                }
+                Err(e) => {
+                    // Already gone is no failure to tell (Kubernetes' PodControl).
+                    if let (Some((rec, owner)), false) = (told, e.code == 404) {
+                        rec.event(owner, EventType::Warning, "FailedDelete", format!("Error deleting: {e}"));
+                    }
+                    return Err(e.to_string());
+                }
+            }
         }
     }
     Ok(())

@@ -14,6 +14,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde_json::{json, Value};
 
+use super::events::EventRecorder;
 use super::informer::Informer;
 use super::owned::{self, Expectations, Start};
 use super::runtime::{ReconcileResult, Reconciler};
@@ -113,12 +114,13 @@ pub struct ReplicaSetController {
     pub api: Arc<ApiServer>,
     pub replicasets: Arc<Informer>,
     pub pods: Arc<Informer>,
+    pub recorder: EventRecorder,
     expectations: Expectations,
 }
 
 impl ReplicaSetController {
-    pub fn new(api: Arc<ApiServer>, replicasets: Arc<Informer>, pods: Arc<Informer>) -> Self {
-        ReplicaSetController { api, replicasets, pods, expectations: Expectations::default() }
+    pub fn new(api: Arc<ApiServer>, replicasets: Arc<Informer>, pods: Arc<Informer>, recorder: EventRecorder) -> Self {
+        ReplicaSetController { api, replicasets, pods, recorder, expectations: Expectations::default() }
     }
 
     /// The ReplicaSets a pod change concerns: its owner's key.
@@ -147,8 +149,9 @@ impl ReplicaSetController {
             .collect();
         let p = plan(&rs, &pods, Utc::now());
         let creates = (0..p.create.min(500)).map(|_| pod_from_template(&rs)).collect();
-        let mut last = owned::create_all(&self.api, &self.pods, creates, "replicaset-controller").await?;
-        owned::delete_all(&self.api, &self.pods, cached.namespace(), &p.delete).await?;
+        let told = Some((&self.recorder, &rs));
+        let mut last = owned::create_all(&self.api, &self.pods, creates, "replicaset-controller", told).await?;
+        owned::delete_all(&self.api, &self.pods, cached.namespace(), &p.delete, told).await?;
         if !p.delete.is_empty() {
             // A delete's revision is not returned; the store's current one bounds it.
             last = last.max(self.api.objects.revision());

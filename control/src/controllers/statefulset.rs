@@ -44,6 +44,7 @@ use serde_json::{json, Value};
 
 use super::daemonset::HASH_LABEL;
 use super::deployment::template_hash;
+use super::events::{EventRecorder, EventType};
 use super::informer::{Cached, Informer};
 use super::owned::{self, Expectations, Start};
 use super::replicaset::{condition_true, is_available};
@@ -412,6 +413,7 @@ pub struct StatefulSetController {
     pub statefulsets: Arc<Informer>,
     pub pods: Arc<Informer>,
     pub revisions: Arc<Informer>,
+    pub recorder: EventRecorder,
     pod_writes: Expectations,
     revision_writes: Expectations,
 }
@@ -422,12 +424,14 @@ impl StatefulSetController {
         statefulsets: Arc<Informer>,
         pods: Arc<Informer>,
         revisions: Arc<Informer>,
+        recorder: EventRecorder,
     ) -> Self {
         StatefulSetController {
             api,
             statefulsets,
             pods,
             revisions,
+            recorder,
             pod_writes: Expectations::default(),
             revision_writes: Expectations::default(),
         }
@@ -461,6 +465,26 @@ impl StatefulSetController {
             adopted |= last > 0;
         }
         Ok(adopted)
+    }
+
+    /// Kubernetes' StatefulPodControl event: "create Pod web-0 in
+    /// StatefulSet web successful" (or "... failed error: ...").
+    fn tell(&self, sts: &Value, verb: &str, pod: &str, failed: Option<&crate::api::status::ApiError>) {
+        let (reason, set) = (if verb == "create" { "Create" } else { "Delete" }, name_of(sts));
+        match failed {
+            None => self.recorder.event(
+                sts,
+                EventType::Normal,
+                &format!("Successful{reason}"),
+                format!("{verb} Pod {pod} in StatefulSet {set} successful"),
+            ),
+            Some(e) => self.recorder.event(
+                sts,
+                EventType::Warning,
+                &format!("Failed{reason}"),
+                format!("{verb} Pod {pod} in StatefulSet {set} failed error: {e}"),
+            ),
+        }
     }
 
     async fn run(self: Arc<Self>, key: String) -> ReconcileResult {
@@ -517,14 +541,30 @@ impl StatefulSetController {
         let mut last_pod = 0;
         for pod in &p.create {
             match internal::write(&self.api, self.pods.rt, None, pod.clone(), MANAGER).await {
-                Ok(w) => last_pod = last_pod.max(crate::api::objects::revision_of(&w)),
+                Ok(w) => {
+                    self.tell(&sts, "create", name_of(pod), None);
+                    last_pod = last_pod.max(crate::api::objects::revision_of(&w));
+                }
                 Err(e) if e.code == 409 => {
                     return Err(format!("pod {} exists and is not controlled by statefulset {key}", name_of(pod)))
                 }
-                Err(e) => return Err(e.to_string()),
+                Err(e) => {
+                    self.tell(&sts, "create", name_of(pod), Some(&e));
+                    return Err(e.to_string());
+                }
             }
         }
-        owned::delete_all(&self.api, &self.pods, &ns, &p.delete).await?;
+        for name in &p.delete {
+            let Some(c) = self.pods.get(&format!("{ns}/{name}")) else { continue };
+            match internal::delete(&self.api, self.pods.rt, &c.found()).await {
+                Ok(()) => self.tell(&sts, "delete", name, None),
+                Err(e) if e.code == 404 => {}
+                Err(e) => {
+                    self.tell(&sts, "delete", name, Some(&e));
+                    return Err(e.to_string());
+                }
+            }
+        }
         if !p.delete.is_empty() {
             // A delete's revision is not returned; the store's current one bounds it.
             last_pod = last_pod.max(self.api.objects.revision());
@@ -534,7 +574,7 @@ impl StatefulSetController {
         if status_differs(&sts["status"], &p.status) {
             internal::write_status(&self.api, self.statefulsets.rt, &found, p.status).await.map_err(err)?;
         }
-        owned::delete_all(&self.api, &self.revisions, &ns, &p.prune_revisions).await?;
+        owned::delete_all(&self.api, &self.revisions, &ns, &p.prune_revisions, None).await?;
         Ok(p.requeue)
     }
 }

@@ -39,6 +39,7 @@ pub use self::model::{toleration_for, NodeInfo, PodInfo};
 
 use self::cache::Cache;
 use self::queue::SchedulingQueue;
+use super::events::{EventRecorder, EventType};
 use super::informer::{Cached, Change, Informer};
 use super::runtime::{ControllerActor, Enqueue, ReconcileResult, Reconciler};
 use crate::api::objects::Found;
@@ -152,6 +153,7 @@ pub struct Scheduler {
     pub pods: Arc<Informer>,
     pub nodes: Arc<Informer>,
     metrics: super::metrics::ControllerMetrics,
+    pub recorder: EventRecorder,
     state: Mutex<State>,
     /// The store's runtime: bindings run there, not on the actor thread.
     runtime: tokio::runtime::Handle,
@@ -166,12 +168,14 @@ impl Scheduler {
         pods: Arc<Informer>,
         nodes: Arc<Informer>,
         metrics: super::metrics::ControllerMetrics,
+        recorder: EventRecorder,
     ) -> Scheduler {
         Scheduler {
             api,
             pods,
             nodes,
             metrics,
+            recorder,
             state: Mutex::default(),
             runtime: tokio::runtime::Handle::current(),
             binds: Arc::new(Semaphore::new(BINDS_IN_FLIGHT)),
@@ -320,6 +324,8 @@ impl Scheduler {
         }
         match result {
             Ok(_) => {
+                let msg = format!("Successfully assigned {}/{} to {node}", info.namespace, info.name);
+                self.recorder.event(&cur.object, EventType::Normal, "Scheduled", msg);
                 self.metrics.attempts.with_label_values(&["scheduled"]).inc();
                 if let Ok(created) = chrono::DateTime::parse_from_rfc3339(&info.created) {
                     let ms = (chrono::Utc::now() - created.with_timezone(&chrono::Utc)).num_milliseconds();
@@ -357,13 +363,20 @@ impl Scheduler {
     /// nominated to their node.
     async fn report(&self, (info, cached): Pending, why: String, preempt: Option<(String, Vec<String>)>) {
         let key = info.key.clone();
+        let cur = cached.found();
+        self.recorder.event(&cur.object, EventType::Warning, "FailedScheduling", why.as_str());
         let nominate = preempt.as_ref().map(|(node, _)| node.clone());
         if let Some((node, victims)) = &preempt {
             for v in victims {
                 let Some(victim) = self.pods.get(v) else { continue };
                 tracing::info!(pod = key, victim = v, node, "preempting");
-                if let Err(e) = crate::api::internal::delete(&self.api, self.pods.rt, &victim.found()).await {
-                    tracing::warn!(pod = key, victim = v, "preemption delete failed: {e}");
+                let found = victim.found();
+                match crate::api::internal::delete(&self.api, self.pods.rt, &found).await {
+                    Ok(()) => {
+                        let msg = format!("Preempted by pod {} on node {node}", cached.uid());
+                        self.recorder.event(&found.object, EventType::Normal, "Preempted", msg);
+                    }
+                    Err(e) => tracing::warn!(pod = key, victim = v, "preemption delete failed: {e}"),
                 }
             }
         }
@@ -371,7 +384,6 @@ impl Scheduler {
         if self.state.lock().reported.get(&key) == Some(&stated) {
             return;
         }
-        let cur = cached.found();
         let mut status = cur.object["status"].clone();
         if !status.is_object() {
             status = json!({});
