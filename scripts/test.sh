@@ -5,6 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
+# The shared target dir (.cargo/config.toml) grows with every build of every
+# checkout; past 40 GiB its incremental caches go (they are rebuilt), so CI on
+# a long-lived machine cannot fill the disk.
+target=/var/tmp/capstan-target
+if [ -d "$target" ] && [ "$(du -s --block-size=1G "$target" | cut -f1)" -gt 40 ]; then
+    echo "$target is over 40 GiB: removing its incremental caches"
+    rm -rf "$target"/debug/incremental "$target"/release/incremental
+fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
 cargo test --workspace --all-targets -- --show-output

@@ -283,6 +283,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         metrics: crate::api::ApiMetrics::new(&registry)?,
         ca_pem: started.pki.ca.cert_pem().to_string(),
         sa_key: Default::default(),
+        bindings: Default::default(),
     });
     tokio::spawn(crate::api::bootstrap::ensure_forever(api_server.clone()));
     let leading = crate::controllers::start(

@@ -111,6 +111,53 @@ pub struct ApiServer {
     pub ca_pem: String,
     /// ServiceAccount token signing key, loaded on first use.
     pub sa_key: serviceaccount::KeyCache,
+    /// Decoded RBAC bindings, reused until they change.
+    pub bindings: BindingCache,
+}
+
+/// RBAC bindings of one kind (and namespace) decoded once and reused until
+/// the set changes. The set is fingerprinted by a keys-only range (count
+/// and highest mod revision), which any create, update or delete changes,
+/// so authorizing a request no longer decodes every binding.
+/// A binding list and the fingerprint (count, highest mod revision) it was read at.
+type Bindings = (usize, i64, Arc<Vec<Value>>);
+
+#[derive(Default)]
+pub struct BindingCache(parking_lot::Mutex<std::collections::HashMap<(&'static str, String), Bindings>>);
+
+/// Namespaces' RoleBinding lists kept at most (then the cache starts over).
+const BINDING_CACHE_ENTRIES: usize = 10_000;
+
+impl BindingCache {
+    fn get(&self, objects: &Objects, kind: &'static str, ns: Option<&str>) -> Arc<Vec<Value>> {
+        let Some(rt) = capstan_proto::k8s::registry::by_kind("rbac.authorization.k8s.io/v1", kind) else {
+            return Arc::default();
+        };
+        let range = capstan_raft::types::KeyRange::prefix(objects::prefix(rt, ns));
+        let keys = capstan_raft::types::RangeRequest { range, keys_only: true, ..Default::default() };
+        let Ok((kvs, _, _)) = objects.range(&keys) else { return Arc::default() };
+        let fingerprint = (kvs.len(), kvs.iter().map(|kv| kv.mod_revision).max().unwrap_or(0));
+        let key = (kind, ns.unwrap_or_default().to_string());
+        if let Some((n, rev, list)) = self.0.lock().get(&key) {
+            if (*n, *rev) == fingerprint {
+                return list.clone();
+            }
+        }
+        // Read after the fingerprint: never older than it, so a stale list
+        // is never kept under a newer fingerprint.
+        let list = Arc::new(
+            objects
+                .list_local(rt, ns, None, None, &|kv| objects::decode_kv(kv).map(Some))
+                .map(|p| p.items)
+                .unwrap_or_default(),
+        );
+        let mut cache = self.0.lock();
+        if cache.len() >= BINDING_CACHE_ENTRIES {
+            cache.clear();
+        }
+        cache.insert(key, (fingerprint.0, fingerprint.1, list.clone()));
+        list
+    }
 }
 
 /// What a handler returns: status, body, warnings.
@@ -363,23 +410,14 @@ impl ApiServer {
         if user.is_master() {
             return Ok(());
         }
-        let list = |kind: &str, ns: Option<&str>| -> Vec<Value> {
-            let Some(rt) = capstan_proto::k8s::registry::by_kind("rbac.authorization.k8s.io/v1", kind) else {
-                return vec![];
-            };
-            self.objects
-                .list_local(rt, ns, None, None, &|kv| objects::decode_kv(kv).map(Some))
-                .map(|p| p.items)
-                .unwrap_or_default()
-        };
-        let crbs = list("ClusterRoleBinding", None);
+        let crbs = self.bindings.get(&self.objects, "ClusterRoleBinding", None);
         let ns = match attrs {
             Attributes::Resource { namespace: Some(ns), .. } => Some(ns.as_str()),
             _ => None,
         };
         let rbs = match ns {
-            Some(ns) => list("RoleBinding", Some(ns)),
-            None => vec![],
+            Some(ns) => self.bindings.get(&self.objects, "RoleBinding", Some(ns)),
+            None => Arc::default(),
         };
         let role = |kind: &str, name: &str| -> Option<Value> {
             let rt = capstan_proto::k8s::registry::by_kind("rbac.authorization.k8s.io/v1", kind)?;
