@@ -9,8 +9,15 @@
 //!   its dependents' ownerReferences, then loses the finalizer.
 //! - Namespaces being deleted are emptied, then their `kubernetes`
 //!   finalizer is removed.
+//!
+//! The collector keeps a [`Graph`] of every object's index fields (uid,
+//! owners, namespace, deleting), fed by the watch hub's frames like an
+//! informer, with owner -> dependents and namespace -> contents indexes.
+//! A change marks only the objects it can affect (the object, its owners,
+//! its dependents, its namespace) and a pass plans only those; a full
+//! pass every 5 s is the safety net. Deciding is pure ([`Graph::take_plan`]).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use capstan_proto::k8s::registry::{self, ResourceType};
@@ -20,6 +27,7 @@ use serde_json::Value;
 use crate::api::admission::{plan_delete, DeletePlan};
 use crate::api::objects::Objects;
 use crate::api::status::ApiError;
+use capstan_raft::types::{KeyRange, RangeRequest};
 
 /// What the collector needs to know about one object.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,95 +58,246 @@ fn remove_finalizer(o: &Obj, f: &str) -> Action {
     Action::RemoveFinalizer { kind: o.kind, namespace: o.namespace.clone(), name: o.name.clone(), finalizer: f.into() }
 }
 
-fn dependents<'a>(objs: &'a [Obj], uid: &'a str) -> impl Iterator<Item = &'a Obj> + 'a {
-    objs.iter().filter(move |d| d.owners.iter().any(|o| o == uid))
+/// An object's store key.
+type Key = Vec<u8>;
+
+/// Every object's index fields with the indexes the rules need, and the
+/// objects a change may have given work.
+#[derive(Default)]
+pub struct Graph {
+    objs: HashMap<Key, Obj>,
+    by_uid: HashMap<String, Key>,
+    /// Owner uid -> dependents (also for owners that do not exist).
+    dependents: HashMap<String, BTreeSet<Key>>,
+    /// Namespace -> its namespaced objects.
+    contents: HashMap<String, BTreeSet<Key>>,
+    /// Namespace name -> the Namespace object's key.
+    namespaces: HashMap<String, Key>,
+    dirty: BTreeSet<Key>,
 }
 
-/// The actions that move the world towards the rules above. Idempotent:
-/// planning again before the actions are seen yields the same actions.
+impl Graph {
+    pub fn from_objects(objs: impl IntoIterator<Item = (Key, Obj)>) -> Graph {
+        let mut g = Graph::default();
+        for (k, o) in objs {
+            g.upsert(k, o);
+        }
+        g
+    }
+
+    fn mark_uid(&mut self, uid: &str) {
+        if let Some(k) = self.by_uid.get(uid) {
+            self.dirty.insert(k.clone());
+        }
+    }
+
+    fn mark_namespace(&mut self, ns: &str) {
+        if let Some(k) = self.namespaces.get(ns) {
+            self.dirty.insert(k.clone());
+        }
+    }
+
+    /// Takes `key` out of the indexes; its fields.
+    fn unlink(&mut self, key: &[u8]) -> Option<Obj> {
+        let o = self.objs.remove(key)?;
+        if self.by_uid.get(&o.uid).is_some_and(|k| k == key) {
+            self.by_uid.remove(&o.uid);
+        }
+        for owner in &o.owners {
+            if let Some(set) = self.dependents.get_mut(owner) {
+                set.remove(key);
+                if set.is_empty() {
+                    self.dependents.remove(owner);
+                }
+            }
+        }
+        if o.kind == "Namespace" {
+            self.namespaces.remove(&o.name);
+        } else if let Some(set) = self.contents.get_mut(&o.namespace) {
+            set.remove(key);
+            if set.is_empty() {
+                self.contents.remove(&o.namespace);
+            }
+        }
+        Some(o)
+    }
+
+    /// An object was written: it, its owners (a foreground owner may wait
+    /// for it) and its namespace may have work.
+    pub fn upsert(&mut self, key: Key, o: Obj) {
+        self.unlink(&key);
+        for owner in &o.owners {
+            self.dependents.entry(owner.clone()).or_default().insert(key.clone());
+            self.mark_uid(owner);
+        }
+        if o.kind == "Namespace" {
+            self.namespaces.insert(o.name.clone(), key.clone());
+        } else if !o.namespace.is_empty() {
+            self.contents.entry(o.namespace.clone()).or_default().insert(key.clone());
+            self.mark_namespace(&o.namespace);
+        }
+        self.by_uid.insert(o.uid.clone(), key.clone());
+        self.dirty.insert(key.clone());
+        self.objs.insert(key, o);
+    }
+
+    /// An object is gone: its dependents may have lost their last owner;
+    /// its owners and its namespace may have been waiting for it.
+    pub fn remove(&mut self, key: &[u8]) {
+        let Some(o) = self.unlink(key) else { return };
+        let deps: Vec<Key> = self.dependents.get(&o.uid).into_iter().flatten().cloned().collect();
+        self.dirty.extend(deps);
+        for owner in &o.owners {
+            self.mark_uid(owner);
+        }
+        self.mark_namespace(&o.namespace);
+    }
+
+    /// Marks `key` for the next pass (an action on it failed).
+    pub fn mark(&mut self, key: Key) {
+        if self.objs.contains_key(&key) {
+            self.dirty.insert(key);
+        }
+    }
+
+    pub fn mark_all(&mut self) {
+        self.dirty = self.objs.keys().cloned().collect();
+    }
+
+    pub fn len(&self) -> usize {
+        self.objs.len()
+    }
+
+    fn dependents_of(&self, uid: &str) -> impl Iterator<Item = &Obj> {
+        self.dependents.get(uid).into_iter().flatten().filter_map(|k| self.objs.get(k))
+    }
+
+    /// The actions for every marked object (and clears the marks), with the
+    /// store key each acts on. Idempotent: planning again before the
+    /// actions are seen yields the same actions.
+    pub fn take_plan(&mut self) -> Vec<(Key, Action)> {
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut out = Vec::new();
+        let key_of = |o: &Obj| self.by_uid.get(&o.uid).cloned().unwrap_or_default();
+        for key in dirty {
+            let Some(o) = self.objs.get(&key) else { continue };
+            if !o.owners.is_empty() && !o.deleting && o.owners.iter().all(|u| !self.by_uid.contains_key(u)) {
+                out.push((key.clone(), delete(o)));
+            }
+            if !o.deleting {
+                continue;
+            }
+            if o.finalizers.iter().any(|f| f == "orphan") {
+                let mut any = false;
+                for d in self.dependents_of(&o.uid) {
+                    any = true;
+                    let owner = o.uid.clone();
+                    let a = Action::RemoveOwnerRef {
+                        kind: d.kind,
+                        namespace: d.namespace.clone(),
+                        name: d.name.clone(),
+                        owner,
+                    };
+                    out.push((key_of(d), a));
+                }
+                if !any {
+                    out.push((key.clone(), remove_finalizer(o, "orphan")));
+                }
+            }
+            if o.finalizers.iter().any(|f| f == "foregroundDeletion") {
+                let mut any = false;
+                for d in self.dependents_of(&o.uid) {
+                    any = true;
+                    if !d.deleting {
+                        out.push((key_of(d), delete(d)));
+                    }
+                }
+                if !any {
+                    out.push((key.clone(), remove_finalizer(o, "foregroundDeletion")));
+                }
+            }
+            if o.kind == "Namespace" && o.finalizers.iter().any(|f| f == "kubernetes") {
+                let mut any = false;
+                for (k, c) in
+                    self.contents.get(&o.name).into_iter().flatten().filter_map(|k| Some((k, self.objs.get(k)?)))
+                {
+                    any = true;
+                    if !c.deleting {
+                        out.push((k.clone(), delete(c)));
+                    }
+                }
+                if !any {
+                    out.push((key.clone(), remove_finalizer(o, "kubernetes")));
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies one committed revision's events; false if the frame cannot
+    /// be read (the caller resynchronises).
+    pub fn apply(&mut self, frame: &capstan_raft::watch::Frame) -> bool {
+        let Ok(wire) = frame.archived() else { return false };
+        for ev in wire.events.iter() {
+            let key: Key = ev.kv.key.as_slice().to_vec();
+            if ev.delete {
+                self.remove(&key);
+                continue;
+            }
+            match obj_of(&key, &ev.kv.value) {
+                Some(o) => self.upsert(key, o),
+                // Not an object (claims, leases, Capstan's own keys).
+                None => self.remove(&key),
+            }
+        }
+        true
+    }
+}
+
+/// The actions the rules give for `objs`, all considered.
+#[cfg(test)]
 pub fn plan(objs: &[Obj]) -> Vec<Action> {
-    let uids: HashSet<&str> = objs.iter().map(|o| o.uid.as_str()).collect();
-    let mut out = Vec::new();
-    for o in objs {
-        if !o.owners.is_empty() && !o.deleting && o.owners.iter().all(|u| !uids.contains(u.as_str())) {
-            out.push(delete(o));
-        }
-        if !o.deleting {
-            continue;
-        }
-        if o.finalizers.iter().any(|f| f == "orphan") {
-            let mut any = false;
-            for d in dependents(objs, &o.uid) {
-                any = true;
-                out.push(Action::RemoveOwnerRef {
-                    kind: d.kind,
-                    namespace: d.namespace.clone(),
-                    name: d.name.clone(),
-                    owner: o.uid.clone(),
-                });
-            }
-            if !any {
-                out.push(remove_finalizer(o, "orphan"));
-            }
-        }
-        if o.finalizers.iter().any(|f| f == "foregroundDeletion") {
-            let mut any = false;
-            for d in dependents(objs, &o.uid) {
-                any = true;
-                if !d.deleting {
-                    out.push(delete(d));
-                }
-            }
-            if !any {
-                out.push(remove_finalizer(o, "foregroundDeletion"));
-            }
-        }
-        if o.kind == "Namespace" && o.finalizers.iter().any(|f| f == "kubernetes") {
-            let mut any = false;
-            for c in objs.iter().filter(|c| c.kind != "Namespace" && c.namespace == o.name) {
-                any = true;
-                if !c.deleting {
-                    out.push(delete(c));
-                }
-            }
-            if !any {
-                out.push(remove_finalizer(o, "kubernetes"));
-            }
-        }
-    }
-    out
+    let mut g = Graph::from_objects(objs.iter().enumerate().map(|(i, o)| (i.to_be_bytes().to_vec(), o.clone())));
+    g.take_plan().into_iter().map(|(_, a)| a).collect()
 }
 
-/// Every object of every kind from this master's applied state. Only
-/// objects being deleted are decoded (for their finalizers).
-pub fn snapshot(objects: &Objects) -> Result<Vec<Obj>, ApiError> {
-    let out = std::cell::RefCell::new(Vec::new());
-    for rt in registry::all() {
-        let page = objects.list_local(rt, None, None, None, &|kv| {
-            let a = StoredObject::access(&kv.value).map_err(|e| ApiError::internal(e.to_string()))?;
-            let mut o = Obj {
-                kind: rt.kind,
-                namespace: a.namespace.to_string(),
-                name: a.name.to_string(),
-                uid: a.uid.to_string(),
-                owners: a.owners.iter().map(|s| s.to_string()).collect(),
-                deleting: a.deleting,
-                finalizers: vec![],
-            };
-            if o.deleting {
-                let v: Value = serde_json::from_slice(&a.json).map_err(|e| ApiError::internal(e.to_string()))?;
-                let list = |x: &Value| -> Vec<String> {
-                    x.as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect()
-                };
-                o.finalizers = list(&v["metadata"]["finalizers"]);
-                o.finalizers.extend(list(&v["spec"]["finalizers"]));
-            }
-            out.borrow_mut().push(o);
-            Ok(None)
-        })?;
-        debug_assert!(page.items.is_empty());
+/// The collector's fields of the object stored at `key`, if it is one.
+fn obj_of(key: &[u8], value: &[u8]) -> Option<Obj> {
+    static PREFIXES: std::sync::LazyLock<Vec<(Vec<u8>, &'static ResourceType)>> = std::sync::LazyLock::new(|| {
+        registry::all().iter().map(|rt| (crate::api::objects::prefix(rt, None), rt)).collect()
+    });
+    let (_, rt) = PREFIXES.iter().find(|(p, _)| key.starts_with(p))?;
+    // Frame payloads are not aligned for rkyv: copy once.
+    let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(value.len());
+    buf.extend_from_slice(value);
+    let a = StoredObject::access(&buf).ok()?;
+    let mut o = Obj {
+        kind: rt.kind,
+        namespace: a.namespace.to_string(),
+        name: a.name.to_string(),
+        uid: a.uid.to_string(),
+        owners: a.owners.iter().map(|s| s.to_string()).collect(),
+        deleting: a.deleting,
+        finalizers: vec![],
+    };
+    if o.deleting {
+        let v: Value = serde_json::from_slice(&a.json).ok()?;
+        let list = |x: &Value| -> Vec<String> {
+            x.as_array().into_iter().flatten().filter_map(Value::as_str).map(str::to_string).collect()
+        };
+        o.finalizers = list(&v["metadata"]["finalizers"]);
+        o.finalizers.extend(list(&v["spec"]["finalizers"]));
     }
-    Ok(out.into_inner())
+    Some(o)
+}
+
+/// Every object from this master's applied state, as a graph with every
+/// object marked, and the revision it was read at.
+pub fn snapshot(objects: &Objects) -> Result<(Graph, i64), ApiError> {
+    let range = KeyRange::prefix(b"/registry/".to_vec());
+    let (kvs, _, rev) = objects.range(&RangeRequest { range, ..Default::default() })?;
+    let g = Graph::from_objects(kvs.iter().filter_map(|kv| Some((kv.key.to_vec(), obj_of(&kv.key, &kv.value)?))));
+    Ok((g, rev))
 }
 
 fn kind_type(kind: &str) -> Option<&'static ResourceType> {
@@ -197,61 +356,68 @@ pub async fn execute(objects: &Objects, a: &Action) -> Result<(), ApiError> {
     }
 }
 
-/// Whether a committed revision can give the collector work: a delete (an
-/// owner may be gone), or an object being deleted or owned by others.
-/// Read from the archived index fields (copied once to align them).
-pub fn concerns_gc(frame: &capstan_raft::watch::Frame) -> bool {
-    let Ok(wire) = frame.archived() else { return true };
-    wire.events.iter().any(|ev| {
-        if ev.delete {
-            return true;
-        }
-        let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(ev.kv.value.len());
-        buf.extend_from_slice(&ev.kv.value);
-        StoredObject::access(&buf).is_ok_and(|a| a.deleting || !a.owners.is_empty())
-    })
-}
-
-/// Runs passes while this master holds the controller lease: after every
-/// committed change (coalesced) and at least every 5 s.
+/// Keeps the graph from the watch hub (resynchronised from a full read
+/// at start, on lag, on a gap or a snapshot install) and, while this
+/// master holds the controller lease, carries out the plan for what
+/// changes marked — and for everything every 5 s.
 pub async fn run(objects: Objects, leading: tokio::sync::watch::Receiver<bool>) {
-    use tokio::sync::broadcast::error::RecvError;
-    let mut frames = objects.node.hub.frames();
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
     loop {
-        tokio::select! {
-            r = frames.recv() => match r {
-                Err(RecvError::Closed) => return,
-                // Frames the GC has nothing to do about (most writes, e.g.
-                // lease renewals) cost no pass.
-                Ok(f) if !concerns_gc(&f) => continue,
-                Ok(_) | Err(RecvError::Lagged(_)) => {
-                    // Coalesce a burst of changes into one pass.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    while frames.try_recv().is_ok() {}
-                }
-            },
-            _ = tick.tick() => {}
-        }
-        if !*leading.borrow() {
-            continue;
-        }
-        let actions = match snapshot(&objects) {
-            Ok(objs) => {
-                let a = plan(&objs);
-                tracing::debug!(objects = objs.len(), actions = a.len(), "garbage collector pass");
-                a
-            }
+        // Subscribe before reading: later frames are then all in the channel.
+        let mut frames = objects.node.hub.frames();
+        let (mut graph, mut rev) = match snapshot(&objects) {
+            Ok(g) => g,
             Err(e) => {
                 tracing::warn!("garbage collector: reading objects: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
         };
-        for a in &actions {
-            match execute(&objects, a).await {
-                Ok(()) => tracing::debug!(?a, "garbage collector acted"),
-                Err(e) if e.code == 404 || e.code == 409 => {}
-                Err(e) => tracing::warn!(?a, "garbage collector: {e}"),
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        'follow: loop {
+            let mut next = tokio::select! {
+                r = frames.recv() => match r {
+                    Ok(f) => Some(f),
+                    Err(RecvError::Lagged(_)) => break 'follow,
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tick.tick() => {
+                    graph.mark_all();
+                    None
+                }
+            };
+            // This frame and whatever else is already waiting.
+            while let Some(f) = next.take() {
+                if f.revision > rev {
+                    if f.reset || f.revision > rev + 1 || !graph.apply(&f) {
+                        break 'follow;
+                    }
+                    rev = f.revision;
+                }
+                match frames.try_recv() {
+                    Ok(f) => next = Some(f),
+                    Err(TryRecvError::Empty) => {}
+                    Err(TryRecvError::Lagged(_)) => break 'follow,
+                    Err(TryRecvError::Closed) => return,
+                }
+            }
+            if !*leading.borrow() {
+                continue;
+            }
+            let actions = graph.take_plan();
+            if !actions.is_empty() {
+                tracing::debug!(objects = graph.len(), actions = actions.len(), "garbage collector pass");
+            }
+            for (key, a) in actions {
+                match execute(&objects, &a).await {
+                    Ok(()) => tracing::debug!(?a, "garbage collector acted"),
+                    // The world moved: the frames that moved it mark it again.
+                    Err(e) if e.code == 404 || e.code == 409 => {}
+                    Err(e) => {
+                        tracing::warn!(?a, "garbage collector: {e}");
+                        graph.mark(key);
+                    }
+                }
             }
         }
     }
@@ -325,28 +491,45 @@ mod tests {
     }
 
     #[test]
-    fn only_deletes_and_owned_or_deleting_objects_trigger_a_pass() {
+    fn changes_mark_only_what_they_affect() {
         use capstan_raft::mvcc::{Event, EventKind};
         use capstan_raft::types::KeyValue;
         use capstan_raft::watch::Frame;
-        let put = |obj: serde_json::Value| Event {
+        let key = |kind: &str, name: &str| format!("/registry/{kind}/d/{name}").into_bytes();
+        let put = |k: Vec<u8>, obj: serde_json::Value| Event {
             kind: EventKind::Put,
             kv: KeyValue {
-                key: "/k".into(),
+                key: k.into(),
                 value: StoredObject::from_object(&obj).unwrap().encode().into(),
                 ..Default::default()
             },
             prev_kv: None,
         };
-        let lease = serde_json::json!({"metadata": {"name": "l"}});
-        assert!(!concerns_gc(&Frame::encode(2, &[put(lease)])));
-        let owned = serde_json::json!({"metadata": {"name": "p", "ownerReferences": [{"uid": "rs1"}]}});
-        assert!(concerns_gc(&Frame::encode(3, &[put(owned)])));
-        let deleting = serde_json::json!({"metadata": {"name": "p", "deletionTimestamp": "2026-01-01T00:00:00Z"}});
-        assert!(concerns_gc(&Frame::encode(4, &[put(deleting)])));
-        let del =
-            Event { kind: EventKind::Delete, kv: KeyValue { key: "/k".into(), ..Default::default() }, prev_kv: None };
-        assert!(concerns_gc(&Frame::encode(5, &[del])));
+        let del = |k: Vec<u8>| Event {
+            kind: EventKind::Delete,
+            kv: KeyValue { key: k.into(), ..Default::default() },
+            prev_kv: None,
+        };
+        let (rs, pod) = (key("apps/replicasets", "rs"), key("core/pods", "p"));
+        let mut g = Graph::default();
+        assert!(g.apply(&Frame::encode(2, &[
+            put(rs.clone(), serde_json::json!({"metadata": {"name": "rs", "namespace": "d", "uid": "rs1"}})),
+            put(pod.clone(), serde_json::json!({"metadata": {"name": "p", "namespace": "d", "uid": "p1", "ownerReferences": [{"uid": "rs1"}]}})),
+            put(b"/capstan/not-an-object".to_vec(), serde_json::json!({})),
+        ])));
+        assert_eq!(g.len(), 2, "only registry objects are tracked");
+        assert!(g.take_plan().is_empty(), "the owner lives");
+        assert!(g.take_plan().is_empty() && g.dirty.is_empty(), "nothing marked, nothing planned");
+        // The owner goes: its dependent is marked and collected.
+        assert!(g.apply(&Frame::encode(3, &[del(rs)])));
+        assert_eq!(
+            g.take_plan(),
+            vec![(pod, Action::Delete { kind: "Pod", namespace: "d".into(), name: "p".into(), uid: "p1".into() })]
+        );
+        assert!(
+            !g.apply(&Frame { bytes: bytes::Bytes::from_static(b"garbage"), ..Frame::encode(4, &[]) }),
+            "unreadable: resync"
+        );
     }
 
     #[test]
