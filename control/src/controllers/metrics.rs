@@ -24,12 +24,26 @@ pub struct ControllerMetrics {
     /// bumped), dropped (the recorder's queue was full), spam (throttled
     /// per object), failed (the write failed).
     pub events: IntCounterVec,
+    /// `capstan_node_status_condition{condition="Ready",status}`: nodes by
+    /// their Ready condition (true, false, unknown), as kube-state-metrics' `kube_node_status_condition`.
+    pub node_ready: IntGaugeVec,
+    /// `capstan_pods_crash_looping`: pods with a container in CrashLoopBackOff.
+    pub crash_looping: prometheus::IntGauge,
 }
 
 impl ControllerMetrics {
     pub fn new(r: &Registry) -> prometheus::Result<ControllerMetrics> {
         let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        let node_ready = IntGaugeVec::new(
+            Opts::new("capstan_node_status_condition", "Nodes by the status of their Ready condition.")
+                .const_label("condition", "Ready"),
+            &["status"],
+        )?;
+        let crash_looping =
+            prometheus::IntGauge::new("capstan_pods_crash_looping", "Pods with a container in CrashLoopBackOff.")?;
         let m = ControllerMetrics {
+            node_ready,
+            crash_looping,
             depth: IntGaugeVec::new(
                 Opts::new("workqueue_depth", "Keys waiting in a controller's work queue."),
                 &["name"],
@@ -70,6 +84,9 @@ impl ControllerMetrics {
                 &["result"],
             )?,
         };
+        for status in ["true", "false", "unknown"] {
+            m.node_ready.with_label_values(&[status]);
+        }
         for result in ["written", "aggregated", "dropped", "spam", "failed"] {
             m.events.with_label_values(&[result]);
         }
@@ -81,6 +98,8 @@ impl ControllerMetrics {
         r.register(Box::new(m.pending.clone()))?;
         r.register(Box::new(m.algorithm.clone()))?;
         r.register(Box::new(m.events.clone()))?;
+        r.register(Box::new(m.node_ready.clone()))?;
+        r.register(Box::new(m.crash_looping.clone()))?;
         Ok(m)
     }
 }

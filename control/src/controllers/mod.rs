@@ -8,6 +8,7 @@
 //! - `leader.rs`: the Lease that decides which master's controllers act.
 //! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler/`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
+//! - `clusterstate.rs`: node readiness and crash-loop gauges for alerts.
 //! - `serviceaccount.rs`: each namespace's `default` ServiceAccount and `kube-root-ca.crt`.
 //! - `events.rs`: the event recorder every controller and the scheduler
 //!   records what it did with (client-go's EventRecorder; `events/correlator.rs`
@@ -17,6 +18,7 @@
 //! holder's actors process their queues. Writes go through the API's
 //! admission path in-process (`api::internal`).
 
+pub mod clusterstate;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
@@ -208,6 +210,7 @@ pub fn start(
         accounts: inf.get("ServiceAccount").clone(),
         configmaps: inf.get("ConfigMap").clone(),
     });
+    clusterstate::start(inf.get("Node").clone(), inf.get("Pod").clone(), metrics.clone());
     let all = start_actors(
         vec![
             actor(rs.clone(), 4),
