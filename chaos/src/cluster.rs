@@ -29,29 +29,60 @@ pub struct Endpoints {
     pub pid: u32,
 }
 
-/// Master `i` cut off from the other masters: nftables drops every UDP
-/// packet to or from its peer (QUIC) port, in a table of this run's own that
-/// is deleted on drop. Client traffic (TCP) still reaches it, so it plays a
-/// deposed leader that clients can still talk to.
+/// A network fault between masters: nftables rules on their peer (QUIC,
+/// UDP) ports, in a table of this run's own that is deleted on drop.
+/// Client traffic (TCP) is untouched, so a master cut off from its peers
+/// can still be reached by clients (a deposed leader must not serve them
+/// stale data).
 pub struct Partition {
     table: String,
 }
 
 impl Partition {
-    pub fn isolate(peer_port: u16) -> anyhow::Result<Partition> {
-        let table = format!("capstan_chaos_{}_{peer_port}", std::process::id());
-        let script = format!(
+    fn apply(name: &str, rules: &[String]) -> anyhow::Result<Partition> {
+        let table = format!("capstan_chaos_{}_{name}", std::process::id());
+        let mut script = format!(
             "add table inet {table}\n\
-             add chain inet {table} input {{ type filter hook input priority -10 ; policy accept ; }}\n\
-             add rule inet {table} input udp dport {peer_port} drop\n\
-             add rule inet {table} input udp sport {peer_port} drop\n"
+             add chain inet {table} input {{ type filter hook input priority -10 ; policy accept ; }}\n"
         );
+        for r in rules {
+            script.push_str(&format!("add rule inet {table} input {r}\n"));
+        }
         let mut nft = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().context("running nft")?;
         use std::io::Write;
         nft.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
         let st = nft.wait()?;
-        anyhow::ensure!(st.success(), "nft refused the partition rules ({st})");
+        anyhow::ensure!(st.success(), "nft refused the rules ({st}): {rules:?}");
         Ok(Partition { table })
+    }
+
+    /// Master on `peer_port` cut off from the others, both ways.
+    pub fn isolate(peer_port: u16) -> anyhow::Result<Partition> {
+        Self::apply(
+            &format!("iso{peer_port}"),
+            &[format!("udp dport {peer_port} drop"), format!("udp sport {peer_port} drop")],
+        )
+    }
+
+    /// Asymmetric: nothing reaches the master on `peer_port`, but what it
+    /// sends still arrives.
+    pub fn deafen(peer_port: u16) -> anyhow::Result<Partition> {
+        Self::apply(&format!("deaf{peer_port}"), &[format!("udp dport {peer_port} drop")])
+    }
+
+    /// Bridge: the masters on `a` and `b` cannot reach each other; both
+    /// still reach the third, which can lead a majority with either.
+    pub fn between(a: u16, b: u16) -> anyhow::Result<Partition> {
+        Self::apply(
+            &format!("br{a}_{b}"),
+            &[format!("udp sport {a} udp dport {b} drop"), format!("udp sport {b} udp dport {a} drop")],
+        )
+    }
+
+    /// `percent`% of the packets to the masters on `ports` lost at random.
+    pub fn lossy(ports: &[u16], percent: u32) -> anyhow::Result<Partition> {
+        let set = ports.iter().map(u16::to_string).collect::<Vec<_>>().join(", ");
+        Self::apply("loss", &[format!("udp dport {{ {set} }} numgen random mod 100 < {percent} drop")])
     }
 }
 

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::cluster::UpCluster;
+use crate::cluster::{Partition, UpCluster};
 use crate::history::{Input, Op, Output};
 use crate::linearizability::{self, Verdict};
 use crate::watch_check::{self, Event, Response, WatchReport, WatchSpec};
@@ -37,6 +37,16 @@ pub enum Scenario {
     /// Cut the leader off from the other masters for 4 s (nftables), while
     /// clients can still reach it: a deposed leader must not serve stale reads.
     PartitionLeader,
+    /// The leader hears nothing from the other masters for 4 s, while what
+    /// it sends still arrives (asymmetric partition).
+    DeafLeader,
+    /// The leader and one follower cannot reach each other for 4 s; both
+    /// still reach the third master (a bridge).
+    BridgePartition,
+    /// A master (seeded choice) cut off for 400 ms, back for 400 ms, for 6 s.
+    FlappingPartition,
+    /// 30% of all peer packets lost at random for 6 s.
+    PacketLoss,
 }
 
 #[derive(Clone, Debug)]
@@ -346,6 +356,11 @@ async fn leader_index(cluster: &UpCluster) -> Option<usize> {
     None
 }
 
+/// Master `i`'s peer (QUIC) port.
+fn peer_port(cluster: &UpCluster, i: usize) -> Option<u16> {
+    cluster.endpoints(i).and_then(|e| e.peer.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+}
+
 pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     progress(&format!("starting 3 masters ({:?}, seed {})", cfg.scenario, cfg.seed));
     let cluster = Arc::new(UpCluster::start(&cfg.capstan, 3)?);
@@ -398,16 +413,49 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                     unsafe { libc::kill(pid as i32, libc::SIGCONT) };
                 }
             }
-            Scenario::PartitionLeader => {
-                let port =
-                    cluster.endpoints(leader).and_then(|e| e.peer.rsplit_once(':').and_then(|(_, p)| p.parse().ok()));
-                if let Some(port) = port {
-                    progress(&format!("partition master-{} (peer port {port}) for 4 s", leader + 1));
-                    let cut = crate::cluster::Partition::isolate(port)?;
+            Scenario::PartitionLeader | Scenario::DeafLeader => {
+                if let Some(port) = peer_port(&cluster, leader) {
+                    let (what, cut) = if cfg.scenario == Scenario::PartitionLeader {
+                        ("partition", Partition::isolate(port)?)
+                    } else {
+                        ("deafen", Partition::deafen(port)?)
+                    };
+                    progress(&format!("{what} master-{} (peer port {port}) for 4 s", leader + 1));
                     t0 = Instant::now();
                     tokio::time::sleep(Duration::from_secs(4)).await;
                     drop(cut);
                 }
+            }
+            Scenario::BridgePartition => {
+                let other = (leader + 1 + rng.gen_range(0..2)) % 3;
+                if let (Some(a), Some(b)) = (peer_port(&cluster, leader), peer_port(&cluster, other)) {
+                    progress(&format!("cut master-{} <-> master-{} for 4 s", leader + 1, other + 1));
+                    let cut = Partition::between(a, b)?;
+                    t0 = Instant::now();
+                    tokio::time::sleep(Duration::from_secs(4)).await;
+                    drop(cut);
+                }
+            }
+            Scenario::FlappingPartition => {
+                progress("flapping partitions for 6 s");
+                t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(6) {
+                    let victim = rng.gen_range(0..3);
+                    if let Some(port) = peer_port(&cluster, victim) {
+                        let cut = Partition::isolate(port)?;
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                        drop(cut);
+                    }
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                }
+            }
+            Scenario::PacketLoss => {
+                let ports: Vec<u16> = (0..3).filter_map(|i| peer_port(&cluster, i)).collect();
+                progress("30% peer packet loss for 6 s");
+                let lossy = Partition::lossy(&ports, 30)?;
+                t0 = Instant::now();
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                drop(lossy);
             }
         }
         faults += 1;
@@ -536,6 +584,10 @@ pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
         Scenario::KillFollower,
         Scenario::PauseLeader,
         Scenario::PartitionLeader,
+        Scenario::DeafLeader,
+        Scenario::BridgePartition,
+        Scenario::FlappingPartition,
+        Scenario::PacketLoss,
     ] {
         let r = run(RunConfig { scenario, ..base.clone() }).await?;
         all &= r.passed;
