@@ -154,6 +154,7 @@ pub fn start(
         api.clone(),
         inf.get("Pod").clone(),
         inf.get("Node").clone(),
+        inf.get("PodDisruptionBudget").clone(),
         metrics.clone(),
         events.recorder("default-scheduler"),
     ));

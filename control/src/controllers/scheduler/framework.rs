@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use super::cache::{Cache, TermKey, Topology, NO_DOMAIN};
-use super::model::{unschedulable_taint, NodeInfo, PodInfo, PodTerm, SpreadConstraint, Taint};
+use super::model::{unschedulable_taint, LabelSelector, NodeInfo, PodInfo, PodTerm, SpreadConstraint, Taint};
 
 pub const NODE_NAME: &str = "node(s) didn't match the requested node name";
 pub const UNSCHEDULABLE: &str = "node(s) were unschedulable";
@@ -368,6 +368,40 @@ pub fn schedule(pod: &PodInfo, cache: &Cache, start: usize) -> Result<Chosen, Fi
     Ok(Chosen { node: feasible[best], next_start: (start + examined) % n.max(1) })
 }
 
+/// A PodDisruptionBudget as preemption weighs it: the pods it selects and
+/// how many of them may go now (`status.disruptionsAllowed`).
+#[derive(Debug, Clone)]
+pub struct Budget {
+    pub namespace: String,
+    pub selector: LabelSelector,
+    pub allowed: i64,
+}
+
+impl Budget {
+    pub fn parse(pdb: &serde_json::Value) -> Option<Budget> {
+        Some(Budget {
+            namespace: pdb["metadata"]["namespace"].as_str().unwrap_or_default().to_string(),
+            selector: LabelSelector::parse(&pdb["spec"]["selector"])?,
+            allowed: pdb["status"]["disruptionsAllowed"].as_i64().unwrap_or(0),
+        })
+    }
+
+    fn covers(&self, p: &PodInfo) -> bool {
+        p.namespace == self.namespace && self.selector.matches(&p.labels)
+    }
+}
+
+/// How many of `victims` go beyond what their budgets allow.
+fn violations(victims: &[Arc<PodInfo>], budgets: &[Budget]) -> usize {
+    budgets
+        .iter()
+        .map(|b| {
+            let hit = victims.iter().filter(|v| b.covers(v)).count() as i64;
+            (hit - b.allowed.max(0)).max(0) as usize
+        })
+        .sum()
+}
+
 /// A preemption: on `node`, evict `victims` (lower priority) to make room.
 #[derive(Debug)]
 pub struct Preemption {
@@ -391,11 +425,12 @@ pub fn may_preempt(pod: &PodInfo, cache: &Cache) -> bool {
 /// allow it, remove all lower-priority pods, then reprieve as many as
 /// still leave room (most important first). The node chosen has the
 /// lowest highest-victim priority, then the lowest priority sum, then the
-/// fewest victims. (Kubernetes also weighs PodDisruptionBudgets here;
-/// Capstan does not yet.)
-pub fn preempt(pod: &PodInfo, cache: &Cache) -> Option<Preemption> {
+/// fewest victims — after the fewest PodDisruptionBudget violations, as
+/// Kubernetes: victims a budget protects are reprieved first, and a node
+/// whose victims break fewer budgets wins.
+pub fn preempt(pod: &PodInfo, cache: &Cache, budgets: &[Budget]) -> Option<Preemption> {
     let pre = PreState::new(pod, cache);
-    let mut best: Option<((i64, i64, usize), Preemption)> = None;
+    let mut best: Option<((usize, i64, i64, usize), Preemption)> = None;
     for (i, n) in cache.nodes.iter().enumerate() {
         if static_filters(pod, n).is_err() || pod_filters(pod, &pre, i).is_err() {
             continue;
@@ -412,7 +447,11 @@ pub fn preempt(pod: &PodInfo, cache: &Cache) -> Option<Preemption> {
         if fits_resources(pod, &trial).is_err() {
             continue;
         }
-        lower.sort_by(|a, b| b.priority.cmp(&a.priority).then_with(|| a.created.cmp(&b.created)));
+        // Reprieve budget-protected pods first, then the most important.
+        let protected = |p: &PodInfo| budgets.iter().any(|b| b.covers(p) && b.allowed <= 0);
+        lower.sort_by(|a, b| {
+            protected(b).cmp(&protected(a)).then(b.priority.cmp(&a.priority)).then_with(|| a.created.cmp(&b.created))
+        });
         let mut victims = Vec::new();
         for p in lower {
             trial.add(p.clone());
@@ -422,6 +461,7 @@ pub fn preempt(pod: &PodInfo, cache: &Cache) -> Option<Preemption> {
             }
         }
         let rank = (
+            violations(&victims, budgets),
             victims.iter().map(|v| v.priority).max().unwrap_or(i64::MIN),
             victims.iter().map(|v| v.priority).sum::<i64>(),
             victims.len(),
@@ -647,6 +687,38 @@ mod tests {
     }
 
     #[test]
+    fn preemption_spares_pods_a_disruption_budget_protects() {
+        let low = |name: &str, app: &str| {
+            with_cpu(name, "1", json!({"metadata": {"labels": {"app": app}}, "spec": {"priority": 1}}))
+        };
+        let mut c = cache(vec![node("a", "2", json!({})), node("b", "2", json!({}))]);
+        c.place(low("db-0", "db"), "a", false);
+        c.place(low("db-1", "db"), "a", false);
+        c.place(low("web-0", "web"), "b", false);
+        c.place(low("web-1", "web"), "b", false);
+        let hi = with_cpu("hi", "1500m", json!({"spec": {"priority": 10}}));
+        let budget = |app: &str, allowed: i64| {
+            Budget::parse(&json!({"metadata": {"namespace": "d"}, "spec": {"selector": {"matchLabels": {"app": app}}},
+                "status": {"disruptionsAllowed": allowed}}))
+            .unwrap()
+        };
+        // Equal on priorities; the db budget allows nothing, so node b goes.
+        let p = preempt(&hi, &c, &[budget("db", 0), budget("web", 2)]).unwrap();
+        assert_eq!(c.nodes[p.node].name, "b");
+        // Both budgeted: the one that allows more breaks fewer.
+        let p = preempt(&hi, &c, &[budget("db", 1), budget("web", 0)]).unwrap();
+        assert_eq!(c.nodes[p.node].name, "a");
+        assert_eq!(violations(&p.victims, &[budget("db", 1)]), 1);
+        // Within a node, a protected pod is reprieved before an unprotected one of equal priority.
+        let mut mixed = cache(vec![node("m", "2", json!({}))]);
+        mixed.place(low("db-0", "db"), "m", false);
+        mixed.place(low("web-0", "web"), "m", false);
+        let small = with_cpu("s", "1", json!({"spec": {"priority": 10}}));
+        let p = preempt(&small, &mixed, &[budget("db", 0)]).unwrap();
+        assert_eq!(p.victims.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(), ["web-0"]);
+    }
+
+    #[test]
     fn preemption_evicts_the_least_important_fewest() {
         let prio = |name: &str, cpu: &str, p: i64| with_cpu(name, cpu, json!({"spec": {"priority": p}}));
         let mut c = cache(vec![node("a", "2", json!({})), node("b", "2", json!({}))]);
@@ -657,17 +729,17 @@ mod tests {
         let hi = prio("hi", "1500m", 10);
         assert!(schedule(&hi, &c, 0).is_err());
         // a: both must go (highest victim 5); b: both low ones (highest 1).
-        let p = preempt(&hi, &c).unwrap();
+        let p = preempt(&hi, &c, &[]).unwrap();
         assert_eq!(c.nodes[p.node].name, "b");
         assert_eq!(p.victims.len(), 2);
 
         let mut full = cache(vec![node("a", "2", json!({}))]);
         full.place(prio("x", "1", 1), "a", false);
         full.place(prio("y", "1", 3), "a", false);
-        let p = preempt(&prio("small", "1", 10), &full).unwrap();
+        let p = preempt(&prio("small", "1", 10), &full, &[]).unwrap();
         let names: Vec<&str> = p.victims.iter().map(|v| v.name.as_str()).collect();
         assert_eq!(names, ["x"], "the more important pod is reprieved");
-        assert!(preempt(&prio("eq", "1", 1), &full).is_none(), "only lower priorities are preempted");
+        assert!(preempt(&prio("eq", "1", 1), &full, &[]).is_none(), "only lower priorities are preempted");
         assert!(!may_preempt(
             &with_cpu("n", "1", json!({"spec": {"priority": 10, "preemptionPolicy": "Never"}})),
             &full

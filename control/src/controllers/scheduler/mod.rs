@@ -152,6 +152,8 @@ pub struct Scheduler {
     pub api: Arc<ApiServer>,
     pub pods: Arc<Informer>,
     pub nodes: Arc<Informer>,
+    /// PodDisruptionBudgets, which preemption weighs.
+    pub budgets: Arc<Informer>,
     metrics: super::metrics::ControllerMetrics,
     pub recorder: EventRecorder,
     state: Mutex<State>,
@@ -167,6 +169,7 @@ impl Scheduler {
         api: Arc<ApiServer>,
         pods: Arc<Informer>,
         nodes: Arc<Informer>,
+        budgets: Arc<Informer>,
         metrics: super::metrics::ControllerMetrics,
         recorder: EventRecorder,
     ) -> Scheduler {
@@ -174,6 +177,7 @@ impl Scheduler {
             api,
             pods,
             nodes,
+            budgets,
             metrics,
             recorder,
             state: Mutex::default(),
@@ -181,6 +185,11 @@ impl Scheduler {
             binds: Arc::new(Semaphore::new(BINDS_IN_FLIGHT)),
             actor: OnceLock::new(),
         }
+    }
+
+    /// The disruption budgets now (decoded: preemption is rare).
+    fn budgets(&self) -> Vec<framework::Budget> {
+        self.budgets.list().iter().filter_map(|b| framework::Budget::parse(&b.object())).collect()
     }
 
     fn wake(&self) {
@@ -261,8 +270,9 @@ impl Scheduler {
                     Err(fit) => {
                         st.queue.unschedulable(&key, now);
                         let info = &pending.0;
+                        let budgets = self.budgets();
                         let preempt = framework::may_preempt(info, &st.cache)
-                            .then(|| framework::preempt(info, &st.cache))
+                            .then(|| framework::preempt(info, &st.cache, &budgets))
                             .flatten()
                             .map(|p| {
                                 let victims = p.victims.iter().map(|v| v.key.clone()).collect();
