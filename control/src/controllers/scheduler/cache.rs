@@ -65,6 +65,8 @@ pub struct Cache {
     topologies: Mutex<HashMap<String, Arc<Topology>>>,
     /// Rebuilt when nodes come or go (node indices move).
     terms: Mutex<TermCounts>,
+    /// Pending pods nominated to a node by preemption: node -> pods.
+    nominated: HashMap<String, HashMap<String, Arc<PodInfo>>>,
 }
 
 impl Cache {
@@ -194,6 +196,38 @@ impl Cache {
         let t = Arc::new(Topology { domain_of, domains: ids.len() });
         self.topologies.lock().insert(key.to_string(), t.clone());
         t
+    }
+
+    /// `pod` waits for room preemption made on its nominated node.
+    pub fn nominate(&mut self, pod: &Arc<PodInfo>) {
+        self.unnominate(&pod.key);
+        if !pod.nominated.is_empty() {
+            self.nominated.entry(pod.nominated.clone()).or_default().insert(pod.key.clone(), pod.clone());
+        }
+    }
+
+    pub fn unnominate(&mut self, key: &str) {
+        self.nominated.retain(|_, pods| {
+            pods.remove(key);
+            !pods.is_empty()
+        });
+    }
+
+    /// Room on `node` held for nominated pods at least as important as
+    /// `pod` (other than `pod` itself).
+    pub fn reserved(&self, node: &str, pod: &PodInfo) -> super::framework::Reserved {
+        let mut r = super::framework::Reserved::default();
+        if self.nominated.is_empty() {
+            return r; // the common case: no lookup per node
+        }
+        for p in self.nominated.get(node).into_iter().flat_map(|m| m.values()) {
+            if p.key != pod.key && p.priority >= pod.priority {
+                r.cpu += p.cpu;
+                r.mem += p.mem;
+                r.pods += 1;
+            }
+        }
+        r
     }
 
     /// Whether `key` is assumed (binding in flight, not yet observed bound).

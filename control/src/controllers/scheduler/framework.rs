@@ -14,7 +14,9 @@
 //!   preferred node affinity (2), PreferNoSchedule taints (3), preferred
 //!   pod (anti-)affinity (2) and soft spread (2), each normalised to 0..100.
 //! - *PostFilter*: when a pod fits nowhere and may preempt, the node where
-//!   evicting the fewest, least important lower-priority pods makes room.
+//!   evicting the fewest, least important lower-priority pods makes room,
+//!   breaking the fewest PodDisruptionBudgets. The preemptor is nominated
+//!   there, and less important pods may not take the room it waits for.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -78,13 +80,25 @@ pub fn eligible(pod: &PodInfo, n: &NodeInfo) -> bool {
 }
 
 fn fits_resources(pod: &PodInfo, n: &NodeInfo) -> Result<(), &'static str> {
-    if n.pods.len() as i64 + 1 > n.alloc_pods {
+    fits_with(pod, n, Reserved::default())
+}
+
+/// Room held on a node for pods nominated to it (by preemption).
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct Reserved {
+    pub cpu: i64,
+    pub mem: i64,
+    pub pods: i64,
+}
+
+fn fits_with(pod: &PodInfo, n: &NodeInfo, r: Reserved) -> Result<(), &'static str> {
+    if n.pods.len() as i64 + r.pods + 1 > n.alloc_pods {
         return Err(TOO_MANY_PODS);
     }
-    if pod.cpu > 0 && n.used_cpu + pod.cpu > n.alloc_cpu {
+    if pod.cpu > 0 && n.used_cpu + r.cpu + pod.cpu > n.alloc_cpu {
         return Err(INSUFFICIENT_CPU);
     }
-    if pod.mem > 0 && n.used_mem + pod.mem > n.alloc_mem {
+    if pod.mem > 0 && n.used_mem + r.mem + pod.mem > n.alloc_mem {
         return Err(INSUFFICIENT_MEMORY);
     }
     Ok(())
@@ -250,7 +264,8 @@ fn pod_filters(pod: &PodInfo, pre: &PreState, i: usize) -> Result<(), &'static s
 pub fn filter(pod: &PodInfo, pre: &PreState, cache: &Cache, i: usize) -> Result<(), String> {
     let n = &cache.nodes[i];
     static_filters(pod, n)?;
-    fits_resources(pod, n)?;
+    // Pods preemption nominated here, at least as important, keep their room.
+    fits_with(pod, n, cache.reserved(&n.name, pod))?;
     pod_filters(pod, pre, i).map_err(str::to_string)
 }
 
@@ -684,6 +699,21 @@ mod tests {
         let second = schedule(&p, &c, first.next_start).unwrap();
         assert!((420..840).contains(&second.node));
         assert_eq!(schedule(&p, &c, 900).unwrap().next_start, 320);
+    }
+
+    #[test]
+    fn a_nominated_pod_keeps_its_room_from_less_important_pods() {
+        let mut c = cache(vec![node("a", "2", json!({}))]);
+        let preemptor =
+            with_cpu("hi", "1500m", json!({"spec": {"priority": 10}, "status": {"nominatedNodeName": "a"}}));
+        c.nominate(&preemptor);
+        let low = with_cpu("low", "1", json!({"spec": {"priority": 1}}));
+        assert_eq!(why(&low, &c), "0/1 nodes are available: 1 Insufficient cpu.");
+        assert!(schedule(&preemptor, &c, 0).is_ok(), "its own room");
+        let higher = with_cpu("higher", "1", json!({"spec": {"priority": 20}}));
+        assert!(schedule(&higher, &c, 0).is_ok(), "a more important pod may take it");
+        c.unnominate(&preemptor.key);
+        assert!(schedule(&low, &c, 0).is_ok());
     }
 
     #[test]

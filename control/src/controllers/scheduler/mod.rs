@@ -69,6 +69,7 @@ impl State {
     /// Applies a pod change; returns whether pods became active.
     fn on_pod(&mut self, key: &str, new: Option<&Arc<Cached>>, now: Instant) -> bool {
         let Some(c) = new else {
+            self.cache.unnominate(key);
             self.pending.remove(key);
             self.queue.remove(key);
             self.reported.remove(key);
@@ -79,6 +80,11 @@ impl State {
             return true;
         };
         let info = Arc::new(PodInfo::parse(&c.object()));
+        if info.pending() {
+            self.cache.nominate(&info);
+        } else {
+            self.cache.unnominate(key);
+        }
         if !info.node_name.is_empty() {
             self.pending.remove(key);
             self.queue.remove(key);
