@@ -35,8 +35,7 @@ pub fn crash_looping(pod: &Value) -> bool {
 }
 
 fn mentions_crash_loop(c: &Cached) -> bool {
-    let json = c.archived().json.as_slice();
-    json.windows(b"CrashLoopBackOff".len()).any(|w| w == b"CrashLoopBackOff")
+    memchr::memmem::find(c.archived().json.as_slice(), b"CrashLoopBackOff").is_some()
 }
 
 /// Follows the node and pod informers and sets the gauges.
@@ -53,26 +52,47 @@ pub fn start(nodes: Arc<Informer>, pods: Arc<Informer>, metrics: super::metrics:
         for p in pods.list().iter().filter(|p| mentions_crash_loop(p) && crash_looping(&p.object())) {
             looping.insert(p.key.clone());
         }
+        let mut counts: HashMap<&'static str, i64> = HashMap::new();
+        for s in status.values() {
+            *counts.entry(s).or_default() += 1;
+        }
+        let publish = |counts: &HashMap<&'static str, i64>, looping: usize| {
+            for s in ["true", "false", "unknown"] {
+                metrics.node_ready.with_label_values(&[s]).set(counts.get(s).copied().unwrap_or(0));
+            }
+            metrics.crash_looping.set(looping as i64);
+        };
+        publish(&counts, looping.len());
         loop {
             tokio::select! {
-                Some(c) = node_rx.recv() => match c.new {
-                    Some(n) => { status.insert(c.key, ready_status(&n.object())); }
-                    None => { status.remove(&c.key); }
-                },
+                Some(c) = node_rx.recv() => {
+                    let now = c.new.map(|n| ready_status(&n.object()));
+                    let was = match now {
+                        Some(s) => status.insert(c.key, s),
+                        None => status.remove(&c.key),
+                    };
+                    if was == now {
+                        continue;
+                    }
+                    for (s, d) in [(was, -1), (now, 1)] {
+                        if let Some(s) = s {
+                            *counts.entry(s).or_default() += d;
+                        }
+                    }
+                }
                 Some(c) = pod_rx.recv() => {
-                    if c.new.as_ref().is_some_and(|p| mentions_crash_loop(p) && crash_looping(&p.object())) {
-                        looping.insert(c.key);
+                    let changed = if c.new.as_ref().is_some_and(|p| mentions_crash_loop(p) && crash_looping(&p.object())) {
+                        looping.insert(c.key)
                     } else {
-                        looping.remove(&c.key);
+                        looping.remove(&c.key)
+                    };
+                    if !changed {
+                        continue;
                     }
                 }
                 else => return,
             }
-            for s in ["true", "false", "unknown"] {
-                let n = status.values().filter(|v| **v == s).count();
-                metrics.node_ready.with_label_values(&[s]).set(n as i64);
-            }
-            metrics.crash_looping.set(looping.len() as i64);
+            publish(&counts, looping.len());
         }
     });
 }
