@@ -276,9 +276,9 @@ impl Scheduler {
                     Err(fit) => {
                         st.queue.unschedulable(&key, now);
                         let info = &pending.0;
-                        let budgets = self.budgets();
+                        // Budgets are decoded only when preemption is possible.
                         let preempt = framework::may_preempt(info, &st.cache)
-                            .then(|| framework::preempt(info, &st.cache, &budgets))
+                            .then(|| framework::preempt(info, &st.cache, &self.budgets()))
                             .flatten()
                             .map(|p| {
                                 let victims = p.victims.iter().map(|v| v.key.clone()).collect();
