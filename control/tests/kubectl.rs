@@ -427,18 +427,6 @@ fn bad_input_is_refused_and_changes_nothing() {
     assert_eq!(k.json(&["get", "cm", "keep", "-n", "default"])["data"]["a"], "1");
 }
 
-/// Runs etcdctl against the cluster with the credentials `capstan up` wrote.
-fn etcdctl(up: &common::Up, args: &[&str]) -> String {
-    let env = std::fs::read_to_string(up.dir.path().join("etcdctl.env")).unwrap();
-    let mut cmd = Command::new("etcdctl");
-    for (k, v) in env.lines().filter_map(|l| l.strip_prefix("export ")).filter_map(|l| l.split_once('=')) {
-        cmd.env(k, v);
-    }
-    let out = cmd.args(args).output().unwrap();
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[test]
 fn paging_watch_from_a_revision_and_compaction() {
     let up = common::up(1);
@@ -502,7 +490,7 @@ fn paging_watch_from_a_revision_and_compaction() {
     // an old continue token a 410: never a silent gap.
     let head: serde_json::Value = serde_json::from_str(&k.ok(&["get", "--raw", cms])).unwrap();
     let now_rv = head["metadata"]["resourceVersion"].as_str().unwrap().to_string();
-    etcdctl(&up, &["compact", &now_rv]);
+    common::etcdctl(&up, &["compact", &now_rv]);
     let events = k.ok(&["get", "--raw", &format!("{cms}?watch=true&resourceVersion={rv}&timeoutSeconds=2")]);
     let e: serde_json::Value = serde_json::from_str(events.lines().next().expect("an event")).unwrap();
     assert_eq!((e["type"].as_str(), e["object"]["code"].as_i64()), (Some("ERROR"), Some(410)), "{events}");
@@ -540,15 +528,17 @@ fn pods_and_events() {
     let event = "apiVersion: v1\nkind: Event\nmetadata:\n  name: e1\n  namespace: default\ninvolvedObject:\n  kind: Pod\n  name: p1\n  namespace: default\nreason: Tested\nmessage: hello\ntype: Normal\n";
     k.ok_with(&["create", "-f", "-"], Some(event));
     let got: serde_json::Value =
-        serde_json::from_str(&etcdctl(&up, &["get", "/registry/core/events/default/e1", "-w", "json"])).unwrap();
+        serde_json::from_str(&common::etcdctl(&up, &["get", "/registry/core/events/default/e1", "-w", "json"]))
+            .unwrap();
     let lease = got["kvs"][0]["lease"].as_i64().expect("the event's key has a lease");
-    let ttl = etcdctl(&up, &["lease", "timetolive", &format!("{lease:x}")]);
+    let ttl = common::etcdctl(&up, &["lease", "timetolive", &format!("{lease:x}")]);
     let secs: i64 =
         ttl.split("remaining(").nth(1).and_then(|r| r.split('s').next()).and_then(|n| n.parse().ok()).expect(&ttl);
     assert!((3500..=3660).contains(&secs), "{ttl}");
     k.ok(&["label", "event", "e1", "x=y"]);
     let got: serde_json::Value =
-        serde_json::from_str(&etcdctl(&up, &["get", "/registry/core/events/default/e1", "-w", "json"])).unwrap();
+        serde_json::from_str(&common::etcdctl(&up, &["get", "/registry/core/events/default/e1", "-w", "json"]))
+            .unwrap();
     assert_eq!(got["kvs"][0]["lease"].as_i64(), Some(lease), "updates keep the lease");
     // Bookmarks: an idle watch that asked for them gets one with the
     // current revision (the hub's progress interval is 10 s).

@@ -120,10 +120,9 @@ fn prometheus_scrapes_every_master() {
     }
 }
 
+/// 1-based, as the masters are named.
 fn metrics_url(up: &Up, i: usize) -> String {
-    let raw = std::fs::read(up.master_dir(i - 1).join("endpoints.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-    v["metrics_url"].as_str().unwrap().to_string()
+    common::metrics_url(up, i - 1)
 }
 
 #[test]

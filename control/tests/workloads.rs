@@ -328,23 +328,7 @@ fn deployments_roll_out_through_replicasets_onto_nodes() {
     ok(&kc, &["rollout", "status", "ds/agent", "--timeout=60s"]);
     // Live agent pods (old ones may still be terminating: the test kubelet
     // finishes them): (node, image).
-    let live = |kc: &PathBuf| -> Vec<(String, String)> {
-        let pods = json_of(kc, &["get", "pods", "-l", "app=agent"]);
-        let mut out: Vec<(String, String)> = pods["items"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| !p["metadata"]["deletionTimestamp"].is_string())
-            .map(|p| {
-                (
-                    p["spec"]["nodeName"].as_str().unwrap().to_string(),
-                    p["spec"]["containers"][0]["image"].as_str().unwrap().to_string(),
-                )
-            })
-            .collect();
-        out.sort();
-        out
-    };
+    let live = |kc: &PathBuf| live_pods(kc, "app=agent", &["spec", "nodeName"]);
     let on = |image: &str| ["n1", "n2", "n3"].map(|n| (n.to_string(), image.to_string())).to_vec();
     assert_eq!(live(&kc), on("registry.local/agent:1"));
     ok(&kc, &["set", "image", "ds/agent", "agent=registry.local/agent:2"]);
@@ -497,6 +481,10 @@ fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() {
     }
     let table = ok(&kc, &["get", "nodes"]);
     assert!(table.lines().any(|l| l.starts_with("n1") && l.contains("Unknown")), "{table}");
+    // The alerting gauge counts it (CapstanNodesNotReady).
+    let (_, metrics) = common::http_get(&format!("{}/metrics", common::metrics_url(&up, 0))).unwrap();
+    let line = r#"capstan_node_status_condition{condition="Ready",status="unknown"} 1"#;
+    assert!(metrics.lines().any(|l| l == line), "no {line} in /metrics");
     // As events: the node's NotReady (where describe node looks), each eviction.
     let not_ready = wait_event(&kc, "default", 30, "NodeNotReady", |e| {
         e["reason"] == "NodeNotReady" && e["involvedObject"]["name"] == "n1"
@@ -685,23 +673,27 @@ fn first(
     evs.iter().position(f).unwrap_or_else(|| panic!("no event where {what}: {evs:?}"))
 }
 
-/// `(name, image)` of the live pods of `app=db`, by name.
-fn db_pods(kc: &PathBuf) -> Vec<(String, String)> {
-    let pods = json_of(kc, &["get", "pods", "-l", "app=db"]);
+/// `(field at path, first image)` of the pods `selector` picks that are not
+/// being deleted, sorted.
+fn live_pods(kc: &PathBuf, selector: &str, path: &[&str]) -> Vec<(String, String)> {
+    let pods = json_of(kc, &["get", "pods", "-l", selector]);
     let mut out: Vec<(String, String)> = pods["items"]
         .as_array()
         .unwrap()
         .iter()
         .filter(|p| !p["metadata"]["deletionTimestamp"].is_string())
         .map(|p| {
-            (
-                p["metadata"]["name"].as_str().unwrap().to_string(),
-                p["spec"]["containers"][0]["image"].as_str().unwrap().to_string(),
-            )
+            let field = path.iter().fold(p, |v, k| &v[*k]);
+            (field.as_str().unwrap().to_string(), p["spec"]["containers"][0]["image"].as_str().unwrap().to_string())
         })
         .collect();
     out.sort();
     out
+}
+
+/// `(name, image)` of the live pods of `app=db`, by name.
+fn db_pods(kc: &PathBuf) -> Vec<(String, String)> {
+    live_pods(kc, "app=db", &["metadata", "name"])
 }
 
 fn wait_for_db_pods(kc: &PathBuf, want: &[(&str, &str)], secs: u64) {
@@ -1028,17 +1020,6 @@ fn the_scheduler_spreads_drains_and_preempts() {
     drop(kubelet);
 }
 
-fn etcdctl(up: &common::Up, args: &[&str]) -> String {
-    let env = std::fs::read_to_string(up.dir.path().join("etcdctl.env")).unwrap();
-    let mut cmd = Command::new("etcdctl");
-    for (k, v) in env.lines().filter_map(|l| l.strip_prefix("export ")).filter_map(|l| l.split_once('=')) {
-        cmd.env(k, v);
-    }
-    let out = cmd.args(args).output().unwrap();
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// Waits until the events of namespace `ns` hold one `check` accepts.
 fn wait_event(kc: &PathBuf, ns: &str, secs: u64, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
@@ -1152,11 +1133,13 @@ fn controllers_and_the_scheduler_record_events() {
 
     // Written in-process, Events still go on the event lease (1 h TTL).
     let name = scaled["metadata"]["name"].as_str().unwrap();
-    let got: Value =
-        serde_json::from_str(&etcdctl(&up, &["get", &format!("/registry/core/events/ev/{name}"), "-w", "json"]))
-            .unwrap();
+    let got: Value = serde_json::from_str(&common::etcdctl(
+        &up,
+        &["get", &format!("/registry/core/events/ev/{name}"), "-w", "json"],
+    ))
+    .unwrap();
     let lease = got["kvs"][0]["lease"].as_i64().expect("the event's key has a lease");
-    let ttl = etcdctl(&up, &["lease", "timetolive", &format!("{lease:x}")]);
+    let ttl = common::etcdctl(&up, &["lease", "timetolive", &format!("{lease:x}")]);
     let secs: i64 =
         ttl.split("remaining(").nth(1).and_then(|r| r.split('s').next()).and_then(|n| n.parse().ok()).expect(&ttl);
     assert!((3500..=3660).contains(&secs), "{ttl}");
@@ -1196,9 +1179,7 @@ fn controllers_and_the_scheduler_record_events() {
     assert!(line.contains("Warning") && line.contains(" (x") && line.contains(why), "{line}");
 
     // The recorder's counts.
-    let raw = std::fs::read(up.master_dir(0).join("endpoints.json")).unwrap();
-    let url = serde_json::from_slice::<Value>(&raw).unwrap()["metrics_url"].as_str().unwrap().to_string();
-    let (code, body) = common::http_get(&format!("{url}/metrics")).unwrap();
+    let (code, body) = common::http_get(&format!("{}/metrics", common::metrics_url(&up, 0))).unwrap();
     assert_eq!(code, 200);
     let count = |result: &str| -> f64 {
         let series = format!("capstan_events_recorded_total{{result=\"{result}\"}} ");

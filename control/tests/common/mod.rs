@@ -285,6 +285,26 @@ pub fn http_get(url: &str) -> std::io::Result<(u16, String)> {
 /// with SIGINT (Ctrl-C) on drop.
 pub use capstan_chaos::cluster::UpCluster as Up;
 
+/// Runs etcdctl against the cluster with the credentials `capstan up`
+/// wrote; it must succeed; its stdout.
+pub fn etcdctl(up: &Up, args: &[&str]) -> String {
+    let env = std::fs::read_to_string(up.dir.path().join("etcdctl.env")).unwrap();
+    let mut cmd = std::process::Command::new("etcdctl");
+    for (k, v) in env.lines().filter_map(|l| l.strip_prefix("export ")).filter_map(|l| l.split_once('=')) {
+        cmd.env(k, v);
+    }
+    let out = cmd.args(args).output().unwrap();
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Master `i`'s (0-based) /metrics address, from its endpoints.json.
+pub fn metrics_url(up: &Up, i: usize) -> String {
+    let raw = std::fs::read(up.master_dir(i).join("endpoints.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    v["metrics_url"].as_str().unwrap().to_string()
+}
+
 pub fn up(masters: usize) -> Up {
     Up::start(Path::new(BIN), masters).expect("capstan up")
 }
