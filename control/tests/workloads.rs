@@ -167,17 +167,24 @@ spec:
           requests: {cpu: 100m, memory: 64Mi}
 ";
 
+/// Node objects `names` of `cpu` cores, heartbeating through a test
+/// kubelet that also plays their pods.
+fn nodes_with_kubelet(kc: &PathBuf, names: &[&str], cpu: &str) -> TestKubelet {
+    for n in names {
+        let (good, _, err) = kubectl(kc, &["apply", "-f", "-"], Some(&node(n, cpu)));
+        assert!(good, "{err}");
+    }
+    let kubelet = TestKubelet::start(kc.clone());
+    *kubelet.alive.lock().unwrap() = names.iter().map(|n| n.to_string()).collect();
+    kubelet
+}
+
 /// Three masters, three nodes of `cpu` cores with the test kubelet, and
 /// the `web` Deployment rolled out.
 fn cluster_with_deployment(cpu: &str) -> (common::Up, PathBuf, TestKubelet) {
     let up = common::up(3);
     let kc = up.dir.path().join("kubeconfig");
-    for n in ["n1", "n2", "n3"] {
-        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, cpu)));
-        assert!(good, "{err}");
-    }
-    let kubelet = TestKubelet::start(kc.clone());
-    *kubelet.alive.lock().unwrap() = vec!["n1".into(), "n2".into(), "n3".into()];
+    let kubelet = nodes_with_kubelet(&kc, &["n1", "n2", "n3"], cpu);
     let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(DEPLOY));
     assert!(good, "{err}");
     ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
@@ -433,12 +440,7 @@ fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() {
     let up = common::Up::start_with(std::path::Path::new(common::BIN), 1, &["--node-monitor-grace-period=3"])
         .expect("capstan up");
     let kc = up.dir.path().join("kubeconfig");
-    for n in ["n1", "n2"] {
-        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, "8")));
-        assert!(good, "{err}");
-    }
-    let kubelet = TestKubelet::start(kc.clone());
-    *kubelet.alive.lock().unwrap() = vec!["n1".into(), "n2".into()];
+    let kubelet = nodes_with_kubelet(&kc, &["n1", "n2"], "8");
     // Pods that leave an unreachable node after 2 s instead of 300 s.
     let deploy = DEPLOY.replace("replicas: 3", "replicas: 4").replace(
         "      containers:",
@@ -713,12 +715,7 @@ fn wait_for_db_pods(kc: &PathBuf, want: &[(&str, &str)], secs: u64) {
 fn statefulsets_start_in_order_and_update_from_the_top() {
     let up = common::up(1);
     let kc = up.dir.path().join("kubeconfig");
-    for n in ["n1", "n2"] {
-        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, "4")));
-        assert!(good, "{err}");
-    }
-    let kubelet = TestKubelet::start(kc.clone());
-    *kubelet.alive.lock().unwrap() = vec!["n1".into(), "n2".into()];
+    let _kubelet = nodes_with_kubelet(&kc, &["n1", "n2"], "4");
     let watch = PodWatch::start(&kc, "app=db");
     std::thread::sleep(Duration::from_secs(1));
     let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(STATEFULSET));
@@ -912,12 +909,7 @@ spec:
 fn the_scheduler_spreads_drains_and_preempts() {
     let up = common::up(3);
     let kc = up.dir.path().join("kubeconfig");
-    for n in ["n1", "n2", "n3"] {
-        let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node(n, "2")));
-        assert!(good, "{err}");
-    }
-    let kubelet = TestKubelet::start(kc.clone());
-    *kubelet.alive.lock().unwrap() = vec!["n1".into(), "n2".into(), "n3".into()];
+    let kubelet = nodes_with_kubelet(&kc, &["n1", "n2", "n3"], "2");
     ok(&kc, &["create", "namespace", "sched"]);
 
     // Required anti-affinity: one pod per node, and a fourth has nowhere to go.
@@ -1069,10 +1061,7 @@ spec:
 fn controllers_and_the_scheduler_record_events() {
     let up = common::up(1);
     let kc = up.dir.path().join("kubeconfig");
-    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&node("n1", "4")));
-    assert!(good, "{err}");
-    let kubelet = TestKubelet::start(kc.clone());
-    *kubelet.alive.lock().unwrap() = vec!["n1".into()];
+    let kubelet = nodes_with_kubelet(&kc, &["n1"], "4");
     ok(&kc, &["create", "namespace", "ev"]);
     let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(EVENTFUL));
     assert!(good, "{err}");
