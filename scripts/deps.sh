@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Capstan builds and tests with (idempotent).
 set -euo pipefail
-PKGS=(librocksdb-dev libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus nftables curl)
+PKGS=(librocksdb-dev libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus nftables curl
+      containerd runc containernetworking-plugins busybox-static docker-registry skopeo iproute2 iptables)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
