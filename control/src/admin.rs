@@ -86,10 +86,24 @@ pub struct TokenCreateArgs {
     /// Lifetime in seconds.
     #[arg(long, default_value_t = 3600)]
     pub ttl: u64,
+    /// What the token admits: a node agent (`capstan-node --token`) or a
+    /// new master (`capstan server --join --token`).
+    #[arg(long, value_enum, default_value_t = TokenUsage::Node)]
+    pub usage: TokenUsage,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenUsage {
+    Node,
+    Master,
 }
 
 pub async fn token_create(a: TokenCreateArgs) -> anyhow::Result<()> {
-    let token = create_token(&a.data_dir, Duration::from_secs(a.ttl), "master").await?;
+    let usage = match a.usage {
+        TokenUsage::Node => capstan_proto::nodewire::NODE_TOKEN_USAGE,
+        TokenUsage::Master => "master",
+    };
+    let token = create_token(&a.data_dir, Duration::from_secs(a.ttl), usage).await?;
     println!("{token}");
     Ok(())
 }

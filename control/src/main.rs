@@ -19,6 +19,7 @@ mod admin;
 mod api;
 mod controllers;
 mod etcd;
+mod gateway;
 mod health;
 mod kubeconfig;
 mod logging;

@@ -295,6 +295,9 @@ pub enum SnapshotCmd {
         metrics_listen: Option<std::net::SocketAddr>,
         #[arg(long)]
         api_listen: Option<std::net::SocketAddr>,
+        /// Node gateway (QUIC) address for the restored master [default: a free port].
+        #[arg(long)]
+        node_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -320,7 +323,16 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
             std::fs::rename(&tmp, &file)?;
             println!("saved {} ({} bytes, revision {revision}, {} keys)", file.display(), data.len(), image.keys.len());
         }
-        SnapshotCmd::Restore { file, data_dir, name, peer_listen, etcd_listen, metrics_listen, api_listen } => {
+        SnapshotCmd::Restore {
+            file,
+            data_dir,
+            name,
+            peer_listen,
+            etcd_listen,
+            metrics_listen,
+            api_listen,
+            node_listen,
+        } => {
             if data_dir.join("member.json").exists() {
                 bail!("{} already holds a master; restore into a new directory", data_dir.display());
             }
@@ -338,6 +350,8 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
                 metrics_listen,
                 api_listen,
                 node_monitor_grace_period: None,
+                node_listen: Some(node_listen.unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)))),
+                cluster_cidr: None,
                 etcd_plaintext_listen: None,
                 max_request_bytes: None,
                 quota_bytes: None,

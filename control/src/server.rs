@@ -58,6 +58,12 @@ pub struct ServerArgs {
     /// HTTP listener for /metrics, /livez, /readyz, /healthz [default: 127.0.0.1:2381].
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
+    /// QUIC listener for node agents (UDP) [default: 127.0.0.1:2382].
+    #[arg(long)]
+    pub node_listen: Option<SocketAddr>,
+    /// The pod network, split into a /24 per node [default: 10.244.0.0/16].
+    #[arg(long)]
+    pub cluster_cidr: Option<String>,
     /// Additional plaintext etcd listener; loopback addresses only (benchmarks).
     #[arg(long)]
     pub etcd_plaintext_listen: Option<SocketAddr>,
@@ -89,6 +95,12 @@ pub struct Settings {
     pub quota_bytes: u64,
     pub auto_compaction_revisions: i64,
     pub snapshot_every: u64,
+    #[serde(default = "default_cluster_cidr")]
+    pub cluster_cidr: String,
+}
+
+fn default_cluster_cidr() -> String {
+    "10.244.0.0/16".into()
 }
 
 impl Default for Settings {
@@ -99,6 +111,7 @@ impl Default for Settings {
             quota_bytes: 8 << 30,
             auto_compaction_revisions: 100_000,
             snapshot_every: 10_000,
+            cluster_cidr: default_cluster_cidr(),
         }
     }
 }
@@ -114,6 +127,7 @@ impl Settings {
         self.quota_bytes = a.quota_bytes.unwrap_or(self.quota_bytes);
         self.auto_compaction_revisions = a.auto_compaction_revisions.unwrap_or(self.auto_compaction_revisions);
         self.snapshot_every = a.snapshot_every.unwrap_or(self.snapshot_every);
+        self.cluster_cidr = a.cluster_cidr.clone().unwrap_or(self.cluster_cidr);
         self
     }
 }
@@ -126,8 +140,14 @@ pub struct ServerFile {
     pub api_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub etcd_plaintext_listen: Option<SocketAddr>,
+    #[serde(default = "default_node_listen")]
+    pub node_listen: SocketAddr,
     #[serde(default)]
     pub settings: Settings,
+}
+
+fn default_node_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 2382))
 }
 
 fn default_api_listen() -> SocketAddr {
@@ -146,6 +166,9 @@ pub struct Endpoints {
     #[serde(default)]
     pub api_url: String,
     pub metrics_url: String,
+    /// Node gateway (QUIC) address agents dial.
+    #[serde(default)]
+    pub node_addr: String,
     pub pid: u32,
 }
 
@@ -188,11 +211,14 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
             api_listen: a.api_listen.unwrap_or_else(default_api_listen),
             metrics_listen: metrics,
             etcd_plaintext_listen: a.etcd_plaintext_listen,
+            node_listen: a.node_listen.unwrap_or_else(default_node_listen),
             settings: Settings::default(),
         };
         (name, peer, sf)
     };
     let settings = server_file.settings.clone().overridden_by(&a);
+    let cluster_cidr = crate::gateway::authz::ClusterCidr::parse(&settings.cluster_cidr)
+        .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
     if let Some(p) = server_file.etcd_plaintext_listen {
         if !p.ip().is_loopback() {
             bail!("--etcd-plaintext-listen must be a loopback address (got {p}); use the TLS listener");
@@ -214,7 +240,10 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     let api_listener = TcpListener::bind(server_file.api_listen)
         .await
         .with_context(|| format!("binding API address {}", server_file.api_listen))?;
+    let node_socket = UdpSocket::bind(server_file.node_listen)
+        .with_context(|| format!("binding node gateway address {}", server_file.node_listen))?;
     let mut persisted = server_file.clone();
+    persisted.node_listen = node_socket.local_addr()?;
     persisted.api_listen = api_listener.local_addr()?;
     persisted.metrics_listen = metrics_listener.local_addr()?;
     persisted.settings = settings.clone();
@@ -286,13 +315,32 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         bindings: Default::default(),
     });
     tokio::spawn(crate::api::bootstrap::ensure_forever(api_server.clone()));
-    let leading = crate::controllers::start(
+    let (leading, informers) = crate::controllers::start(
         api_server.clone(),
         name.clone(),
         &registry,
         std::time::Duration::from_secs(settings.node_monitor_grace_period),
     )?;
     tokio::spawn(crate::controllers::gc::run(api_server.objects.clone(), leading));
+    let gateway = crate::gateway::Gateway::new(
+        api_server.clone(),
+        informers.get("Pod").clone(),
+        informers.get("Node").clone(),
+        started.pki.clone(),
+        cluster_cidr,
+        &registry,
+    )?;
+    let node_endpoint = {
+        let mut server = capstan_raft::pki::quic_server_config(started.pki.ca.cert_pem(), &started.pki.identity, true)?;
+        server.transport_config(capstan_raft::transport::node_transport_config());
+        quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            node_socket,
+            std::sync::Arc::new(quinn::TokioRuntime),
+        )?
+    };
+    tokio::spawn(gateway.clone().serve(node_endpoint));
     let api_tls = std::sync::Arc::new(api_tls);
     let serving = api_server.clone();
     tasks.spawn(async move { serving.serve(api_listener, api_tls).await.context("API listener") });
@@ -316,6 +364,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         etcd_plaintext_url: plain_url,
         api_url: format!("https://{}", persisted.api_listen),
         metrics_url: format!("http://{}", persisted.metrics_listen),
+        node_addr: persisted.node_listen.to_string(),
         pid: std::process::id(),
     };
     let tmp = a.data_dir.join("endpoints.json.tmp");

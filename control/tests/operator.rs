@@ -45,7 +45,7 @@ async fn status_members_and_backup_restore_under_load() {
     }
 
     // Tokens: create, list, delete; a deleted token no longer joins.
-    let token = capstan(&["token", "create", "--data-dir", &m1s]).trim().to_string();
+    let token = capstan(&["token", "create", "--usage", "master", "--data-dir", &m1s]).trim().to_string();
     let id = token.split('.').nth(1).unwrap().to_string();
     let list = capstan(&["token", "list", "--data-dir", &m1s]);
     assert!(list.lines().any(|l| l.starts_with(&id) && l.contains("master")), "{list}");

@@ -10,6 +10,8 @@
 //!   `proto/etcd/**/*.proto`, Capstan's own rendering of etcd 3.4/3.5's
 //!   `mvccpb` and `etcdserverpb` packages (same names, field numbers and enum
 //!   values, so the bytes on the wire are etcd's).
+//! - [`nodewire`]: what masters and node agents say to each other over
+//!   their QUIC connection.
 //! - [`k8s`]: the Kubernetes object model (pods, nodes, services, ...), the
 //!   registry of served kinds and the rkyv envelope objects are stored in.
 //!
@@ -53,6 +55,7 @@
 /// The two modules mirror etcd's protobuf packages; `etcdserverpb` refers to
 /// `mvccpb` types as `super::mvccpb`, which is why they sit side by side.
 pub mod k8s;
+pub mod nodewire;
 
 pub mod etcd {
     /// Keys, values and watch events (etcd's `mvccpb` package).

@@ -252,6 +252,28 @@ impl ClusterCa {
         Ok(csr.signed_by(&self.issuer)?.pem())
     }
 
+    /// Sign a node's PEM CSR as a client certificate for `user` in `groups`.
+    /// Only the public key (and the CSR's proof of holding it) comes from
+    /// the CSR: the subject is the CA's decision, so a node cannot name
+    /// itself anything but what its bootstrap token admitted.
+    pub fn sign_client_csr(&self, csr_pem: &str, user: &str, groups: &[String]) -> Result<String, PkiError> {
+        check_subject_name(user)?;
+        for group in groups {
+            check_subject_name(group)?;
+        }
+        let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let mut params = self.leaf_params();
+        params.distinguished_name = cn_only(user);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        csr.params = params;
+        let cert = csr.signed_by(&self.issuer)?;
+        if groups.is_empty() {
+            return Ok(cert.pem());
+        }
+        let subject = encode_subject(user, groups);
+        Ok(der_to_pem(&replace_subject(cert.der(), &subject, self.issuer.key())?))
+    }
+
     /// Parameters shared by every certificate the CA issues.
     fn leaf_params(&self) -> CertificateParams {
         let mut params = CertificateParams::default();
@@ -846,6 +868,21 @@ mod tests {
         assert!(matches!(ClusterCa::from_pem(ca.cert_pem(), other.key_pem()), Err(PkiError::KeyMismatch)));
         assert!(matches!(ClusterCa::from_pem(&m.cert_pem, &m.key_pem), Err(PkiError::NotCa)));
         assert!(matches!(ClusterCa::from_pem("garbage", ca.key_pem()), Err(PkiError::NoCertificate)));
+    }
+
+    #[test]
+    fn client_csr_gets_the_subject_the_ca_chooses() {
+        let ca = ClusterCa::generate("test").unwrap();
+        // The CSR asks for a master's name; the CA signs it as the node.
+        let (_key, csr) = make_csr("master:evil", &["10.0.0.1".into()]).unwrap();
+        let pem = ca.sign_client_csr(&csr, "system:node:n1", &["system:nodes".into()]).unwrap();
+        let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
+        let info = cert_info(&parsed.contents).unwrap();
+        assert_eq!(info.common_name, "system:node:n1");
+        assert_eq!(info.organizations, vec!["system:nodes".to_string()]);
+        assert!(info.client_auth && !info.server_auth, "a node certificate cannot serve as a master");
+        assert!(ca.sign_client_csr("not a csr", "system:node:n1", &[]).is_err());
+        assert!(ca.sign_client_csr(&csr, "bad\nname", &[]).is_err());
     }
 
     #[test]

@@ -43,6 +43,17 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// QUIC settings for node agent connections (the masters' node gateway and
+/// `capstan-node`): keep-alives notice a dead master or agent within
+/// seconds, and there are enough streams for a node's log and exec streams.
+pub fn node_transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(1)));
+    t.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(5_000))));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1024));
+    Arc::new(t)
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 pub struct JoinRequest {
     pub token: String,

@@ -283,7 +283,7 @@ impl Objects {
                 return Err(ApiError::invalid(
                     rt.kind,
                     &name,
-                    vec![(field.to_string(), "Invalid value: provided IP is already allocated".into())],
+                    vec![(field.to_string(), format!("Invalid value: {} is already allocated", what_is(field)))],
                 ));
             }
             return Err(ApiError::already_exists(rt.group, rt.plural, &name));
@@ -380,8 +380,25 @@ pub fn claims(kind: &str, obj: &Value) -> Vec<(Bytes, &'static str)> {
             }
             _ => vec![],
         },
+        // A node's pod CIDR: no two nodes route the same pod addresses.
+        "Node" => match obj["spec"]["podCIDR"].as_str() {
+            Some(cidr) if !cidr.is_empty() => vec![(pod_cidr_claim(cidr), "spec.podCIDR")],
+            _ => vec![],
+        },
         _ => vec![],
     }
+}
+
+fn what_is(field: &str) -> &'static str {
+    if field == "spec.podCIDR" {
+        "provided CIDR"
+    } else {
+        "provided IP"
+    }
+}
+
+pub fn pod_cidr_claim(cidr: &str) -> Bytes {
+    Bytes::from(format!("/registry/ranges/podcidrs/{}", cidr.replace('/', "_")))
 }
 
 pub fn ns_name(obj: &Value) -> (Option<String>, String) {

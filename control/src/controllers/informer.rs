@@ -45,6 +45,11 @@ impl Cached {
     }
 
     /// The archived object, read in place.
+    /// The stored archive's bytes (forwarded to nodes as they are).
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     pub fn archived(&self) -> &ArchivedStoredObject {
         // SAFETY: `new` validated these bytes as an `ArchivedStoredObject`,
         // and the buffer is private and never changes afterwards.
@@ -88,6 +93,26 @@ pub struct Change {
     pub key: String,
     pub old: Option<Arc<Cached>>,
     pub new: Option<Arc<Cached>>,
+    /// This informer's change counter: changes are numbered in the order
+    /// they are emitted (see [`Informer::attach`]).
+    pub seq: u64,
+}
+
+/// Subscribers and the number of the last change emitted to them. The cache
+/// is updated and the change emitted under this one lock, so whoever holds
+/// it sees a cache that reflects exactly the changes numbered up to `seq`.
+#[derive(Default)]
+struct Subscribers {
+    list: Vec<mpsc::UnboundedSender<Change>>,
+    seq: u64,
+}
+
+impl Subscribers {
+    fn emit(&mut self, key: String, old: Option<Arc<Cached>>, new: Option<Arc<Cached>>) {
+        self.seq += 1;
+        let c = Change { key, old, new, seq: self.seq };
+        self.list.retain(|s| s.send(c.clone()).is_ok());
+    }
 }
 
 pub struct Informer {
@@ -97,7 +122,7 @@ pub struct Informer {
     /// Keys of the objects naming each node (pods by `spec.nodeName`).
     by_node: RwLock<HashMap<String, BTreeSet<String>>>,
     revision: AtomicI64,
-    subscribers: Mutex<Vec<mpsc::UnboundedSender<Change>>>,
+    subscribers: Mutex<Subscribers>,
 }
 
 fn cache_key(prefix: &[u8], key: &[u8]) -> Option<String> {
@@ -113,7 +138,7 @@ impl Informer {
             cache: RwLock::new(BTreeMap::new()),
             by_node: RwLock::default(),
             revision: AtomicI64::new(0),
-            subscribers: Mutex::new(Vec::new()),
+            subscribers: Mutex::default(),
         });
         let writer = inf.clone();
         tokio::spawn(async move { writer.run(objects).await });
@@ -173,12 +198,17 @@ impl Informer {
     /// Every change from now on (a resync replays differences as changes).
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Change> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.subscribers.lock().push(tx);
+        self.subscribers.lock().list.push(tx);
         rx
     }
 
-    fn emit(&self, c: Change) {
-        self.subscribers.lock().retain(|s| s.send(c.clone()).is_ok());
+    /// Runs `f` on a cache that reflects exactly the changes numbered up to
+    /// the `seq` it is given, while no change can be emitted: a subscriber
+    /// that takes a snapshot here and then ignores changes numbered `<= seq`
+    /// sees every change once, none twice, and no stale one.
+    pub fn attach<T>(&self, f: impl FnOnce(&Self, u64) -> T) -> T {
+        let subs = self.subscribers.lock();
+        f(self, subs.seq)
     }
 
     /// Replaces the cache with the store's state at its current revision,
@@ -202,21 +232,20 @@ impl Informer {
                 idx.entry(c.node_name().to_string()).or_default().insert(k.clone());
             }
         }
+        let mut subs = self.subscribers.lock();
         *self.by_node.write() = idx;
         let old = std::mem::replace(&mut *self.cache.write(), fresh.clone());
         self.revision.store(rev, Ordering::Release);
         for (k, o) in &old {
             match fresh.get(k) {
-                None => self.emit(Change { key: k.clone(), old: Some(o.clone()), new: None }),
-                Some(n) if n.mod_revision != o.mod_revision => {
-                    self.emit(Change { key: k.clone(), old: Some(o.clone()), new: Some(n.clone()) })
-                }
+                None => subs.emit(k.clone(), Some(o.clone()), None),
+                Some(n) if n.mod_revision != o.mod_revision => subs.emit(k.clone(), Some(o.clone()), Some(n.clone())),
                 Some(_) => {}
             }
         }
         for (k, n) in &fresh {
             if !old.contains_key(k) {
-                self.emit(Change { key: k.clone(), old: None, new: Some(n.clone()) });
+                subs.emit(k.clone(), None, Some(n.clone()));
             }
         }
     }
@@ -240,6 +269,7 @@ impl Informer {
                         let Ok(wire) = frame.archived() else { break };
                         for ev in wire.events.iter() {
                             let Some(k) = cache_key(&self.prefix, &ev.kv.key) else { continue };
+                            let mut subs = self.subscribers.lock();
                             let old = self.cache.read().get(&k).cloned();
                             let new = if ev.delete {
                                 self.cache.write().remove(&k);
@@ -259,7 +289,7 @@ impl Informer {
                                 }
                             };
                             self.reindex(old.as_deref(), new.as_deref());
-                            self.emit(Change { key: k, old, new });
+                            subs.emit(k, old, new);
                         }
                         self.revision.store(frame.revision, Ordering::Release);
                     }

@@ -107,7 +107,7 @@ pub fn start(
     me: String,
     registry: &prometheus::Registry,
     node_grace: std::time::Duration,
-) -> anyhow::Result<watch::Receiver<bool>> {
+) -> anyhow::Result<(watch::Receiver<bool>, Arc<Informers>)> {
     let metrics = metrics::ControllerMetrics::new(registry)?;
     let events = events::EventBroadcaster::start(api.clone(), metrics.events.clone())?;
     let inf = Arc::new(Informers::start(
@@ -295,5 +295,5 @@ pub fn start(
             }
         }
     });
-    Ok(lead_rx)
+    Ok((lead_rx, inf))
 }

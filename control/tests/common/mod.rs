@@ -200,7 +200,11 @@ pub fn log_tail(dir: &Path) -> String {
 }
 
 pub fn create_token(dir: &Path) -> String {
-    let out = Command::new(BIN).args(["token", "create", "--data-dir"]).arg(dir).output().expect("token create");
+    let out = Command::new(BIN)
+        .args(["token", "create", "--usage", "master", "--data-dir"])
+        .arg(dir)
+        .output()
+        .expect("token create");
     assert!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }

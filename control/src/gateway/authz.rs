@@ -1,0 +1,190 @@
+//! The node authorizer and node bookkeeping, pure: what a node may read,
+//! which identity a certificate carries, and which pod CIDR a new node gets.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+
+use serde_json::Value;
+
+/// A Secret or ConfigMap a pod references: (resource, name) in its namespace.
+pub type Reference = (&'static str, String);
+
+/// Everything `pod` lets its node read, as Kubernetes' node authorizer
+/// derives it: volumes (secret, configMap, projected sources), env and
+/// envFrom of every container and init container, and imagePullSecrets.
+pub fn references(pod: &Value) -> BTreeSet<Reference> {
+    let mut out = BTreeSet::new();
+    let mut add = |resource: &'static str, name: &Value| {
+        if let Some(n) = name.as_str().filter(|n| !n.is_empty()) {
+            out.insert((resource, n.to_string()));
+        }
+    };
+    let spec = &pod["spec"];
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        add("secrets", &v["secret"]["secretName"]);
+        add("configmaps", &v["configMap"]["name"]);
+        for src in v["projected"]["sources"].as_array().into_iter().flatten() {
+            add("secrets", &src["secret"]["name"]);
+            add("configmaps", &src["configMap"]["name"]);
+        }
+    }
+    for list in ["containers", "initContainers", "ephemeralContainers"] {
+        for c in spec[list].as_array().into_iter().flatten() {
+            for e in c["env"].as_array().into_iter().flatten() {
+                add("secrets", &e["valueFrom"]["secretKeyRef"]["name"]);
+                add("configmaps", &e["valueFrom"]["configMapKeyRef"]["name"]);
+            }
+            for e in c["envFrom"].as_array().into_iter().flatten() {
+                add("secrets", &e["secretRef"]["name"]);
+                add("configmaps", &e["configMapRef"]["name"]);
+            }
+        }
+    }
+    for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
+        add("secrets", &s["name"]);
+    }
+    out
+}
+
+/// The node a verified client certificate speaks for: CN
+/// `system:node:<name>` in group `system:nodes`, with the clientAuth usage.
+pub fn node_identity(info: &capstan_raft::pki::CertInfo) -> Option<String> {
+    use capstan_proto::nodewire::{NODES_GROUP, NODE_USER_PREFIX};
+    let name = info.common_name.strip_prefix(NODE_USER_PREFIX)?;
+    (info.client_auth && info.organizations.iter().any(|o| o == NODES_GROUP) && valid_node_name(name))
+        .then(|| name.to_string())
+}
+
+/// A node name is a DNS-1123 subdomain (Kubernetes' rule for Node names).
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+/// The cluster's pod network, split into one /24 per node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClusterCidr {
+    pub base: Ipv4Addr,
+    pub prefix: u8,
+}
+
+pub const NODE_PREFIX: u8 = 24;
+
+impl ClusterCidr {
+    pub fn parse(s: &str) -> Result<ClusterCidr, String> {
+        let (ip, len) = s.split_once('/').ok_or_else(|| format!("{s:?} is not a CIDR (a.b.c.d/n)"))?;
+        let base: Ipv4Addr = ip.parse().map_err(|_| format!("{ip:?} is not an IPv4 address"))?;
+        let prefix: u8 = len.parse().map_err(|_| format!("{len:?} is not a prefix length"))?;
+        if !(8..=NODE_PREFIX).contains(&prefix) {
+            return Err(format!("the cluster CIDR's prefix must be between /8 and /{NODE_PREFIX}, got /{prefix}"));
+        }
+        let mask = u32::MAX << (32 - prefix);
+        if u32::from(base) & !mask != 0 {
+            return Err(format!("{s} has host bits set"));
+        }
+        Ok(ClusterCidr { base, prefix })
+    }
+
+    pub fn blocks(&self) -> u32 {
+        1 << (NODE_PREFIX - self.prefix)
+    }
+
+    pub fn block(&self, i: u32) -> String {
+        let ip = Ipv4Addr::from(u32::from(self.base) + (i << (32 - NODE_PREFIX)));
+        format!("{ip}/{NODE_PREFIX}")
+    }
+
+    /// The first block not in `used`, starting at `from` (so concurrent
+    /// registrations that lost a race try the next one).
+    pub fn free_block(&self, used: &BTreeSet<String>, from: u32) -> Option<String> {
+        (from..self.blocks()).map(|i| self.block(i)).find(|b| !used.contains(b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_pod_references_what_its_volumes_env_and_pull_secrets_name() {
+        let pod = json!({"spec": {
+            "volumes": [
+                {"name": "a", "secret": {"secretName": "s1"}},
+                {"name": "b", "configMap": {"name": "c1"}},
+                {"name": "c", "projected": {"sources": [{"secret": {"name": "s2"}}, {"configMap": {"name": "c2"}}, {"downwardAPI": {}}]}},
+                {"name": "d", "emptyDir": {}}
+            ],
+            "initContainers": [{"name": "i", "envFrom": [{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "c3"}}]}],
+            "containers": [{"name": "x", "env": [
+                {"name": "A", "valueFrom": {"secretKeyRef": {"name": "s4", "key": "k"}}},
+                {"name": "B", "valueFrom": {"configMapKeyRef": {"name": "c4", "key": "k"}}},
+                {"name": "C", "value": "plain"},
+                {"name": "D", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
+            ]}],
+            "imagePullSecrets": [{"name": "pull"}, {"name": ""}]
+        }});
+        let got: Vec<String> = references(&pod).into_iter().map(|(r, n)| format!("{r}/{n}")).collect();
+        assert_eq!(
+            got,
+            [
+                "configmaps/c1",
+                "configmaps/c2",
+                "configmaps/c3",
+                "configmaps/c4",
+                "secrets/pull",
+                "secrets/s1",
+                "secrets/s2",
+                "secrets/s3",
+                "secrets/s4"
+            ]
+        );
+        assert!(references(&json!({})).is_empty());
+    }
+
+    fn info(cn: &str, groups: &[&str], client: bool) -> capstan_raft::pki::CertInfo {
+        capstan_raft::pki::CertInfo {
+            common_name: cn.into(),
+            organizations: groups.iter().map(|g| g.to_string()).collect(),
+            server_auth: false,
+            client_auth: client,
+            not_after_unix: 0,
+        }
+    }
+
+    #[test]
+    fn only_a_node_certificate_speaks_for_a_node() {
+        assert_eq!(node_identity(&info("system:node:n1", &["system:nodes"], true)), Some("n1".into()));
+        assert_eq!(node_identity(&info("system:node:n1", &[], true)), None, "group required");
+        assert_eq!(node_identity(&info("system:node:n1", &["system:nodes"], false)), None, "clientAuth required");
+        assert_eq!(node_identity(&info("admin", &["system:masters"], true)), None);
+        assert_eq!(node_identity(&info("system:node:Bad_Name", &["system:nodes"], true)), None);
+        assert!(valid_node_name("node-1.example"));
+        for bad in ["", "-a", "a-", "a..b", "UPPER", "a_b", &"x".repeat(254)] {
+            assert!(!valid_node_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pod_cidrs_are_per_node_blocks_of_the_cluster_cidr() {
+        let c = ClusterCidr::parse("10.244.0.0/16").unwrap();
+        assert_eq!(c.blocks(), 256);
+        assert_eq!(c.block(0), "10.244.0.0/24");
+        assert_eq!(c.block(255), "10.244.255.0/24");
+        let used: BTreeSet<String> = ["10.244.0.0/24".to_string(), "10.244.2.0/24".to_string()].into();
+        assert_eq!(c.free_block(&used, 0).as_deref(), Some("10.244.1.0/24"));
+        assert_eq!(c.free_block(&used, 2).as_deref(), Some("10.244.3.0/24"));
+        assert_eq!(c.free_block(&used, 256), None);
+        let tiny = ClusterCidr::parse("10.9.9.0/24").unwrap();
+        assert_eq!(tiny.free_block(&["10.9.9.0/24".to_string()].into(), 0), None, "exhausted");
+        for bad in ["10.244.0.0", "10.244.0.1/16", "10.0.0.0/4", "10.0.0.0/25", "x/16", "::1/64"] {
+            assert!(ClusterCidr::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

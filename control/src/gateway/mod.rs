@@ -1,0 +1,591 @@
+//! The node gateway: a QUIC listener on every master that node agents
+//! (`capstan-node`) hold one connection to.
+//!
+//! - A connection without a client certificate may only `Join`: a bootstrap
+//!   token with usage `node` buys a client certificate for
+//!   `system:node:<name>` (the CA picks the subject; only the key comes
+//!   from the agent's CSR).
+//! - A node certificate may register its Node (the gateway gives it a pod
+//!   CIDR, claimed in the store so no two nodes share one), renew its Lease,
+//!   report its status and its pods' statuses, confirm a deleted pod's
+//!   containers are gone, read the Secrets and ConfigMaps its pods
+//!   reference (the node authorizer, `authz.rs`), and watch its pods.
+//! - Pod watches are fed by this master's pod informer through one router
+//!   task: each change goes only to the sessions of the node(s) it names.
+//!   A session starts with a listing of the node's pods taken atomically
+//!   with its registration (`Informer::attach`), so it sees every later
+//!   change once and no earlier one. A session that falls too far behind is
+//!   closed; the agent re-watches and gets a fresh listing.
+//! - The gateway keeps each node's connection so the API server can open
+//!   log and exec streams to the agent (`open_stream`).
+//!
+//! Writes go through the API's in-process admission path (`api::internal`).
+
+pub mod authz;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use capstan_proto::k8s::registry::{by_kind, ResourceType};
+use capstan_proto::nodewire::{
+    encode_message, read_message, write_frame, NodeRequest, NodeResponse, PodEvent, PodFrame, WireError,
+    MAX_ANONYMOUS_MESSAGE, MAX_MESSAGE, NODES_GROUP, NODE_TOKEN_USAGE, NODE_USER_PREFIX,
+};
+use capstan_raft::bootstrap::{JoinToken, Pki};
+use capstan_raft::types::{KeyRange, RangeRequest};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use self::authz::ClusterCidr;
+use crate::api::objects::Found;
+use crate::api::status::ApiError;
+use crate::api::{internal, ApiServer};
+use crate::controllers::informer::{Change, Informer};
+use crate::controllers::nodelifecycle::LEASE_NAMESPACE;
+
+/// Events a session may have queued before it is closed (the agent then
+/// re-watches and receives a fresh listing instead).
+const SESSION_QUEUE: usize = 4096;
+/// Lease duration a node's heartbeat claims (Kubernetes' default).
+const LEASE_SECONDS: i64 = 40;
+const MANAGER: &str = "capstan-node";
+
+struct Session {
+    id: u64,
+    /// Changes numbered up to here are in the listing the session began with.
+    floor: u64,
+    tx: mpsc::Sender<PodEvent>,
+}
+
+pub struct Gateway {
+    api: Arc<ApiServer>,
+    pods: Arc<Informer>,
+    nodes: Arc<Informer>,
+    pki: Arc<Pki>,
+    cidr: ClusterCidr,
+    sessions: Mutex<HashMap<String, Vec<Session>>>,
+    conns: Mutex<HashMap<String, quinn::Connection>>,
+    next_session: AtomicU64,
+    metrics: Metrics,
+}
+
+struct Metrics {
+    connected: prometheus::IntGauge,
+    requests: prometheus::IntCounterVec,
+    watch_sessions: prometheus::IntGauge,
+}
+
+impl Metrics {
+    fn new(registry: &prometheus::Registry) -> anyhow::Result<Metrics> {
+        let connected =
+            prometheus::IntGauge::new("capstan_gateway_connected_nodes", "Node agents connected to this master")?;
+        let requests = prometheus::IntCounterVec::new(
+            prometheus::Opts::new("capstan_gateway_requests_total", "Node agent requests by kind and result code"),
+            &["request", "code"],
+        )?;
+        let watch_sessions =
+            prometheus::IntGauge::new("capstan_gateway_pod_watches", "Pod watches node agents hold on this master")?;
+        registry.register(Box::new(connected.clone()))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(watch_sessions.clone()))?;
+        Ok(Metrics { connected, requests, watch_sessions })
+    }
+}
+
+fn rt(api_version: &str, kind: &str) -> Result<&'static ResourceType, ApiError> {
+    by_kind(api_version, kind).ok_or_else(|| ApiError::internal(format!("{kind} is not registered")))
+}
+
+fn api_error(e: ApiError) -> NodeResponse {
+    NodeResponse::error(e.code, e.reason, e.message)
+}
+
+fn forbidden(message: String) -> NodeResponse {
+    NodeResponse::error(403, "Forbidden", message)
+}
+
+impl Gateway {
+    pub fn new(
+        api: Arc<ApiServer>,
+        pods: Arc<Informer>,
+        nodes: Arc<Informer>,
+        pki: Arc<Pki>,
+        cidr: ClusterCidr,
+        registry: &prometheus::Registry,
+    ) -> anyhow::Result<Arc<Gateway>> {
+        let gw = Arc::new(Gateway {
+            api,
+            pods,
+            nodes,
+            pki,
+            cidr,
+            sessions: Mutex::default(),
+            conns: Mutex::default(),
+            next_session: AtomicU64::new(1),
+            metrics: Metrics::new(registry)?,
+        });
+        let changes = gw.pods.subscribe();
+        tokio::spawn(gw.clone().route(changes));
+        Ok(gw)
+    }
+
+    /// The connection of `node`'s agent, if it is connected to this master.
+    pub fn connection(&self, node: &str) -> Option<quinn::Connection> {
+        self.conns.lock().get(node).filter(|c| c.close_reason().is_none()).cloned()
+    }
+
+    /// Accept loop; runs until the endpoint closes.
+    pub async fn serve(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let gw = self.clone();
+            tokio::spawn(async move {
+                match incoming.await {
+                    Ok(conn) => gw.connection_loop(conn).await,
+                    Err(e) => tracing::debug!(error = %e, "node handshake failed"),
+                }
+            });
+        }
+    }
+
+    async fn connection_loop(self: Arc<Self>, conn: quinn::Connection) {
+        let node = capstan_raft::pki::peer_leaf(&conn)
+            .and_then(|leaf| capstan_raft::pki::cert_info(leaf.as_ref()).ok())
+            .and_then(|info| authz::node_identity(&info));
+        if let Some(n) = &node {
+            tracing::info!(node = %n, remote = %conn.remote_address(), "node connected");
+            if let Some(old) = self.conns.lock().insert(n.clone(), conn.clone()) {
+                old.close(0u32.into(), b"replaced by a newer connection");
+            }
+            self.metrics.connected.inc();
+        }
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let (gw, node) = (self.clone(), node.clone());
+            tokio::spawn(async move { gw.stream(node, send, recv).await });
+        }
+        if let Some(n) = &node {
+            self.metrics.connected.dec();
+            let mut conns = self.conns.lock();
+            if conns.get(n).is_some_and(|c| c.stable_id() == conn.stable_id()) {
+                conns.remove(n);
+            }
+            tracing::info!(node = %n, reason = ?conn.close_reason(), "node disconnected");
+        }
+    }
+
+    async fn stream(self: Arc<Self>, node: Option<String>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let max = if node.is_some() { MAX_MESSAGE } else { MAX_ANONYMOUS_MESSAGE };
+        let req = match read_message::<NodeRequest, _>(&mut recv, max).await {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = reply(&mut send, &NodeResponse::error(400, "BadRequest", e.to_string())).await;
+                return;
+            }
+        };
+        let kind = request_kind(&req);
+        let resp = match (node, req) {
+            (_, NodeRequest::Join { token, name, csr_pem }) => self.join(&token, &name, &csr_pem).await,
+            (None, _) => NodeResponse::error(401, "Unauthorized", "a node certificate is required (join first)"),
+            (Some(n), NodeRequest::WatchPods) => {
+                self.metrics.requests.with_label_values(&[kind, "200"]).inc();
+                self.watch_pods(&n, send).await;
+                return;
+            }
+            (Some(n), req) => self.handle(&n, req).await,
+        };
+        let code = match &resp {
+            NodeResponse::Error { code, .. } => code.to_string(),
+            _ => "200".to_string(),
+        };
+        self.metrics.requests.with_label_values(&[kind, &code]).inc();
+        let _ = reply(&mut send, &resp).await;
+    }
+
+    async fn handle(&self, node: &str, req: NodeRequest) -> NodeResponse {
+        let result = match req {
+            NodeRequest::Register { node: obj } => self.register(node, &obj).await,
+            NodeRequest::Heartbeat { status } => self.heartbeat(node, status.as_deref()).await,
+            NodeRequest::PodStatus { namespace, name, uid, status } => {
+                self.pod_status(node, &namespace, &name, &uid, &status).await
+            }
+            NodeRequest::PodTerminated { namespace, name, uid } => {
+                self.pod_terminated(node, &namespace, &name, &uid).await
+            }
+            NodeRequest::Get { resource, namespace, name } => self.get(node, &resource, &namespace, &name).await,
+            // Kept for metrics.k8s.io (served from the agents' reports).
+            NodeRequest::Usage { .. } => Ok(NodeResponse::Done),
+            NodeRequest::Join { .. } | NodeRequest::WatchPods => {
+                Ok(NodeResponse::error(400, "BadRequest", "unexpected"))
+            }
+        };
+        result.unwrap_or_else(api_error)
+    }
+
+    /// Checks the bootstrap token and signs the agent's CSR as `system:node:<name>`.
+    async fn join(&self, token: &str, name: &str, csr_pem: &str) -> NodeResponse {
+        if !authz::valid_node_name(name) {
+            return NodeResponse::error(422, "Invalid", format!("node name {name:?} is not a DNS-1123 subdomain"));
+        }
+        let token = match JoinToken::parse(token) {
+            Ok(t) => t,
+            Err(e) => return NodeResponse::error(401, "Unauthorized", e.to_string()),
+        };
+        if let Err(e) = self.api.objects.sync().await {
+            return api_error(e);
+        }
+        let stored = self
+            .api
+            .objects
+            .range(&RangeRequest { range: KeyRange::key(bytes::Bytes::from(token.store_key())), ..Default::default() })
+            .ok()
+            .and_then(|(kvs, _, _)| kvs.into_iter().next().map(|kv| kv.value));
+        match stored {
+            Some(v) if token.verify(&v, NODE_TOKEN_USAGE) => {}
+            _ => return NodeResponse::error(401, "Unauthorized", "unknown, expired or non-node bootstrap token"),
+        }
+        let user = format!("{NODE_USER_PREFIX}{name}");
+        match self.pki.ca.sign_client_csr(csr_pem, &user, &[NODES_GROUP.to_string()]) {
+            Ok(cert_pem) => {
+                tracing::info!(node = %name, "node joined");
+                NodeResponse::Joined { cert_pem, ca_pem: self.pki.ca.cert_pem().to_string() }
+            }
+            Err(e) => NodeResponse::error(400, "BadRequest", format!("certificate request: {e}")),
+        }
+    }
+
+    /// Creates or refreshes the node's Node: labels and status from the
+    /// agent; a pod CIDR from the cluster's range if it has none.
+    async fn register(&self, node: &str, body: &[u8]) -> Result<NodeResponse, ApiError> {
+        let mut obj: Value =
+            serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("Node is not JSON: {e}")))?;
+        if obj["metadata"]["name"].as_str() != Some(node) {
+            return Ok(forbidden(format!("node {node:?} may only register itself")));
+        }
+        let rt = rt("v1", "Node")?;
+        let status = obj["status"].take();
+        for _ in 0..8 {
+            let cur = self.api.objects.get(rt, None, node).await?;
+            let result = match &cur {
+                None => self.create_node(rt, node, obj.clone()).await,
+                Some(cur) => self.refresh_node(rt, node, cur, &obj).await,
+            };
+            match result {
+                Ok(cidr) => {
+                    self.write_node_status(node, &status).await?;
+                    return Ok(NodeResponse::Registered { pod_cidr: cidr });
+                }
+                Err(e) if e.code == 409 || e.code == 422 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::new(409, "Conflict", format!("node {node:?}: too many concurrent registrations")))
+    }
+
+    fn used_cidrs(&self) -> BTreeSet<String> {
+        self.nodes.list().iter().filter_map(|n| n.object()["spec"]["podCIDR"].as_str().map(str::to_string)).collect()
+    }
+
+    /// A free block (racing registrations on other masters are settled by
+    /// the claim in the store: the loser retries with the next block).
+    fn pick_cidr(&self) -> Option<String> {
+        let start = rand::random::<u32>() % self.cidr.blocks().max(1);
+        let used = self.used_cidrs();
+        self.cidr.free_block(&used, start).or_else(|| self.cidr.free_block(&used, 0))
+    }
+
+    async fn create_node(&self, rt: &ResourceType, node: &str, mut obj: Value) -> Result<String, ApiError> {
+        let cidr = self.pick_cidr().unwrap_or_default();
+        if cidr.is_empty() {
+            tracing::warn!(node, "the cluster CIDR has no free pod CIDR left; node registered without one");
+        } else {
+            obj["spec"]["podCIDR"] = json!(cidr);
+            obj["spec"]["podCIDRs"] = json!([cidr]);
+        }
+        internal::write(&self.api, rt, None, obj, MANAGER).await?;
+        tracing::info!(node, pod_cidr = %cidr, "node registered");
+        Ok(cidr)
+    }
+
+    async fn refresh_node(
+        &self,
+        rt: &ResourceType,
+        node: &str,
+        cur: &Found,
+        agent: &Value,
+    ) -> Result<String, ApiError> {
+        let mut want = cur.object.clone();
+        for (k, v) in agent["metadata"]["labels"].as_object().into_iter().flatten() {
+            want["metadata"]["labels"][k] = v.clone();
+        }
+        let mut cidr = cur.object["spec"]["podCIDR"].as_str().unwrap_or_default().to_string();
+        if cidr.is_empty() {
+            if let Some(c) = self.pick_cidr() {
+                let claim = crate::api::objects::pod_cidr_claim(&c);
+                let owner = crate::api::objects::key(rt, None, node);
+                if !self.api.objects.put_if_absent(claim.to_vec(), owner).await? {
+                    return Err(ApiError::new(409, "Conflict", "pod CIDR taken concurrently"));
+                }
+                want["spec"]["podCIDR"] = json!(c);
+                want["spec"]["podCIDRs"] = json!([c]);
+                cidr = c;
+            }
+        }
+        if want != cur.object {
+            internal::write(&self.api, rt, Some(cur), want, MANAGER).await?;
+        }
+        Ok(cidr)
+    }
+
+    /// Writes the agent's view of the node's status, keeping what the
+    /// masters own (the node lifecycle controller's taints live in spec).
+    async fn write_node_status(&self, node: &str, status: &Value) -> Result<(), ApiError> {
+        if !status.is_object() {
+            return Ok(());
+        }
+        let rt = rt("v1", "Node")?;
+        for _ in 0..8 {
+            let Some(cur) = self.api.objects.get(rt, None, node).await? else {
+                return Err(ApiError::not_found("", "nodes", node));
+            };
+            let mut merged = cur.object["status"].clone();
+            if !merged.is_object() {
+                merged = json!({});
+            }
+            for (k, v) in status.as_object().into_iter().flatten() {
+                merged[k] = v.clone();
+            }
+            if merged == cur.object["status"] {
+                return Ok(());
+            }
+            match internal::write_status(&self.api, rt, &cur, merged).await {
+                Err(e) if e.code == 409 => continue,
+                r => return r.map(|_| ()),
+            }
+        }
+        Err(ApiError::new(409, "Conflict", format!("node {node:?}: status kept changing")))
+    }
+
+    async fn heartbeat(&self, node: &str, status: Option<&[u8]>) -> Result<NodeResponse, ApiError> {
+        if let Some(s) = status {
+            let s: Value =
+                serde_json::from_slice(s).map_err(|e| ApiError::bad_request(format!("NodeStatus is not JSON: {e}")))?;
+            self.write_node_status(node, &s).await?;
+        }
+        let rt = rt("coordination.k8s.io/v1", "Lease")?;
+        let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+        for _ in 0..8 {
+            let cur = self.api.objects.get(rt, Some(LEASE_NAMESPACE), node).await?;
+            let result = match &cur {
+                None => {
+                    let lease = json!({
+                        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": node, "namespace": LEASE_NAMESPACE},
+                        "spec": {"holderIdentity": node, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": now},
+                    });
+                    internal::write(&self.api, rt, None, lease, MANAGER).await
+                }
+                Some(cur) => {
+                    let mut lease = cur.object.clone();
+                    lease["spec"]["holderIdentity"] = json!(node);
+                    lease["spec"]["leaseDurationSeconds"] = json!(LEASE_SECONDS);
+                    lease["spec"]["renewTime"] = json!(now);
+                    internal::write(&self.api, rt, Some(cur), lease, MANAGER).await
+                }
+            };
+            match result {
+                Ok(_) => return Ok(NodeResponse::Done),
+                Err(e) if e.code == 409 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::new(409, "Conflict", format!("lease of node {node:?} kept changing")))
+    }
+
+    /// The pod, if it is bound to `node` and is the one with `uid`.
+    async fn own_pod(&self, node: &str, ns: &str, name: &str, uid: &str) -> Result<Option<Found>, ApiError> {
+        let rt = rt("v1", "Pod")?;
+        let Some(cur) = self.api.objects.get(rt, Some(ns), name).await? else { return Ok(None) };
+        let bound = cur.object["spec"]["nodeName"].as_str() == Some(node);
+        if !bound {
+            return Err(ApiError::forbidden(format!("pod {ns}/{name} is not bound to node {node:?}")));
+        }
+        Ok((cur.object["metadata"]["uid"].as_str() == Some(uid)).then_some(cur))
+    }
+
+    async fn pod_status(
+        &self,
+        node: &str,
+        ns: &str,
+        name: &str,
+        uid: &str,
+        status: &[u8],
+    ) -> Result<NodeResponse, ApiError> {
+        let status: Value =
+            serde_json::from_slice(status).map_err(|e| ApiError::bad_request(format!("PodStatus is not JSON: {e}")))?;
+        let rt = rt("v1", "Pod")?;
+        for _ in 0..8 {
+            let Some(cur) = self.own_pod(node, ns, name, uid).await? else {
+                // Gone or replaced: the status is about a pod that no longer exists.
+                return Ok(NodeResponse::error(404, "NotFound", format!("pod {ns}/{name} with uid {uid} not found")));
+            };
+            let mut merged = cur.object["status"].clone();
+            if !merged.is_object() {
+                merged = json!({});
+            }
+            for (k, v) in status.as_object().into_iter().flatten() {
+                merged[k] = v.clone();
+            }
+            if merged == cur.object["status"] {
+                return Ok(NodeResponse::Done);
+            }
+            match internal::write_status(&self.api, rt, &cur, merged).await {
+                Ok(_) => return Ok(NodeResponse::Done),
+                Err(e) if e.code == 409 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::new(409, "Conflict", format!("pod {ns}/{name}: status kept changing")))
+    }
+
+    /// The agent stopped every container of a pod being deleted: finish the delete.
+    async fn pod_terminated(&self, node: &str, ns: &str, name: &str, uid: &str) -> Result<NodeResponse, ApiError> {
+        let rt = rt("v1", "Pod")?;
+        for _ in 0..8 {
+            let Some(cur) = self.own_pod(node, ns, name, uid).await? else { return Ok(NodeResponse::Done) };
+            let now = crate::api::handlers::now();
+            let plan = crate::api::admission::plan_delete("Pod", &cur.object, None, Some(0), &now);
+            let result = match plan {
+                crate::api::admission::DeletePlan::Now => {
+                    self.api.objects.delete(rt, &cur.object, cur.mod_revision).await.map(|_| ())
+                }
+                crate::api::admission::DeletePlan::Mark(m) => {
+                    self.api.objects.update(rt, m, cur.mod_revision).await.map(|_| ())
+                }
+                crate::api::admission::DeletePlan::Pending => Ok(()),
+            };
+            match result {
+                Ok(()) => return Ok(NodeResponse::Done),
+                Err(e) if e.code == 409 => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(ApiError::new(409, "Conflict", format!("pod {ns}/{name} kept changing")))
+    }
+
+    /// A Secret or ConfigMap, if a pod bound to `node` references it.
+    async fn get(&self, node: &str, resource: &str, ns: &str, name: &str) -> Result<NodeResponse, ApiError> {
+        let kind = match resource {
+            "secrets" => "Secret",
+            "configmaps" => "ConfigMap",
+            other => return Ok(forbidden(format!("nodes may not read {other}"))),
+        };
+        let wanted = (if kind == "Secret" { "secrets" } else { "configmaps" }, name.to_string());
+        let allowed = self
+            .pods
+            .list_node(node)
+            .iter()
+            .filter(|p| p.namespace() == ns)
+            .any(|p| authz::references(&p.object()).contains(&wanted));
+        if !allowed {
+            return Ok(forbidden(format!(
+                "node {node:?} may not read {resource} {ns}/{name}: no pod bound to it references it"
+            )));
+        }
+        match self.api.objects.get(rt("v1", kind)?, Some(ns), name).await? {
+            Some(f) => Ok(NodeResponse::Object { json: serde_json::to_vec(&f.object).unwrap_or_default() }),
+            None => Err(ApiError::not_found("", resource, name)),
+        }
+    }
+
+    /// Streams the node's pods: a listing, then its changes, until the
+    /// agent goes away or falls behind.
+    async fn watch_pods(&self, node: &str, mut send: quinn::SendStream) {
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::channel(SESSION_QUEUE);
+        let listing = self.pods.attach(|pods, seq| {
+            self.sessions.lock().entry(node.to_string()).or_default().push(Session { id, floor: seq, tx });
+            pods.list_node(node)
+        });
+        self.metrics.watch_sessions.inc();
+        let events = listing
+            .iter()
+            .map(|p| PodEvent {
+                key: p.key.clone(),
+                delete: false,
+                mod_revision: p.mod_revision,
+                object: p.bytes().to_vec(),
+            })
+            .collect();
+        let mut ok = reply_open(&mut send, &NodeResponse::Watching).await.is_ok()
+            && write_frame(&mut send, &PodFrame { reset: true, events }.encode()).await.is_ok();
+        while ok {
+            let Some(first) = rx.recv().await else { break };
+            let mut events = vec![first];
+            while events.len() < 256 {
+                match rx.try_recv() {
+                    Ok(e) => events.push(e),
+                    Err(_) => break,
+                }
+            }
+            ok = write_frame(&mut send, &PodFrame { reset: false, events }.encode()).await.is_ok();
+        }
+        if let Some(list) = self.sessions.lock().get_mut(node) {
+            list.retain(|s| s.id != id);
+        }
+        self.metrics.watch_sessions.dec();
+        let _ = send.finish();
+    }
+
+    /// The router: each pod change goes to the sessions of the nodes it names.
+    async fn route(self: Arc<Self>, mut changes: mpsc::UnboundedReceiver<Change>) {
+        while let Some(c) = changes.recv().await {
+            let was = c.old.as_ref().map(|o| o.node_name().to_string()).filter(|n| !n.is_empty());
+            let is = c.new.as_ref().map(|n| n.node_name().to_string()).filter(|n| !n.is_empty());
+            if was.is_none() && is.is_none() {
+                continue;
+            }
+            let mut sessions = self.sessions.lock();
+            for node in [was.as_ref(), is.as_ref()].into_iter().flatten().collect::<BTreeSet<_>>() {
+                let Some(list) = sessions.get_mut(node.as_str()) else { continue };
+                let event = match &c.new {
+                    Some(n) if is.as_ref() == Some(node) => PodEvent {
+                        key: c.key.clone(),
+                        delete: false,
+                        mod_revision: n.mod_revision,
+                        object: n.bytes().to_vec(),
+                    },
+                    _ => PodEvent { key: c.key.clone(), delete: true, mod_revision: 0, object: vec![] },
+                };
+                // A full queue drops the session: the agent re-watches.
+                list.retain(|s| c.seq <= s.floor || s.tx.try_send(event.clone()).is_ok());
+                if list.is_empty() {
+                    sessions.remove(node.as_str());
+                }
+            }
+        }
+    }
+}
+
+fn request_kind(req: &NodeRequest) -> &'static str {
+    match req {
+        NodeRequest::Join { .. } => "join",
+        NodeRequest::Register { .. } => "register",
+        NodeRequest::Heartbeat { .. } => "heartbeat",
+        NodeRequest::PodStatus { .. } => "pod_status",
+        NodeRequest::PodTerminated { .. } => "pod_terminated",
+        NodeRequest::Get { .. } => "get",
+        NodeRequest::WatchPods => "watch_pods",
+        NodeRequest::Usage { .. } => "usage",
+    }
+}
+
+/// The answer to `WatchPods` is itself a frame, so pod frames can follow it.
+async fn reply_open(send: &mut quinn::SendStream, resp: &NodeResponse) -> Result<(), WireError> {
+    write_frame(send, &encode_message(resp)).await
+}
+
+async fn reply(send: &mut quinn::SendStream, resp: &NodeResponse) -> Result<(), WireError> {
+    send.write_all(&encode_message(resp)).await.map_err(|e| WireError::Io(e.into()))?;
+    send.finish().map_err(|e| WireError::Io(std::io::Error::other(e)))
+}
