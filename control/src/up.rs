@@ -147,6 +147,8 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
                 "127.0.0.1:0".into(),
                 "--api-listen".into(),
                 "127.0.0.1:0".into(),
+                "--node-listen".into(),
+                "127.0.0.1:0".into(),
             ]);
             if a.plaintext {
                 extra.extend(["--etcd-plaintext-listen".into(), "127.0.0.1:0".into()]);

@@ -5,5 +5,8 @@
 //!   `containerd/` the real one over containerd's gRPC API, `cni.rs` pod
 //!   networking with the standard CNI plugins.
 
+pub mod agent;
+pub mod conn;
 pub mod pods;
 pub mod runtime;
+pub mod sim;

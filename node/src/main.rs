@@ -1,5 +1,94 @@
-//! `capstan-node`: the node agent binary.
+//! `capstan-node`: the node agent binary. The logic lives in the library;
+//! this file only parses the command line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use capstan_node::agent::{self, NodeInfo};
+use capstan_node::conn::{self, Masters};
+use capstan_node::sim::SimRuntime;
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser)]
+#[command(name = "capstan-node", about = "Capstan's node agent")]
+struct Cli {
+    /// State directory (identity, pod logs, containerd); a restart needs only this.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Masters' node gateway addresses (host:port, comma-separated), first start only.
+    #[arg(long, value_delimiter = ',')]
+    server: Vec<String>,
+    /// Bootstrap token from `capstan token create`, first start only.
+    #[arg(long)]
+    token: Option<String>,
+    /// Node name, first start only [default: the host name].
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long, value_enum, default_value_t = RuntimeKind::Containerd)]
+    runtime: RuntimeKind,
+    /// With `--runtime sim`: host this many hollow nodes (`<name>-<i>`), each with its own connection.
+    #[arg(long, default_value_t = 1)]
+    sim_nodes: usize,
+    /// Address reported as the node's InternalIP [default: 127.0.0.1].
+    #[arg(long, default_value = "127.0.0.1")]
+    node_ip: String,
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum RuntimeKind {
+    Containerd,
+    Sim,
+}
+
+async fn identity(dir: &std::path::Path, cli: &Cli, name: &str) -> anyhow::Result<conn::Identity> {
+    if let Some(id) = conn::load(dir)? {
+        return Ok(id);
+    }
+    let token = cli.token.as_deref().context("first start: --token is required (capstan token create)")?;
+    if cli.server.is_empty() {
+        anyhow::bail!("first start: --server is required (a master's node gateway address)");
+    }
+    std::fs::create_dir_all(dir)?;
+    conn::join(dir, &cli.server, token, name).await
+}
 
 fn main() -> anyhow::Result<()> {
-    anyhow::bail!("capstan-node: not wired yet")
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let base = match &cli.name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string(),
+        };
+        match cli.runtime {
+            RuntimeKind::Sim => {
+                let mut agents = tokio::task::JoinSet::new();
+                for i in 0..cli.sim_nodes.max(1) {
+                    let (name, dir) = if cli.sim_nodes > 1 {
+                        let n = format!("{base}-{i}");
+                        (n.clone(), cli.data_dir.join(&n))
+                    } else {
+                        (base.clone(), cli.data_dir.clone())
+                    };
+                    let id = identity(&dir, &cli, &name).await?;
+                    let masters = Masters::new(&id)?;
+                    let mut info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "sim://0.1");
+                    info.labels.push(("capstan.io/runtime".into(), "sim".into()));
+                    agents.spawn(agent::serve(info, masters, Arc::new(SimRuntime::new()), dir));
+                }
+                while let Some(r) = agents.join_next().await {
+                    r??;
+                }
+                Ok(())
+            }
+            RuntimeKind::Containerd => anyhow::bail!("--runtime containerd: not available in this build yet"),
+        }
+    })
 }

@@ -201,7 +201,7 @@ impl<'a> Observed<'a> {
     /// Attempts of container `name`, newest first.
     fn attempts(&self, name: &str) -> Vec<&'a ContainerStatus> {
         let mut v: Vec<&ContainerStatus> = self.containers.iter().copied().filter(|c| c.name == name).collect();
-        v.sort_by(|a, b| b.attempt.cmp(&a.attempt));
+        v.sort_by_key(|c| std::cmp::Reverse(c.attempt));
         v
     }
 
@@ -521,8 +521,9 @@ fn container_status(
     st
 }
 
-/// The PodStatus to report.
-pub fn status(pod: &PodSpec, obs: &Observed, mem: &Memory, now: SystemTime, host_ip: &str) -> Value {
+/// The PodStatus to report; `prev` is the last one reported (condition
+/// transition times carry over while a condition holds).
+pub fn status(pod: &PodSpec, obs: &Observed, mem: &Memory, now: SystemTime, host_ip: &str, prev: &Value) -> Value {
     let inits: Vec<Value> = pod.init.iter().map(|c| container_status(pod, c, obs, mem, now, true)).collect();
     let apps: Vec<Value> = pod.containers.iter().map(|c| container_status(pod, c, obs, mem, now, false)).collect();
     let initialized = pod.init.iter().all(|c| obs.latest(&c.name).and_then(exit_code) == Some(0));
@@ -550,7 +551,7 @@ pub fn status(pod: &PodSpec, obs: &Observed, mem: &Memory, now: SystemTime, host
         cond("PodScheduled", true, None),
     ];
     // Keep the transition times the masters already hold when nothing changed.
-    let old: BTreeMap<String, Value> = pod.raw["status"]["conditions"]
+    let old: BTreeMap<String, Value> = prev["conditions"]
         .as_array()
         .into_iter()
         .flatten()

@@ -96,7 +96,14 @@ fn restart_policies_and_back_off() {
     m.backoff.insert("a".into(), next_backoff(None, Duration::from_secs(5), t(10)));
     let (actions, wake) = plan(&p, &Observed { sandbox: Some(&sb), containers: bad.iter().collect() }, &m, t(12));
     assert_eq!((actions, wake), (vec![], Some(Duration::from_secs(8))));
-    let st = status(&p, &Observed { sandbox: Some(&sb), containers: bad.iter().collect() }, &m, t(12), "10.0.0.1");
+    let st = status(
+        &p,
+        &Observed { sandbox: Some(&sb), containers: bad.iter().collect() },
+        &m,
+        t(12),
+        "10.0.0.1",
+        &serde_json::Value::Null,
+    );
     let c = &st["containerStatuses"][0];
     assert_eq!(c["state"]["waiting"]["reason"], "CrashLoopBackOff");
     assert_eq!(c["lastState"]["terminated"]["exitCode"], 2);
@@ -122,7 +129,14 @@ fn phases_follow_the_containers() {
     let sb = sandbox();
     let m = Memory::default();
     let phase = |p: &PodSpec, cs: &[ContainerStatus]| {
-        status(p, &Observed { sandbox: Some(&sb), containers: cs.iter().collect() }, &m, t(100), "10.0.0.1")["phase"]
+        status(
+            p,
+            &Observed { sandbox: Some(&sb), containers: cs.iter().collect() },
+            &m,
+            t(100),
+            "10.0.0.1",
+            &serde_json::Value::Null,
+        )["phase"]
             .as_str()
             .unwrap()
             .to_string()
@@ -193,14 +207,13 @@ fn unhealthy_containers_are_stopped_and_old_attempts_collected() {
 fn status_reports_readiness_restarts_ooms_and_ip() {
     let p = pod("Always", &[], &["a", "b"]);
     let sb = sandbox();
-    let mut m = Memory::default();
-    m.start_time = Some(t(0));
+    let mut m = Memory { start_time: Some(t(0)), ..Default::default() };
     let oom = ContainerState::Exited { started_at: Some(t(1)), finished_at: t(2), exit_code: 137, oom_killed: true };
     let cs = [ctr("a", 1, run(3)), ctr("a", 0, oom), ctr("b", 0, run(1))];
     m.ready.insert("a-1".into(), true);
     m.ready.insert("b-0".into(), false);
     let obs = Observed { sandbox: Some(&sb), containers: cs.iter().collect() };
-    let st = status(&p, &obs, &m, t(10), "10.0.0.1");
+    let st = status(&p, &obs, &m, t(10), "10.0.0.1", &serde_json::Value::Null);
     assert_eq!(st["phase"], "Running");
     assert_eq!(st["podIP"], "10.244.0.5");
     assert_eq!(st["startTime"], "2023-11-14T22:13:20Z");
@@ -212,7 +225,7 @@ fn status_reports_readiness_restarts_ooms_and_ip() {
     let ready = st["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
     assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("ContainersNotReady")));
     m.ready.insert("b-0".into(), true);
-    let st = status(&p, &obs, &m, t(11), "10.0.0.1");
+    let st = status(&p, &obs, &m, t(11), "10.0.0.1", &serde_json::Value::Null);
     let ready = st["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
     assert_eq!(ready["status"], "True");
     // An image error shows as the container's waiting reason.
@@ -226,7 +239,14 @@ fn status_reports_readiness_restarts_ooms_and_ip() {
             delay: BACKOFF_START,
         },
     );
-    let st = status(&p, &Observed { sandbox: Some(&sb), containers: vec![] }, &m, t(10), "10.0.0.1");
+    let st = status(
+        &p,
+        &Observed { sandbox: Some(&sb), containers: vec![] },
+        &m,
+        t(10),
+        "10.0.0.1",
+        &serde_json::Value::Null,
+    );
     assert_eq!(st["containerStatuses"][0]["state"]["waiting"]["reason"], "ErrImagePull");
     assert_eq!(st["phase"], "Pending");
     assert_eq!(plan_of(&p, Some(&sb), &[], &m, 10), vec![start("b", false, 0)], "a waits for its retry");

@@ -187,6 +187,9 @@ pub struct ExecIo {
 /// A container runtime. All operations are idempotent where Kubernetes'
 /// CRI is (stopping a stopped container, removing a removed one succeed).
 pub trait Runtime: Send + Sync + 'static {
+    /// The node's pod CIDR, once the masters assigned it (pod IPs come from it).
+    fn set_pod_cidr(&self, _cidr: &str) {}
+
     /// Makes `image` present according to `policy`; returns (resolved
     /// reference, image id).
     fn ensure_image(

@@ -75,6 +75,8 @@ impl Cluster {
             "127.0.0.1:0".into(),
             "--api-listen".into(),
             "127.0.0.1:0".into(),
+            "--node-listen".into(),
+            "127.0.0.1:0".into(),
         ];
         args.extend(self.extra.clone());
         if self.masters.is_empty() {

@@ -1,0 +1,898 @@
+//! The agent: joins, registers its Node, heartbeats, watches its pods and
+//! runs one worker per pod. Workers apply `pods::plan` against the runtime
+//! and report `pods::status`; all decisions live in `pods.rs`.
+//!
+//! Fail-static: when every master is unreachable, workers keep the last
+//! pods they were given (running containers keep running and are restarted
+//! by their policy); status reports wait for a master to return. A pod is
+//! only torn down because a master said so (deleted, or absent from a fresh
+//! listing), never because the masters are gone.
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context;
+use capstan_proto::k8s::stored::StoredObject;
+use capstan_proto::nodewire::{read_frame, NodeRequest, NodeResponse, PodFrame, MAX_FRAME};
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::conn::Masters;
+use crate::pods::{self, Action, Memory, Observed, PodSpec, Waiting};
+use crate::runtime::*;
+
+/// How often the Lease is renewed (a quarter of Kubernetes' 40 s grace).
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// NodeStatus is re-sent at least this often even when unchanged.
+const STATUS_REFRESH: Duration = Duration::from_secs(60);
+/// Observed runtime state is shared by the workers for this long.
+const OBSERVE_TTL: Duration = Duration::from_millis(500);
+
+/// What the node reports about itself.
+#[derive(Clone, Debug)]
+pub struct NodeInfo {
+    pub name: String,
+    pub host_ip: String,
+    pub cpu: String,
+    pub memory: String,
+    pub pods: u32,
+    pub runtime_version: String,
+    pub labels: Vec<(String, String)>,
+}
+
+impl NodeInfo {
+    /// Capacity read from the host.
+    pub fn from_host(name: &str, host_ip: &str, runtime_version: &str) -> NodeInfo {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mem_kib = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|m| {
+                m.lines()
+                    .find(|l| l.starts_with("MemTotal:"))
+                    .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+            })
+            .unwrap_or(0);
+        NodeInfo {
+            name: name.to_string(),
+            host_ip: host_ip.to_string(),
+            cpu: cpus.to_string(),
+            memory: format!("{mem_kib}Ki"),
+            pods: 110,
+            runtime_version: runtime_version.to_string(),
+            labels: vec![],
+        }
+    }
+
+    /// The Node object the agent registers (pure).
+    pub fn node_object(&self, now: &str) -> Value {
+        let mut labels = json!({
+            "kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
+            "beta.kubernetes.io/os": "linux", "beta.kubernetes.io/arch": "amd64",
+        });
+        for (k, v) in &self.labels {
+            labels[k] = json!(v);
+        }
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": self.name, "labels": labels},
+            "spec": {},
+            "status": self.status(now),
+        })
+    }
+
+    /// NodeStatus: capacity, addresses, versions and the Ready condition.
+    pub fn status(&self, now: &str) -> Value {
+        let resources = json!({"cpu": self.cpu, "memory": self.memory, "pods": self.pods.to_string()});
+        let cond = |t: &str, s: &str, reason: &str, msg: &str| {
+            json!({"type": t, "status": s, "reason": reason, "message": msg,
+                   "lastHeartbeatTime": now, "lastTransitionTime": now})
+        };
+        let (kernel, os_image) = host_versions();
+        json!({
+            "capacity": resources, "allocatable": resources,
+            "addresses": [{"type": "InternalIP", "address": self.host_ip}, {"type": "Hostname", "address": self.name}],
+            "conditions": [
+                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "capstan-node has sufficient memory available"),
+                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "capstan-node has no disk pressure"),
+                cond("PIDPressure", "False", "KubeletHasSufficientPID", "capstan-node has sufficient PID available"),
+                cond("Ready", "True", "KubeletReady", "capstan-node is posting ready status"),
+            ],
+            "nodeInfo": {
+                "machineID": "", "systemUUID": "", "bootID": "",
+                "kernelVersion": kernel, "osImage": os_image,
+                "containerRuntimeVersion": self.runtime_version,
+                "kubeletVersion": "v1.32.0-capstan", "kubeProxyVersion": "",
+                "operatingSystem": "linux", "architecture": "amd64",
+            },
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+        })
+    }
+}
+
+fn host_versions() -> (String, String) {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string();
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("PRETTY_NAME=").map(|v| v.trim_matches('"').to_string())))
+        .unwrap_or_else(|| "Linux".into());
+    (kernel, os)
+}
+
+/// Transition times in `status` carried over from `prev` where a condition
+/// kept its status (so a heartbeat does not look like a flap).
+fn keep_transitions(status: &mut Value, prev: &Value) {
+    let Some(conds) = status["conditions"].as_array_mut() else { return };
+    for c in conds {
+        let old = prev["conditions"].as_array().into_iter().flatten().find(|o| o["type"] == c["type"]);
+        if let Some(o) = old.filter(|o| o["status"] == c["status"]) {
+            c["lastTransitionTime"] = o["lastTransitionTime"].clone();
+        }
+    }
+}
+
+struct Observation {
+    at: Instant,
+    sandboxes: Vec<Sandbox>,
+    containers: Vec<ContainerStatus>,
+}
+
+pub struct Agent<R: Runtime> {
+    pub info: NodeInfo,
+    masters: Arc<Masters>,
+    rt: Arc<R>,
+    data_dir: PathBuf,
+    /// Workers by pod uid, and which uid each `namespace/name` is now.
+    workers: Mutex<HashMap<String, watch::Sender<Option<Arc<PodSpec>>>>>,
+    keys: Mutex<HashMap<String, String>>,
+    observed: tokio::sync::Mutex<Option<Arc<Observation>>>,
+    /// A listing from a master has arrived (orphans may be collected).
+    listed: std::sync::atomic::AtomicBool,
+}
+
+impl<R: Runtime> Agent<R> {
+    pub fn new(info: NodeInfo, masters: Arc<Masters>, rt: Arc<R>, data_dir: PathBuf) -> Arc<Agent<R>> {
+        Arc::new(Agent {
+            info,
+            masters,
+            rt,
+            data_dir,
+            workers: Mutex::default(),
+            keys: Mutex::default(),
+            observed: tokio::sync::Mutex::new(None),
+            listed: Default::default(),
+        })
+    }
+
+    /// Registers, then heartbeats, watches and collects orphans until the process ends.
+    pub async fn run(self: Arc<Self>) -> anyhow::Result<()> {
+        let cidr = self.register().await;
+        self.rt.set_pod_cidr(&cidr);
+        tokio::spawn(self.clone().heartbeats());
+        tokio::spawn(self.clone().housekeeping());
+        self.watch().await;
+        Ok(())
+    }
+
+    async fn register(&self) -> String {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let node = self.info.node_object(&now());
+            let req = NodeRequest::Register { node: serde_json::to_vec(&node).unwrap_or_default() };
+            match self.masters.expect(&req).await {
+                Ok(NodeResponse::Registered { pod_cidr }) => {
+                    tracing::info!(node = %self.info.name, %pod_cidr, "registered");
+                    return pod_cidr;
+                }
+                Ok(other) => tracing::warn!(?other, "unexpected answer to register"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "register failed; retrying"),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn heartbeats(self: Arc<Self>) {
+        let mut last_status: Option<(Instant, Value)> = None;
+        loop {
+            let mut status = self.info.status(&now());
+            if let Some((_, prev)) = &last_status {
+                keep_transitions(&mut status, prev);
+            }
+            let due = last_status.as_ref().is_none_or(|(at, _)| at.elapsed() >= STATUS_REFRESH);
+            let send = due.then(|| serde_json::to_vec(&status).unwrap_or_default());
+            match self.masters.expect(&NodeRequest::Heartbeat { status: send.clone() }).await {
+                Ok(_) if send.is_some() => last_status = Some((Instant::now(), status)),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "heartbeat failed"),
+            }
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+    }
+
+    /// Watches the node's pods, re-watching (from a fresh listing) whenever
+    /// the stream ends; each change is handed to its pod's worker.
+    async fn watch(self: Arc<Self>) {
+        loop {
+            match self.masters.watch_pods().await {
+                Ok(mut recv) => loop {
+                    match read_frame(&mut recv, MAX_FRAME).await {
+                        Ok(Some(bytes)) => match PodFrame::decode(&bytes) {
+                            Ok(frame) => self.apply(frame),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "bad pod frame; re-watching");
+                                break;
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::info!(error = %e, "pod watch ended; re-watching");
+                            break;
+                        }
+                    }
+                },
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "pod watch failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    fn apply(self: &Arc<Self>, frame: PodFrame) {
+        if frame.reset {
+            let listed: HashSet<&str> = frame.events.iter().map(|e| e.key.as_str()).collect();
+            let gone: Vec<String> = self.keys.lock().keys().filter(|k| !listed.contains(k.as_str())).cloned().collect();
+            for k in gone {
+                self.forget(&k);
+            }
+        }
+        for ev in frame.events {
+            if ev.delete {
+                self.forget(&ev.key);
+                continue;
+            }
+            let pod = match StoredObject::decode(&ev.object, ev.mod_revision) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(pod = %ev.key, error = %e, "undecodable pod");
+                    continue;
+                }
+            };
+            let spec = match PodSpec::parse(&pod) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, "pod cannot be run");
+                    continue;
+                }
+            };
+            let previous = self.keys.lock().insert(ev.key.clone(), spec.uid.clone());
+            if let Some(old) = previous.filter(|u| *u != spec.uid) {
+                self.stop_worker(&old);
+            }
+            let mut workers = self.workers.lock();
+            match workers.get(&spec.uid) {
+                Some(tx) => {
+                    let _ = tx.send(Some(spec));
+                }
+                None => {
+                    let (tx, rx) = watch::channel(Some(spec.clone()));
+                    workers.insert(spec.uid.clone(), tx);
+                    tokio::spawn(self.clone().worker(spec.uid.clone(), rx));
+                }
+            }
+        }
+        if frame.reset {
+            self.listed.store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// The pod is gone from the masters: its worker tears it down.
+    fn forget(&self, key: &str) {
+        if let Some(uid) = self.keys.lock().remove(key) {
+            self.stop_worker(&uid);
+        }
+    }
+
+    fn stop_worker(&self, uid: &str) {
+        if let Some(tx) = self.workers.lock().get(uid) {
+            let _ = tx.send(None);
+        }
+    }
+
+    /// The runtime's state, shared by all workers for `OBSERVE_TTL`.
+    async fn observe(&self, fresh: bool) -> anyhow::Result<Arc<Observation>> {
+        let mut cached = self.observed.lock().await;
+        if let Some(o) = cached.as_ref().filter(|o| !fresh && o.at.elapsed() < OBSERVE_TTL) {
+            return Ok(o.clone());
+        }
+        let o = Arc::new(Observation {
+            at: Instant::now(),
+            sandboxes: self.rt.list_sandboxes().await?,
+            containers: self.rt.list_containers().await?,
+        });
+        *cached = Some(o.clone());
+        Ok(o)
+    }
+
+    /// One pod's worker: plan, act, report, until the pod is gone.
+    async fn worker(self: Arc<Self>, uid: String, mut rx: watch::Receiver<Option<Arc<PodSpec>>>) {
+        let mut mem = Memory { start_time: Some(SystemTime::now()), ..Default::default() };
+        let mut last: Arc<PodSpec> = match rx.borrow().clone() {
+            Some(s) => s,
+            None => return,
+        };
+        let mut reported = last.raw["status"].clone();
+        let mut seen_exits: HashSet<String> = HashSet::new();
+        let mut fresh = true;
+        loop {
+            let removed = rx.borrow().is_none();
+            let spec = match rx.borrow().clone() {
+                Some(s) => s,
+                None => {
+                    // Deleted from the store: tear down with the pod's grace.
+                    let mut s = (*last).clone();
+                    s.deleting = true;
+                    Arc::new(s)
+                }
+            };
+            last = spec.clone();
+            let obs = match self.observe(fresh).await {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(error = %e, "runtime unavailable");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let sandbox = obs.sandboxes.iter().find(|s| s.pod_uid == uid);
+            let mine: Vec<&ContainerStatus> = obs.containers.iter().filter(|c| c.pod_uid == uid).collect();
+            self.note_exits(&spec, &mine, &mut mem, &mut seen_exits);
+            let observed = Observed { sandbox, containers: mine.clone() };
+            let now = SystemTime::now();
+            let (actions, wake) = pods::plan(&spec, &observed, &mem, now);
+            let status = pods::status(&spec, &observed, &mem, now, &self.info.host_ip, &reported);
+            let acted = !actions.is_empty();
+            let mut terminated = false;
+            for a in actions {
+                if a == Action::Terminated {
+                    terminated = true;
+                    continue;
+                }
+                self.act(&spec, sandbox, &mine, a, &mut mem).await;
+            }
+            if !removed && status != reported && !acted {
+                let req = NodeRequest::PodStatus {
+                    namespace: spec.namespace.clone(),
+                    name: spec.name.clone(),
+                    uid: uid.clone(),
+                    status: serde_json::to_vec(&status).unwrap_or_default(),
+                };
+                match self.masters.request(&req).await {
+                    Ok(NodeResponse::Done) => reported = status,
+                    Ok(NodeResponse::Error { code: 404, .. }) => reported = status,
+                    Ok(other) => tracing::debug!(pod = %spec.name, ?other, "status not written"),
+                    Err(e) => tracing::debug!(pod = %spec.name, error = %e, "status not written"),
+                }
+            }
+            if terminated {
+                let done = removed || {
+                    let req = NodeRequest::PodTerminated {
+                        namespace: spec.namespace.clone(),
+                        name: spec.name.clone(),
+                        uid: uid.clone(),
+                    };
+                    matches!(self.masters.request(&req).await, Ok(NodeResponse::Done))
+                };
+                if done {
+                    self.workers.lock().remove(&uid);
+                    return;
+                }
+            }
+            fresh = acted;
+            if acted {
+                continue;
+            }
+            let wait = wake.unwrap_or(Duration::from_secs(1)).clamp(Duration::from_millis(50), Duration::from_secs(1));
+            tokio::select! {
+                _ = rx.changed() => fresh = true,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Exits seen for the first time start a back-off and clear probe state.
+    fn note_exits(&self, spec: &PodSpec, mine: &[&ContainerStatus], mem: &mut Memory, seen: &mut HashSet<String>) {
+        let now = SystemTime::now();
+        for c in mine {
+            match c.state {
+                ContainerState::Running { .. } => {
+                    // No readiness probe: ready while running (probes come from prober.rs).
+                    let has_probe = container_spec(spec, &c.name).is_some_and(|s| s.raw["readinessProbe"].is_object());
+                    mem.ready.entry(c.id.clone()).or_insert(!has_probe);
+                    mem.started.entry(c.id.clone()).or_insert(true);
+                }
+                ContainerState::Exited { started_at, finished_at, .. } if seen.insert(c.id.clone()) => {
+                    let ran = started_at.and_then(|s| finished_at.duration_since(s).ok()).unwrap_or_default();
+                    let recent = now.duration_since(finished_at).unwrap_or_default() < pods::BACKOFF_MAX;
+                    if recent {
+                        let b = pods::next_backoff(mem.backoff.get(&c.name), ran, finished_at);
+                        mem.backoff.insert(c.name.clone(), b);
+                    }
+                    mem.ready.remove(&c.id);
+                    mem.unhealthy.remove(&c.id);
+                    mem.stopping.remove(&c.id);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn act(
+        &self,
+        spec: &PodSpec,
+        sandbox: Option<&Sandbox>,
+        mine: &[&ContainerStatus],
+        a: Action,
+        mem: &mut Memory,
+    ) {
+        let result = match &a {
+            Action::RunSandbox => {
+                let cfg = SandboxConfig {
+                    pod_uid: spec.uid.clone(),
+                    namespace: spec.namespace.clone(),
+                    name: spec.name.clone(),
+                    hostname: spec.raw["spec"]["hostname"].as_str().unwrap_or(&spec.name).to_string(),
+                    port_mappings: host_ports(&spec.raw),
+                    host_network: spec.host_network,
+                };
+                match self.rt.run_sandbox(&cfg).await {
+                    Ok(_) => {
+                        mem.sandbox_error = None;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let delay = mem
+                            .sandbox_error
+                            .as_ref()
+                            .map_or(pods::BACKOFF_START, |w| (w.delay * 2).min(pods::BACKOFF_MAX));
+                        mem.sandbox_error = Some(Waiting {
+                            reason: "FailedCreatePodSandBox".into(),
+                            message: e.to_string(),
+                            retry_at: SystemTime::now() + delay,
+                            delay,
+                        });
+                        Err(e)
+                    }
+                }
+            }
+            Action::Start { name, init, attempt } => match (sandbox, container_spec(spec, name)) {
+                (Some(sb), Some(c)) => self.start(spec, sb, c, *init, *attempt, mem).await,
+                _ => Ok(()),
+            },
+            Action::Stop { id, grace } => {
+                mem.stopping.insert(id.clone(), SystemTime::now());
+                self.rt.stop_container(id, *grace).await
+            }
+            Action::Remove { id } => self.rt.remove_container(id).await,
+            Action::RemoveSandbox => match sandbox {
+                Some(sb) => self.rt.remove_sandbox(&sb.id).await,
+                None => Ok(()),
+            },
+            Action::Terminated => Ok(()),
+        };
+        let _ = mine;
+        if let Err(e) = result {
+            tracing::warn!(pod = %format!("{}/{}", spec.namespace, spec.name), action = ?a, error = %e, "action failed");
+        }
+    }
+
+    async fn start(
+        &self,
+        spec: &PodSpec,
+        sb: &Sandbox,
+        c: &pods::ContainerSpec,
+        _init: bool,
+        attempt: u32,
+        mem: &mut Memory,
+    ) -> Result<(), RuntimeError> {
+        let fail = |mem: &mut Memory, reason: &str, e: &RuntimeError| {
+            let delay = mem.waiting.get(&c.name).map_or(pods::BACKOFF_START, |w| (w.delay * 2).min(pods::BACKOFF_MAX));
+            mem.waiting.insert(
+                c.name.clone(),
+                Waiting { reason: reason.into(), message: e.to_string(), retry_at: SystemTime::now() + delay, delay },
+            );
+        };
+        let (image, _id) = match self.rt.ensure_image(&c.image, c.pull_policy, &[]).await {
+            Ok(i) => i,
+            Err(e) => {
+                let reason = if c.pull_policy == PullPolicy::Never { "ErrImageNeverPull" } else { "ErrImagePull" };
+                fail(mem, reason, &e);
+                return Err(e);
+            }
+        };
+        let cfg = match self.container_config(spec, c, attempt, image).await {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                fail(mem, "CreateContainerConfigError", &e);
+                return Err(e);
+            }
+        };
+        match self.rt.start_container(sb, &cfg).await {
+            Ok(_) => {
+                mem.waiting.remove(&c.name);
+                Ok(())
+            }
+            Err(e) => {
+                fail(mem, "RunContainerError", &e);
+                Err(e)
+            }
+        }
+    }
+
+    /// The runtime's view of a container: env resolved (ConfigMaps and
+    /// Secrets fetched through the node authorizer), resources, log path.
+    async fn container_config(
+        &self,
+        spec: &PodSpec,
+        c: &pods::ContainerSpec,
+        attempt: u32,
+        image: String,
+    ) -> Result<ContainerConfig, RuntimeError> {
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
+        };
+        let env = self.env(spec, &c.raw).await?;
+        let res = &c.raw["resources"];
+        let labels = [
+            (LABEL_POD_UID, spec.uid.clone()),
+            (LABEL_POD_NAMESPACE, spec.namespace.clone()),
+            (LABEL_POD_NAME, spec.name.clone()),
+            (LABEL_CONTAINER_NAME, c.name.clone()),
+            (LABEL_ATTEMPT, attempt.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let sc = &c.raw["securityContext"];
+        let psc = &spec.raw["spec"]["securityContext"];
+        let caps = |k: &str| strings(&sc["capabilities"][k]);
+        Ok(ContainerConfig {
+            pod_uid: spec.uid.clone(),
+            namespace: spec.namespace.clone(),
+            pod_name: spec.name.clone(),
+            name: c.name.clone(),
+            attempt,
+            image,
+            command: strings(&c.raw["command"]),
+            args: strings(&c.raw["args"]),
+            env,
+            working_dir: c.raw["workingDir"].as_str().map(str::to_string),
+            mounts: vec![],
+            cpu_limit_millis: res["limits"]["cpu"].as_str().and_then(millicores),
+            cpu_request_millis: res["requests"]["cpu"].as_str().and_then(millicores),
+            memory_limit_bytes: res["limits"]["memory"].as_str().and_then(bytes_of),
+            security: Security {
+                run_as_user: sc["runAsUser"].as_u64().or(psc["runAsUser"].as_u64()).map(|u| u as u32),
+                run_as_group: sc["runAsGroup"].as_u64().or(psc["runAsGroup"].as_u64()).map(|g| g as u32),
+                supplemental_groups: psc["supplementalGroups"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|g| g.as_u64().map(|g| g as u32))
+                    .collect(),
+                privileged: sc["privileged"].as_bool().unwrap_or(false),
+                read_only_root: sc["readOnlyRootFilesystem"].as_bool().unwrap_or(false),
+                add_capabilities: caps("add"),
+                drop_capabilities: caps("drop"),
+            },
+            tty: c.raw["tty"].as_bool().unwrap_or(false),
+            stdin: c.raw["stdin"].as_bool().unwrap_or(false),
+            log_path: self.log_path(spec, &c.name, attempt),
+            labels,
+        })
+    }
+
+    /// `<data-dir>/pods/<namespace>_<name>_<uid>/<container>/<attempt>.log`, as the kubelet lays them out.
+    pub fn log_path(&self, spec: &PodSpec, container: &str, attempt: u32) -> PathBuf {
+        self.data_dir
+            .join("pods")
+            .join(format!("{}_{}_{}", spec.namespace, spec.name, spec.uid))
+            .join(container)
+            .join(format!("{attempt}.log"))
+    }
+
+    async fn fetch(&self, resource: &str, ns: &str, name: &str) -> Result<Option<Value>, RuntimeError> {
+        let req = NodeRequest::Get { resource: resource.into(), namespace: ns.into(), name: name.into() };
+        match self.masters.request(&req).await {
+            Ok(NodeResponse::Object { json }) => serde_json::from_slice(&json)
+                .map(Some)
+                .map_err(|e| RuntimeError::Other(format!("{resource} {ns}/{name}: {e}"))),
+            Ok(NodeResponse::Error { code: 404, .. }) => Ok(None),
+            Ok(NodeResponse::Error { message, .. }) => Err(RuntimeError::Other(message)),
+            Ok(other) => Err(RuntimeError::Other(format!("unexpected answer {other:?}"))),
+            Err(e) => Err(RuntimeError::Other(format!("{e:#}"))),
+        }
+    }
+
+    /// A key of a ConfigMap (data or binaryData) or Secret (base64 data).
+    async fn key_of(&self, resource: &str, ns: &str, sel: &Value) -> Result<Option<String>, RuntimeError> {
+        let name = sel["name"].as_str().unwrap_or_default();
+        let key = sel["key"].as_str().unwrap_or_default();
+        let optional = sel["optional"].as_bool().unwrap_or(false);
+        let obj = self.fetch(resource, ns, name).await?;
+        let value = obj.as_ref().and_then(|o| data_of(resource, o).remove(key));
+        match value {
+            Some(v) => Ok(Some(v)),
+            None if optional => Ok(None),
+            None if obj.is_none() => Err(RuntimeError::Other(format!("{} {name:?} not found", singular(resource)))),
+            None => Err(RuntimeError::Other(format!("couldn't find key {key} in {} {ns}/{name}", singular(resource)))),
+        }
+    }
+
+    async fn env(&self, spec: &PodSpec, c: &Value) -> Result<Vec<(String, String)>, RuntimeError> {
+        let ns = spec.namespace.as_str();
+        let mut out: Vec<(String, String)> = Vec::new();
+        for from in c["envFrom"].as_array().into_iter().flatten() {
+            let prefix = from["prefix"].as_str().unwrap_or_default();
+            for (resource, field) in [("configmaps", "configMapRef"), ("secrets", "secretRef")] {
+                let sel = &from[field];
+                let Some(name) = sel["name"].as_str() else { continue };
+                match self.fetch(resource, ns, name).await? {
+                    Some(obj) => {
+                        out.extend(data_of(resource, &obj).into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)))
+                    }
+                    None if sel["optional"].as_bool().unwrap_or(false) => {}
+                    None => return Err(RuntimeError::Other(format!("{} {name:?} not found", singular(resource)))),
+                }
+            }
+        }
+        for e in c["env"].as_array().into_iter().flatten() {
+            let Some(name) = e["name"].as_str() else { continue };
+            let from = &e["valueFrom"];
+            let value = if let Some(v) = e["value"].as_str() {
+                Some(expand(v, &out))
+            } else if from["configMapKeyRef"].is_object() {
+                self.key_of("configmaps", ns, &from["configMapKeyRef"]).await?
+            } else if from["secretKeyRef"].is_object() {
+                self.key_of("secrets", ns, &from["secretKeyRef"]).await?
+            } else if let Some(path) = from["fieldRef"]["fieldPath"].as_str() {
+                Some(field_ref(&spec.raw, path, &self.info))
+            } else if from.is_object() {
+                None
+            } else {
+                Some(String::new())
+            };
+            if let Some(v) = value {
+                out.retain(|(k, _)| k != name);
+                out.push((name.to_string(), v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops and removes what belongs to no pod the masters listed.
+    async fn housekeeping(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            if !self.listed.load(std::sync::atomic::Ordering::Acquire) {
+                continue;
+            }
+            let Ok(obs) = self.observe(true).await else { continue };
+            let known: HashSet<String> = self.workers.lock().keys().cloned().collect();
+            for c in obs.containers.iter().filter(|c| !known.contains(&c.pod_uid)) {
+                tracing::info!(container = %c.id, pod_uid = %c.pod_uid, "removing a container of no known pod");
+                let _ = self.rt.stop_container(&c.id, Duration::from_secs(2)).await;
+                let _ = self.rt.remove_container(&c.id).await;
+            }
+            for s in obs.sandboxes.iter().filter(|s| !known.contains(&s.pod_uid)) {
+                let _ = self.rt.remove_sandbox(&s.id).await;
+            }
+        }
+    }
+}
+
+fn singular(resource: &str) -> &'static str {
+    if resource == "secrets" {
+        "secret"
+    } else {
+        "configmap"
+    }
+}
+
+/// A ConfigMap's or Secret's data as strings.
+pub fn data_of(resource: &str, obj: &Value) -> std::collections::BTreeMap<String, String> {
+    use base64::Engine;
+    let mut out = std::collections::BTreeMap::new();
+    let b64 = |v: &Value| {
+        v.as_str()
+            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    };
+    for (k, v) in obj["data"].as_object().into_iter().flatten() {
+        let s = if resource == "secrets" { b64(v) } else { v.as_str().map(str::to_string) };
+        if let Some(s) = s {
+            out.insert(k.clone(), s);
+        }
+    }
+    if resource == "configmaps" {
+        for (k, v) in obj["binaryData"].as_object().into_iter().flatten() {
+            if let Some(s) = b64(v) {
+                out.insert(k.clone(), s);
+            }
+        }
+    }
+    out
+}
+
+/// `$(VAR)` references to earlier variables, as Kubernetes expands them
+/// (`$$` escapes; unknown references stay as written).
+pub fn expand(v: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = v;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(a) = after.strip_prefix('$') {
+            out.push('$');
+            rest = a;
+        } else if let Some(end) = after.strip_prefix('(').and_then(|a| a.find(')')) {
+            let name = &after[1..end + 1];
+            match env.iter().rev().find(|(k, _)| k == name) {
+                Some((_, val)) => out.push_str(val),
+                None => out.push_str(&rest[i..i + end + 3]),
+            }
+            rest = &after[end + 2..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The downward API's fieldRef values.
+pub fn field_ref(pod: &Value, path: &str, node: &NodeInfo) -> String {
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    match path {
+        "metadata.name" => s(&pod["metadata"]["name"]),
+        "metadata.namespace" => s(&pod["metadata"]["namespace"]),
+        "metadata.uid" => s(&pod["metadata"]["uid"]),
+        "spec.nodeName" => node.name.clone(),
+        "spec.serviceAccountName" => s(&pod["spec"]["serviceAccountName"]),
+        "status.hostIP" | "status.hostIPs" => node.host_ip.clone(),
+        "status.podIP" | "status.podIPs" => s(&pod["status"]["podIP"]),
+        p => {
+            let label = |kind: &str| {
+                p.strip_prefix(&format!("metadata.{kind}['"))
+                    .and_then(|r| r.strip_suffix("']"))
+                    .map(|k| s(&pod["metadata"][kind][k]))
+            };
+            label("labels").or_else(|| label("annotations")).unwrap_or_default()
+        }
+    }
+}
+
+fn host_ports(pod: &Value) -> Vec<PortMapping> {
+    let mut out = Vec::new();
+    for c in pod["spec"]["containers"].as_array().into_iter().flatten() {
+        for p in c["ports"].as_array().into_iter().flatten() {
+            let (Some(cp), Some(hp)) = (p["containerPort"].as_u64(), p["hostPort"].as_u64()) else { continue };
+            if hp == 0 || hp > 65535 || cp > 65535 {
+                continue;
+            }
+            out.push(PortMapping {
+                container_port: cp as u16,
+                host_port: hp as u16,
+                protocol: p["protocol"].as_str().unwrap_or("TCP").to_string(),
+                host_ip: p["hostIP"].as_str().and_then(|h| h.parse().ok()),
+            });
+        }
+    }
+    out
+}
+
+fn container_spec<'a>(spec: &'a PodSpec, name: &str) -> Option<&'a pods::ContainerSpec> {
+    spec.init.iter().chain(&spec.containers).find(|c| c.name == name)
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// CPU quantity ("250m", "1", "0.5") in millicores.
+pub fn millicores(q: &str) -> Option<u64> {
+    if let Some(m) = q.strip_suffix('m') {
+        return m.parse().ok();
+    }
+    q.parse::<f64>().ok().filter(|v| *v >= 0.0).map(|v| (v * 1000.0).round() as u64)
+}
+
+/// Memory quantity ("64Mi", "1G", "1000") in bytes.
+pub fn bytes_of(q: &str) -> Option<u64> {
+    const UNITS: [(&str, u64); 12] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("Pi", 1 << 50),
+        ("Ei", 1 << 60),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+        ("P", 1_000_000_000_000_000),
+        ("E", 1_000_000_000_000_000_000),
+    ];
+    for (suffix, mult) in UNITS {
+        if let Some(n) = q.strip_suffix(suffix) {
+            return n.parse::<f64>().ok().filter(|v| *v >= 0.0).map(|v| (v * mult as f64) as u64);
+        }
+    }
+    q.parse::<f64>().ok().filter(|v| *v >= 0.0).map(|v| v as u64)
+}
+
+/// Starts the agent(s) for the command line.
+pub async fn serve<R: Runtime>(
+    info: NodeInfo,
+    masters: Arc<Masters>,
+    rt: Arc<R>,
+    data_dir: PathBuf,
+) -> anyhow::Result<()> {
+    Agent::new(info, masters, rt, data_dir).run().await.context("agent")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities_parse_as_kubernetes_writes_them() {
+        assert_eq!(millicores("250m"), Some(250));
+        assert_eq!(millicores("1"), Some(1000));
+        assert_eq!(millicores("0.5"), Some(500));
+        assert_eq!(millicores("x"), None);
+        assert_eq!(bytes_of("64Mi"), Some(64 << 20));
+        assert_eq!(bytes_of("1G"), Some(1_000_000_000));
+        assert_eq!(bytes_of("1000"), Some(1000));
+        assert_eq!(bytes_of("-1"), None);
+    }
+
+    #[test]
+    fn env_references_expand_like_kubernetes() {
+        let env = vec![("A".to_string(), "x".to_string())];
+        assert_eq!(expand("$(A)-$(B)-$$(A)-$", &env), "x-$(B)-$(A)-$");
+        assert_eq!(expand("plain", &env), "plain");
+    }
+
+    #[test]
+    fn downward_api_and_data_of() {
+        let pod = json!({"metadata": {"name": "p", "namespace": "n", "labels": {"app": "web"}}, "status": {"podIP": "1.2.3.4"}});
+        let node = NodeInfo::from_host("n1", "10.0.0.9", "sim");
+        assert_eq!(field_ref(&pod, "metadata.labels['app']", &node), "web");
+        assert_eq!(field_ref(&pod, "spec.nodeName", &node), "n1");
+        assert_eq!(field_ref(&pod, "status.hostIP", &node), "10.0.0.9");
+        let secret = json!({"data": {"k": "aGVsbG8=", "bad": "%%%"}});
+        assert_eq!(
+            data_of("secrets", &secret).into_iter().collect::<Vec<_>>(),
+            [("k".to_string(), "hello".to_string())]
+        );
+        let cm = json!({"data": {"a": "1"}, "binaryData": {"b": "Mg=="}});
+        assert_eq!(data_of("configmaps", &cm).len(), 2);
+    }
+
+    #[test]
+    fn node_status_keeps_transition_times_of_unchanged_conditions() {
+        let node = NodeInfo::from_host("n1", "127.0.0.1", "sim://0");
+        let first = node.status("2026-01-01T00:00:00Z");
+        let mut second = node.status("2026-01-01T00:01:00Z");
+        keep_transitions(&mut second, &first);
+        let ready = second["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap().clone();
+        assert_eq!(ready["lastTransitionTime"], "2026-01-01T00:00:00Z");
+        assert_eq!(ready["lastHeartbeatTime"], "2026-01-01T00:01:00Z");
+        let obj = node.node_object("t");
+        assert_eq!(obj["metadata"]["labels"]["kubernetes.io/hostname"], "n1");
+        assert!(obj["status"]["capacity"]["cpu"].as_str().unwrap().parse::<u32>().unwrap() >= 1);
+    }
+}
