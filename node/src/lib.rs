@@ -4,5 +4,9 @@
 //!   workers drive; `sim.rs` a hollow runtime for scale tests;
 //!   `containerd/` the real one over containerd's gRPC API, `cni.rs` pod
 //!   networking with the standard CNI plugins.
+//! - `netns.rs`: named network namespaces (bind-mounted nsfs files under
+//!   our data dir), the pods' network namespaces.
 
+pub mod cni;
+pub mod netns;
 pub mod runtime;
