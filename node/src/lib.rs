@@ -6,7 +6,12 @@
 //!   networking with the standard CNI plugins.
 //! - `netns.rs`: named network namespaces (bind-mounted nsfs files under
 //!   our data dir), the pods' network namespaces.
+//! - `logdriver.rs`: containerd's `binary://` log driver writing the CRI log
+//!   format with rotation (`capstan-node log-driver`); `podlogs.rs` reads
+//!   those files back for `kubectl logs` (tail, since, timestamps, follow).
 
 pub mod cni;
+pub mod logdriver;
 pub mod netns;
+pub mod podlogs;
 pub mod runtime;
