@@ -180,6 +180,26 @@ pub fn rotated_path(path: &Path, at: DateTime<Utc>) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// The name for the next rotation at `at`, given the newest rotated file:
+/// strictly after it, so that names never collide (one read can rotate
+/// several times within one timestamp) and order stays true even if the
+/// clock steps back.
+pub fn next_rotated_path(path: &Path, at: DateTime<Utc>, newest: Option<&Path>) -> PathBuf {
+    let newest_at = newest
+        .and_then(|p| {
+            p.file_name()?.to_str()?.rsplit_once('.').map(|(head, nanos)| (head.to_string(), nanos.to_string()))
+        })
+        .and_then(|(head, nanos)| {
+            let stamp = format!("{}.{nanos}", head.rsplit_once('.')?.1);
+            chrono::NaiveDateTime::parse_from_str(&stamp, "%Y%m%d-%H%M%S%.9f").ok()
+        })
+        .map(|t| t.and_utc());
+    match newest_at {
+        Some(n) if n >= at => rotated_path(path, n + chrono::Duration::nanoseconds(1)),
+        _ => rotated_path(path, at),
+    }
+}
+
 fn is_rotation_suffix(s: &str) -> bool {
     // 20240102-150405.123456789
     let b = s.as_bytes();
@@ -264,7 +284,8 @@ impl LogWriter {
     fn rotate(&mut self, at: DateTime<Utc>) -> io::Result<()> {
         // Rename, then reopen: a reader following the old file by handle
         // sees it end, then finds the new one at `path`.
-        std::fs::rename(&self.cfg.path, rotated_path(&self.cfg.path, at))?;
+        let before = rotated_files(&self.cfg.path)?;
+        std::fs::rename(&self.cfg.path, next_rotated_path(&self.cfg.path, at, before.last().map(PathBuf::as_path)))?;
         self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.cfg.path)?;
         self.size = 0;
         let rotated = rotated_files(&self.cfg.path)?;
@@ -454,6 +475,17 @@ mod tests {
         assert!(is_rotation_suffix("20240102-150405.000000120"));
         assert!(!is_rotation_suffix("gz") && !is_rotation_suffix("20240102-150405.000000120.gz"));
 
+        let newest = PathBuf::from("/logs/0.log.20240102-150405.000000120");
+        assert_eq!(next_rotated_path(Path::new("/logs/0.log"), at(), None), newest);
+        assert_eq!(
+            next_rotated_path(Path::new("/logs/0.log"), at(), Some(&newest)),
+            PathBuf::from("/logs/0.log.20240102-150405.000000121")
+        );
+        let later = at() + chrono::Duration::seconds(1);
+        assert_eq!(
+            next_rotated_path(Path::new("/logs/0.log"), later, Some(&newest)),
+            PathBuf::from("/logs/0.log.20240102-150406.000000120")
+        );
         let rotated: Vec<PathBuf> = (1..=4).map(|i| PathBuf::from(format!("f.{i}"))).collect();
         assert_eq!(expired(&rotated, 5), &[] as &[PathBuf]);
         assert_eq!(expired(&rotated, 3), &rotated[..2]);
@@ -467,9 +499,9 @@ mod tests {
         let path = tmp.path().join("c/0.log");
         let cfg = LogDriverConfig { path: path.clone(), max_size: 200, max_files: 3, max_line: 1024 };
         let mut w = LogWriter::open(cfg).unwrap();
-        let mut t = at();
+        // One timestamp for all, as when one read holds many lines.
+        let t = at();
         for i in 0..40 {
-            t += chrono::Duration::milliseconds(1);
             w.write_entry(t, Stream::Stdout, false, format!("line {i:03}").as_bytes()).unwrap();
         }
         let files = log_files(&path).unwrap();
