@@ -9,9 +9,12 @@
 //! - `logdriver.rs`: containerd's `binary://` log driver writing the CRI log
 //!   format with rotation (`capstan-node log-driver`); `podlogs.rs` reads
 //!   those files back for `kubectl logs` (tail, since, timestamps, follow).
+//! - `testimage.rs`: a busybox OCI image archive built locally, for the
+//!   tests of every crate that runs containers.
 
 pub mod cni;
 pub mod logdriver;
 pub mod netns;
 pub mod podlogs;
 pub mod runtime;
+pub mod testimage;
