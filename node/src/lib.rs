@@ -1,12 +1,28 @@
 //! Capstan's node agent (the kubelet, built the Capstan way).
 //!
+//! - `conn.rs`: the agent's identity, joining, and its one QUIC connection
+//!   to the masters (moved to the next master when one dies).
+//! - `agent.rs`: registration, heartbeats, the pod watch and one worker
+//!   per pod; `pods.rs` the workers' decisions, pure.
 //! - `runtime.rs`: the container runtime contract (CRI-shaped) the pod
 //!   workers drive; `sim.rs` a hollow runtime for scale tests;
 //!   `containerd/` the real one over containerd's gRPC API, `cni.rs` pod
 //!   networking with the standard CNI plugins.
+//! - `netns.rs`: named network namespaces (bind-mounted nsfs files under
+//!   our data dir), the pods' network namespaces.
+//! - `logdriver.rs`: containerd's `binary://` log driver writing the CRI log
+//!   format with rotation (`capstan-node log-driver`); `podlogs.rs` reads
+//!   those files back for `kubectl logs` (tail, since, timestamps, follow).
+//! - `testimage.rs`: a busybox OCI image archive built locally, for the
+//!   tests of every crate that runs containers.
 
 pub mod agent;
+pub mod cni;
 pub mod conn;
+pub mod logdriver;
+pub mod netns;
+pub mod podlogs;
 pub mod pods;
 pub mod runtime;
 pub mod sim;
+pub mod testimage;

@@ -7,15 +7,18 @@ use std::sync::Arc;
 use anyhow::Context;
 use capstan_node::agent::{self, NodeInfo};
 use capstan_node::conn::{self, Masters};
+use capstan_node::logdriver::{self, LogDriverConfig};
 use capstan_node::sim::SimRuntime;
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
-#[command(name = "capstan-node", about = "Capstan's node agent")]
+#[command(name = "capstan-node", about = "Capstan's node agent", args_conflicts_with_subcommands = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// State directory (identity, pod logs, containerd); a restart needs only this.
-    #[arg(long)]
-    data_dir: PathBuf,
+    #[arg(long, required = true)]
+    data_dir: Option<PathBuf>,
     /// Masters' node gateway addresses (host:port, comma-separated), first start only.
     #[arg(long, value_delimiter = ',')]
     server: Vec<String>,
@@ -35,6 +38,41 @@ struct Cli {
     node_ip: String,
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// containerd `binary://` log driver: writes the container's stdout and
+    /// stderr (fds 3 and 4) to a CRI-format log file with rotation. Started
+    /// by the shim from the URI `logdriver::log_uri` builds, whose argv is
+    /// the JSON config alone; --path and friends are the same for people.
+    LogDriver {
+        /// The configuration as JSON (what `log_uri` passes).
+        config: Option<String>,
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        path: Option<PathBuf>,
+        #[arg(long, default_value_t = logdriver::DEFAULT_MAX_SIZE)]
+        max_size: u64,
+        #[arg(long, default_value_t = logdriver::DEFAULT_MAX_FILES)]
+        max_files: usize,
+        #[arg(long, default_value_t = logdriver::DEFAULT_MAX_LINE)]
+        max_line: usize,
+    },
+}
+
+fn log_driver(
+    config: Option<String>,
+    path: Option<PathBuf>,
+    max_size: u64,
+    max_files: usize,
+    max_line: usize,
+) -> anyhow::Result<()> {
+    let cfg = match (config, path) {
+        (Some(json), _) => serde_json::from_str(&json).context("log-driver: bad JSON configuration")?,
+        (None, Some(path)) => LogDriverConfig { path, max_size, max_files, max_line },
+        (None, None) => anyhow::bail!("log-driver: give a JSON configuration or --path"),
+    };
+    logdriver::run(cfg).context("log-driver")
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,6 +95,10 @@ async fn identity(dir: &std::path::Path, cli: &Cli, name: &str) -> anyhow::Resul
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::LogDriver { config, path, max_size, max_files, max_line }) = cli.command {
+        return log_driver(config, path, max_size, max_files, max_line);
+    }
+    let data_dir = cli.data_dir.clone().context("--data-dir is required")?;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log_level).context("--log-level")?)
         .with_writer(std::io::stderr)
@@ -73,9 +115,9 @@ fn main() -> anyhow::Result<()> {
                 for i in 0..cli.sim_nodes.max(1) {
                     let (name, dir) = if cli.sim_nodes > 1 {
                         let n = format!("{base}-{i}");
-                        (n.clone(), cli.data_dir.join(&n))
+                        (n.clone(), data_dir.join(&n))
                     } else {
-                        (base.clone(), cli.data_dir.clone())
+                        (base.clone(), data_dir.clone())
                     };
                     let id = identity(&dir, &cli, &name).await?;
                     let masters = Masters::new(&id)?;
