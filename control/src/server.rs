@@ -313,6 +313,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         ca_pem: started.pki.ca.cert_pem().to_string(),
         sa_key: Default::default(),
         bindings: Default::default(),
+        gateway: Default::default(),
     });
     tokio::spawn(crate::api::bootstrap::ensure_forever(api_server.clone()));
     let (leading, informers) = crate::controllers::start(
@@ -328,6 +329,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         informers.get("Node").clone(),
         started.pki.clone(),
         cluster_cidr,
+        persisted.node_listen.to_string(),
         &registry,
     )?;
     let node_endpoint = {
@@ -340,6 +342,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
             std::sync::Arc::new(quinn::TokioRuntime),
         )?
     };
+    let _ = api_server.gateway.set(gateway.clone());
     tokio::spawn(gateway.clone().serve(node_endpoint));
     let api_tls = std::sync::Arc::new(api_tls);
     let serving = api_server.clone();

@@ -133,20 +133,20 @@ fn keep_transitions(status: &mut Value, prev: &Value) {
     }
 }
 
-struct Observation {
+pub(crate) struct Observation {
     at: Instant,
-    sandboxes: Vec<Sandbox>,
-    containers: Vec<ContainerStatus>,
+    pub sandboxes: Vec<Sandbox>,
+    pub containers: Vec<ContainerStatus>,
 }
 
 pub struct Agent<R: Runtime> {
     pub info: NodeInfo,
-    masters: Arc<Masters>,
-    rt: Arc<R>,
+    pub(crate) masters: Arc<Masters>,
+    pub(crate) rt: Arc<R>,
     data_dir: PathBuf,
     /// Workers by pod uid, and which uid each `namespace/name` is now.
-    workers: Mutex<HashMap<String, watch::Sender<Option<Arc<PodSpec>>>>>,
-    keys: Mutex<HashMap<String, String>>,
+    pub(crate) workers: Mutex<HashMap<String, watch::Sender<Option<Arc<PodSpec>>>>>,
+    pub(crate) keys: Mutex<HashMap<String, String>>,
     observed: tokio::sync::Mutex<Option<Arc<Observation>>>,
     /// A listing from a master has arrived (orphans may be collected).
     listed: std::sync::atomic::AtomicBool,
@@ -172,6 +172,7 @@ impl<R: Runtime> Agent<R> {
         self.rt.set_pod_cidr(&cidr);
         tokio::spawn(self.clone().heartbeats());
         tokio::spawn(self.clone().housekeeping());
+        tokio::spawn(self.clone().serve_masters());
         self.watch().await;
         Ok(())
     }
@@ -301,7 +302,7 @@ impl<R: Runtime> Agent<R> {
     }
 
     /// The runtime's state, shared by all workers for `OBSERVE_TTL`.
-    async fn observe(&self, fresh: bool) -> anyhow::Result<Arc<Observation>> {
+    pub(crate) async fn observe(&self, fresh: bool) -> anyhow::Result<Arc<Observation>> {
         let mut cached = self.observed.lock().await;
         if let Some(o) = cached.as_ref().filter(|o| !fresh && o.at.elapsed() < OBSERVE_TTL) {
             return Ok(o.clone());

@@ -17,9 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use capstan_proto::nodewire::{
-    encode_message, read_frame, read_message, NodeRequest, NodeResponse, WireError, MAX_MESSAGE,
-};
+use capstan_proto::nodewire::{read_message, write_message, NodeRequest, NodeResponse, WireError, MAX_MESSAGE};
 use capstan_raft::bootstrap::JoinToken;
 use capstan_raft::pki::{self, CertifiedKey};
 use parking_lot::Mutex;
@@ -148,7 +146,7 @@ pub async fn join(dir: &Path, servers: &[String], token: &str, name: &str) -> an
 /// One request on its own stream, one answer.
 pub async fn call(conn: &quinn::Connection, req: &NodeRequest) -> Result<NodeResponse, WireError> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| WireError::Io(std::io::Error::other(e)))?;
-    send.write_all(&encode_message(req)).await.map_err(|e| WireError::Io(e.into()))?;
+    write_message(&mut send, req).await?;
     send.finish().map_err(|e| WireError::Io(std::io::Error::other(e)))?;
     tokio::time::timeout(Duration::from_secs(30), read_message(&mut recv, MAX_MESSAGE))
         .await
@@ -163,6 +161,8 @@ pub struct Masters {
     endpoint: quinn::Endpoint,
     current: Mutex<Option<(usize, quinn::Connection)>>,
     dial: tokio::sync::Mutex<()>,
+    /// Each new connection, for the task serving the masters' streams on it.
+    connected: tokio::sync::watch::Sender<Option<quinn::Connection>>,
 }
 
 impl Masters {
@@ -180,6 +180,7 @@ impl Masters {
             endpoint,
             current: Mutex::new(None),
             dial: tokio::sync::Mutex::new(()),
+            connected: tokio::sync::watch::channel(None).0,
         }))
     }
 
@@ -195,7 +196,7 @@ impl Masters {
         }
         let _one_dialer = self.dial.lock().await;
         let start = match self.current.lock().as_ref() {
-            Some((i, c)) if c.close_reason().is_none() => return Ok(c.clone()),
+            Some((_, c)) if c.close_reason().is_none() => return Ok(c.clone()),
             Some((i, _)) => i + 1,
             None => 0,
         };
@@ -215,6 +216,7 @@ impl Masters {
                 Ok(c) => {
                     tracing::info!(master = %server, "connected");
                     *self.current.lock() = Some((i, c.clone()));
+                    self.connected.send_replace(Some(c.clone()));
                     return Ok(c);
                 }
                 Err(e) => last = format!("{server}: {e:#}"),
@@ -258,21 +260,20 @@ impl Masters {
     pub async fn watch_pods(&self) -> anyhow::Result<quinn::RecvStream> {
         let conn = self.connection().await?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        send.write_all(&encode_message(&NodeRequest::WatchPods)).await?;
+        write_message(&mut send, &NodeRequest::WatchPods).await?;
         send.finish()?;
-        let first = tokio::time::timeout(Duration::from_secs(30), read_frame(&mut recv, MAX_MESSAGE))
+        let first = tokio::time::timeout(Duration::from_secs(30), read_message(&mut recv, MAX_MESSAGE))
             .await
-            .context("no answer to the pod watch")??
-            .context("the master closed the pod watch")?;
-        match postcard::from_bytes::<NodeResponse>(&first)? {
+            .context("no answer to the pod watch")??;
+        match first {
             NodeResponse::Watching => Ok(recv),
             NodeResponse::Error { code, reason, message } => bail!("{code} {reason}: {message}"),
             other => bail!("unexpected answer to the pod watch: {other:?}"),
         }
     }
 
-    /// Streams the masters open to this agent (logs, exec) on the current connection.
-    pub fn endpoint(&self) -> &quinn::Endpoint {
-        &self.endpoint
+    /// Every new connection to a master (the masters open log and exec streams on it).
+    pub fn connections(&self) -> tokio::sync::watch::Receiver<Option<quinn::Connection>> {
+        self.connected.subscribe()
     }
 }

@@ -25,4 +25,5 @@ pub mod podlogs;
 pub mod pods;
 pub mod runtime;
 pub mod sim;
+pub mod streams;
 pub mod testimage;

@@ -5,13 +5,18 @@
 //! Every exchange is one bidirectional QUIC stream, so slow ones (a log
 //! follow, an exec) never hold up heartbeats or status updates:
 //!
-//! - agent -> master: one [`NodeRequest`] (postcard, ended by the stream's
-//!   FIN), answered by one [`NodeResponse`]. `WatchPods` is answered by
-//!   `Watching` and then a sequence of length-prefixed [`PodFrame`]s (rkyv
-//!   archives: the pods inside are the store's own [`StoredObject`]
-//!   archives, forwarded as they are).
+//! - agent -> master: one [`NodeRequest`], answered by one [`NodeResponse`].
+//!   `WatchPods` is answered by `Watching` and then a sequence of
+//!   [`PodFrame`]s (rkyv archives: the pods inside are the store's own
+//!   [`StoredObject`] archives, forwarded as they are).
 //! - master -> agent: one [`AgentRequest`] (logs, exec), answered by one
 //!   [`AgentResponse`] and then raw bytes (logs) or [`ExecFrame`]s (exec).
+//! - master -> master: `NodeRequest::Relay` asks the master holding a
+//!   node's connection to splice this stream onto a new stream to the
+//!   agent, so the API server of any master reaches any node.
+//!
+//! Every message and frame is length-prefixed ([`write_frame`]), so a
+//! stream stays open for what follows its first message.
 //!
 //! [`StoredObject`]: crate::k8s::stored::StoredObject
 
@@ -53,6 +58,8 @@ pub enum NodeRequest {
     PodTerminated { namespace: String, name: String, uid: String },
     /// Resource usage of the node and its pods (served as metrics.k8s.io).
     Usage { usage: NodeUsage },
+    /// From a master: join this stream to a new stream to `node`'s agent.
+    Relay { node: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -202,17 +209,18 @@ pub enum WireError {
     Decode(String),
 }
 
-/// Reads one whole postcard message (the stream's remaining bytes, at most `max`).
+/// Reads one length-prefixed postcard message of at most `max` bytes.
 pub async fn read_message<T: for<'de> Deserialize<'de>, R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<T, WireError> {
-    let mut buf = Vec::new();
-    let n = r.take(max as u64 + 1).read_to_end(&mut buf).await?;
-    if n > max {
-        return Err(WireError::TooLarge { size: n, max });
-    }
+    let buf = read_frame(r, max).await?.ok_or_else(|| WireError::Decode("the stream ended before a message".into()))?;
     postcard::from_bytes(&buf).map_err(|e| WireError::Decode(e.to_string()))
+}
+
+/// Writes one length-prefixed postcard message.
+pub async fn write_message<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, v: &T) -> Result<(), WireError> {
+    write_frame(w, &encode_message(v)).await
 }
 
 /// Encodes a postcard message.
@@ -278,10 +286,13 @@ mod tests {
     async fn messages_round_trip_and_oversized_ones_are_refused() {
         let req =
             NodeRequest::PodStatus { namespace: "a".into(), name: "b".into(), uid: "u".into(), status: b"{}".to_vec() };
-        let bytes = encode_message(&req);
+        let mut bytes = Vec::new();
+        write_message(&mut bytes, &req).await.unwrap();
         let got: NodeRequest = read_message(&mut &bytes[..], MAX_MESSAGE).await.unwrap();
         assert_eq!(got, req);
         assert!(matches!(read_message::<NodeRequest, _>(&mut &bytes[..], 3).await, Err(WireError::TooLarge { .. })));
-        assert!(matches!(read_message::<NodeRequest, _>(&mut &[0xff, 0xff][..], 100).await, Err(WireError::Decode(_))));
+        let garbage = [0, 0, 0, 2, 0xff, 0xff];
+        assert!(matches!(read_message::<NodeRequest, _>(&mut &garbage[..], 100).await, Err(WireError::Decode(_))));
+        assert!(matches!(read_message::<NodeRequest, _>(&mut &[][..], 100).await, Err(WireError::Decode(_))));
     }
 }

@@ -432,6 +432,7 @@ mod tests {
             content_type: String::new(),
             user_agent: String::new(),
             body: Default::default(),
+            upgrade: None,
         }
     }
 

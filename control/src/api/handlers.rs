@@ -84,7 +84,7 @@ pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Resu
         ("create", Some("token")) => {
             super::serviceaccount::token_request(&api, ns.unwrap_or_default(), name, &ctx).await
         }
-        ("get", Some("log")) | ("get" | "create", Some("exec")) => node_stream(&api, rt, ns, name, &ctx).await,
+        ("get", Some("log")) | ("get" | "create", Some("exec")) => node_stream(&api, rt, ns, name, ctx).await,
         ("update", Some("finalize")) => update(&api, rt, ns, name, None, &ctx).await,
         (verb, sub) => Err(ApiError::method_not_allowed(format!(
             "{verb} is not supported on {}{}",
@@ -759,7 +759,7 @@ async fn node_stream(
     rt: &ResourceType,
     ns: Option<&str>,
     name: &str,
-    ctx: &Ctx,
+    ctx: Ctx,
 ) -> Result<Reply, ApiError> {
     let pod = current(api, rt, ns, name).await?.object;
     let spec = &pod["spec"];
@@ -780,12 +780,15 @@ async fn node_stream(
         }
         _ => {}
     }
-    match spec["nodeName"].as_str().filter(|n| !n.is_empty()) {
-        None => Err(ApiError::bad_request(format!("pod {name} does not have a host assigned"))),
-        Some(node) => {
-            Err(ApiError::unavailable(format!("the node agent of node {node} is not connected to this master")))
-        }
-    }
+    let node = spec["nodeName"].as_str().filter(|n| !n.is_empty());
+    let Some(node) = node else {
+        return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
+    };
+    let container = match ctx.query.get("container") {
+        Some(c) => c.to_string(),
+        None => spec["containers"][0]["name"].as_str().unwrap_or_default().to_string(),
+    };
+    super::nodestream::serve(api, node, ns.unwrap_or_default(), name, &container, ctx).await
 }
 
 /// SelfSubjectAccessReview (`kubectl auth can-i`), SelfSubjectReview

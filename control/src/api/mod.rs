@@ -28,6 +28,7 @@ pub mod discovery;
 pub mod handlers;
 pub mod internal;
 pub mod jwt;
+pub mod nodestream;
 pub mod objects;
 pub mod openapi;
 pub mod patch;
@@ -113,6 +114,8 @@ pub struct ApiServer {
     pub sa_key: serviceaccount::KeyCache,
     /// Decoded RBAC bindings, reused until they change.
     pub bindings: BindingCache,
+    /// This master's node gateway (set once it runs): log and exec streams.
+    pub gateway: std::sync::OnceLock<Arc<crate::gateway::Gateway>>,
 }
 
 /// RBAC bindings of one kind (and namespace) decoded once and reused until
@@ -172,6 +175,8 @@ pub enum ReplyBody {
     /// Already encoded, with its content type.
     Raw(Bytes, &'static str),
     Stream(Body, &'static str),
+    /// 101 Switching Protocols to a WebSocket: (Sec-WebSocket-Accept, protocol).
+    Switching(String, &'static str),
 }
 
 impl Reply {
@@ -192,6 +197,8 @@ pub struct Ctx {
     pub content_type: String,
     pub user_agent: String,
     pub body: Bytes,
+    /// A WebSocket upgrade the client asked for (`kubectl exec`).
+    pub upgrade: Option<nodestream::WsUpgrade>,
 }
 
 impl ApiServer {
@@ -229,7 +236,7 @@ impl ApiServer {
     async fn handle(self: Arc<Self>, cert_user: Option<User>, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let started = Instant::now();
         self.metrics.inflight.inc();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let query = Query::parse(parts.uri.query());
         let route = request::route(&parts.method, parts.uri.path(), &query);
         let (verb, resource) = match &route {
@@ -244,7 +251,7 @@ impl ApiServer {
         let span = tracing::info_span!("request", audit_id = %audit_id, verb, path = %parts.uri.path());
         let result = {
             use tracing::Instrument;
-            self.clone().dispatch(cert_user, route, &parts, query, body, accept).instrument(span.clone()).await
+            self.clone().dispatch(cert_user, route, &mut parts, query, body, accept).instrument(span.clone()).await
         };
         let _entered = span.enter();
         let mut resp = match result {
@@ -283,7 +290,7 @@ impl ApiServer {
         self: Arc<Self>,
         cert_user: Option<User>,
         route: Route,
-        parts: &http::request::Parts,
+        parts: &mut http::request::Parts,
         query: Query,
         body: hyper::body::Incoming,
         accept: String,
@@ -361,6 +368,7 @@ impl ApiServer {
                     content_type: header_str(&parts.headers, header::CONTENT_TYPE),
                     user_agent: header_str(&parts.headers, header::USER_AGENT),
                     body,
+                    upgrade: nodestream::WsUpgrade::take(parts),
                 };
                 handlers::resource(self, r, ctx).await
             }
@@ -490,6 +498,18 @@ fn render(reply: Reply, yaml: bool) -> Response<Body> {
         ReplyBody::Json(v) => (Body::from(serde_json::to_vec(&v).unwrap_or_default()), "application/json"),
         ReplyBody::Raw(b, ct) => (Body::from(b), ct),
         ReplyBody::Stream(b, ct) => (b, ct),
+        ReplyBody::Switching(accept, protocol) => {
+            let mut resp = Response::new(Body::empty());
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = resp.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(protocol));
+            if let Ok(v) = HeaderValue::from_str(&accept) {
+                h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+            }
+            return resp;
+        }
     };
     let mut resp = Response::new(bytes);
     *resp.status_mut() = reply.code;

@@ -40,17 +40,25 @@ pub enum Route {
     NotFound,
 }
 
-/// Query parameters, first value wins.
+/// Query parameters, first value wins (`all` keeps repeated ones, e.g.
+/// exec's `command`).
 #[derive(Debug, Clone, Default)]
-pub struct Query(HashMap<String, String>);
+pub struct Query(HashMap<String, String>, Vec<(String, String)>);
 
 impl Query {
     pub fn parse(q: Option<&str>) -> Query {
         let mut m = HashMap::new();
+        let mut all = Vec::new();
         for (k, v) in form_urlencoded::parse(q.unwrap_or_default().as_bytes()) {
+            all.push((k.to_string(), v.to_string()));
             m.entry(k.into_owned()).or_insert_with(|| v.into_owned());
         }
-        Query(m)
+        Query(m, all)
+    }
+
+    /// Every value of a repeated parameter, in order.
+    pub fn all(&self, k: &str) -> Vec<String> {
+        self.1.iter().filter(|(key, _)| key == k).map(|(_, v)| v.clone()).collect()
     }
 
     pub fn get(&self, k: &str) -> Option<&str> {

@@ -17,7 +17,11 @@
 //!   change once and no earlier one. A session that falls too far behind is
 //!   closed; the agent re-watches and gets a fresh listing.
 //! - The gateway keeps each node's connection so the API server can open
-//!   log and exec streams to the agent (`open_stream`).
+//!   log and exec streams to the agent (`open_agent_stream`). The master
+//!   holding a node's connection records itself in the store
+//!   (`/capstan/gateway/nodes/<node>`); any other master reaches the agent
+//!   by asking that master, over its node gateway with a master
+//!   certificate, to relay a stream (`NodeRequest::Relay`).
 //!
 //! Writes go through the API's in-process admission path (`api::internal`).
 
@@ -29,7 +33,7 @@ use std::sync::Arc;
 
 use capstan_proto::k8s::registry::{by_kind, ResourceType};
 use capstan_proto::nodewire::{
-    encode_message, read_message, write_frame, NodeRequest, NodeResponse, PodEvent, PodFrame, WireError,
+    read_message, write_frame, write_message, NodeRequest, NodeResponse, PodEvent, PodFrame, WireError,
     MAX_ANONYMOUS_MESSAGE, MAX_MESSAGE, NODES_GROUP, NODE_TOKEN_USAGE, NODE_USER_PREFIX,
 };
 use capstan_raft::bootstrap::{JoinToken, Pki};
@@ -67,6 +71,11 @@ pub struct Gateway {
     cidr: ClusterCidr,
     sessions: Mutex<HashMap<String, Vec<Session>>>,
     conns: Mutex<HashMap<String, quinn::Connection>>,
+    /// This master's node gateway address (what other masters dial for relays).
+    address: String,
+    /// Client endpoint (master certificate) for relays, and its connections.
+    relay_endpoint: quinn::Endpoint,
+    relays: Mutex<HashMap<String, quinn::Connection>>,
     next_session: AtomicU64,
     metrics: Metrics,
 }
@@ -113,8 +122,13 @@ impl Gateway {
         nodes: Arc<Informer>,
         pki: Arc<Pki>,
         cidr: ClusterCidr,
+        address: String,
         registry: &prometheus::Registry,
     ) -> anyhow::Result<Arc<Gateway>> {
+        let mut client = capstan_raft::pki::quic_client_config(pki.ca.cert_pem(), &pki.identity)?;
+        client.transport_config(capstan_raft::transport::node_transport_config());
+        let mut relay_endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+        relay_endpoint.set_default_client_config(client);
         let gw = Arc::new(Gateway {
             api,
             pods,
@@ -123,6 +137,9 @@ impl Gateway {
             cidr,
             sessions: Mutex::default(),
             conns: Mutex::default(),
+            address,
+            relay_endpoint,
+            relays: Mutex::default(),
             next_session: AtomicU64::new(1),
             metrics: Metrics::new(registry)?,
         });
@@ -150,19 +167,30 @@ impl Gateway {
     }
 
     async fn connection_loop(self: Arc<Self>, conn: quinn::Connection) {
-        let node = capstan_raft::pki::peer_leaf(&conn)
-            .and_then(|leaf| capstan_raft::pki::cert_info(leaf.as_ref()).ok())
-            .and_then(|info| authz::node_identity(&info));
+        let info =
+            capstan_raft::pki::peer_leaf(&conn).and_then(|leaf| capstan_raft::pki::cert_info(leaf.as_ref()).ok());
+        let node = info.as_ref().and_then(authz::node_identity);
+        let master = info
+            .as_ref()
+            .is_some_and(|i| i.server_auth && i.common_name.starts_with(capstan_raft::bootstrap::MASTER_CN_PREFIX));
         if let Some(n) = &node {
             tracing::info!(node = %n, remote = %conn.remote_address(), "node connected");
             if let Some(old) = self.conns.lock().insert(n.clone(), conn.clone()) {
                 old.close(0u32.into(), b"replaced by a newer connection");
             }
             self.metrics.connected.inc();
+            let (gw, n) = (self.clone(), n.clone());
+            tokio::spawn(async move { gw.record_holder(&n).await });
         }
         while let Ok((send, recv)) = conn.accept_bi().await {
             let (gw, node) = (self.clone(), node.clone());
-            tokio::spawn(async move { gw.stream(node, send, recv).await });
+            tokio::spawn(async move {
+                if master {
+                    gw.relay(send, recv).await
+                } else {
+                    gw.stream(node, send, recv).await
+                }
+            });
         }
         if let Some(n) = &node {
             self.metrics.connected.dec();
@@ -172,6 +200,98 @@ impl Gateway {
             }
             tracing::info!(node = %n, reason = ?conn.close_reason(), "node disconnected");
         }
+    }
+
+    /// Records in the store that this master holds `node`'s connection.
+    async fn record_holder(&self, node: &str) {
+        use capstan_raft::types::{Command, Op, PutRequest, TxnRequest};
+        let put = PutRequest {
+            key: bytes::Bytes::from(holder_key(node)),
+            value: bytes::Bytes::from(self.address.clone()),
+            ..Default::default()
+        };
+        let txn = TxnRequest { compare: vec![], success: vec![Op::Put(put)], failure: vec![] };
+        if let Err(e) = self.api.node.write(Command::Txn(txn)).await {
+            tracing::warn!(node, error = %e, "could not record the node's gateway");
+        }
+    }
+
+    /// A stream to `node`'s agent: on this master's connection to it, or
+    /// relayed by the master that holds it.
+    pub async fn open_agent_stream(&self, node: &str) -> Result<(quinn::SendStream, quinn::RecvStream), ApiError> {
+        let unavailable =
+            |why: String| ApiError::unavailable(format!("the node agent of node {node} is unreachable: {why}"));
+        if let Some(c) = self.connection(node) {
+            return c.open_bi().await.map_err(|e| unavailable(e.to_string()));
+        }
+        let holder = self
+            .api
+            .objects
+            .range(&RangeRequest { range: KeyRange::key(bytes::Bytes::from(holder_key(node))), ..Default::default() })
+            .ok()
+            .and_then(|(kvs, _, _)| kvs.into_iter().next())
+            .and_then(|kv| String::from_utf8(kv.value.to_vec()).ok())
+            .filter(|h| *h != self.address)
+            .ok_or_else(|| unavailable("it is not connected to any master".into()))?;
+        let conn = self.relay_connection(&holder).await.map_err(|e| unavailable(format!("{holder}: {e:#}")))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| unavailable(e.to_string()))?;
+        write_message(&mut send, &NodeRequest::Relay { node: node.to_string() })
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        match read_message::<NodeResponse, _>(&mut recv, MAX_MESSAGE).await {
+            Ok(NodeResponse::Done) => Ok((send, recv)),
+            Ok(NodeResponse::Error { message, .. }) => Err(unavailable(message)),
+            Ok(other) => Err(unavailable(format!("unexpected relay answer {other:?}"))),
+            Err(e) => Err(unavailable(e.to_string())),
+        }
+    }
+
+    async fn relay_connection(&self, addr: &str) -> anyhow::Result<quinn::Connection> {
+        if let Some(c) = self.relays.lock().get(addr).filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let sock: std::net::SocketAddr = addr.parse()?;
+        let host = sock.ip().to_string();
+        let c = tokio::time::timeout(std::time::Duration::from_secs(3), self.relay_endpoint.connect(sock, &host)?)
+            .await??;
+        self.relays.lock().insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Another master's stream: splice it onto a new stream to the agent.
+    async fn relay(self: Arc<Self>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let node = match read_message::<NodeRequest, _>(&mut recv, MAX_MESSAGE).await {
+            Ok(NodeRequest::Relay { node }) => node,
+            Ok(_) => {
+                let _ = reply(&mut send, &forbidden("masters may only relay".into())).await;
+                return;
+            }
+            Err(e) => {
+                let _ = reply(&mut send, &NodeResponse::error(400, "BadRequest", e.to_string())).await;
+                return;
+            }
+        };
+        let agent = match self.connection(&node) {
+            Some(c) => c.open_bi().await.ok(),
+            None => None,
+        };
+        let Some((mut to_agent, mut from_agent)) = agent else {
+            let msg = format!("node {node} is not connected here");
+            let _ = reply(&mut send, &NodeResponse::error(503, "ServiceUnavailable", msg)).await;
+            return;
+        };
+        if write_message(&mut send, &NodeResponse::Done).await.is_err() {
+            return;
+        }
+        let up = async {
+            let _ = tokio::io::copy(&mut recv, &mut to_agent).await;
+            let _ = to_agent.finish();
+        };
+        let down = async {
+            let _ = tokio::io::copy(&mut from_agent, &mut send).await;
+            let _ = send.finish();
+        };
+        tokio::join!(up, down);
     }
 
     async fn stream(self: Arc<Self>, node: Option<String>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
@@ -215,8 +335,8 @@ impl Gateway {
             NodeRequest::Get { resource, namespace, name } => self.get(node, &resource, &namespace, &name).await,
             // Kept for metrics.k8s.io (served from the agents' reports).
             NodeRequest::Usage { .. } => Ok(NodeResponse::Done),
-            NodeRequest::Join { .. } | NodeRequest::WatchPods => {
-                Ok(NodeResponse::error(400, "BadRequest", "unexpected"))
+            NodeRequest::Join { .. } | NodeRequest::WatchPods | NodeRequest::Relay { .. } => {
+                Ok(NodeResponse::error(400, "BadRequest", "unexpected request"))
             }
         };
         result.unwrap_or_else(api_error)
@@ -577,15 +697,19 @@ fn request_kind(req: &NodeRequest) -> &'static str {
         NodeRequest::Get { .. } => "get",
         NodeRequest::WatchPods => "watch_pods",
         NodeRequest::Usage { .. } => "usage",
+        NodeRequest::Relay { .. } => "relay",
     }
 }
 
-/// The answer to `WatchPods` is itself a frame, so pod frames can follow it.
+fn holder_key(node: &str) -> Vec<u8> {
+    format!("/capstan/gateway/nodes/{node}").into_bytes()
+}
+
 async fn reply_open(send: &mut quinn::SendStream, resp: &NodeResponse) -> Result<(), WireError> {
-    write_frame(send, &encode_message(resp)).await
+    write_message(send, resp).await
 }
 
 async fn reply(send: &mut quinn::SendStream, resp: &NodeResponse) -> Result<(), WireError> {
-    send.write_all(&encode_message(resp)).await.map_err(|e| WireError::Io(e.into()))?;
+    write_message(send, resp).await?;
     send.finish().map_err(|e| WireError::Io(std::io::Error::other(e)))
 }

@@ -1,0 +1,289 @@
+//! `pods/log` and `pods/exec`: the API server's half of streams served by
+//! the pod's node agent. The gateway gives a QUIC stream to the agent
+//! (direct, or relayed by the master holding the agent's connection); logs
+//! come back as a chunked `text/plain` body, exec is bridged between the
+//! client's WebSocket (Kubernetes' `v5.channel.k8s.io` / `v4`) and the
+//! agent's `ExecFrame`s.
+//!
+//! Channel protocol (first byte of each binary WebSocket message): 0 stdin,
+//! 1 stdout, 2 stderr, 3 error/status (a `Status` JSON, sent once at the
+//! end), 4 resize (`{"Width":w,"Height":h}`), 255 close (v5: `[255, 0]`
+//! closes stdin).
+
+use capstan_proto::nodewire::{
+    read_message, write_message, AgentRequest, AgentResponse, ExecFrame, ExecRequest, LogRequest, MAX_MESSAGE,
+};
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::status::ApiError;
+use super::{ApiServer, Ctx, Reply, ReplyBody};
+
+pub const V5: &str = "v5.channel.k8s.io";
+pub const V4: &str = "v4.channel.k8s.io";
+
+/// A client's request to switch to a WebSocket.
+pub struct WsUpgrade {
+    on: hyper::upgrade::OnUpgrade,
+    key: String,
+    protocols: String,
+}
+
+impl std::fmt::Debug for WsUpgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WsUpgrade").field("protocols", &self.protocols).finish()
+    }
+}
+
+impl WsUpgrade {
+    /// Takes the upgrade out of a request that asks for a WebSocket.
+    pub fn take(parts: &mut http::request::Parts) -> Option<WsUpgrade> {
+        let h = &parts.headers;
+        let wants = h
+            .get(http::header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+        if !wants {
+            return None;
+        }
+        let text = |n: http::header::HeaderName| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+        let key = text(http::header::SEC_WEBSOCKET_KEY);
+        let protocols = text(http::header::SEC_WEBSOCKET_PROTOCOL);
+        let on = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
+        Some(WsUpgrade { on, key, protocols })
+    }
+}
+
+/// The channel protocol to speak, from the client's offer (v5 preferred).
+pub fn choose_protocol(offer: &str) -> Option<&'static str> {
+    let offered: Vec<&str> = offer.split(',').map(str::trim).collect();
+    [V5, V4].into_iter().find(|p| offered.contains(p))
+}
+
+fn agent_error(code: u16, reason: &str, message: String) -> ApiError {
+    let reason = match (code, reason) {
+        (404, _) => "NotFound",
+        (400, _) => "BadRequest",
+        (503, _) => "ServiceUnavailable",
+        _ => "InternalError",
+    };
+    ApiError::new(code, reason, message)
+}
+
+pub async fn serve(
+    api: &ApiServer,
+    node: &str,
+    ns: &str,
+    pod: &str,
+    container: &str,
+    ctx: Ctx,
+) -> Result<Reply, ApiError> {
+    let gateway = api.gateway.get().ok_or_else(|| ApiError::unavailable("the node gateway is starting"))?;
+    let q = &ctx.query;
+    let is_exec = q.get("command").is_some() || ctx.upgrade.is_some();
+    if !is_exec {
+        let num = |k: &str| -> Result<Option<u64>, ApiError> {
+            q.get(k)
+                .map(|v| v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{k}: {v:?} is not a number"))))
+                .transpose()
+        };
+        let req = LogRequest {
+            namespace: ns.into(),
+            pod: pod.into(),
+            container: container.into(),
+            follow: q.flag("follow"),
+            previous: q.flag("previous"),
+            timestamps: q.flag("timestamps"),
+            tail_lines: num("tailLines")?,
+            since_seconds: num("sinceSeconds")?,
+            limit_bytes: num("limitBytes")?,
+        };
+        return logs(gateway, node, req).await;
+    }
+    let upgrade = ctx.upgrade.ok_or_else(|| {
+        ApiError::bad_request("exec needs a WebSocket upgrade (Upgrade: websocket, v5.channel.k8s.io)")
+    })?;
+    let protocol = choose_protocol(&upgrade.protocols)
+        .ok_or_else(|| ApiError::bad_request(format!("no supported exec protocol offered (want {V5} or {V4})")))?;
+    let req = ExecRequest {
+        namespace: ns.into(),
+        pod: pod.into(),
+        container: container.into(),
+        command: q.all("command"),
+        stdin: q.flag("stdin"),
+        tty: q.flag("tty"),
+    };
+    if req.command.is_empty() {
+        return Err(ApiError::bad_request("you must specify at least 1 command"));
+    }
+    // Reach the agent before switching protocols, so failures are plain HTTP errors.
+    let (mut send, mut recv) = gateway.open_agent_stream(node).await?;
+    write_message(&mut send, &AgentRequest::Exec(req)).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    match read_message::<AgentResponse, _>(&mut recv, MAX_MESSAGE).await {
+        Ok(AgentResponse::Streaming) => {}
+        Ok(AgentResponse::Error { code, reason, message }) => return Err(agent_error(code, &reason, message)),
+        Err(e) => return Err(ApiError::unavailable(format!("node agent: {e}"))),
+    }
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(upgrade.key.as_bytes());
+    let v5 = protocol == V5;
+    tokio::spawn(async move {
+        match upgrade.on.await {
+            Ok(io) => bridge(hyper_util::rt::TokioIo::new(io), send, recv, v5).await,
+            Err(e) => tracing::debug!(error = %e, "exec upgrade failed"),
+        }
+    });
+    Ok(Reply {
+        code: http::StatusCode::SWITCHING_PROTOCOLS,
+        body: ReplyBody::Switching(accept, protocol),
+        warnings: vec![],
+    })
+}
+
+async fn logs(gateway: &crate::gateway::Gateway, node: &str, req: LogRequest) -> Result<Reply, ApiError> {
+    let (mut send, mut recv) = gateway.open_agent_stream(node).await?;
+    write_message(&mut send, &AgentRequest::Logs(req)).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    let _ = send.finish();
+    match read_message::<AgentResponse, _>(&mut recv, MAX_MESSAGE).await {
+        Ok(AgentResponse::Streaming) => {}
+        Ok(AgentResponse::Error { code, reason, message }) => return Err(agent_error(code, &reason, message)),
+        Err(e) => return Err(ApiError::unavailable(format!("node agent: {e}"))),
+    }
+    let chunks = futures::stream::unfold(recv, |mut r| async move {
+        match r.read_chunk(64 << 10, true).await {
+            Ok(Some(c)) => Some((Ok::<_, std::io::Error>(c.bytes), r)),
+            _ => None,
+        }
+    });
+    Ok(Reply {
+        code: http::StatusCode::OK,
+        body: ReplyBody::Stream(axum::body::Body::from_stream(chunks), "text/plain"),
+        warnings: vec![],
+    })
+}
+
+/// The final status message of an exec (channel 3).
+pub fn exit_status(frame: &ExecFrame) -> Value {
+    match frame {
+        ExecFrame::Exit(0) => json!({"metadata": {}, "status": "Success"}),
+        ExecFrame::Exit(code) => json!({
+            "metadata": {}, "status": "Failure",
+            "message": format!("command terminated with non-zero exit code: error executing command [...], exit code {code}"),
+            "reason": "NonZeroExitCode",
+            "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
+        }),
+        ExecFrame::Failed(m) => json!({"metadata": {}, "status": "Failure", "message": m, "reason": "InternalError"}),
+        _ => json!({"metadata": {}, "status": "Failure", "message": "the exec ended without a status"}),
+    }
+}
+
+/// A client message, translated for the agent (None: nothing to send).
+pub fn from_client(msg: &[u8], v5: bool) -> Option<ExecFrame> {
+    let (&channel, data) = msg.split_first()?;
+    match channel {
+        0 => Some(ExecFrame::Stdin(data.to_vec())),
+        4 => {
+            let v: Value = serde_json::from_slice(data).ok()?;
+            let dim = |k: &str| v[k].as_u64().and_then(|n| u16::try_from(n).ok());
+            Some(ExecFrame::Resize { cols: dim("Width")?, rows: dim("Height")? })
+        }
+        255 if v5 && data.first() == Some(&0) => Some(ExecFrame::StdinClosed),
+        _ => None,
+    }
+}
+
+async fn bridge<S>(io: S, mut send: quinn::SendStream, mut recv: quinn::RecvStream, v5: bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let (mut sink, mut stream) = ws.split();
+    let client = async {
+        while let Some(Ok(msg)) = stream.next().await {
+            let data = match msg {
+                Message::Binary(b) => b.to_vec(),
+                Message::Close(_) => break,
+                _ => continue,
+            };
+            if let Some(frame) = from_client(&data, v5) {
+                if write_message(&mut send, &frame).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = write_message(&mut send, &ExecFrame::StdinClosed).await;
+    };
+    let agent = async {
+        loop {
+            let frame = match read_message::<ExecFrame, _>(&mut recv, MAX_MESSAGE).await {
+                Ok(f) => f,
+                Err(e) => ExecFrame::Failed(format!("node agent: {e}")),
+            };
+            let (channel, data) = match &frame {
+                ExecFrame::Stdout(b) => (1u8, b.clone()),
+                ExecFrame::Stderr(b) => (2u8, b.clone()),
+                ExecFrame::Exit(_) | ExecFrame::Failed(_) => {
+                    let status = serde_json::to_vec(&exit_status(&frame)).unwrap_or_default();
+                    let mut m = vec![3u8];
+                    m.extend(status);
+                    let _ = sink.send(Message::Binary(m.into())).await;
+                    // A normal closure (1000) is how clients learn the streams ended.
+                    let close = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                        code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+                        reason: "".into(),
+                    };
+                    let _ = sink.send(Message::Close(Some(close))).await;
+                    return;
+                }
+                _ => continue,
+            };
+            let mut m = Vec::with_capacity(data.len() + 1);
+            m.push(channel);
+            m.extend(data);
+            if sink.send(Message::Binary(m.into())).await.is_err() {
+                return;
+            }
+        }
+    };
+    // The agent's end decides: once the status is sent, the exec is over.
+    tokio::select! {
+        _ = agent => {}
+        _ = async { client.await; std::future::pending::<()>().await } => {}
+    }
+    let _ = send.finish();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protocols_and_channel_messages_follow_kubernetes() {
+        assert_eq!(choose_protocol("v4.channel.k8s.io, v5.channel.k8s.io"), Some(V5));
+        assert_eq!(choose_protocol("v4.channel.k8s.io"), Some(V4));
+        assert_eq!(choose_protocol("channel.k8s.io"), None);
+        assert_eq!(from_client(&[0, b'h', b'i'], true), Some(ExecFrame::Stdin(b"hi".to_vec())));
+        assert_eq!(
+            from_client(
+                br#"{"Width":80,"Height":24}"#
+                    .iter()
+                    .fold(vec![4u8], |mut v, b| {
+                        v.push(*b);
+                        v
+                    })
+                    .as_slice(),
+                true
+            ),
+            Some(ExecFrame::Resize { cols: 80, rows: 24 })
+        );
+        assert_eq!(from_client(&[255, 0], true), Some(ExecFrame::StdinClosed));
+        assert_eq!(from_client(&[255, 0], false), None, "v4 has no close signal");
+        assert_eq!(from_client(&[], true), None);
+        assert_eq!(from_client(&[4, b'x'], true), None);
+        assert_eq!(exit_status(&ExecFrame::Exit(0))["status"], "Success");
+        let failed = exit_status(&ExecFrame::Exit(3));
+        assert_eq!(failed["reason"], "NonZeroExitCode");
+        assert_eq!(failed["details"]["causes"][0]["message"], "3");
+    }
+}
