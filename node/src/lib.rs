@@ -5,4 +5,5 @@
 //!   `containerd/` the real one over containerd's gRPC API, `cni.rs` pod
 //!   networking with the standard CNI plugins.
 
+pub mod containerd;
 pub mod runtime;
