@@ -215,6 +215,7 @@ pub async fn start_container(c: &Containerd, sandbox: &Sandbox, cfg: &ContainerC
         .await
         .map_err(|e| grpc(format!("create container {}", cfg.name), e))?;
 
+    let mut started = SystemTime::now();
     let r = async {
         let mounts = c
             .snapshots_prepare(&id, &image.chain_id)
@@ -233,6 +234,8 @@ pub async fn start_container(c: &Containerd, sandbox: &Sandbox, cfg: &ContainerC
             }))
             .await
             .map_err(|e| RuntimeError::Container(format!("create task: {}", e.message())))?;
+        // Taken before the start, so it never comes after the exit.
+        started = SystemTime::now();
         c.tasks()
             .start(c.req(StartRequest { container_id: id.clone(), exec_id: String::new() }))
             .await
@@ -248,7 +251,7 @@ pub async fn start_container(c: &Containerd, sandbox: &Sandbox, cfg: &ContainerC
         }
         return Err(e);
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let now = started.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
     let update = Container {
         id: id.clone(),
         labels: HashMap::from([(LABEL_STARTED_AT.to_string(), now.to_string())]),
@@ -288,9 +291,10 @@ impl Containerd {
     }
 }
 
-/// The image's /etc/passwd and /etc/group, read through a temporary
-/// read-only view of its top snapshot mounted in a private directory (how
-/// containerd resolves user names too). Missing files give None.
+/// The image's /etc/passwd and /etc/group, read from the layer
+/// directories of a temporary view of its top snapshot, upper layers
+/// first (no mount needed). Only regular files are read: a symlink in an
+/// image must never make the agent read a host file. Missing gives None.
 async fn read_image_etc(c: &Containerd, chain_id: &str) -> (Option<String>, Option<String>) {
     if chain_id.is_empty() {
         return (None, None);
@@ -313,31 +317,39 @@ async fn read_image_etc(c: &Containerd, chain_id: &str) -> (Option<String>, Opti
             return (None, None);
         }
     };
-    let dir = c.data_dir.join("exec").join(&key);
-    let mut out = (None, None);
-    if std::fs::create_dir_all(&dir).is_ok() {
-        if let Some(m) = mounts.first() {
-            let opts: Vec<&str> = m.options.iter().map(String::as_str).filter(|o| *o != "rbind").collect();
-            let mut cmd = tokio::process::Command::new("mount");
-            cmd.arg("-t").arg(if m.r#type == "bind" { "none" } else { &m.r#type });
-            if m.r#type == "bind" {
-                cmd.arg("--bind");
+    let _ = c.remove_snapshot(&key).await;
+    let dirs = layer_dirs(&mounts);
+    let read = |name: &str| {
+        dirs.iter().find_map(|d| {
+            let p = d.join(name);
+            let md = std::fs::symlink_metadata(&p).ok()?;
+            if md.is_file() {
+                std::fs::read_to_string(&p).ok()
+            } else {
+                None
             }
-            if !opts.is_empty() {
-                cmd.arg("-o").arg(opts.join(","));
-            }
-            cmd.arg(&m.source).arg(&dir);
-            if cmd.status().await.is_ok_and(|s| s.success()) {
-                out = (
-                    std::fs::read_to_string(dir.join("etc/passwd")).ok(),
-                    std::fs::read_to_string(dir.join("etc/group")).ok(),
-                );
-                let _ = tokio::process::Command::new("umount").arg(&dir).status().await;
+        })
+    };
+    (read("etc/passwd"), read("etc/group"))
+}
+
+/// Directories of a snapshot's layers, top first: a bind mount's source,
+/// or an overlay's upperdir then lowerdirs.
+fn layer_dirs(mounts: &[containerd_client::types::Mount]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for m in mounts {
+        if m.r#type == "bind" {
+            out.push(PathBuf::from(&m.source));
+            continue;
+        }
+        for o in &m.options {
+            if let Some(u) = o.strip_prefix("upperdir=") {
+                out.insert(0, PathBuf::from(u));
+            } else if let Some(l) = o.strip_prefix("lowerdir=") {
+                out.extend(l.split(':').map(PathBuf::from));
             }
         }
-        let _ = std::fs::remove_dir(&dir);
     }
-    let _ = c.remove_snapshot(&key).await;
     out
 }
 

@@ -573,7 +573,7 @@ impl Containerd {
                 if let Ok(mut rd) = tokio::fs::read_dir(&dir).await {
                     while let Ok(Some(e)) = rd.next_entry().await {
                         let path = e.path();
-                        if !path.extension().is_some_and(|x| x == "tar") {
+                        if path.extension().is_none_or(|x| x != "tar") {
                             continue;
                         }
                         if let Ok(md) = e.metadata().await {
