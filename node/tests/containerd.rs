@@ -616,3 +616,116 @@ async fn binary_log_driver_and_named_image_user() {
     })
     .await;
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Debian's docker-registry on a loopback port, killed on drop.
+struct Registry(std::process::Child);
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_from_a_loopback_registry() {
+    if !runnable() {
+        return;
+    }
+    let have = |b: &str| Path::new(b).exists();
+    if !have("/usr/bin/docker-registry") || !have("/usr/bin/skopeo") {
+        eprintln!("skipping: needs docker-registry and skopeo");
+        return;
+    }
+    bounded(async {
+        let env = Env::new().await;
+        let port = free_port();
+        let dir = env.dir.path().join("registry");
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.join("data").display()
+            ),
+        )
+        .unwrap();
+        let _registry = Registry(
+            std::process::Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "registry did not listen");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let image = format!("127.0.0.1:{port}/tools/busybox:test");
+        let status = std::process::Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"])
+            .arg(format!("oci-archive:{}", env.archive.display()))
+            .arg(format!("docker://{image}"))
+            .status()
+            .unwrap();
+        assert!(status.success(), "skopeo copy");
+
+        let (name, id) = env.rt.ensure_image(&image, PullPolicy::Always, &[]).await.unwrap();
+        assert_eq!(name, image);
+        let (_, local_id) = env.rt.ensure_image(IMAGE, PullPolicy::Never, &[]).await.unwrap();
+        assert_eq!(id, local_id, "same config as the archive's image");
+        match env.rt.ensure_image(&format!("127.0.0.1:{port}/tools/absent:1"), PullPolicy::IfNotPresent, &[]).await {
+            Err(RuntimeError::Image { reason, .. }) => assert!(reason.contains("not found"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // The pulled image runs.
+        let sb = env.host_sandbox().await;
+        let mut cfg = env.config("pulled", &["echo", "pulled ok"]);
+        cfg.image = image.clone();
+        let id = env.rt.start_container(&sb, &cfg).await.unwrap();
+        assert_eq!(env.wait_exited(&id).await, (0, false));
+        assert!(std::fs::read_to_string(&cfg.log_path).unwrap().contains("pulled ok"));
+        env.cleanup().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_directory_is_watched() {
+    if !runnable() {
+        return;
+    }
+    bounded(async {
+        let env = Env::new().await;
+        let images = env.dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        build_busybox_archive(&images.join("first.tar"), "example.com/first:1", "");
+        let watcher = env.rt.watch_image_dir(images.clone());
+        let wait_for = |name: &'static str| {
+            let rt = env.rt.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while rt.ensure_image(name, PullPolicy::Never, &[]).await.is_err() {
+                    assert!(Instant::now() < deadline, "{name} was not imported");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        wait_for("example.com/first:1").await;
+        // Written later, under a temporary name, then renamed in.
+        build_busybox_archive(&images.join("second.part"), "example.com/second:1", "");
+        std::fs::rename(images.join("second.part"), images.join("second.tar")).unwrap();
+        wait_for("example.com/second:1").await;
+        watcher.abort();
+        env.cleanup().await;
+    })
+    .await;
+}
