@@ -631,52 +631,103 @@ impl Drop for Registry {
     }
 }
 
+/// Starts a registry under `dir` (with htpasswd auth for `user`/`s3cret`
+/// when `user` is given); returns it and its port.
+async fn start_registry(dir: &Path, user: Option<&str>) -> (Registry, u16) {
+    let port = free_port();
+    let dir = dir.join(format!("registry-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config = format!(
+        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+        dir.join("data").display()
+    );
+    if let Some(user) = user {
+        // bcrypt("s3cret"), cost 4.
+        let line = format!("{user}:$2b$04$xiflqB8cmA6ZEr91ADxToO.8NYstyDYukrCLXyO1AKvsL2gLbEzc.\n");
+        std::fs::write(dir.join("htpasswd"), line).unwrap();
+        config.push_str(&format!(
+            "auth:\n  htpasswd:\n    realm: capstan-test\n    path: {}\n",
+            dir.join("htpasswd").display()
+        ));
+    }
+    let config_path = dir.join("config.yml");
+    std::fs::write(&config_path, config).unwrap();
+    let registry = Registry(
+        std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "registry did not listen");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (registry, port)
+}
+
+fn push(archive: &Path, image: &str, creds: Option<&str>) {
+    let mut cmd = std::process::Command::new("skopeo");
+    cmd.args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"]);
+    if let Some(c) = creds {
+        cmd.arg(format!("--dest-creds={c}"));
+    }
+    let status = cmd.arg(format!("oci-archive:{}", archive.display())).arg(format!("docker://{image}")).status().unwrap();
+    assert!(status.success(), "skopeo copy to {image}");
+}
+
+fn have_registry_tools() -> bool {
+    let ok = Path::new("/usr/bin/docker-registry").exists() && Path::new("/usr/bin/skopeo").exists();
+    if !ok {
+        eprintln!("skipping: needs docker-registry and skopeo");
+    }
+    ok
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_with_basic_auth() {
+    if !runnable() || !have_registry_tools() {
+        return;
+    }
+    bounded(async {
+        let env = Env::new().await;
+        let (_registry, port) = start_registry(env.dir.path(), Some("capstan")).await;
+        let image = format!("localhost:{port}/private/busybox:1");
+        push(&env.archive, &image, Some("capstan:s3cret"));
+        match env.rt.ensure_image(&image, PullPolicy::IfNotPresent, &[]).await {
+            Err(RuntimeError::Image { reason, .. }) => assert!(reason.contains("credentials"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let wrong = [RegistryAuth { registry: format!("localhost:{port}"), username: "capstan".into(), password: "nope".into() }];
+        match env.rt.ensure_image(&image, PullPolicy::IfNotPresent, &wrong).await {
+            Err(RuntimeError::Image { reason, .. }) => assert!(reason.contains("rejected"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        let auth = [RegistryAuth { registry: format!("localhost:{port}"), username: "capstan".into(), password: "s3cret".into() }];
+        let (name, id) = env.rt.ensure_image(&image, PullPolicy::IfNotPresent, &auth).await.unwrap();
+        assert_eq!(name, image);
+        assert!(id.starts_with("sha256:"));
+        env.cleanup().await;
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_from_a_loopback_registry() {
     if !runnable() {
         return;
     }
-    let have = |b: &str| Path::new(b).exists();
-    if !have("/usr/bin/docker-registry") || !have("/usr/bin/skopeo") {
-        eprintln!("skipping: needs docker-registry and skopeo");
+    if !have_registry_tools() {
         return;
     }
     bounded(async {
         let env = Env::new().await;
-        let port = free_port();
-        let dir = env.dir.path().join("registry");
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                dir.join("data").display()
-            ),
-        )
-        .unwrap();
-        let _registry = Registry(
-            std::process::Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "registry did not listen");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let (_registry, port) = start_registry(env.dir.path(), None).await;
         let image = format!("127.0.0.1:{port}/tools/busybox:test");
-        let status = std::process::Command::new("skopeo")
-            .args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"])
-            .arg(format!("oci-archive:{}", env.archive.display()))
-            .arg(format!("docker://{image}"))
-            .status()
-            .unwrap();
-        assert!(status.success(), "skopeo copy");
+        push(&env.archive, &image, None);
 
         let (name, id) = env.rt.ensure_image(&image, PullPolicy::Always, &[]).await.unwrap();
         assert_eq!(name, image);
