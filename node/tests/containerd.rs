@@ -48,8 +48,8 @@ fn append_dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) {
     b.append_data(&mut h, path, &[][..]).unwrap();
 }
 
-/// A minimal busybox OCI image-layout archive (until testimage.rs lands).
-fn build_busybox_archive(path: &Path, ref_name: &str, user: &str) {
+/// The busybox root filesystem as an uncompressed layer tar.
+fn busybox_layer() -> Vec<u8> {
     let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static)");
     let mut layer = tar::Builder::new(Vec::new());
     for d in ["bin", "etc", "tmp", "proc", "sys", "dev", "root", "var", "var/www"] {
@@ -66,7 +66,12 @@ fn build_busybox_archive(path: &Path, ref_name: &str, user: &str) {
     }
     append(&mut layer, "etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nwww:x:33:34:www:/var/www:/bin/sh\n", 0o644);
     append(&mut layer, "etc/group", b"root:x:0:\nwww:x:34:\n", 0o644);
-    let layer = layer.into_inner().unwrap();
+    layer.into_inner().unwrap()
+}
+
+/// A minimal busybox OCI image-layout archive (until testimage.rs lands).
+fn build_busybox_archive(path: &Path, ref_name: &str, user: &str) {
+    let layer = busybox_layer();
     let layer_digest = sha256(&layer);
     let config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
@@ -675,7 +680,8 @@ fn push(archive: &Path, image: &str, creds: Option<&str>) {
     if let Some(c) = creds {
         cmd.arg(format!("--dest-creds={c}"));
     }
-    let status = cmd.arg(format!("oci-archive:{}", archive.display())).arg(format!("docker://{image}")).status().unwrap();
+    let status =
+        cmd.arg(format!("oci-archive:{}", archive.display())).arg(format!("docker://{image}")).status().unwrap();
     assert!(status.success(), "skopeo copy to {image}");
 }
 
@@ -701,12 +707,20 @@ async fn pull_with_basic_auth() {
             Err(RuntimeError::Image { reason, .. }) => assert!(reason.contains("credentials"), "{reason}"),
             other => panic!("{other:?}"),
         }
-        let wrong = [RegistryAuth { registry: format!("localhost:{port}"), username: "capstan".into(), password: "nope".into() }];
+        let wrong = [RegistryAuth {
+            registry: format!("localhost:{port}"),
+            username: "capstan".into(),
+            password: "nope".into(),
+        }];
         match env.rt.ensure_image(&image, PullPolicy::IfNotPresent, &wrong).await {
             Err(RuntimeError::Image { reason, .. }) => assert!(reason.contains("rejected"), "{reason}"),
             other => panic!("{other:?}"),
         }
-        let auth = [RegistryAuth { registry: format!("localhost:{port}"), username: "capstan".into(), password: "s3cret".into() }];
+        let auth = [RegistryAuth {
+            registry: format!("localhost:{port}"),
+            username: "capstan".into(),
+            password: "s3cret".into(),
+        }];
         let (name, id) = env.rt.ensure_image(&image, PullPolicy::IfNotPresent, &auth).await.unwrap();
         assert_eq!(name, image);
         assert!(id.starts_with("sha256:"));
@@ -776,6 +790,47 @@ async fn image_directory_is_watched() {
         std::fs::rename(images.join("second.part"), images.join("second.tar")).unwrap();
         wait_for("example.com/second:1").await;
         watcher.abort();
+        env.cleanup().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_archive_import() {
+    if !runnable() {
+        return;
+    }
+    bounded(async {
+        let env = Env::new().await;
+        // `docker save` layout: manifest.json, a config file, a layer tar
+        // (written gzip-compressed here) and a second tag for the same image.
+        let layer = busybox_layer();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&layer).unwrap();
+        let gz = gz.finish().unwrap();
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "config": {"Env": ["PATH=/bin"], "Entrypoint": ["echo"], "Cmd": ["from", "docker"]},
+            "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]},
+        }))
+        .unwrap();
+        let manifest = serde_json::json!([{
+            "Config": "abc.json", "RepoTags": ["dockerbox:2", "example.com/team/dockerbox:2"], "Layers": ["l1/layer.tar"],
+        }]);
+        let mut ar = tar::Builder::new(Vec::new());
+        append(&mut ar, "manifest.json", &serde_json::to_vec(&manifest).unwrap(), 0o644);
+        append(&mut ar, "abc.json", &config, 0o644);
+        append(&mut ar, "l1/layer.tar", &gz, 0o644);
+        let path = env.dir.path().join("docker.tar");
+        std::fs::write(&path, ar.into_inner().unwrap()).unwrap();
+        let names = env.rt.import_archive(&path).await.unwrap();
+        assert_eq!(names, ["docker.io/library/dockerbox:2", "example.com/team/dockerbox:2"]);
+        let sb = env.host_sandbox().await;
+        let mut cfg = env.config("docker", &[]);
+        cfg.image = "dockerbox:2".into();
+        let id = env.rt.start_container(&sb, &cfg).await.unwrap();
+        assert_eq!(env.wait_exited(&id).await, (0, false));
+        assert!(std::fs::read_to_string(&cfg.log_path).unwrap().contains("from docker"));
         env.cleanup().await;
     })
     .await;

@@ -8,7 +8,8 @@
 //!   why containers outlive it.
 //! - `reference.rs`: image reference normalisation (pure).
 //! - `archive.rs`: reading OCI image-layout and docker-archive tars.
-//! - `image.rs`: the content store, unpacking layers into the snapshotter,
+//! - `content.rs`: the content store (leases, blob writes and reads, GC labels).
+//! - `image.rs`: unpacking layers into the snapshotter,
 //!   image records, `ensure_image`, the image directory watcher.
 //! - `registry.rs`: pulling over the OCI distribution API.
 //! - `spec.rs`: the OCI runtime spec of a container (pure, unit-tested).
@@ -25,6 +26,7 @@
 
 mod archive;
 mod container;
+mod content;
 mod daemon;
 mod exec;
 mod image;

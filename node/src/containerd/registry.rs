@@ -12,7 +12,8 @@ use reqwest::StatusCode;
 use sha2::{Digest, Sha256};
 
 use super::archive::{self, OciIndex, OciManifest, MT_DOCKER_LIST, MT_DOCKER_MANIFEST, MT_OCI_INDEX, MT_OCI_MANIFEST};
-use super::image::{BlobSource, Origin};
+use super::content::BlobSource;
+use super::image::Origin;
 use super::reference::Reference;
 use super::Containerd;
 use crate::runtime::RegistryAuth;
