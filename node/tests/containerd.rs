@@ -139,7 +139,20 @@ impl Env {
         build_busybox_archive(&archive, IMAGE, "");
         let names = rt.import_archive(&archive).await.expect("import");
         assert_eq!(names, [IMAGE_NAME]);
-        Env { dir, rt: Arc::new(rt), archive }
+        let env = Env { dir, rt: Arc::new(rt), archive };
+        // The import's lease is gone: what the image needs must survive a
+        // garbage collection on its labels alone.
+        env.force_gc();
+        let snaps = env.ctr("snapshots ls");
+        assert!(snaps.contains("Committed"), "the unpacked layer survives GC: {snaps}");
+        env
+    }
+
+    /// Runs containerd's garbage collector now (a synchronous lease delete).
+    fn force_gc(&self) {
+        let id = self.ctr("leases create").trim().to_string();
+        assert!(!id.is_empty(), "ctr leases create");
+        self.ctr(&format!("leases delete --sync {id}"));
     }
 
     fn socket(&self) -> PathBuf {
@@ -339,6 +352,7 @@ async fn failing_and_missing_commands() {
             Err(RuntimeError::Container(m)) => assert!(m.contains("/no/such/binary"), "{m}"),
             other => panic!("{other:?}"),
         }
+        env.force_gc();
         // The failed one left nothing behind.
         assert_eq!(env.rt.list_containers().await.unwrap().len(), 1);
         env.cleanup().await;

@@ -225,6 +225,7 @@ pub async fn start_container(c: &Containerd, sandbox: &Sandbox, cfg: &ContainerC
             .create(c.req(CreateTaskRequest {
                 container_id: id.clone(),
                 rootfs: mounts,
+                // `cfg.stdin` (attach) is not supported yet: stdin is /dev/null.
                 stdin: String::new(),
                 stdout: log_uri.clone(),
                 // With a terminal, stdout carries both streams.

@@ -25,7 +25,8 @@ pub struct PodNetworkSetup {
 
 /// The seam to pod networking (netns.rs + cni.rs): called once per
 /// non-host-network sandbox. `teardown` must be idempotent: it runs again
-/// when an earlier removal failed halfway.
+/// when an earlier removal failed halfway, and right after a failed
+/// `setup` with an empty `netns` path (clean up by sandbox id then).
 pub trait PodNetwork: Send + Sync + 'static {
     fn setup<'a>(
         &'a self,
