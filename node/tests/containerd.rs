@@ -849,3 +849,38 @@ async fn docker_archive_import() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_agent_replaces_a_containerd_left_running() {
+    if !runnable() {
+        return;
+    }
+    bounded(async {
+        let env = Env::new().await;
+        let sb = env.host_sandbox().await;
+        let id = env.rt.start_container(&sb, &env.config("survivor", &["sleep", "1000"])).await.unwrap();
+        env.wait_running(&id).await;
+        // The agent dies without stopping its containerd.
+        let d = env.rt.daemon().unwrap();
+        let old = d.pid();
+        d.disown();
+        let next = Containerd::start_own(env.dir.path()).await.unwrap();
+        let new = next.daemon().unwrap().pid();
+        assert_ne!(new, old);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{old}/cmdline")).exists()
+            && !std::fs::read_to_string(format!("/proc/{old}/stat")).unwrap_or_default().contains(") Z")
+        {
+            assert!(Instant::now() < deadline, "the old containerd is still running");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The container lived through it, in its shim.
+        let listed = next.list_containers().await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert!(matches!(listed[0].state, ContainerState::Running { .. }), "{:?}", listed[0].state);
+        assert_eq!(next.list_sandboxes().await.unwrap(), vec![sb]);
+        env.cleanup().await;
+        next.shutdown().await;
+    })
+    .await;
+}

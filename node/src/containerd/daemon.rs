@@ -121,6 +121,14 @@ impl Daemon {
         self.pid.load(Ordering::SeqCst)
     }
 
+    /// Stops supervising and leaves containerd running, as an agent killed
+    /// with SIGKILL does (or one handing over to its next version); the
+    /// next `start` on the data dir replaces it.
+    pub fn disown(&self) {
+        let _ = self.stop.send(true);
+        self.pid.store(0, Ordering::SeqCst);
+    }
+
     /// Stops containerd: SIGTERM, then SIGKILL after 5 s.
     pub async fn shutdown(&self) {
         let _ = self.stop.send(true);
