@@ -19,9 +19,11 @@
 pub mod agent;
 pub mod cni;
 pub mod conn;
+pub mod containerd;
 pub mod logdriver;
 pub mod netns;
 pub mod podlogs;
+pub mod podnet;
 pub mod pods;
 pub mod runtime;
 pub mod sim;

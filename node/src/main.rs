@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::Context;
 use capstan_node::agent::{self, NodeInfo};
 use capstan_node::conn::{self, Masters};
+use capstan_node::containerd::{Containerd, LogDriver};
 use capstan_node::logdriver::{self, LogDriverConfig};
+use capstan_node::podnet::CniNetwork;
 use capstan_node::sim::SimRuntime;
 use clap::{Parser, Subcommand, ValueEnum};
 
@@ -33,6 +35,12 @@ struct Cli {
     /// With `--runtime sim`: host this many hollow nodes (`<name>-<i>`), each with its own connection.
     #[arg(long, default_value_t = 1)]
     sim_nodes: usize,
+    /// Use this containerd instead of starting one under the data dir.
+    #[arg(long)]
+    containerd_socket: Option<PathBuf>,
+    /// OCI/docker image archives here are imported at start and when they appear (air-gapped nodes).
+    #[arg(long)]
+    image_dir: Option<PathBuf>,
     /// Address reported as the node's InternalIP [default: 127.0.0.1].
     #[arg(long, default_value = "127.0.0.1")]
     node_ip: String,
@@ -42,6 +50,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Writes a busybox OCI image archive (from the host's static busybox),
+    /// for `--image-dir` on machines without a registry (the demo workload, tests).
+    BusyboxImage {
+        /// Where to write the archive.
+        #[arg(long)]
+        out: PathBuf,
+        /// The image reference it carries.
+        #[arg(long, default_value = "busybox:stable")]
+        reference: String,
+    },
     /// containerd `binary://` log driver: writes the container's stdout and
     /// stderr (fds 3 and 4) to a CRI-format log file with rotation. Started
     /// by the shim from the URI `logdriver::log_uri` builds, whose argv is
@@ -95,8 +113,16 @@ async fn identity(dir: &std::path::Path, cli: &Cli, name: &str) -> anyhow::Resul
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    if let Some(Command::LogDriver { config, path, max_size, max_files, max_line }) = cli.command {
-        return log_driver(config, path, max_size, max_files, max_line);
+    match cli.command {
+        Some(Command::LogDriver { config, path, max_size, max_files, max_line }) => {
+            return log_driver(config, path, max_size, max_files, max_line)
+        }
+        Some(Command::BusyboxImage { out, reference }) => {
+            let built = capstan_node::testimage::busybox_oci_archive(&out, &reference)?;
+            println!("{} {}", built.reference, built.config_digest);
+            return Ok(());
+        }
+        None => {}
     }
     let data_dir = cli.data_dir.clone().context("--data-dir is required")?;
     tracing_subscriber::fmt()
@@ -130,7 +156,32 @@ fn main() -> anyhow::Result<()> {
                 }
                 Ok(())
             }
-            RuntimeKind::Containerd => anyhow::bail!("--runtime containerd: not available in this build yet"),
+            RuntimeKind::Containerd => {
+                let id = identity(&data_dir, &cli, &base).await?;
+                let masters = Masters::new(&id)?;
+                let seed = format!("{}:{}", id.file.name, data_dir.display());
+                let network = Arc::new(CniNetwork::new(&data_dir, &seed));
+                let rt = match &cli.containerd_socket {
+                    Some(socket) => Containerd::connect(socket, &data_dir).await?,
+                    None => Containerd::start_own(&data_dir).await?,
+                };
+                let me = std::env::current_exe().context("locating capstan-node (the log driver)")?;
+                let rt = Arc::new(rt.with_network(network).with_log_driver(LogDriver::Binary(me)));
+                if let Some(dir) = &cli.image_dir {
+                    rt.watch_image_dir(dir.clone());
+                }
+                let info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "containerd://1.6");
+                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let result = tokio::select! {
+                    r = agent::serve(info, masters, rt.clone(), data_dir) => r,
+                    _ = tokio::signal::ctrl_c() => Ok(()),
+                    _ = term.recv() => Ok(()),
+                };
+                // Containers keep running under their shims; containerd is
+                // ours and stops with us (the next start adopts them).
+                rt.shutdown().await;
+                result
+            }
         }
     })
 }

@@ -1,0 +1,84 @@
+//! Pod networking for the containerd runtime: each pod's network namespace
+//! is a file under `<data-dir>/netns/` (netns.rs), wired to the node's
+//! bridge with the standard CNI plugins (cni.rs) from the pod CIDR the
+//! masters assigned.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use futures::future::BoxFuture;
+
+use crate::cni::{Cni, CniConfig, PodCidr};
+use crate::containerd::{PodNetwork, PodNetworkSetup};
+use crate::runtime::{RuntimeError, SandboxConfig};
+
+pub struct CniNetwork {
+    netns_dir: PathBuf,
+    state_dir: PathBuf,
+    bridge: String,
+    cni: OnceLock<Cni>,
+}
+
+impl CniNetwork {
+    /// `seed` names the bridge (several agents may share a host in tests).
+    pub fn new(data_dir: &Path, seed: &str) -> CniNetwork {
+        CniNetwork {
+            netns_dir: data_dir.join("netns"),
+            state_dir: data_dir.join("cni"),
+            bridge: crate::cni::bridge_name(seed),
+            cni: OnceLock::new(),
+        }
+    }
+
+    fn cni(&self) -> Result<&Cni, RuntimeError> {
+        self.cni.get().ok_or_else(|| RuntimeError::Network("the node has no pod CIDR yet".into()))
+    }
+}
+
+impl PodNetwork for CniNetwork {
+    fn set_pod_cidr(&self, cidr: &str) {
+        match PodCidr::parse(cidr).map_err(|e| e.to_string()).and_then(|c| {
+            Cni::new(CniConfig::new(self.state_dir.clone(), self.bridge.clone(), c)).map_err(|e| e.to_string())
+        }) {
+            Ok(cni) => {
+                let _ = self.cni.set(cni);
+            }
+            Err(e) => tracing::error!(%cidr, error = %e, "pod network unusable"),
+        }
+    }
+
+    fn setup<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        cfg: &'a SandboxConfig,
+    ) -> BoxFuture<'a, Result<PodNetworkSetup, RuntimeError>> {
+        Box::pin(async move {
+            let cni = self.cni()?;
+            let netns = crate::netns::create(&self.netns_dir, sandbox_id)
+                .map_err(|e| RuntimeError::Network(format!("network namespace: {e}")))?;
+            match cni.setup(sandbox_id, &netns, &cfg.port_mappings).await {
+                Ok(ip) => Ok(PodNetworkSetup { netns, ip }),
+                Err(e) => {
+                    let _ = crate::netns::remove(&netns);
+                    Err(RuntimeError::Network(e.to_string()))
+                }
+            }
+        })
+    }
+
+    fn teardown<'a>(
+        &'a self,
+        sandbox_id: &'a str,
+        netns: &'a Path,
+        _cfg: &'a SandboxConfig,
+    ) -> BoxFuture<'a, Result<(), RuntimeError>> {
+        Box::pin(async move {
+            let ns = (!netns.as_os_str().is_empty()).then_some(netns);
+            if let Ok(cni) = self.cni() {
+                cni.teardown(sandbox_id, ns).await.map_err(|e| RuntimeError::Network(e.to_string()))?;
+            }
+            let path = ns.map(Path::to_path_buf).unwrap_or_else(|| self.netns_dir.join(sandbox_id));
+            crate::netns::remove(&path).map_err(|e| RuntimeError::Network(format!("network namespace: {e}")))
+        })
+    }
+}
