@@ -8,8 +8,9 @@
 //! - a sandbox first; init containers one at a time, in order, each to
 //!   success; then every app container;
 //! - restartPolicy Always restarts any exited container, OnFailure only a
-//!   failed one, Never none; restarts back off 10 s doubling to 5 min
-//!   (reason `CrashLoopBackOff` while waiting), reset after 10 min of running;
+//!   failed one, Never none; the first restart is immediate, later ones
+//!   back off 10 s doubling to 5 min (reason `CrashLoopBackOff` while
+//!   waiting), reset after 10 min of running;
 //! - a failing liveness (or startup) probe kills the container, which the
 //!   restart policy then handles; readiness gates the Ready condition;
 //! - a pod being deleted, or finished for good, has its containers stopped
@@ -231,11 +232,14 @@ fn restarts(policy: RestartPolicy, code: i32) -> bool {
     }
 }
 
-/// The next back-off after a container exits at `now` having run `ran`.
+/// The next back-off after a container exits at `now` having run `ran`:
+/// the first restart is immediate (as the kubelet's), then 10 s doubling
+/// to 5 min; a long run starts over.
 pub fn next_backoff(prev: Option<&Backoff>, ran: Duration, now: SystemTime) -> Backoff {
     let delay = match prev {
+        Some(b) if ran < BACKOFF_RESET && b.delay.is_zero() => BACKOFF_START,
         Some(b) if ran < BACKOFF_RESET => (b.delay * 2).min(BACKOFF_MAX),
-        _ => BACKOFF_START,
+        _ => Duration::ZERO,
     };
     Backoff { delay, until: now + delay }
 }

@@ -93,7 +93,8 @@ fn restart_policies_and_back_off() {
     // Within the back-off nothing starts; the worker wakes when it ends.
     let p = pod("Always", &[], &["a"]);
     let mut m = Memory::default();
-    m.backoff.insert("a".into(), next_backoff(None, Duration::from_secs(5), t(10)));
+    let first = next_backoff(None, Duration::from_secs(5), t(3));
+    m.backoff.insert("a".into(), next_backoff(Some(&first), Duration::from_secs(5), t(10)));
     let (actions, wake) = plan(&p, &Observed { sandbox: Some(&sb), containers: bad.iter().collect() }, &m, t(12));
     assert_eq!((actions, wake), (vec![], Some(Duration::from_secs(8))));
     let st = status(
@@ -114,14 +115,14 @@ fn restart_policies_and_back_off() {
 #[test]
 fn back_off_doubles_to_five_minutes_and_resets_after_a_long_run() {
     let mut b = next_backoff(None, Duration::from_secs(1), t(0));
-    assert_eq!(b.delay, Duration::from_secs(10));
+    assert_eq!(b.delay, Duration::ZERO, "the first restart is immediate");
     let mut delays = vec![];
-    for _ in 0..7 {
+    for _ in 0..8 {
         b = next_backoff(Some(&b), Duration::from_secs(1), t(0));
         delays.push(b.delay.as_secs());
     }
-    assert_eq!(delays, [20, 40, 80, 160, 300, 300, 300]);
-    assert_eq!(next_backoff(Some(&b), Duration::from_secs(601), t(0)).delay, BACKOFF_START);
+    assert_eq!(delays, [10, 20, 40, 80, 160, 300, 300, 300]);
+    assert_eq!(next_backoff(Some(&b), Duration::from_secs(601), t(0)).delay, Duration::ZERO);
 }
 
 #[test]
