@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::conn::Masters;
 use crate::pods::{self, Action, Memory, Observed, PodSpec, Waiting};
 use crate::runtime::*;
+use crate::volumes;
 
 /// How often the Lease is renewed (a quarter of Kubernetes' 40 s grace).
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -376,6 +377,7 @@ impl<R: Runtime> Agent<R> {
                 }
             }
             if terminated {
+                self.cleanup_volumes(&uid).await;
                 let done = removed || {
                     let req = NodeRequest::PodTerminated {
                         namespace: spec.namespace.clone(),
@@ -543,6 +545,7 @@ impl<R: Runtime> Agent<R> {
             v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
         };
         let env = self.env(spec, &c.raw).await?;
+        let mounts = self.mounts(spec, &c.raw, &env).await?;
         let res = &c.raw["resources"];
         let labels = [
             (LABEL_POD_UID, spec.uid.clone()),
@@ -568,7 +571,7 @@ impl<R: Runtime> Agent<R> {
             args: strings(&c.raw["args"]),
             env,
             working_dir: c.raw["workingDir"].as_str().map(str::to_string),
-            mounts: vec![],
+            mounts,
             cpu_limit_millis: res["limits"]["cpu"].as_str().and_then(millicores),
             cpu_request_millis: res["requests"]["cpu"].as_str().and_then(millicores),
             memory_limit_bytes: res["limits"]["memory"].as_str().and_then(bytes_of),
@@ -600,6 +603,32 @@ impl<R: Runtime> Agent<R> {
             .join(format!("{}_{}_{}", spec.namespace, spec.name, spec.uid))
             .join(container)
             .join(format!("{attempt}.log"))
+    }
+
+    /// The container's volume mounts, the pod's volumes prepared first
+    /// (refreshed at every start); none on a hollow runtime.
+    async fn mounts(&self, spec: &PodSpec, c: &Value, env: &[(String, String)]) -> Result<Vec<Mount>, RuntimeError> {
+        if !self.rt.materializes_volumes() {
+            return Ok(vec![]);
+        }
+        let ns = spec.namespace.as_str();
+        let fetch = |s: volumes::SourceRef| async move {
+            self.fetch(s.kind.resource(), ns, &s.name).await.map_err(|e| e.to_string())
+        };
+        let prepared = volumes::prepare(&spec.raw, &self.data_dir, &self.info, fetch).await;
+        prepared.and_then(|p| volumes::mounts_for(c, env, &p)).map_err(|e| RuntimeError::Other(e.to_string()))
+    }
+
+    /// Unmounts and removes a pod's volumes, once it is gone for good.
+    async fn cleanup_volumes(&self, uid: &str) {
+        if !self.rt.materializes_volumes() {
+            return;
+        }
+        let (dir, id) = (self.data_dir.clone(), uid.to_string());
+        let res = tokio::task::spawn_blocking(move || volumes::cleanup(&dir, &id)).await;
+        if let Some(e) = res.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())).err() {
+            tracing::warn!(pod_uid = %uid, error = %e, "volume cleanup failed; housekeeping retries");
+        }
     }
 
     async fn fetch(&self, resource: &str, ns: &str, name: &str) -> Result<Option<Value>, RuntimeError> {
@@ -687,6 +716,11 @@ impl<R: Runtime> Agent<R> {
             }
             for s in obs.sandboxes.iter().filter(|s| !known.contains(&s.pod_uid)) {
                 let _ = self.rt.remove_sandbox(&s.id).await;
+            }
+            for uid in volumes::pods_with_volumes(&self.data_dir).iter().filter(|u| !known.contains(*u)) {
+                if !self.workers.lock().contains_key(uid) {
+                    self.cleanup_volumes(uid).await;
+                }
             }
         }
     }
