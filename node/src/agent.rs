@@ -326,6 +326,7 @@ impl<R: Runtime> Agent<R> {
         let mut reported = last.raw["status"].clone();
         let mut seen_exits: HashSet<String> = HashSet::new();
         let mut fresh = true;
+        let mut volumes_refreshed = Instant::now();
         loop {
             let removed = rx.borrow().is_none();
             let spec = match rx.borrow().clone() {
@@ -389,6 +390,13 @@ impl<R: Runtime> Agent<R> {
                 if done {
                     self.workers.lock().remove(&uid);
                     return;
+                }
+            }
+            if volumes_refreshed.elapsed() >= volumes::REFRESH && !spec.deleting {
+                volumes_refreshed = Instant::now();
+                let running = mine.iter().any(|c| matches!(c.state, ContainerState::Running { .. }));
+                if running && volumes::refreshable(&spec.raw) {
+                    self.refresh_volumes(&spec).await;
                 }
             }
             fresh = acted;
@@ -617,6 +625,21 @@ impl<R: Runtime> Agent<R> {
         };
         let prepared = volumes::prepare(&spec.raw, &self.data_dir, &self.info, fetch).await;
         prepared.and_then(|p| volumes::mounts_for(c, env, &p)).map_err(|e| RuntimeError::Other(e.to_string()))
+    }
+
+    /// Rewrites the running pod's ConfigMap, Secret and downward API files
+    /// that changed (atomically: containers see the old or the new set).
+    async fn refresh_volumes(&self, spec: &PodSpec) {
+        if !self.rt.materializes_volumes() {
+            return;
+        }
+        let ns = spec.namespace.as_str();
+        let fetch = |s: volumes::SourceRef| async move {
+            self.fetch(s.kind.resource(), ns, &s.name).await.map_err(|e| e.to_string())
+        };
+        if let Err(e) = volumes::prepare(&spec.raw, &self.data_dir, &self.info, fetch).await {
+            tracing::debug!(pod = %format!("{}/{}", spec.namespace, spec.name), error = %e, "volumes not refreshed");
+        }
     }
 
     /// Unmounts and removes a pod's volumes, once it is gone for good.

@@ -9,7 +9,10 @@
 //! - `volumes/host.rs`: the IO shell: [`prepare`] fetches the sources,
 //!   mounts tmpfs where needed and writes the files; [`mounts_for`] maps a
 //!   container's volumeMounts to runtime mounts; [`cleanup`] unmounts and
-//!   removes everything of a pod.
+//!   removes everything of a pod. The agent prepares before every
+//!   container start and every [`REFRESH`] while the pod runs, so
+//!   ConfigMap and Secret updates reach running containers (not through a
+//!   subPath mount, which pins the file, as in Kubernetes).
 //! - `volumes/writer.rs`: [`write_atomic`], Kubernetes' AtomicWriter
 //!   layout (files in a timestamped directory, published by renaming the
 //!   `..data` symlink, user-visible names linked through `..data`).
@@ -52,6 +55,10 @@ pub const PLUGIN_CONFIGMAP: &str = "kubernetes.io~configmap";
 pub const PLUGIN_SECRET: &str = "kubernetes.io~secret";
 pub const PLUGIN_DOWNWARD_API: &str = "kubernetes.io~downward-api";
 pub const PLUGIN_PROJECTED: &str = "kubernetes.io~projected";
+
+/// How often a running pod's file-set volumes are refreshed from their
+/// sources (the kubelet's sync period).
+pub const REFRESH: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Kubernetes' default file mode for configMap, secret, downwardAPI and
 /// projected volumes.
@@ -150,7 +157,9 @@ pub enum HostPathType {
 /// What one volume is to be.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VolumePlan {
-    /// A directory kept for the pod's life (0777), on tmpfs when `memory`.
+    /// A directory kept for the pod's life (0777), on tmpfs when `memory`;
+    /// `size_limit` is the tmpfs size (sizeLimit, at most the pod's memory
+    /// limit, else the node's memory). On disk it is not enforced.
     EmptyDir { memory: bool, size_limit: Option<u64> },
     /// The host's own path, checked (and maybe created) per `kind`.
     HostPath { path: PathBuf, kind: HostPathType },
@@ -182,6 +191,12 @@ pub fn plugin_of(volume: &Value) -> Option<&'static str> {
     .into_iter()
     .find(|(field, _)| volume[*field].is_object())
     .map(|(_, plugin)| plugin)
+}
+
+/// Whether any volume of the pod follows its sources (configMap, secret,
+/// downwardAPI, projected) and so is worth refreshing while it runs.
+pub fn refreshable(pod: &Value) -> bool {
+    volumes(pod).any(|v| plugin_of(v).is_some_and(|p| p != PLUGIN_EMPTY_DIR))
 }
 
 fn volumes(pod: &Value) -> impl Iterator<Item = &Value> {
@@ -227,10 +242,18 @@ pub fn plan_volume(pod: &Value, volume: &Value, sources: &Sources, node: &NodeIn
             "Memory" => true,
             other => return Err(invalid(format!("emptyDir medium {other:?} is not supported"))),
         };
-        let size_limit = match &e["sizeLimit"] {
+        let mut size_limit = match &e["sizeLimit"] {
             Value::Null => None,
             q => Some(quantity(q).and_then(|q| bytes_of(&q)).ok_or_else(|| invalid(format!("bad sizeLimit {q}")))?),
         };
+        if memory {
+            // tmpfs pages are the pod's memory: no bigger than the pod may use.
+            let pod_limit = pod_memory_limit(pod).or_else(|| bytes_of(&node.memory)).filter(|l| *l > 0);
+            size_limit = match (size_limit, pod_limit) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         return Ok(VolumePlan::EmptyDir { memory, size_limit });
     }
     if let Some(h) = volume.get("hostPath").filter(|v| v.is_object()) {
@@ -280,6 +303,21 @@ pub fn plan_volume(pod: &Value, volume: &Value, sources: &Sources, node: &NodeIn
     };
     check_file_set(&files).map_err(invalid)?;
     Ok(VolumePlan::Files { plugin, tmpfs, files })
+}
+
+/// The pod's memory limit as Kubernetes' PodLimits counts it: the app
+/// containers' limits summed, or the largest init container's if bigger.
+fn pod_memory_limit(pod: &Value) -> Option<u64> {
+    let limits = |list: &str| -> Vec<u64> {
+        pod["spec"][list]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| quantity(&c["resources"]["limits"]["memory"]).and_then(|q| bytes_of(&q)))
+            .collect()
+    };
+    let total = limits("containers").iter().sum::<u64>().max(limits("initContainers").into_iter().max().unwrap_or(0));
+    (total > 0).then_some(total)
 }
 
 /// A Quantity as JSON (usually a string, sometimes a bare number).

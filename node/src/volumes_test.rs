@@ -85,6 +85,13 @@ fn sources_are_named_once() {
 }
 
 #[test]
+fn only_file_set_volumes_are_refreshed() {
+    assert!(!refreshable(&pod(json!([{"name": "a", "emptyDir": {}}, {"name": "b", "hostPath": {"path": "/x"}}]))));
+    assert!(refreshable(&pod(json!([{"name": "a", "emptyDir": {}}, {"name": "c", "secret": {"secretName": "s"}}]))));
+    assert!(!refreshable(&json!({"spec": {}})));
+}
+
+#[test]
 fn config_map_all_keys_with_default_mode_and_binary_data() {
     let f = files(json!({"name": "v", "configMap": {"name": "cfg"}}), &sources(true));
     let paths: Vec<&str> = f.iter().map(|(p, _, _)| p.as_str()).collect();
@@ -260,6 +267,22 @@ fn empty_dir_and_host_path_plans() {
     assert_eq!(
         plan(json!({"name": "v", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}), &s).unwrap(),
         VolumePlan::EmptyDir { memory: true, size_limit: Some(64 << 20) }
+    );
+    // No sizeLimit: the pod's memory limit; bigger than it: cut to it.
+    assert_eq!(
+        plan(json!({"name": "v", "emptyDir": {"medium": "Memory"}}), &s).unwrap(),
+        VolumePlan::EmptyDir { memory: true, size_limit: Some(64 << 20) }
+    );
+    assert_eq!(
+        plan(json!({"name": "v", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}), &s).unwrap(),
+        VolumePlan::EmptyDir { memory: true, size_limit: Some(64 << 20) }
+    );
+    let v = json!({"name": "v", "emptyDir": {"medium": "Memory"}});
+    let mut p = pod(json!([v.clone()]));
+    p["spec"]["containers"][0]["resources"] = json!({});
+    assert_eq!(
+        plan_volume(&p, &v, &s, &node()).unwrap(),
+        VolumePlan::EmptyDir { memory: true, size_limit: Some(8 << 30) }
     );
     assert!(plan(json!({"name": "v", "emptyDir": {"medium": "HugePages"}}), &s).is_err());
     assert!(plan(json!({"name": "v", "emptyDir": {"sizeLimit": "lots"}}), &s).is_err());
