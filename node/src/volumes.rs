@@ -30,9 +30,12 @@
 //! `optional`, an optional one yields no files; downward API label and
 //! annotation files are `key="value"` lines (Go-quoted), sorted by key.
 //!
+//! With `securityContext.fsGroup`, emptyDir roots and file-set volumes
+//! belong to that group (setgid directories, group-readable files).
+//!
 //! Not supported (yet): serviceAccountToken projections (there is no node
-//! API for tokens; the source writes nothing), clusterTrustBundle, fsGroup
-//! ownership, persistent volumes and every network/CSI volume type (an
+//! API for tokens; the source writes nothing), clusterTrustBundle,
+//! fsGroupChangePolicy, persistent volumes and every network/CSI volume type (an
 //! error names them).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -160,11 +163,13 @@ pub enum VolumePlan {
     /// A directory kept for the pod's life (0777), on tmpfs when `memory`;
     /// `size_limit` is the tmpfs size (sizeLimit, at most the pod's memory
     /// limit, else the node's memory). On disk it is not enforced.
-    EmptyDir { memory: bool, size_limit: Option<u64> },
+    /// `gid`: the pod's fsGroup, owning the directory (setgid).
+    EmptyDir { memory: bool, size_limit: Option<u64>, gid: Option<u32> },
     /// The host's own path, checked (and maybe created) per `kind`.
     HostPath { path: PathBuf, kind: HostPathType },
-    /// A file set written atomically, read-only to containers.
-    Files { plugin: &'static str, tmpfs: bool, files: Vec<FileEntry> },
+    /// A file set written atomically, read-only to containers; with an
+    /// fsGroup (`gid`) the files are that group's and group-readable.
+    Files { plugin: &'static str, tmpfs: bool, files: Vec<FileEntry>, gid: Option<u32> },
 }
 
 impl VolumePlan {
@@ -254,7 +259,7 @@ pub fn plan_volume(pod: &Value, volume: &Value, sources: &Sources, node: &NodeIn
                 (a, b) => a.or(b),
             };
         }
-        return Ok(VolumePlan::EmptyDir { memory, size_limit });
+        return Ok(VolumePlan::EmptyDir { memory, size_limit, gid: fs_group(pod) });
     }
     if let Some(h) = volume.get("hostPath").filter(|v| v.is_object()) {
         let path = h["path"].as_str().unwrap_or_default();
@@ -274,7 +279,7 @@ pub fn plan_volume(pod: &Value, volume: &Value, sources: &Sources, node: &NodeIn
         };
         return Ok(VolumePlan::HostPath { path: PathBuf::from(path), kind });
     }
-    let (plugin, tmpfs, files) = if let Some(c) = volume.get("configMap").filter(|v| v.is_object()) {
+    let (plugin, tmpfs, mut files) = if let Some(c) = volume.get("configMap").filter(|v| v.is_object()) {
         let mode = mode_or(&c["defaultMode"], DEFAULT_MODE).map_err(invalid)?;
         (PLUGIN_CONFIGMAP, false, keys_of(SourceKind::ConfigMap, &c["name"], c, mode, sources)?)
     } else if let Some(s) = volume.get("secret").filter(|v| v.is_object()) {
@@ -302,7 +307,17 @@ pub fn plan_volume(pod: &Value, volume: &Value, sources: &Sources, node: &NodeIn
         return Err(invalid(format!("volume type {kind:?} is not supported by capstan-node")));
     };
     check_file_set(&files).map_err(invalid)?;
-    Ok(VolumePlan::Files { plugin, tmpfs, files })
+    let gid = fs_group(pod);
+    if gid.is_some() {
+        // As the kubelet's SetVolumeOwnership does for a read-only volume.
+        files.iter_mut().for_each(|f| f.mode |= 0o440);
+    }
+    Ok(VolumePlan::Files { plugin, tmpfs, files, gid })
+}
+
+/// `spec.securityContext.fsGroup`.
+fn fs_group(pod: &Value) -> Option<u32> {
+    pod["spec"]["securityContext"]["fsGroup"].as_u64().and_then(|g| u32::try_from(g).ok())
 }
 
 /// The pod's memory limit as Kubernetes' PodLimits counts it: the app

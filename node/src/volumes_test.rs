@@ -146,7 +146,7 @@ fn missing_sources_fail_like_kubernetes_unless_optional() {
 fn secrets_are_decoded_and_on_tmpfs() {
     let v = json!({"name": "v", "secret": {"secretName": "sec", "defaultMode": 0o400}});
     match plan(v, &sources(true)).unwrap() {
-        VolumePlan::Files { plugin, tmpfs, files } => {
+        VolumePlan::Files { plugin, tmpfs, files, .. } => {
             assert_eq!((plugin, tmpfs), (PLUGIN_SECRET, true));
             assert_eq!(files[0], FileEntry { path: "password".into(), bytes: b"hunter2".to_vec(), mode: 0o400 });
         }
@@ -248,7 +248,7 @@ fn projected_merges_sources_with_one_default_mode() {
         {"configMap": {"name": "absent", "optional": true}},
     ]}});
     match plan(v, &sources(true)).unwrap() {
-        VolumePlan::Files { plugin, tmpfs, files } => {
+        VolumePlan::Files { plugin, tmpfs, files, .. } => {
             assert_eq!((plugin, tmpfs), (PLUGIN_PROJECTED, true));
             let got: Vec<(&str, u32)> = files.iter().map(|f| (f.path.as_str(), f.mode)).collect();
             assert_eq!(got, [("cfg/a", 0o440), ("token", 0o400), ("labels", 0o440)]);
@@ -262,27 +262,27 @@ fn empty_dir_and_host_path_plans() {
     let s = sources(true);
     assert_eq!(
         plan(json!({"name": "v", "emptyDir": {}}), &s).unwrap(),
-        VolumePlan::EmptyDir { memory: false, size_limit: None }
+        VolumePlan::EmptyDir { memory: false, size_limit: None, gid: None }
     );
     assert_eq!(
         plan(json!({"name": "v", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}), &s).unwrap(),
-        VolumePlan::EmptyDir { memory: true, size_limit: Some(64 << 20) }
+        VolumePlan::EmptyDir { memory: true, size_limit: Some(64 << 20), gid: None }
     );
     // No sizeLimit: the pod's memory limit; bigger than it: cut to it.
     assert_eq!(
         plan(json!({"name": "v", "emptyDir": {"medium": "Memory"}}), &s).unwrap(),
-        VolumePlan::EmptyDir { memory: true, size_limit: Some(64 << 20) }
+        VolumePlan::EmptyDir { memory: true, size_limit: Some(64 << 20), gid: None }
     );
     assert_eq!(
         plan(json!({"name": "v", "emptyDir": {"medium": "Memory", "sizeLimit": "1Gi"}}), &s).unwrap(),
-        VolumePlan::EmptyDir { memory: true, size_limit: Some(64 << 20) }
+        VolumePlan::EmptyDir { memory: true, size_limit: Some(64 << 20), gid: None }
     );
     let v = json!({"name": "v", "emptyDir": {"medium": "Memory"}});
     let mut p = pod(json!([v.clone()]));
     p["spec"]["containers"][0]["resources"] = json!({});
     assert_eq!(
         plan_volume(&p, &v, &s, &node()).unwrap(),
-        VolumePlan::EmptyDir { memory: true, size_limit: Some(8 << 30) }
+        VolumePlan::EmptyDir { memory: true, size_limit: Some(8 << 30), gid: None }
     );
     assert!(plan(json!({"name": "v", "emptyDir": {"medium": "HugePages"}}), &s).is_err());
     assert!(plan(json!({"name": "v", "emptyDir": {"sizeLimit": "lots"}}), &s).is_err());
@@ -528,6 +528,55 @@ async fn missing_config_map_and_host_path_checks_fail_clearly() {
             assert!(e.to_string().contains("hostPath type check failed") || kind == "FileOrCreate", "{e}");
         }
     }
+    cleanup(&data, "uid-1").unwrap();
+    assert!(mounts_under(guard.tmp.path()).is_empty());
+}
+
+#[test]
+fn fs_group_makes_files_group_readable() {
+    let v = json!({"name": "v", "secret": {"secretName": "sec", "defaultMode": 0o400}});
+    let mut p = pod(json!([v.clone()]));
+    p["spec"]["securityContext"] = json!({"fsGroup": 2000});
+    match plan_volume(&p, &v, &sources(true), &node()).unwrap() {
+        VolumePlan::Files { files, gid, .. } => {
+            assert_eq!(gid, Some(2000));
+            assert!(files.iter().all(|f| f.mode == 0o440), "{files:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = json!({"name": "e", "emptyDir": {}});
+    assert_eq!(
+        plan_volume(&p, &e, &sources(true), &node()).unwrap(),
+        VolumePlan::EmptyDir { memory: false, size_limit: None, gid: Some(2000) }
+    );
+}
+
+#[tokio::test]
+async fn fs_group_owns_the_volumes() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    use std::os::unix::fs::MetadataExt;
+    let guard = Guard { tmp: tempfile::tempdir().unwrap(), uid: "uid-1" };
+    let data = guard.tmp.path().join("data");
+    let mut p = pod(json!([
+        {"name": "e", "emptyDir": {}},
+        {"name": "s", "secret": {"secretName": "sec", "defaultMode": 0o400,
+                                 "items": [{"key": "password", "path": "deep/pw"}]}},
+    ]));
+    p["spec"]["securityContext"] = json!({"fsGroup": 2000});
+    let got = prepare(&p, &data, &node(), fake_fetch(objects("1"))).await.unwrap();
+    let meta = |p: &Path| fs::metadata(p).unwrap();
+    assert_eq!((meta(&got["e"].path).gid(), mode(&got["e"].path)), (2000, 0o2777));
+    let s = &got["s"].path;
+    assert_eq!((meta(&s.join("deep/pw")).gid(), mode(&s.join("deep/pw"))), (2000, 0o440));
+    assert_eq!((meta(&s.join("deep")).gid(), mode(&s.join("deep"))), (2000, 0o2755));
+    let version = s.join(fs::read_link(s.join("..data")).unwrap());
+    assert_eq!(meta(&version).gid(), 2000);
+    // Same contents and owner: nothing rewritten.
+    prepare(&p, &data, &node(), fake_fetch(objects("1"))).await.unwrap();
+    assert_eq!(s.join(fs::read_link(s.join("..data")).unwrap()), version);
     cleanup(&data, "uid-1").unwrap();
     assert!(mounts_under(guard.tmp.path()).is_empty());
 }

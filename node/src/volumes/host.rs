@@ -123,7 +123,7 @@ pub fn materialize(root: &Path, name: &str, plan: &VolumePlan) -> Result<Prepare
             host_path(path, *kind)?;
             Ok(Prepared { path: path.clone(), read_only: false })
         }
-        VolumePlan::EmptyDir { memory, size_limit } => {
+        VolumePlan::EmptyDir { memory, size_limit, gid } => {
             let dir = root.join(super::PLUGIN_EMPTY_DIR).join(name);
             let fresh = fs::symlink_metadata(&dir).is_err();
             mkdir(root, 0o750)?;
@@ -131,13 +131,17 @@ pub fn materialize(root: &Path, name: &str, plan: &VolumePlan) -> Result<Prepare
             if *memory && !is_mount_point(&dir) {
                 mount_tmpfs(&dir, *size_limit)?;
             }
-            if fresh || *memory {
+            if let Some(gid) = gid {
+                std::os::unix::fs::chown(&dir, None, Some(*gid)).map_err(io_err("chown", &dir))?;
+            }
+            if fresh || *memory || gid.is_some() {
                 // Writable by any user the container runs as, as the kubelet makes it.
-                fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).map_err(io_err("chmod", &dir))?;
+                let mode = if gid.is_some() { 0o2777 } else { 0o777 };
+                fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", &dir))?;
             }
             Ok(Prepared { path: dir, read_only: false })
         }
-        VolumePlan::Files { plugin, tmpfs, files } => {
+        VolumePlan::Files { plugin, tmpfs, files, gid } => {
             let dir = root.join(plugin).join(name);
             mkdir(root, 0o750)?;
             mkdir(&dir, 0o755)?;
@@ -145,7 +149,11 @@ pub fn materialize(root: &Path, name: &str, plan: &VolumePlan) -> Result<Prepare
                 mount_tmpfs(&dir, None)?;
                 fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", &dir))?;
             }
-            write_atomic(&dir, files).map_err(io_err("write volume", &dir))?;
+            if let Some(gid) = gid {
+                std::os::unix::fs::chown(&dir, None, Some(*gid)).map_err(io_err("chown", &dir))?;
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o2755)).map_err(io_err("chmod", &dir))?;
+            }
+            write_atomic(&dir, files, *gid).map_err(io_err("write volume", &dir))?;
             Ok(Prepared { path: dir, read_only: true })
         }
     }

@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{symlink, DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{symlink, DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::FileEntry;
@@ -25,18 +25,19 @@ use super::FileEntry;
 pub const DATA_LINK: &str = "..data";
 const DATA_TMP: &str = "..data_tmp";
 
-/// Makes `dir` (which must exist) hold exactly `files`. Returns whether
-/// anything changed.
-pub fn write_atomic(dir: &Path, files: &[FileEntry]) -> io::Result<bool> {
+/// Makes `dir` (which must exist) hold exactly `files`, owned by group
+/// `gid` when given (directories then setgid). Returns whether anything
+/// changed.
+pub fn write_atomic(dir: &Path, files: &[FileEntry], gid: Option<u32>) -> io::Result<bool> {
     let current = fs::read_link(dir.join(DATA_LINK)).ok();
     if let Some(cur) = &current {
-        if same_files(&dir.join(cur), files)? {
+        if same_files(&dir.join(cur), files, gid)? {
             link_top_level(dir, files)?;
             return Ok(false);
         }
     }
     let version = new_version_dir(dir)?;
-    let written = write_version(&dir.join(&version), files);
+    let written = write_version(&dir.join(&version), files, gid);
     if let Err(e) = written {
         let _ = fs::remove_dir_all(dir.join(&version));
         return Err(e);
@@ -105,22 +106,33 @@ fn new_version_dir(dir: &Path) -> io::Result<PathBuf> {
     }
 }
 
-fn write_version(root: &Path, files: &[FileEntry]) -> io::Result<()> {
+fn write_version(root: &Path, files: &[FileEntry], gid: Option<u32>) -> io::Result<()> {
+    let mut dirs = vec![root.to_path_buf()];
     for f in files {
         let path = root.join(&f.path);
         if let Some(parent) = path.parent() {
             fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+            dirs.extend(parent.ancestors().take_while(|d| *d != root).map(Path::to_path_buf));
         }
         let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(f.mode).open(&path)?;
         file.write_all(&f.bytes)?;
         // The umask may have cut bits off the creation mode.
         file.set_permissions(fs::Permissions::from_mode(f.mode))?;
+        if gid.is_some() {
+            std::os::unix::fs::fchown(&file, None, gid)?;
+        }
+    }
+    if let Some(gid) = gid {
+        for d in dirs {
+            std::os::unix::fs::chown(&d, None, Some(gid))?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(0o2755))?;
+        }
     }
     Ok(())
 }
 
-/// Whether the version at `root` holds exactly `files`.
-fn same_files(root: &Path, files: &[FileEntry]) -> io::Result<bool> {
+/// Whether the version at `root` holds exactly `files` (owned by `gid`).
+fn same_files(root: &Path, files: &[FileEntry], gid: Option<u32>) -> io::Result<bool> {
     let mut found = Vec::new();
     if let Err(e) = collect(root, "", &mut found) {
         return if e.kind() == io::ErrorKind::NotFound { Ok(false) } else { Err(e) };
@@ -133,8 +145,9 @@ fn same_files(root: &Path, files: &[FileEntry]) -> io::Result<bool> {
             return Ok(false);
         }
         let path = root.join(&f.path);
-        let mode = fs::metadata(&path)?.permissions().mode() & 0o7777;
-        if mode != f.mode || fs::read(&path)? != f.bytes {
+        let meta = fs::metadata(&path)?;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode != f.mode || gid.is_some_and(|g| meta.gid() != g) || fs::read(&path)? != f.bytes {
             return Ok(false);
         }
     }
