@@ -329,7 +329,13 @@ struct Guard {
 
 impl Drop for Guard {
     fn drop(&mut self) {
-        let _ = cleanup(self.tmp.path(), self.uid);
+        let _ = cleanup(&self.tmp.path().join("data"), self.uid);
+        // Whatever else a failing test left mounted in the temp dir.
+        for m in mounts_under(self.tmp.path()) {
+            let c = std::ffi::CString::new(m.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: plain syscall on a valid NUL-terminated string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
     }
 }
 
