@@ -23,6 +23,7 @@ use tokio::sync::watch;
 use crate::conn::Masters;
 use crate::pods::{self, Action, Memory, Observed, PodSpec, Waiting};
 use crate::runtime::*;
+use crate::volumes;
 
 /// How often the Lease is renewed (a quarter of Kubernetes' 40 s grace).
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -326,6 +327,7 @@ impl<R: Runtime> Agent<R> {
         let mut reported = last.raw["status"].clone();
         let mut seen_exits: HashSet<String> = HashSet::new();
         let mut fresh = true;
+        let mut volumes_refreshed = Instant::now();
         loop {
             let removed = rx.borrow().is_none();
             let spec = match rx.borrow().clone() {
@@ -377,6 +379,7 @@ impl<R: Runtime> Agent<R> {
                 }
             }
             if terminated {
+                self.cleanup_volumes(&uid).await;
                 let done = removed || {
                     let req = NodeRequest::PodTerminated {
                         namespace: spec.namespace.clone(),
@@ -388,6 +391,13 @@ impl<R: Runtime> Agent<R> {
                 if done {
                     self.workers.lock().remove(&uid);
                     return;
+                }
+            }
+            if volumes_refreshed.elapsed() >= volumes::REFRESH && !spec.deleting {
+                volumes_refreshed = Instant::now();
+                let running = mine.iter().any(|c| matches!(c.state, ContainerState::Running { .. }));
+                if running && volumes::refreshable(&spec.raw) {
+                    self.refresh_volumes(&spec).await;
                 }
             }
             fresh = acted;
@@ -544,6 +554,7 @@ impl<R: Runtime> Agent<R> {
             v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
         };
         let env = self.env(spec, &c.raw).await?;
+        let mounts = self.mounts(spec, &c.raw, &env).await?;
         let res = &c.raw["resources"];
         let labels = [
             (LABEL_POD_UID, spec.uid.clone()),
@@ -569,7 +580,7 @@ impl<R: Runtime> Agent<R> {
             args: strings(&c.raw["args"]),
             env,
             working_dir: c.raw["workingDir"].as_str().map(str::to_string),
-            mounts: vec![],
+            mounts,
             cpu_limit_millis: res["limits"]["cpu"].as_str().and_then(millicores),
             cpu_request_millis: res["requests"]["cpu"].as_str().and_then(millicores),
             memory_limit_bytes: res["limits"]["memory"].as_str().and_then(bytes_of),
@@ -601,6 +612,47 @@ impl<R: Runtime> Agent<R> {
             .join(format!("{}_{}_{}", spec.namespace, spec.name, spec.uid))
             .join(container)
             .join(format!("{attempt}.log"))
+    }
+
+    /// The container's volume mounts, the pod's volumes prepared first
+    /// (refreshed at every start); none on a hollow runtime.
+    async fn mounts(&self, spec: &PodSpec, c: &Value, env: &[(String, String)]) -> Result<Vec<Mount>, RuntimeError> {
+        if !self.rt.materializes_volumes() {
+            return Ok(vec![]);
+        }
+        let ns = spec.namespace.as_str();
+        let fetch = |s: volumes::SourceRef| async move {
+            self.fetch(s.kind.resource(), ns, &s.name).await.map_err(|e| e.to_string())
+        };
+        let prepared = volumes::prepare(&spec.raw, &self.data_dir, &self.info, fetch).await;
+        prepared.and_then(|p| volumes::mounts_for(c, env, &p)).map_err(|e| RuntimeError::Other(e.to_string()))
+    }
+
+    /// Rewrites the running pod's ConfigMap, Secret and downward API files
+    /// that changed (atomically: containers see the old or the new set).
+    async fn refresh_volumes(&self, spec: &PodSpec) {
+        if !self.rt.materializes_volumes() {
+            return;
+        }
+        let ns = spec.namespace.as_str();
+        let fetch = |s: volumes::SourceRef| async move {
+            self.fetch(s.kind.resource(), ns, &s.name).await.map_err(|e| e.to_string())
+        };
+        if let Err(e) = volumes::prepare(&spec.raw, &self.data_dir, &self.info, fetch).await {
+            tracing::debug!(pod = %format!("{}/{}", spec.namespace, spec.name), error = %e, "volumes not refreshed");
+        }
+    }
+
+    /// Unmounts and removes a pod's volumes, once it is gone for good.
+    async fn cleanup_volumes(&self, uid: &str) {
+        if !self.rt.materializes_volumes() {
+            return;
+        }
+        let (dir, id) = (self.data_dir.clone(), uid.to_string());
+        let res = tokio::task::spawn_blocking(move || volumes::cleanup(&dir, &id)).await;
+        if let Some(e) = res.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())).err() {
+            tracing::warn!(pod_uid = %uid, error = %e, "volume cleanup failed; housekeeping retries");
+        }
     }
 
     async fn fetch(&self, resource: &str, ns: &str, name: &str) -> Result<Option<Value>, RuntimeError> {
@@ -688,6 +740,11 @@ impl<R: Runtime> Agent<R> {
             }
             for s in obs.sandboxes.iter().filter(|s| !known.contains(&s.pod_uid)) {
                 let _ = self.rt.remove_sandbox(&s.id).await;
+            }
+            for uid in volumes::pods_with_volumes(&self.data_dir).iter().filter(|u| !known.contains(*u)) {
+                if !self.workers.lock().contains_key(uid) {
+                    self.cleanup_volumes(uid).await;
+                }
             }
         }
     }

@@ -13,6 +13,9 @@
 //! - `logdriver.rs`: containerd's `binary://` log driver writing the CRI log
 //!   format with rotation (`capstan-node log-driver`); `podlogs.rs` reads
 //!   those files back for `kubectl logs` (tail, since, timestamps, follow).
+//! - `volumes.rs`: pod volumes (emptyDir, hostPath, configMap, secret,
+//!   downwardAPI, projected): a pure planner, the kubelet's on-disk layout
+//!   and atomic file sets, tmpfs mounts, volumeMounts with subPath.
 //! - `testimage.rs`: a busybox OCI image archive built locally, for the
 //!   tests of every crate that runs containers.
 
@@ -29,3 +32,4 @@ pub mod runtime;
 pub mod sim;
 pub mod streams;
 pub mod testimage;
+pub mod volumes;

@@ -223,4 +223,10 @@ pub trait Runtime: Send + Sync + 'static {
         io: ExecIo,
     ) -> impl Future<Output = Result<ExitCode, RuntimeError>> + Send;
     fn usage(&self, id: &str) -> impl Future<Output = Result<Usage, RuntimeError>> + Send;
+
+    /// Whether pod volumes are made real on this host (directories, tmpfs,
+    /// files) and mounted into containers; hollow runtimes say no.
+    fn materializes_volumes(&self) -> bool {
+        true
+    }
 }

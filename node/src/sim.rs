@@ -120,4 +120,9 @@ impl Runtime for SimRuntime {
     async fn usage(&self, _id: &str) -> Result<Usage, RuntimeError> {
         Ok(Usage::default())
     }
+
+    /// Hollow nodes at scale: no tmpfs, no files.
+    fn materializes_volumes(&self) -> bool {
+        false
+    }
 }
