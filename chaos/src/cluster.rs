@@ -100,6 +100,17 @@ impl UpCluster {
     /// Like [`UpCluster::start`], passing `server_args` to every master
     /// (`capstan up --server-arg`).
     pub fn start_with(capstan: &Path, masters: usize, server_args: &[&str]) -> anyhow::Result<UpCluster> {
+        Self::start_full(capstan, masters, server_args, &["--nodes", "0"])
+    }
+
+    /// Like [`UpCluster::start_with`], with more `capstan up` flags
+    /// (`up_args`, e.g. `--nodes 1 --runtime sim`).
+    pub fn start_full(
+        capstan: &Path,
+        masters: usize,
+        server_args: &[&str],
+        up_args: &[&str],
+    ) -> anyhow::Result<UpCluster> {
         let dir = tempfile::Builder::new().prefix("capstan-chaos").tempdir()?;
         let log = std::fs::File::create(dir.path().join("up.log"))?;
         let extra: Vec<String> = server_args.iter().map(|a| format!("--server-arg={a}")).collect();
@@ -107,6 +118,7 @@ impl UpCluster {
             .args(["up", "--masters", &masters.to_string(), "--data-dir"])
             .arg(dir.path())
             .args(&extra)
+            .args(up_args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

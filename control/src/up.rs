@@ -2,10 +2,13 @@
 //!
 //! Starts master-1 with `--init`, then joins the others with a bootstrap
 //! token, all on free loopback ports; writes `<data-dir>/etcdctl.env` for an
-//! admin client; restarts a master that dies; runs until Ctrl-C (or
-//! SIGTERM), then stops its children (SIGTERM, then SIGKILL after a grace
-//! period). Run again on the same data
-//! dir, it restarts the same cluster from disk.
+//! admin client; then starts the node agents (`capstan-node`, joined with
+//! a node token; by default one with containerd and an image directory
+//! holding a busybox image) and applies a demo workload. It restarts a
+//! master or agent that dies; runs until Ctrl-C (or SIGTERM), then stops
+//! its children (agents first, tearing their containers down; SIGTERM,
+//! then SIGKILL after a grace period). Run again on the same data dir, it
+//! restarts the same cluster from disk.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,6 +34,18 @@ pub struct UpArgs {
     /// Extra flags passed to every `capstan server` (e.g. "--snapshot-every=1000").
     #[arg(long, allow_hyphen_values = true)]
     pub server_arg: Vec<String>,
+    /// Node agents to start (`capstan-node`, next to this binary).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=64))]
+    pub nodes: u32,
+    /// The agents' container runtime: `containerd` (real containers) or `sim` (hollow nodes).
+    #[arg(long, default_value = "containerd", value_parser = ["containerd", "sim"])]
+    pub runtime: String,
+    /// Image archives the agents import [default: <data-dir>/images, with a busybox image].
+    #[arg(long)]
+    pub image_dir: Option<PathBuf>,
+    /// Do not apply the demo workload.
+    #[arg(long)]
+    pub no_demo: bool,
 }
 
 struct Master {
@@ -41,11 +56,18 @@ struct Master {
 
 fn spawn_master(dir: &Path, extra: &[String], log_level: &str) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
+    let mut args: Vec<String> = vec!["--log-level".into(), log_level.into(), "server".into(), "--data-dir".into()];
+    args.push(dir.display().to_string());
+    args.extend(extra.iter().cloned());
+    spawn_child(&exe, dir, "server.log", &args)
+}
+
+/// A child in `dir` logging to `dir/<log>`, dying with `up`.
+fn spawn_child(exe: &Path, dir: &Path, log: &str, args: &[String]) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir)?;
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(log))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("--log-level").arg(log_level).arg("server").arg("--data-dir").arg(dir);
-    cmd.args(extra);
+    cmd.args(args);
     cmd.stdout(log.try_clone()?).stderr(log).stdin(std::process::Stdio::null());
     cmd.kill_on_drop(true);
     // If `up` itself dies, its masters must not linger.
@@ -56,7 +78,7 @@ fn spawn_master(dir: &Path, extra: &[String], log_level: &str) -> anyhow::Result
             Ok(())
         });
     }
-    cmd.spawn().with_context(|| format!("starting a master in {}", dir.display()))
+    cmd.spawn().with_context(|| format!("starting {} in {}", exe.display(), dir.display()))
 }
 
 async fn wait_ready(m: &mut Master, timeout: Duration) -> anyhow::Result<Endpoints> {
@@ -78,6 +100,11 @@ async fn wait_ready(m: &mut Master, timeout: Duration) -> anyhow::Result<Endpoin
 }
 
 async fn stop_all(masters: &mut [Master]) {
+    stop_within(masters, Duration::from_secs(10)).await
+}
+
+/// SIGTERM to each, SIGKILL to those still running after `grace`.
+async fn stop_within(masters: &mut [Master], grace: Duration) {
     for m in masters.iter() {
         if let Some(pid) = m.child.id() {
             // SAFETY: plain kill(2) on a child we started; it has not been reaped.
@@ -87,11 +114,11 @@ async fn stop_all(masters: &mut [Master]) {
         }
     }
     for m in masters.iter_mut() {
-        match tokio::time::timeout(Duration::from_secs(10), m.child.wait()).await {
+        match tokio::time::timeout(grace, m.child.wait()).await {
             Ok(_) => eprintln!("  {} stopped", m.name),
             Err(_) => {
                 let _ = m.child.kill().await;
-                eprintln!("  {} killed after 10 s", m.name);
+                eprintln!("  {} killed after {grace:?}", m.name);
             }
         }
     }
@@ -102,8 +129,14 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     let data_dir = std::fs::canonicalize(&a.data_dir)?;
     let log_level = std::env::var("CAPSTAN_LOG").unwrap_or_else(|_| "info".into());
     let mut masters: Vec<Master> = Vec::new();
-    let result = bring_up(&a, &data_dir, &log_level, &mut masters).await;
+    let mut nodes: Vec<Master> = Vec::new();
+    let mut node_args: Vec<Vec<String>> = Vec::new();
+    let mut result = bring_up(&a, &data_dir, &log_level, &mut masters).await;
+    if result.is_ok() && a.nodes > 0 {
+        result = start_nodes(&a, &data_dir, &log_level, &mut nodes, &mut node_args).await;
+    }
     if let Err(e) = result {
+        stop_within(&mut nodes, Duration::from_secs(30)).await;
         stop_all(&mut masters).await;
         return Err(e);
     }
@@ -123,8 +156,18 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                         m.child = spawn_master(&m.dir, &a.server_arg, &log_level)?;
                     }
                 }
+                for (n, args) in nodes.iter_mut().zip(&node_args) {
+                    if let Ok(Some(status)) = n.child.try_wait() {
+                        eprintln!("{} exited ({status}); restarting it", n.name);
+                        n.child = spawn_child(&node_binary()?, &n.dir, "node.log", args)?;
+                    }
+                }
             }
         }
+    }
+    if !nodes.is_empty() {
+        eprintln!("stopping {} node agents (their containers are torn down)", nodes.len());
+        stop_within(&mut nodes, Duration::from_secs(60)).await;
     }
     eprintln!("stopping {} masters", masters.len());
     stop_all(&mut masters).await;
@@ -174,6 +217,156 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
     }
     write_admin_env(data_dir, &endpoints)?;
     Ok(())
+}
+
+/// `capstan-node`, installed next to `capstan`.
+fn node_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let node = exe.with_file_name("capstan-node");
+    if !node.exists() {
+        bail!("{} not found (build it: cargo build --workspace), or run with --nodes 0", node.display());
+    }
+    Ok(node)
+}
+
+/// The demo workload: a web server per node that says where it runs.
+const DEMO: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hello, namespace: default}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: hello}}
+  template:
+    metadata: {labels: {app: hello}}
+    spec:
+      containers:
+      - name: web
+        image: busybox:stable
+        imagePullPolicy: IfNotPresent
+        command: ["sh", "-c", "mkdir -p /www && echo \"hello from $HOSTNAME on $NODE\" > /www/index.html && echo serving on port 8080 && exec httpd -f -v -p 8080 -h /www"]
+        env:
+        - name: NODE
+          valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+        ports: [{containerPort: 8080}]
+"#;
+
+async fn start_nodes(
+    a: &UpArgs,
+    data_dir: &Path,
+    log_level: &str,
+    nodes: &mut Vec<Master>,
+    node_args: &mut Vec<Vec<String>>,
+) -> anyhow::Result<()> {
+    let bin = node_binary()?;
+    let containerd = a.runtime == "containerd";
+    let image_dir = match &a.image_dir {
+        Some(d) => d.clone(),
+        None => data_dir.join("images"),
+    };
+    if containerd {
+        std::fs::create_dir_all(&image_dir)?;
+        let seeded = std::fs::read_dir(&image_dir)?.flatten().any(|e| e.path().extension().is_some_and(|x| x == "tar"));
+        if !seeded {
+            let out = std::process::Command::new(&bin)
+                .args(["busybox-image", "--out"])
+                .arg(image_dir.join("busybox.tar"))
+                .output()
+                .context("building the busybox image")?;
+            if !out.status.success() {
+                bail!("building the busybox image: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+    }
+    let master1 = data_dir.join("master-1");
+    let servers: Vec<String> = (1..=a.masters)
+        .filter_map(|i| read_endpoints(&data_dir.join(format!("master-{i}"))).ok())
+        .map(|e| e.node_addr)
+        .collect();
+    let token =
+        admin::create_token(&master1, Duration::from_secs(3600), capstan_proto::nodewire::NODE_TOKEN_USAGE).await?;
+    let n = a.nodes as usize;
+    for i in 1..=n {
+        let name = format!("node-{i}");
+        let dir = data_dir.join(&name);
+        let mut args: Vec<String> = vec!["--log-level".into(), log_level.into(), "--data-dir".into()];
+        args.push(dir.display().to_string());
+        args.extend(["--runtime".into(), a.runtime.clone(), "--teardown-on-exit".into()]);
+        if !dir.join("node.json").exists() {
+            args.extend(["--name".into(), name.clone(), "--server".into(), servers.join(",")]);
+            args.extend(["--token".into(), token.to_string()]);
+        }
+        if containerd {
+            args.extend(["--image-dir".into(), image_dir.display().to_string()]);
+        }
+        eprintln!("[{i}/{n}] starting {name} ({})", a.runtime);
+        let child = spawn_child(&bin, &dir, "node.log", &args)?;
+        nodes.push(Master { name, dir, child });
+        node_args.push(args);
+    }
+    wait_nodes_ready(data_dir, nodes, Duration::from_secs(120)).await?;
+    if containerd && !a.no_demo {
+        apply_demo(data_dir);
+    }
+    Ok(())
+}
+
+/// Waits until every agent's Node reports Ready.
+async fn wait_nodes_ready(data_dir: &Path, nodes: &mut [Master], timeout: Duration) -> anyhow::Result<()> {
+    use capstan_proto::etcd::etcdserverpb as pb;
+    let ch = admin::admin_channel(&data_dir.join("master-1")).await?;
+    let mut kv = pb::kv_client::KvClient::new(ch);
+    let deadline = Instant::now() + timeout;
+    for node in nodes.iter_mut() {
+        let key = format!("/registry/core/nodes/{}", node.name).into_bytes();
+        loop {
+            let resp = kv.range(pb::RangeRequest { key: key.clone(), ..Default::default() }).await;
+            let ready = resp.ok().and_then(|r| r.into_inner().kvs.into_iter().next()).is_some_and(|kv| {
+                capstan_proto::k8s::stored::StoredObject::decode(&kv.value, kv.mod_revision).is_ok_and(|o| {
+                    o["status"]["conditions"]
+                        .as_array()
+                        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+                })
+            });
+            if ready {
+                eprintln!("  {} ready", node.name);
+                break;
+            }
+            if let Some(status) = node.child.try_wait()? {
+                bail!("{} exited ({status}); see {}", node.name, node.dir.join("node.log").display());
+            }
+            if Instant::now() > deadline {
+                bail!("{} not ready after {timeout:?}; see {}", node.name, node.dir.join("node.log").display());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Applies the demo workload with kubectl, if there is one.
+fn apply_demo(data_dir: &Path) {
+    use std::io::Write;
+    let child = std::process::Command::new("kubectl")
+        .args(["apply", "-f", "-"])
+        .env("KUBECONFIG", data_dir.join("kubeconfig"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn();
+    let Ok(mut child) = child else {
+        eprintln!("kubectl not found: the demo workload was not applied");
+        return;
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(DEMO.as_bytes());
+    }
+    match child.wait_with_output() {
+        Ok(o) if o.status.success() => {
+            eprintln!("demo:     kubectl get pods -o wide; kubectl logs deploy/hello; kubectl exec deploy/hello -- cat /www/index.html")
+        }
+        Ok(o) => eprintln!("demo workload not applied: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => eprintln!("demo workload not applied: {e}"),
+    }
 }
 
 /// Admin credentials and `etcdctl.env` for every master.

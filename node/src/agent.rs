@@ -891,6 +891,36 @@ pub fn bytes_of(q: &str) -> Option<u64> {
     q.parse::<f64>().ok().filter(|v| *v >= 0.0).map(|v| v as u64)
 }
 
+/// Stops and removes everything the runtime runs for pods, and their
+/// volumes (a node leaving for good; `capstan up` stopping).
+pub async fn teardown_all<R: Runtime>(rt: &R, data_dir: &std::path::Path) {
+    let grace = Duration::from_secs(5);
+    if let Ok(containers) = rt.list_containers().await {
+        let stops = containers.iter().map(|c| rt.stop_container(&c.id, grace));
+        futures::future::join_all(stops).await;
+        for c in &containers {
+            if let Err(e) = rt.remove_container(&c.id).await {
+                tracing::warn!(container = %c.id, error = %e, "teardown: remove failed");
+            }
+        }
+    }
+    if let Ok(sandboxes) = rt.list_sandboxes().await {
+        for s in sandboxes {
+            if let Err(e) = rt.remove_sandbox(&s.id).await {
+                tracing::warn!(sandbox = %s.id, error = %e, "teardown: remove failed");
+            }
+        }
+    }
+    if rt.materializes_volumes() {
+        for uid in volumes::pods_with_volumes(data_dir) {
+            if let Err(e) = volumes::cleanup(data_dir, &uid) {
+                tracing::warn!(pod_uid = %uid, error = %e, "teardown: volume cleanup failed");
+            }
+        }
+    }
+    tracing::info!("torn down every pod of this node");
+}
+
 /// Starts the agent(s) for the command line.
 pub async fn serve<R: Runtime>(
     info: NodeInfo,

@@ -41,6 +41,10 @@ struct Cli {
     /// OCI/docker image archives here are imported at start and when they appear (air-gapped nodes).
     #[arg(long)]
     image_dir: Option<PathBuf>,
+    /// On SIGTERM, stop and remove every container, sandbox and volume
+    /// before exiting (`capstan up` does; a real node keeps them running).
+    #[arg(long)]
+    teardown_on_exit: bool,
     /// Address reported as the node's InternalIP [default: 127.0.0.1].
     #[arg(long, default_value = "127.0.0.1")]
     node_ip: String,
@@ -173,12 +177,15 @@ fn main() -> anyhow::Result<()> {
                 let info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "containerd://1.6");
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let result = tokio::select! {
-                    r = agent::serve(info, masters, rt.clone(), data_dir) => r,
+                    r = agent::serve(info, masters, rt.clone(), data_dir.clone()) => r,
                     _ = tokio::signal::ctrl_c() => Ok(()),
                     _ = term.recv() => Ok(()),
                 };
                 // Containers keep running under their shims; containerd is
                 // ours and stops with us (the next start adopts them).
+                if cli.teardown_on_exit {
+                    agent::teardown_all(rt.as_ref(), &data_dir).await;
+                }
                 rt.shutdown().await;
                 result
             }

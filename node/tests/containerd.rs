@@ -621,8 +621,7 @@ async fn binary_log_driver_and_named_image_user() {
             assert!(Instant::now() < deadline, "log driver output: {:?}", read());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let lines: Vec<String> =
-            read().lines().map(|l| l.split_once(' ').map_or("", |x| x.1).to_string()).collect();
+        let lines: Vec<String> = read().lines().map(|l| l.split_once(' ').map_or("", |x| x.1).to_string()).collect();
         for want in ["stdout F to-out", "stderr F to-err", "stdout F 33", "stdout F 34"] {
             assert!(lines.iter().any(|l| l == want), "{want:?} in {lines:?}");
         }
