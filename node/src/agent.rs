@@ -172,6 +172,7 @@ impl<R: Runtime> Agent<R> {
         self.rt.set_pod_cidr(&cidr);
         tokio::spawn(self.clone().heartbeats());
         tokio::spawn(self.clone().housekeeping());
+        tokio::spawn(crate::usage::report_loop(self.rt.clone(), self.masters.clone()));
         self.watch().await;
         Ok(())
     }

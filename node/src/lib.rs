@@ -13,6 +13,8 @@
 //! - `logdriver.rs`: containerd's `binary://` log driver writing the CRI log
 //!   format with rotation (`capstan-node log-driver`); `podlogs.rs` reads
 //!   those files back for `kubectl logs` (tail, since, timestamps, follow).
+//! - `usage.rs`: CPU and memory usage of the node and its containers,
+//!   reported every 15 s (served by the masters as `metrics.k8s.io`).
 //! - `testimage.rs`: a busybox OCI image archive built locally, for the
 //!   tests of every crate that runs containers.
 
@@ -26,3 +28,4 @@ pub mod pods;
 pub mod runtime;
 pub mod sim;
 pub mod testimage;
+pub mod usage;
