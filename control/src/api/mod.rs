@@ -12,6 +12,8 @@
 //!   priority from PriorityClasses.
 //! - `patch.rs`: JSON, merge and strategic merge patches.
 //! - `project.rs`: decoding only the fields a Table row reads.
+//! - `resource_metrics.rs`: `metrics.k8s.io` (NodeMetrics, PodMetrics) from
+//!   the node agents' usage reports.
 //! - `selector.rs`, `table.rs`, `discovery.rs`, `openapi.rs`, `rbac.rs`, `status.rs`.
 //! - `bootstrap.rs`: built-in namespaces and RBAC roles created at start.
 //! - `serviceaccount.rs`: TokenRequest, ServiceAccount token authentication and
@@ -35,6 +37,7 @@ pub mod priority;
 mod project;
 pub mod rbac;
 pub mod request;
+pub mod resource_metrics;
 pub mod selector;
 pub mod serviceaccount;
 pub mod status;
