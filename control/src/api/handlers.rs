@@ -38,6 +38,9 @@ pub fn wants_table(accept: &str) -> bool {
 }
 
 pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Result<Reply, ApiError> {
+    if super::hpa_v1::is_v1(&r) {
+        return super::hpa_v1::serve(api, r, ctx).await;
+    }
     if r.group == super::resource_metrics::GROUP {
         return super::resource_metrics::serve(&api, r, &ctx).await;
     }

@@ -10,6 +10,8 @@
 //! - `objects.rs`: objects in the replicated store (key layout, optimistic concurrency).
 //! - `admission.rs`: system metadata, defaults, validation; `priority.rs`: pod
 //!   priority from PriorityClasses.
+//! - `hpa_v1.rs`: autoscaling/v1 HorizontalPodAutoscalers converted to and
+//!   from the stored v2.
 //! - `patch.rs`: JSON, merge and strategic merge patches.
 //! - `project.rs`: decoding only the fields a Table row reads.
 //! - `resource_metrics.rs`: `metrics.k8s.io` (NodeMetrics, PodMetrics) from
@@ -28,6 +30,7 @@ pub mod apply;
 pub mod bootstrap;
 pub mod discovery;
 pub mod handlers;
+pub mod hpa_v1;
 pub mod internal;
 pub mod jwt;
 pub mod objects;
