@@ -104,11 +104,12 @@ pub fn metric_specs(hpa: &Value) -> Vec<Value> {
     }
 }
 
-/// A pod's usage of `resource` in milli-units (millicores; milli-bytes).
+/// A pod's usage of `resource` in milli-units (millicores, rounded up per
+/// container as Kubernetes' `MilliValue` does; milli-bytes).
 fn usage_milli(containers: &[(String, u64, u64)], resource: &str) -> f64 {
     containers
         .iter()
-        .map(|(_, cpu, mem)| if resource == "cpu" { *cpu as f64 / 1e6 } else { *mem as f64 * 1000.0 })
+        .map(|(_, cpu, mem)| if resource == "cpu" { cpu.div_ceil(1_000_000) as f64 } else { *mem as f64 * 1000.0 })
         .sum()
 }
 
