@@ -79,6 +79,9 @@ pub fn parse_meminfo(s: &str) -> Option<u64> {
     Some(kib("MemTotal:")?.saturating_sub(kib("MemAvailable:")?) * 1024)
 }
 
+/// A pod's containers' usage: (container, CPU nanocores, memory bytes).
+type ContainerUsage = Vec<(String, u64, u64)>;
+
 /// One running container as sampled.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ContainerSample {
@@ -112,7 +115,7 @@ impl Sampler {
         node_cpu: Option<CpuTimes>,
         node_memory: u64,
     ) -> NodeUsage {
-        let mut pods: BTreeMap<(String, String), Vec<(String, u64, u64)>> = BTreeMap::new();
+        let mut pods: BTreeMap<(String, String), ContainerUsage> = BTreeMap::new();
         let mut seen = HashMap::new();
         for c in containers {
             let cur = CpuSample { at_nanos: now_nanos, used_nanos: c.cpu_used_nanos };
