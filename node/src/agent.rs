@@ -174,6 +174,7 @@ impl<R: Runtime> Agent<R> {
         tokio::spawn(self.clone().heartbeats());
         tokio::spawn(self.clone().housekeeping());
         tokio::spawn(self.clone().serve_masters());
+        tokio::spawn(crate::usage::report_loop(self.rt.clone(), self.masters.clone()));
         self.watch().await;
         Ok(())
     }

@@ -16,6 +16,8 @@
 //! - `volumes.rs`: pod volumes (emptyDir, hostPath, configMap, secret,
 //!   downwardAPI, projected): a pure planner, the kubelet's on-disk layout
 //!   and atomic file sets, tmpfs mounts, volumeMounts with subPath.
+//! - `usage.rs`: CPU and memory usage of the node and its containers,
+//!   reported every 15 s (served by the masters as `metrics.k8s.io`).
 //! - `testimage.rs`: a busybox OCI image archive built locally, for the
 //!   tests of every crate that runs containers.
 
@@ -32,4 +34,5 @@ pub mod runtime;
 pub mod sim;
 pub mod streams;
 pub mod testimage;
+pub mod usage;
 pub mod volumes;

@@ -2,6 +2,12 @@
 //! control path — QUIC, pod watch, workers, status — with containers that
 //! exist only in memory. A container "runs" until it is stopped; pod IPs
 //! come from the node's pod CIDR.
+//!
+//! Usage is zero unless a container asks for a synthetic load through its
+//! environment: `CAPSTAN_SIM_CPU` (a CPU quantity, e.g. `200m`: the
+//! cumulative counter grows at that rate while it runs) and
+//! `CAPSTAN_SIM_MEMORY` (e.g. `64Mi`: its working set). That lets tests
+//! drive `kubectl top` and the HorizontalPodAutoscaler without real work.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -22,6 +28,36 @@ struct State {
     base: Option<Ipv4Addr>,
     sandboxes: HashMap<String, Sandbox>,
     containers: HashMap<String, ContainerStatus>,
+    loads: HashMap<String, SimLoad>,
+}
+
+/// A container's synthetic usage (from its environment).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimLoad {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+}
+
+/// Environment variables a sim container's load is read from.
+pub const SIM_CPU_ENV: &str = "CAPSTAN_SIM_CPU";
+pub const SIM_MEMORY_ENV: &str = "CAPSTAN_SIM_MEMORY";
+
+impl SimLoad {
+    pub fn from_env(env: &[(String, String)]) -> SimLoad {
+        let get = |k: &str| env.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        SimLoad {
+            cpu_millis: get(SIM_CPU_ENV).and_then(crate::agent::millicores).unwrap_or(0),
+            memory_bytes: get(SIM_MEMORY_ENV).and_then(crate::agent::bytes_of).unwrap_or(0),
+        }
+    }
+
+    /// Usage after running for `ran`: the CPU counter grows at the load's rate.
+    pub fn usage(&self, ran: Duration) -> Usage {
+        Usage {
+            cpu_usage_nanos: (ran.as_nanos() * self.cpu_millis as u128 / 1000) as u64,
+            memory_working_set_bytes: self.memory_bytes,
+        }
+    }
 }
 
 impl SimRuntime {
@@ -83,6 +119,7 @@ impl Runtime for SimRuntime {
                 labels: cfg.labels.clone(),
             },
         );
+        st.loads.insert(id.clone(), SimLoad::from_env(&cfg.env));
         Ok(id)
     }
 
@@ -101,7 +138,9 @@ impl Runtime for SimRuntime {
     }
 
     async fn remove_container(&self, id: &str) -> Result<(), RuntimeError> {
-        self.state.lock().containers.remove(id);
+        let mut st = self.state.lock();
+        st.containers.remove(id);
+        st.loads.remove(id);
         Ok(())
     }
 
@@ -117,12 +156,37 @@ impl Runtime for SimRuntime {
         Ok(0)
     }
 
-    async fn usage(&self, _id: &str) -> Result<Usage, RuntimeError> {
-        Ok(Usage::default())
+    async fn usage(&self, id: &str) -> Result<Usage, RuntimeError> {
+        let st = self.state.lock();
+        let c = st.containers.get(id).ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
+        let ran = match c.state {
+            ContainerState::Running { started_at } => SystemTime::now().duration_since(started_at).unwrap_or_default(),
+            ContainerState::Exited { started_at: Some(s), finished_at, .. } => {
+                finished_at.duration_since(s).unwrap_or_default()
+            }
+            _ => Duration::ZERO,
+        };
+        Ok(st.loads.get(id).copied().unwrap_or_default().usage(ran))
     }
 
     /// Hollow nodes at scale: no tmpfs, no files.
     fn materializes_volumes(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_load_comes_from_the_environment() {
+        let env = vec![(SIM_CPU_ENV.to_string(), "250m".to_string()), (SIM_MEMORY_ENV.to_string(), "64Mi".to_string())];
+        let load = SimLoad::from_env(&env);
+        assert_eq!(load, SimLoad { cpu_millis: 250, memory_bytes: 64 << 20 });
+        let u = load.usage(Duration::from_secs(4));
+        assert_eq!(u.cpu_usage_nanos, 1_000_000_000, "a quarter core for 4 s is 1 s of CPU");
+        assert_eq!(u.memory_working_set_bytes, 64 << 20);
+        assert_eq!(SimLoad::from_env(&[]).usage(Duration::from_secs(9)), Usage::default());
     }
 }

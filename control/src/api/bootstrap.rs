@@ -64,6 +64,8 @@ pub fn builtin_objects() -> Vec<Value> {
     let rbac_kinds = ["roles", "rolebindings"];
     let mut view = namespaced_rules(read_verbs(), &["secrets", "roles", "rolebindings"]);
     view.push(json!({"apiGroups": [""], "resources": ["namespaces"], "verbs": read_verbs()}));
+    // What metrics-server's system:aggregated-metrics-reader grants.
+    view.push(json!({"apiGroups": ["metrics.k8s.io"], "resources": ["pods", "nodes"], "verbs": read_verbs()}));
     let mut edit = view.clone();
     edit.extend(
         namespaced_rules(read_verbs(), &[])

@@ -30,13 +30,19 @@ pub fn version() -> Value {
     })
 }
 
-/// A served resource that is not stored: reviews answered on the spot.
+/// A served resource that is not stored: reviews answered on the spot,
+/// and `metrics.k8s.io` built from the node agents' usage reports.
 struct Virtual {
     group: &'static str,
     version: &'static str,
     plural: &'static str,
     kind: &'static str,
+    namespaced: bool,
+    verbs: &'static [&'static str],
 }
+
+const CREATE: &[&str] = &["create"];
+const READ: &[&str] = &["get", "list"];
 
 const VIRTUAL: &[Virtual] = &[
     Virtual {
@@ -44,16 +50,44 @@ const VIRTUAL: &[Virtual] = &[
         version: "v1",
         plural: "selfsubjectaccessreviews",
         kind: "SelfSubjectAccessReview",
+        namespaced: false,
+        verbs: CREATE,
     },
     Virtual {
         group: "authorization.k8s.io",
         version: "v1",
         plural: "selfsubjectrulesreviews",
         kind: "SelfSubjectRulesReview",
+        namespaced: false,
+        verbs: CREATE,
     },
-    Virtual { group: "authentication.k8s.io", version: "v1", plural: "selfsubjectreviews", kind: "SelfSubjectReview" },
+    Virtual {
+        group: "authentication.k8s.io",
+        version: "v1",
+        plural: "selfsubjectreviews",
+        kind: "SelfSubjectReview",
+        namespaced: false,
+        verbs: CREATE,
+    },
+    Virtual {
+        group: "metrics.k8s.io",
+        version: "v1beta1",
+        plural: "nodes",
+        kind: "NodeMetrics",
+        namespaced: false,
+        verbs: READ,
+    },
+    Virtual {
+        group: "metrics.k8s.io",
+        version: "v1beta1",
+        plural: "pods",
+        kind: "PodMetrics",
+        namespaced: true,
+        verbs: READ,
+    },
 ];
 
+/// The kind of a served-but-not-stored resource (reviews, metrics).
 pub fn is_virtual(group: &str, version: &str, plural: &str) -> Option<&'static str> {
     VIRTUAL.iter().find(|v| v.group == group && v.version == version && v.plural == plural).map(|v| v.kind)
 }
@@ -125,8 +159,14 @@ pub fn aggregated(core: bool) -> Value {
             })
             .collect();
         for vr in VIRTUAL.iter().filter(|x| x.group == g && x.version == v) {
+            let scope = if vr.namespaced { "Namespaced" } else { "Cluster" };
+            let singular = if vr.group == "metrics.k8s.io" {
+                vr.plural.trim_end_matches('s').to_string()
+            } else {
+                vr.kind.to_lowercase()
+            };
             resources.push(json!({"resource": vr.plural, "responseKind": {"group": g, "version": v, "kind": vr.kind},
-                "scope": "Cluster", "singularResource": vr.kind.to_lowercase(), "verbs": ["create"]}));
+                "scope": scope, "singularResource": singular, "verbs": vr.verbs}));
         }
         let version = json!({"version": v, "resources": resources, "freshness": "Current"});
         match groups.iter_mut().find(|(name, _)| *name == g) {
@@ -204,8 +244,9 @@ pub fn resource_list(g: &str, v: &str) -> Option<Value> {
         }
     }
     for vr in VIRTUAL.iter().filter(|x| x.group == g && x.version == v) {
-        resources.push(json!({"name": vr.plural, "singularName": vr.kind.to_lowercase(), "namespaced": false,
-            "kind": vr.kind, "verbs": ["create"]}));
+        let singular = if vr.group == "metrics.k8s.io" { "" } else { &vr.kind.to_lowercase() };
+        resources.push(json!({"name": vr.plural, "singularName": singular, "namespaced": vr.namespaced,
+            "kind": vr.kind, "verbs": vr.verbs}));
     }
     let gv = if g.is_empty() { v.to_string() } else { format!("{g}/{v}") };
     Some(json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}))
@@ -237,6 +278,16 @@ mod tests {
             "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList,application/json"
         ));
         assert!(!wants_aggregated("application/json"));
+        let metrics =
+            apis["items"].as_array().unwrap().iter().find(|i| i["metadata"]["name"] == "metrics.k8s.io").unwrap();
+        assert_eq!(metrics["versions"][0]["version"], "v1beta1");
+        let res = metrics["versions"][0]["resources"].as_array().unwrap();
+        assert!(res.iter().any(|r| r["resource"] == "pods"
+            && r["scope"] == "Namespaced"
+            && r["responseKind"]["kind"] == "PodMetrics"));
+        assert!(res
+            .iter()
+            .any(|r| r["resource"] == "nodes" && r["scope"] == "Cluster" && r["verbs"] == json!(["get", "list"])));
     }
 
     #[test]

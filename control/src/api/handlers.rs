@@ -38,6 +38,12 @@ pub fn wants_table(accept: &str) -> bool {
 }
 
 pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Result<Reply, ApiError> {
+    if super::hpa_v1::is_v1(&r) {
+        return super::hpa_v1::serve(api, r, ctx).await;
+    }
+    if r.group == super::resource_metrics::GROUP {
+        return super::resource_metrics::serve(&api, r, &ctx).await;
+    }
     if let Some(kind) = discovery::is_virtual(&r.group, &r.version, &r.resource) {
         if r.verb != "create" {
             return Err(ApiError::method_not_allowed(format!("{kind} supports only create")));

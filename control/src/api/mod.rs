@@ -10,8 +10,12 @@
 //! - `objects.rs`: objects in the replicated store (key layout, optimistic concurrency).
 //! - `admission.rs`: system metadata, defaults, validation; `priority.rs`: pod
 //!   priority from PriorityClasses.
+//! - `hpa_v1.rs`: autoscaling/v1 HorizontalPodAutoscalers converted to and
+//!   from the stored v2.
 //! - `patch.rs`: JSON, merge and strategic merge patches.
 //! - `project.rs`: decoding only the fields a Table row reads.
+//! - `resource_metrics.rs`: `metrics.k8s.io` (NodeMetrics, PodMetrics) from
+//!   the node agents' usage reports.
 //! - `selector.rs`, `table.rs`, `discovery.rs`, `openapi.rs`, `rbac.rs`, `status.rs`.
 //! - `bootstrap.rs`: built-in namespaces and RBAC roles created at start.
 //! - `serviceaccount.rs`: TokenRequest, ServiceAccount token authentication and
@@ -26,6 +30,7 @@ pub mod apply;
 pub mod bootstrap;
 pub mod discovery;
 pub mod handlers;
+pub mod hpa_v1;
 pub mod internal;
 pub mod jwt;
 pub mod nodestream;
@@ -36,6 +41,7 @@ pub mod priority;
 mod project;
 pub mod rbac;
 pub mod request;
+pub mod resource_metrics;
 pub mod selector;
 pub mod serviceaccount;
 pub mod status;

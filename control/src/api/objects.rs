@@ -8,6 +8,8 @@
 //! ```text
 //! /registry/<group or "core">/<plural>/<namespace>/<name>   namespaced kinds
 //! /registry/<group or "core">/<plural>/<name>               cluster-scoped kinds
+//! /capstan/metrics/nodes/<node>                             a node's latest usage report
+//!                                                           (JSON `NodeUsage`, on a shared lease)
 //! ```
 //!
 //! `metadata.resourceVersion` is the key's mod revision. Creates compare
@@ -112,29 +114,44 @@ pub const EVENT_TTL_SECS: i64 = 3600;
 /// apiserver reuses leases, so an event burst is not a lease burst.
 const EVENT_LEASE_REUSE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Node usage reports (metrics.k8s.io) vanish between this long after
+/// their report and this minus [`METRICS_LEASE_REUSE`]: agents report every
+/// 15 s, so only a node that stopped reporting loses its metrics.
+pub const METRICS_TTL_SECS: i64 = 75;
+const METRICS_LEASE_REUSE: std::time::Duration = std::time::Duration::from_secs(30);
+pub const METRICS_PREFIX: &str = "/capstan/metrics/nodes/";
+
+/// A lease shared by the writes of a short window (granted, then reused).
+type SharedLease = Arc<tokio::sync::Mutex<Option<(i64, std::time::Instant)>>>;
+
 #[derive(Clone)]
 pub struct Objects {
     pub node: Arc<StoreNode>,
-    event_lease: Arc<tokio::sync::Mutex<Option<(i64, std::time::Instant)>>>,
+    event_lease: SharedLease,
+    metrics_lease: SharedLease,
 }
 
 impl Objects {
     pub fn new(node: Arc<StoreNode>) -> Objects {
-        Objects { node, event_lease: Default::default() }
+        Objects { node, event_lease: Default::default(), metrics_lease: Default::default() }
     }
 
     /// The lease new Events are attached to: granted with the event TTL
     /// plus the reuse window, so no event outlives its TTL by less.
     async fn event_lease(&self) -> Result<i64, ApiError> {
-        let mut cur = self.event_lease.lock().await;
+        self.shared_lease(&self.event_lease, EVENT_TTL_SECS + EVENT_LEASE_REUSE.as_secs() as i64, EVENT_LEASE_REUSE)
+            .await
+    }
+
+    async fn shared_lease(&self, slot: &SharedLease, ttl: i64, reuse: std::time::Duration) -> Result<i64, ApiError> {
+        let mut cur = slot.lock().await;
         if let Some((id, at)) = *cur {
-            if at.elapsed() < EVENT_LEASE_REUSE {
+            if at.elapsed() < reuse {
                 return Ok(id);
             }
         }
         use rand::Rng;
         let id = rand::thread_rng().gen_range(1..i64::MAX);
-        let ttl = EVENT_TTL_SECS + EVENT_LEASE_REUSE.as_secs() as i64;
         let r = self.node.write(Command::LeaseGrant { id, ttl }).await.map_err(store_error)?;
         match r.outcome {
             Some(Ok(Outcome::LeaseGranted { id, .. })) => {
@@ -142,8 +159,43 @@ impl Objects {
                 Ok(id)
             }
             Some(Err(e)) => Err(store_error(StoreError::Mvcc(e))),
-            _ => Err(ApiError::internal("unexpected store outcome granting an event lease")),
+            _ => Err(ApiError::internal("unexpected store outcome granting a lease")),
         }
+    }
+
+    /// Stores `node`'s latest usage report (one put; the lease is shared by
+    /// every report this master writes within [`METRICS_LEASE_REUSE`]), so
+    /// any master can serve it and a silent node's report expires.
+    pub async fn put_node_metrics(&self, node: &str, report: Vec<u8>) -> Result<(), ApiError> {
+        let key = Bytes::from(format!("{METRICS_PREFIX}{node}"));
+        for _ in 0..2 {
+            let lease = self.shared_lease(&self.metrics_lease, METRICS_TTL_SECS, METRICS_LEASE_REUSE).await?;
+            let put = Op::Put(PutRequest {
+                key: key.clone(),
+                value: Bytes::from(report.clone()),
+                lease,
+                ..Default::default()
+            });
+            let r = self.node.write(Command::Txn(TxnRequest { success: vec![put], ..Default::default() })).await;
+            match r.map_err(store_error)?.outcome {
+                Some(Ok(_)) => return Ok(()),
+                // Revoked under us (e.g. expired while this master was cut off): grant a new one.
+                Some(Err(MvccError::LeaseNotFound)) => *self.metrics_lease.lock().await = None,
+                Some(Err(e)) => return Err(store_error(StoreError::Mvcc(e))),
+                None => return Err(ApiError::internal("unexpected store outcome writing node metrics")),
+            }
+        }
+        Err(ApiError::unavailable("node metrics lease kept disappearing"))
+    }
+
+    /// Every node's latest usage report in this master's applied state.
+    pub fn node_metrics_local(&self) -> Result<Vec<(String, Bytes)>, ApiError> {
+        let req = RangeRequest { range: KeyRange::prefix(METRICS_PREFIX.as_bytes().to_vec()), ..Default::default() };
+        let (kvs, _, _) = self.range(&req)?;
+        Ok(kvs
+            .into_iter()
+            .map(|kv| (String::from_utf8_lossy(&kv.key[METRICS_PREFIX.len()..]).into_owned(), kv.value))
+            .collect())
     }
 
     /// Waits until this master has applied everything committed before the

@@ -640,15 +640,28 @@ fn cells(kind: &str, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
         }
         "HorizontalPodAutoscaler" => {
             let r = &spec["scaleTargetRef"];
+            // As Kubernetes prints them: `cpu: 40%/50%`, `128Mi/64Mi`; the
+            // current value from status.currentMetrics (same order) or <unknown>.
+            let current = status["currentMetrics"].as_array().cloned().unwrap_or_default();
             let targets: Vec<String> = spec["metrics"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .map(|m| {
+                .enumerate()
+                .map(|(i, m)| {
                     let t = &m["resource"]["target"];
+                    let now = &current.get(i).cloned().unwrap_or_default()["resource"]["current"];
                     match t["averageUtilization"].as_i64() {
-                        Some(u) => format!("{}: <unknown>/{u}%", s(&m["resource"]["name"])),
-                        None => format!("<unknown>/{}", s(&t["averageValue"])),
+                        Some(u) => {
+                            let cur = now["averageUtilization"]
+                                .as_i64()
+                                .map_or_else(|| "<unknown>".to_string(), |c| format!("{c}%"));
+                            format!("{}: {cur}/{u}%", s(&m["resource"]["name"]))
+                        }
+                        None => {
+                            let cur = now["averageValue"].as_str().unwrap_or("<unknown>");
+                            format!("{cur}/{}", s(&t["averageValue"]))
+                        }
                     }
                 })
                 .collect();

@@ -6,7 +6,7 @@
 //! - `runtime.rs`: each controller is an actix actor around a queue.
 //! - `owned.rs`: owners, dependents and expectations, shared by the controllers of owned objects.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `scheduler/`, `gc.rs`: the
+//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `hpa.rs`, `scheduler/`, `gc.rs`: the
 //!   controllers, each a pure `plan` plus a thin shell.
 //! - `clusterstate.rs`: node readiness and crash-loop gauges for alerts.
 //! - `serviceaccount.rs`: each namespace's `default` ServiceAccount and `kube-root-ca.crt`.
@@ -26,6 +26,7 @@ pub mod disruption;
 pub mod endpoints;
 pub mod events;
 pub mod gc;
+pub mod hpa;
 pub mod informer;
 pub mod job;
 pub mod leader;
@@ -130,6 +131,7 @@ pub fn start(
             "Namespace",
             "ServiceAccount",
             "ConfigMap",
+            "HorizontalPodAutoscaler",
         ],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
@@ -211,6 +213,13 @@ pub fn start(
         accounts: inf.get("ServiceAccount").clone(),
         configmaps: inf.get("ConfigMap").clone(),
     });
+    let hpac = Arc::new(hpa::HpaController::new(
+        api.clone(),
+        inf.get("HorizontalPodAutoscaler").clone(),
+        inf.get("Pod").clone(),
+        ["Deployment", "ReplicaSet", "StatefulSet"].into_iter().map(|k| (k, inf.get(k).clone())).collect(),
+        events.recorder("horizontal-pod-autoscaler"),
+    ));
     clusterstate::start(inf.get("Node").clone(), inf.get("Pod").clone(), metrics.clone());
     let all = start_actors(
         vec![
@@ -225,11 +234,12 @@ pub fn start(
             actor(pdbc.clone(), 1),
             actor(stsc.clone(), 2),
             actor(sac, 1),
+            actor(hpac, 1),
         ],
         metrics,
     )?;
-    let [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sts_addr, sa_addr] =
-        <[Addr<ControllerActor>; 11]>::try_from(all.clone())
+    let [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sts_addr, sa_addr, hpa_addr] =
+        <[Addr<ControllerActor>; 12]>::try_from(all.clone())
             .map_err(|_| anyhow::anyhow!("controller actors missing"))?;
 
     let pods = inf.get("Pod").clone();
@@ -283,6 +293,9 @@ pub fn start(
     route(inf.get("ConfigMap").subscribe(), sa_addr, |c| {
         serviceaccount::ServiceAccountController::key_for(c, crate::api::serviceaccount::ROOT_CA_CONFIGMAP)
     });
+
+    // Each HPA then resyncs itself every 15 s (usage is not watched).
+    route(inf.get("HorizontalPodAutoscaler").subscribe(), hpa_addr, |c| vec![c.key.clone()]);
 
     tokio::spawn(async move {
         loop {

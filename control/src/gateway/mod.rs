@@ -9,7 +9,8 @@
 //!   CIDR, claimed in the store so no two nodes share one), renew its Lease,
 //!   report its status and its pods' statuses, confirm a deleted pod's
 //!   containers are gone, read the Secrets and ConfigMaps its pods
-//!   reference (the node authorizer, `authz.rs`), and watch its pods.
+//!   reference (the node authorizer, `authz.rs`), watch its pods, and
+//!   report its usage (kept in the store on a lease for `metrics.k8s.io`).
 //! - Pod watches are fed by this master's pod informer through one router
 //!   task: each change goes only to the sessions of the node(s) it names.
 //!   A session starts with a listing of the node's pods taken atomically
@@ -33,7 +34,7 @@ use std::sync::Arc;
 
 use capstan_proto::k8s::registry::{by_kind, ResourceType};
 use capstan_proto::nodewire::{
-    read_message, write_frame, write_message, NodeRequest, NodeResponse, PodEvent, PodFrame, WireError,
+    read_message, write_frame, write_message, NodeRequest, NodeResponse, NodeUsage, PodEvent, PodFrame, WireError,
     MAX_ANONYMOUS_MESSAGE, MAX_MESSAGE, NODES_GROUP, NODE_TOKEN_USAGE, NODE_USER_PREFIX,
 };
 use capstan_raft::bootstrap::{JoinToken, Pki};
@@ -333,13 +334,21 @@ impl Gateway {
                 self.pod_terminated(node, &namespace, &name, &uid).await
             }
             NodeRequest::Get { resource, namespace, name } => self.get(node, &resource, &namespace, &name).await,
-            // Kept for metrics.k8s.io (served from the agents' reports).
-            NodeRequest::Usage { .. } => Ok(NodeResponse::Done),
+            NodeRequest::Usage { usage } => self.usage(node, &usage).await,
             NodeRequest::Join { .. } | NodeRequest::WatchPods | NodeRequest::Relay { .. } => {
                 Ok(NodeResponse::error(400, "BadRequest", "unexpected request"))
             }
         };
         result.unwrap_or_else(api_error)
+    }
+
+    /// Stores the node's latest usage report where every master can serve
+    /// it (`metrics.k8s.io`, `api/resource_metrics.rs`); it expires with its
+    /// lease when the node stops reporting.
+    async fn usage(&self, node: &str, usage: &NodeUsage) -> Result<NodeResponse, ApiError> {
+        let report = serde_json::to_vec(usage).map_err(|e| ApiError::internal(e.to_string()))?;
+        self.api.objects.put_node_metrics(node, report).await?;
+        Ok(NodeResponse::Done)
     }
 
     /// Checks the bootstrap token and signs the agent's CSR as `system:node:<name>`.
