@@ -151,6 +151,8 @@ pub struct Agent<R: Runtime> {
     observed: tokio::sync::Mutex<Option<Arc<Observation>>>,
     /// A listing from a master has arrived (orphans may be collected).
     listed: std::sync::atomic::AtomicBool,
+    /// The agent is shutting down: workers stop acting.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 impl<R: Runtime> Agent<R> {
@@ -164,7 +166,17 @@ impl<R: Runtime> Agent<R> {
             keys: Mutex::default(),
             observed: tokio::sync::Mutex::new(None),
             listed: Default::default(),
+            stopping: Default::default(),
         })
+    }
+
+    /// Stops every pod worker (before a teardown, so none restarts what is torn down).
+    pub fn stop(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Registers, then heartbeats, watches and collects orphans until the process ends.
@@ -330,6 +342,9 @@ impl<R: Runtime> Agent<R> {
         let mut fresh = true;
         let mut volumes_refreshed = Instant::now();
         loop {
+            if self.stopping() {
+                return;
+            }
             let removed = rx.borrow().is_none();
             let spec = match rx.borrow().clone() {
                 Some(s) => s,
@@ -359,6 +374,9 @@ impl<R: Runtime> Agent<R> {
             let acted = !actions.is_empty();
             let mut terminated = false;
             for a in actions {
+                if self.stopping() {
+                    return;
+                }
                 if a == Action::Terminated {
                     terminated = true;
                     continue;

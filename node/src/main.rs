@@ -170,21 +170,26 @@ fn main() -> anyhow::Result<()> {
                     None => Containerd::start_own(&data_dir).await?,
                 };
                 let me = std::env::current_exe().context("locating capstan-node (the log driver)")?;
-                let rt = Arc::new(rt.with_network(network).with_log_driver(LogDriver::Binary(me)));
+                let rt = Arc::new(rt.with_network(network.clone()).with_log_driver(LogDriver::Binary(me)));
                 if let Some(dir) = &cli.image_dir {
                     rt.watch_image_dir(dir.clone());
                 }
                 let info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "containerd://1.6");
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let agent = agent::Agent::new(info, masters, rt.clone(), data_dir.clone());
                 let result = tokio::select! {
-                    r = agent::serve(info, masters, rt.clone(), data_dir.clone()) => r,
+                    r = agent.clone().run() => r,
                     _ = tokio::signal::ctrl_c() => Ok(()),
                     _ = term.recv() => Ok(()),
                 };
+                agent.stop();
+                // Let a worker's action in flight finish before tearing down.
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                 // Containers keep running under their shims; containerd is
                 // ours and stops with us (the next start adopts them).
                 if cli.teardown_on_exit {
                     agent::teardown_all(rt.as_ref(), &data_dir).await;
+                    network.release().await;
                 }
                 rt.shutdown().await;
                 result

@@ -35,6 +35,20 @@ impl CniNetwork {
     }
 }
 
+impl CniNetwork {
+    /// The node leaves: its bridge and the netns directory's mount go too
+    /// (call after every sandbox is removed).
+    pub async fn release(&self) {
+        let out = tokio::process::Command::new("ip").args(["link", "del", &self.bridge]).output().await;
+        if let Some(o) = out.ok().filter(|o| !o.status.success()) {
+            tracing::debug!(bridge = %self.bridge, err = %String::from_utf8_lossy(&o.stderr), "bridge not deleted");
+        }
+        if let Err(e) = crate::netns::release_dir(&self.netns_dir) {
+            tracing::warn!(dir = %self.netns_dir.display(), error = %e, "netns dir not released");
+        }
+    }
+}
+
 impl PodNetwork for CniNetwork {
     fn set_pod_cidr(&self, cidr: &str) {
         match PodCidr::parse(cidr).map_err(|e| e.to_string()).and_then(|c| {
