@@ -134,6 +134,9 @@ fn keep_transitions(status: &mut Value, prev: &Value) {
     }
 }
 
+/// Probes of a pod's containers, by (container id, kind).
+type Probes = HashMap<(String, crate::prober::Kind), (crate::prober::Probe, crate::prober::Tracker)>;
+
 pub(crate) struct Observation {
     at: Instant,
     pub sandboxes: Vec<Sandbox>,
@@ -339,6 +342,7 @@ impl<R: Runtime> Agent<R> {
         };
         let mut reported = last.raw["status"].clone();
         let mut seen_exits: HashSet<String> = HashSet::new();
+        let mut probes: Probes = HashMap::new();
         let mut fresh = true;
         let mut volumes_refreshed = Instant::now();
         loop {
@@ -367,6 +371,9 @@ impl<R: Runtime> Agent<R> {
             let sandbox = obs.sandboxes.iter().find(|s| s.pod_uid == uid);
             let mine: Vec<&ContainerStatus> = obs.containers.iter().filter(|c| c.pod_uid == uid).collect();
             self.note_exits(&spec, &mine, &mut mem, &mut seen_exits);
+            if !spec.deleting {
+                self.probe(&spec, sandbox, &mine, &mut mem, &mut probes).await;
+            }
             let observed = Observed { sandbox, containers: mine.clone() };
             let now = SystemTime::now();
             let (actions, wake) = pods::plan(&spec, &observed, &mem, now);
@@ -427,6 +434,77 @@ impl<R: Runtime> Agent<R> {
             tokio::select! {
                 _ = rx.changed() => fresh = true,
                 _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Runs the probes that are due for the pod's running containers and
+    /// turns their verdicts into readiness, startedness and unhealthiness.
+    async fn probe(
+        &self,
+        spec: &PodSpec,
+        sandbox: Option<&Sandbox>,
+        mine: &[&ContainerStatus],
+        mem: &mut Memory,
+        probes: &mut Probes,
+    ) {
+        use crate::prober::{self, Kind, Probe, Tracker};
+        let now = Instant::now();
+        let running: Vec<&ContainerStatus> =
+            mine.iter().copied().filter(|c| matches!(c.state, ContainerState::Running { .. })).collect();
+        probes.retain(|(id, _), _| running.iter().any(|c| c.id == *id));
+        let pod_ip = if spec.host_network { self.info.host_ip.parse().ok() } else { sandbox.and_then(|s| s.ip) };
+        let mut due = Vec::new();
+        for c in &running {
+            let Some(cs) = container_spec(spec, &c.name) else { continue };
+            for kind in [Kind::Startup, Kind::Liveness, Kind::Readiness] {
+                if let Some(p) = Probe::parse(&cs.raw, kind) {
+                    probes.entry((c.id.clone(), kind)).or_insert_with(|| {
+                        let t = Tracker::new(&p, now);
+                        (p, t)
+                    });
+                }
+            }
+            let startup = probes.get(&(c.id.clone(), Kind::Startup)).map(|(_, t)| t.verdict);
+            let started = startup.is_none_or(|v| v == Some(true));
+            mem.started.insert(c.id.clone(), started);
+            let kinds: &[Kind] = if started { &[Kind::Liveness, Kind::Readiness] } else { &[Kind::Startup] };
+            for kind in kinds {
+                if let Some((p, t)) = probes.get(&(c.id.clone(), *kind)) {
+                    if t.due(now) {
+                        due.push((c.id.clone(), *kind, p.clone()));
+                    }
+                }
+            }
+        }
+        let results = futures::future::join_all(due.iter().map(|(id, kind, p)| {
+            let rt = self.rt.clone();
+            let id = id.clone();
+            prober::run(p, *kind, pod_ip, move |cmd, _timeout| async move {
+                let (otx, mut orx) = tokio::sync::mpsc::channel(16);
+                let (etx, mut erx) = tokio::sync::mpsc::channel(16);
+                let io = ExecIo { stdin: None, stdout: otx, stderr: etx, resize: None };
+                let drain = async {
+                    while orx.recv().await.is_some() {}
+                    while erx.recv().await.is_some() {}
+                };
+                let (r, ()) = tokio::join!(rt.exec(&id, &cmd, false, io), drain);
+                r.map_err(|e| e.to_string())
+            })
+        }))
+        .await;
+        for ((id, kind, p), (ok, message)) in due.into_iter().zip(results) {
+            let Some((_, t)) = probes.get_mut(&(id.clone(), kind)) else { continue };
+            t.record(&p, ok, message, Instant::now());
+            match (kind, t.verdict) {
+                (Kind::Readiness, v) => {
+                    mem.ready.insert(id, v == Some(true));
+                }
+                (Kind::Liveness | Kind::Startup, Some(false)) => {
+                    tracing::info!(pod = %spec.name, container = %id, reason = %t.last_message, "unhealthy: restarting");
+                    mem.unhealthy.insert(id, t.last_message.clone());
+                }
+                _ => {}
             }
         }
     }

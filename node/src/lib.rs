@@ -4,6 +4,9 @@
 //!   to the masters (moved to the next master when one dies).
 //! - `agent.rs`: registration, heartbeats, the pod watch and one worker
 //!   per pod; `pods.rs` the workers' decisions, pure.
+//! - `prober.rs`: liveness, readiness and startup probes (exec, httpGet,
+//!   tcpSocket), verdicts pure; `streams.rs` the masters' log and exec
+//!   streams; `podnet.rs` pod networking for containerd (netns + CNI).
 //! - `runtime.rs`: the container runtime contract (CRI-shaped) the pod
 //!   workers drive; `sim.rs` a hollow runtime for scale tests;
 //!   `containerd/` the real one over containerd's gRPC API, `cni.rs` pod
@@ -30,6 +33,7 @@ pub mod netns;
 pub mod podlogs;
 pub mod podnet;
 pub mod pods;
+pub mod prober;
 pub mod runtime;
 pub mod sim;
 pub mod streams;
