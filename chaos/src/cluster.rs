@@ -207,7 +207,8 @@ impl UpCluster {
 impl Drop for UpCluster {
     fn drop(&mut self) {
         self.signal(self.child.id(), libc::SIGINT);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Node agents tear their pods down first (up to a minute).
+        let deadline = Instant::now() + Duration::from_secs(60);
         while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,35 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn kubectl(kc: &PathBuf, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
-    let mut child = Command::new("timeout")
-        .arg("90")
-        .arg("kubectl")
-        .args(args)
-        .env("KUBECONFIG", kc)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(s) = stdin {
-        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-fn ok(kc: &PathBuf, args: &[&str]) -> String {
-    let (success, out, err) = kubectl(kc, args, None);
-    assert!(success, "kubectl {args:?}: {err}");
-    out
-}
-
-fn json_of(kc: &PathBuf, args: &[&str]) -> Value {
-    let mut a = args.to_vec();
-    a.extend(["-o", "json"]);
-    serde_json::from_str(&ok(kc, &a)).unwrap()
-}
+use common::{json_of, kubectl, ok};
 
 /// What a kubelet does to report a pod: a merge patch of its status.
 fn set_status(kc: &PathBuf, ns: &str, name: &str, status: &Value) {

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -313,4 +314,35 @@ pub fn metrics_url(up: &Up, i: usize) -> String {
 
 pub fn up(masters: usize) -> Up {
     Up::start(Path::new(BIN), masters).expect("capstan up")
+}
+
+/// kubectl with `kc` as its kubeconfig (bounded to 90 s): (success, stdout, stderr).
+pub fn kubectl(kc: &Path, args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    let mut child = Command::new("timeout")
+        .arg("90")
+        .arg("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kc)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    if let Some(s) = stdin {
+        child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+pub fn ok(kc: &Path, args: &[&str]) -> String {
+    let (success, out, err) = kubectl(kc, args, None);
+    assert!(success, "kubectl {args:?}: {err}");
+    out
+}
+
+pub fn json_of(kc: &Path, args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    serde_json::from_str(&ok(kc, &a)).unwrap()
 }

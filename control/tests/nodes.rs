@@ -1,0 +1,426 @@
+//! Real nodes: `capstan up` with one `capstan-node` agent driving its own
+//! containerd (CNI pod networking, the CRI log driver, the busybox image
+//! `capstan up` builds into the image directory), driven by kubectl.
+//!
+//! Needs root, containerd, runc and the CNI plugins (CI installs them) and
+//! `capstan-node` built next to `capstan` (`cargo test --workspace` does).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{json_of, kubectl, ok};
+use serde_json::Value;
+
+fn node_binary() -> PathBuf {
+    let p = Path::new(common::BIN).with_file_name("capstan-node");
+    assert!(p.exists(), "{} is missing: cargo build -p capstan-node", p.display());
+    p
+}
+
+/// A cluster of three masters and one containerd node.
+fn cluster() -> (common::Up, PathBuf) {
+    node_binary();
+    let up = common::Up::start_full(Path::new(common::BIN), 3, &[], &["--nodes", "1", "--no-demo"])
+        .expect("capstan up with a node");
+    let kc = up.dir.path().join("kubeconfig");
+    (up, kc)
+}
+
+fn node_dir(up: &common::Up) -> PathBuf {
+    up.dir.path().join("node-1")
+}
+
+/// `ctr` against the node's own containerd.
+fn ctr(up: &common::Up, args: &[&str]) -> String {
+    let sock = node_dir(up).join("containerd/containerd.sock");
+    let out = Command::new("ctr").arg("--address").arg(&sock).args(["-n", "capstan"]).args(args).output().unwrap();
+    assert!(out.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn pod(kc: &Path, name: &str) -> Value {
+    json_of(kc, &["get", "pod", name])
+}
+
+fn container_status(kc: &Path, name: &str) -> Value {
+    pod(kc, name)["status"]["containerStatuses"][0].clone()
+}
+
+fn http_get(ip: &str, port: u16) -> String {
+    let mut s = std::net::TcpStream::connect_timeout(&format!("{ip}:{port}").parse().unwrap(), Duration::from_secs(3))
+        .expect("connect to the pod");
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body
+}
+
+fn apply(kc: &Path, yaml: &str) {
+    let (good, _, err) = kubectl(kc, &["apply", "-f", "-"], Some(yaml));
+    assert!(good, "apply: {err}");
+}
+
+const WEB: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: httpd
+        image: busybox:stable
+        imagePullPolicy: IfNotPresent
+        command: ["sh", "-c", "mkdir -p /www && echo pod=$HOSTNAME > /www/index.html && echo started $HOSTNAME && exec httpd -f -p 8080 -h /www"]
+"#;
+
+const CONFIG: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {greeting: hello-from-configmap}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+stringData: {password: s3cr3t}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: configured, labels: {tier: test}}
+spec:
+  restartPolicy: Never
+  volumes:
+  - {name: cfg, configMap: {name: settings}}
+  - {name: sec, secret: {secretName: creds}}
+  - {name: shared, emptyDir: {}}
+  initContainers:
+  - name: prepare
+    image: busybox:stable
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "echo init-ran-first > /shared/order"]
+    volumeMounts: [{name: shared, mountPath: /shared}]
+  containers:
+  - name: main
+    image: busybox:stable
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "cat /shared/order; cat /cfg/greeting; echo; cat /sec/password; echo; echo env=$GREETING/$PASSWORD/$POD"]
+    env:
+    - name: GREETING
+      valueFrom: {configMapKeyRef: {name: settings, key: greeting}}
+    - name: PASSWORD
+      valueFrom: {secretKeyRef: {name: creds, key: password}}
+    - name: POD
+      valueFrom: {fieldRef: {fieldPath: metadata.name}}
+    volumeMounts:
+    - {name: cfg, mountPath: /cfg}
+    - {name: sec, mountPath: /sec}
+    - {name: shared, mountPath: /shared}
+"#;
+
+const PROBED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: probed}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: app
+    image: busybox:stable
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "touch /tmp/alive; sleep 3600"]
+    readinessProbe:
+      exec: {command: ["test", "-f", "/tmp/ready"]}
+      periodSeconds: 1
+    livenessProbe:
+      exec: {command: ["test", "-f", "/tmp/alive"]}
+      periodSeconds: 1
+      failureThreshold: 2
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hog}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: hog
+    image: busybox:stable
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "head -c 200m /dev/zero | tail"]
+    resources: {limits: {memory: 16Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ticker}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: tick
+    image: busybox:stable
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.3; done"]
+"#;
+
+const BAD: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: no-image}
+spec:
+  containers: [{name: c, image: "127.0.0.1:1/nothing/here:1", imagePullPolicy: IfNotPresent}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: bad-command}
+spec:
+  restartPolicy: Never
+  containers: [{name: c, image: busybox:stable, imagePullPolicy: IfNotPresent, command: ["/no/such/binary"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: missing-config}
+spec:
+  volumes: [{name: v, configMap: {name: does-not-exist}}]
+  containers:
+  - {name: c, image: busybox:stable, imagePullPolicy: IfNotPresent, command: ["sleep", "60"], volumeMounts: [{name: v, mountPath: /v}]}
+"#;
+
+fn waiting_reason(kc: &Path, name: &str) -> Option<String> {
+    let s = container_status(kc, name);
+    s["state"]["waiting"]["reason"].as_str().map(str::to_string)
+}
+
+#[test]
+fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
+    let (up, kc) = cluster();
+    ok(&kc, &["get", "nodes"]);
+    let node = json_of(&kc, &["get", "node", "node-1"]);
+    let cidr = node["spec"]["podCIDR"].as_str().expect("a pod CIDR").to_string();
+    assert!(node["status"]["nodeInfo"]["containerRuntimeVersion"].as_str().unwrap().starts_with("containerd://"));
+
+    // A Deployment of web servers: Running with pod IPs that answer HTTP.
+    apply(&kc, WEB);
+    ok(&kc, &["rollout", "status", "deploy/web", "--timeout=90s"]);
+    let pods = json_of(&kc, &["get", "pods", "-l", "app=web"]);
+    let items = pods["items"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    let prefix = cidr.rsplit_once('.').unwrap().0.to_string();
+    for p in items {
+        assert_eq!(p["status"]["phase"], "Running");
+        let ip = p["status"]["podIP"].as_str().expect("a pod IP");
+        assert!(ip.starts_with(&prefix), "{ip} in {cidr}");
+        let name = p["metadata"]["name"].as_str().unwrap();
+        let body = wait_for(20, "the pod to answer HTTP", || Some(http_get(ip, 8080)).filter(|b| b.contains("pod=")));
+        assert!(body.contains(&format!("pod={name}")), "{body}");
+        // kubectl logs: the container's output.
+        assert!(ok(&kc, &["logs", name]).contains(&format!("started {name}")));
+    }
+    let web0 = items[0]["metadata"]["name"].as_str().unwrap().to_string();
+
+    // kubectl exec: output and exit codes, through whichever master holds the agent.
+    assert_eq!(ok(&kc, &["exec", &web0, "--", "cat", "/www/index.html"]).trim(), format!("pod={web0}"));
+    let out = Command::new("kubectl")
+        .env("KUBECONFIG", &kc)
+        .args(["exec", &web0, "--", "sh", "-c", "echo err >&2; exit 3"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
+    let (good, _, err) = kubectl(&kc, &["exec", &web0, "-i", "--", "cat"], Some("via-stdin\n"));
+    assert!(good && !err.contains("rror"), "{err}");
+
+    // ConfigMap and Secret volumes and env, init containers first, downward API.
+    apply(&kc, CONFIG);
+    wait_for(60, "the configured pod to succeed", || {
+        Some(()).filter(|_| pod(&kc, "configured")["status"]["phase"] == "Succeeded")
+    });
+    let logs = ok(&kc, &["logs", "configured"]);
+    assert_eq!(
+        logs.lines().collect::<Vec<_>>(),
+        ["init-ran-first", "hello-from-configmap", "s3cr3t", "env=hello-from-configmap/s3cr3t/configured"],
+        "{logs}"
+    );
+    assert_eq!(
+        pod(&kc, "configured")["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"],
+        "Completed"
+    );
+
+    // A Job runs to completion.
+    ok(&kc, &["create", "job", "once", "--image=busybox:stable", "--", "sh", "-c", "echo job-done"]);
+    ok(&kc, &["wait", "--for=condition=complete", "job/once", "--timeout=90s"]);
+    assert!(ok(&kc, &["logs", "job/once"]).contains("job-done"));
+
+    // Probes, OOM, log following.
+    apply(&kc, PROBED);
+    wait_for(60, "probed to run", || {
+        Some(()).filter(|_| container_status(&kc, "probed")["state"]["running"].is_object())
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(container_status(&kc, "probed")["ready"], false, "readiness gates Ready");
+    ok(&kc, &["exec", "probed", "--", "touch", "/tmp/ready"]);
+    wait_for(30, "probed to be Ready", || Some(()).filter(|_| container_status(&kc, "probed")["ready"] == true));
+    ok(&kc, &["exec", "probed", "--", "rm", "/tmp/alive"]);
+    wait_for(60, "a liveness restart", || {
+        Some(()).filter(|_| container_status(&kc, "probed")["restartCount"].as_u64() >= Some(1))
+    });
+    wait_for(60, "hog to be OOM-killed", || {
+        let s = container_status(&kc, "hog");
+        Some(()).filter(|_| s["state"]["terminated"]["reason"] == "OOMKilled")
+    });
+    let mut follow = Command::new("kubectl")
+        .env("KUBECONFIG", &kc)
+        .args(["logs", "-f", "ticker"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(60, "ticker to run", || {
+        Some(()).filter(|_| container_status(&kc, "ticker")["state"]["running"].is_object())
+    });
+    let mut lines = BufReader::new(follow.stdout.take().unwrap()).lines();
+    let first: Vec<String> = (0..5).map(|_| lines.next().unwrap().unwrap()).collect();
+    assert!(first.iter().all(|l| l.starts_with("tick ")), "{first:?}");
+    let _ = follow.kill();
+    let _ = follow.wait();
+
+    // Killing a container's process: restarted at once, restartCount 1, --previous logs.
+    let id =
+        container_status(&kc, &web0)["containerID"].as_str().unwrap().trim_start_matches("containerd://").to_string();
+    ctr(&up, &["task", "kill", "-s", "SIGKILL", &id]);
+    wait_for(30, "the killed container to be restarted", || {
+        let s = container_status(&kc, &web0);
+        Some(()).filter(|_| s["restartCount"] == 1 && s["state"]["running"].is_object())
+    });
+    let s = container_status(&kc, &web0);
+    assert_eq!(s["lastState"]["terminated"]["exitCode"], 137);
+    assert!(ok(&kc, &["logs", &web0, "--previous"]).contains(&format!("started {web0}")));
+
+    // Bad input: each surfaces as a clear reason.
+    apply(&kc, BAD);
+    wait_for(60, "ErrImagePull", || {
+        waiting_reason(&kc, "no-image").filter(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
+    });
+    let msg = container_status(&kc, "no-image")["state"]["waiting"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("127.0.0.1:1/nothing/here:1"), "{msg}");
+    wait_for(60, "the bad command to fail", || {
+        let s = container_status(&kc, "bad-command");
+        let reason = s["state"]["waiting"]["reason"]
+            .as_str()
+            .or(s["state"]["terminated"]["reason"].as_str())
+            .map(str::to_string);
+        reason.filter(|r| r == "RunContainerError" || r == "StartError" || r == "Error")
+    });
+    let reason = wait_for(60, "the missing ConfigMap to be reported", || {
+        waiting_reason(&kc, "missing-config").filter(|r| r == "CreateContainerConfigError")
+    });
+    assert_eq!(reason, "CreateContainerConfigError");
+    let msg =
+        container_status(&kc, "missing-config")["state"]["waiting"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("does-not-exist"), "{msg}");
+
+    // kill -9 the agent: containers keep running; the restarted agent adopts them.
+    let before: Vec<(String, String)> = json_of(&kc, &["get", "pods", "-l", "app=web"])["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["metadata"]["name"].as_str().unwrap().to_string(),
+                p["status"]["containerStatuses"][0]["containerID"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let agent_pid = agent_pid(&up);
+    unsafe {
+        libc::kill(agent_pid as i32, libc::SIGKILL);
+    }
+    let tasks = ctr(&up, &["task", "list"]);
+    for (_, cid) in &before {
+        let cid = cid.trim_start_matches("containerd://");
+        assert!(
+            tasks.lines().any(|l| l.starts_with(cid) && l.contains("RUNNING")),
+            "{cid} runs on without its agent:\n{tasks}"
+        );
+    }
+    wait_for(60, "capstan up to restart the agent", || {
+        Some(()).filter(|_| agent_pid_now(&up).is_some_and(|p| p != agent_pid))
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    for (name, cid) in &before {
+        let s = container_status(&kc, name);
+        assert_eq!(s["containerID"].as_str(), Some(cid.as_str()), "{name} adopted, not restarted");
+        let restarts = if *name == web0 { 1 } else { 0 };
+        assert_eq!(s["restartCount"], restarts, "{name}");
+    }
+
+    // Deleting everything leaves no containers, tasks, network namespaces or mounts.
+    for what in [
+        ["deploy", "web"],
+        ["pod", "configured"],
+        ["pod", "probed"],
+        ["pod", "hog"],
+        ["pod", "ticker"],
+        ["job", "once"],
+    ] {
+        ok(&kc, &["delete", what[0], what[1], "--wait=false"]);
+    }
+    for p in ["no-image", "bad-command", "missing-config"] {
+        ok(&kc, &["delete", "pod", p, "--wait=false"]);
+    }
+    wait_for(120, "every pod to go", || {
+        Some(()).filter(|_| json_of(&kc, &["get", "pods"])["items"].as_array().unwrap().is_empty())
+    });
+    wait_for(30, "containers and tasks to go", || {
+        Some(()).filter(|_| {
+            ctr(&up, &["containers", "list", "-q"]).trim().is_empty()
+                && ctr(&up, &["task", "list", "-q"]).trim().is_empty()
+        })
+    });
+    let netns = node_dir(&up).join("netns");
+    let left: Vec<String> = std::fs::read_dir(&netns)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "network namespaces left: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let pod_mounts: Vec<&str> =
+        mounts.lines().filter(|l| l.contains(&format!("{}/pods/", node_dir(&up).display()))).collect();
+    assert!(pod_mounts.is_empty(), "volume mounts left: {pod_mounts:?}");
+}
+
+/// The agent's PID, from its containerd's parent... simpler: the process
+/// whose command line names the node's data dir.
+fn agent_pid_now(up: &common::Up) -> Option<u32> {
+    let want = format!("{}", node_dir(up).display());
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let is_agent = args.first().is_some_and(|a| a.ends_with("capstan-node"))
+            && args.iter().any(|a| *a == want)
+            && !args.iter().any(|a| a == "log-driver");
+        is_agent.then_some(pid)
+    })
+}
+
+fn agent_pid(up: &common::Up) -> u32 {
+    agent_pid_now(up).expect("the node agent runs")
+}
