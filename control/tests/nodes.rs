@@ -181,6 +181,24 @@ spec:
     command: ["sh", "-c", "i=0; while true; do i=$((i+1)); echo tick $i; sleep 0.3; done"]
 "#;
 
+const HOOKED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: hooked}
+spec:
+  terminationGracePeriodSeconds: 5
+  volumes: [{name: host, hostPath: {path: HOSTDIR, type: DirectoryOrCreate}}]
+  containers:
+  - name: c
+    image: busybox:stable
+    imagePullPolicy: IfNotPresent
+    command: ["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 0.2; done"]
+    volumeMounts: [{name: host, mountPath: /host}]
+    lifecycle:
+      postStart: {exec: {command: ["sh", "-c", "echo post > /host/poststart"]}}
+      preStop: {exec: {command: ["sh", "-c", "echo pre > /host/prestop"]}}
+"#;
+
 const BAD: &str = r#"
 apiVersion: v1
 kind: Pod
@@ -301,6 +319,15 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     assert!(first.iter().all(|l| l.starts_with("tick ")), "{first:?}");
     let _ = follow.kill();
     let _ = follow.wait();
+
+    // Lifecycle hooks: postStart after the start, preStop before the stop.
+    let hooks = up.dir.path().join("hooks");
+    apply(&kc, &HOOKED.replace("HOSTDIR", &hooks.display().to_string()));
+    wait_for(60, "the postStart hook", || {
+        std::fs::read_to_string(hooks.join("poststart")).ok().filter(|s| s.trim() == "post")
+    });
+    ok(&kc, &["delete", "pod", "hooked", "--timeout=60s"]);
+    assert_eq!(std::fs::read_to_string(hooks.join("prestop")).unwrap_or_default().trim(), "pre", "preStop ran");
 
     // Killing a container's process: restarted at once, restartCount 1, --previous logs.
     let id =

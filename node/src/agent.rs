@@ -480,17 +480,7 @@ impl<R: Runtime> Agent<R> {
         let results = futures::future::join_all(due.iter().map(|(id, kind, p)| {
             let rt = self.rt.clone();
             let id = id.clone();
-            prober::run(p, *kind, pod_ip, move |cmd, _timeout| async move {
-                let (otx, mut orx) = tokio::sync::mpsc::channel(16);
-                let (etx, mut erx) = tokio::sync::mpsc::channel(16);
-                let io = ExecIo { stdin: None, stdout: otx, stderr: etx, resize: None };
-                let drain = async {
-                    while orx.recv().await.is_some() {}
-                    while erx.recv().await.is_some() {}
-                };
-                let (r, ()) = tokio::join!(rt.exec(&id, &cmd, false, io), drain);
-                r.map_err(|e| e.to_string())
-            })
+            prober::run(p, *kind, pod_ip, move |cmd, _timeout| exec_quiet(rt, id, cmd))
         }))
         .await;
         for ((id, kind, p), (ok, message)) in due.into_iter().zip(results) {
@@ -580,7 +570,19 @@ impl<R: Runtime> Agent<R> {
             },
             Action::Stop { id, grace } => {
                 mem.stopping.insert(id.clone(), SystemTime::now());
-                self.rt.stop_container(id, *grace).await
+                let mut grace = *grace;
+                let running = mine.iter().find(|c| c.id == *id && matches!(c.state, ContainerState::Running { .. }));
+                if let Some(cs) = running.and_then(|c| container_spec(spec, &c.name)) {
+                    // preStop runs within the grace period; the kubelet
+                    // then allows at least 2 s more for SIGTERM.
+                    let began = Instant::now();
+                    let ip = sandbox.and_then(|s| s.ip);
+                    if let Err(e) = self.hook(cs, "preStop", id, ip, grace).await {
+                        tracing::warn!(pod = %spec.name, container = %cs.name, error = %e, "preStop hook failed");
+                    }
+                    grace = grace.saturating_sub(began.elapsed()).max(Duration::from_secs(2).min(grace));
+                }
+                self.rt.stop_container(id, grace).await
             }
             Action::Remove { id } => self.rt.remove_container(id).await,
             Action::RemoveSandbox => match sandbox {
@@ -611,7 +613,8 @@ impl<R: Runtime> Agent<R> {
                 Waiting { reason: reason.into(), message: e.to_string(), retry_at: SystemTime::now() + delay, delay },
             );
         };
-        let (image, _id) = match self.rt.ensure_image(&c.image, c.pull_policy, &[]).await {
+        let auth = self.pull_auth(spec).await;
+        let (image, _id) = match self.rt.ensure_image(&c.image, c.pull_policy, &auth).await {
             Ok(i) => i,
             Err(e) => {
                 let reason = if c.pull_policy == PullPolicy::Never { "ErrImageNeverPull" } else { "ErrImagePull" };
@@ -627,8 +630,14 @@ impl<R: Runtime> Agent<R> {
             }
         };
         match self.rt.start_container(sb, &cfg).await {
-            Ok(_) => {
+            Ok(id) => {
                 mem.waiting.remove(&c.name);
+                // postStart runs right after the start; if it fails the
+                // container is killed and its restart policy decides.
+                if let Err(e) = self.hook(c, "postStart", &id, sb.ip, Duration::from_secs(30)).await {
+                    tracing::warn!(pod = %spec.name, container = %c.name, error = %e, "postStart hook failed: killing it");
+                    self.rt.stop_container(&id, Duration::ZERO).await?;
+                }
                 Ok(())
             }
             Err(e) => {
@@ -752,6 +761,42 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
+    /// Runs a container's lifecycle hook (`postStart` or `preStop`), if it has one.
+    async fn hook(
+        &self,
+        c: &pods::ContainerSpec,
+        which: &str,
+        id: &str,
+        pod_ip: Option<std::net::IpAddr>,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let h = &c.raw["lifecycle"][which];
+        if !h.is_object() {
+            return Ok(());
+        }
+        if let Some(secs) = h["sleep"]["seconds"].as_u64() {
+            tokio::time::sleep(Duration::from_secs(secs).min(timeout)).await;
+            return Ok(());
+        }
+        let action = crate::prober::Action::parse(h, &c.raw).ok_or("unsupported or invalid handler")?;
+        let (rt, id) = (self.rt.clone(), id.to_string());
+        crate::prober::run_action(&action, timeout, pod_ip, move |cmd, _| exec_quiet(rt, id, cmd)).await
+    }
+
+    /// Registry credentials from the pod's imagePullSecrets.
+    async fn pull_auth(&self, spec: &PodSpec) -> Vec<RegistryAuth> {
+        let mut out = Vec::new();
+        for s in spec.raw["spec"]["imagePullSecrets"].as_array().into_iter().flatten() {
+            let Some(name) = s["name"].as_str() else { continue };
+            match self.fetch("secrets", &spec.namespace, name).await {
+                Ok(Some(secret)) => out.extend(registry_auths(&secret)),
+                Ok(None) => tracing::warn!(pod = %spec.name, secret = name, "imagePullSecret not found"),
+                Err(e) => tracing::warn!(pod = %spec.name, secret = name, error = %e, "imagePullSecret unreadable"),
+            }
+        }
+        out
+    }
+
     async fn fetch(&self, resource: &str, ns: &str, name: &str) -> Result<Option<Value>, RuntimeError> {
         let req = NodeRequest::Get { resource: resource.into(), namespace: ns.into(), name: name.into() };
         match self.masters.request(&req).await {
@@ -845,6 +890,55 @@ impl<R: Runtime> Agent<R> {
             }
         }
     }
+}
+
+/// Runs `cmd` in container `id`, discarding its output; its exit code.
+async fn exec_quiet<R: Runtime>(rt: Arc<R>, id: String, cmd: Vec<String>) -> Result<i32, String> {
+    let (otx, mut orx) = tokio::sync::mpsc::channel(16);
+    let (etx, mut erx) = tokio::sync::mpsc::channel(16);
+    let io = ExecIo { stdin: None, stdout: otx, stderr: etx, resize: None };
+    let drain = async {
+        while orx.recv().await.is_some() {}
+        while erx.recv().await.is_some() {}
+    };
+    let (r, ()) = tokio::join!(rt.exec(&id, &cmd, false, io), drain);
+    r.map_err(|e| e.to_string())
+}
+
+/// Credentials in a `kubernetes.io/dockerconfigjson` (or legacy
+/// `dockercfg`) Secret: per registry, a username and password, or `auth`
+/// (base64 of `user:password`).
+pub fn registry_auths(secret: &Value) -> Vec<RegistryAuth> {
+    let data = data_of("secrets", secret);
+    let parsed: Option<Value> = data
+        .get(".dockerconfigjson")
+        .and_then(|j| serde_json::from_str::<Value>(j).ok())
+        .map(|v| v["auths"].clone())
+        .or_else(|| data.get(".dockercfg").and_then(|j| serde_json::from_str(j).ok()));
+    let mut out = Vec::new();
+    for (registry, a) in parsed.as_ref().and_then(Value::as_object).into_iter().flatten() {
+        let (mut user, mut pass) = (
+            a["username"].as_str().unwrap_or_default().to_string(),
+            a["password"].as_str().unwrap_or_default().to_string(),
+        );
+        if let Some(auth) = a["auth"].as_str() {
+            use base64::Engine;
+            if let Some((u, p)) = base64::engine::general_purpose::STANDARD
+                .decode(auth)
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+                .and_then(|s| s.split_once(':').map(|(u, p)| (u.to_string(), p.to_string())))
+            {
+                (user, pass) = (u, p);
+            }
+        }
+        let registry = registry.trim_start_matches("https://").trim_start_matches("http://").trim_end_matches('/');
+        let registry = registry.split('/').next().unwrap_or(registry).to_string();
+        if !user.is_empty() {
+            out.push(RegistryAuth { registry, username: user, password: pass });
+        }
+    }
+    out
 }
 
 fn singular(resource: &str) -> &'static str {
@@ -1042,6 +1136,31 @@ mod tests {
         assert_eq!(bytes_of("1G"), Some(1_000_000_000));
         assert_eq!(bytes_of("1000"), Some(1000));
         assert_eq!(bytes_of("-1"), None);
+    }
+
+    #[test]
+    fn pull_secrets_give_registry_credentials() {
+        use base64::Engine;
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let cfg = json!({"auths": {
+            "127.0.0.1:5000": {"auth": b64("alice:pw1")},
+            "https://reg.example/v1/": {"username": "bob", "password": "pw2"},
+            "anonymous.example": {}
+        }});
+        let secret =
+            json!({"type": "kubernetes.io/dockerconfigjson", "data": {".dockerconfigjson": b64(&cfg.to_string())}});
+        let mut got: Vec<(String, String, String)> =
+            registry_auths(&secret).into_iter().map(|a| (a.registry, a.username, a.password)).collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("127.0.0.1:5000".to_string(), "alice".to_string(), "pw1".to_string()),
+                ("reg.example".to_string(), "bob".to_string(), "pw2".to_string())
+            ]
+        );
+        assert!(registry_auths(&json!({"data": {".dockerconfigjson": b64("not json")}})).is_empty());
+        assert!(registry_auths(&json!({})).is_empty());
     }
 
     #[test]

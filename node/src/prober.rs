@@ -78,6 +78,23 @@ impl Probe {
             return None;
         }
         let secs = |k: &str, d: u64| Duration::from_secs(p[k].as_u64().unwrap_or(d));
+        let action = Action::parse(p, container)?;
+        let at_least_one = |k: &str, d: u64| p[k].as_u64().unwrap_or(d).max(1) as u32;
+        Some(Probe {
+            action,
+            initial_delay: secs("initialDelaySeconds", 0),
+            period: secs("periodSeconds", 10).max(Duration::from_secs(1)),
+            timeout: secs("timeoutSeconds", 1).max(Duration::from_secs(1)),
+            // Liveness and startup probes must have successThreshold 1.
+            success_threshold: if kind == Kind::Readiness { at_least_one("successThreshold", 1) } else { 1 },
+            failure_threshold: at_least_one("failureThreshold", 3),
+        })
+    }
+}
+
+impl Action {
+    /// A probe's or lifecycle hook's handler (exec, httpGet, tcpSocket).
+    pub fn parse(p: &Value, container: &Value) -> Option<Action> {
         let action = if let Some(cmd) = p["exec"]["command"].as_array() {
             Action::Exec(cmd.iter().filter_map(|s| s.as_str().map(str::to_string)).collect())
         } else if p["httpGet"].is_object() {
@@ -103,16 +120,7 @@ impl Probe {
         } else {
             return None;
         };
-        let at_least_one = |k: &str, d: u64| p[k].as_u64().unwrap_or(d).max(1) as u32;
-        Some(Probe {
-            action,
-            initial_delay: secs("initialDelaySeconds", 0),
-            period: secs("periodSeconds", 10).max(Duration::from_secs(1)),
-            timeout: secs("timeoutSeconds", 1).max(Duration::from_secs(1)),
-            // Liveness and startup probes must have successThreshold 1.
-            success_threshold: if kind == Kind::Readiness { at_least_one("successThreshold", 1) } else { 1 },
-            failure_threshold: at_least_one("failureThreshold", 3),
-        })
+        Some(action)
     }
 }
 
@@ -169,29 +177,45 @@ where
     F: FnOnce(Vec<String>, Duration) -> Fut,
     Fut: std::future::Future<Output = Result<i32, String>>,
 {
-    let fail = |m: String| (false, format!("{} probe failed: {m}", kind.name()));
-    match &probe.action {
-        Action::Exec(cmd) => match tokio::time::timeout(probe.timeout, exec(cmd.clone(), probe.timeout)).await {
-            Ok(Ok(0)) => (true, String::new()),
-            Ok(Ok(code)) => fail(format!("command {cmd:?} exited with {code}")),
-            Ok(Err(e)) => fail(e),
-            Err(_) => fail(format!("command timed out after {:?}", probe.timeout)),
+    match run_action(&probe.action, probe.timeout, pod_ip, exec).await {
+        Ok(()) => (true, String::new()),
+        Err(m) => (false, format!("{} probe failed: {m}", kind.name())),
+    }
+}
+
+/// Runs a probe's or hook's handler within `timeout`; why it failed.
+pub async fn run_action<F, Fut>(
+    action: &Action,
+    timeout: Duration,
+    pod_ip: Option<IpAddr>,
+    exec: F,
+) -> Result<(), String>
+where
+    F: FnOnce(Vec<String>, Duration) -> Fut,
+    Fut: std::future::Future<Output = Result<i32, String>>,
+{
+    match action {
+        Action::Exec(cmd) => match tokio::time::timeout(timeout, exec(cmd.clone(), timeout)).await {
+            Ok(Ok(0)) => Ok(()),
+            Ok(Ok(code)) => Err(format!("command {cmd:?} exited with {code}")),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(format!("command timed out after {timeout:?}")),
         },
         Action::Tcp { host, port } => {
-            let Some(addr) = target(host, pod_ip) else { return fail("the pod has no IP yet".into()) };
-            match tokio::time::timeout(probe.timeout, tokio::net::TcpStream::connect((addr.as_str(), *port))).await {
-                Ok(Ok(_)) => (true, String::new()),
-                Ok(Err(e)) => fail(format!("dial tcp {addr}:{port}: {e}")),
-                Err(_) => fail(format!("dial tcp {addr}:{port}: i/o timeout")),
+            let addr = target(host, pod_ip).ok_or("the pod has no IP yet")?;
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((addr.as_str(), *port))).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(format!("dial tcp {addr}:{port}: {e}")),
+                Err(_) => Err(format!("dial tcp {addr}:{port}: i/o timeout")),
             }
         }
         Action::Http { scheme, host, port, path, headers } => {
-            let Some(addr) = target(host, pod_ip) else { return fail("the pod has no IP yet".into()) };
+            let addr = target(host, pod_ip).ok_or("the pod has no IP yet")?;
             let url = format!("{scheme}://{addr}:{port}{path}");
-            match http_get(&url, headers, probe.timeout).await {
-                Ok(code) if (200..400).contains(&code) => (true, String::new()),
-                Ok(code) => fail(format!("HTTP probe failed with statuscode: {code}")),
-                Err(e) => fail(format!("Get \"{url}\": {e}")),
+            match http_get(&url, headers, timeout).await {
+                Ok(code) if (200..400).contains(&code) => Ok(()),
+                Ok(code) => Err(format!("HTTP probe failed with statuscode: {code}")),
+                Err(e) => Err(format!("Get \"{url}\": {e}")),
             }
         }
     }
