@@ -35,6 +35,13 @@ pub struct Identity {
     pub cert: CertifiedKey,
 }
 
+impl std::fmt::Debug for Identity {
+    // Never prints the private key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("file", &self.file).finish_non_exhaustive()
+    }
+}
+
 fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

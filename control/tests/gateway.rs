@@ -1,0 +1,179 @@
+//! The node gateway with hollow nodes (`capstan-node --runtime sim`): the
+//! join, the node authorizer (a node reads and writes only what its pods
+//! need), relayed exec, and an agent moving to another master when its
+//! master dies.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capstan_node::conn::{self, Masters};
+use capstan_proto::nodewire::{NodeRequest, NodeResponse, PodFrame, MAX_FRAME};
+use common::{json_of, kubectl, ok};
+use serde_json::json;
+
+struct Agent(Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn node_addr(up: &common::Up, i: usize) -> String {
+    let raw = std::fs::read(up.master_dir(i).join("endpoints.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    v["node_addr"].as_str().unwrap().to_string()
+}
+
+fn token(up: &common::Up) -> String {
+    let out = Command::new(common::BIN).args(["token", "create", "--data-dir"]).arg(up.master_dir(0)).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Which master's node gateway holds `node`'s connection.
+fn holder(up: &common::Up, node: &str) -> String {
+    common::etcdctl(up, &["get", &format!("/capstan/gateway/nodes/{node}"), "--print-value-only"]).trim().to_string()
+}
+
+const WORKLOAD: &str = r#"
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+stringData: {password: s3cr3t}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: unrelated}
+stringData: {password: other}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: hollow}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: hollow}}
+  template:
+    metadata: {labels: {app: hollow}}
+    spec:
+      nodeSelector: {kubernetes.io/hostname: sim-a}
+      containers:
+      - name: c
+        image: busybox:stable
+        env:
+        - name: PASSWORD
+          valueFrom: {secretKeyRef: {name: creds, key: password}}
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_are_confined_to_their_own_pods_and_move_when_their_master_dies() {
+    let up = common::up(3);
+    let kc = up.dir.path().join("kubeconfig");
+    let node_bin = Path::new(common::BIN).with_file_name("capstan-node");
+    assert!(node_bin.exists(), "{} is missing: cargo build -p capstan-node", node_bin.display());
+    let token = token(&up);
+    // master-2 first, so kubectl (master-1) reaches the agent through a relay.
+    let servers = [node_addr(&up, 1), node_addr(&up, 0), node_addr(&up, 2)].join(",");
+    let agent_dir = up.dir.path().join("sim-a");
+    let _agent = Agent(
+        Command::new(&node_bin)
+            .args(["--runtime", "sim", "--name", "sim-a", "--server", &servers, "--token", &token, "--data-dir"])
+            .arg(&agent_dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(up.dir.path().join("sim-a.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(60, "sim-a to be Ready", || {
+        let (good, out, _) = kubectl(
+            &kc,
+            &["get", "node", "sim-a", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"],
+            None,
+        );
+        Some(()).filter(|_| good && out == "True")
+    });
+    let node = json_of(&kc, &["get", "node", "sim-a"]);
+    assert!(node["spec"]["podCIDR"].as_str().is_some_and(|c| c.ends_with("/24")));
+    assert_eq!(node["metadata"]["labels"]["capstan.io/runtime"], "sim");
+    assert!(json_of(&kc, &["get", "lease", "-n", "kube-node-lease", "sim-a"])["spec"]["renewTime"].is_string());
+
+    // Its pods run (the Secret in their env is readable by their node).
+    let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(WORKLOAD));
+    assert!(good, "{err}");
+    ok(&kc, &["rollout", "status", "deploy/hollow", "--timeout=60s"]);
+    let pods = json_of(&kc, &["get", "pods", "-l", "app=hollow"]);
+    let pod = pods["items"][0].clone();
+    let pod_name = pod["metadata"]["name"].as_str().unwrap().to_string();
+    assert!(pod["status"]["podIP"].as_str().is_some());
+
+    // exec reaches the agent through the master that holds its connection.
+    assert_eq!(holder(&up, "sim-a"), node_addr(&up, 1));
+    assert_eq!(ok(&kc, &["exec", &pod_name, "--", "echo", "relayed"]).trim(), "echo relayed");
+
+    // A second node is confined to itself.
+    let evil_dir = tempfile::tempdir().unwrap();
+    let bad = format!("{}0", &token[..token.len() - 1]);
+    let refused = conn::join(evil_dir.path(), &[node_addr(&up, 0)], &bad, "evil").await;
+    assert!(refused.is_err(), "a token with a wrong CA pin or secret does not join");
+    let wrong_secret = {
+        let mut parts: Vec<&str> = token.split('.').collect();
+        parts[2] = "00000000000000000000000000000000";
+        parts.join(".")
+    };
+    let err = conn::join(evil_dir.path(), &[node_addr(&up, 0)], &wrong_secret, "evil").await.unwrap_err();
+    assert!(format!("{err:#}").contains("join refused"), "{err:#}");
+    let id = conn::join(evil_dir.path(), &[node_addr(&up, 0)], &token, "evil").await.unwrap();
+    let evil = Masters::new(&id).unwrap();
+    let denied = |r: NodeResponse| matches!(r, NodeResponse::Error { code: 403, .. });
+    let other_node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "sim-a"}});
+    let r = evil.request(&NodeRequest::Register { node: other_node.to_string().into_bytes() }).await.unwrap();
+    assert!(denied(r.clone()), "registering as another node: {r:?}");
+    let read =
+        |name: &str| NodeRequest::Get { resource: "secrets".into(), namespace: "default".into(), name: name.into() };
+    let r = evil.request(&read("creds")).await.unwrap();
+    assert!(denied(r.clone()), "another node's pod's secret: {r:?}");
+    let r = evil.request(&read("unrelated")).await.unwrap();
+    assert!(denied(r.clone()), "a secret no pod of it uses: {r:?}");
+    let r = evil
+        .request(&NodeRequest::Get { resource: "pods".into(), namespace: "default".into(), name: pod_name.clone() })
+        .await
+        .unwrap();
+    assert!(denied(r), "nodes read pods only through their watch");
+    let status = NodeRequest::PodStatus {
+        namespace: "default".into(),
+        name: pod_name.clone(),
+        uid: pod["metadata"]["uid"].as_str().unwrap().into(),
+        status: br#"{"phase":"Failed"}"#.to_vec(),
+    };
+    let r = evil.request(&status).await.unwrap();
+    assert!(denied(r.clone()), "writing another node's pod's status: {r:?}");
+    assert_eq!(json_of(&kc, &["get", "pod", &pod_name])["status"]["phase"], "Running");
+    let mut watch = evil.watch_pods().await.unwrap();
+    let frame = capstan_proto::nodewire::read_frame(&mut watch, MAX_FRAME).await.unwrap().unwrap();
+    let frame = PodFrame::decode(&frame).unwrap();
+    assert!(frame.reset && frame.events.is_empty(), "evil sees no pods: {} events", frame.events.len());
+
+    // The agent's master dies: it moves to another and keeps working.
+    let before = holder(&up, "sim-a");
+    up.kill9(1);
+    let after = wait_for(30, "sim-a to move", || Some(holder(&up, "sim-a")).filter(|h| *h != before));
+    assert_ne!(after, before);
+    ok(&kc, &["scale", "deploy/hollow", "--replicas=4"]);
+    ok(&kc, &["rollout", "status", "deploy/hollow", "--timeout=60s"]);
+    assert_eq!(ok(&kc, &["exec", &pod_name, "--", "echo", "moved"]).trim(), "echo moved");
+}
