@@ -291,6 +291,7 @@ async fn start_nodes(
         let mut args: Vec<String> = vec!["--log-level".into(), log_level.into(), "--data-dir".into()];
         args.push(dir.display().to_string());
         args.extend(["--runtime".into(), a.runtime.clone(), "--teardown-on-exit".into()]);
+        args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
         if !dir.join("node.json").exists() {
             args.extend(["--name".into(), name.clone(), "--server".into(), servers.join(",")]);
             args.extend(["--token".into(), token.to_string()]);
@@ -304,6 +305,9 @@ async fn start_nodes(
         node_args.push(args);
     }
     wait_nodes_ready(data_dir, nodes, Duration::from_secs(120)).await?;
+    let endpoints: Vec<Endpoints> =
+        (1..=a.masters).filter_map(|i| read_endpoints(&data_dir.join(format!("master-{i}"))).ok()).collect();
+    write_prometheus_config(data_dir, &endpoints)?;
     if containerd && !a.no_demo {
         apply_demo(data_dir);
     }
@@ -415,10 +419,31 @@ fn write_prometheus_config(data_dir: &Path, endpoints: &[Endpoints]) -> anyhow::
         let host = e.metrics_url.trim_start_matches("http://");
         targets.push_str(&format!("      - targets: ['{host}']\n        labels: {{ master: '{}' }}\n", e.name));
     }
-    let yml = format!(
+    let mut yml = format!(
         "# Written by `capstan up`: prometheus --config.file={}\nglobal:\n  scrape_interval: 5s\nscrape_configs:\n  - job_name: capstan-master\n    static_configs:\n{targets}",
         data_dir.join("prometheus.yml").display()
     );
+    // Node agents record their metrics address in their data dir.
+    let mut agents = String::new();
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(data_dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("node-")))
+        .collect();
+    dirs.sort();
+    for dir in dirs {
+        let Ok(raw) = std::fs::read(dir.join("endpoints.json")) else { continue };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&raw) else { continue };
+        let (Some(url), Some(name)) = (v["metrics_url"].as_str(), dir.file_name()) else { continue };
+        let host = url.trim_start_matches("http://");
+        agents.push_str(&format!(
+            "      - targets: ['{host}']\n        labels: {{ node: '{}' }}\n",
+            name.to_string_lossy()
+        ));
+    }
+    if !agents.is_empty() {
+        yml.push_str(&format!("  - job_name: capstan-node\n    static_configs:\n{agents}"));
+    }
     std::fs::write(data_dir.join("prometheus.yml"), yml)?;
     Ok(())
 }

@@ -235,6 +235,18 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     let cidr = node["spec"]["podCIDR"].as_str().expect("a pod CIDR").to_string();
     assert!(node["status"]["nodeInfo"]["containerRuntimeVersion"].as_str().unwrap().starts_with("containerd://"));
 
+    // The agent is scrapeable and ready; capstan up lists it for Prometheus.
+    let ep: Value = serde_json::from_slice(&std::fs::read(node_dir(&up).join("endpoints.json")).unwrap()).unwrap();
+    let metrics_url = ep["metrics_url"].as_str().unwrap().to_string();
+    let (code, body) = common::http_get(&format!("{metrics_url}/readyz?verbose")).unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("[+]master ok") && body.contains("[+]runtime ok"), "{body}");
+    let prom = std::fs::read_to_string(up.dir.path().join("prometheus.yml")).unwrap();
+    assert!(
+        prom.contains("job_name: capstan-node") && prom.contains(metrics_url.trim_start_matches("http://")),
+        "{prom}"
+    );
+
     // A Deployment of web servers: Running with pod IPs that answer HTTP.
     apply(&kc, WEB);
     ok(&kc, &["rollout", "status", "deploy/web", "--timeout=90s"]);
@@ -253,6 +265,18 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
         assert!(ok(&kc, &["logs", name]).contains(&format!("started {name}")));
     }
     let web0 = items[0]["metadata"]["name"].as_str().unwrap().to_string();
+    let (_, body) = common::http_get(&format!("{metrics_url}/metrics")).unwrap();
+    for name in [
+        "kubelet_running_pods 3",
+        "kubelet_pod_start_duration_seconds_count",
+        "kubelet_runtime_operations_duration_seconds_bucket{operation_type=\"start_container\"",
+        "kubelet_started_containers_total",
+        "capstan_node_master_connected 1",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(body.contains(name), "agent /metrics lacks {name}");
+    }
+    common::promtool_check_metrics(&body).unwrap();
 
     // kubectl exec: output and exit codes, through whichever master holds the agent.
     assert_eq!(ok(&kc, &["exec", &web0, "--", "cat", "/www/index.html"]).trim(), format!("pod={web0}"));

@@ -55,22 +55,9 @@ fn prometheus_scrapes_every_master() {
         ] {
             assert!(body.contains(name), "master-{i} /metrics lacks {name}");
         }
-        let mut promtool = Command::new("promtool")
-            .args(["check", "metrics"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        promtool.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
-        let out = promtool.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "promtool check metrics on master-{i}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        if let Err(e) = common::promtool_check_metrics(&body) {
+            panic!("promtool check metrics on master-{i}: {e}");
+        }
         let (code, body) = http_get(&format!("{}/readyz?verbose", metrics_url(&up, i))).unwrap();
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("[+]raft-leader ok"), "{body}");

@@ -156,10 +156,17 @@ pub struct Agent<R: Runtime> {
     listed: std::sync::atomic::AtomicBool,
     /// The agent is shutting down: workers stop acting.
     stopping: std::sync::atomic::AtomicBool,
+    pub(crate) metrics: crate::metrics::AgentMetrics,
 }
 
 impl<R: Runtime> Agent<R> {
-    pub fn new(info: NodeInfo, masters: Arc<Masters>, rt: Arc<R>, data_dir: PathBuf) -> Arc<Agent<R>> {
+    pub fn new(
+        info: NodeInfo,
+        masters: Arc<Masters>,
+        rt: Arc<R>,
+        data_dir: PathBuf,
+        metrics: crate::metrics::AgentMetrics,
+    ) -> Arc<Agent<R>> {
         Arc::new(Agent {
             info,
             masters,
@@ -170,7 +177,22 @@ impl<R: Runtime> Agent<R> {
             observed: tokio::sync::Mutex::new(None),
             listed: Default::default(),
             stopping: Default::default(),
+            metrics,
         })
+    }
+
+    /// Health checks: (name, failure) for `/readyz`.
+    pub async fn readiness(&self) -> Vec<crate::metrics::Check> {
+        let master = match self.masters.connected_to() {
+            Some(_) => None,
+            None => Some("not connected to any master".to_string()),
+        };
+        let runtime = match tokio::time::timeout(Duration::from_secs(2), self.rt.list_sandboxes()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(_) => Some("the runtime did not answer in 2 s".into()),
+        };
+        vec![("ping", None), ("master", master), ("runtime", runtime)]
     }
 
     /// Stops every pod worker (before a teardown, so none restarts what is torn down).
@@ -218,6 +240,10 @@ impl<R: Runtime> Agent<R> {
             let mut status = self.info.status(&now());
             if let Some((_, prev)) = &last_status {
                 keep_transitions(&mut status, prev);
+            }
+            self.metrics.master_connected.set(i64::from(self.masters.connected_to().is_some()));
+            if let Some(rtt) = self.masters.rtt() {
+                self.metrics.master_rtt.set(rtt.as_secs_f64());
             }
             let due = last_status.as_ref().is_none_or(|(at, _)| at.elapsed() >= STATUS_REFRESH);
             let send = due.then(|| serde_json::to_vec(&status).unwrap_or_default());
@@ -343,6 +369,8 @@ impl<R: Runtime> Agent<R> {
         let mut reported = last.raw["status"].clone();
         let mut seen_exits: HashSet<String> = HashSet::new();
         let mut probes: Probes = HashMap::new();
+        let seen_at = Instant::now();
+        let mut start_recorded = false;
         let mut fresh = true;
         let mut volumes_refreshed = Instant::now();
         loop {
@@ -373,6 +401,15 @@ impl<R: Runtime> Agent<R> {
             self.note_exits(&spec, &mine, &mut mem, &mut seen_exits);
             if !spec.deleting {
                 self.probe(&spec, sandbox, &mine, &mut mem, &mut probes).await;
+            }
+            if !start_recorded {
+                let all_running = spec.containers.iter().all(|c| {
+                    mine.iter().any(|m| m.name == c.name && matches!(m.state, ContainerState::Running { .. }))
+                });
+                if all_running {
+                    self.metrics.pod_start.observe(seen_at.elapsed().as_secs_f64());
+                    start_recorded = true;
+                }
             }
             let observed = Observed { sandbox, containers: mine.clone() };
             let now = SystemTime::now();
@@ -1118,8 +1155,9 @@ pub async fn serve<R: Runtime>(
     masters: Arc<Masters>,
     rt: Arc<R>,
     data_dir: PathBuf,
+    metrics: crate::metrics::AgentMetrics,
 ) -> anyhow::Result<()> {
-    Agent::new(info, masters, rt, data_dir).run().await.context("agent")
+    Agent::new(info, masters, rt, data_dir, metrics).run().await.context("agent")
 }
 
 #[cfg(test)]

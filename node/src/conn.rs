@@ -242,6 +242,12 @@ impl Masters {
         cur.as_ref().filter(|(_, c)| c.close_reason().is_none()).map(|(i, _)| self.servers[*i].clone())
     }
 
+    /// Round-trip time of the live connection.
+    pub fn rtt(&self) -> Option<Duration> {
+        let cur = self.current.lock();
+        cur.as_ref().filter(|(_, c)| c.close_reason().is_none()).map(|(_, c)| c.rtt())
+    }
+
     /// A request/answer exchange; a transport failure drops the connection
     /// so the next call moves to another master.
     pub async fn request(&self, req: &NodeRequest) -> anyhow::Result<NodeResponse> {

@@ -4,6 +4,8 @@
 //!   to the masters (moved to the next master when one dies).
 //! - `agent.rs`: registration, heartbeats, the pod watch and one worker
 //!   per pod; `pods.rs` the workers' decisions, pure.
+//! - `metrics.rs`: the agent's /metrics (kubelet names) and health checks;
+//!   `Instrumented` times every runtime operation.
 //! - `prober.rs`: liveness, readiness and startup probes (exec, httpGet,
 //!   tcpSocket), verdicts pure; `streams.rs` the masters' log and exec
 //!   streams; `podnet.rs` pod networking for containerd (netns + CNI).
@@ -29,6 +31,7 @@ pub mod cni;
 pub mod conn;
 pub mod containerd;
 pub mod logdriver;
+pub mod metrics;
 pub mod netns;
 pub mod podlogs;
 pub mod podnet;

@@ -9,6 +9,7 @@ use capstan_node::agent::{self, NodeInfo};
 use capstan_node::conn::{self, Masters};
 use capstan_node::containerd::{Containerd, LogDriver};
 use capstan_node::logdriver::{self, LogDriverConfig};
+use capstan_node::metrics::{AgentMetrics, Checks, Instrumented};
 use capstan_node::podnet::CniNetwork;
 use capstan_node::sim::SimRuntime;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -45,6 +46,10 @@ struct Cli {
     /// before exiting (`capstan up` does; a real node keeps them running).
     #[arg(long)]
     teardown_on_exit: bool,
+    /// HTTP listener for /metrics, /healthz, /livez, /readyz (port 0 = any;
+    /// the address goes into <data-dir>/endpoints.json).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_listen: std::net::SocketAddr,
     /// Address reported as the node's InternalIP [default: 127.0.0.1].
     #[arg(long, default_value = "127.0.0.1")]
     node_ip: String,
@@ -115,6 +120,27 @@ async fn identity(dir: &std::path::Path, cli: &Cli, name: &str) -> anyhow::Resul
     conn::join(dir, &cli.server, token, name).await
 }
 
+/// Starts the ops HTTP listener and records its address in `<data-dir>/endpoints.json`.
+async fn serve_ops(cli: &Cli, data_dir: &std::path::Path, metrics: AgentMetrics, checks: Checks) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cli.metrics_listen)
+        .await
+        .with_context(|| format!("binding --metrics-listen {}", cli.metrics_listen))?;
+    let url = format!("http://{}", listener.local_addr()?);
+    std::fs::create_dir_all(data_dir)?;
+    let tmp = data_dir.join("endpoints.json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&serde_json::json!({"metrics_url": url, "pid": std::process::id()}))?,
+    )?;
+    std::fs::rename(&tmp, data_dir.join("endpoints.json"))?;
+    tokio::spawn(async move {
+        if let Err(e) = capstan_node::metrics::serve(listener, metrics, checks).await {
+            tracing::error!(error = %e, "metrics listener failed");
+        }
+    });
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
@@ -141,6 +167,9 @@ fn main() -> anyhow::Result<()> {
         };
         match cli.runtime {
             RuntimeKind::Sim => {
+                let metrics = AgentMetrics::new()?;
+                let ping: Checks = Arc::new(|| Box::pin(async { vec![("ping", None)] }));
+                serve_ops(&cli, &data_dir, metrics.clone(), ping).await?;
                 let mut agents = tokio::task::JoinSet::new();
                 for i in 0..cli.sim_nodes.max(1) {
                     let (name, dir) = if cli.sim_nodes > 1 {
@@ -153,7 +182,8 @@ fn main() -> anyhow::Result<()> {
                     let masters = Masters::new(&id)?;
                     let mut info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "sim://0.1");
                     info.labels.push(("capstan.io/runtime".into(), "sim".into()));
-                    agents.spawn(agent::serve(info, masters, Arc::new(SimRuntime::new()), dir));
+                    let rt = Arc::new(Instrumented::new(Arc::new(SimRuntime::new()), metrics.clone()));
+                    agents.spawn(agent::serve(info, masters, rt, dir, metrics.clone()));
                 }
                 while let Some(r) = agents.join_next().await {
                     r??;
@@ -171,12 +201,20 @@ fn main() -> anyhow::Result<()> {
                 };
                 let me = std::env::current_exe().context("locating capstan-node (the log driver)")?;
                 let rt = Arc::new(rt.with_network(network.clone()).with_log_driver(LogDriver::Binary(me)));
+                let metrics = AgentMetrics::new()?;
+                let instrumented = Arc::new(Instrumented::new(rt.clone(), metrics.clone()));
                 if let Some(dir) = &cli.image_dir {
                     rt.watch_image_dir(dir.clone());
                 }
                 let info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "containerd://1.6");
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                let agent = agent::Agent::new(info, masters, rt.clone(), data_dir.clone());
+                let agent = agent::Agent::new(info, masters, instrumented, data_dir.clone(), metrics.clone());
+                let ready = agent.clone();
+                let checks: Checks = Arc::new(move || {
+                    let a = ready.clone();
+                    Box::pin(async move { a.readiness().await })
+                });
+                serve_ops(&cli, &data_dir, metrics, checks).await?;
                 let result = tokio::select! {
                     r = agent.clone().run() => r,
                     _ = tokio::signal::ctrl_c() => Ok(()),

@@ -346,3 +346,21 @@ pub fn json_of(kc: &Path, args: &[&str]) -> serde_json::Value {
     a.extend(["-o", "json"]);
     serde_json::from_str(&ok(kc, &a)).unwrap()
 }
+
+/// `promtool check metrics` on an exposition: Err with its complaints.
+pub fn promtool_check_metrics(body: &str) -> Result<(), String> {
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("promtool: {e}"))?;
+    promtool.stdin.take().expect("piped").write_all(body.as_bytes()).map_err(|e| e.to_string())?;
+    let out = promtool.wait_with_output().map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    }
+}
