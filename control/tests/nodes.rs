@@ -466,7 +466,7 @@ fn agent_pid_now(up: &common::Up) -> Option<u32> {
         let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
         let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let is_agent = args.first().is_some_and(|a| a.ends_with("capstan-node"))
-            && args.iter().any(|a| *a == want)
+            && args.contains(&want)
             && !args.iter().any(|a| a == "log-driver");
         is_agent.then_some(pid)
     })

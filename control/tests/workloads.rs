@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use common::{json_of, kubectl, ok};
 
 /// What a kubelet does to report a pod: a merge patch of its status.
-fn set_status(kc: &PathBuf, ns: &str, name: &str, status: &Value) {
+fn set_status(kc: &Path, ns: &str, name: &str, status: &Value) {
     let patch = status.to_string();
     kubectl(kc, &["patch", "pod", name, "-n", ns, "--subresource=status", "--type=merge", "-p", &patch], None);
 }
@@ -140,12 +140,12 @@ spec:
 
 /// Node objects `names` of `cpu` cores, heartbeating through a test
 /// kubelet that also plays their pods.
-fn nodes_with_kubelet(kc: &PathBuf, names: &[&str], cpu: &str) -> TestKubelet {
+fn nodes_with_kubelet(kc: &Path, names: &[&str], cpu: &str) -> TestKubelet {
     for n in names {
         let (good, _, err) = kubectl(kc, &["apply", "-f", "-"], Some(&node(n, cpu)));
         assert!(good, "{err}");
     }
-    let kubelet = TestKubelet::start(kc.clone());
+    let kubelet = TestKubelet::start(kc.to_path_buf());
     *kubelet.alive.lock().unwrap() = names.iter().map(|n| n.to_string()).collect();
     kubelet
 }
@@ -253,7 +253,7 @@ fn deployments_roll_out_through_replicasets_onto_nodes() {
             .to_string(),
     )
     .unwrap();
-    let evict = |kc: &PathBuf| {
+    let evict = |kc: &Path| {
         kubectl(
             kc,
             &[
@@ -306,7 +306,7 @@ fn deployments_roll_out_through_replicasets_onto_nodes() {
     ok(&kc, &["rollout", "status", "ds/agent", "--timeout=60s"]);
     // Live agent pods (old ones may still be terminating: the test kubelet
     // finishes them): (node, image).
-    let live = |kc: &PathBuf| live_pods(kc, "app=agent", &["spec", "nodeName"]);
+    let live = |kc: &Path| live_pods(kc, "app=agent", &["spec", "nodeName"]);
     let on = |image: &str| ["n1", "n2", "n3"].map(|n| (n.to_string(), image.to_string())).to_vec();
     assert_eq!(live(&kc), on("registry.local/agent:1"));
     ok(&kc, &["set", "image", "ds/agent", "agent=registry.local/agent:2"]);
@@ -420,7 +420,7 @@ fn a_node_that_stops_heartbeating_loses_its_pods_to_the_others() {
     let (good, _, err) = kubectl(&kc, &["apply", "-f", "-"], Some(&deploy));
     assert!(good, "{err}");
     ok(&kc, &["rollout", "status", "deploy/web", "--timeout=60s"]);
-    let on = |kc: &PathBuf, node: &str| -> usize {
+    let on = |kc: &Path, node: &str| -> usize {
         let pods = json_of(kc, &["get", "pods", "-l", "app=web"]);
         pods["items"]
             .as_array()
@@ -579,7 +579,7 @@ struct PodWatch {
 }
 
 impl PodWatch {
-    fn start(kc: &PathBuf, selector: &str) -> PodWatch {
+    fn start(kc: &Path, selector: &str) -> PodWatch {
         let mut child = Command::new("kubectl")
             .args(["get", "pods", "-l", selector, "--watch", "--output-watch-events", "-o", "json"])
             .env("KUBECONFIG", kc)
@@ -648,7 +648,7 @@ fn first(
 
 /// `(field at path, first image)` of the pods `selector` picks that are not
 /// being deleted, sorted.
-fn live_pods(kc: &PathBuf, selector: &str, path: &[&str]) -> Vec<(String, String)> {
+fn live_pods(kc: &Path, selector: &str, path: &[&str]) -> Vec<(String, String)> {
     let pods = json_of(kc, &["get", "pods", "-l", selector]);
     let mut out: Vec<(String, String)> = pods["items"]
         .as_array()
@@ -665,11 +665,11 @@ fn live_pods(kc: &PathBuf, selector: &str, path: &[&str]) -> Vec<(String, String
 }
 
 /// `(name, image)` of the live pods of `app=db`, by name.
-fn db_pods(kc: &PathBuf) -> Vec<(String, String)> {
+fn db_pods(kc: &Path) -> Vec<(String, String)> {
     live_pods(kc, "app=db", &["metadata", "name"])
 }
 
-fn wait_for_db_pods(kc: &PathBuf, want: &[(&str, &str)], secs: u64) {
+fn wait_for_db_pods(kc: &Path, want: &[(&str, &str)], secs: u64) {
     let want: Vec<(String, String)> = want.iter().map(|(n, i)| (n.to_string(), i.to_string())).collect();
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
@@ -797,7 +797,7 @@ fn statefulsets_start_in_order_and_update_from_the_top() {
 
 /// Waits until `check` holds for `kubectl get pods -n <ns> -l <selector>`.
 fn wait_pods(
-    kc: &PathBuf,
+    kc: &Path,
     ns: &str,
     selector: &str,
     secs: u64,
@@ -984,7 +984,7 @@ fn the_scheduler_spreads_drains_and_preempts() {
 }
 
 /// Waits until the events of namespace `ns` hold one `check` accepts.
-fn wait_event(kc: &PathBuf, ns: &str, secs: u64, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+fn wait_event(kc: &Path, ns: &str, secs: u64, what: &str, check: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         let list = json_of(kc, &["get", "events", "-n", ns]);
