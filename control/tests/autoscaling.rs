@@ -9,55 +9,20 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-fn kubectl(kc: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new("timeout")
-        .arg("60")
-        .arg("kubectl")
-        .args(args)
-        .env("KUBECONFIG", kc)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
+use common::{ok, wait_for};
 
-fn ok(kc: &Path, args: &[&str]) -> String {
-    let (success, out, err) = kubectl(kc, args);
-    assert!(success, "kubectl {args:?}: {err}");
-    out
+fn kubectl(kc: &Path, args: &[&str]) -> (bool, String, String) {
+    common::kubectl(kc, args, None)
 }
 
 fn kubectl_stdin(kc: &Path, args: &[&str], input: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .env("KUBECONFIG", kc)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into()
-}
-
-/// Polls `f` until it returns Some, or fails with `what` after `secs`.
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let (good, out, err) = common::kubectl(kc, args, Some(input));
+    assert!(good, "kubectl {args:?}: {err}");
+    out
 }
 
 /// A kubeconfig like `capstan up`'s, pointing at master `i`.
@@ -68,57 +33,6 @@ fn kubeconfig_for_master(up: &common::Up, i: usize) -> PathBuf {
     let path = up.dir.path().join(format!("kubeconfig-{i}"));
     std::fs::write(&path, kc.replace(&server, ep["api_url"].as_str().unwrap())).unwrap();
     path
-}
-
-/// A `capstan-node --runtime sim` process, killed on drop.
-struct SimNode(Child, PathBuf);
-
-impl SimNode {
-    fn start(up: &common::Up, name: &str) -> SimNode {
-        let bin = Path::new(common::BIN).with_file_name("capstan-node");
-        assert!(
-            bin.exists(),
-            "{} is missing: run `cargo build -p capstan-node` first (this test starts the real agent)",
-            bin.display()
-        );
-        let master = up.master_dir(0);
-        let out = Command::new(common::BIN).args(["token", "create", "--data-dir"]).arg(&master).output().unwrap();
-        assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
-        let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
-        let ep: Value = serde_json::from_slice(&std::fs::read(master.join("endpoints.json")).unwrap()).unwrap();
-        let dir = up.dir.path().join(format!("node-{name}"));
-        let log = std::fs::File::create(up.dir.path().join(format!("node-{name}.log"))).unwrap();
-        let child = Command::new(&bin)
-            .args([
-                "--runtime",
-                "sim",
-                "--name",
-                name,
-                "--server",
-                ep["node_addr"].as_str().unwrap(),
-                "--token",
-                &token,
-            ])
-            .arg("--data-dir")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        SimNode(child, up.dir.path().join(format!("node-{name}.log")))
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.1).unwrap_or_default()
-    }
-}
-
-impl Drop for SimNode {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 const DEPLOYMENT: &str = r#"
@@ -147,7 +61,7 @@ fn rows(out: &str) -> Vec<Vec<String>> {
 fn kubectl_top_and_the_hpa_scale_on_reported_usage() {
     let up = common::up(3);
     let kc = up.dir.path().join("kubeconfig");
-    let node = SimNode::start(&up, "sim-1");
+    let node = common::SimAgent::start(&up, "sim-1", &[common::node_addr(&up, 0)]);
     wait_for(60, "node sim-1 to register", || {
         let (ok, out, _) = kubectl(&kc, &["get", "node", "sim-1", "-o", "name"]);
         ok.then_some(out)

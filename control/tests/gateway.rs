@@ -5,46 +5,10 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
 use capstan_node::conn::{self, Masters};
 use capstan_proto::nodewire::{NodeRequest, NodeResponse, PodFrame, MAX_FRAME};
-use common::{json_of, kubectl, ok};
+use common::{json_of, kubectl, node_addr, node_token, ok, wait_for};
 use serde_json::json;
-
-struct Agent(Child);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn node_addr(up: &common::Up, i: usize) -> String {
-    let raw = std::fs::read(up.master_dir(i).join("endpoints.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
-    v["node_addr"].as_str().unwrap().to_string()
-}
-
-fn token(up: &common::Up) -> String {
-    let out = Command::new(common::BIN).args(["token", "create", "--data-dir"]).arg(up.master_dir(0)).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
 
 /// Which master's node gateway holds `node`'s connection.
 fn holder(up: &common::Up, node: &str) -> String {
@@ -84,21 +48,10 @@ spec:
 async fn nodes_join_are_confined_to_their_own_pods_and_move_when_their_master_dies() {
     let up = common::up(3);
     let kc = up.dir.path().join("kubeconfig");
-    let node_bin = Path::new(common::BIN).with_file_name("capstan-node");
-    assert!(node_bin.exists(), "{} is missing: cargo build -p capstan-node", node_bin.display());
-    let token = token(&up);
+    let token = node_token(&up);
     // master-2 first, so kubectl (master-1) reaches the agent through a relay.
-    let servers = [node_addr(&up, 1), node_addr(&up, 0), node_addr(&up, 2)].join(",");
-    let agent_dir = up.dir.path().join("sim-a");
-    let _agent = Agent(
-        Command::new(&node_bin)
-            .args(["--runtime", "sim", "--name", "sim-a", "--server", &servers, "--token", &token, "--data-dir"])
-            .arg(&agent_dir)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(up.dir.path().join("sim-a.log")).unwrap())
-            .spawn()
-            .unwrap(),
-    );
+    let servers = [node_addr(&up, 1), node_addr(&up, 0), node_addr(&up, 2)];
+    let _agent = common::SimAgent::start(&up, "sim-a", &servers);
     wait_for(60, "sim-a to be Ready", || {
         let (good, out, _) = kubectl(
             &kc,

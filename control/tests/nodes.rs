@@ -10,20 +10,14 @@ mod common;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{json_of, kubectl, ok};
+use common::{json_of, kubectl, ok, wait_for};
 use serde_json::Value;
-
-fn node_binary() -> PathBuf {
-    let p = Path::new(common::BIN).with_file_name("capstan-node");
-    assert!(p.exists(), "{} is missing: cargo build -p capstan-node", p.display());
-    p
-}
 
 /// A cluster of three masters and one containerd node.
 fn cluster() -> (common::Up, PathBuf) {
-    node_binary();
+    common::node_binary();
     let up = common::Up::start_full(Path::new(common::BIN), 3, &[], &["--nodes", "1", "--no-demo"])
         .expect("capstan up with a node");
     let kc = up.dir.path().join("kubeconfig");
@@ -40,17 +34,6 @@ fn ctr(up: &common::Up, args: &[&str]) -> String {
     let out = Command::new("ctr").arg("--address").arg(&sock).args(["-n", "capstan"]).args(args).output().unwrap();
     assert!(out.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
-        std::thread::sleep(Duration::from_millis(300));
-    }
 }
 
 fn pod(kc: &Path, name: &str) -> Value {

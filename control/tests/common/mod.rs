@@ -364,3 +364,69 @@ pub fn promtool_check_metrics(body: &str) -> Result<(), String> {
         Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 }
+
+/// Polls `f` until it returns Some, or fails naming `what` after `secs`.
+pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {secs} s waiting for {what}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Master `i`'s (0-based) node gateway address, from its endpoints.json.
+pub fn node_addr(up: &Up, i: usize) -> String {
+    let raw = std::fs::read(up.master_dir(i).join("endpoints.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    v["node_addr"].as_str().unwrap().to_string()
+}
+
+/// A bootstrap token for node agents (`capstan token create`).
+pub fn node_token(up: &Up) -> String {
+    let out = Command::new(BIN).args(["token", "create", "--data-dir"]).arg(up.master_dir(0)).output().unwrap();
+    assert!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// `capstan-node`, built next to `capstan` (`cargo test --workspace` builds it).
+pub fn node_binary() -> PathBuf {
+    let p = Path::new(BIN).with_file_name("capstan-node");
+    assert!(p.exists(), "{} is missing: cargo build -p capstan-node (the tests start the real agent)", p.display());
+    p
+}
+
+/// A hollow node (`capstan-node --runtime sim`) joined to `servers`, killed on drop.
+pub struct SimAgent {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl SimAgent {
+    pub fn start(up: &Up, name: &str, servers: &[String]) -> SimAgent {
+        let log = up.dir.path().join(format!("{name}.log"));
+        let child = Command::new(node_binary())
+            .args(["--runtime", "sim", "--name", name, "--metrics-listen", "127.0.0.1:0"])
+            .args(["--server", &servers.join(","), "--token", &node_token(up), "--data-dir"])
+            .arg(up.dir.path().join(name))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        SimAgent { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for SimAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
