@@ -477,13 +477,7 @@ impl Gateway {
             let Some(cur) = self.api.objects.get(rt, None, node).await? else {
                 return Err(ApiError::not_found("", "nodes", node));
             };
-            let mut merged = cur.object["status"].clone();
-            if !merged.is_object() {
-                merged = json!({});
-            }
-            for (k, v) in status.as_object().into_iter().flatten() {
-                merged[k] = v.clone();
-            }
+            let merged = merged_status(&cur.object["status"], status);
             if merged == cur.object["status"] {
                 return Ok(());
             }
@@ -558,13 +552,7 @@ impl Gateway {
                 // Gone or replaced: the status is about a pod that no longer exists.
                 return Ok(NodeResponse::error(404, "NotFound", format!("pod {ns}/{name} with uid {uid} not found")));
             };
-            let mut merged = cur.object["status"].clone();
-            if !merged.is_object() {
-                merged = json!({});
-            }
-            for (k, v) in status.as_object().into_iter().flatten() {
-                merged[k] = v.clone();
-            }
+            let merged = merged_status(&cur.object["status"], &status);
             if merged == cur.object["status"] {
                 return Ok(NodeResponse::Done);
             }
@@ -708,6 +696,16 @@ fn request_kind(req: &NodeRequest) -> &'static str {
         NodeRequest::Usage { .. } => "usage",
         NodeRequest::Relay { .. } => "relay",
     }
+}
+
+/// The agent's status fields over the stored ones (fields the agent does
+/// not report, such as a pod's nominatedNodeName, are kept).
+fn merged_status(cur: &Value, update: &Value) -> Value {
+    let mut merged = if cur.is_object() { cur.clone() } else { json!({}) };
+    for (k, v) in update.as_object().into_iter().flatten() {
+        merged[k] = v.clone();
+    }
+    merged
 }
 
 fn holder_key(node: &str) -> Vec<u8> {
