@@ -107,7 +107,7 @@ spec:
   - name: main
     image: busybox:stable
     imagePullPolicy: IfNotPresent
-    command: ["sh", "-c", "cat /shared/order; cat /cfg/greeting; echo; cat /sec/password; echo; echo env=$GREETING/$PASSWORD/$POD"]
+    command: ["sh", "-c", "cat /shared/order; cat /cfg/greeting; echo; cat /sec/password; echo; echo env=$GREETING/$PASSWORD/$POD; cd /var/run/secrets/kubernetes.io/serviceaccount && cat namespace && echo && cat token"]
     env:
     - name: GREETING
       valueFrom: {configMapKeyRef: {name: settings, key: greeting}}
@@ -279,11 +279,28 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
         Some(()).filter(|_| pod(&kc, "configured")["status"]["phase"] == "Succeeded")
     });
     let logs = ok(&kc, &["logs", "configured"]);
+    let lines: Vec<&str> = logs.lines().collect();
     assert_eq!(
-        logs.lines().collect::<Vec<_>>(),
-        ["init-ran-first", "hello-from-configmap", "s3cr3t", "env=hello-from-configmap/s3cr3t/configured"],
+        lines[..5],
+        ["init-ran-first", "hello-from-configmap", "s3cr3t", "env=hello-from-configmap/s3cr3t/configured", "default"],
         "{logs}"
     );
+    // The projected ServiceAccount token, bound to the pod, authenticates.
+    let token = lines.get(5).copied().unwrap_or_default();
+    let kc_text = std::fs::read_to_string(&kc).unwrap();
+    let server = kc_text.lines().find_map(|l| l.trim().strip_prefix("server: ")).unwrap();
+    let token_kc = up.dir.path().join("token-kubeconfig");
+    let ca = up.dir.path().join("ca.crt");
+    std::fs::write(
+        &token_kc,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: {server}, certificate-authority: {}}}}}]\nusers: [{{name: u, user: {{token: {token}}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n",
+            ca.display()
+        ),
+    )
+    .unwrap();
+    let who = ok(&token_kc, &["auth", "whoami", "-o", "jsonpath={.status.userInfo.username}"]);
+    assert_eq!(who, "system:serviceaccount:default:default");
     assert_eq!(
         pod(&kc, "configured")["status"]["initContainerStatuses"][0]["state"]["terminated"]["reason"],
         "Completed"
@@ -370,6 +387,26 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     let msg =
         container_status(&kc, "missing-config")["state"]["waiting"]["message"].as_str().unwrap_or_default().to_string();
     assert!(msg.contains("does-not-exist"), "{msg}");
+
+    // Fail-static: cut the agent off from every master (its QUIC traffic
+    // to their node gateways dropped by nftables); its containers keep
+    // serving; a pod created meanwhile starts once the masters are back.
+    let ip0 = json_of(&kc, &["get", "pod", &web0])["status"]["podIP"].as_str().unwrap().to_string();
+    let cuts: Vec<capstan_chaos::cluster::Partition> = (0..3)
+        .map(|i| {
+            let port: u16 = common::node_addr(&up, i).rsplit_once(':').unwrap().1.parse().unwrap();
+            capstan_chaos::cluster::Partition::isolate(port).unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(http_get(&ip0, 8080).contains("pod="), "pods keep serving while no master is reachable");
+    ok(&kc, &["run", "latecomer", "--image=busybox:stable", "--image-pull-policy=IfNotPresent", "--", "sleep", "3600"]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_ne!(pod(&kc, "latecomer")["status"]["phase"], "Running", "the agent cannot have heard of it yet");
+    drop(cuts);
+    wait_for(60, "the agent to catch up", || Some(()).filter(|_| pod(&kc, "latecomer")["status"]["phase"] == "Running"));
+    assert_eq!(container_status(&kc, &web0)["restartCount"], 1, "nothing restarted while cut off");
+    ok(&kc, &["delete", "pod", "latecomer", "--wait=false"]);
 
     // kill -9 the agent: containers keep running; the restarted agent adopts them.
     let before: Vec<(String, String)> = json_of(&kc, &["get", "pods", "-l", "app=web"])["items"]

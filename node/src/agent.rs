@@ -763,12 +763,32 @@ impl<R: Runtime> Agent<R> {
         if !self.rt.materializes_volumes() {
             return Ok(vec![]);
         }
-        let ns = spec.namespace.as_str();
-        let fetch = |s: volumes::SourceRef| async move {
-            self.fetch(s.kind.resource(), ns, &s.name).await.map_err(|e| e.to_string())
-        };
+        let fetch = |s: volumes::SourceRef| async move { self.fetch_source(spec, s).await };
         let prepared = volumes::prepare(&spec.raw, &self.data_dir, &self.info, fetch).await;
         prepared.and_then(|p| volumes::mounts_for(c, env, &p)).map_err(|e| RuntimeError::Other(e.to_string()))
+    }
+
+    /// What a volume reads: a ConfigMap or Secret, or a token for the pod's
+    /// ServiceAccount bound to the pod.
+    async fn fetch_source(&self, spec: &PodSpec, s: volumes::SourceRef) -> Result<Option<Value>, String> {
+        if s.kind != volumes::SourceKind::Token {
+            return self.fetch(s.kind.resource(), &spec.namespace, &s.name).await.map_err(|e| e.to_string());
+        }
+        let (audience, expiration_seconds) = volumes::token_source_parts(&s.name);
+        let req = NodeRequest::Token {
+            namespace: spec.namespace.clone(),
+            pod: spec.name.clone(),
+            uid: spec.uid.clone(),
+            audience,
+            expiration_seconds,
+        };
+        match self.masters.request(&req).await {
+            Ok(NodeResponse::Object { json }) => serde_json::from_slice(&json).map(Some).map_err(|e| e.to_string()),
+            Ok(NodeResponse::Error { code: 404, .. }) => Ok(None),
+            Ok(NodeResponse::Error { message, .. }) => Err(message),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(format!("{e:#}")),
+        }
     }
 
     /// Rewrites the running pod's ConfigMap, Secret and downward API files
@@ -777,10 +797,7 @@ impl<R: Runtime> Agent<R> {
         if !self.rt.materializes_volumes() {
             return;
         }
-        let ns = spec.namespace.as_str();
-        let fetch = |s: volumes::SourceRef| async move {
-            self.fetch(s.kind.resource(), ns, &s.name).await.map_err(|e| e.to_string())
-        };
+        let fetch = |s: volumes::SourceRef| async move { self.fetch_source(spec, s).await };
         if let Err(e) = volumes::prepare(&spec.raw, &self.data_dir, &self.info, fetch).await {
             tracing::debug!(pod = %format!("{}/{}", spec.namespace, spec.name), error = %e, "volumes not refreshed");
         }

@@ -35,8 +35,9 @@
 //! With `securityContext.fsGroup`, emptyDir roots and file-set volumes
 //! belong to that group (setgid directories, group-readable files).
 //!
-//! Not supported (yet): serviceAccountToken projections (there is no node
-//! API for tokens; the source writes nothing), clusterTrustBundle,
+//! ServiceAccount tokens (projected `serviceAccountToken`) are requested
+//! from the masters bound to the pod and rewritten on every refresh.
+//! Not supported (yet): clusterTrustBundle,
 //! fsGroupChangePolicy, persistent volumes and every network/CSI volume type (an
 //! error names them).
 
@@ -105,11 +106,25 @@ fn missing_key(kind: &str, key: &str) -> String {
     }
 }
 
-/// The two kinds of API object volumes read.
+/// What volumes read from the masters: ConfigMaps, Secrets, and the pod's
+/// ServiceAccount tokens (projected `serviceAccountToken`; the source's name
+/// is [`token_source_name`], the fetched object `{"token": ...}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SourceKind {
     ConfigMap,
     Secret,
+    Token,
+}
+
+/// A token source's name: its audience and lifetime.
+pub fn token_source_name(t: &Value) -> String {
+    format!("{}\n{}", t["audience"].as_str().unwrap_or_default(), t["expirationSeconds"].as_i64().unwrap_or(3607))
+}
+
+/// The (audience, expirationSeconds) a token source's name stands for.
+pub fn token_source_parts(name: &str) -> (Option<String>, i64) {
+    let (aud, secs) = name.split_once('\n').unwrap_or((name, "3607"));
+    (Some(aud.to_string()).filter(|a| !a.is_empty()), secs.parse().unwrap_or(3607))
 }
 
 impl SourceKind {
@@ -118,6 +133,7 @@ impl SourceKind {
         match self {
             SourceKind::ConfigMap => "configmaps",
             SourceKind::Secret => "secrets",
+            SourceKind::Token => "serviceaccounts/token",
         }
     }
 
@@ -126,6 +142,7 @@ impl SourceKind {
         match self {
             SourceKind::ConfigMap => "configmap",
             SourceKind::Secret => "secret",
+            SourceKind::Token => "serviceaccount token",
         }
     }
 }
@@ -228,6 +245,9 @@ pub fn sources_of(pod: &Value) -> Vec<SourceRef> {
         for s in v["projected"]["sources"].as_array().into_iter().flatten() {
             add(SourceKind::ConfigMap, s["configMap"]["name"].as_str());
             add(SourceKind::Secret, s["secret"]["name"].as_str());
+            if s["serviceAccountToken"].is_object() {
+                out.insert(SourceRef { kind: SourceKind::Token, name: token_source_name(&s["serviceAccountToken"]) });
+            }
         }
     }
     out.into_iter().collect()
@@ -304,8 +324,21 @@ pub fn plan_volume(pod: &Value, volume: &Value, sources: &Sources, node: &NodeIn
                 files.extend(keys_of(SourceKind::Secret, &s["secret"]["name"], &s["secret"], mode, sources)?);
             } else if s["downwardAPI"].is_object() {
                 files.extend(downward(pod, &s["downwardAPI"]["items"], mode, node).map_err(invalid)?);
+            } else if s["serviceAccountToken"].is_object() {
+                let t = &s["serviceAccountToken"];
+                let path = t["path"].as_str().unwrap_or_default().to_string();
+                let r = SourceRef { kind: SourceKind::Token, name: token_source_name(t) };
+                let token = match sources.get(&r) {
+                    Some(Ok(Some(obj))) => obj["token"].as_str().unwrap_or_default().as_bytes().to_vec(),
+                    Some(Err(message)) => {
+                        let message = message.clone();
+                        return Err(VolumeError::Unavailable { kind: "serviceaccount token", name: path, message });
+                    }
+                    _ => return Err(VolumeError::NotFound { kind: "serviceaccount token", name: path }),
+                };
+                files.push(FileEntry { path, bytes: token, mode });
             }
-            // serviceAccountToken / clusterTrustBundle: no node API yet; nothing written.
+            // clusterTrustBundle: not supported; nothing written.
         }
         (PLUGIN_PROJECTED, true, files)
     } else {
@@ -368,7 +401,7 @@ pub fn data_bytes(kind: SourceKind, obj: &Value) -> BTreeMap<String, Vec<u8>> {
     let mut out = BTreeMap::new();
     for (k, v) in obj["data"].as_object().into_iter().flatten() {
         let bytes = match kind {
-            SourceKind::ConfigMap => v.as_str().map(|s| s.as_bytes().to_vec()),
+            SourceKind::ConfigMap | SourceKind::Token => v.as_str().map(|s| s.as_bytes().to_vec()),
             SourceKind::Secret => b64(v),
         };
         out.extend(bytes.map(|b| (k.clone(), b)));

@@ -60,6 +60,10 @@ pub enum NodeRequest {
     Usage { usage: NodeUsage },
     /// From a master: join this stream to a new stream to `node`'s agent.
     Relay { node: String },
+    /// A token for the ServiceAccount of one of the node's pods, bound to
+    /// the pod (a projected `serviceAccountToken` volume). Answered with
+    /// `Object` holding `{"token", "expirationTimestamp"}`.
+    Token { namespace: String, pod: String, uid: String, audience: Option<String>, expiration_seconds: i64 },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -163,18 +163,17 @@ pub fn token_spec(spec: &Value) -> Result<TokenSpec, Vec<(String, String)>> {
     }
 }
 
-/// `POST .../serviceaccounts/<name>/token`: an `authentication.k8s.io/v1`
-/// TokenRequest answered with a signed token.
-pub async fn token_request(api: &ApiServer, ns: &str, name: &str, ctx: &Ctx) -> Result<Reply, ApiError> {
-    let body = super::handlers::decode_body(ctx)?;
-    let k = body["kind"].as_str().unwrap_or_default();
-    let av = body["apiVersion"].as_str().unwrap_or_default();
-    if (!k.is_empty() && k != "TokenRequest") || (!av.is_empty() && av != "authentication.k8s.io/v1") {
-        return Err(ApiError::bad_request(format!(
-            "the API version in the data ({av}) or kind ({k}) does not match the expected authentication.k8s.io/v1 TokenRequest"
-        )));
-    }
-    let spec = token_spec(&body["spec"]).map_err(|errs| ApiError::invalid("TokenRequest", name, errs))?;
+/// A token issued for a ServiceAccount: the JWT, its expiry (RFC 3339) and
+/// the object it is bound to (as a TokenRequest's `boundObjectRef`).
+pub struct Issued {
+    pub token: String,
+    pub expires: String,
+    pub bound_ref: Value,
+}
+
+/// Issues a token for ServiceAccount `ns/name` as `spec` asks (bound to
+/// a Pod or Secret that must exist with the uid given).
+pub async fn issue(api: &ApiServer, ns: &str, name: &str, spec: &TokenSpec) -> Result<Issued, ApiError> {
     let sa = api
         .objects
         .get(kind("v1", "ServiceAccount")?, Some(ns), name)
@@ -223,6 +222,22 @@ pub async fn token_request(api: &ApiServer, ns: &str, name: &str, ctx: &Ctx) -> 
         Claims::new(claims, spec.audiences.clone(), now.timestamp(), spec.seconds, uuid::Uuid::new_v4().to_string());
     let token = jwt::issue(&key, &c).map_err(|e| ApiError::internal(e.to_string()))?;
     let expires = DateTime::from_timestamp(c.exp, 0).unwrap_or(now).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    Ok(Issued { token, expires, bound_ref })
+}
+
+/// `POST .../serviceaccounts/<name>/token`: an `authentication.k8s.io/v1`
+/// TokenRequest answered with a signed token.
+pub async fn token_request(api: &ApiServer, ns: &str, name: &str, ctx: &Ctx) -> Result<Reply, ApiError> {
+    let body = super::handlers::decode_body(ctx)?;
+    let k = body["kind"].as_str().unwrap_or_default();
+    let av = body["apiVersion"].as_str().unwrap_or_default();
+    if (!k.is_empty() && k != "TokenRequest") || (!av.is_empty() && av != "authentication.k8s.io/v1") {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({av}) or kind ({k}) does not match the expected authentication.k8s.io/v1 TokenRequest"
+        )));
+    }
+    let spec = token_spec(&body["spec"]).map_err(|errs| ApiError::invalid("TokenRequest", name, errs))?;
+    let Issued { token, expires, bound_ref } = issue(api, ns, name, &spec).await?;
     let mut out_spec = json!({"audiences": spec.audiences, "expirationSeconds": spec.seconds});
     if bound_ref.is_object() {
         out_spec["boundObjectRef"] = bound_ref;

@@ -335,6 +335,9 @@ impl Gateway {
             }
             NodeRequest::Get { resource, namespace, name } => self.get(node, &resource, &namespace, &name).await,
             NodeRequest::Usage { usage } => self.usage(node, &usage).await,
+            NodeRequest::Token { namespace, pod, uid, audience, expiration_seconds } => {
+                self.token(node, &namespace, &pod, &uid, audience, expiration_seconds).await
+            }
             NodeRequest::Join { .. } | NodeRequest::WatchPods | NodeRequest::Relay { .. } => {
                 Ok(NodeResponse::error(400, "BadRequest", "unexpected request"))
             }
@@ -590,6 +593,34 @@ impl Gateway {
         Err(ApiError::new(409, "Conflict", format!("pod {ns}/{name} kept changing")))
     }
 
+    /// A token for the ServiceAccount of a pod bound to `node`, bound to that pod.
+    async fn token(
+        &self,
+        node: &str,
+        ns: &str,
+        pod: &str,
+        uid: &str,
+        audience: Option<String>,
+        seconds: i64,
+    ) -> Result<NodeResponse, ApiError> {
+        let Some(cur) = self.own_pod(node, ns, pod, uid).await? else {
+            return Ok(NodeResponse::error(404, "NotFound", format!("pod {ns}/{pod} with uid {uid} not found")));
+        };
+        let sa = cur.object["spec"]["serviceAccountName"].as_str().filter(|s| !s.is_empty()).unwrap_or("default");
+        let mut spec = json!({
+            "expirationSeconds": seconds,
+            "boundObjectRef": {"kind": "Pod", "apiVersion": "v1", "name": pod, "uid": uid},
+        });
+        if let Some(a) = audience {
+            spec["audiences"] = json!([a]);
+        }
+        let spec = crate::api::serviceaccount::token_spec(&spec)
+            .map_err(|errs| ApiError::invalid("TokenRequest", sa, errs))?;
+        let issued = crate::api::serviceaccount::issue(&self.api, ns, sa, &spec).await?;
+        let body = json!({"token": issued.token, "expirationTimestamp": issued.expires});
+        Ok(NodeResponse::Object { json: serde_json::to_vec(&body).unwrap_or_default() })
+    }
+
     /// A Secret or ConfigMap, if a pod bound to `node` references it.
     async fn get(&self, node: &str, resource: &str, ns: &str, name: &str) -> Result<NodeResponse, ApiError> {
         let kind = match resource {
@@ -695,6 +726,7 @@ fn request_kind(req: &NodeRequest) -> &'static str {
         NodeRequest::WatchPods => "watch_pods",
         NodeRequest::Usage { .. } => "usage",
         NodeRequest::Relay { .. } => "relay",
+        NodeRequest::Token { .. } => "token",
     }
 }
 

@@ -74,10 +74,6 @@ where
     let mut work = Vec::new();
     for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
         let name = v["name"].as_str().unwrap_or_default().to_string();
-        let mut tokens = v["projected"]["sources"].as_array().into_iter().flatten();
-        if tokens.any(|s| s["serviceAccountToken"].is_object()) {
-            tracing::info!(volume = %name, "serviceAccountToken projections are not supported yet; nothing written for them");
-        }
         work.push((name, plugin_of(v), plan_volume(pod, v, &sources, node)));
     }
     let root = volumes_dir(data_dir, uid);
