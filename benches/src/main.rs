@@ -3,7 +3,8 @@
 //! `capstan-bench api` drives the Kubernetes API (see `api.rs`);
 //! `capstan-bench scheduler` measures scheduling (see `scheduler.rs`);
 //! `capstan-bench pod-startup` times pods to Running on real nodes
-//! (`pod_startup.rs`).
+//! (`pod_startup.rs`); `capstan-bench sim-nodes` brings up many hollow
+//! nodes and measures what they cost (`sim_nodes.rs`).
 //! `capstan-bench store` drives the etcd v3 gRPC API (Capstan's store, or a
 //! real etcd as the baseline) with a fixed workload from many concurrent
 //! clients over a few shared HTTP/2 connections, and prints one JSON object
@@ -17,6 +18,7 @@ mod metrics;
 mod pod_startup;
 mod procs;
 mod scheduler;
+mod sim_nodes;
 mod stats;
 mod store;
 mod watch;
@@ -43,6 +45,9 @@ enum Cmd {
     /// Create pods on real nodes and measure create -> Running (watched),
     /// with the agents' and masters' RSS.
     PodStartup(pod_startup::Args),
+    /// Host many hollow nodes in one `capstan-node --runtime sim` and
+    /// measure time to all Ready, the masters' RSS and connections.
+    SimNodes(sim_nodes::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -72,6 +77,12 @@ fn main() -> anyhow::Result<()> {
         Cmd::PodStartup(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let report = rt.block_on(pod_startup::run(args))?;
+            println!("{report}");
+            Ok(())
+        }
+        Cmd::SimNodes(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(sim_nodes::run(args))?;
             println!("{report}");
             Ok(())
         }
