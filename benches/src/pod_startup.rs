@@ -21,10 +21,13 @@
 //!
 //! Pods: `--image` running `sleep 3600`, `terminationGracePeriodSeconds:
 //! 0`, labelled with this run so only they are watched. After they run
-//! they are deleted and the bench waits for their DELETED events (the agent
-//! confirmed the containers gone). The RSS of every agent and master on the
-//! machine is reported before the pods, while they run, and after they go
-//! (`procs.rs`). Prints one JSON object on stdout; progress on stderr.
+//! they are deleted and the bench waits for their DELETED events. With a
+//! zero grace period the object can go before the agent has stopped the
+//! containers, so it then waits (up to 60 s) for the containers' log
+//! drivers to exit too (`containers_gone_s`). The RSS of the cluster's
+//! agents, log drivers and masters (processes whose arguments mention
+//! `--cluster-dir`) is reported before the pods, while they run, and after
+//! they go (`procs.rs`). Prints one JSON object on stdout; progress on stderr.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -61,6 +64,11 @@ pub struct Args {
     /// Give up waiting for the pods to start, and again to go, after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Report the RSS of processes whose arguments contain this path
+    /// [default: the kubeconfig's directory, which `capstan up` makes the
+    /// cluster's]; `/` takes every Capstan process on the machine.
+    #[arg(long)]
+    pub cluster_dir: Option<PathBuf>,
 }
 
 /// Container states that will not turn into Running by themselves (or not
@@ -258,7 +266,14 @@ pub async fn run(a: Args) -> Result<Value> {
     let pods_path = format!("/api/v1/namespaces/{ns}/pods");
     let query = format!("labelSelector=capstan.dev/bench-run%3D{run}");
     let (_, rv) = watch::list(&kube, &format!("{pods_path}?{query}")).await?;
-    let rss_before = procs::report(&procs::scan());
+    let cluster_dir = match &a.cluster_dir {
+        Some(d) => d.clone(),
+        None => std::fs::canonicalize(&a.kubeconfig)?.parent().map(PathBuf::from).unwrap_or_default(),
+    };
+    let under = cluster_dir.display().to_string();
+    let scan = || procs::scan(Some(&under));
+    let before = scan();
+    let rss_before = procs::report(&before);
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let watcher = tokio::spawn(watch::follow(kube.clone(), pods_path.clone(), query, rv, tx));
@@ -285,7 +300,7 @@ pub async fn run(a: Args) -> Result<Value> {
     let total = a.pods as usize;
     let started = drain_until(&mut rx, &tracker, deadline, |t| t.settled(total)).await;
     creators.await?;
-    let rss_running = procs::report(&procs::scan());
+    let rss_running = procs::report(&scan());
     let mut out = tracker.lock().startup_report();
     out["timed_out"] = json!(started == Ok(false));
     eprintln!("started: {}", out["startup_ms"]);
@@ -313,6 +328,15 @@ pub async fn run(a: Args) -> Result<Value> {
     let mut deletion = tracker.lock().delete_report();
     deletion["duration_s"] = json!(secs3(delete_start.elapsed().as_secs_f64()));
     deletion["timed_out"] = json!(gone == Ok(false));
+    let drivers = |ps: &[procs::Proc]| ps.iter().filter(|p| p.role == procs::Role::LogDriver).count();
+    let drivers_before = drivers(&before);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while drivers(&scan()) > drivers_before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = scan();
+    deletion["containers_gone_s"] =
+        json!((drivers(&after) <= drivers_before).then(|| secs3(delete_start.elapsed().as_secs_f64())));
     drop(rx);
     let watch_error = match (started, gone) {
         (Err(_), _) | (_, Err(_)) => Some(match watcher.await {
@@ -332,7 +356,8 @@ pub async fn run(a: Args) -> Result<Value> {
     }
     report["delete"] = deletion;
     report["watch_error"] = json!(watch_error);
-    report["rss"] = json!({"before": rss_before, "running": rss_running, "after": procs::report(&procs::scan())});
+    report["rss"] =
+        json!({"cluster_dir": under, "before": rss_before, "running": rss_running, "after": procs::report(&after)});
     Ok(report)
 }
 

@@ -69,8 +69,10 @@ pub(crate) fn rss_kib(pid: u32) -> Option<u64> {
     vm_rss_kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
 }
 
-/// Every Capstan process running now.
-pub(crate) fn scan() -> Vec<Proc> {
+/// Every Capstan process running now; with `under`, only those with an
+/// argument containing it (a cluster's directory: masters' and agents'
+/// `--data-dir`, log drivers' log paths).
+pub(crate) fn scan(under: Option<&str>) -> Vec<Proc> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
     let mut out = Vec::new();
     for e in dir.flatten() {
@@ -78,6 +80,9 @@ pub(crate) fn scan() -> Vec<Proc> {
         let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
         let argv = split_cmdline(&raw);
         let Some(role) = classify(&argv) else { continue };
+        if under.is_some_and(|u| !argv.iter().any(|a| a.contains(u))) {
+            continue;
+        }
         // Gone between the two reads: skip it.
         let Some(rss_kib) = rss_kib(pid) else { continue };
         out.push(Proc { pid, role, rss_kib, data_dir: flag_value(&argv, "--data-dir") });

@@ -236,10 +236,7 @@ fn log_tail(dir: &Path) -> String {
 /// RSS of this cluster's masters and of the sim process.
 fn rss(data_dir: &Path, sim_pid: Option<u32>) -> Value {
     let dir = data_dir.display().to_string();
-    let masters: Vec<_> = procs::scan()
-        .into_iter()
-        .filter(|p| p.role == Role::Master && p.data_dir.as_deref().is_some_and(|d| d.starts_with(&dir)))
-        .collect();
+    let masters: Vec<_> = procs::scan(Some(&dir)).into_iter().filter(|p| p.role == Role::Master).collect();
     json!({
         "masters_mib": masters.iter().map(|p| mib(p.rss_kib)).collect::<Vec<_>>(),
         "masters_total_mib": mib(masters.iter().map(|p| p.rss_kib).sum()),
