@@ -5,7 +5,9 @@
 //! the rules are unit-tested without a `/proc`: `capstan-node` is a node
 //! agent (or, with `log-driver`, one container's log driver, which runs
 //! beside the agent and is counted apart); `capstan ... server` is a master.
-//! RSS includes shared pages (the binaries' text), as `ps` shows it.
+//! RSS includes shared pages (the binaries' text), as `ps` shows it; PSS
+//! (`/proc/<pid>/smaps_rollup`) splits each shared page among its users,
+//! so the log drivers' sum is not their binary counted once per container.
 
 use std::path::Path;
 
@@ -23,6 +25,8 @@ pub(crate) struct Proc {
     pub pid: u32,
     pub role: Role,
     pub rss_kib: u64,
+    /// Proportional set size, when readable.
+    pub pss_kib: Option<u64>,
     /// The `--data-dir` it was started with, to tell clusters apart.
     pub data_dir: Option<String>,
 }
@@ -34,8 +38,13 @@ pub(crate) fn split_cmdline(raw: &[u8]) -> Vec<String> {
 
 /// The `VmRSS:` line of `/proc/<pid>/status`, in KiB (kernel threads have none).
 pub(crate) fn vm_rss_kib(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let mut parts = line["VmRSS:".len()..].split_whitespace();
+    kib_field(status, "VmRSS:")
+}
+
+/// A `Name:   123 kB` line's value.
+fn kib_field(text: &str, field: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.starts_with(field))?;
+    let mut parts = line[field.len()..].split_whitespace();
     let v = parts.next()?.parse().ok()?;
     match parts.next() {
         Some("kB") | None => Some(v),
@@ -85,7 +94,8 @@ pub(crate) fn scan(under: Option<&str>) -> Vec<Proc> {
         }
         // Gone between the two reads: skip it.
         let Some(rss_kib) = rss_kib(pid) else { continue };
-        out.push(Proc { pid, role, rss_kib, data_dir: flag_value(&argv, "--data-dir") });
+        let pss_kib = std::fs::read_to_string(e.path().join("smaps_rollup")).ok().and_then(|t| kib_field(&t, "Pss:"));
+        out.push(Proc { pid, role, rss_kib, pss_kib, data_dir: flag_value(&argv, "--data-dir") });
     }
     out.sort_by_key(|p| p.pid);
     out
@@ -103,7 +113,8 @@ pub(crate) fn report(procs: &[Proc]) -> Value {
             "count": of.len(),
             "total_mib": mib(of.iter().map(|p| p.rss_kib).sum()),
             "max_mib": mib(of.iter().map(|p| p.rss_kib).max().unwrap_or(0)),
-            "each": of.iter().map(|p| json!({"pid": p.pid, "rss_mib": mib(p.rss_kib), "data_dir": p.data_dir})).collect::<Vec<_>>(),
+            "pss_total_mib": mib(of.iter().filter_map(|p| p.pss_kib).sum()),
+            "each": of.iter().map(|p| json!({"pid": p.pid, "rss_mib": mib(p.rss_kib), "pss_mib": p.pss_kib.map(mib), "data_dir": p.data_dir})).collect::<Vec<_>>(),
         })
     };
     json!({"agents": group(Role::Agent), "masters": group(Role::Master), "log_drivers": group(Role::LogDriver)})
@@ -129,6 +140,8 @@ mod tests {
         let status = "Name:\tcapstan-node\nVmPeak:\t  200000 kB\nVmRSS:\t   23456 kB\nRssAnon:\t 1000 kB\n";
         assert_eq!(vm_rss_kib(status), Some(23456));
         assert_eq!(vm_rss_kib("Name:\tkthreadd\nState:\tS (sleeping)\n"), None);
+        let rollup = "55d0-7ffd ---p 00000000 00:00 0  [rollup]\nRss:   30000 kB\nPss:   9000 kB\nPss_Anon: 800 kB\n";
+        assert_eq!(kib_field(rollup, "Pss:"), Some(9000));
     }
 
     #[test]
@@ -151,11 +164,12 @@ mod tests {
 
     #[test]
     fn report_groups_by_role() {
-        let p = |pid, role, rss_kib| Proc { pid, role, rss_kib, data_dir: None };
+        let p = |pid, role, rss_kib| Proc { pid, role, rss_kib, pss_kib: Some(rss_kib / 2), data_dir: None };
         let r = report(&[p(1, Role::Master, 102400), p(2, Role::Master, 204800), p(3, Role::Agent, 20480)]);
         assert_eq!(r["masters"]["count"], 2);
         assert_eq!(r["masters"]["total_mib"], 300.0);
         assert_eq!(r["masters"]["max_mib"], 200.0);
+        assert_eq!(r["masters"]["pss_total_mib"], 150.0);
         assert_eq!(r["agents"]["total_mib"], 20.0);
         assert_eq!(r["log_drivers"]["count"], 0);
     }
