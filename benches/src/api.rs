@@ -92,6 +92,24 @@ impl Kube {
         }
         Ok(r.json().await?)
     }
+
+    /// GETs `path` as JSON.
+    pub async fn get_json(&self, path: &str) -> Result<Value> {
+        let r = self.clients[0].get(format!("{}{path}", self.server)).send().await?;
+        if !r.status().is_success() {
+            bail!("GET {path}: {} {}", r.status(), r.text().await.unwrap_or_default());
+        }
+        Ok(r.json().await?)
+    }
+
+    /// DELETEs `path`; an object already gone (404) is not an error.
+    pub async fn delete(&self, i: usize, path: &str) -> Result<()> {
+        let r = self.clients[i % self.clients.len()].delete(format!("{}{path}", self.server)).send().await?;
+        if !r.status().is_success() && r.status() != reqwest::StatusCode::NOT_FOUND {
+            bail!("DELETE {path}: {} {}", r.status(), r.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
 }
 
 pub(crate) fn percentiles(h: &Histogram<u64>) -> Value {

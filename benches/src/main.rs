@@ -1,7 +1,10 @@
 //! `capstan-bench`: load generators for Capstan.
 //!
 //! `capstan-bench api` drives the Kubernetes API (see `api.rs`);
-//! `capstan-bench scheduler` measures scheduling (see `scheduler.rs`).
+//! `capstan-bench scheduler` measures scheduling (see `scheduler.rs`);
+//! `capstan-bench pod-startup` times pods to Running on real nodes
+//! (`pod_startup.rs`); `capstan-bench sim-nodes` brings up many hollow
+//! nodes and measures what they cost (`sim_nodes.rs`).
 //! `capstan-bench store` drives the etcd v3 gRPC API (Capstan's store, or a
 //! real etcd as the baseline) with a fixed workload from many concurrent
 //! clients over a few shared HTTP/2 connections, and prints one JSON object
@@ -11,8 +14,14 @@
 
 mod api;
 mod conn;
+mod metrics;
+mod pod_startup;
+mod procs;
 mod scheduler;
+mod sim_nodes;
+mod stats;
 mod store;
+mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -33,6 +42,12 @@ enum Cmd {
     Api(api::Args),
     /// Create Nodes and pods and measure how fast the scheduler binds them.
     Scheduler(scheduler::Args),
+    /// Create pods on real nodes and measure create -> Running (watched),
+    /// with the agents' and masters' RSS.
+    PodStartup(pod_startup::Args),
+    /// Host many hollow nodes in one `capstan-node --runtime sim` and
+    /// measure time to all Ready, the masters' RSS and connections.
+    SimNodes(sim_nodes::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,6 +71,18 @@ fn main() -> anyhow::Result<()> {
         Cmd::Scheduler(args) => {
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let report = rt.block_on(scheduler::run(args))?;
+            println!("{report}");
+            Ok(())
+        }
+        Cmd::PodStartup(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(pod_startup::run(args))?;
+            println!("{report}");
+            Ok(())
+        }
+        Cmd::SimNodes(args) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let report = rt.block_on(sim_nodes::run(args))?;
             println!("{report}");
             Ok(())
         }
