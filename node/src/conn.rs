@@ -166,6 +166,8 @@ pub struct Masters {
     name: String,
     servers: Vec<String>,
     endpoint: quinn::Endpoint,
+    /// This node's TLS identity (the endpoint may be shared by hollow nodes).
+    client: quinn::ClientConfig,
     current: Mutex<Option<(usize, quinn::Connection)>>,
     dial: tokio::sync::Mutex<()>,
     /// Each new connection, for the task serving the masters' streams on it.
@@ -174,10 +176,14 @@ pub struct Masters {
 
 impl Masters {
     pub fn new(id: &Identity) -> anyhow::Result<Arc<Masters>> {
-        let mut cfg = pki::quic_client_config(&id.ca_pem, &id.cert)?;
-        cfg.transport_config(capstan_raft::transport::node_transport_config());
-        let mut endpoint = quinn::Endpoint::client("0.0.0.0:0".parse().expect("static"))?;
-        endpoint.set_default_client_config(cfg);
+        Masters::with_endpoint(id, quinn::Endpoint::client("0.0.0.0:0".parse().expect("static"))?)
+    }
+
+    /// Like `new`, dialling from `endpoint` (one UDP socket and driver for
+    /// many hollow nodes, each with its own certificate).
+    pub fn with_endpoint(id: &Identity, endpoint: quinn::Endpoint) -> anyhow::Result<Arc<Masters>> {
+        let mut client = pki::quic_client_config(&id.ca_pem, &id.cert)?;
+        client.transport_config(capstan_raft::transport::node_transport_config());
         if id.file.servers.is_empty() {
             bail!("no master addresses (node.json lists none)");
         }
@@ -185,6 +191,7 @@ impl Masters {
             name: id.file.name.clone(),
             servers: id.file.servers.clone(),
             endpoint,
+            client,
             current: Mutex::new(None),
             dial: tokio::sync::Mutex::new(()),
             connected: tokio::sync::watch::channel(None).0,
@@ -213,9 +220,12 @@ impl Masters {
             let server = &self.servers[i];
             let dialled: anyhow::Result<quinn::Connection> = async {
                 let addr = resolve(server).await?;
-                let c = tokio::time::timeout(Duration::from_secs(3), self.endpoint.connect(addr, server_name(server))?)
-                    .await
-                    .context("connect timed out")??;
+                let c = tokio::time::timeout(
+                    Duration::from_secs(3),
+                    self.endpoint.connect_with(self.client.clone(), addr, server_name(server))?,
+                )
+                .await
+                .context("connect timed out")??;
                 Ok(c)
             }
             .await;

@@ -13,6 +13,7 @@ use capstan_node::metrics::{AgentMetrics, Checks, Instrumented};
 use capstan_node::podnet::CniNetwork;
 use capstan_node::sim::SimRuntime;
 use clap::{Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
 
 #[derive(Parser)]
 #[command(name = "capstan-node", about = "Capstan's node agent", args_conflicts_with_subcommands = true)]
@@ -171,15 +172,29 @@ fn main() -> anyhow::Result<()> {
                 let ping: Checks = Arc::new(|| Box::pin(async { vec![("ping", None)] }));
                 serve_ops(&cli, &data_dir, metrics.clone(), ping).await?;
                 let mut agents = tokio::task::JoinSet::new();
-                for i in 0..cli.sim_nodes.max(1) {
-                    let (name, dir) = if cli.sim_nodes > 1 {
-                        let n = format!("{base}-{i}");
-                        (n.clone(), data_dir.join(&n))
-                    } else {
-                        (base.clone(), data_dir.clone())
-                    };
-                    let id = identity(&dir, &cli, &name).await?;
-                    let masters = Masters::new(&id)?;
+                // Hollow nodes share one UDP socket; they join 32 at a time.
+                let endpoint = quinn::Endpoint::client("0.0.0.0:0".parse()?)?;
+                let nodes: Vec<(String, PathBuf)> = (0..cli.sim_nodes.max(1))
+                    .map(|i| {
+                        if cli.sim_nodes > 1 {
+                            let n = format!("{base}-{i}");
+                            (n.clone(), data_dir.join(&n))
+                        } else {
+                            (base.clone(), data_dir.clone())
+                        }
+                    })
+                    .collect();
+                let joined: Vec<anyhow::Result<(conn::Identity, PathBuf)>> =
+                    futures::stream::iter(nodes.into_iter().map(|(name, dir)| {
+                        let cli = &cli;
+                        async move { identity(&dir, cli, &name).await.map(|id| (id, dir)) }
+                    }))
+                    .buffer_unordered(32)
+                    .collect()
+                    .await;
+                for j in joined {
+                    let (id, dir) = j?;
+                    let masters = Masters::with_endpoint(&id, endpoint.clone())?;
                     let mut info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "sim://0.1");
                     info.labels.push(("capstan.io/runtime".into(), "sim".into()));
                     let rt = Arc::new(Instrumented::new(Arc::new(SimRuntime::new()), metrics.clone()));

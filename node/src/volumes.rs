@@ -246,7 +246,7 @@ pub fn sources_of(pod: &Value) -> Vec<SourceRef> {
             add(SourceKind::ConfigMap, s["configMap"]["name"].as_str());
             add(SourceKind::Secret, s["secret"]["name"].as_str());
             if s["serviceAccountToken"].is_object() {
-                out.insert(SourceRef { kind: SourceKind::Token, name: token_source_name(&s["serviceAccountToken"]) });
+                add(SourceKind::Token, Some(&token_source_name(&s["serviceAccountToken"])));
             }
         }
     }

@@ -46,6 +46,8 @@ fn sources(with_cm: bool) -> Sources {
     let cfg = SourceRef { kind: SourceKind::ConfigMap, name: "cfg".into() };
     s.insert(cfg, Ok(with_cm.then(|| cm(json!({"a": "1", "b": "2"})))));
     s.insert(SourceRef { kind: SourceKind::Secret, name: "sec".into() }, Ok(Some(secret())));
+    let token = SourceRef { kind: SourceKind::Token, name: token_source_name(&json!({"expirationSeconds": 3600})) };
+    s.insert(token, Ok(Some(json!({"token": "jwt-for-the-pod"}))));
     s
 }
 
@@ -239,6 +241,16 @@ fn go_quoting_matches_strconv_quote() {
 }
 
 #[test]
+fn token_sources_name_their_audience_and_lifetime() {
+    let t = json!({"path": "token", "audience": "vault", "expirationSeconds": 600});
+    assert_eq!(token_source_parts(&token_source_name(&t)), (Some("vault".to_string()), 600));
+    assert_eq!(token_source_parts(&token_source_name(&json!({"path": "token"}))), (None, 3607));
+    // Without the token (masters unreachable) the projection is not written.
+    let v = json!({"name": "v", "projected": {"sources": [{"serviceAccountToken": {"path": "t", "audience": "x"}}]}});
+    assert!(matches!(plan(v, &sources(true)), Err(VolumeError::NotFound { .. })));
+}
+
+#[test]
 fn projected_merges_sources_with_one_default_mode() {
     let v = json!({"name": "v", "projected": {"defaultMode": 0o440, "sources": [
         {"configMap": {"name": "cfg", "items": [{"key": "a", "path": "cfg/a"}]}},
@@ -251,7 +263,8 @@ fn projected_merges_sources_with_one_default_mode() {
         VolumePlan::Files { plugin, tmpfs, files, .. } => {
             assert_eq!((plugin, tmpfs), (PLUGIN_PROJECTED, true));
             let got: Vec<(&str, u32)> = files.iter().map(|f| (f.path.as_str(), f.mode)).collect();
-            assert_eq!(got, [("cfg/a", 0o440), ("token", 0o400), ("labels", 0o440)]);
+            assert_eq!(got, [("cfg/a", 0o440), ("token", 0o400), ("labels", 0o440), ("sa-token", 0o440)]);
+            assert_eq!(files[3].bytes, b"jwt-for-the-pod");
         }
         other => panic!("{other:?}"),
     }
@@ -370,6 +383,7 @@ fn objects(a: &str) -> HashMap<(SourceKind, String), Value> {
     HashMap::from([
         ((SourceKind::ConfigMap, "cfg".to_string()), cm(json!({"a": a, "b": "2"}))),
         ((SourceKind::Secret, "sec".to_string()), secret()),
+        ((SourceKind::Token, token_source_name(&json!({}))), json!({"token": "jwt"})),
     ])
 }
 
@@ -434,9 +448,9 @@ async fn every_volume_type() {
     let mut names: Vec<String> =
         fs::read_dir(&all).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    assert_eq!(names.len(), 6, "{names:?}"); // ..data, the version, a, b, bin, token
+    assert_eq!(names.len(), 7, "{names:?}"); // ..data, the version, a, b, bin, token, sa
     assert_eq!(fs::read_to_string(all.join("token")).unwrap(), "t");
-    assert!(!all.join("sa").exists());
+    assert_eq!(fs::read_to_string(all.join("sa")).unwrap(), "jwt", "the ServiceAccount token");
 
     // Preparing again with nothing changed keeps the version; a change swaps it
     // and removes the old one; a key gone takes its link with it.
