@@ -33,8 +33,10 @@ fn query(port: u16, q: &str) -> Option<f64> {
 }
 
 #[test]
-fn prometheus_scrapes_every_master() {
-    let up = up(3);
+fn prometheus_scrapes_every_master_and_agent() {
+    // Three masters and a hollow node agent, as `capstan up` starts them.
+    let up =
+        Up::start_full(std::path::Path::new(BIN), 3, &[], &["--nodes", "1", "--runtime", "sim"]).expect("capstan up");
     let config = up.dir.path().join("prometheus.yml");
     assert!(config.exists(), "capstan up writes prometheus.yml");
     let out = Command::new("promtool").arg("check").arg("config").arg(&config).output().unwrap();
@@ -64,19 +66,32 @@ fn prometheus_scrapes_every_master() {
         assert_eq!(http_get(&format!("{}/livez", metrics_url(&up, i))).unwrap(), (200, "ok".to_string()));
     }
 
+    // The agent's page too (its address is in its data dir).
+    let ep: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(up.dir.path().join("node-1/endpoints.json")).unwrap()).unwrap();
+    let agent = ep["metrics_url"].as_str().unwrap().to_string();
+    let (code, body) = http_get(&format!("{agent}/metrics")).unwrap();
+    assert_eq!(code, 200);
+    if let Err(e) = promtool_check_metrics(&body) {
+        panic!("promtool check metrics on the agent: {e}");
+    }
+    exposed.push_str(&body);
+    let (code, body) = http_get(&format!("{agent}/readyz?verbose")).unwrap();
+    assert_eq!(code, 200, "{body}");
+
     // The shipped alerts and dashboard only use metrics that exist.
     let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     let used = std::fs::read_to_string(deploy.join("prometheus/capstan-alerts.yml")).unwrap()
         + &std::fs::read_to_string(deploy.join("grafana/capstan-masters.json")).unwrap();
     let mut names: Vec<&str> = used
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .filter(|w| w.starts_with("capstan_") || w.starts_with("process_"))
+        .filter(|w| w.starts_with("capstan_") || w.starts_with("process_") || w.starts_with("kubelet_"))
         .collect();
     names.sort();
     names.dedup();
     assert!(names.len() > 10);
     for n in names {
-        assert!(exposed.contains(n), "deploy/ refers to {n}, which no master exposes");
+        assert!(exposed.contains(n), "deploy/ refers to {n}, which no master or agent exposes");
     }
 
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -95,14 +110,15 @@ fn prometheus_scrapes_every_master() {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let up_sum = query(port, "sum(up{job=\"capstan-master\"})");
+        let agents = query(port, "sum(up{job=\"capstan-node\"})");
         let leaders = query(port, "sum(capstan_raft_is_leader)");
-        if let (Some(up_sum), Some(leaders)) = (up_sum, leaders) {
-            if up_sum == 3.0 {
+        if let (Some(up_sum), Some(agents), Some(leaders)) = (up_sum, agents, leaders) {
+            if up_sum == 3.0 && agents == 1.0 {
                 assert_eq!(leaders, 1.0, "exactly one leader");
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "prometheus never saw all three masters up");
+        assert!(Instant::now() < deadline, "prometheus never saw all three masters and the agent up");
         std::thread::sleep(Duration::from_millis(500));
     }
 }

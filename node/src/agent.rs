@@ -345,9 +345,13 @@ impl<R: Runtime> Agent<R> {
     }
 
     /// The runtime's state, shared by all workers for `OBSERVE_TTL`.
+    /// `fresh`: a listing that began after this call (workers that just
+    /// acted); otherwise one at most `OBSERVE_TTL` old. Callers queue on one
+    /// lock, so a burst of workers shares a listing instead of each making one.
     pub(crate) async fn observe(&self, fresh: bool) -> anyhow::Result<Arc<Observation>> {
+        let asked = Instant::now();
         let mut cached = self.observed.lock().await;
-        if let Some(o) = cached.as_ref().filter(|o| !fresh && o.at.elapsed() < OBSERVE_TTL) {
+        if let Some(o) = cached.as_ref().filter(|o| o.at >= asked || (!fresh && o.at.elapsed() < OBSERVE_TTL)) {
             return Ok(o.clone());
         }
         let o = Arc::new(Observation {

@@ -85,6 +85,12 @@ impl AgentMetrics {
         r.register(Box::new(m.master_connected.clone()))?;
         r.register(Box::new(m.master_rtt.clone()))?;
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        // Every operation's series exists from the start (at zero), so rates
+        // and alerts over them are defined before the first error.
+        for op in OPERATIONS {
+            m.runtime_ops.with_label_values(&[op]);
+            m.runtime_errors.with_label_values(&[op]);
+        }
         Ok(m)
     }
 
@@ -95,6 +101,20 @@ impl AgentMetrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 }
+
+/// The runtime operations timed (`operation_type`), as the kubelet names them.
+pub const OPERATIONS: [&str; 10] = [
+    "pull_image",
+    "run_podsandbox",
+    "remove_podsandbox",
+    "list_podsandbox",
+    "start_container",
+    "stop_container",
+    "remove_container",
+    "list_containers",
+    "exec",
+    "container_stats",
+];
 
 /// A runtime whose every operation is timed and counted.
 pub struct Instrumented<R> {

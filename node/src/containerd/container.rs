@@ -21,7 +21,7 @@ use containerd_client::services::v1::snapshots::PrepareSnapshotRequest;
 use containerd_client::services::v1::{
     containers_client::ContainersClient, tasks_client::TasksClient, Container, CreateContainerRequest,
     CreateTaskRequest, DeleteContainerRequest, DeleteTaskRequest, GetContainerRequest, GetRequest, KillRequest,
-    ListContainersRequest, StartRequest, UpdateContainerRequest, WaitRequest,
+    ListContainersRequest, ListTasksRequest, StartRequest, UpdateContainerRequest, WaitRequest,
 };
 use containerd_client::types::v1::{Process, Status as TaskStatus};
 
@@ -396,6 +396,18 @@ pub async fn list_containers(c: &Containerd) -> Result<Vec<ContainerStatus>, Run
         .map_err(|e| grpc("list containers", e))?
         .into_inner()
         .containers;
+    // Every task in one call (a Get per container made each listing O(n)
+    // round trips, and pod workers list often).
+    let mut tasks: HashMap<String, Process> = c
+        .tasks()
+        .list(c.req(ListTasksRequest { filter: String::new() }))
+        .await
+        .map_err(|e| grpc("list tasks", e))?
+        .into_inner()
+        .tasks
+        .into_iter()
+        .map(|p| (p.id.clone(), p))
+        .collect();
     let mut out = Vec::with_capacity(list.len());
     for ctr in list {
         // Ours only: something else may share the namespace.
@@ -405,12 +417,8 @@ pub async fn list_containers(c: &Containerd) -> Result<Vec<ContainerStatus>, Run
             .get(LABEL_STARTED_AT)
             .and_then(|n| n.parse::<u64>().ok())
             .map(|n| UNIX_EPOCH + Duration::from_nanos(n));
-        let state = match c.task(&ctr.id).await {
-            Err(e) => {
-                tracing::warn!(container = %ctr.id, error = %e, "task state");
-                ContainerState::Unknown
-            }
-            Ok(None) => match started_at {
+        let state = match tasks.remove(&ctr.id) {
+            None => match started_at {
                 None => ContainerState::Created,
                 // It ran, and its task is gone (the shim died, the node
                 // rebooted): exited for an unknown reason, as containerd's
@@ -419,7 +427,7 @@ pub async fn list_containers(c: &Containerd) -> Result<Vec<ContainerStatus>, Run
                     ContainerState::Exited { started_at: Some(s), finished_at: s, exit_code: 255, oom_killed: false }
                 }
             },
-            Ok(Some(p)) => match TaskStatus::try_from(p.status).unwrap_or(TaskStatus::Unknown) {
+            Some(p) => match TaskStatus::try_from(p.status).unwrap_or(TaskStatus::Unknown) {
                 TaskStatus::Created => ContainerState::Created,
                 TaskStatus::Running | TaskStatus::Paused | TaskStatus::Pausing => {
                     ContainerState::Running { started_at: started_at.unwrap_or(UNIX_EPOCH) }
