@@ -4,8 +4,12 @@
 //! Every pod gets `lo` (the `loopback` plugin) and `eth0`, a veth whose
 //! host end sits on the node's bridge (the `bridge` plugin, addresses from
 //! `host-local` out of the node's podCIDR, the bridge holding the gateway
-//! `.1`, outgoing traffic masqueraded, hairpin on so a pod reaches itself
-//! through a Service). Pods with hostPorts also get the `portmap` plugin
+//! `.1`, hairpin on so a pod reaches itself through a Service). Outgoing
+//! traffic is masqueraded by one node-wide rule for the pod CIDR
+//! ([`masquerade_rule`], installed by `podnet.rs`), not by the bridge
+//! plugin's `ipMasq`, which adds a chain per pod: its iptables calls
+//! serialize on the xtables lock and made a burst of 100 pods start
+//! together after ~5 s. Pods with hostPorts also get the `portmap` plugin
 //! chained after `bridge`.
 //!
 //! Layout:
@@ -172,6 +176,16 @@ impl CniConfig {
     }
 }
 
+/// The iptables (nat POSTROUTING) rule masquerading the pods' traffic
+/// leaving the pod CIDR, as arguments after `-A`/`-C`/`-D POSTROUTING`.
+pub fn masquerade_rule(cidr: &PodCidr, bridge: &str) -> Vec<String> {
+    let c = cidr.to_string();
+    ["-s", &c, "!", "-d", &c, "-m", "comment", "--comment", &format!("capstan pods {bridge}"), "-j", "MASQUERADE"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
 /// The node's network as a CNI 1.0.0 network configuration list, as one
 /// would drop it in /etc/cni/net.d (useful to look at; we execute it
 /// ourselves through [`plan`]).
@@ -180,7 +194,7 @@ pub fn conflist(cfg: &CniConfig) -> Value {
         "type": "bridge",
         "bridge": cfg.bridge,
         "isGateway": true,
-        "ipMasq": true,
+        "ipMasq": false,
         "hairpinMode": true,
         "ipam": {
             "type": "host-local",

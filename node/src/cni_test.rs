@@ -40,7 +40,12 @@ fn conflist_is_bridge_with_host_local_then_portmap() {
     assert_eq!(b["type"], "bridge");
     assert_eq!(b["bridge"], "capstan0");
     assert_eq!(b["isGateway"], true);
-    assert_eq!(b["ipMasq"], true);
+    assert_eq!(b["ipMasq"], false, "one node-wide masquerade rule instead of a chain per pod");
+    let rule = masquerade_rule(&cfg().pod_cidr, &cfg().bridge).join(" ");
+    assert!(
+        rule.starts_with(&format!("-s {0} ! -d {0} ", cfg().pod_cidr)) && rule.ends_with("-j MASQUERADE"),
+        "{rule}"
+    );
     assert_eq!(b["hairpinMode"], true);
     assert_eq!(b["ipam"]["type"], "host-local");
     assert_eq!(b["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");

@@ -13,6 +13,8 @@ use crate::containerd::{PodNetwork, PodNetworkSetup};
 use crate::runtime::{RuntimeError, SandboxConfig};
 
 pub struct CniNetwork {
+    /// The masquerade rule installed for the pod CIDR (removed on release).
+    masquerade: std::sync::Mutex<Option<Vec<String>>>,
     netns_dir: PathBuf,
     state_dir: PathBuf,
     bridge: String,
@@ -23,6 +25,7 @@ impl CniNetwork {
     /// `seed` names the bridge (several agents may share a host in tests).
     pub fn new(data_dir: &Path, seed: &str) -> CniNetwork {
         CniNetwork {
+            masquerade: std::sync::Mutex::new(None),
             netns_dir: data_dir.join("netns"),
             state_dir: data_dir.join("cni"),
             bridge: crate::cni::bridge_name(seed),
@@ -43,9 +46,36 @@ impl CniNetwork {
         if let Some(o) = out.ok().filter(|o| !o.status.success()) {
             tracing::debug!(bridge = %self.bridge, err = %String::from_utf8_lossy(&o.stderr), "bridge not deleted");
         }
+        let rule = self.masquerade.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(rule) = rule {
+            let _ = iptables(&["-t", "nat", "-D", "POSTROUTING"], &rule);
+        }
         if let Err(e) = crate::netns::release_dir(&self.netns_dir) {
             tracing::warn!(dir = %self.netns_dir.display(), error = %e, "netns dir not released");
         }
+    }
+}
+
+fn iptables(head: &[&str], rule: &[String]) -> std::io::Result<bool> {
+    let st = std::process::Command::new("iptables")
+        .arg("-w")
+        .args(head)
+        .args(rule)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    Ok(st.success())
+}
+
+/// Installs the node-wide masquerade rule unless it is there already.
+fn ensure_masquerade(rule: &[String]) -> std::io::Result<()> {
+    if iptables(&["-t", "nat", "-C", "POSTROUTING"], rule)? {
+        return Ok(());
+    }
+    if iptables(&["-t", "nat", "-A", "POSTROUTING"], rule)? {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("iptables -t nat -A POSTROUTING failed"))
     }
 }
 
@@ -55,6 +85,13 @@ impl PodNetwork for CniNetwork {
             Cni::new(CniConfig::new(self.state_dir.clone(), self.bridge.clone(), c)).map_err(|e| e.to_string())
         }) {
             Ok(cni) => {
+                if let Ok(c) = PodCidr::parse(cidr) {
+                    let rule = crate::cni::masquerade_rule(&c, &self.bridge);
+                    match ensure_masquerade(&rule) {
+                        Ok(()) => *self.masquerade.lock().unwrap_or_else(|e| e.into_inner()) = Some(rule),
+                        Err(e) => tracing::warn!(%cidr, error = %e, "pods' outgoing traffic is not masqueraded"),
+                    }
+                }
                 let _ = self.cni.set(cni);
             }
             Err(e) => tracing::error!(%cidr, error = %e, "pod network unusable"),
