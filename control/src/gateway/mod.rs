@@ -77,6 +77,7 @@ pub struct Gateway {
     /// Client endpoint (master certificate) for relays, and its connections.
     relay_endpoint: quinn::Endpoint,
     relays: Mutex<HashMap<String, quinn::Connection>>,
+    cidr_cache: Mutex<Option<(std::time::Instant, BTreeSet<String>)>>,
     next_session: AtomicU64,
     metrics: Metrics,
 }
@@ -141,6 +142,7 @@ impl Gateway {
             address,
             relay_endpoint,
             relays: Mutex::default(),
+            cidr_cache: Mutex::default(),
             next_session: AtomicU64::new(1),
             metrics: Metrics::new(registry)?,
         });
@@ -407,15 +409,33 @@ impl Gateway {
                     self.write_node_status(node, &status).await?;
                     return Ok(NodeResponse::Registered { pod_cidr: cidr });
                 }
-                Err(e) if e.code == 409 || e.code == 422 => continue,
+                Err(e) if e.code == 409 || e.code == 422 => {
+                    self.cidr_cache.lock().take();
+                    continue;
+                }
                 Err(e) => return Err(e),
             }
         }
         Err(ApiError::new(409, "Conflict", format!("node {node:?}: too many concurrent registrations")))
     }
 
+    /// The pod CIDRs nodes hold, recomputed at most once a second: decoding
+    /// every Node per registration made a burst of 5,000 registrations
+    /// quadratic. A stale set only costs a retry (the claim in the store
+    /// decides).
     fn used_cidrs(&self) -> BTreeSet<String> {
-        self.nodes.list().iter().filter_map(|n| n.object()["spec"]["podCIDR"].as_str().map(str::to_string)).collect()
+        let mut cache = self.cidr_cache.lock();
+        if let Some((_, used)) = cache.as_ref().filter(|(at, _)| at.elapsed() < std::time::Duration::from_secs(1)) {
+            return used.clone();
+        }
+        let used: BTreeSet<String> = self
+            .nodes
+            .list()
+            .iter()
+            .filter_map(|n| n.object()["spec"]["podCIDR"].as_str().map(str::to_string))
+            .collect();
+        *cache = Some((std::time::Instant::now(), used.clone()));
+        used
     }
 
     /// A free block (racing registrations on other masters are settled by
@@ -456,6 +476,7 @@ impl Gateway {
                 let claim = crate::api::objects::pod_cidr_claim(&c);
                 let owner = crate::api::objects::key(rt, None, node);
                 if !self.api.objects.put_if_absent(claim.to_vec(), owner).await? {
+                    self.cidr_cache.lock().take();
                     return Err(ApiError::new(409, "Conflict", "pod CIDR taken concurrently"));
                 }
                 want["spec"]["podCIDR"] = json!(c);
