@@ -157,6 +157,11 @@ pub struct Agent<R: Runtime> {
     /// The agent is shutting down: workers stop acting.
     stopping: std::sync::atomic::AtomicBool,
     pub(crate) metrics: crate::metrics::AgentMetrics,
+    /// Sandbox and container starts admitted first come, first served, a
+    /// few at a time: they are CPU-bound (runc, CNI), and a burst run all
+    /// at once finishes all at once, late; admitted in order, the first
+    /// pods run early at the same throughput.
+    starts: tokio::sync::Semaphore,
 }
 
 impl<R: Runtime> Agent<R> {
@@ -178,6 +183,7 @@ impl<R: Runtime> Agent<R> {
             listed: Default::default(),
             stopping: Default::default(),
             metrics,
+            starts: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)),
         })
     }
 
@@ -585,6 +591,7 @@ impl<R: Runtime> Agent<R> {
                     port_mappings: host_ports(&spec.raw),
                     host_network: spec.host_network,
                 };
+                let _turn = self.starts.acquire().await;
                 match self.rt.run_sandbox(&cfg).await {
                     Ok(_) => {
                         mem.sandbox_error = None;
@@ -670,7 +677,11 @@ impl<R: Runtime> Agent<R> {
                 return Err(e);
             }
         };
-        match self.rt.start_container(sb, &cfg).await {
+        let started = {
+            let _turn = self.starts.acquire().await;
+            self.rt.start_container(sb, &cfg).await
+        };
+        match started {
             Ok(id) => {
                 mem.waiting.remove(&c.name);
                 // postStart runs right after the start; if it fails the
