@@ -48,7 +48,8 @@ pub const DEFAULT_ACCOUNT_WAIT: Duration = Duration::from_secs(5);
 #[derive(Default)]
 pub struct KeyCache(parking_lot::RwLock<Option<Arc<SigningKey>>>);
 
-fn kind(api_version: &str, kind: &str) -> Result<&'static ResourceType, ApiError> {
+/// A registered kind, or a 500 naming it (a kind the code relies on).
+pub fn kind(api_version: &str, kind: &str) -> Result<&'static ResourceType, ApiError> {
     registry::by_kind(api_version, kind).ok_or_else(|| ApiError::internal(format!("no {kind} kind")))
 }
 

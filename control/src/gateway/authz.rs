@@ -55,6 +55,26 @@ pub fn node_identity(info: &capstan_raft::pki::CertInfo) -> Option<String> {
         .then(|| name.to_string())
 }
 
+/// The Node an agent registers must be an object whose `metadata`,
+/// `metadata.labels`, `spec` and `status` are objects where present: the
+/// gateway writes into them (pod CIDR, labels).
+pub fn check_registration(node: &Value) -> Result<(), String> {
+    let object_or_absent = |v: &Value, what: &str| {
+        if v.is_null() || v.is_object() {
+            Ok(())
+        } else {
+            Err(format!("Node {what} must be an object"))
+        }
+    };
+    if !node.is_object() {
+        return Err("a Node must be a JSON object".into());
+    }
+    object_or_absent(&node["metadata"], "metadata")?;
+    object_or_absent(&node["metadata"]["labels"], "metadata.labels")?;
+    object_or_absent(&node["spec"], "spec")?;
+    object_or_absent(&node["status"], "status")
+}
+
 /// A node name is a DNS-1123 subdomain (Kubernetes' rule for Node names).
 pub fn valid_node_name(name: &str) -> bool {
     !name.is_empty()
@@ -168,6 +188,20 @@ mod tests {
         assert!(valid_node_name("node-1.example"));
         for bad in ["", "-a", "a-", "a..b", "UPPER", "a_b", &"x".repeat(254)] {
             assert!(!valid_node_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn registrations_the_gateway_writes_into_must_be_objects() {
+        assert!(check_registration(&json!({"metadata": {"name": "n", "labels": {"a": "b"}}, "status": {}})).is_ok());
+        assert!(check_registration(&json!({"metadata": {"name": "n"}})).is_ok());
+        for bad in [
+            json!([]),
+            json!({"metadata": {"name": "n"}, "spec": "x"}),
+            json!({"metadata": {"name": "n", "labels": [1]}}),
+            json!({"metadata": {"name": "n"}, "status": 3}),
+        ] {
+            assert!(check_registration(&bad).is_err(), "{bad}");
         }
     }
 

@@ -32,7 +32,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use capstan_proto::k8s::registry::{by_kind, ResourceType};
+use capstan_proto::k8s::registry::ResourceType;
 use capstan_proto::nodewire::{
     read_message, write_frame, write_message, NodeRequest, NodeResponse, NodeUsage, PodEvent, PodFrame, WireError,
     MAX_ANONYMOUS_MESSAGE, MAX_MESSAGE, NODES_GROUP, NODE_TOKEN_USAGE, NODE_USER_PREFIX,
@@ -103,10 +103,6 @@ impl Metrics {
         registry.register(Box::new(watch_sessions.clone()))?;
         Ok(Metrics { connected, requests, watch_sessions })
     }
-}
-
-fn rt(api_version: &str, kind: &str) -> Result<&'static ResourceType, ApiError> {
-    by_kind(api_version, kind).ok_or_else(|| ApiError::internal(format!("{kind} is not registered")))
 }
 
 fn api_error(e: ApiError) -> NodeResponse {
@@ -396,7 +392,8 @@ impl Gateway {
         if obj["metadata"]["name"].as_str() != Some(node) {
             return Ok(forbidden(format!("node {node:?} may only register itself")));
         }
-        let rt = rt("v1", "Node")?;
+        authz::check_registration(&obj).map_err(ApiError::bad_request)?;
+        let rt = crate::api::serviceaccount::kind("v1", "Node")?;
         let status = obj["status"].take();
         for _ in 0..8 {
             let cur = self.api.objects.get(rt, None, node).await?;
@@ -496,7 +493,7 @@ impl Gateway {
         if !status.is_object() {
             return Ok(());
         }
-        let rt = rt("v1", "Node")?;
+        let rt = crate::api::serviceaccount::kind("v1", "Node")?;
         for _ in 0..8 {
             let Some(cur) = self.api.objects.get(rt, None, node).await? else {
                 return Err(ApiError::not_found("", "nodes", node));
@@ -519,7 +516,7 @@ impl Gateway {
                 serde_json::from_slice(s).map_err(|e| ApiError::bad_request(format!("NodeStatus is not JSON: {e}")))?;
             self.write_node_status(node, &s).await?;
         }
-        let rt = rt("coordination.k8s.io/v1", "Lease")?;
+        let rt = crate::api::serviceaccount::kind("coordination.k8s.io/v1", "Lease")?;
         let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
         for _ in 0..8 {
             let cur = self.api.objects.get(rt, Some(LEASE_NAMESPACE), node).await?;
@@ -551,7 +548,7 @@ impl Gateway {
 
     /// The pod, if it is bound to `node` and is the one with `uid`.
     async fn own_pod(&self, node: &str, ns: &str, name: &str, uid: &str) -> Result<Option<Found>, ApiError> {
-        let rt = rt("v1", "Pod")?;
+        let rt = crate::api::serviceaccount::kind("v1", "Pod")?;
         let Some(cur) = self.api.objects.get(rt, Some(ns), name).await? else { return Ok(None) };
         let bound = cur.object["spec"]["nodeName"].as_str() == Some(node);
         if !bound {
@@ -570,7 +567,7 @@ impl Gateway {
     ) -> Result<NodeResponse, ApiError> {
         let status: Value =
             serde_json::from_slice(status).map_err(|e| ApiError::bad_request(format!("PodStatus is not JSON: {e}")))?;
-        let rt = rt("v1", "Pod")?;
+        let rt = crate::api::serviceaccount::kind("v1", "Pod")?;
         for _ in 0..8 {
             let Some(cur) = self.own_pod(node, ns, name, uid).await? else {
                 // Gone or replaced: the status is about a pod that no longer exists.
@@ -591,7 +588,7 @@ impl Gateway {
 
     /// The agent stopped every container of a pod being deleted: finish the delete.
     async fn pod_terminated(&self, node: &str, ns: &str, name: &str, uid: &str) -> Result<NodeResponse, ApiError> {
-        let rt = rt("v1", "Pod")?;
+        let rt = crate::api::serviceaccount::kind("v1", "Pod")?;
         for _ in 0..8 {
             let Some(cur) = self.own_pod(node, ns, name, uid).await? else { return Ok(NodeResponse::Done) };
             let now = crate::api::handlers::now();
@@ -661,7 +658,7 @@ impl Gateway {
                 "node {node:?} may not read {resource} {ns}/{name}: no pod bound to it references it"
             )));
         }
-        match self.api.objects.get(rt("v1", kind)?, Some(ns), name).await? {
+        match self.api.objects.get(crate::api::serviceaccount::kind("v1", kind)?, Some(ns), name).await? {
             Some(f) => Ok(NodeResponse::Object { json: serde_json::to_vec(&f.object).unwrap_or_default() }),
             None => Err(ApiError::not_found("", resource, name)),
         }
@@ -686,7 +683,7 @@ impl Gateway {
                 object: p.bytes().to_vec(),
             })
             .collect();
-        let mut ok = reply_open(&mut send, &NodeResponse::Watching).await.is_ok()
+        let mut ok = write_message(&mut send, &NodeResponse::Watching).await.is_ok()
             && write_frame(&mut send, &PodFrame { reset: true, events }.encode()).await.is_ok();
         while ok {
             let Some(first) = rx.recv().await else { break };
@@ -763,10 +760,6 @@ fn merged_status(cur: &Value, update: &Value) -> Value {
 
 fn holder_key(node: &str) -> Vec<u8> {
     format!("/capstan/gateway/nodes/{node}").into_bytes()
-}
-
-async fn reply_open(send: &mut quinn::SendStream, resp: &NodeResponse) -> Result<(), WireError> {
-    write_message(send, resp).await
 }
 
 async fn reply(send: &mut quinn::SendStream, resp: &NodeResponse) -> Result<(), WireError> {
