@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use crate::conn::Masters;
 use crate::pods::{self, Action, Memory, Observed, PodSpec, Waiting};
 use crate::runtime::*;
-use crate::volumes;
+use crate::volumes::{self, SourceKind};
 
 /// How often the Lease is renewed (a quarter of Kubernetes' 40 s grace).
 const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -612,8 +612,8 @@ impl<R: Runtime> Agent<R> {
                     }
                 }
             }
-            Action::Start { name, init, attempt } => match (sandbox, container_spec(spec, name)) {
-                (Some(sb), Some(c)) => self.start(spec, sb, c, *init, *attempt, mem).await,
+            Action::Start { name, attempt, .. } => match (sandbox, container_spec(spec, name)) {
+                (Some(sb), Some(c)) => self.start(spec, sb, c, *attempt, mem).await,
                 _ => Ok(()),
             },
             Action::Stop { id, grace } => {
@@ -639,7 +639,6 @@ impl<R: Runtime> Agent<R> {
             },
             Action::Terminated => Ok(()),
         };
-        let _ = mine;
         if let Err(e) = result {
             tracing::warn!(pod = %format!("{}/{}", spec.namespace, spec.name), action = ?a, error = %e, "action failed");
         }
@@ -650,7 +649,6 @@ impl<R: Runtime> Agent<R> {
         spec: &PodSpec,
         sb: &Sandbox,
         c: &pods::ContainerSpec,
-        _init: bool,
         attempt: u32,
         mem: &mut Memory,
     ) -> Result<(), RuntimeError> {
@@ -880,17 +878,18 @@ impl<R: Runtime> Agent<R> {
     }
 
     /// A key of a ConfigMap (data or binaryData) or Secret (base64 data).
-    async fn key_of(&self, resource: &str, ns: &str, sel: &Value) -> Result<Option<String>, RuntimeError> {
+    async fn key_of(&self, kind: SourceKind, ns: &str, sel: &Value) -> Result<Option<String>, RuntimeError> {
         let name = sel["name"].as_str().unwrap_or_default();
         let key = sel["key"].as_str().unwrap_or_default();
         let optional = sel["optional"].as_bool().unwrap_or(false);
-        let obj = self.fetch(resource, ns, name).await?;
-        let value = obj.as_ref().and_then(|o| data_of(resource, o).remove(key));
+        let obj = self.fetch(kind.resource(), ns, name).await?;
+        let value = obj.as_ref().and_then(|o| data_of(kind, o).remove(key));
+        let what = kind.singular();
         match value {
             Some(v) => Ok(Some(v)),
             None if optional => Ok(None),
-            None if obj.is_none() => Err(RuntimeError::Other(format!("{} {name:?} not found", singular(resource)))),
-            None => Err(RuntimeError::Other(format!("couldn't find key {key} in {} {ns}/{name}", singular(resource)))),
+            None if obj.is_none() => Err(RuntimeError::Other(format!("{what} {name:?} not found"))),
+            None => Err(RuntimeError::Other(format!("couldn't find key {key} in {what} {ns}/{name}"))),
         }
     }
 
@@ -899,15 +898,13 @@ impl<R: Runtime> Agent<R> {
         let mut out: Vec<(String, String)> = Vec::new();
         for from in c["envFrom"].as_array().into_iter().flatten() {
             let prefix = from["prefix"].as_str().unwrap_or_default();
-            for (resource, field) in [("configmaps", "configMapRef"), ("secrets", "secretRef")] {
+            for (kind, field) in [(SourceKind::ConfigMap, "configMapRef"), (SourceKind::Secret, "secretRef")] {
                 let sel = &from[field];
                 let Some(name) = sel["name"].as_str() else { continue };
-                match self.fetch(resource, ns, name).await? {
-                    Some(obj) => {
-                        out.extend(data_of(resource, &obj).into_iter().map(|(k, v)| (format!("{prefix}{k}"), v)))
-                    }
+                match self.fetch(kind.resource(), ns, name).await? {
+                    Some(obj) => out.extend(data_of(kind, &obj).into_iter().map(|(k, v)| (format!("{prefix}{k}"), v))),
                     None if sel["optional"].as_bool().unwrap_or(false) => {}
-                    None => return Err(RuntimeError::Other(format!("{} {name:?} not found", singular(resource)))),
+                    None => return Err(RuntimeError::Other(format!("{} {name:?} not found", kind.singular()))),
                 }
             }
         }
@@ -917,9 +914,9 @@ impl<R: Runtime> Agent<R> {
             let value = if let Some(v) = e["value"].as_str() {
                 Some(expand(v, &out))
             } else if from["configMapKeyRef"].is_object() {
-                self.key_of("configmaps", ns, &from["configMapKeyRef"]).await?
+                self.key_of(SourceKind::ConfigMap, ns, &from["configMapKeyRef"]).await?
             } else if from["secretKeyRef"].is_object() {
-                self.key_of("secrets", ns, &from["secretKeyRef"]).await?
+                self.key_of(SourceKind::Secret, ns, &from["secretKeyRef"]).await?
             } else if let Some(path) = from["fieldRef"]["fieldPath"].as_str() {
                 Some(field_ref(&spec.raw, path, &self.info))
             } else if from.is_object() {
@@ -978,7 +975,7 @@ async fn exec_quiet<R: Runtime>(rt: Arc<R>, id: String, cmd: Vec<String>) -> Res
 /// `dockercfg`) Secret: per registry, a username and password, or `auth`
 /// (base64 of `user:password`).
 pub fn registry_auths(secret: &Value) -> Vec<RegistryAuth> {
-    let data = data_of("secrets", secret);
+    let data = data_of(SourceKind::Secret, secret);
     let parsed: Option<Value> = data
         .get(".dockerconfigjson")
         .and_then(|j| serde_json::from_str::<Value>(j).ok())
@@ -1010,37 +1007,9 @@ pub fn registry_auths(secret: &Value) -> Vec<RegistryAuth> {
     out
 }
 
-fn singular(resource: &str) -> &'static str {
-    if resource == "secrets" {
-        "secret"
-    } else {
-        "configmap"
-    }
-}
-
-/// A ConfigMap's or Secret's data as strings.
-pub fn data_of(resource: &str, obj: &Value) -> std::collections::BTreeMap<String, String> {
-    use base64::Engine;
-    let mut out = std::collections::BTreeMap::new();
-    let b64 = |v: &Value| {
-        v.as_str()
-            .and_then(|s| base64::engine::general_purpose::STANDARD.decode(s).ok())
-            .map(|b| String::from_utf8_lossy(&b).into_owned())
-    };
-    for (k, v) in obj["data"].as_object().into_iter().flatten() {
-        let s = if resource == "secrets" { b64(v) } else { v.as_str().map(str::to_string) };
-        if let Some(s) = s {
-            out.insert(k.clone(), s);
-        }
-    }
-    if resource == "configmaps" {
-        for (k, v) in obj["binaryData"].as_object().into_iter().flatten() {
-            if let Some(s) = b64(v) {
-                out.insert(k.clone(), s);
-            }
-        }
-    }
-    out
+/// A ConfigMap's or Secret's data as strings (the volume code's decoding).
+pub fn data_of(kind: SourceKind, obj: &Value) -> std::collections::BTreeMap<String, String> {
+    volumes::data_bytes(kind, obj).into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned())).collect()
 }
 
 /// `$(VAR)` references to earlier variables, as Kubernetes expands them
@@ -1249,11 +1218,11 @@ mod tests {
         assert_eq!(field_ref(&pod, "status.hostIP", &node), "10.0.0.9");
         let secret = json!({"data": {"k": "aGVsbG8=", "bad": "%%%"}});
         assert_eq!(
-            data_of("secrets", &secret).into_iter().collect::<Vec<_>>(),
+            data_of(SourceKind::Secret, &secret).into_iter().collect::<Vec<_>>(),
             [("k".to_string(), "hello".to_string())]
         );
         let cm = json!({"data": {"a": "1"}, "binaryData": {"b": "Mg=="}});
-        assert_eq!(data_of("configmaps", &cm).len(), 2);
+        assert_eq!(data_of(SourceKind::ConfigMap, &cm).len(), 2);
     }
 
     #[test]
