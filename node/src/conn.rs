@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use capstan_proto::nodewire::{read_message, write_message, NodeRequest, NodeResponse, WireError, MAX_MESSAGE};
-use capstan_raft::bootstrap::JoinToken;
+use capstan_raft::bootstrap::{host_of, write_private, JoinToken};
 use capstan_raft::pki::{self, CertifiedKey};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -40,15 +40,6 @@ impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Identity").field("file", &self.file).finish_non_exhaustive()
     }
-}
-
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
-    f.write_all(contents.as_bytes())?;
-    f.sync_all()?;
-    Ok(())
 }
 
 fn pki_dir(dir: &Path) -> PathBuf {
@@ -97,10 +88,6 @@ async fn resolve(addr: &str) -> anyhow::Result<SocketAddr> {
     tokio::net::lookup_host(addr).await?.next().with_context(|| format!("{addr} resolves to nothing"))
 }
 
-fn server_name(addr: &str) -> &str {
-    addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']'])
-}
-
 /// Exchanges the bootstrap token for a node certificate through the first
 /// master that answers, and saves the identity in `dir`.
 pub async fn join(dir: &Path, servers: &[String], token: &str, name: &str) -> anyhow::Result<Identity> {
@@ -116,7 +103,7 @@ pub async fn join(dir: &Path, servers: &[String], token: &str, name: &str) -> an
                 let mut cfg = pki::quic_anonymous_client_config(&parsed.ca_fingerprint)?;
                 cfg.transport_config(capstan_raft::transport::node_transport_config());
                 ep.set_default_client_config(cfg);
-                let conn = tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, server_name(server))?)
+                let conn = tokio::time::timeout(Duration::from_secs(5), ep.connect(addr, &host_of(server))?)
                     .await
                     .context("connect timed out")??;
                 let resp = call(&conn, &req).await?;
@@ -222,7 +209,7 @@ impl Masters {
                 let addr = resolve(server).await?;
                 let c = tokio::time::timeout(
                     Duration::from_secs(3),
-                    self.endpoint.connect_with(self.client.clone(), addr, server_name(server))?,
+                    self.endpoint.connect_with(self.client.clone(), addr, &host_of(server))?,
                 )
                 .await
                 .context("connect timed out")??;

@@ -312,10 +312,9 @@ mod tests {
             port_mappings: vec![],
             host_network: false,
         };
-        let sb = rt.run_sandbox(&cfg).await.unwrap();
+        rt.run_sandbox(&cfg).await.unwrap();
         assert!(rt.remove_container("missing").await.is_ok());
         rt.list_sandboxes().await.unwrap();
-        let _ = sb;
         let text = m.render();
         assert!(
             text.contains("kubelet_runtime_operations_duration_seconds_count{operation_type=\"run_podsandbox\"} 1"),

@@ -90,7 +90,8 @@ fn pki_dir(d: &Path) -> PathBuf {
     d.join("pki")
 }
 
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+/// Writes a secret file (mode 0600) and syncs it.
+pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(path)?;
@@ -130,7 +131,8 @@ pub fn common_name_of_pem(pem: &str) -> anyhow::Result<String> {
     Ok(pki::common_name(&parsed.contents)?)
 }
 
-fn host_of(addr: &str) -> String {
+/// The host part of `host:port` (brackets of an IPv6 literal removed).
+pub fn host_of(addr: &str) -> String {
     addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_matches(['[', ']']).to_string()
 }
 
