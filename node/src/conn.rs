@@ -96,6 +96,9 @@ pub async fn join(dir: &Path, servers: &[String], token: &str, name: &str) -> an
     let req = NodeRequest::Join { token: token.to_string(), name: name.to_string(), csr_pem };
     let mut last = String::from("no server given");
     for attempt in 0..30 {
+        // Masters whose certificate the token's CA pin rejected this round:
+        // retrying cannot change that, so a round of only those ends the join.
+        let mut untrusted = 0;
         for server in servers {
             let result: anyhow::Result<NodeResponse> = async {
                 let addr = resolve(server).await?;
@@ -129,12 +132,30 @@ pub async fn join(dir: &Path, servers: &[String], token: &str, name: &str) -> an
                     bail!("join refused by {server}: {message}")
                 }
                 Ok(other) => last = format!("{server}: unexpected answer {other:?}"),
-                Err(e) => last = format!("{server}: {e:#}"),
+                Err(e) => {
+                    untrusted += usize::from(is_tls_rejection(&e));
+                    last = format!("{server}: {e:#}");
+                }
             }
+        }
+        if untrusted == servers.len() {
+            bail!(
+                "could not join: no master presented a certificate from the CA the token pins \
+                 (is the token from this cluster?): {last}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200 * (attempt + 1).min(10))).await;
     }
     bail!("could not join: {last}")
+}
+
+/// Whether a dial failed because the TLS handshake refused the peer's
+/// certificate (a crypto alert, RFC 9001 section 4.8), not for want of a route.
+fn is_tls_rejection(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<quinn::ConnectionError>(),
+            Some(quinn::ConnectionError::TransportError(t)) if (0x100..0x200).contains(&u64::from(t.code)))
+    })
 }
 
 /// One request on its own stream, one answer.

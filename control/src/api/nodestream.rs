@@ -193,11 +193,23 @@ pub fn from_client(msg: &[u8], v5: bool) -> Option<ExecFrame> {
     }
 }
 
+/// How long after the switch to WebSocket the first output waits.
+/// client-go's WebSocket executor (kubectl 1.30-1.32) starts reading the
+/// connection before it has registered its streams, and drops messages for
+/// streams it does not know yet ("Unknown stream id 1, discarding
+/// message"): a command that answers within a millisecond of the switch
+/// (a hollow node's, a fast `echo`) lost its output and its exit status,
+/// and kubectl reported success with no output. Kubernetes' own path is
+/// slow enough (apiserver -> kubelet SPDY -> runtime) to hide the race;
+/// ours is not, so the first message waits a moment.
+const FIRST_OUTPUT_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
+
 async fn bridge<S>(io: S, mut send: quinn::SendStream, mut recv: quinn::RecvStream, v5: bool)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+    let first_output = tokio::time::Instant::now() + FIRST_OUTPUT_DELAY;
     let (mut sink, mut stream) = ws.split();
     let client = async {
         while let Some(Ok(msg)) = stream.next().await {
@@ -220,6 +232,7 @@ where
                 Ok(f) => f,
                 Err(e) => ExecFrame::Failed(format!("node agent: {e}")),
             };
+            tokio::time::sleep_until(first_output).await;
             let (channel, data) = match &frame {
                 ExecFrame::Stdout(b) => (1u8, b.clone()),
                 ExecFrame::Stderr(b) => (2u8, b.clone()),
@@ -241,7 +254,8 @@ where
             let mut m = Vec::with_capacity(data.len() + 1);
             m.push(channel);
             m.extend(data);
-            if sink.send(Message::Binary(m.into())).await.is_err() {
+            if let Err(e) = sink.send(Message::Binary(m.into())).await {
+                tracing::debug!(error = %e, "exec client gone");
                 return;
             }
         }

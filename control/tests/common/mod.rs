@@ -295,14 +295,22 @@ pub use capstan_chaos::cluster::UpCluster as Up;
 /// Runs etcdctl against the cluster with the credentials `capstan up`
 /// wrote; it must succeed; its stdout.
 pub fn etcdctl(up: &Up, args: &[&str]) -> String {
+    etcdctl_try(up, args).unwrap_or_else(|err| panic!("etcdctl {args:?}: {err}"))
+}
+
+/// Like [`etcdctl`], its stderr as the error when it fails (e.g. while a
+/// master is down and the client has not yet moved off it).
+pub fn etcdctl_try(up: &Up, args: &[&str]) -> Result<String, String> {
     let env = std::fs::read_to_string(up.dir.path().join("etcdctl.env")).unwrap();
     let mut cmd = std::process::Command::new("etcdctl");
     for (k, v) in env.lines().filter_map(|l| l.strip_prefix("export ")).filter_map(|l| l.split_once('=')) {
         cmd.env(k, v);
     }
     let out = cmd.args(args).output().unwrap();
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
 }
 
 /// Master `i`'s (0-based) /metrics address, from its endpoints.json.
