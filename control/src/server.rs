@@ -316,7 +316,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         gateway: Default::default(),
     });
     tokio::spawn(crate::api::bootstrap::ensure_forever(api_server.clone()));
-    let (leading, informers) = crate::controllers::start(
+    let crate::controllers::Started { leading, informers, kubelet_events } = crate::controllers::start(
         api_server.clone(),
         name.clone(),
         &registry,
@@ -325,11 +325,11 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     tokio::spawn(crate::controllers::gc::run(api_server.objects.clone(), leading));
     let gateway = crate::gateway::Gateway::new(
         api_server.clone(),
-        informers.get("Pod").clone(),
-        informers.get("Node").clone(),
+        &informers,
         started.pki.clone(),
         cluster_cidr,
         persisted.node_listen.to_string(),
+        kubelet_events,
         &registry,
     )?;
     let node_endpoint = {

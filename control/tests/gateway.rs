@@ -6,13 +6,16 @@
 mod common;
 
 use capstan_node::conn::{self, Masters};
-use capstan_proto::nodewire::{NodeRequest, NodeResponse, PodFrame, MAX_FRAME};
+use capstan_proto::nodewire::{AgentEvent, NodeRequest, NodeResponse, PodFrame, MAX_FRAME};
 use common::{json_of, kubectl, node_addr, node_token, ok, wait_for};
 use serde_json::json;
 
 /// Which master's node gateway holds `node`'s connection.
-fn holder(up: &common::Up, node: &str) -> String {
-    common::etcdctl(up, &["get", &format!("/capstan/gateway/nodes/{node}"), "--print-value-only"]).trim().to_string()
+/// The gateway holding `node`'s connection, as recorded in the store
+/// (None while etcdctl cannot read it, e.g. right after a master died).
+fn holder(up: &common::Up, node: &str) -> Option<String> {
+    let key = format!("/capstan/gateway/nodes/{node}");
+    common::etcdctl_try(up, &["get", &key, "--print-value-only"]).ok().map(|v| v.trim().to_string())
 }
 
 const WORKLOAD: &str = r#"
@@ -75,14 +78,18 @@ async fn nodes_join_are_confined_to_their_own_pods_and_move_when_their_master_di
     assert!(pod["status"]["podIP"].as_str().is_some());
 
     // exec reaches the agent through the master that holds its connection.
-    assert_eq!(holder(&up, "sim-a"), node_addr(&up, 1));
+    assert_eq!(holder(&up, "sim-a"), Some(node_addr(&up, 1)));
     assert_eq!(ok(&kc, &["exec", &pod_name, "--", "echo", "relayed"]).trim(), "echo relayed");
 
     // A second node is confined to itself.
     let evil_dir = tempfile::tempdir().unwrap();
-    let bad = format!("{}0", &token[..token.len() - 1]);
-    let refused = conn::join(evil_dir.path(), &[node_addr(&up, 0)], &bad, "evil").await;
-    assert!(refused.is_err(), "a token with a wrong CA pin or secret does not join");
+    // The same token with the CA pin's last hex digit changed.
+    let last = if token.ends_with('0') { '1' } else { '0' };
+    let bad = format!("{}{last}", &token[..token.len() - 1]);
+    let started = std::time::Instant::now();
+    let refused = conn::join(evil_dir.path(), &[node_addr(&up, 0)], &bad, "evil").await.unwrap_err();
+    assert!(format!("{refused:#}").contains("CA the token pins"), "{refused:#}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "a wrong CA pin fails at once, not after retries");
     let wrong_secret = {
         let mut parts: Vec<&str> = token.split('.').collect();
         parts[2] = "00000000000000000000000000000000";
@@ -116,15 +123,38 @@ async fn nodes_join_are_confined_to_their_own_pods_and_move_when_their_master_di
     let r = evil.request(&status).await.unwrap();
     assert!(denied(r.clone()), "writing another node's pod's status: {r:?}");
     assert_eq!(json_of(&kc, &["get", "pod", &pod_name])["status"]["phase"], "Running");
+    let lie = AgentEvent {
+        namespace: "default".into(),
+        pod: pod_name.clone(),
+        uid: pod["metadata"]["uid"].as_str().unwrap().into(),
+        container: None,
+        warning: true,
+        reason: "Forged".into(),
+        message: "another node's pod".into(),
+    };
+    let r = evil.request(&NodeRequest::Events { events: vec![lie.clone()] }).await.unwrap();
+    assert!(denied(r.clone()), "events about another node's pod: {r:?}");
+    let bad = AgentEvent { reason: "not a reason".into(), ..lie };
+    let r = evil.request(&NodeRequest::Events { events: vec![bad] }).await.unwrap();
+    assert!(matches!(r, NodeResponse::Error { code: 400, .. }), "a malformed event: {r:?}");
+    // The real node's events are there, as the kubelet's (the forged one is not).
+    let events = wait_for(30, "sim-a's Started event", || {
+        let events = json_of(&kc, &["get", "events", "--field-selector", &format!("involvedObject.name={pod_name}")]);
+        let items = events["items"].as_array()?.clone();
+        items.iter().any(|e| e["reason"] == "Started").then_some(items)
+    });
+    let started = events.iter().find(|e| e["reason"] == "Started").unwrap();
+    assert_eq!(started["source"], json!({"component": "kubelet", "host": "sim-a"}));
+    assert!(events.iter().all(|e| e["reason"] != "Forged"));
     let mut watch = evil.watch_pods().await.unwrap();
     let frame = capstan_proto::nodewire::read_frame(&mut watch, MAX_FRAME).await.unwrap().unwrap();
     let frame = PodFrame::decode(&frame).unwrap();
     assert!(frame.reset && frame.events.is_empty(), "evil sees no pods: {} events", frame.events.len());
 
     // The agent's master dies: it moves to another and keeps working.
-    let before = holder(&up, "sim-a");
+    let before = holder(&up, "sim-a").unwrap();
     up.kill9(1);
-    let after = wait_for(30, "sim-a to move", || Some(holder(&up, "sim-a")).filter(|h| *h != before));
+    let after = wait_for(30, "sim-a to move", || holder(&up, "sim-a").filter(|h| *h != before));
     assert_ne!(after, before);
     ok(&kc, &["scale", "deploy/hollow", "--replicas=4"]);
     ok(&kc, &["rollout", "status", "deploy/hollow", "--timeout=60s"]);

@@ -325,6 +325,32 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     wait_for(60, "a liveness restart", || {
         Some(()).filter(|_| container_status(&kc, "probed")["restartCount"].as_u64() >= Some(1))
     });
+    // The agent's Events tell the story, as the kubelet's do.
+    let probed_uid = pod(&kc, "probed")["metadata"]["uid"].as_str().unwrap().to_string();
+    let reasons = wait_for(30, "probed's events", || {
+        let events = json_of(&kc, &["get", "events"]);
+        let mine: Vec<Value> = events["items"]
+            .as_array()?
+            .iter()
+            .filter(|e| e["involvedObject"]["uid"] == probed_uid.as_str() && e["source"]["component"] == "kubelet")
+            .cloned()
+            .collect();
+        let has = |reason: &str| mine.iter().any(|e| e["reason"] == reason);
+        ["Pulled", "Created", "Started", "Unhealthy", "Killing"].iter().all(|r| has(r)).then_some(mine)
+    });
+    for e in &reasons {
+        assert_eq!(e["source"]["host"], "node-1", "{e}");
+        assert_eq!(e["involvedObject"]["fieldPath"], "spec.containers{app}", "{e}");
+    }
+    let unhealthy = reasons.iter().find(|e| e["reason"] == "Unhealthy").unwrap();
+    assert_eq!(unhealthy["type"], "Warning");
+    let messages: Vec<&str> =
+        reasons.iter().filter(|e| e["reason"] == "Unhealthy").filter_map(|e| e["message"].as_str()).collect();
+    assert!(messages.iter().any(|m| m.starts_with("Liveness probe failed")), "{messages:?}");
+    let killing = reasons.iter().find(|e| e["reason"] == "Killing").unwrap();
+    assert!(killing["message"].as_str().unwrap().contains("will be restarted"), "{killing}");
+    let described = ok(&kc, &["describe", "pod", "probed"]);
+    assert!(described.contains("Unhealthy") && described.contains("Liveness probe failed"), "{described}");
     wait_for(60, "hog to be OOM-killed", || {
         let s = container_status(&kc, "hog");
         Some(()).filter(|_| s["state"]["terminated"]["reason"] == "OOMKilled")
@@ -373,6 +399,14 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     });
     let msg = container_status(&kc, "no-image")["state"]["waiting"]["message"].as_str().unwrap_or_default().to_string();
     assert!(msg.contains("127.0.0.1:1/nothing/here:1"), "{msg}");
+    wait_for(30, "a Failed pull event", || {
+        let events = json_of(&kc, &["get", "events", "--field-selector", "involvedObject.name=no-image"]);
+        events["items"]
+            .as_array()?
+            .iter()
+            .find(|e| e["reason"] == "Failed" && e["type"] == "Warning")
+            .and_then(|e| e["message"].as_str().filter(|m| m.starts_with("Failed to pull image")).map(str::to_string))
+    });
     wait_for(60, "the bad command to fail", || {
         let s = container_status(&kc, "bad-command");
         let reason = s["state"]["waiting"]["reason"]

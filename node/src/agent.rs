@@ -162,6 +162,9 @@ pub struct Agent<R: Runtime> {
     /// at once finishes all at once, late; admitted in order, the first
     /// pods run early at the same throughput.
     starts: tokio::sync::Semaphore,
+    pub(crate) events: crate::events::Recorder,
+    /// The recorder's queue, until `run` starts its sender.
+    events_queue: Mutex<Option<tokio::sync::mpsc::Receiver<capstan_proto::nodewire::AgentEvent>>>,
 }
 
 impl<R: Runtime> Agent<R> {
@@ -172,6 +175,7 @@ impl<R: Runtime> Agent<R> {
         data_dir: PathBuf,
         metrics: crate::metrics::AgentMetrics,
     ) -> Arc<Agent<R>> {
+        let (events, events_queue) = crate::events::Recorder::new();
         Arc::new(Agent {
             info,
             masters,
@@ -184,6 +188,8 @@ impl<R: Runtime> Agent<R> {
             stopping: Default::default(),
             metrics,
             starts: tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2)),
+            events,
+            events_queue: Mutex::new(Some(events_queue)),
         })
     }
 
@@ -217,6 +223,9 @@ impl<R: Runtime> Agent<R> {
         tokio::spawn(self.clone().heartbeats());
         tokio::spawn(self.clone().housekeeping());
         tokio::spawn(self.clone().serve_masters());
+        if let Some(queue) = self.events_queue.lock().take() {
+            tokio::spawn(crate::events::send(self.masters.clone(), queue));
+        }
         tokio::spawn(crate::usage::report_loop(self.rt.clone(), self.masters.clone()));
         self.watch().await;
         Ok(())
@@ -519,19 +528,23 @@ impl<R: Runtime> Agent<R> {
             for kind in kinds {
                 if let Some((p, t)) = probes.get(&(c.id.clone(), *kind)) {
                     if t.due(now) {
-                        due.push((c.id.clone(), *kind, p.clone()));
+                        due.push((c.id.clone(), c.name.clone(), *kind, p.clone()));
                     }
                 }
             }
         }
-        let results = futures::future::join_all(due.iter().map(|(id, kind, p)| {
+        let results = futures::future::join_all(due.iter().map(|(id, _, kind, p)| {
             let rt = self.rt.clone();
             let id = id.clone();
             prober::run(p, *kind, pod_ip, move |cmd, _timeout| exec_quiet(rt, id, cmd))
         }))
         .await;
-        for ((id, kind, p), (ok, message)) in due.into_iter().zip(results) {
+        for ((id, name, kind, p), (ok, message)) in due.into_iter().zip(results) {
             let Some((_, t)) = probes.get_mut(&(id.clone(), kind)) else { continue };
+            if !ok {
+                // Every failed run, as the kubelet: the masters aggregate repeats.
+                self.events.warning(spec, Some(&name), "Unhealthy", message.clone());
+            }
             t.record(&p, ok, message, Instant::now());
             match (kind, t.verdict) {
                 (Kind::Readiness, v) => {
@@ -562,6 +575,14 @@ impl<R: Runtime> Agent<R> {
                     let recent = now.duration_since(finished_at).unwrap_or_default() < pods::BACKOFF_MAX;
                     if recent {
                         let b = pods::next_backoff(mem.backoff.get(&c.name), ran, finished_at);
+                        let code = match c.state {
+                            ContainerState::Exited { exit_code, .. } => exit_code,
+                            _ => 0,
+                        };
+                        if !b.delay.is_zero() && pods::restarts(spec.restart_policy, code) {
+                            let msg = format!("Back-off restarting failed container {} in pod {}", c.name, spec.name);
+                            self.events.warning(spec, Some(&c.name), "BackOff", msg);
+                        }
                         mem.backoff.insert(c.name.clone(), b);
                     }
                     mem.ready.remove(&c.id);
@@ -598,6 +619,8 @@ impl<R: Runtime> Agent<R> {
                         Ok(())
                     }
                     Err(e) => {
+                        let msg = format!("Failed to create pod sandbox: {e}");
+                        self.events.warning(spec, None, "FailedCreatePodSandBox", msg);
                         let delay = mem
                             .sandbox_error
                             .as_ref()
@@ -625,8 +648,21 @@ impl<R: Runtime> Agent<R> {
                     // then allows at least 2 s more for SIGTERM.
                     let began = Instant::now();
                     let ip = sandbox.and_then(|s| s.ip);
+                    let why = match mem.unhealthy.get(id) {
+                        Some(_) => {
+                            format!("Container {} failed a liveness or startup probe, will be restarted", cs.name)
+                        }
+                        None => format!("Stopping container {}", cs.name),
+                    };
+                    self.events.normal(spec, Some(&cs.name), "Killing", why);
                     if let Err(e) = self.hook(cs, "preStop", id, ip, grace).await {
                         tracing::warn!(pod = %spec.name, container = %cs.name, error = %e, "preStop hook failed");
+                        self.events.warning(
+                            spec,
+                            Some(&cs.name),
+                            "FailedPreStopHook",
+                            format!("PreStopHook failed: {e}"),
+                        );
                     }
                     grace = grace.saturating_sub(began.elapsed()).max(Duration::from_secs(2).min(grace));
                 }
@@ -660,10 +696,17 @@ impl<R: Runtime> Agent<R> {
             );
         };
         let auth = self.pull_auth(spec).await;
+        let began = Instant::now();
         let (image, _id) = match self.rt.ensure_image(&c.image, c.pull_policy, &auth).await {
-            Ok(i) => i,
+            Ok(i) => {
+                let msg = format!("Container image {:?} ready in {:.3}s", c.image, began.elapsed().as_secs_f64());
+                self.events.normal(spec, Some(&c.name), "Pulled", msg);
+                i
+            }
             Err(e) => {
                 let reason = if c.pull_policy == PullPolicy::Never { "ErrImageNeverPull" } else { "ErrImagePull" };
+                let msg = format!("Failed to pull image {:?}: {e}", c.image);
+                self.events.warning(spec, Some(&c.name), "Failed", msg);
                 fail(mem, reason, &e);
                 return Err(e);
             }
@@ -671,6 +714,7 @@ impl<R: Runtime> Agent<R> {
         let cfg = match self.container_config(spec, c, attempt, image).await {
             Ok(cfg) => cfg,
             Err(e) => {
+                self.events.warning(spec, Some(&c.name), "Failed", format!("Error: {e}"));
                 fail(mem, "CreateContainerConfigError", &e);
                 return Err(e);
             }
@@ -682,15 +726,20 @@ impl<R: Runtime> Agent<R> {
         match started {
             Ok(id) => {
                 mem.waiting.remove(&c.name);
+                self.events.normal(spec, Some(&c.name), "Created", format!("Created container: {}", c.name));
+                self.events.normal(spec, Some(&c.name), "Started", format!("Started container {}", c.name));
                 // postStart runs right after the start; if it fails the
                 // container is killed and its restart policy decides.
                 if let Err(e) = self.hook(c, "postStart", &id, sb.ip, Duration::from_secs(30)).await {
                     tracing::warn!(pod = %spec.name, container = %c.name, error = %e, "postStart hook failed: killing it");
+                    let msg = format!("PostStartHook failed: {e}");
+                    self.events.warning(spec, Some(&c.name), "FailedPostStartHook", msg);
                     self.rt.stop_container(&id, Duration::ZERO).await?;
                 }
                 Ok(())
             }
             Err(e) => {
+                self.events.warning(spec, Some(&c.name), "Failed", format!("Error: {e}"));
                 fail(mem, "RunContainerError", &e);
                 Err(e)
             }

@@ -4,6 +4,8 @@
 //!   to the masters (moved to the next master when one dies).
 //! - `agent.rs`: registration, heartbeats, the pod watch and one worker
 //!   per pod; `pods.rs` the workers' decisions, pure.
+//! - `events.rs`: the kubelet's Events (Pulled, Started, Killing,
+//!   Unhealthy, BackOff...), queued and sent to the masters in batches.
 //! - `metrics.rs`: the agent's /metrics (kubelet names) and health checks;
 //!   `Instrumented` times every runtime operation.
 //! - `prober.rs`: liveness, readiness and startup probes (exec, httpGet,
@@ -30,6 +32,7 @@ pub mod agent;
 pub mod cni;
 pub mod conn;
 pub mod containerd;
+pub mod events;
 pub mod logdriver;
 pub mod metrics;
 pub mod netns;

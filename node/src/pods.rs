@@ -224,7 +224,7 @@ fn exit_code(c: &ContainerStatus) -> Option<i32> {
 }
 
 /// Whether an exited container restarts under `policy`.
-fn restarts(policy: RestartPolicy, code: i32) -> bool {
+pub fn restarts(policy: RestartPolicy, code: i32) -> bool {
     match policy {
         RestartPolicy::Always => true,
         RestartPolicy::OnFailure => code != 0,

@@ -64,6 +64,24 @@ pub enum NodeRequest {
     /// the pod (a projected `serviceAccountToken` volume). Answered with
     /// `Object` holding `{"token", "expirationTimestamp"}`.
     Token { namespace: String, pod: String, uid: String, audience: Option<String>, expiration_seconds: i64 },
+    /// What happened to the node's pods (the kubelet's Events: Pulled,
+    /// Started, Killing, Unhealthy, BackOff, ...), batched.
+    Events { events: Vec<AgentEvent> },
+}
+
+/// One Event about a pod on the node, or one of its containers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentEvent {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    /// The container it is about (`involvedObject.fieldPath`
+    /// `spec.containers{name}`), if any.
+    pub container: Option<String>,
+    /// `Warning` rather than `Normal`.
+    pub warning: bool,
+    pub reason: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

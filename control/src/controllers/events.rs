@@ -25,7 +25,8 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 pub use self::correlator::EventType;
-use self::correlator::{Correlator, Decision, ObjectRef, Record};
+pub use self::correlator::ObjectRef;
+use self::correlator::{Correlator, Decision, Record};
 use crate::api::{internal, ApiServer};
 
 /// Records waiting for the writer (client-go's `maxQueuedEvents`).
@@ -47,12 +48,19 @@ impl EventRecorder {
     /// Records that `reason` happened to `involved` (a whole object, with
     /// kind and apiVersion). Never waits: a full queue drops the event.
     pub fn event(&self, involved: &Value, type_: EventType, reason: &str, message: impl Into<String>) {
+        self.record(ObjectRef::of(involved), String::new(), type_, reason, message.into());
+    }
+
+    /// Records an event seen on node `host` (`source.host`), e.g. the
+    /// kubelet's about a container (`involved.field_path`).
+    pub fn record(&self, involved: ObjectRef, host: String, type_: EventType, reason: &str, message: String) {
         let r = Record {
-            involved: ObjectRef::of(involved),
+            involved,
             type_,
             reason: reason.to_string(),
-            message: message.into(),
+            message,
             source: self.component,
+            host,
             at: Utc::now(),
         };
         if self.tx.try_send(r).is_err() {

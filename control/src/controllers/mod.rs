@@ -101,14 +101,24 @@ fn start_actors(specs: Vec<Spawn>, metrics: metrics::ControllerMetrics) -> anyho
     Ok(rx.recv()?)
 }
 
+/// What [`start`] started, for the rest of the master.
+pub struct Started {
+    /// Whether this master holds the controller lease (is acting).
+    pub leading: watch::Receiver<bool>,
+    pub informers: Arc<Informers>,
+    /// Records the events node agents report (every master's gateway
+    /// writes those of the nodes connected to it).
+    pub kubelet_events: events::EventRecorder,
+}
+
 /// Starts informers, the controller actors (on their own actix system
-/// thread) and the lease elector. Returns whether this master is acting.
+/// thread) and the lease elector.
 pub fn start(
     api: Arc<ApiServer>,
     me: String,
     registry: &prometheus::Registry,
     node_grace: std::time::Duration,
-) -> anyhow::Result<(watch::Receiver<bool>, Arc<Informers>)> {
+) -> anyhow::Result<Started> {
     let metrics = metrics::ControllerMetrics::new(registry)?;
     let events = events::EventBroadcaster::start(api.clone(), metrics.events.clone())?;
     let inf = Arc::new(Informers::start(
@@ -308,5 +318,5 @@ pub fn start(
             }
         }
     });
-    Ok((lead_rx, inf))
+    Ok(Started { leading: lead_rx, informers: inf, kubelet_events: events.recorder("kubelet") })
 }

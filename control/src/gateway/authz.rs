@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
+use capstan_proto::nodewire::AgentEvent;
 use serde_json::Value;
 
 /// A Secret or ConfigMap a pod references: (resource, name) in its namespace.
@@ -75,6 +76,29 @@ pub fn check_registration(node: &Value) -> Result<(), String> {
     object_or_absent(&node["status"], "status")
 }
 
+/// An Event an agent reports must look like the kubelet's: a CamelCase
+/// reason, a bounded message, a container name that is a DNS-1123 label.
+pub fn check_event(e: &AgentEvent) -> Result<(), String> {
+    let reason_ok =
+        !e.reason.is_empty() && e.reason.len() <= 128 && e.reason.bytes().all(|b| b.is_ascii_alphanumeric());
+    if !reason_ok {
+        return Err(format!("event reason {:?} is not 1-128 letters and digits", e.reason));
+    }
+    if e.message.len() > MAX_EVENT_MESSAGE {
+        return Err(format!("event message longer than {MAX_EVENT_MESSAGE} bytes"));
+    }
+    if let Some(c) = &e.container {
+        let label_ok = !c.is_empty() && c.len() <= 63 && !c.contains('.') && valid_node_name(c);
+        if !label_ok {
+            return Err(format!("container name {c:?} is not a DNS-1123 label"));
+        }
+    }
+    Ok(())
+}
+
+/// Longest event message accepted (Kubernetes' events.k8s.io note limit).
+pub const MAX_EVENT_MESSAGE: usize = 1024;
+
 /// A node name is a DNS-1123 subdomain (Kubernetes' rule for Node names).
 pub fn valid_node_name(name: &str) -> bool {
     !name.is_empty()
@@ -131,6 +155,29 @@ impl ClusterCidr {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn agent_events_must_look_like_the_kubelets() {
+        let ok = AgentEvent {
+            namespace: "d".into(),
+            pod: "p".into(),
+            uid: "u".into(),
+            container: Some("web-1".into()),
+            warning: true,
+            reason: "Unhealthy".into(),
+            message: "Liveness probe failed: HTTP probe failed with statuscode: 500".into(),
+        };
+        assert_eq!(check_event(&ok), Ok(()));
+        assert_eq!(check_event(&AgentEvent { container: None, ..ok.clone() }), Ok(()));
+        for reason in ["", "Not Camel", "a:b", &"R".repeat(129)] {
+            assert!(check_event(&AgentEvent { reason: reason.into(), ..ok.clone() }).is_err(), "{reason:?}");
+        }
+        let long = AgentEvent { message: "m".repeat(MAX_EVENT_MESSAGE + 1), ..ok.clone() };
+        assert!(check_event(&long).unwrap_err().contains("longer than"));
+        for c in ["", "Web", "a.b", "-a", &"c".repeat(64)] {
+            assert!(check_event(&AgentEvent { container: Some(c.into()), ..ok.clone() }).is_err(), "{c:?}");
+        }
+    }
 
     #[test]
     fn a_pod_references_what_its_volumes_env_and_pull_secrets_name() {

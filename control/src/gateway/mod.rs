@@ -34,8 +34,8 @@ use std::sync::Arc;
 
 use capstan_proto::k8s::registry::ResourceType;
 use capstan_proto::nodewire::{
-    read_message, write_frame, write_message, NodeRequest, NodeResponse, NodeUsage, PodEvent, PodFrame, WireError,
-    MAX_ANONYMOUS_MESSAGE, MAX_MESSAGE, NODES_GROUP, NODE_TOKEN_USAGE, NODE_USER_PREFIX,
+    read_message, write_frame, write_message, AgentEvent, NodeRequest, NodeResponse, NodeUsage, PodEvent, PodFrame,
+    WireError, MAX_ANONYMOUS_MESSAGE, MAX_MESSAGE, NODES_GROUP, NODE_TOKEN_USAGE, NODE_USER_PREFIX,
 };
 use capstan_raft::bootstrap::{JoinToken, Pki};
 use capstan_raft::types::{KeyRange, RangeRequest};
@@ -47,12 +47,15 @@ use self::authz::ClusterCidr;
 use crate::api::objects::Found;
 use crate::api::status::ApiError;
 use crate::api::{internal, ApiServer};
+use crate::controllers::events::{EventRecorder, EventType, ObjectRef};
 use crate::controllers::informer::{Change, Informer};
 use crate::controllers::nodelifecycle::LEASE_NAMESPACE;
 
 /// Events a session may have queued before it is closed (the agent then
 /// re-watches and receives a fresh listing instead).
 const SESSION_QUEUE: usize = 4096;
+/// Events in one report (the agent batches what queued up meanwhile).
+pub const MAX_EVENTS: usize = 256;
 /// Lease duration a node's heartbeat claims (Kubernetes' default).
 const LEASE_SECONDS: i64 = 40;
 const MANAGER: &str = "capstan-node";
@@ -79,6 +82,8 @@ pub struct Gateway {
     relays: Mutex<HashMap<String, quinn::Connection>>,
     cidr_cache: Mutex<Option<(std::time::Instant, BTreeSet<String>)>>,
     next_session: AtomicU64,
+    /// Writes the Events agents report, as the kubelet.
+    events: EventRecorder,
     metrics: Metrics,
 }
 
@@ -116,11 +121,11 @@ fn forbidden(message: String) -> NodeResponse {
 impl Gateway {
     pub fn new(
         api: Arc<ApiServer>,
-        pods: Arc<Informer>,
-        nodes: Arc<Informer>,
+        informers: &crate::controllers::informer::Informers,
         pki: Arc<Pki>,
         cidr: ClusterCidr,
         address: String,
+        events: EventRecorder,
         registry: &prometheus::Registry,
     ) -> anyhow::Result<Arc<Gateway>> {
         let mut client = capstan_raft::pki::quic_client_config(pki.ca.cert_pem(), &pki.identity)?;
@@ -129,8 +134,8 @@ impl Gateway {
         relay_endpoint.set_default_client_config(client);
         let gw = Arc::new(Gateway {
             api,
-            pods,
-            nodes,
+            pods: informers.get("Pod").clone(),
+            nodes: informers.get("Node").clone(),
             pki,
             cidr,
             sessions: Mutex::default(),
@@ -140,6 +145,7 @@ impl Gateway {
             relays: Mutex::default(),
             cidr_cache: Mutex::default(),
             next_session: AtomicU64::new(1),
+            events,
             metrics: Metrics::new(registry)?,
         });
         let changes = gw.pods.subscribe();
@@ -336,6 +342,7 @@ impl Gateway {
             NodeRequest::Token { namespace, pod, uid, audience, expiration_seconds } => {
                 self.token(node, &namespace, &pod, &uid, audience, expiration_seconds).await
             }
+            NodeRequest::Events { events } => self.pod_events(node, events),
             NodeRequest::Join { .. } | NodeRequest::WatchPods | NodeRequest::Relay { .. } => {
                 Ok(NodeResponse::error(400, "BadRequest", "unexpected request"))
             }
@@ -546,6 +553,41 @@ impl Gateway {
         Err(ApiError::new(409, "Conflict", format!("lease of node {node:?} kept changing")))
     }
 
+    /// Records the Events an agent reports about its pods. A node speaks
+    /// only about pods bound to it (checked against the pod informer, so a
+    /// batch costs no store reads): the others are refused (403 naming
+    /// them) while its own are still recorded, as the agent cannot do
+    /// better with a batch that straddles a pod's deletion.
+    fn pod_events(&self, node: &str, events: Vec<AgentEvent>) -> Result<NodeResponse, ApiError> {
+        if events.len() > MAX_EVENTS {
+            return Err(ApiError::bad_request(format!("at most {MAX_EVENTS} events per report")));
+        }
+        for e in &events {
+            authz::check_event(e).map_err(ApiError::bad_request)?;
+        }
+        let mut refused = BTreeSet::new();
+        for e in events {
+            let key = format!("{}/{}", e.namespace, e.pod);
+            let bound = self.pods.get(&key).is_some_and(|p| p.node_name() == node && p.uid() == e.uid);
+            if !bound {
+                refused.insert(key);
+                continue;
+            }
+            let mut involved = ObjectRef::of(&json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"namespace": e.namespace, "name": e.pod, "uid": e.uid},
+            }));
+            involved.field_path = e.container.map(|c| format!("spec.containers{{{c}}}")).unwrap_or_default();
+            let type_ = if e.warning { EventType::Warning } else { EventType::Normal };
+            self.events.record(involved, node.to_string(), type_, &e.reason, e.message);
+        }
+        if refused.is_empty() {
+            return Ok(NodeResponse::Done);
+        }
+        let pods = refused.into_iter().collect::<Vec<_>>().join(", ");
+        Ok(forbidden(format!("events about pods not bound to node {node:?} were not recorded: {pods}")))
+    }
+
     /// The pod, if it is bound to `node` and is the one with `uid`.
     async fn own_pod(&self, node: &str, ns: &str, name: &str, uid: &str) -> Result<Option<Found>, ApiError> {
         let rt = crate::api::serviceaccount::kind("v1", "Pod")?;
@@ -745,6 +787,7 @@ fn request_kind(req: &NodeRequest) -> &'static str {
         NodeRequest::Usage { .. } => "usage",
         NodeRequest::Relay { .. } => "relay",
         NodeRequest::Token { .. } => "token",
+        NodeRequest::Events { .. } => "events",
     }
 }
 

@@ -58,6 +58,8 @@ pub struct ObjectRef {
     pub name: String,
     pub uid: String,
     pub resource_version: String,
+    /// The part of the object, e.g. `spec.containers{web}` (kubelet events).
+    pub field_path: String,
 }
 
 impl ObjectRef {
@@ -72,6 +74,7 @@ impl ObjectRef {
             name: s(&m["name"]),
             uid: s(&m["uid"]),
             resource_version: s(&m["resourceVersion"]),
+            field_path: String::new(),
         }
     }
 
@@ -84,6 +87,7 @@ impl ObjectRef {
             ("uid", &self.uid),
             ("apiVersion", &self.api_version),
             ("resourceVersion", &self.resource_version),
+            ("fieldPath", &self.field_path),
         ] {
             if !v.is_empty() {
                 r.insert(k.into(), json!(v));
@@ -95,7 +99,9 @@ impl ObjectRef {
     /// Identity for correlation: the resourceVersion changes with every
     /// write, so it is not part of it (client-go leaves it out too).
     fn key(&self) -> String {
-        [&self.kind, &self.namespace, &self.name, &self.uid, &self.api_version].map(String::as_str).join("\u{0}")
+        [&self.kind, &self.namespace, &self.name, &self.uid, &self.api_version, &self.field_path]
+            .map(String::as_str)
+            .join("\u{0}")
     }
 }
 
@@ -108,6 +114,8 @@ pub struct Record {
     pub message: String,
     /// `source.component`, e.g. `replicaset-controller`.
     pub source: &'static str,
+    /// `source.host`: the node, for the kubelet's events; empty otherwise.
+    pub host: String,
     pub at: DateTime<Utc>,
 }
 
@@ -189,7 +197,7 @@ fn bound<V>(map: &mut HashMap<String, V>, stale: impl Fn(&V) -> bool, seen: impl
 impl Correlator {
     /// Decides what `r` becomes, at `now`.
     pub fn observe(&mut self, r: &Record, now: DateTime<Utc>) -> Decision {
-        let object = format!("{}\u{0}{}", r.source, r.involved.key());
+        let object = format!("{}\u{0}{}\u{0}{}", r.source, r.host, r.involved.key());
         if !self.allow(&object, now) {
             return Decision::Spam;
         }
@@ -214,6 +222,10 @@ impl Correlator {
                 (l, false)
             }
         };
+        let source = match r.host.as_str() {
+            "" => json!({"component": r.source}),
+            host => json!({"component": r.source, "host": host}),
+        };
         let event = json!({
             "apiVersion": "v1",
             "kind": "Event",
@@ -222,9 +234,9 @@ impl Correlator {
             "reason": r.reason,
             "message": message,
             "type": r.type_.as_str(),
-            "source": {"component": r.source},
+            "source": source,
             "reportingComponent": r.source,
-            "reportingInstance": "",
+            "reportingInstance": r.host,
             "firstTimestamp": secs(logged.first),
             "lastTimestamp": secs(logged.last),
             "count": logged.count,
@@ -301,6 +313,7 @@ mod tests {
             name: name.into(),
             uid: format!("uid-{name}"),
             resource_version: "7".into(),
+            field_path: String::new(),
         }
     }
 
@@ -311,6 +324,7 @@ mod tests {
             reason: reason.into(),
             message: message.into(),
             source: "default-scheduler",
+            host: String::new(),
             at,
         }
     }
@@ -383,6 +397,28 @@ mod tests {
         other_source.source = "kubelet";
         assert!(!write(c.observe(&other_source, t(64))).1);
         assert!(!write(c.observe(&rec(&pod("b"), "FailedScheduling", "m", t(65)), t(65))).1);
+    }
+
+    #[test]
+    fn kubelet_events_name_their_node_and_container() {
+        let mut c = Correlator::default();
+        let mut web = pod("a");
+        web.field_path = "spec.containers{web}".into();
+        let mut r = rec(&web, "Unhealthy", "Liveness probe failed", t(0));
+        (r.source, r.host) = ("kubelet", "node-1".into());
+        let (e, _) = write(c.observe(&r, t(0)));
+        assert_eq!(e["source"], json!({"component": "kubelet", "host": "node-1"}));
+        assert_eq!(e["reportingInstance"], "node-1");
+        assert_eq!(e["involvedObject"]["fieldPath"], "spec.containers{web}");
+        // Another container of the same pod is another Event, not a repeat.
+        let mut sidecar = web.clone();
+        sidecar.field_path = "spec.containers{sidecar}".into();
+        let (other, aggregated) = write(c.observe(&Record { involved: sidecar, at: t(1), ..r.clone() }, t(1)));
+        assert!(!aggregated);
+        assert_ne!(other["metadata"]["name"], e["metadata"]["name"]);
+        let (again, aggregated) = write(c.observe(&r, t(2)));
+        assert!(aggregated);
+        assert_eq!(again["count"], 2);
     }
 
     #[test]
