@@ -182,6 +182,24 @@ pub fn prepare_update(
             }
         }
     }
+    if rt.kind == "Node" {
+        // A node's pod CIDR is claimed in the store and routed to; once set
+        // it stays (Kubernetes: "node updates may not change podCIDR except
+        // from \"\" to valid"). An update that leaves it out keeps it.
+        for f in ["podCIDR", "podCIDRs"] {
+            let old_v = &old["spec"][f];
+            let unset = old_v.is_null() || *old_v == "" || old_v.as_array().is_some_and(Vec::is_empty);
+            match new["spec"].get(f) {
+                _ if unset => {}
+                None | Some(Value::Null) => new["spec"][f] = old_v.clone(),
+                Some(v) if v == old_v => {}
+                Some(_) => {
+                    let msg = format!("Forbidden: node updates may not change {f} except from \"\" to valid");
+                    return Err(ApiError::invalid(rt.kind, &name, vec![(format!("spec.{f}"), msg)]));
+                }
+            }
+        }
+    }
     if rt.kind == "PriorityClass" && new["value"] != old["value"] {
         return Err(ApiError::invalid(
             rt.kind,
@@ -835,6 +853,26 @@ mod tests {
         let st = prepare_update(rt, &old, new, Some("status")).unwrap();
         assert_eq!(st["status"]["replicas"], 5);
         assert_eq!(st["spec"]["replicas"], 1, "status updates do not touch the spec");
+    }
+
+    #[test]
+    fn a_nodes_pod_cidr_is_set_once() {
+        let rt = by_kind("v1", "Node").unwrap();
+        let bare = prepare_create(rt, None, json!({"metadata": {"name": "n1"}}), "t0", "u", "x").unwrap();
+        let mut assigned = bare.clone();
+        assigned["spec"] = json!({"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24"]});
+        let set = prepare_update(rt, &bare, assigned.clone(), None).unwrap();
+        assert_eq!(set["spec"]["podCIDR"], "10.244.1.0/24", "from unset to a value is allowed");
+        let mut moved = set.clone();
+        moved["spec"]["podCIDR"] = json!("10.244.2.0/24");
+        let err = prepare_update(rt, &set, moved, None).unwrap_err();
+        assert_eq!(err.code, 422);
+        assert!(err.message.contains("spec.podCIDR"), "{}", err.message);
+        let mut dropped = set.clone();
+        dropped["spec"] = json!({"unschedulable": true});
+        let kept = prepare_update(rt, &set, dropped, None).unwrap();
+        assert_eq!(kept["spec"]["podCIDRs"], json!(["10.244.1.0/24"]), "an update leaving it out keeps it");
+        assert_eq!(kept["spec"]["unschedulable"], true);
     }
 
     #[test]

@@ -120,6 +120,7 @@ pub async fn serve(
     }
     // Reach the agent before switching protocols, so failures are plain HTTP errors.
     let (mut send, mut recv) = gateway.open_agent_stream(node).await?;
+    let command = req.command.clone();
     write_message(&mut send, &AgentRequest::Exec(req)).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
     match read_message::<AgentResponse, _>(&mut recv, MAX_MESSAGE).await {
         Ok(AgentResponse::Streaming) => {}
@@ -130,7 +131,7 @@ pub async fn serve(
     let v5 = protocol == V5;
     tokio::spawn(async move {
         match upgrade.on.await {
-            Ok(io) => bridge(hyper_util::rt::TokioIo::new(io), send, recv, v5).await,
+            Ok(io) => bridge(hyper_util::rt::TokioIo::new(io), send, recv, v5, command).await,
             Err(e) => tracing::debug!(error = %e, "exec upgrade failed"),
         }
     });
@@ -164,12 +165,15 @@ async fn logs(gateway: &crate::gateway::Gateway, node: &str, req: LogRequest) ->
 }
 
 /// The final status message of an exec (channel 3).
-pub fn exit_status(frame: &ExecFrame) -> Value {
+pub fn exit_status(frame: &ExecFrame, command: &[String]) -> Value {
     match frame {
         ExecFrame::Exit(0) => json!({"metadata": {}, "status": "Success"}),
         ExecFrame::Exit(code) => json!({
             "metadata": {}, "status": "Failure",
-            "message": format!("command terminated with non-zero exit code: error executing command [...], exit code {code}"),
+            "message": format!(
+                "command terminated with non-zero exit code: error executing command [{}], exit code {code}",
+                command.join(" ")
+            ),
             "reason": "NonZeroExitCode",
             "details": {"causes": [{"reason": "ExitCode", "message": code.to_string()}]},
         }),
@@ -204,7 +208,7 @@ pub fn from_client(msg: &[u8], v5: bool) -> Option<ExecFrame> {
 /// ours is not, so the first message waits a moment.
 const FIRST_OUTPUT_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
-async fn bridge<S>(io: S, mut send: quinn::SendStream, mut recv: quinn::RecvStream, v5: bool)
+async fn bridge<S>(io: S, mut send: quinn::SendStream, mut recv: quinn::RecvStream, v5: bool, command: Vec<String>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
@@ -237,7 +241,7 @@ where
                 ExecFrame::Stdout(b) => (1u8, b.clone()),
                 ExecFrame::Stderr(b) => (2u8, b.clone()),
                 ExecFrame::Exit(_) | ExecFrame::Failed(_) => {
-                    let status = serde_json::to_vec(&exit_status(&frame)).unwrap_or_default();
+                    let status = serde_json::to_vec(&exit_status(&frame, &command)).unwrap_or_default();
                     let mut m = vec![3u8];
                     m.extend(status);
                     let _ = sink.send(Message::Binary(m.into())).await;
@@ -295,8 +299,10 @@ mod tests {
         assert_eq!(from_client(&[255, 0], false), None, "v4 has no close signal");
         assert_eq!(from_client(&[], true), None);
         assert_eq!(from_client(&[4, b'x'], true), None);
-        assert_eq!(exit_status(&ExecFrame::Exit(0))["status"], "Success");
-        let failed = exit_status(&ExecFrame::Exit(3));
+        let cmd = ["sh".to_string(), "-c".into(), "exit 3".into()];
+        assert_eq!(exit_status(&ExecFrame::Exit(0), &cmd)["status"], "Success");
+        let failed = exit_status(&ExecFrame::Exit(3), &cmd);
+        assert!(failed["message"].as_str().unwrap().contains("[sh -c exit 3], exit code 3"), "{failed}");
         assert_eq!(failed["reason"], "NonZeroExitCode");
         assert_eq!(failed["details"]["causes"][0]["message"], "3");
     }
