@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages Capstan builds and tests with (idempotent).
 set -euo pipefail
-PKGS=(librocksdb-dev libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus nftables curl
+PKGS=(librocksdb-dev libclang-dev clang protobuf-compiler etcd-server etcd-client prometheus nftables curl faketime
       containerd runc containernetworking-plugins busybox-static docker-registry skopeo iproute2 iptables)
 missing=()
 for p in "${PKGS[@]}"; do

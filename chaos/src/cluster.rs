@@ -18,6 +18,8 @@ pub struct UpCluster {
     pub dir: tempfile::TempDir,
     pub masters: usize,
     env: HashMap<String, String>,
+    /// Small tmpfs data dirs this cluster mounted (unmounted on drop).
+    mounts: Vec<PathBuf>,
 }
 
 #[derive(Clone, Debug, serde::Deserialize)]
@@ -27,6 +29,27 @@ pub struct Endpoints {
     pub peer: String,
     pub etcd_url: String,
     pub pid: u32,
+    /// `http://host:port` of its /metrics and health endpoints.
+    #[serde(default)]
+    pub metrics_url: String,
+}
+
+/// Master `ep`'s wall clock, from the `Date` header of its /livez answer
+/// (second resolution): what a skewed clock shows the world.
+pub async fn wall_clock(ep: &Endpoints) -> anyhow::Result<std::time::SystemTime> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = ep.metrics_url.trim_start_matches("http://").trim_end_matches('/');
+    let mut conn = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
+    conn.write_all(b"GET /livez HTTP/1.1\r\nHost: capstan\r\nConnection: close\r\n\r\n").await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), conn.read_to_end(&mut answer)).await??;
+    let text = String::from_utf8_lossy(&answer);
+    let date = text
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("date")).map(|(_, v)| v.trim()))
+        .ok_or_else(|| anyhow::anyhow!("no Date header from {addr}"))?;
+    Ok(httpdate::parse_http_date(date)?)
 }
 
 /// A network fault between masters: nftables rules on their peer (QUIC,
@@ -112,6 +135,33 @@ impl UpCluster {
         up_args: &[&str],
     ) -> anyhow::Result<UpCluster> {
         let dir = tempfile::Builder::new().prefix("capstan-chaos").tempdir()?;
+        Self::launch(capstan, dir, vec![], masters, server_args, up_args)
+    }
+
+    /// Like [`UpCluster::start`], with master `small`'s data dir on a tmpfs
+    /// of `mib` MiB that [`UpCluster::fill_disk`] can fill (needs root).
+    pub fn start_small_disk(capstan: &Path, masters: usize, small: usize, mib: u64) -> anyhow::Result<UpCluster> {
+        let dir = tempfile::Builder::new().prefix("capstan-chaos").tempdir()?;
+        let data = dir.path().join(format!("master-{}", small + 1));
+        std::fs::create_dir_all(&data)?;
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m,mode=0700"), "capstan-chaos"])
+            .arg(&data)
+            .status()?;
+        anyhow::ensure!(st.success(), "mounting a {mib} MiB tmpfs on {} failed (root needed)", data.display());
+        Self::launch(capstan, dir, vec![data.clone()], masters, &[], &["--nodes", "0"]).inspect_err(|_| {
+            let _ = Command::new("umount").arg("--lazy").arg(&data).status();
+        })
+    }
+
+    fn launch(
+        capstan: &Path,
+        dir: tempfile::TempDir,
+        mounts: Vec<PathBuf>,
+        masters: usize,
+        server_args: &[&str],
+        up_args: &[&str],
+    ) -> anyhow::Result<UpCluster> {
         let log = std::fs::File::create(dir.path().join("up.log"))?;
         let extra: Vec<String> = server_args.iter().map(|a| format!("--server-arg={a}")).collect();
         let child = Command::new(capstan)
@@ -124,7 +174,7 @@ impl UpCluster {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", capstan.display()))?;
-        let mut c = UpCluster { child, dir, masters, env: HashMap::new() };
+        let mut c = UpCluster { child, dir, masters, env: HashMap::new(), mounts };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let log = std::fs::read_to_string(c.dir.path().join("up.log")).unwrap_or_default();
@@ -191,6 +241,24 @@ impl UpCluster {
         Some(pid)
     }
 
+    /// Fills master `i`'s small disk ([`UpCluster::start_small_disk`]) to
+    /// the last byte with a ballast file; removing the file frees it.
+    pub fn fill_disk(&self, i: usize) -> anyhow::Result<PathBuf> {
+        let dir = self.master_dir(i);
+        anyhow::ensure!(self.mounts.contains(&dir), "master-{} has no small disk", i + 1);
+        let ballast = dir.join("ballast");
+        // SAFETY: statvfs fills the struct it is given; the path is a valid C string.
+        let free = unsafe {
+            let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+            let mut st: libc::statvfs = std::mem::zeroed();
+            anyhow::ensure!(libc::statvfs(path.as_ptr(), &mut st) == 0, "statvfs {}", dir.display());
+            st.f_bavail as u64 * st.f_frsize as u64
+        };
+        let st = Command::new("fallocate").args(["-l", &free.to_string()]).arg(&ballast).status()?;
+        anyhow::ensure!(st.success(), "fallocate {free} bytes in {}", dir.display());
+        Ok(ballast)
+    }
+
     /// Wait until master `i` runs with a process other than `old_pid`.
     pub fn wait_restarted(&self, i: usize, old_pid: u32, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -214,5 +282,8 @@ impl Drop for UpCluster {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for m in &self.mounts {
+            let _ = Command::new("umount").arg("--lazy").arg(m).status();
+        }
     }
 }

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,6 +47,17 @@ pub enum Scenario {
     FlappingPartition,
     /// 30% of all peer packets lost at random for 6 s.
     PacketLoss,
+    /// Master-3's data dir (a 512 MiB tmpfs) filled to the last byte for
+    /// 6 s, then freed: it must fail writes, not acknowledge or corrupt
+    /// them, and rejoin.
+    DiskFull,
+    /// The leader's wall clock 30 s ahead or behind (seeded) for 6 s
+    /// (libfaketime, `capstan up --faketime`): nothing may depend on it.
+    ClockSkew,
+    /// Compaction storms (every 250 ms, to 20 revisions behind the head,
+    /// for 4 s) while two of the watchers read slowly: lagging watchers are
+    /// caught up from history or told "compacted", never silently skipped.
+    Compaction,
 }
 
 #[derive(Clone, Debug)]
@@ -73,6 +84,10 @@ pub struct Report {
     pub verdict: Verdict,
     pub acked_writes_lost: u64,
     pub watch: WatchReport,
+    /// The highest revision the run compacted to (0: none), and how many
+    /// times a watcher was told its revisions were compacted.
+    pub compacted_to: i64,
+    pub watch_compacted: usize,
     pub split_brain: u64,
     pub recovery_ms: Option<Recovery>,
     pub pass: BTreeMap<&'static str, bool>,
@@ -218,6 +233,7 @@ async fn watcher(
     seed: u64,
     until: Arc<Mutex<Option<i64>>>,
     deadline: Instant,
+    slow: Option<Duration>,
 ) -> Vec<Response> {
     let urls = cluster.urls();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -272,7 +288,21 @@ async fn watcher(
             };
             silent = 0;
             if msg.canceled {
+                if msg.compact_revision > 0 {
+                    // History this watcher needs is gone: it resumes after it.
+                    received.push(Response::Compacted { revision: msg.compact_revision });
+                    next_rev = next_rev.max(msg.compact_revision + 1);
+                }
                 continue 'outer;
+            }
+            if let Some(pause) = slow {
+                tokio::time::sleep(pause).await;
+                // Now and then a slow watcher goes away for a while and
+                // resumes where it was: by then that may be compacted.
+                if rng.gen_ratio(1, 40) {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    continue 'outer;
+                }
             }
             let events: Vec<Event> = msg.events.iter().filter_map(to_event).collect();
             if let Some(last) = events.iter().map(|e| e.mod_revision).max() {
@@ -293,7 +323,14 @@ async fn watcher(
 
 /// Every master's full event history (revision -> events), read by a watch
 /// from revision 1 served by that master alone.
-async fn history_of(cluster: &UpCluster, url: &str, until: i64) -> anyhow::Result<BTreeMap<i64, Vec<Event>>> {
+async fn history_of(
+    cluster: Arc<UpCluster>,
+    url: String,
+    until: Arc<Mutex<Option<i64>>>,
+    deadline: Instant,
+) -> anyhow::Result<BTreeMap<i64, Vec<Event>>> {
+    let url = url.as_str();
+    let until = || *until.lock().expect("not poisoned");
     let ch = cluster.channel(url).await?;
     let (tx, rx) = mpsc::channel(4);
     let create = pb::WatchCreateRequest {
@@ -309,13 +346,12 @@ async fn history_of(cluster: &UpCluster, url: &str, until: i64) -> anyhow::Resul
         .await?
         .into_inner();
     let mut out: BTreeMap<i64, Vec<Event>> = BTreeMap::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
     // The store has writers besides the workload (the API server's own
     // objects, the controller lease), so the last revision need not be a
     // workload key: the history is complete once a progress notification
     // at or past `until` arrives after every event before it.
     loop {
-        if out.keys().last().copied().unwrap_or(0) >= until {
+        if until().is_some_and(|until| out.keys().last().copied().unwrap_or(0) >= until) {
             break;
         }
         anyhow::ensure!(Instant::now() < deadline, "history of {url} incomplete");
@@ -335,7 +371,7 @@ async fn history_of(cluster: &UpCluster, url: &str, until: i64) -> anyhow::Resul
         for e in msg.events.iter().filter_map(to_event) {
             out.entry(e.mod_revision).or_default().push(e);
         }
-        if progress_only && msg.header.as_ref().is_some_and(|h| h.revision >= until) {
+        if progress_only && msg.header.as_ref().zip(until()).is_some_and(|(h, until)| h.revision >= until) {
             break;
         }
     }
@@ -356,6 +392,47 @@ async fn leader_index(cluster: &UpCluster) -> Option<usize> {
     None
 }
 
+/// The master whose data dir the DiskFull scenario fills.
+const FULL_DISK: usize = 2;
+
+/// Compacts the store to `behind` revisions before its head, through
+/// master `i`; the revision asked for (a request that fails for us may
+/// still have been applied, so it counts as possibly compacted).
+async fn compact_behind(cluster: &UpCluster, i: usize, behind: i64) -> Option<i64> {
+    let ch = connect(cluster, &cluster.endpoints(i)?.etcd_url).await?;
+    let mut kv = pb::kv_client::KvClient::new(ch);
+    let head = kv.range(pb::RangeRequest { key: b"chaos/".to_vec(), ..Default::default() }).await.ok()?;
+    let rev = head.into_inner().header?.revision - behind;
+    if rev <= 1 {
+        return None;
+    }
+    if let Err(e) = kv.compact(pb::CompactionRequest { revision: rev, physical: false }).await {
+        progress(&format!("compact to {rev}: {}", e.message()));
+    }
+    Some(rev)
+}
+
+/// Whether master `i`'s wall clock shows `offset` seconds of skew within
+/// 4 s (libfaketime re-reads its offset file every second).
+async fn skew_seen(cluster: &UpCluster, i: usize, offset: i64) -> bool {
+    let Some(ep) = cluster.endpoints(i) else { return false };
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < deadline {
+        if let Ok(theirs) = crate::cluster::wall_clock(&ep).await {
+            let now = std::time::SystemTime::now();
+            let skew = match theirs.duration_since(now) {
+                Ok(ahead) => ahead.as_secs() as i64,
+                Err(behind) => -(behind.duration().as_secs() as i64),
+            };
+            if (skew - offset).abs() <= 3 {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}
+
 /// Master `i`'s peer (QUIC) port.
 fn peer_port(cluster: &UpCluster, i: usize) -> Option<u16> {
     cluster.endpoints(i).and_then(|e| e.peer.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
@@ -363,7 +440,11 @@ fn peer_port(cluster: &UpCluster, i: usize) -> Option<u16> {
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     progress(&format!("starting 3 masters ({:?}, seed {})", cfg.scenario, cfg.seed));
-    let cluster = Arc::new(UpCluster::start(&cfg.capstan, 3)?);
+    let cluster = Arc::new(match cfg.scenario {
+        Scenario::ClockSkew => UpCluster::start_full(&cfg.capstan, 3, &[], &["--nodes", "0", "--faketime"])?,
+        Scenario::DiskFull => UpCluster::start_small_disk(&cfg.capstan, 3, FULL_DISK, 512)?,
+        _ => UpCluster::start(&cfg.capstan, 3)?,
+    });
     let shared = Arc::new(Shared {
         start: Instant::now(),
         ops: Mutex::default(),
@@ -373,9 +454,28 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     });
     let until = Arc::new(Mutex::new(None));
     let watch_deadline = Instant::now() + cfg.duration + Duration::from_secs(90);
-    let watchers: Vec<_> = (0..2)
-        .map(|w| tokio::spawn(watcher(cluster.clone(), cfg.seed + 1000 + w, until.clone(), watch_deadline)))
+    let compacting = cfg.scenario == Scenario::Compaction;
+    // Two watchers read as fast as they can; when compacting, two more
+    // read slowly, so the store must catch them up or cancel them.
+    let watchers: Vec<_> = (0..if compacting { 4 } else { 2 })
+        .map(|w| {
+            let slow = (w >= 2).then(|| Duration::from_millis(20 * w));
+            tokio::spawn(watcher(cluster.clone(), cfg.seed + 1000 + w, until.clone(), watch_deadline, slow))
+        })
         .collect();
+    // Every master's history is read back through a watch from revision
+    // 1: after the run, unless compactions will take the early revisions
+    // away first; then it is recorded live from the start.
+    let recorders: Vec<_> = if compacting {
+        cluster
+            .urls()
+            .into_iter()
+            .map(|u| tokio::spawn(history_of(cluster.clone(), u, until.clone(), watch_deadline)))
+            .collect()
+    } else {
+        vec![]
+    };
+    let compacted = Arc::new(AtomicI64::new(0));
     let clients: Vec<_> = (0..cfg.clients)
         .map(|c| tokio::spawn(client(cluster.clone(), shared.clone(), c as u32, cfg.seed, cfg.keys)))
         .collect();
@@ -383,6 +483,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let end = Instant::now() + cfg.duration;
     let mut faults = 0;
+    // Faults that could not be seen to take effect (a run with any fails).
+    let mut unconfirmed = 0;
     let mut fault_times = Vec::new();
     // Leave an interval after the last fault to measure its recovery.
     while Instant::now() + 2 * cfg.interval <= end {
@@ -449,6 +551,41 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                     tokio::time::sleep(Duration::from_millis(400)).await;
                 }
             }
+            Scenario::DiskFull => {
+                let role = if leader == FULL_DISK { "leader" } else { "follower" };
+                progress(&format!("master-{}'s disk full for 6 s ({role})", FULL_DISK + 1));
+                let pid = cluster.endpoints(FULL_DISK).map(|e| e.pid);
+                let ballast = cluster.fill_disk(FULL_DISK)?;
+                t0 = Instant::now();
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                std::fs::remove_file(&ballast)?;
+                if cluster.endpoints(FULL_DISK).map(|e| e.pid) != pid {
+                    progress(&format!("master-{} died with its disk full and was restarted", FULL_DISK + 1));
+                }
+            }
+            Scenario::ClockSkew => {
+                let offset = if rng.gen_bool(0.5) { 30 } else { -30 };
+                progress(&format!("master-{} clock {offset:+} s for 6 s", leader + 1));
+                let file = cluster.master_dir(leader).join("faketime");
+                std::fs::write(&file, format!("{offset:+}\n"))?;
+                t0 = Instant::now();
+                if !skew_seen(&cluster, leader, offset).await {
+                    progress("the skew did not show in the master's Date header");
+                    unconfirmed += 1;
+                }
+                tokio::time::sleep(Duration::from_secs(6).saturating_sub(t0.elapsed())).await;
+                std::fs::write(&file, "+0\n")?;
+            }
+            Scenario::Compaction => {
+                progress("compaction storm for 4 s");
+                t0 = Instant::now();
+                while t0.elapsed() < Duration::from_secs(4) {
+                    if let Some(rev) = compact_behind(&cluster, leader, 20).await {
+                        compacted.fetch_max(rev, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
             Scenario::PacketLoss => {
                 let ports: Vec<u16> = (0..3).filter_map(|i| peer_port(&cluster, i)).collect();
                 progress("30% peer packet loss for 6 s");
@@ -485,10 +622,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     progress(&format!("workload done: {} acknowledged writes, final revision {final_rev}; checking", acked.len()));
 
     // Histories of every master, compared revision by revision.
-    let urls = cluster.urls();
     let mut histories = Vec::new();
-    for url in &urls {
-        histories.push(history_of(&cluster, url, final_rev).await?);
+    if recorders.is_empty() {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for url in cluster.urls() {
+            histories.push(history_of(cluster.clone(), url, until.clone(), deadline).await?);
+        }
+    } else {
+        for r in recorders {
+            histories.push(r.await??);
+        }
     }
     let mut split_brain = 0u64;
     for rev in histories[0].keys().chain(histories[1].keys()).chain(histories[2].keys()) {
@@ -512,11 +655,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         end: "chaos0".into(),
         start_revision: 1,
         prev_kv: true,
+        compacted_at_most: compacted.load(Ordering::Relaxed),
         ..Default::default()
     };
     let mut watch = WatchReport::default();
+    let mut watch_compacted = 0;
     for w in watchers {
-        let r = watch_check::check(&spec, truth, &w.await?);
+        let received = w.await?;
+        watch_compacted += received.iter().filter(|r| matches!(r, Response::Compacted { .. })).count();
+        let r = watch_check::check(&spec, truth, &received);
         watch.filter += r.filter;
         watch.ordered += r.ordered;
         watch.unique += r.unique;
@@ -552,6 +699,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         ("watch_guarantees", watch.total() == 0),
         ("split_brain", split_brain == 0),
         ("progress", !acked.is_empty()),
+        ("faults_in_effect", unconfirmed == 0),
     ]);
     let passed = pass.values().all(|v| *v);
     Ok(Report {
@@ -565,6 +713,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         verdict,
         acked_writes_lost,
         watch,
+        compacted_to: spec.compacted_at_most,
+        watch_compacted,
         split_brain,
         recovery_ms,
         pass,
@@ -588,6 +738,9 @@ pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
         Scenario::BridgePartition,
         Scenario::FlappingPartition,
         Scenario::PacketLoss,
+        Scenario::DiskFull,
+        Scenario::ClockSkew,
+        Scenario::Compaction,
     ] {
         let r = run(RunConfig { scenario, ..base.clone() }).await?;
         all &= r.passed;

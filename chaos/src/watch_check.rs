@@ -34,6 +34,10 @@ pub struct WatchSpec {
     pub prev_kv: bool,
     pub no_put: bool,
     pub no_delete: bool,
+    /// The highest revision the run compacted: a watch cancelled as
+    /// "compacted" beyond it was told a lie (0: nothing was compacted, so
+    /// no such cancellation is ever right).
+    pub compacted_at_most: i64,
 }
 
 impl WatchSpec {
@@ -47,7 +51,15 @@ impl WatchSpec {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     Events(Vec<Event>),
-    Progress { revision: i64 },
+    Progress {
+        revision: i64,
+    },
+    /// The watch was cancelled because the revisions it needed were
+    /// compacted up to `revision` (etcd's `compact_revision`): the watcher
+    /// resumes after it, and the events it missed in between are excused.
+    Compacted {
+        revision: i64,
+    },
 }
 
 /// Violations per guarantee; all zero for a correct watch.
@@ -87,9 +99,19 @@ pub fn check(spec: &WatchSpec, stored: &BTreeMap<i64, Vec<Event>>, received: &[R
     let mut progress = i64::MIN;
     let mut seen: BTreeSet<(i64, String)> = BTreeSet::new();
     let mut delivered: Vec<&Event> = Vec::new();
+    // Revisions a compaction excused the watcher from, inclusive ranges.
+    let mut excused: Vec<(i64, i64)> = Vec::new();
     for resp in received {
         match resp {
             Response::Progress { revision } => progress = progress.max(*revision),
+            Response::Compacted { revision } => {
+                if *revision > spec.compacted_at_most {
+                    // Claimed a compaction that never happened: a gap passed off as legitimate.
+                    r.reliable += 1;
+                }
+                let from = if last_rev == i64::MIN { spec.start_revision } else { last_rev + 1 };
+                excused.push((from, *revision));
+            }
             Response::Events(events) => {
                 let mut per_rev: BTreeMap<i64, usize> = BTreeMap::new();
                 for e in events {
@@ -137,13 +159,16 @@ pub fn check(spec: &WatchSpec, stored: &BTreeMap<i64, Vec<Event>>, received: &[R
     {
         let want: BTreeSet<(i64, String)> = stored
             .range(first..=last)
+            .filter(|(rev, _)| !excused_at(&excused, **rev))
             .flat_map(|(rev, evs)| evs.iter().filter(|e| spec.matches(e)).map(move |e| (*rev, e.key.clone())))
             .collect();
+        let seen: BTreeSet<(i64, String)> = seen.into_iter().filter(|(rev, _)| !excused_at(&excused, *rev)).collect();
         r.reliable += want.symmetric_difference(&seen).count() as u64;
     }
     // Resumable: the first event is the first matching one at or after the start.
     let expected_first = stored
         .range(spec.start_revision.max(0)..)
+        .filter(|(rev, _)| !excused_at(&excused, **rev))
         .flat_map(|(_, evs)| evs.iter())
         .find(|e| spec.matches(e))
         .map(|e| (e.mod_revision, e.key.clone()));
@@ -152,6 +177,10 @@ pub fn check(spec: &WatchSpec, stored: &BTreeMap<i64, Vec<Event>>, received: &[R
         r.resumable += 1;
     }
     r
+}
+
+fn excused_at(excused: &[(i64, i64)], rev: i64) -> bool {
+    excused.iter().any(|&(from, to)| from <= rev && rev <= to)
 }
 
 #[cfg(test)]
@@ -239,5 +268,27 @@ mod tests {
         let mut resp = perfect();
         resp[0] = Response::Events(bad);
         assert!(check(&s, &h, &resp).create_flag > 0);
+    }
+
+    #[test]
+    fn a_compaction_excuses_the_gap_it_claims_and_no_more() {
+        let h = history();
+        let compacted = WatchSpec { compacted_at_most: 3, ..spec() };
+        // Cancelled as compacted up to 3 after revision 2, resumed at 4: the
+        // events of 3 are excused.
+        let resumed =
+            vec![Response::Events(h[&2].clone()), Response::Compacted { revision: 3 }, Response::Events(h[&5].clone())];
+        assert_eq!(check(&compacted, &h, &resumed), WatchReport::default());
+        // Compacted before the first event: the first one after it is right.
+        let late = vec![Response::Compacted { revision: 3 }, Response::Events(h[&5].clone())];
+        assert_eq!(check(&compacted, &h, &late), WatchReport::default());
+        // A compaction beyond any the run made is a lie, whatever follows.
+        assert!(check(&spec(), &h, &resumed).reliable > 0, "nothing was compacted");
+        let lie = vec![Response::Events(h[&2].clone()), Response::Compacted { revision: 4 }];
+        assert!(check(&compacted, &h, &lie).reliable > 0);
+        // The excuse covers only up to the claimed revision.
+        let skipped =
+            vec![Response::Events(h[&2].clone()), Response::Compacted { revision: 2 }, Response::Events(h[&5].clone())];
+        assert!(check(&compacted, &h, &skipped).reliable > 0, "revision 3 was not compacted yet");
     }
 }

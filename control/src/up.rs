@@ -46,6 +46,13 @@ pub struct UpArgs {
     /// Do not apply the demo workload.
     #[arg(long)]
     pub no_demo: bool,
+    /// Chaos tests: run each master under libfaketime (Debian package
+    /// `faketime`), its wall clock offset by what `<master-dir>/faketime`
+    /// says (e.g. `+30`, `-30`, `+0`; re-read every second), so a harness
+    /// can skew one master's clock while it runs. Monotonic time is left
+    /// alone, as NTP leaves it.
+    #[arg(long, hide = true)]
+    pub faketime: bool,
 }
 
 struct Master {
@@ -54,20 +61,39 @@ struct Master {
     child: Child,
 }
 
-fn spawn_master(dir: &Path, extra: &[String], log_level: &str) -> anyhow::Result<Child> {
+/// libfaketime's multi-threaded build, as Debian installs it.
+const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+fn spawn_master(dir: &Path, extra: &[String], log_level: &str, faketime: bool) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
     let mut args: Vec<String> = vec!["--log-level".into(), log_level.into(), "server".into(), "--data-dir".into()];
     args.push(dir.display().to_string());
     args.extend(extra.iter().cloned());
-    spawn_child(&exe, dir, "server.log", &args)
+    let mut env = vec![];
+    if faketime {
+        anyhow::ensure!(Path::new(LIBFAKETIME).exists(), "--faketime needs {LIBFAKETIME} (apt-get install faketime)");
+        std::fs::create_dir_all(dir)?;
+        let offset = dir.join("faketime");
+        if !offset.exists() {
+            std::fs::write(&offset, "+0\n")?;
+        }
+        env = vec![
+            ("LD_PRELOAD", LIBFAKETIME.to_string()),
+            ("FAKETIME_TIMESTAMP_FILE", offset.display().to_string()),
+            ("FAKETIME_CACHE_DURATION", "1".into()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
+        ];
+    }
+    spawn_child(&exe, dir, "server.log", &args, &env)
 }
 
 /// A child in `dir` logging to `dir/<log>`, dying with `up`.
-fn spawn_child(exe: &Path, dir: &Path, log: &str, args: &[String]) -> anyhow::Result<Child> {
+fn spawn_child(exe: &Path, dir: &Path, log: &str, args: &[String], env: &[(&str, String)]) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(log))?;
     let mut cmd = Command::new(exe);
     cmd.args(args);
+    cmd.envs(env.iter().map(|(k, v)| (*k, v)));
     cmd.stdout(log.try_clone()?).stderr(log).stdin(std::process::Stdio::null());
     cmd.kill_on_drop(true);
     // If `up` itself dies, its masters must not linger.
@@ -153,13 +179,13 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 for m in masters.iter_mut() {
                     if let Ok(Some(status)) = m.child.try_wait() {
                         eprintln!("{} exited ({status}); restarting it", m.name);
-                        m.child = spawn_master(&m.dir, &a.server_arg, &log_level)?;
+                        m.child = spawn_master(&m.dir, &a.server_arg, &log_level, a.faketime)?;
                     }
                 }
                 for (n, args) in nodes.iter_mut().zip(&node_args) {
                     if let Ok(Some(status)) = n.child.try_wait() {
                         eprintln!("{} exited ({status}); restarting it", n.name);
-                        n.child = spawn_child(&node_binary()?, &n.dir, "node.log", args)?;
+                        n.child = spawn_child(&node_binary()?, &n.dir, "node.log", args, &[])?;
                     }
                 }
             }
@@ -205,7 +231,7 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
             }
         }
         eprintln!("[{i}/{n}] starting {name}");
-        let child = spawn_master(&dir, &extra, log_level)?;
+        let child = spawn_master(&dir, &extra, log_level, a.faketime)?;
         masters.push(Master { name: name.clone(), dir, child });
         let ep = wait_ready(masters.last_mut().expect("just pushed"), Duration::from_secs(120)).await?;
         eprintln!("[{i}/{n}] {name} ready: api {} etcd {} peer {}", ep.api_url, ep.etcd_url, ep.peer);
@@ -300,7 +326,7 @@ async fn start_nodes(
             args.extend(["--image-dir".into(), image_dir.display().to_string()]);
         }
         eprintln!("[{i}/{n}] starting {name} ({})", a.runtime);
-        let child = spawn_child(&bin, &dir, "node.log", &args)?;
+        let child = spawn_child(&bin, &dir, "node.log", &args, &[])?;
         nodes.push(Master { name, dir, child });
         node_args.push(args);
     }

@@ -1,12 +1,14 @@
 //! Short chaos runs in the default suite: a leader killed, paused, and cut
-//! off from the other masters (nftables; needs root), each checked for linearizability, lost acknowledged writes, the
-//! watch guarantees and split brain. Longer runs: `capstan-chaos matrix`.
+//! off from the other masters (nftables; needs root), its clock skewed
+//! (libfaketime), and compaction storms under slow watchers, each checked for linearizability, lost
+//! acknowledged writes, the watch guarantees and split brain. Longer runs:
+//! `capstan-chaos matrix`.
 
 use std::time::Duration;
 
 use capstan_chaos::run::{run, RunConfig, Scenario};
 
-async fn scenario(scenario: Scenario, seed: u64) {
+async fn scenario(scenario: Scenario, seed: u64) -> capstan_chaos::run::Report {
     let cfg = RunConfig {
         capstan: env!("CARGO_BIN_EXE_capstan").into(),
         scenario,
@@ -20,12 +22,16 @@ async fn scenario(scenario: Scenario, seed: u64) {
     println!("{}", serde_json::to_string(&report).unwrap());
     assert!(report.faults >= 1, "faults were injected: {report:?}");
     assert!(report.passed, "{report:?}");
+    report
 }
 
 // One test, so the two clusters never share the machine's two cores.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn leader_kill_pause_and_partition_lose_nothing() {
+async fn leader_kill_pause_partition_and_compaction_lose_nothing() {
     scenario(Scenario::KillLeader, 11).await;
     scenario(Scenario::PauseLeader, 12).await;
     scenario(Scenario::PartitionLeader, 13).await;
+    scenario(Scenario::ClockSkew, 15).await;
+    let compaction = scenario(Scenario::Compaction, 14).await;
+    assert!(compaction.compacted_to > 0, "the storm compacted: {compaction:?}");
 }
