@@ -45,6 +45,7 @@ use parking_lot::RwLock;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::failpoints::crash_point;
 use crate::metrics::StorageMetrics;
 use crate::mvcc::{Image, Mvcc, RowChange, Version};
 use crate::types::*;
@@ -288,9 +289,11 @@ fn spawn_flusher(
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             batch.extend(rx.try_iter());
+            crash_point!("raft::log_append_before_fsync");
             let started = std::time::Instant::now();
             let res = db.flush_wal(true).map_err(|e| e.to_string());
             metrics.fsync.observe(started.elapsed().as_secs_f64());
+            crash_point!("raft::log_append_after_fsync");
             for cb in batch {
                 cb.log_io_completed(res.clone().map_err(std::io::Error::other));
             }
@@ -439,6 +442,9 @@ impl StateMachine {
         let timer = matches!(cmd, Command::Compact { .. }).then(|| self.metrics.compaction.start_timer());
         let applied = st.mvcc.apply(cmd);
         drop(timer);
+        if matches!(cmd, Command::Compact { .. }) {
+            crash_point!("raft::compaction");
+        }
         write_rows(&self.db, batch, &applied.rows)?;
         if !applied.events.is_empty() {
             published.push((applied.result.revision, applied.events));
@@ -482,6 +488,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let file = SnapshotFile { meta: meta.clone(), data };
+        crash_point!("raft::snapshot_build");
         self.save_snapshot_file(&file)?;
         self.metrics.snapshot_size.set(file.data.len() as i64);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
@@ -532,7 +539,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             write_meta(&self.db, &mut batch, &st, membership_changed)?;
         }
+        crash_point!("raft::apply_before_write");
         self.db.write(batch).map_err(write_err)?;
+        crash_point!("raft::apply_before_notify");
         for (rev, events) in published {
             self.hub.publish(rev, events);
         }
@@ -576,6 +585,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             write_meta(&self.db, &mut batch, &st, true)?;
             self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
         }
+        crash_point!("raft::snapshot_install");
         self.save_snapshot_file(&SnapshotFile { meta: meta.clone(), data })?;
         tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
         self.hub.reset(revision);
