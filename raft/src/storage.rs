@@ -189,12 +189,14 @@ impl Storage {
         let applied = db.get_cf(meta, "applied")?.map(|b| postcard::from_bytes(&b)).transpose()?.flatten();
         let membership =
             db.get_cf(meta, "membership")?.map(|b| postcard::from_bytes(&b)).transpose()?.unwrap_or_default();
+        let snapshot_path = self.dir.join("snapshot.bin");
+        finish_staged_install(&snapshot_path, applied)?;
         let state = Arc::new(RwLock::new(SmState { mvcc, applied, membership }));
         Ok(StateMachine {
             db: self.db.clone(),
             state,
             hub,
-            snapshot_path: self.dir.join("snapshot.bin"),
+            snapshot_path,
             metrics: self.metrics.clone(),
         })
     }
@@ -219,6 +221,43 @@ impl Storage {
         self.db.property_int_value("rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0)
             + self.db.property_int_value("rocksdb.cur-size-all-mem-tables").ok().flatten().unwrap_or(0)
     }
+}
+
+/// Where `install_snapshot` stages the received snapshot before replacing
+/// the rows (see there).
+fn staged_install_path(snapshot_path: &Path) -> PathBuf {
+    snapshot_path.with_extension("install")
+}
+
+/// Completes or discards a snapshot install that a crash interrupted.
+///
+/// A staged file whose snapshot the state machine already holds (`applied`
+/// at or past its last log id: the synced rows were written) becomes the
+/// current snapshot; otherwise the rows were never replaced and it is
+/// dropped, as is a staged file that cannot be decoded (a crash while
+/// staging). Without this, a restart after the rows were replaced but before
+/// the snapshot file was saved pairs the new state with the old snapshot:
+/// openraft purges its log up to the new applied index, past that snapshot,
+/// and its RaftCore panics on the invalid state (found by the failpoint
+/// matrix, `raft::snapshot_install`).
+fn finish_staged_install(snapshot_path: &Path, applied: Option<LogId>) -> anyhow::Result<()> {
+    let staged = staged_install_path(snapshot_path);
+    let bytes = match std::fs::read(&staged) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    match postcard::from_bytes::<SnapshotFile>(&bytes) {
+        Ok(f) if f.meta.last_log_id.is_some() && applied >= f.meta.last_log_id => {
+            tracing::warn!(snapshot = %f.meta.snapshot_id, "completing a snapshot install interrupted by a crash");
+            std::fs::rename(&staged, snapshot_path)?;
+        }
+        _ => {
+            tracing::warn!("discarding a snapshot install interrupted before its rows were written");
+            std::fs::remove_file(&staged)?;
+        }
+    }
+    Ok(())
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -453,16 +492,22 @@ impl StateMachine {
     }
 
     fn save_snapshot_file(&self, file: &SnapshotFile) -> StResult<()> {
-        let tmp = self.snapshot_path.with_extension("tmp");
+        self.write_snapshot_to(&self.snapshot_path.with_extension("tmp"), file)?;
+        let io = |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
+        std::fs::rename(self.snapshot_path.with_extension("tmp"), &self.snapshot_path).map_err(io)
+    }
+
+    /// Writes and syncs `file` at `tmp` (not yet the current snapshot).
+    fn write_snapshot_to(&self, tmp: &Path, file: &SnapshotFile) -> StResult<()> {
         let bytes = encode(file)?;
         let io = |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            let mut f = std::fs::File::create(tmp).map_err(io)?;
             f.write_all(&bytes).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
-        std::fs::rename(&tmp, &self.snapshot_path).map_err(io)
+        Ok(())
     }
 
     fn load_snapshot_file(&self) -> StResult<Option<SnapshotFile>> {
@@ -566,6 +611,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let _timer = self.metrics.snapshot_install.start_timer();
         let data = snapshot.into_inner();
         let image: Image = decode(&data)?;
+        // Staged first, synced: once the rows below are replaced, a crash
+        // must not leave the old snapshot file as the current one
+        // (`finish_staged_install` completes the install at restart).
+        let staged = staged_install_path(&self.snapshot_path);
+        let file = SnapshotFile { meta: meta.clone(), data };
+        self.write_snapshot_to(&staged, &file)?;
         let mvcc = Mvcc::from_image(image);
         // Replace every row: clear kv and lease, then write the image.
         let mut batch = WriteBatch::default();
@@ -586,7 +637,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
         }
         crash_point!("raft::snapshot_install");
-        self.save_snapshot_file(&SnapshotFile { meta: meta.clone(), data })?;
+        std::fs::rename(&staged, &self.snapshot_path)
+            .map_err(|e| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() })?;
         tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
         self.hub.reset(revision);
         Ok(())
@@ -617,6 +669,45 @@ mod tests {
             assert_eq!(decode_row_key(&row), Some((Bytes::copy_from_slice(keys[i]), rev)));
         }
         assert_eq!(decode_row_key(b"\x00\x02garbage!"), None);
+    }
+
+    /// A crash inside `install_snapshot` after the rows were replaced leaves
+    /// a staged file that restart promotes; one before leaves a staged file
+    /// (possibly torn) that restart drops.
+    #[test]
+    fn interrupted_snapshot_installs_are_finished_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = dir.path().join("snapshot.bin");
+        let staged = staged_install_path(&current);
+        let log_id = |index| Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index));
+        let file = |index| SnapshotFile {
+            meta: SnapshotMeta {
+                last_log_id: log_id(index),
+                last_membership: StoredMembership::default(),
+                snapshot_id: format!("1-{index}-7"),
+            },
+            data: vec![1, 2, 3],
+        };
+        let snapshot_at = |path: &Path| postcard::from_bytes::<SnapshotFile>(&std::fs::read(path).unwrap()).unwrap();
+
+        finish_staged_install(&current, log_id(5)).unwrap();
+        assert!(!current.exists(), "nothing staged, nothing changes");
+
+        std::fs::write(&current, postcard::to_stdvec(&file(100)).unwrap()).unwrap();
+        std::fs::write(&staged, postcard::to_stdvec(&file(200)).unwrap()).unwrap();
+        finish_staged_install(&current, log_id(100)).unwrap();
+        assert!(!staged.exists());
+        assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(100), "rows not replaced: old snapshot stays");
+
+        std::fs::write(&staged, postcard::to_stdvec(&file(200)).unwrap()).unwrap();
+        finish_staged_install(&current, log_id(200)).unwrap();
+        assert!(!staged.exists());
+        assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(200), "rows replaced: install completed");
+
+        std::fs::write(&staged, b"\xff torn").unwrap();
+        finish_staged_install(&current, log_id(300)).unwrap();
+        assert!(!staged.exists());
+        assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(200));
     }
 
     struct Builder;
