@@ -26,6 +26,9 @@ pub struct Endpoints {
     pub id: u64,
     pub peer: String,
     pub etcd_url: String,
+    /// Plain HTTP: /metrics, /healthz and (failpoints builds) /debug/failpoints.
+    #[serde(default)]
+    pub metrics_url: String,
     pub pid: u32,
 }
 
@@ -191,6 +194,33 @@ impl UpCluster {
         Some(pid)
     }
 
+    /// Arms crash point `name` on master `i` with a `fail` action string
+    /// (`1*return`: abort at the next hit; `off`: disarm) through the
+    /// master's `PUT /debug/failpoints/<name>`. Only a `capstan` built with
+    /// the `failpoints` feature has that endpoint.
+    pub async fn arm_failpoint(&self, i: usize, name: &str, action: &str) -> anyhow::Result<()> {
+        let ep = self.endpoints(i).with_context(|| format!("master-{} has no endpoints.json", i + 1))?;
+        let host = ep.metrics_url.trim_start_matches("http://").trim_end_matches('/');
+        anyhow::ensure!(!host.is_empty(), "master-{} advertises no metrics URL", i + 1);
+        let (status, body) = http_put(host, &format!("/debug/failpoints/{name}"), action).await?;
+        match status {
+            200 => Ok(()),
+            404 => bail!(
+                "master-{} has no /debug/failpoints: build capstan with `--features failpoints` \
+                 (cargo build -p capstan-control --features failpoints)",
+                i + 1
+            ),
+            _ => bail!("arming {name}={action} on master-{}: HTTP {status}: {}", i + 1, body.trim()),
+        }
+    }
+
+    /// How many times master `i`'s log says crash point `name` aborted it.
+    pub fn failpoint_crashes(&self, i: usize, name: &str) -> usize {
+        let log = std::fs::read(self.master_dir(i).join("server.log")).unwrap_or_default();
+        let needle = format!("failpoint {name}: aborting");
+        String::from_utf8_lossy(&log).matches(&needle).count()
+    }
+
     /// Wait until master `i` runs with a process other than `old_pid`.
     pub fn wait_restarted(&self, i: usize, old_pid: u32, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -204,6 +234,37 @@ impl UpCluster {
     }
 }
 
+/// One HTTP/1.1 PUT over plain TCP (the metrics listener is plain HTTP on
+/// loopback; a client library would be a dependency for four lines).
+async fn http_put(host: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut conn = tokio::net::TcpStream::connect(host).await?;
+        let req = format!(
+            "PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(req.as_bytes()).await?;
+        let mut resp = Vec::new();
+        conn.read_to_end(&mut resp).await?;
+        anyhow::Ok(resp)
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(5), io).await.context("HTTP request timed out")??;
+    parse_http_response(&resp)
+}
+
+/// Status code and body of a complete `Connection: close` HTTP/1.1 response.
+pub fn parse_http_response(resp: &[u8]) -> anyhow::Result<(u16, String)> {
+    let text = String::from_utf8_lossy(resp);
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP/1.1 response: {:?}", text.chars().take(80).collect::<String>()))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((status, body))
+}
+
 impl Drop for UpCluster {
     fn drop(&mut self) {
         self.signal(self.child.id(), libc::SIGINT);
@@ -214,5 +275,21 @@ impl Drop for UpCluster {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_responses_parse() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 21\r\n\r\nraft::compaction=off\n";
+        assert_eq!(parse_http_response(ok).unwrap(), (200, "raft::compaction=off\n".to_string()));
+        let bad = b"HTTP/1.1 400 Bad Request\r\n\r\nunknown failpoint";
+        assert_eq!(parse_http_response(bad).unwrap(), (400, "unknown failpoint".to_string()));
+        assert!(parse_http_response(b"").is_err());
+        assert!(parse_http_response(b"HTTP/1.1 2").is_err());
+        assert!(parse_http_response(b"SSH-2.0-OpenSSH").is_err());
     }
 }

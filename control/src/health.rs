@@ -17,9 +17,9 @@ use std::sync::Arc;
 use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 #[cfg(feature = "failpoints")]
 use axum::routing::put;
-use axum::routing::get;
 use axum::Router;
 use capstan_raft::storage::Storage;
 use capstan_raft::StoreNode;
@@ -146,10 +146,7 @@ pub const MAX_FAILPOINT_ACTION: usize = 1024;
 /// syntax is checked by `fail` when it is armed.
 pub fn parse_failpoint_request<'a>(name: &str, body: &'a [u8]) -> Result<&'a str, String> {
     if !capstan_raft::failpoints::is_known(name) {
-        return Err(format!(
-            "unknown failpoint {name:?}; known: {}",
-            capstan_raft::failpoints::NAMES.join(", ")
-        ));
+        return Err(format!("unknown failpoint {name:?}; known: {}", capstan_raft::failpoints::NAMES.join(", ")));
     }
     if body.len() > MAX_FAILPOINT_ACTION {
         return Err(format!("action longer than {MAX_FAILPOINT_ACTION} bytes"));

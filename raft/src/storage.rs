@@ -192,13 +192,7 @@ impl Storage {
         let snapshot_path = self.dir.join("snapshot.bin");
         finish_staged_install(&snapshot_path, applied)?;
         let state = Arc::new(RwLock::new(SmState { mvcc, applied, membership }));
-        Ok(StateMachine {
-            db: self.db.clone(),
-            state,
-            hub,
-            snapshot_path,
-            metrics: self.metrics.clone(),
-        })
+        Ok(StateMachine { db: self.db.clone(), state, hub, snapshot_path, metrics: self.metrics.clone() })
     }
 
     /// Replace the state machine's contents with a backup image, before Raft
