@@ -816,8 +816,8 @@ async fn failpoint_fault(
             }
         }
         "raft::compaction" => {
-            cluster.arm_failpoint(target, &name, "1*return").await?;
             anyhow::ensure!(fm.next_compact <= fm.compact_limit, "no revisions left to compact");
+            cluster.arm_failpoint(target, &name, "1*return").await?;
             let revision = fm.next_compact;
             fm.next_compact += 1;
             // When the target is the leader its crash can lose the answer to
