@@ -781,7 +781,7 @@ async fn failpoint_fault(
 ) -> anyhow::Result<Option<Instant>> {
     let name = fm.order[fm.next % fm.order.len()].clone();
     let follower = (leader + 1 + rng.gen_range(0..2)) % 3;
-    let on_leader = name != "raft::snapshot_install" && fm.next % 2 == 0;
+    let on_leader = name != "raft::snapshot_install" && fm.next.is_multiple_of(2);
     fm.next += 1;
     let target = if on_leader { leader } else { follower };
     // Provoking writes and compactions go through a master that stays up.
