@@ -202,7 +202,7 @@ impl UpCluster {
         let ep = self.endpoints(i).with_context(|| format!("master-{} has no endpoints.json", i + 1))?;
         let host = ep.metrics_url.trim_start_matches("http://").trim_end_matches('/');
         anyhow::ensure!(!host.is_empty(), "master-{} advertises no metrics URL", i + 1);
-        let (status, body) = http_put(host, &format!("/debug/failpoints/{name}"), action).await?;
+        let (status, body) = http(host, "PUT", &format!("/debug/failpoints/{name}"), action).await?;
         match status {
             200 => Ok(()),
             404 => bail!(
@@ -212,6 +212,13 @@ impl UpCluster {
             ),
             _ => bail!("arming {name}={action} on master-{}: HTTP {status}: {}", i + 1, body.trim()),
         }
+    }
+
+    /// Master `i`'s armed crash points, `name=action` per line
+    /// (`GET /debug/failpoints`): the status code and body.
+    pub async fn failpoints_armed(&self, i: usize) -> anyhow::Result<(u16, String)> {
+        let ep = self.endpoints(i).with_context(|| format!("master-{} has no endpoints.json", i + 1))?;
+        http(ep.metrics_url.trim_start_matches("http://").trim_end_matches('/'), "GET", "/debug/failpoints", "").await
     }
 
     /// How many times master `i`'s log says crash point `name` aborted it.
@@ -234,14 +241,14 @@ impl UpCluster {
     }
 }
 
-/// One HTTP/1.1 PUT over plain TCP (the metrics listener is plain HTTP on
-/// loopback; a client library would be a dependency for four lines).
-async fn http_put(host: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+/// One HTTP/1.1 request over plain TCP (the metrics listener is plain HTTP
+/// on loopback; a client library would be a dependency for four lines).
+async fn http(host: &str, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let io = async {
         let mut conn = tokio::net::TcpStream::connect(host).await?;
         let req = format!(
-            "PUT {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
         );
         conn.write_all(req.as_bytes()).await?;

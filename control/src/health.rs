@@ -138,12 +138,14 @@ pub fn router(node: Arc<StoreNode>, storage: Arc<Storage>, registry: Registry) -
 }
 
 /// Largest accepted action string: real ones are a few dozen bytes.
+#[cfg(any(test, feature = "failpoints"))]
 pub const MAX_FAILPOINT_ACTION: usize = 1024;
 
 /// Checks a `PUT /debug/failpoints/<name>` request before it reaches the
 /// `fail` crate: a known point, and a non-empty, short, UTF-8 action string
 /// (trimmed, so `curl -d` and `echo |` bodies both work). The action's own
 /// syntax is checked by `fail` when it is armed.
+#[cfg(any(test, feature = "failpoints"))]
 pub fn parse_failpoint_request<'a>(name: &str, body: &'a [u8]) -> Result<&'a str, String> {
     if !capstan_raft::failpoints::is_known(name) {
         return Err(format!("unknown failpoint {name:?}; known: {}", capstan_raft::failpoints::NAMES.join(", ")));
