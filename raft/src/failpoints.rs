@@ -13,7 +13,9 @@
 //! flushes, like `kill -9` at that instruction), so `name=1*return` crashes
 //! at the next hit. The other `fail` actions keep their usual meaning
 //! (`sleep(ms)` and `delay(ms)` stall the caller, `off` disarms, `pause`
-//! blocks until re-armed, `panic`, `print`).
+//! blocks until re-armed, `panic`, `print`). Most points run on a tokio
+//! worker thread, so `sleep` and `pause` stall that whole worker, not just
+//! one task: use them for short stalls only.
 //!
 //! # The points, and why each is an interesting place to die
 //!

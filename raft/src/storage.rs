@@ -22,7 +22,9 @@
 //! only after a WAL sync that follows its write (see `spawn_flusher`). State machine batches go through the same WAL without sync; they
 //! can always be replayed from the log. Before the log is purged behind a
 //! snapshot the WAL is synced, so the state that replaced those entries is
-//! durable first.
+//! durable first. A received snapshot is staged (synced) before it replaces
+//! the rows, so a crash mid-install never pairs new rows with an old
+//! snapshot file (see `finish_staged_install`).
 //!
 //! The MVCC state also lives in memory (`SmState`), rebuilt from `kv` at
 //! start; reads are served from memory, writes go to both in one step.
