@@ -41,10 +41,13 @@
 //! - `raft::snapshot_build`: the snapshot image is encoded but its file is
 //!   not written (the previous `snapshot.bin` stays). A half-built snapshot
 //!   must never be offered to a follower or purge the log behind it.
-//! - `raft::snapshot_install`: a follower has replaced its kv and lease rows
-//!   with the leader's snapshot (synced) but has not saved the snapshot file
-//!   nor reset its watch hub. The state machine and `snapshot.bin` disagree
-//!   on restart; the node must come back at the installed revision.
+//! - `raft::snapshot_install`: a follower has staged the leader's snapshot
+//!   and replaced its kv and lease rows with it (synced) but has not made it
+//!   its current snapshot (`snapshot.bin`) nor reset its watch hub. Restart
+//!   must come back at the installed revision with a matching snapshot
+//!   file. This point found a real bug: the old snapshot file stayed
+//!   current, openraft purged the log past it at start, and its RaftCore
+//!   panicked, leaving a master that was up but never applied again.
 //! - `raft::compaction`: an MVCC compaction has been computed in memory but
 //!   its row deletions and the new compacted revision are not written.
 //!   etcd has had "revision decreasing after a crash during compaction": the
