@@ -28,27 +28,23 @@ pub struct Endpoints {
     pub id: u64,
     pub peer: String,
     pub etcd_url: String,
-    pub pid: u32,
-    /// `http://host:port` of its /metrics and health endpoints.
+    /// Plain HTTP: /metrics, /healthz and (failpoints builds) /debug/failpoints.
     #[serde(default)]
     pub metrics_url: String,
+    pub pid: u32,
 }
 
 /// Master `ep`'s wall clock, from the `Date` header of its /livez answer
 /// (second resolution): what a skewed clock shows the world.
 pub async fn wall_clock(ep: &Endpoints) -> anyhow::Result<std::time::SystemTime> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = ep.metrics_url.trim_start_matches("http://").trim_end_matches('/');
-    let mut conn = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await??;
-    conn.write_all(b"GET /livez HTTP/1.1\r\nHost: capstan\r\nConnection: close\r\n\r\n").await?;
-    let mut answer = Vec::new();
-    tokio::time::timeout(Duration::from_secs(2), conn.read_to_end(&mut answer)).await??;
+    let host = ep.metrics_url.trim_start_matches("http://").trim_end_matches('/');
+    let answer = http_exchange(host, "GET", "/livez", "").await?;
     let text = String::from_utf8_lossy(&answer);
     let date = text
         .lines()
         .take_while(|l| !l.is_empty())
         .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("date")).map(|(_, v)| v.trim()))
-        .ok_or_else(|| anyhow::anyhow!("no Date header from {addr}"))?;
+        .ok_or_else(|| anyhow::anyhow!("no Date header from {host}"))?;
     Ok(httpdate::parse_http_date(date)?)
 }
 
@@ -259,6 +255,40 @@ impl UpCluster {
         Ok(ballast)
     }
 
+    /// Arms crash point `name` on master `i` with a `fail` action string
+    /// (`1*return`: abort at the next hit; `off`: disarm) through the
+    /// master's `PUT /debug/failpoints/<name>`. Only a `capstan` built with
+    /// the `failpoints` feature has that endpoint.
+    pub async fn arm_failpoint(&self, i: usize, name: &str, action: &str) -> anyhow::Result<()> {
+        let ep = self.endpoints(i).with_context(|| format!("master-{} has no endpoints.json", i + 1))?;
+        let host = ep.metrics_url.trim_start_matches("http://").trim_end_matches('/');
+        anyhow::ensure!(!host.is_empty(), "master-{} advertises no metrics URL", i + 1);
+        let (status, body) = http(host, "PUT", &format!("/debug/failpoints/{name}"), action).await?;
+        match status {
+            200 => Ok(()),
+            404 => bail!(
+                "master-{} has no /debug/failpoints: build capstan with `--features failpoints` \
+                 (cargo build -p capstan-control --features failpoints)",
+                i + 1
+            ),
+            _ => bail!("arming {name}={action} on master-{}: HTTP {status}: {}", i + 1, body.trim()),
+        }
+    }
+
+    /// Master `i`'s armed crash points, `name=action` per line
+    /// (`GET /debug/failpoints`): the status code and body.
+    pub async fn failpoints_armed(&self, i: usize) -> anyhow::Result<(u16, String)> {
+        let ep = self.endpoints(i).with_context(|| format!("master-{} has no endpoints.json", i + 1))?;
+        http(ep.metrics_url.trim_start_matches("http://").trim_end_matches('/'), "GET", "/debug/failpoints", "").await
+    }
+
+    /// How many times master `i`'s log says crash point `name` aborted it.
+    pub fn failpoint_crashes(&self, i: usize, name: &str) -> usize {
+        let log = std::fs::read(self.master_dir(i).join("server.log")).unwrap_or_default();
+        let needle = format!("failpoint {name}: aborting");
+        String::from_utf8_lossy(&log).matches(&needle).count()
+    }
+
     /// Wait until master `i` runs with a process other than `old_pid`.
     pub fn wait_restarted(&self, i: usize, old_pid: u32, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
@@ -270,6 +300,41 @@ impl UpCluster {
         }
         false
     }
+}
+
+/// One HTTP/1.1 request over plain TCP (the metrics listener is plain HTTP
+/// on loopback; a client library would be a dependency for four lines).
+async fn http(host: &str, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    parse_http_response(&http_exchange(host, method, path, body).await?)
+}
+
+/// The whole raw response to one such request.
+async fn http_exchange(host: &str, method: &str, path: &str, body: &str) -> anyhow::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut conn = tokio::net::TcpStream::connect(host).await?;
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        conn.write_all(req.as_bytes()).await?;
+        let mut resp = Vec::new();
+        conn.read_to_end(&mut resp).await?;
+        anyhow::Ok(resp)
+    };
+    tokio::time::timeout(Duration::from_secs(5), io).await.context("HTTP request timed out")?
+}
+
+/// Status code and body of a complete `Connection: close` HTTP/1.1 response.
+pub fn parse_http_response(resp: &[u8]) -> anyhow::Result<(u16, String)> {
+    let text = String::from_utf8_lossy(resp);
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("not an HTTP/1.1 response: {:?}", text.chars().take(80).collect::<String>()))?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    Ok((status, body))
 }
 
 impl Drop for UpCluster {
@@ -285,5 +350,21 @@ impl Drop for UpCluster {
         for m in &self.mounts {
             let _ = Command::new("umount").arg("--lazy").arg(m).status();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http_responses_parse() {
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 21\r\n\r\nraft::compaction=off\n";
+        assert_eq!(parse_http_response(ok).unwrap(), (200, "raft::compaction=off\n".to_string()));
+        let bad = b"HTTP/1.1 400 Bad Request\r\n\r\nunknown failpoint";
+        assert_eq!(parse_http_response(bad).unwrap(), (400, "unknown failpoint".to_string()));
+        assert!(parse_http_response(b"").is_err());
+        assert!(parse_http_response(b"HTTP/1.1 2").is_err());
+        assert!(parse_http_response(b"SSH-2.0-OpenSSH").is_err());
     }
 }

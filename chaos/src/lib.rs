@@ -10,7 +10,9 @@
 //!
 //! - [`cluster`]: the cluster under test (`capstan up`) and its faults.
 //! - [`run`]: one scenario: workload + watchers + faults, then the checkers
-//!   and a JSON report.
+//!   and a JSON report. `FailpointCrash` arms the store's crash points
+//!   (`capstan_raft::failpoints`) through a master's `/debug/failpoints`
+//!   and reports, per arming, whether the master died there and came back.
 //!
 //! Checkers are pure functions over recorded data: no sockets, no clocks.
 

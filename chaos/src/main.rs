@@ -32,7 +32,11 @@ enum Cmd {
         clients: usize,
         #[arg(long, default_value_t = 20)]
         keys: usize,
-        /// The capstan binary.
+        /// failpoint-crash only: arm just this crash point (repeatable;
+        /// default: every one).
+        #[arg(long = "failpoint")]
+        failpoints: Vec<String>,
+        /// The capstan binary (failpoint-crash: built with `--features failpoints`).
         #[arg(long, default_value = "/var/tmp/capstan-target/debug/capstan")]
         capstan: PathBuf,
     },
@@ -73,10 +77,11 @@ fn execute(cmd: Cmd) -> anyhow::Result<bool> {
         clients,
         keys,
         interval: Duration::from_secs(interval),
+        failpoints: Vec::new(),
     };
     match cmd {
-        Cmd::Run { scenario, seed, duration, interval, clients, keys, capstan } => {
-            let cfg = config(capstan, scenario, seed, duration, interval, clients, keys);
+        Cmd::Run { scenario, seed, duration, interval, clients, keys, failpoints, capstan } => {
+            let cfg = RunConfig { failpoints, ..config(capstan, scenario, seed, duration, interval, clients, keys) };
             let report = tokio::runtime::Runtime::new()?.block_on(capstan_chaos::run::run(cfg))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(report.passed)

@@ -58,7 +58,35 @@ pub enum Scenario {
     /// for 4 s) while two of the watchers read slowly: lagging watchers are
     /// caught up from history or told "compacted", never silently skipped.
     Compaction,
+    /// The failpoint crash matrix: the store's crash points
+    /// (`capstan_raft::failpoints::NAMES`) in a seeded order, each armed with
+    /// `1*return` on the leader or a follower (alternately), provoked until
+    /// that master aborts there and `capstan up` restarts it. Needs `capstan`
+    /// built with `--features failpoints`.
+    FailpointCrash,
 }
+
+/// The crash points the `FailpointCrash` scenario cycles through (the same
+/// names as `capstan_raft::failpoints::NAMES`; chaos does not link the store).
+pub const FAILPOINTS: &[&str] = &[
+    "raft::log_append_before_fsync",
+    "raft::log_append_after_fsync",
+    "raft::apply_before_write",
+    "raft::apply_before_notify",
+    "raft::snapshot_build",
+    "raft::snapshot_install",
+    "raft::compaction",
+];
+
+/// `--snapshot-every` for the `FailpointCrash` masters: small, so snapshots
+/// are built every few seconds and a follower cut off for a few hundred
+/// entries must catch up by snapshot (the leader keeps 256 entries behind
+/// its snapshot).
+const FAILPOINT_SNAPSHOT_EVERY: u64 = 100;
+
+/// Sequential writes (one log entry each) the harness adds to provoke a
+/// snapshot: past `FAILPOINT_SNAPSHOT_EVERY` + 256 kept entries.
+const FAILPOINT_PAD_WRITES: usize = 500;
 
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -70,6 +98,9 @@ pub struct RunConfig {
     pub keys: usize,
     /// Time between faults.
     pub interval: Duration,
+    /// `FailpointCrash` only: arm just these points (default: all of
+    /// [`FAILPOINTS`]), still in a seeded order.
+    pub failpoints: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -90,8 +121,30 @@ pub struct Report {
     pub watch_compacted: usize,
     pub split_brain: u64,
     pub recovery_ms: Option<Recovery>,
+    /// `FailpointCrash`: each armed point, and whether the master died there.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub failpoints: Vec<FailpointHit>,
     pub pass: BTreeMap<&'static str, bool>,
     pub passed: bool,
+}
+
+/// One arming of a crash point in the `FailpointCrash` scenario.
+#[derive(Clone, Debug, Serialize)]
+pub struct FailpointHit {
+    pub name: String,
+    /// 1-based, as in the masters' names.
+    pub master: usize,
+    /// "leader" or "follower" when armed.
+    pub role: &'static str,
+    /// The master aborted at this point (its log says so).
+    pub hit: bool,
+    /// `capstan up` restarted it (a new process serves its data dir).
+    pub restarted: bool,
+    /// The restarted master answers a linearizable read (ReadIndex through
+    /// Raft): it rejoined, not merely came up.
+    pub serving: bool,
+    /// From arming to the restarted master answering that read.
+    pub crash_to_serving_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -231,6 +284,7 @@ pub fn to_event(e: &capstan_proto::etcd::mvccpb::Event) -> Option<Event> {
 async fn watcher(
     cluster: Arc<UpCluster>,
     seed: u64,
+    from: i64,
     until: Arc<Mutex<Option<i64>>>,
     deadline: Instant,
     slow: Option<Duration>,
@@ -238,7 +292,7 @@ async fn watcher(
     let urls = cluster.urls();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut received = Vec::new();
-    let mut next_rev = 1i64;
+    let mut next_rev = from;
     'outer: while Instant::now() < deadline {
         if until.lock().expect("not poisoned").is_some_and(|end| next_rev > end) {
             break;
@@ -322,10 +376,12 @@ async fn watcher(
 }
 
 /// Every master's full event history (revision -> events), read by a watch
-/// from revision 1 served by that master alone.
+/// from revision `from` (1 unless the scenario compacts) served by that
+/// master alone, until the revision `until` is set and reached.
 async fn history_of(
     cluster: Arc<UpCluster>,
     url: String,
+    from: i64,
     until: Arc<Mutex<Option<i64>>>,
     deadline: Instant,
 ) -> anyhow::Result<BTreeMap<i64, Vec<Event>>> {
@@ -336,7 +392,7 @@ async fn history_of(
     let create = pb::WatchCreateRequest {
         key: b"chaos/".to_vec(),
         range_end: b"chaos0".to_vec(),
-        start_revision: 1,
+        start_revision: from,
         prev_kv: true,
         ..Default::default()
     };
@@ -440,11 +496,39 @@ fn peer_port(cluster: &UpCluster, i: usize) -> Option<u16> {
 
 pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     progress(&format!("starting 3 masters ({:?}, seed {})", cfg.scenario, cfg.seed));
+    let failpoint_run = cfg.scenario == Scenario::FailpointCrash;
+    let snapshot_every = format!("--snapshot-every={FAILPOINT_SNAPSHOT_EVERY}");
+    let server_args: &[&str] = if failpoint_run { &[&snapshot_every] } else { &[] };
     let cluster = Arc::new(match cfg.scenario {
         Scenario::ClockSkew => UpCluster::start_full(&cfg.capstan, 3, &[], &["--nodes", "0", "--faketime"])?,
         Scenario::DiskFull => UpCluster::start_small_disk(&cfg.capstan, 3, FULL_DISK, 512)?,
-        _ => UpCluster::start(&cfg.capstan, 3)?,
+        _ => UpCluster::start_with(&cfg.capstan, 3, server_args)?,
     });
+    // Watchers and the stored history start at `watch_from`. The failpoint
+    // matrix compacts (to hit `raft::compaction`), but only below this
+    // revision, so no history the checkers need is lost: 100 writes outside
+    // the watched range first give it revisions to compact.
+    let (watch_from, mut matrix_state) = if failpoint_run {
+        let base = pad_writes(&cluster, 0, None, 100, Duration::from_secs(60)).await?;
+        anyhow::ensure!(base > 100, "padding writes reached only revision {base}");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0xfa11);
+        let mut order: Vec<String> = if cfg.failpoints.is_empty() {
+            FAILPOINTS.iter().map(|s| s.to_string()).collect()
+        } else {
+            cfg.failpoints.clone()
+        };
+        if let Some(bad) = order.iter().find(|n| !FAILPOINTS.contains(&n.as_str())) {
+            anyhow::bail!("unknown failpoint {bad:?}; known: {}", FAILPOINTS.join(", "));
+        }
+        // Seeded Fisher-Yates.
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.gen_range(0..=i));
+        }
+        progress(&format!("failpoint order: {order:?}; watched history from revision {}", base + 1));
+        (base + 1, Some(FailpointMatrix { order, next: 0, next_compact: 1, compact_limit: base, hits: Vec::new() }))
+    } else {
+        (1, None)
+    };
     let shared = Arc::new(Shared {
         start: Instant::now(),
         ops: Mutex::default(),
@@ -460,7 +544,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let watchers: Vec<_> = (0..if compacting { 4 } else { 2 })
         .map(|w| {
             let slow = (w >= 2).then(|| Duration::from_millis(20 * w));
-            tokio::spawn(watcher(cluster.clone(), cfg.seed + 1000 + w, until.clone(), watch_deadline, slow))
+            tokio::spawn(watcher(cluster.clone(), cfg.seed + 1000 + w, watch_from, until.clone(), watch_deadline, slow))
         })
         .collect();
     // Every master's history is read back through a watch from revision
@@ -470,7 +554,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         cluster
             .urls()
             .into_iter()
-            .map(|u| tokio::spawn(history_of(cluster.clone(), u, until.clone(), watch_deadline)))
+            .map(|u| tokio::spawn(history_of(cluster.clone(), u, watch_from, until.clone(), watch_deadline)))
             .collect()
     } else {
         vec![]
@@ -594,6 +678,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                 tokio::time::sleep(Duration::from_secs(6)).await;
                 drop(lossy);
             }
+            Scenario::FailpointCrash => {
+                let Some(fm) = matrix_state.as_mut() else { continue };
+                match failpoint_fault(&cluster, fm, leader, &mut rng).await? {
+                    Some(t) => t0 = t,
+                    None => continue,
+                }
+            }
         }
         faults += 1;
         fault_times.push(t0);
@@ -626,7 +717,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     if recorders.is_empty() {
         let deadline = Instant::now() + Duration::from_secs(60);
         for url in cluster.urls() {
-            histories.push(history_of(cluster.clone(), url, until.clone(), deadline).await?);
+            histories.push(history_of(cluster.clone(), url, watch_from, until.clone(), deadline).await?);
         }
     } else {
         for r in recorders {
@@ -653,7 +744,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let spec = WatchSpec {
         start: "chaos/".into(),
         end: "chaos0".into(),
-        start_revision: 1,
+        start_revision: watch_from,
         prev_kv: true,
         compacted_at_most: compacted.load(Ordering::Relaxed),
         ..Default::default()
@@ -693,7 +784,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let pct = |p: f64| rec[((rec.len() - 1) as f64 * p).round() as usize];
     let recovery_ms = (!rec.is_empty()).then(|| Recovery { p50: pct(0.5), p99: pct(0.99), max: rec[rec.len() - 1] });
     let linearizable = verdict == Verdict::Ok;
-    let pass = BTreeMap::from([
+    let mut pass = BTreeMap::from([
         ("linearizable", linearizable),
         ("acked_writes_lost", acked_writes_lost == 0),
         ("watch_guarantees", watch.total() == 0),
@@ -701,6 +792,15 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         ("progress", !acked.is_empty()),
         ("faults_in_effect", unconfirmed == 0),
     ]);
+    let failpoints = matrix_state.map(|m| m.hits).unwrap_or_default();
+    if failpoint_run {
+        // Every armed point must really have killed its master, and the
+        // master must have come back: an unhit point tested nothing.
+        pass.insert(
+            "failpoints_hit",
+            !failpoints.is_empty() && failpoints.iter().all(|h| h.hit && h.restarted && h.serving),
+        );
+    }
     let passed = pass.values().all(|v| *v);
     Ok(Report {
         scenario: cfg.scenario,
@@ -717,9 +817,204 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         watch_compacted,
         split_brain,
         recovery_ms,
+        failpoints,
         pass,
         passed,
     })
+}
+
+/// The failpoint matrix's progress through its seeded order.
+struct FailpointMatrix {
+    order: Vec<String>,
+    /// Armings so far (the next point is `order[next % len]`).
+    next: usize,
+    /// Next revision to compact to; at most `compact_limit`, below every
+    /// revision the checkers read.
+    next_compact: i64,
+    compact_limit: i64,
+    hits: Vec<FailpointHit>,
+}
+
+/// A KV client on master `i`.
+async fn kv_on(cluster: &UpCluster, i: usize) -> Option<pb::kv_client::KvClient<Channel>> {
+    let ep = cluster.endpoints(i)?;
+    connect(cluster, &ep.etcd_url).await.map(pb::kv_client::KvClient::new)
+}
+
+/// `n` acknowledged sequential puts through master `via` (or, after a
+/// failure, the next master that is not `avoid`) to keys outside the
+/// watched range (`chaos-pad/`), each its own log entry; returns the last
+/// revision. Failed puts are retried until `timeout`.
+async fn pad_writes(
+    cluster: &UpCluster,
+    via: usize,
+    avoid: Option<usize>,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<i64> {
+    let deadline = Instant::now() + timeout;
+    let mut done = 0;
+    let mut rev = 0;
+    let mut kv = None;
+    let mut via = via;
+    let mut last_error = String::new();
+    while done < n {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "only {done} of {n} padding writes in {timeout:?} (last error: {last_error})"
+        );
+        if kv.is_none() {
+            kv = kv_on(cluster, via).await;
+            if kv.is_none() {
+                last_error = format!("master-{} unreachable", via + 1);
+            }
+        }
+        let Some(c) = kv.as_mut() else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let put = pb::PutRequest {
+            key: format!("chaos-pad/{}", done % 16).into_bytes(),
+            value: done.to_string().into_bytes(),
+            ..Default::default()
+        };
+        match c.put(put).await {
+            Ok(r) => {
+                rev = r.into_inner().header.map_or(rev, |h| h.revision);
+                done += 1;
+            }
+            Err(e) => {
+                last_error = format!("master-{}: {}", via + 1, e.message());
+                kv = None;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        if kv.is_none() {
+            via = (via + 1) % cluster.masters;
+            if Some(via) == avoid {
+                via = (via + 1) % cluster.masters;
+            }
+        }
+    }
+    Ok(rev)
+}
+
+/// Does master `i` answer a linearizable read within `timeout`? (A master
+/// whose Raft core died still accepts connections, so being up is not enough.)
+async fn serves_linearizable_read(cluster: &UpCluster, i: usize, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Some(mut kv) = kv_on(cluster, i).await {
+            if kv.range(pb::RangeRequest { key: b"chaos-pad/0".to_vec(), ..Default::default() }).await.is_ok() {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// One step of the failpoint matrix: arm the next point with `1*return` on
+/// the leader or a follower (alternately; `snapshot_install` only happens on
+/// followers), provoke it if the workload alone does not reach it, and wait
+/// for the master to die there and `capstan up` to restart it. Returns the
+/// moment the fault is in effect (armed, or the partition healed).
+async fn failpoint_fault(
+    cluster: &Arc<UpCluster>,
+    fm: &mut FailpointMatrix,
+    leader: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> anyhow::Result<Option<Instant>> {
+    let name = fm.order[fm.next % fm.order.len()].clone();
+    let follower = (leader + 1 + rng.gen_range(0..2)) % 3;
+    let on_leader = name != "raft::snapshot_install" && fm.next.is_multiple_of(2);
+    fm.next += 1;
+    let target = if on_leader { leader } else { follower };
+    // Provoking writes and compactions go through a master that stays up.
+    let other = if on_leader { follower } else { leader };
+    let Some(old_pid) = cluster.endpoints(target).map(|e| e.pid) else { return Ok(None) };
+    let crashes_before = cluster.failpoint_crashes(target, &name);
+    let role = if on_leader { "leader" } else { "follower" };
+    progress(&format!("arm {name}=1*return on master-{} ({role})", target + 1));
+    let armed_at = Instant::now();
+    let mut t0 = armed_at;
+    match name.as_str() {
+        "raft::snapshot_install" => {
+            // Cut the follower off while the leader writes past its snapshot
+            // and purges the log behind it: on healing, only a snapshot can
+            // catch the follower up.
+            let port = peer_port(cluster, target).ok_or_else(|| anyhow::anyhow!("no peer port"))?;
+            let cut = Partition::isolate(port)?;
+            cluster.arm_failpoint(target, &name, "1*return").await?;
+            let pad = pad_writes(cluster, other, Some(target), FAILPOINT_PAD_WRITES, Duration::from_secs(60)).await;
+            // Let the leader build its snapshot and purge before healing.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            drop(cut);
+            t0 = Instant::now();
+            pad?;
+        }
+        "raft::snapshot_build" => {
+            cluster.arm_failpoint(target, &name, "1*return").await?;
+            let n = FAILPOINT_SNAPSHOT_EVERY as usize + 50;
+            if let Err(e) = pad_writes(cluster, other, Some(target), n, Duration::from_secs(60)).await {
+                // The wait below tells whether the point was hit anyway.
+                progress(&format!("provoking a snapshot: {e:#}"));
+            }
+        }
+        "raft::compaction" => {
+            anyhow::ensure!(fm.next_compact <= fm.compact_limit, "no revisions left to compact");
+            cluster.arm_failpoint(target, &name, "1*return").await?;
+            let revision = fm.next_compact;
+            fm.next_compact += 1;
+            // When the target is the leader its crash can lose the answer to
+            // a compaction that did commit; a retry then gets "compacted".
+            // Either way, whether the point was hit is what the wait decides.
+            for _ in 0..20 {
+                if cluster.failpoint_crashes(target, &name) > crashes_before {
+                    break;
+                }
+                if let Some(mut kv) = kv_on(cluster, other).await {
+                    match kv.compact(pb::CompactionRequest { revision, physical: false }).await {
+                        Ok(_) => break,
+                        Err(e) if e.message().contains("compacted") => break,
+                        Err(_) => {}
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+        // Log appends and applies happen with every write of the workload.
+        _ => cluster.arm_failpoint(target, &name, "1*return").await?,
+    }
+    let c = cluster.clone();
+    let restarted =
+        tokio::task::spawn_blocking(move || c.wait_restarted(target, old_pid, Duration::from_secs(45))).await?;
+    let hit = cluster.failpoint_crashes(target, &name) > crashes_before;
+    let serving = restarted && serves_linearizable_read(cluster, target, Duration::from_secs(30)).await;
+    if !restarted {
+        // Not hit: disarm so it cannot fire during a later step.
+        let _ = cluster.arm_failpoint(target, &name, "off").await;
+    }
+    progress(&format!(
+        "{name} on master-{}: {}",
+        target + 1,
+        match (hit, restarted, serving) {
+            (true, true, true) => "crashed there, restarted, serving",
+            (true, true, false) => "crashed there, restarted, NOT serving",
+            (true, false, _) => "crashed there, NOT restarted",
+            (false, _, _) => "NOT hit",
+        }
+    ));
+    fm.hits.push(FailpointHit {
+        name,
+        master: target + 1,
+        role,
+        hit,
+        restarted,
+        serving,
+        crash_to_serving_ms: serving.then(|| armed_at.elapsed().as_millis() as u64),
+    });
+    Ok(Some(t0))
 }
 
 /// Runs every scenario with the same seed and renders a Markdown summary.

@@ -4,6 +4,13 @@
 //! The checks are a pure function of a snapshot of the master's state
 //! (`HealthInput`), so they are tested without sockets; the HTTP part only
 //! renders them Kubernetes-style (`[+]name ok` lines with `?verbose`).
+//!
+//! Built with the `failpoints` feature (chaos harness only), the same
+//! listener also serves `GET /debug/failpoints` (the armed crash points) and
+//! `PUT /debug/failpoints/<name>` with a `fail` action string as the body
+//! (e.g. `1*return`: the master aborts at the next hit of that point; see
+//! `capstan_raft::failpoints`). Without the feature these routes do not
+//! exist (404).
 
 use std::sync::Arc;
 
@@ -11,6 +18,8 @@ use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+#[cfg(feature = "failpoints")]
+use axum::routing::put;
 use axum::Router;
 use capstan_raft::storage::Storage;
 use capstan_raft::StoreNode;
@@ -118,17 +127,98 @@ pub fn registry(node: &StoreNode, storage: &Storage) -> anyhow::Result<Registry>
 }
 
 pub fn router(node: Arc<StoreNode>, storage: Arc<Storage>, registry: Registry) -> Router {
-    Router::new()
+    let r = Router::new()
         .route("/metrics", get(metrics))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
-        .route("/healthz", get(healthz))
-        .with_state(Ctx { node, storage, registry })
+        .route("/healthz", get(healthz));
+    #[cfg(feature = "failpoints")]
+    let r = r.route("/debug/failpoints", get(list_failpoints)).route("/debug/failpoints/{name}", put(arm_failpoint));
+    r.with_state(Ctx { node, storage, registry })
+}
+
+/// Largest accepted action string: real ones are a few dozen bytes.
+#[cfg(any(test, feature = "failpoints"))]
+pub const MAX_FAILPOINT_ACTION: usize = 1024;
+
+/// Checks a `PUT /debug/failpoints/<name>` request before it reaches the
+/// `fail` crate: a known point, and a non-empty, short, UTF-8 action string
+/// (trimmed, so `curl -d` and `echo |` bodies both work). The action's own
+/// syntax is checked by `fail` when it is armed.
+#[cfg(any(test, feature = "failpoints"))]
+pub fn parse_failpoint_request<'a>(name: &str, body: &'a [u8]) -> Result<&'a str, String> {
+    if !capstan_raft::failpoints::is_known(name) {
+        return Err(format!("unknown failpoint {name:?}; known: {}", capstan_raft::failpoints::NAMES.join(", ")));
+    }
+    if body.len() > MAX_FAILPOINT_ACTION {
+        return Err(format!("action longer than {MAX_FAILPOINT_ACTION} bytes"));
+    }
+    let action = std::str::from_utf8(body).map_err(|_| "action is not UTF-8".to_string())?.trim();
+    if action.is_empty() {
+        return Err("empty action: send e.g. `1*return` (crash at the next hit) or `off`".into());
+    }
+    Ok(action)
+}
+
+#[cfg(feature = "failpoints")]
+async fn list_failpoints() -> Response {
+    let mut body = String::new();
+    for (name, action) in capstan_raft::failpoints::armed() {
+        body.push_str(&format!("{name}={action}\n"));
+    }
+    body.into_response()
+}
+
+#[cfg(feature = "failpoints")]
+async fn arm_failpoint(axum::extract::Path(name): axum::extract::Path<String>, body: axum::body::Bytes) -> Response {
+    let armed = parse_failpoint_request(&name, &body)
+        .and_then(|action| capstan_raft::failpoints::arm(&name, action).map(|()| action));
+    match armed {
+        Ok(action) => {
+            tracing::warn!(failpoint = %name, action, "failpoint armed");
+            (StatusCode::OK, format!("{name}={action}\n")).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The chaos harness keeps its own copy of the names (it does not link
+    /// the store); they must not drift apart.
+    #[test]
+    fn chaos_arms_every_crash_point() {
+        assert_eq!(capstan_chaos::run::FAILPOINTS, capstan_raft::failpoints::NAMES);
+    }
+
+    #[test]
+    fn failpoint_requests_are_checked() {
+        assert_eq!(parse_failpoint_request("raft::compaction", b" 1*return\n"), Ok("1*return"));
+        assert_eq!(parse_failpoint_request("raft::snapshot_build", b"off"), Ok("off"));
+        let unknown = parse_failpoint_request("raft::nope", b"return").unwrap_err();
+        assert!(unknown.contains("unknown failpoint") && unknown.contains("raft::compaction"), "{unknown}");
+        assert!(parse_failpoint_request("", b"return").is_err());
+        assert!(parse_failpoint_request("raft::compaction", b"  \n").unwrap_err().contains("empty"));
+        assert!(parse_failpoint_request("raft::compaction", b"\xff\xfe").unwrap_err().contains("UTF-8"));
+        let long = vec![b'x'; MAX_FAILPOINT_ACTION + 1];
+        assert!(parse_failpoint_request("raft::compaction", &long).is_err());
+    }
+
+    /// Arming as the endpoint does (the `fail` crate checks the action).
+    #[cfg(feature = "failpoints")]
+    #[test]
+    fn failpoint_arming_rejects_bad_actions() {
+        // Armed with a harmless action and disarmed again: this test
+        // process must not abort.
+        assert!(capstan_raft::failpoints::arm("raft::compaction", "1*sleep(1)").is_ok());
+        assert!(capstan_raft::failpoints::armed().iter().any(|(n, a)| n == "raft::compaction" && a == "1*sleep(1)"));
+        assert!(capstan_raft::failpoints::arm("raft::compaction", "explode").is_err());
+        assert!(capstan_raft::failpoints::arm("raft::compaction", "sleep").is_err());
+        assert!(capstan_raft::failpoints::arm("raft::compaction", "off").is_ok());
+        assert!(capstan_raft::failpoints::arm("raft::nope", "off").is_err());
+    }
 
     #[test]
     fn ready_only_with_a_leader_and_a_small_apply_lag() {

@@ -17,6 +17,7 @@ async fn scenario(scenario: Scenario, seed: u64) -> capstan_chaos::run::Report {
         clients: 8,
         keys: 20,
         interval: Duration::from_secs(5),
+        failpoints: Vec::new(),
     };
     let report = run(cfg).await.expect("chaos run");
     println!("{}", serde_json::to_string(&report).unwrap());

@@ -22,6 +22,9 @@
 //!   restore from a backup.
 //! - [`metrics`]: Prometheus metrics of all of the above (registered by the
 //!   binary that serves `/metrics`).
+//! - [`failpoints`]: named crash points (log append around fsync, apply,
+//!   apply -> watch notify, snapshot build / install, compaction) for the
+//!   chaos harness; code only with the `failpoints` feature.
 //! - `planted` (feature `planted-bugs` only): deliberate bugs for the
 //!   checkers' negative controls; absent from normal builds.
 //!
@@ -33,6 +36,7 @@
 pub mod backup;
 mod batch;
 pub mod bootstrap;
+pub mod failpoints;
 pub mod metrics;
 pub mod mvcc;
 pub mod node;

@@ -22,7 +22,9 @@
 //! only after a WAL sync that follows its write (see `spawn_flusher`). State machine batches go through the same WAL without sync; they
 //! can always be replayed from the log. Before the log is purged behind a
 //! snapshot the WAL is synced, so the state that replaced those entries is
-//! durable first.
+//! durable first. A received snapshot is staged (synced) before it replaces
+//! the rows, so a crash mid-install never pairs new rows with an old
+//! snapshot file (see `finish_staged_install`).
 //!
 //! The MVCC state also lives in memory (`SmState`), rebuilt from `kv` at
 //! start; reads are served from memory, writes go to both in one step.
@@ -45,6 +47,7 @@ use parking_lot::RwLock;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::failpoints::crash_point;
 use crate::metrics::StorageMetrics;
 use crate::mvcc::{Image, Mvcc, RowChange, Version};
 use crate::types::*;
@@ -188,14 +191,10 @@ impl Storage {
         let applied = db.get_cf(meta, "applied")?.map(|b| postcard::from_bytes(&b)).transpose()?.flatten();
         let membership =
             db.get_cf(meta, "membership")?.map(|b| postcard::from_bytes(&b)).transpose()?.unwrap_or_default();
+        let snapshot_path = self.dir.join("snapshot.bin");
+        finish_staged_install(&snapshot_path, applied)?;
         let state = Arc::new(RwLock::new(SmState { mvcc, applied, membership }));
-        Ok(StateMachine {
-            db: self.db.clone(),
-            state,
-            hub,
-            snapshot_path: self.dir.join("snapshot.bin"),
-            metrics: self.metrics.clone(),
-        })
+        Ok(StateMachine { db: self.db.clone(), state, hub, snapshot_path, metrics: self.metrics.clone() })
     }
 
     /// Replace the state machine's contents with a backup image, before Raft
@@ -218,6 +217,43 @@ impl Storage {
         self.db.property_int_value("rocksdb.total-sst-files-size").ok().flatten().unwrap_or(0)
             + self.db.property_int_value("rocksdb.cur-size-all-mem-tables").ok().flatten().unwrap_or(0)
     }
+}
+
+/// Where `install_snapshot` stages the received snapshot before replacing
+/// the rows (see there).
+fn staged_install_path(snapshot_path: &Path) -> PathBuf {
+    snapshot_path.with_extension("install")
+}
+
+/// Completes or discards a snapshot install that a crash interrupted.
+///
+/// A staged file whose snapshot the state machine already holds (`applied`
+/// at or past its last log id: the synced rows were written) becomes the
+/// current snapshot; otherwise the rows were never replaced and it is
+/// dropped, as is a staged file that cannot be decoded (a crash while
+/// staging). Without this, a restart after the rows were replaced but before
+/// the snapshot file was saved pairs the new state with the old snapshot:
+/// openraft purges its log up to the new applied index, past that snapshot,
+/// and its RaftCore panics on the invalid state (found by the failpoint
+/// matrix, `raft::snapshot_install`).
+fn finish_staged_install(snapshot_path: &Path, applied: Option<LogId>) -> anyhow::Result<()> {
+    let staged = staged_install_path(snapshot_path);
+    let bytes = match std::fs::read(&staged) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    match postcard::from_bytes::<SnapshotFile>(&bytes) {
+        Ok(f) if f.meta.last_log_id.is_some() && applied >= f.meta.last_log_id => {
+            tracing::warn!(snapshot = %f.meta.snapshot_id, "completing a snapshot install interrupted by a crash");
+            std::fs::rename(&staged, snapshot_path)?;
+        }
+        _ => {
+            tracing::warn!("discarding a snapshot install interrupted before its rows were written");
+            std::fs::remove_file(&staged)?;
+        }
+    }
+    Ok(())
 }
 
 fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -288,9 +324,11 @@ fn spawn_flusher(
         while let Ok(first) = rx.recv() {
             let mut batch = vec![first];
             batch.extend(rx.try_iter());
+            crash_point!("raft::log_append_before_fsync");
             let started = std::time::Instant::now();
             let res = db.flush_wal(true).map_err(|e| e.to_string());
             metrics.fsync.observe(started.elapsed().as_secs_f64());
+            crash_point!("raft::log_append_after_fsync");
             for cb in batch {
                 cb.log_io_completed(res.clone().map_err(std::io::Error::other));
             }
@@ -439,6 +477,9 @@ impl StateMachine {
         let timer = matches!(cmd, Command::Compact { .. }).then(|| self.metrics.compaction.start_timer());
         let applied = st.mvcc.apply(cmd);
         drop(timer);
+        if matches!(cmd, Command::Compact { .. }) {
+            crash_point!("raft::compaction");
+        }
         write_rows(&self.db, batch, &applied.rows)?;
         if !applied.events.is_empty() {
             published.push((applied.result.revision, applied.events));
@@ -447,16 +488,22 @@ impl StateMachine {
     }
 
     fn save_snapshot_file(&self, file: &SnapshotFile) -> StResult<()> {
-        let tmp = self.snapshot_path.with_extension("tmp");
+        self.write_snapshot_to(&self.snapshot_path.with_extension("tmp"), file)?;
+        let io = |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
+        std::fs::rename(self.snapshot_path.with_extension("tmp"), &self.snapshot_path).map_err(io)
+    }
+
+    /// Writes and syncs `file` at `tmp` (not yet the current snapshot).
+    fn write_snapshot_to(&self, tmp: &Path, file: &SnapshotFile) -> StResult<()> {
         let bytes = encode(file)?;
         let io = |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
         {
             use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            let mut f = std::fs::File::create(tmp).map_err(io)?;
             f.write_all(&bytes).map_err(io)?;
             f.sync_all().map_err(io)?;
         }
-        std::fs::rename(&tmp, &self.snapshot_path).map_err(io)
+        Ok(())
     }
 
     fn load_snapshot_file(&self) -> StResult<Option<SnapshotFile>> {
@@ -482,6 +529,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
         let file = SnapshotFile { meta: meta.clone(), data };
+        crash_point!("raft::snapshot_build");
         self.save_snapshot_file(&file)?;
         self.metrics.snapshot_size.set(file.data.len() as i64);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
@@ -532,7 +580,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             write_meta(&self.db, &mut batch, &st, membership_changed)?;
         }
+        crash_point!("raft::apply_before_write");
         self.db.write(batch).map_err(write_err)?;
+        crash_point!("raft::apply_before_notify");
         for (rev, events) in published {
             self.hub.publish(rev, events);
         }
@@ -557,6 +607,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let _timer = self.metrics.snapshot_install.start_timer();
         let data = snapshot.into_inner();
         let image: Image = decode(&data)?;
+        // Staged first, synced: once the rows below are replaced, a crash
+        // must not leave the old snapshot file as the current one
+        // (`finish_staged_install` completes the install at restart).
+        let staged = staged_install_path(&self.snapshot_path);
+        let file = SnapshotFile { meta: meta.clone(), data };
+        self.write_snapshot_to(&staged, &file)?;
         let mvcc = Mvcc::from_image(image);
         // Replace every row: clear kv and lease, then write the image.
         let mut batch = WriteBatch::default();
@@ -576,7 +632,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             write_meta(&self.db, &mut batch, &st, true)?;
             self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
         }
-        self.save_snapshot_file(&SnapshotFile { meta: meta.clone(), data })?;
+        crash_point!("raft::snapshot_install");
+        std::fs::rename(&staged, &self.snapshot_path)
+            .map_err(|e| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() })?;
         tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
         self.hub.reset(revision);
         Ok(())
@@ -607,6 +665,45 @@ mod tests {
             assert_eq!(decode_row_key(&row), Some((Bytes::copy_from_slice(keys[i]), rev)));
         }
         assert_eq!(decode_row_key(b"\x00\x02garbage!"), None);
+    }
+
+    /// A crash inside `install_snapshot` after the rows were replaced leaves
+    /// a staged file that restart promotes; one before leaves a staged file
+    /// (possibly torn) that restart drops.
+    #[test]
+    fn interrupted_snapshot_installs_are_finished_or_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let current = dir.path().join("snapshot.bin");
+        let staged = staged_install_path(&current);
+        let log_id = |index| Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index));
+        let file = |index| SnapshotFile {
+            meta: SnapshotMeta {
+                last_log_id: log_id(index),
+                last_membership: StoredMembership::default(),
+                snapshot_id: format!("1-{index}-7"),
+            },
+            data: vec![1, 2, 3],
+        };
+        let snapshot_at = |path: &Path| postcard::from_bytes::<SnapshotFile>(&std::fs::read(path).unwrap()).unwrap();
+
+        finish_staged_install(&current, log_id(5)).unwrap();
+        assert!(!current.exists(), "nothing staged, nothing changes");
+
+        std::fs::write(&current, postcard::to_stdvec(&file(100)).unwrap()).unwrap();
+        std::fs::write(&staged, postcard::to_stdvec(&file(200)).unwrap()).unwrap();
+        finish_staged_install(&current, log_id(100)).unwrap();
+        assert!(!staged.exists());
+        assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(100), "rows not replaced: old snapshot stays");
+
+        std::fs::write(&staged, postcard::to_stdvec(&file(200)).unwrap()).unwrap();
+        finish_staged_install(&current, log_id(200)).unwrap();
+        assert!(!staged.exists());
+        assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(200), "rows replaced: install completed");
+
+        std::fs::write(&staged, b"\xff torn").unwrap();
+        finish_staged_install(&current, log_id(300)).unwrap();
+        assert!(!staged.exists());
+        assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(200));
     }
 
     struct Builder;
