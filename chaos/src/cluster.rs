@@ -34,20 +34,6 @@ pub struct Endpoints {
     pub pid: u32,
 }
 
-/// Master `ep`'s wall clock, from the `Date` header of its /livez answer
-/// (second resolution): what a skewed clock shows the world.
-pub async fn wall_clock(ep: &Endpoints) -> anyhow::Result<std::time::SystemTime> {
-    let host = ep.metrics_url.trim_start_matches("http://").trim_end_matches('/');
-    let answer = http_exchange(host, "GET", "/livez", "").await?;
-    let text = String::from_utf8_lossy(&answer);
-    let date = text
-        .lines()
-        .take_while(|l| !l.is_empty())
-        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("date")).map(|(_, v)| v.trim()))
-        .ok_or_else(|| anyhow::anyhow!("no Date header from {host}"))?;
-    Ok(httpdate::parse_http_date(date)?)
-}
-
 /// A network fault between masters: nftables rules on their peer (QUIC,
 /// UDP) ports, in a table of this run's own that is deleted on drop.
 /// Client traffic (TCP) is untouched, so a master cut off from its peers
@@ -305,11 +291,6 @@ impl UpCluster {
 /// One HTTP/1.1 request over plain TCP (the metrics listener is plain HTTP
 /// on loopback; a client library would be a dependency for four lines).
 async fn http(host: &str, method: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
-    parse_http_response(&http_exchange(host, method, path, body).await?)
-}
-
-/// The whole raw response to one such request.
-async fn http_exchange(host: &str, method: &str, path: &str, body: &str) -> anyhow::Result<Vec<u8>> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let io = async {
         let mut conn = tokio::net::TcpStream::connect(host).await?;
@@ -322,7 +303,8 @@ async fn http_exchange(host: &str, method: &str, path: &str, body: &str) -> anyh
         conn.read_to_end(&mut resp).await?;
         anyhow::Ok(resp)
     };
-    tokio::time::timeout(Duration::from_secs(5), io).await.context("HTTP request timed out")?
+    let resp = tokio::time::timeout(Duration::from_secs(5), io).await.context("HTTP request timed out")??;
+    parse_http_response(&resp)
 }
 
 /// Status code and body of a complete `Connection: close` HTTP/1.1 response.

@@ -468,21 +468,30 @@ async fn compact_behind(cluster: &UpCluster, i: usize, behind: i64) -> Option<i6
     Some(rev)
 }
 
-/// Whether master `i`'s wall clock shows `offset` seconds of skew within
-/// 4 s (libfaketime re-reads its offset file every second).
+/// Whether master `i` runs under libfaketime reading its offset file, and
+/// that file now skews time by `offset` seconds: `date` is run with the
+/// master's own libfaketime environment (from /proc). (Its HTTP `Date`
+/// header cannot show it: hyper caches the date until the clock passes the
+/// next second, so a clock set back freezes it instead.)
 async fn skew_seen(cluster: &UpCluster, i: usize, offset: i64) -> bool {
     let Some(ep) = cluster.endpoints(i) else { return false };
+    let Ok(environ) = std::fs::read(format!("/proc/{}/environ", ep.pid)) else { return false };
+    let vars: Vec<(String, String)> = environ
+        .split(|b| *b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok()?.split_once('='))
+        .filter(|(k, _)| *k == "LD_PRELOAD" || k.starts_with("FAKETIME"))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    if !vars.iter().any(|(k, v)| k == "LD_PRELOAD" && v.contains("faketime")) {
+        return false;
+    }
     let deadline = Instant::now() + Duration::from_secs(4);
     while Instant::now() < deadline {
-        if let Ok(theirs) = crate::cluster::wall_clock(&ep).await {
-            let now = std::time::SystemTime::now();
-            let skew = match theirs.duration_since(now) {
-                Ok(ahead) => ahead.as_secs() as i64,
-                Err(behind) => -(behind.duration().as_secs() as i64),
-            };
-            if (skew - offset).abs() <= 3 {
-                return true;
-            }
+        let out = tokio::process::Command::new("date").arg("+%s").envs(vars.iter().cloned()).output().await;
+        let theirs = out.ok().and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse::<i64>().ok());
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        if theirs.is_some_and(|t| (t - now - offset).abs() <= 3) {
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
