@@ -249,7 +249,20 @@ impl UpCluster {
         let ep = self.endpoints(i).with_context(|| format!("master-{} has no endpoints.json", i + 1))?;
         let host = ep.metrics_url.trim_start_matches("http://").trim_end_matches('/');
         anyhow::ensure!(!host.is_empty(), "master-{} advertises no metrics URL", i + 1);
-        let (status, body) = http(host, "PUT", &format!("/debug/failpoints/{name}"), action).await?;
+        let (status, body) = match http(host, "PUT", &format!("/debug/failpoints/{name}"), action).await {
+            Ok(answer) => answer,
+            // A point on a hot path (log append) can fire, and abort the
+            // master, before the answer to its arming is written.
+            Err(e) => {
+                for _ in 0..20 {
+                    if !running(ep.pid) {
+                        return Ok(());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                return Err(e.context(format!("arming {name}={action} on master-{}", i + 1)));
+            }
+        };
         match status {
             200 => Ok(()),
             404 => bail!(
@@ -266,6 +279,17 @@ impl UpCluster {
     pub async fn failpoints_armed(&self, i: usize) -> anyhow::Result<(u16, String)> {
         let ep = self.endpoints(i).with_context(|| format!("master-{} has no endpoints.json", i + 1))?;
         http(ep.metrics_url.trim_start_matches("http://").trim_end_matches('/'), "GET", "/debug/failpoints", "").await
+    }
+
+    /// The value of an unlabelled metric on master `i`'s /metrics.
+    pub async fn metric(&self, i: usize, name: &str) -> Option<f64> {
+        let ep = self.endpoints(i)?;
+        let host = ep.metrics_url.trim_start_matches("http://").trim_end_matches('/');
+        let (status, body) = http(host, "GET", "/metrics", "").await.ok()?;
+        if status != 200 {
+            return None;
+        }
+        body.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     /// How many times master `i`'s log says crash point `name` aborted it.
@@ -286,6 +310,14 @@ impl UpCluster {
         }
         false
     }
+}
+
+/// Whether process `pid` runs (exists and is not a zombie waiting for
+/// `capstan up` to reap it).
+fn running(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised command name.
+    stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()).is_some_and(|state| state != 'Z')
 }
 
 /// One HTTP/1.1 request over plain TCP (the metrics listener is plain HTTP

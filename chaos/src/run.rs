@@ -4,10 +4,11 @@
 //! Figures (RELIABILITY.md): linearizability of the KV history;
 //! `acked_writes_lost` (every acknowledged put read back at its revision on
 //! every master); the nine watch guarantees for resumable watchers;
-//! `split_brain` (revisions whose events differ between masters); recovery
+//! `split_brain` (revisions whose events differ between masters, plus
+//! terms in which masters named two different leaders); recovery
 //! time from each fault to the first acknowledged write sent after it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,12 @@ pub enum Scenario {
     /// for 4 s) while two of the watchers read slowly: lagging watchers are
     /// caught up from history or told "compacted", never silently skipped.
     Compaction,
+    /// A follower (master-3) cut off from its peers while the workload and
+    /// 500 sequential writes (one log entry each) carry the leader's
+    /// snapshot and log purge past it (masters snapshot every 100 entries):
+    /// it must catch up by installing a snapshot, with two watchers pinned
+    /// to it throughout (scenario 5).
+    SnapshotCatchUp,
     /// The failpoint crash matrix: the store's crash points
     /// (`capstan_raft::failpoints::NAMES`) in a seeded order, each armed with
     /// `1*return` on the leader or a follower (alternately), provoked until
@@ -120,6 +127,10 @@ pub struct Report {
     pub compacted_to: i64,
     pub watch_compacted: usize,
     pub split_brain: u64,
+    /// Raft terms the leader observer saw, and those with two leaders
+    /// (counted in `split_brain` too).
+    pub terms_observed: usize,
+    pub terms_with_two_leaders: u64,
     pub recovery_ms: Option<Recovery>,
     /// `FailpointCrash`: each armed point, and whether the master died there.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -288,8 +299,14 @@ async fn watcher(
     until: Arc<Mutex<Option<i64>>>,
     deadline: Instant,
     slow: Option<Duration>,
+    pinned: Option<usize>,
 ) -> Vec<Response> {
-    let urls = cluster.urls();
+    // A pinned watcher stays on one master (reconnecting to it); the
+    // others resume on a random one.
+    let urls = match pinned {
+        Some(i) => cluster.endpoints(i).map(|e| vec![e.etcd_url]).unwrap_or_default(),
+        None => cluster.urls(),
+    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut received = Vec::new();
     let mut next_rev = from;
@@ -434,6 +451,34 @@ async fn history_of(
     Ok(out)
 }
 
+/// Asks every master who leads, every 100 ms until `stop`: the leader ids
+/// each term was reported with (Status: leader, raft_term).
+async fn leader_claims(cluster: Arc<UpCluster>, stop: Arc<AtomicBool>) -> BTreeMap<u64, BTreeSet<u64>> {
+    let mut claims: BTreeMap<u64, BTreeSet<u64>> = BTreeMap::new();
+    let mut chans: Vec<Option<Channel>> = vec![None; cluster.masters];
+    while !stop.load(Ordering::Relaxed) {
+        for (i, ch) in chans.iter_mut().enumerate() {
+            if ch.is_none() {
+                if let Some(ep) = cluster.endpoints(i) {
+                    *ch = connect(&cluster, &ep.etcd_url).await;
+                }
+            }
+            let Some(c) = ch.clone() else { continue };
+            match pb::maintenance_client::MaintenanceClient::new(c).status(pb::StatusRequest::default()).await {
+                Ok(st) => {
+                    let st = st.into_inner();
+                    if st.leader != 0 {
+                        claims.entry(st.raft_term).or_default().insert(st.leader);
+                    }
+                }
+                Err(_) => *ch = None,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    claims
+}
+
 async fn leader_index(cluster: &UpCluster) -> Option<usize> {
     for i in 0..cluster.masters {
         let Some(ep) = cluster.endpoints(i) else { continue };
@@ -447,6 +492,9 @@ async fn leader_index(cluster: &UpCluster) -> Option<usize> {
     }
     None
 }
+
+/// The follower the SnapshotCatchUp scenario cuts off and pins watchers to.
+const CATCH_UP: usize = 2;
 
 /// The master whose data dir the DiskFull scenario fills.
 const FULL_DISK: usize = 2;
@@ -507,7 +555,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     progress(&format!("starting 3 masters ({:?}, seed {})", cfg.scenario, cfg.seed));
     let failpoint_run = cfg.scenario == Scenario::FailpointCrash;
     let snapshot_every = format!("--snapshot-every={FAILPOINT_SNAPSHOT_EVERY}");
-    let server_args: &[&str] = if failpoint_run { &[&snapshot_every] } else { &[] };
+    let small_snapshots = failpoint_run || cfg.scenario == Scenario::SnapshotCatchUp;
+    let server_args: &[&str] = if small_snapshots { &[&snapshot_every] } else { &[] };
     let cluster = Arc::new(match cfg.scenario {
         Scenario::ClockSkew => UpCluster::start_full(&cfg.capstan, 3, &[], &["--nodes", "0", "--faketime"])?,
         Scenario::DiskFull => UpCluster::start_small_disk(&cfg.capstan, 3, FULL_DISK, 512)?,
@@ -550,10 +599,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let compacting = cfg.scenario == Scenario::Compaction;
     // Two watchers read as fast as they can; when compacting, two more
     // read slowly, so the store must catch them up or cancel them.
-    let watchers: Vec<_> = (0..if compacting { 4 } else { 2 })
+    let catching_up = cfg.scenario == Scenario::SnapshotCatchUp;
+    let watchers: Vec<_> = (0..if compacting || catching_up { 4 } else { 2 })
         .map(|w| {
-            let slow = (w >= 2).then(|| Duration::from_millis(20 * w));
-            tokio::spawn(watcher(cluster.clone(), cfg.seed + 1000 + w, watch_from, until.clone(), watch_deadline, slow))
+            let slow = (compacting && w >= 2).then(|| Duration::from_millis(20 * w));
+            let pinned = (catching_up && w >= 2).then_some(CATCH_UP);
+            let seed = cfg.seed + 1000 + w;
+            tokio::spawn(watcher(cluster.clone(), seed, watch_from, until.clone(), watch_deadline, slow, pinned))
         })
         .collect();
     // Every master's history is read back through a watch from revision
@@ -572,6 +624,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let clients: Vec<_> = (0..cfg.clients)
         .map(|c| tokio::spawn(client(cluster.clone(), shared.clone(), c as u32, cfg.seed, cfg.keys)))
         .collect();
+    let observed = Arc::new(AtomicBool::new(false));
+    let observer = tokio::spawn(leader_claims(cluster.clone(), observed.clone()));
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let end = Instant::now() + cfg.duration;
@@ -644,6 +698,39 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                     tokio::time::sleep(Duration::from_millis(400)).await;
                 }
             }
+            Scenario::SnapshotCatchUp => {
+                let (Some(port), true) = (peer_port(&cluster, CATCH_UP), leader != CATCH_UP) else {
+                    progress(&format!("master-{} leads: no follower to cut off this round", CATCH_UP + 1));
+                    continue;
+                };
+                let installs = |c: Arc<UpCluster>| async move {
+                    c.metric(CATCH_UP, "capstan_raft_snapshot_install_duration_seconds_count").await.unwrap_or(0.0)
+                };
+                let before = installs(cluster.clone()).await;
+                progress(&format!(
+                    "master-{} cut off for {FAILPOINT_PAD_WRITES} sequential writes (2 watchers on it)",
+                    CATCH_UP + 1
+                ));
+                let cut = Partition::isolate(port)?;
+                t0 = Instant::now();
+                // The workload's writes are batched into few log entries;
+                // sequential ones are one entry each, enough to carry the
+                // leader's snapshot and log purge past the follower.
+                let padded =
+                    pad_writes(&cluster, leader, Some(CATCH_UP), FAILPOINT_PAD_WRITES, Duration::from_secs(60)).await;
+                // Let the leader build its snapshot and purge before healing.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                drop(cut);
+                padded?;
+                let deadline = Instant::now() + Duration::from_secs(15);
+                while installs(cluster.clone()).await <= before && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                if installs(cluster.clone()).await <= before {
+                    progress("it caught up without installing a snapshot");
+                    unconfirmed += 1;
+                }
+            }
             Scenario::DiskFull => {
                 let role = if leader == FULL_DISK { "leader" } else { "follower" };
                 progress(&format!("master-{}'s disk full for 6 s ({role})", FULL_DISK + 1));
@@ -703,6 +790,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     for c in clients {
         c.await?;
     }
+    observed.store(true, Ordering::Relaxed);
+    let claims = observer.await?;
+    let terms_with_two_leaders = claims.values().filter(|leaders| leaders.len() > 1).count() as u64;
     let acked = shared.acked.lock().expect("not poisoned").clone();
     // The store's revision now, not the last acknowledged one: a write that
     // failed for its client may still have committed after it.
@@ -733,7 +823,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
             histories.push(r.await??);
         }
     }
-    let mut split_brain = 0u64;
+    // Split brain: two leaders reported in one term, or revisions whose
+    // events differ between masters.
+    let mut split_brain = terms_with_two_leaders;
     for rev in histories[0].keys().chain(histories[1].keys()).chain(histories[2].keys()) {
         let first = histories[0].get(rev);
         if histories.iter().any(|h| h.get(rev) != first) {
@@ -825,6 +917,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         compacted_to: spec.compacted_at_most,
         watch_compacted,
         split_brain,
+        terms_observed: claims.len(),
+        terms_with_two_leaders,
         recovery_ms,
         failpoints,
         pass,
@@ -1042,6 +1136,7 @@ pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
         Scenario::BridgePartition,
         Scenario::FlappingPartition,
         Scenario::PacketLoss,
+        Scenario::SnapshotCatchUp,
         Scenario::DiskFull,
         Scenario::ClockSkew,
         Scenario::Compaction,
