@@ -64,6 +64,9 @@ async fn nodes_join_are_confined_to_their_own_pods_and_move_when_their_master_di
         Some(()).filter(|_| good && out == "True")
     });
     let node = json_of(&kc, &["get", "node", "sim-a"]);
+    wait_for(30, "sim-a's Starting event", || {
+        Some(()).filter(|_| ok(&kc, &["describe", "node", "sim-a"]).contains("Starting node agent on sim-a"))
+    });
     assert!(node["spec"]["podCIDR"].as_str().is_some_and(|c| c.ends_with("/24")));
     assert_eq!(node["metadata"]["labels"]["capstan.io/runtime"], "sim");
     assert!(json_of(&kc, &["get", "lease", "-n", "kube-node-lease", "sim-a"])["spec"]["renewTime"].is_string());

@@ -411,6 +411,10 @@ impl Gateway {
             match result {
                 Ok(cidr) => {
                     self.write_node_status(node, &status).await?;
+                    // An agent registers once per start: the kubelet's "Starting" event.
+                    let started = format!("Starting node agent on {node}, pod CIDR {cidr}.");
+                    let involved = ObjectRef::of(&crate::controllers::events::node_ref(node));
+                    self.events.record(involved, node.to_string(), EventType::Normal, "Starting", started);
                     return Ok(NodeResponse::Registered { pod_cidr: cidr });
                 }
                 Err(e) if e.code == 409 || e.code == 422 => {
