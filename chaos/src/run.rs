@@ -66,24 +66,15 @@ pub enum Scenario {
     /// to it throughout (scenario 5).
     SnapshotCatchUp,
     /// The failpoint crash matrix: the store's crash points
-    /// (`capstan_raft::failpoints::NAMES`) in a seeded order, each armed with
+    /// (`capstan_proto::failpoints::NAMES`) in a seeded order, each armed with
     /// `1*return` on the leader or a follower (alternately), provoked until
     /// that master aborts there and `capstan up` restarts it. Needs `capstan`
     /// built with `--features failpoints`.
     FailpointCrash,
 }
 
-/// The crash points the `FailpointCrash` scenario cycles through (the same
-/// names as `capstan_raft::failpoints::NAMES`; chaos does not link the store).
-pub const FAILPOINTS: &[&str] = &[
-    "raft::log_append_before_fsync",
-    "raft::log_append_after_fsync",
-    "raft::apply_before_write",
-    "raft::apply_before_notify",
-    "raft::snapshot_build",
-    "raft::snapshot_install",
-    "raft::compaction",
-];
+/// The crash points the `FailpointCrash` scenario cycles through.
+pub use capstan_proto::failpoints::NAMES as FAILPOINTS;
 
 /// `--snapshot-every` for the `FailpointCrash` masters: small, so snapshots
 /// are built every few seconds and a follower cut off for a few hundred

@@ -186,13 +186,6 @@ async fn arm_failpoint(axum::extract::Path(name): axum::extract::Path<String>, b
 mod tests {
     use super::*;
 
-    /// The chaos harness keeps its own copy of the names (it does not link
-    /// the store); they must not drift apart.
-    #[test]
-    fn chaos_arms_every_crash_point() {
-        assert_eq!(capstan_chaos::run::FAILPOINTS, capstan_raft::failpoints::NAMES);
-    }
-
     #[test]
     fn failpoint_requests_are_checked() {
         assert_eq!(parse_failpoint_request("raft::compaction", b" 1*return\n"), Ok("1*return"));

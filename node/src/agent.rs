@@ -570,16 +570,12 @@ impl<R: Runtime> Agent<R> {
                     mem.ready.entry(c.id.clone()).or_insert(!has_probe);
                     mem.started.entry(c.id.clone()).or_insert(true);
                 }
-                ContainerState::Exited { started_at, finished_at, .. } if seen.insert(c.id.clone()) => {
+                ContainerState::Exited { started_at, finished_at, exit_code, .. } if seen.insert(c.id.clone()) => {
                     let ran = started_at.and_then(|s| finished_at.duration_since(s).ok()).unwrap_or_default();
                     let recent = now.duration_since(finished_at).unwrap_or_default() < pods::BACKOFF_MAX;
                     if recent {
                         let b = pods::next_backoff(mem.backoff.get(&c.name), ran, finished_at);
-                        let code = match c.state {
-                            ContainerState::Exited { exit_code, .. } => exit_code,
-                            _ => 0,
-                        };
-                        if !b.delay.is_zero() && pods::restarts(spec.restart_policy, code) {
+                        if !b.delay.is_zero() && pods::restarts(spec.restart_policy, exit_code) {
                             let msg = format!("Back-off restarting failed container {} in pod {}", c.name, spec.name);
                             self.events.warning(spec, Some(&c.name), "BackOff", msg);
                         }

@@ -54,6 +54,7 @@
 ///
 /// The two modules mirror etcd's protobuf packages; `etcdserverpb` refers to
 /// `mvccpb` types as `super::mvccpb`, which is why they sit side by side.
+pub mod failpoints;
 pub mod k8s;
 pub mod nodewire;
 

@@ -55,15 +55,7 @@
 //!   revision than before.
 
 /// Every crash point in this crate, in the order of the tour above.
-pub const NAMES: &[&str] = &[
-    "raft::log_append_before_fsync",
-    "raft::log_append_after_fsync",
-    "raft::apply_before_write",
-    "raft::apply_before_notify",
-    "raft::snapshot_build",
-    "raft::snapshot_install",
-    "raft::compaction",
-];
+pub use capstan_proto::failpoints::NAMES;
 
 /// Is `name` one of this crate's crash points?
 pub fn is_known(name: &str) -> bool {

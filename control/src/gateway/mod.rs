@@ -577,11 +577,15 @@ impl Gateway {
                 refused.insert(key);
                 continue;
             }
-            let mut involved = ObjectRef::of(&json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"namespace": e.namespace, "name": e.pod, "uid": e.uid},
-            }));
-            involved.field_path = e.container.map(|c| format!("spec.containers{{{c}}}")).unwrap_or_default();
+            let involved = ObjectRef {
+                kind: "Pod".into(),
+                api_version: "v1".into(),
+                namespace: e.namespace,
+                name: e.pod,
+                uid: e.uid,
+                resource_version: String::new(),
+                field_path: e.container.map(|c| format!("spec.containers{{{c}}}")).unwrap_or_default(),
+            };
             let type_ = if e.warning { EventType::Warning } else { EventType::Normal };
             self.events.record(involved, node.to_string(), type_, &e.reason, e.message);
         }
