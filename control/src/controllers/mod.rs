@@ -167,6 +167,7 @@ pub fn start(
         inf.get("Pod").clone(),
         inf.get("Node").clone(),
         inf.get("PodDisruptionBudget").clone(),
+        inf.get("Namespace").clone(),
         metrics.clone(),
         events.recorder("default-scheduler"),
     ));

@@ -4,12 +4,12 @@
 //! binding is in flight — counted at once, so concurrent bindings never
 //! overcommit a node, and forgotten if the binding fails.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::model::{NodeInfo, PodInfo, PodTerm};
+use super::model::{NamespaceLabels, NodeInfo, PodInfo, PodTerm};
 
 struct Placement {
     node: String,
@@ -37,8 +37,8 @@ pub struct TermKey {
 }
 
 impl TermKey {
-    fn counts(&self, pod: &PodInfo) -> bool {
-        (!self.live_only || !pod.deleting) && self.term.matches(pod)
+    fn counts(&self, pod: &PodInfo, ns: &NamespaceLabels) -> bool {
+        (!self.live_only || !pod.deleting) && self.term.matches(pod, ns)
     }
 }
 
@@ -51,6 +51,21 @@ struct TermCounts {
     /// The distinct required anti-affinity terms of placed pods: how many
     /// pods carry each, per node (always kept).
     anti: HashMap<PodTerm, Vec<i64>>,
+    /// Likewise the terms placed pods score by (a signed weight each):
+    /// scoring is symmetric, so a pod a placed pod prefers (or avoids)
+    /// scores towards (or away from) it.
+    soft: HashMap<(PodTerm, i64), Vec<i64>>,
+}
+
+/// The terms by which a placed pod pulls or pushes pods it matches, with a
+/// signed weight, as Kubernetes' InterPodAffinity score: its preferred
+/// affinity (+weight) and anti-affinity (-weight), and its required
+/// affinity (+1, the default hardPodAffinityWeight).
+fn scoring_terms(pod: &PodInfo) -> impl Iterator<Item = (PodTerm, i64)> + '_ {
+    let preferred = pod.preferred_affinity.iter().map(|t| (t.clone(), t.weight));
+    let avoided = pod.preferred_anti_affinity.iter().map(|t| (t.clone(), -t.weight));
+    let required = pod.affinity.iter().map(|t| (t.clone(), 1));
+    preferred.chain(avoided).chain(required)
 }
 
 /// Terms tracked at most; past this the lazily built ones are dropped.
@@ -67,9 +82,30 @@ pub struct Cache {
     terms: Mutex<TermCounts>,
     /// Pending pods nominated to a node by preemption: node -> pods.
     nominated: HashMap<String, HashMap<String, Arc<PodInfo>>>,
+    /// Namespace labels, for terms with a namespace selector.
+    namespaces: NamespaceLabels,
 }
 
 impl Cache {
+    pub fn namespaces(&self) -> &NamespaceLabels {
+        &self.namespaces
+    }
+
+    /// A namespace's labels (None: it is gone); whether they changed. Term
+    /// counts with a namespace selector may change with them: the lazily
+    /// built counts start over (the anti-affinity ones count pods carrying
+    /// a term, not pods it matches, and stay).
+    pub fn set_namespace(&mut self, name: &str, labels: Option<BTreeMap<String, String>>) -> bool {
+        let changed = match labels {
+            Some(l) => self.namespaces.insert(name.to_string(), l.clone()).is_none_or(|old| old != l),
+            None => self.namespaces.remove(name).is_some(),
+        };
+        if changed {
+            self.terms.get_mut().by_term.retain(|k, _| k.term.namespace_selector.is_none());
+        }
+        changed
+    }
+
     pub fn node(&self, name: &str) -> Option<usize> {
         self.index.get(name).copied()
     }
@@ -98,14 +134,18 @@ impl Cache {
     fn reindex_terms(&mut self) {
         let n = self.nodes.len();
         let mut anti: HashMap<PodTerm, Vec<i64>> = HashMap::new();
+        let mut soft: HashMap<(PodTerm, i64), Vec<i64>> = HashMap::new();
         for (i, node) in self.nodes.iter().enumerate() {
             for p in &node.pods {
                 for t in &p.anti_affinity {
                     anti.entry(t.clone()).or_insert_with(|| vec![0; n])[i] += 1;
                 }
+                for key in scoring_terms(p) {
+                    soft.entry(key).or_insert_with(|| vec![0; n])[i] += 1;
+                }
             }
         }
-        *self.terms.get_mut() = TermCounts { by_term: HashMap::new(), anti };
+        *self.terms.get_mut() = TermCounts { by_term: HashMap::new(), anti, soft };
     }
 
     /// Adds `delta` for `pod` on node `i` to every count it belongs to.
@@ -113,7 +153,7 @@ impl Cache {
         let n = self.nodes.len();
         let tc = self.terms.get_mut();
         for (k, v) in tc.by_term.iter_mut() {
-            if k.counts(pod) {
+            if k.counts(pod, &self.namespaces) {
                 v[i] += delta;
             }
         }
@@ -122,6 +162,13 @@ impl Cache {
             v[i] += delta;
             if delta < 0 && v.iter().all(|&c| c == 0) {
                 tc.anti.remove(t);
+            }
+        }
+        for key in scoring_terms(pod) {
+            let v = tc.soft.entry(key.clone()).or_insert_with(|| vec![0; n]);
+            v[i] += delta;
+            if delta < 0 && v.iter().all(|&c| c == 0) {
+                tc.soft.remove(&key);
             }
         }
     }
@@ -133,7 +180,11 @@ impl Cache {
             if tc.by_term.len() >= MAX_TERMS {
                 tc.by_term.clear();
             }
-            let v = self.nodes.iter().map(|n| n.pods.iter().filter(|p| key.counts(p)).count() as i64).collect();
+            let v = self
+                .nodes
+                .iter()
+                .map(|n| n.pods.iter().filter(|p| key.counts(p, &self.namespaces)).count() as i64)
+                .collect();
             tc.by_term.insert(key.clone(), v);
         }
         f(&tc.by_term[key])
@@ -143,6 +194,12 @@ impl Cache {
     /// how many pods carry it per node index.
     pub fn with_anti_terms<R>(&self, f: impl FnOnce(&HashMap<PodTerm, Vec<i64>>) -> R) -> R {
         f(&self.terms.lock().anti)
+    }
+
+    /// The terms placed pods score by, each with its signed weight and how
+    /// many pods carry it per node index.
+    pub fn with_scoring_terms<R>(&self, f: impl FnOnce(&HashMap<(PodTerm, i64), Vec<i64>>) -> R) -> R {
+        f(&self.terms.lock().soft)
     }
 
     /// The node is gone; pods that named it keep their placement (they are

@@ -13,6 +13,9 @@
 //! - *Score*: least allocated and balanced allocation (weight 1 each),
 //!   preferred node affinity (2), PreferNoSchedule taints (3), preferred
 //!   pod (anti-)affinity (2) and soft spread (2), each normalised to 0..100.
+//!   Pod (anti-)affinity scores both ways, as Kubernetes': the pod's own
+//!   preferred terms, and placed pods' preferred terms (and required
+//!   affinity, weight 1) that match the pod.
 //! - *PostFilter*: when a pod fits nowhere and may preempt, the node where
 //!   evicting the fewest, least important lower-priority pods makes room,
 //!   breaking the fewest PodDisruptionBudgets. The preemptor is nominated
@@ -176,13 +179,13 @@ fn present(d: PerDomain<i64>) -> PerDomain<bool> {
 impl PreState {
     pub fn new(pod: &PodInfo, cache: &Cache) -> PreState {
         let affinity: Vec<PerDomain<bool>> = pod.affinity.iter().map(|t| present(domain_counts(cache, t))).collect();
-        let affinity_first =
-            affinity.iter().all(|d| !d.values.contains(&true)) && pod.affinity.iter().all(|t| t.matches(pod));
+        let affinity_first = affinity.iter().all(|d| !d.values.contains(&true))
+            && pod.affinity.iter().all(|t| t.matches(pod, cache.namespaces()));
         let anti = pod.anti_affinity.iter().map(|t| present(domain_counts(cache, t))).collect();
         // Existing pods' anti-affinity: the rule is symmetric.
         let mut closed: HashMap<String, PerDomain<bool>> = HashMap::new();
         cache.with_anti_terms(|terms| {
-            for (t, per_node) in terms.iter().filter(|(t, _)| t.matches(pod)) {
+            for (t, per_node) in terms.iter().filter(|(t, _)| t.matches(pod, cache.namespaces())) {
                 let d = closed
                     .entry(t.topology_key.clone())
                     .or_insert_with(|| PerDomain::new(cache.topology(&t.topology_key)));
@@ -194,13 +197,26 @@ impl PreState {
             }
         });
         let spread = pod.spread.iter().map(|c| spread_state(pod, c, cache)).collect();
-        let preferred = pod
+        let mut preferred: Vec<(i64, PerDomain<i64>)> = pod
             .preferred_affinity
             .iter()
             .map(|t| (t.weight, t))
             .chain(pod.preferred_anti_affinity.iter().map(|t| (-t.weight, t)))
             .map(|(w, t)| (w, domain_counts(cache, t)))
             .collect();
+        // Symmetric: placed pods whose terms match this one pull or push it
+        // towards their domains.
+        cache.with_scoring_terms(|terms| {
+            for ((t, w), per_node) in terms.iter().filter(|((t, _), _)| t.matches(pod, cache.namespaces())) {
+                let mut d = PerDomain::new(cache.topology(&t.topology_key));
+                for (i, &c) in per_node.iter().enumerate().filter(|(_, &c)| c > 0) {
+                    if let Some(v) = d.at_mut(i) {
+                        *v += c;
+                    }
+                }
+                preferred.push((*w, d));
+            }
+        });
         PreState { affinity, affinity_first, anti, closed: closed.into_values().collect(), spread, preferred }
     }
 }
@@ -212,7 +228,7 @@ fn spread_state(pod: &PodInfo, c: &SpreadConstraint, cache: &Cache) -> Spread {
     let term = PodTerm {
         selector: c.selector.clone(),
         namespaces: vec![pod.namespace.clone()],
-        all_namespaces: false,
+        namespace_selector: None,
         topology_key: c.topology_key.clone(),
         weight: 0,
     };
@@ -684,6 +700,33 @@ mod tests {
         // Resources alone would pick b1 anyway; load b1 so only the term decides.
         c.place(with_cpu("big", "3", json!({})), "b1", false);
         assert_eq!(chosen(&web("w2", pref), &c), "b1");
+    }
+
+    /// Scoring is symmetric: a placed pod that prefers (or avoids) pods
+    /// like the incoming one draws it to (or pushes it from) its domain,
+    /// though the incoming pod has no terms of its own.
+    #[test]
+    fn placed_pods_preferences_score_symmetrically() {
+        let term = json!({"weight": 100, "podAffinityTerm": {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "zone"}});
+        let mut c = zoned();
+        let likes =
+            json!({"spec": {"affinity": {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [term]}}}});
+        c.place(with_cpu("fan", "3", likes), "b1", false);
+        assert_eq!(
+            chosen(&web("w", json!({})), &c),
+            "b1",
+            "drawn to the zone of the pod that prefers it, though loaded"
+        );
+
+        let mut c = zoned();
+        let avoids = json!({"spec": {"affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [term]}}}});
+        c.place(with_cpu("loner", "0", avoids), "a1", false);
+        let other = chosen(&web("w", json!({})), &c);
+        assert!(other.starts_with('b'), "pushed out of the zone of the pod that avoids it: {other}");
+        assert!(c.remove_pod("d/loner"));
+        c.place(with_cpu("big", "3", json!({})), "b1", false);
+        c.place(with_cpu("big2", "3", json!({})), "b2", false);
+        assert!(chosen(&web("w", json!({})), &c).starts_with('a'), "its removal lifts the push");
     }
 
     #[test]

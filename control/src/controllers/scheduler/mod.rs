@@ -146,6 +146,21 @@ impl State {
     }
 }
 
+impl State {
+    /// Applies a namespace change; returns whether pods became active (a
+    /// namespace selector in some term may now pick different pods).
+    fn on_namespace(&mut self, name: &str, new: Option<&Arc<Cached>>, now: Instant) -> bool {
+        let labels = new.map(|c| model::object_labels(&c.object()));
+        if !self.cache.set_namespace(name, labels) {
+            return false;
+        }
+        let pending = &self.pending;
+        let selects = |p: &PodInfo| p.affinity.iter().chain(&p.anti_affinity).any(|t| t.namespace_selector.is_some());
+        self.queue.move_unschedulable(now, |k| pending.get(k).is_some_and(|(p, _)| selects(p)));
+        true
+    }
+}
+
 type OnChange = fn(&mut State, &str, Option<&Arc<Cached>>, Instant) -> bool;
 
 /// One scheduling decision, carried out outside the state lock.
@@ -160,6 +175,8 @@ pub struct Scheduler {
     pub nodes: Arc<Informer>,
     /// PodDisruptionBudgets, which preemption weighs.
     pub budgets: Arc<Informer>,
+    /// Namespaces, whose labels namespace selectors in pod affinity match.
+    pub namespaces: Arc<Informer>,
     metrics: super::metrics::ControllerMetrics,
     pub recorder: EventRecorder,
     state: Mutex<State>,
@@ -176,6 +193,7 @@ impl Scheduler {
         pods: Arc<Informer>,
         nodes: Arc<Informer>,
         budgets: Arc<Informer>,
+        namespaces: Arc<Informer>,
         metrics: super::metrics::ControllerMetrics,
         recorder: EventRecorder,
     ) -> Scheduler {
@@ -184,6 +202,7 @@ impl Scheduler {
             pods,
             nodes,
             budgets,
+            namespaces,
             metrics,
             recorder,
             state: Mutex::default(),
@@ -210,12 +229,16 @@ impl Scheduler {
         let _ = self.actor.set(actor);
         let mut pods = self.pods.subscribe();
         let mut nodes = self.nodes.subscribe();
+        let mut namespaces = self.namespaces.subscribe();
         tokio::spawn(async move {
             // Changes from before the subscription are in these lists; ones
             // after are in the channels (applying one twice is harmless).
             {
                 let now = Instant::now();
                 let mut st = self.state.lock();
+                for ns in self.namespaces.list() {
+                    st.on_namespace(&ns.key, Some(&ns), now);
+                }
                 for n in self.nodes.list() {
                     st.on_node(&n.key, Some(&n), now);
                 }
@@ -228,6 +251,7 @@ impl Scheduler {
                 let woke = tokio::select! {
                     Some(c) = pods.recv() => self.apply(c, &mut pods, State::on_pod),
                     Some(c) = nodes.recv() => self.apply(c, &mut nodes, State::on_node),
+                    Some(c) = namespaces.recv() => self.apply(c, &mut namespaces, State::on_namespace),
                     else => return,
                 };
                 if woke {
@@ -461,6 +485,38 @@ mod tests {
     fn pod(name: &str, node: &str) -> Arc<Cached> {
         cached(json!({"metadata": {"name": name, "namespace": "d", "uid": name},
             "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"requests": {"cpu": "1"}}}]}}))
+    }
+
+    /// A namespace selector picks namespaces by their labels, as they are
+    /// now: relabelling a namespace moves its pods in or out of a term.
+    #[test]
+    fn namespace_selectors_follow_namespace_labels() {
+        let now = Instant::now();
+        let mut st = State::default();
+        let ns = |name: &str, env: &str| cached(json!({"metadata": {"name": name, "labels": {"env": env}}}));
+        st.on_namespace("prod", Some(&ns("prod", "prod")), now);
+        st.on_node("n1", Some(&node("4", json!({"metadata": {"labels": {"kubernetes.io/hostname": "n1"}}}))), now);
+        let db = json!({"metadata": {"name": "db", "namespace": "prod", "uid": "db", "labels": {"app": "db"}},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]}});
+        st.on_pod("prod/db", Some(&cached(db)), now);
+        let wants_away_from = |env: &str| {
+            cached(json!({"metadata": {"name": "p", "namespace": "d", "uid": "p"},
+                "spec": {"containers": [{"name": "c"}], "affinity": {"podAntiAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": [{
+                        "labelSelector": {"matchLabels": {"app": "db"}},
+                        "namespaceSelector": {"matchLabels": {"env": env}},
+                        "topologyKey": "kubernetes.io/hostname"}]}}}}))
+        };
+        st.on_pod("d/p", Some(&wants_away_from("prod")), now);
+        assert!(framework::schedule(&st.pending["d/p"].0, &st.cache, 0).is_err(), "prod's db pod repels it");
+        st.on_pod("d/p", Some(&wants_away_from("staging")), now);
+        assert!(framework::schedule(&st.pending["d/p"].0, &st.cache, 0).is_ok(), "no staging pod on n1");
+        // prod relabelled as staging: the same term now picks its db pod.
+        assert!(st.on_namespace("prod", Some(&ns("prod", "staging")), now));
+        assert!(framework::schedule(&st.pending["d/p"].0, &st.cache, 0).is_err(), "counts follow the relabel");
+        assert!(!st.on_namespace("prod", Some(&ns("prod", "staging")), now), "unchanged labels change nothing");
+        assert!(st.on_namespace("prod", None, now));
+        assert!(framework::schedule(&st.pending["d/p"].0, &st.cache, 0).is_ok(), "a deleted namespace has no labels");
     }
 
     #[test]

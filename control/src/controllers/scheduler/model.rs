@@ -5,7 +5,7 @@
 //! Parsing is forgiving: a malformed field is read as absent (admission
 //! validated the object; the scheduler must never fail on one).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -65,6 +65,11 @@ pub fn toleration_for<'a>(tolerations: &'a [Value], taint: &Value) -> Option<&'a
 
 fn str_of(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
+}
+
+/// An object's `metadata.labels`.
+pub fn object_labels(obj: &Value) -> BTreeMap<String, String> {
+    string_map(&obj["metadata"]["labels"])
 }
 
 fn string_map(v: &Value) -> BTreeMap<String, String> {
@@ -216,17 +221,20 @@ impl NodeSelectorTerm {
     }
 }
 
-/// A pod (anti-)affinity term: pods matching `selector` in `namespaces`,
-/// within the same `topology_key` domain.
+/// Labels of every namespace, by name (the scheduler's Namespace informer).
+pub type NamespaceLabels = HashMap<String, BTreeMap<String, String>>;
+
+/// A pod (anti-)affinity term: pods matching `selector` in `namespaces`
+/// or in the namespaces `namespace_selector` picks, within the same
+/// `topology_key` domain.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PodTerm {
     pub selector: LabelSelector,
-    /// Empty with `all_namespaces` false: the pod's own namespace.
+    /// Listed namespaces; with no selector and no list, the pod's own.
     pub namespaces: Vec<String>,
-    /// A `namespaceSelector` of `{}`: every namespace. (A selector with
-    /// terms would need namespace labels; it is read as every namespace
-    /// too, which errs towards stricter placement.)
-    pub all_namespaces: bool,
+    /// `namespaceSelector`: namespaces by their labels, besides the listed
+    /// ones (`{}` picks every namespace).
+    pub namespace_selector: Option<LabelSelector>,
     pub topology_key: String,
     pub weight: i64,
 }
@@ -236,15 +244,23 @@ impl PodTerm {
         // A term without a selector matches no pod.
         let selector = LabelSelector::parse(&t["labelSelector"])?;
         let mut namespaces = strings(&t["namespaces"]);
-        let all_namespaces = t["namespaceSelector"].is_object();
-        if namespaces.is_empty() && !all_namespaces {
+        let namespace_selector = LabelSelector::parse(&t["namespaceSelector"]);
+        if namespaces.is_empty() && namespace_selector.is_none() {
             namespaces.push(own_ns.to_string());
         }
-        Some(PodTerm { selector, namespaces, all_namespaces, topology_key: str_of(&t["topologyKey"]), weight })
+        Some(PodTerm { selector, namespaces, namespace_selector, topology_key: str_of(&t["topologyKey"]), weight })
     }
 
-    pub fn matches(&self, pod: &PodInfo) -> bool {
-        (self.all_namespaces || self.namespaces.contains(&pod.namespace)) && self.selector.matches(&pod.labels)
+    /// Whether `pod` is one of the pods this term means; `ns` gives the
+    /// labels the namespace selector is matched against (a namespace not
+    /// (yet) known has none).
+    pub fn matches(&self, pod: &PodInfo, ns: &NamespaceLabels) -> bool {
+        let in_scope = self.namespaces.contains(&pod.namespace)
+            || self.namespace_selector.as_ref().is_some_and(|sel| match ns.get(&pod.namespace) {
+                Some(labels) => sel.matches(labels),
+                None => sel.matches(&BTreeMap::new()),
+            });
+        in_scope && self.selector.matches(&pod.labels)
     }
 }
 
@@ -559,9 +575,9 @@ mod tests {
                 "containers": [{"name": "c", "resources": {"requests": {"cpu": "250m"}}}]}}));
         assert_eq!(p.anti_affinity.len(), 1, "a term without selector matches nothing and is dropped");
         assert_eq!(p.anti_affinity[0].namespaces, vec!["ns".to_string()]);
-        assert!(p.anti_affinity[0].matches(&p));
+        assert!(p.anti_affinity[0].matches(&p, &NamespaceLabels::new()));
         assert_eq!(p.preferred_anti_affinity[0].weight, 7);
-        assert!(p.preferred_anti_affinity[0].all_namespaces);
+        assert_eq!(p.preferred_anti_affinity[0].namespace_selector, Some(LabelSelector::default()));
         assert_eq!((p.cpu, p.nz_cpu, p.mem, p.nz_mem), (250, 250, 0, 200 << 20));
         assert!(p.pending());
     }
