@@ -109,6 +109,16 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<server::Removed>() => {
+            eprintln!("error: {e}");
+            // Straight out: returning would run C++ static destructors while
+            // RocksDB's background threads still run, which can abort the
+            // process ("terminate called without an active exception") and
+            // hide the status `capstan up` reads. Nothing is left to flush:
+            // a removed master's store is not used again.
+            // SAFETY: _exit(2) ends the process; no Rust state is touched after it.
+            unsafe { libc::_exit(server::EXIT_REMOVED.into()) }
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE

@@ -182,6 +182,18 @@ fn free_udp_port(ip: std::net::IpAddr) -> anyhow::Result<u16> {
     Ok(UdpSocket::bind((ip, 0))?.local_addr()?.port())
 }
 
+/// Exit status of a master that stopped because it was removed from the
+/// cluster; `capstan up` does not restart it.
+pub const EXIT_REMOVED: u8 = 3;
+
+/// Why a removed master stopped.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "this master was removed from the cluster; delete its data dir, or rejoin with a fresh one \
+     (`capstan member add`)"
+)]
+pub struct Removed;
+
 pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     let bootstrapped = a.data_dir.join("member.json").exists();
     let how = match (a.init, &a.join, bootstrapped) {
@@ -383,9 +395,15 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         started.node.read_index().await?;
         tracing::info!("data dir prepared; start it with `capstan server --data-dir {}`", a.data_dir.display());
     } else {
+        let mut removed = started.removed.clone();
         tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = term.recv() => tracing::info!("terminated; shutting down"),
+        Ok(_) = removed.wait_for(|r| *r) => {
+            let _ = std::fs::remove_file(a.data_dir.join("endpoints.json"));
+            let _ = started.node.raft.shutdown().await;
+            return Err(Removed.into());
+        }
         Some(r) = tasks.join_next() => {
             let r = r.context("listener task")?;
             r?;

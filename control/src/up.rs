@@ -18,7 +18,7 @@ use clap::Args;
 use tokio::process::{Child, Command};
 
 use crate::admin;
-use crate::server::{read_endpoints, Endpoints};
+use crate::server::{self, read_endpoints, Endpoints};
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
@@ -53,12 +53,20 @@ pub struct UpArgs {
     /// alone, as NTP leaves it.
     #[arg(long, hide = true)]
     pub faketime: bool,
+    /// How long a master or node agent that died stays down before it is
+    /// restarted, in milliseconds (supervision checks every 500 ms). Chaos
+    /// runs keep a killed master down past the election timeout, so the
+    /// others elect a new leader instead of the restarted one resuming.
+    #[arg(long, default_value_t = 0)]
+    pub restart_delay_ms: u64,
 }
 
 struct Master {
     name: String,
     dir: PathBuf,
     child: Child,
+    /// When it was seen dead, until it is restarted.
+    died: Option<Instant>,
 }
 
 /// libfaketime's multi-threaded build, as Debian installs it.
@@ -175,16 +183,25 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
             _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                // Supervise: a master that died is restarted from its data dir.
-                for m in masters.iter_mut() {
-                    if let Ok(Some(status)) = m.child.try_wait() {
-                        eprintln!("{} exited ({status}); restarting it", m.name);
-                        m.child = spawn_master(&m.dir, &a.server_arg, &log_level, a.faketime)?;
+                // Supervise: a master that died is restarted from its data
+                // dir, unless it stopped because it was removed.
+                let delay = Duration::from_millis(a.restart_delay_ms);
+                let mut removed = None;
+                for (i, m) in masters.iter_mut().enumerate() {
+                    match m.child.try_wait() {
+                        Ok(Some(status)) if status.code() == Some(i32::from(server::EXIT_REMOVED)) => {
+                            eprintln!("{} was removed from the cluster; not restarting it", m.name);
+                            removed = Some(i);
+                        }
+                        _ if !died(m, delay) => {}
+                        _ => m.child = spawn_master(&m.dir, &a.server_arg, &log_level, a.faketime)?,
                     }
                 }
+                if let Some(i) = removed {
+                    masters.remove(i);
+                }
                 for (n, args) in nodes.iter_mut().zip(&node_args) {
-                    if let Ok(Some(status)) = n.child.try_wait() {
-                        eprintln!("{} exited ({status}); restarting it", n.name);
+                    if died(n, delay) {
                         n.child = spawn_child(&node_binary()?, &n.dir, "node.log", args, &[])?;
                     }
                 }
@@ -198,6 +215,21 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     eprintln!("stopping {} masters", masters.len());
     stop_all(&mut masters).await;
     Ok(())
+}
+
+/// Whether child `m` is dead and has been for `delay`: time to restart it.
+fn died(m: &mut Master, delay: Duration) -> bool {
+    if m.died.is_none() {
+        if let Ok(Some(status)) = m.child.try_wait() {
+            eprintln!("{} exited ({status}); restarting it", m.name);
+            m.died = Some(Instant::now());
+        }
+    }
+    if m.died.is_some_and(|t| t.elapsed() >= delay) {
+        m.died = None;
+        return true;
+    }
+    false
 }
 
 async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Vec<Master>) -> anyhow::Result<()> {
@@ -232,7 +264,7 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
         }
         eprintln!("[{i}/{n}] starting {name}");
         let child = spawn_master(&dir, &extra, log_level, a.faketime)?;
-        masters.push(Master { name: name.clone(), dir, child });
+        masters.push(Master { name: name.clone(), dir, child, died: None });
         let ep = wait_ready(masters.last_mut().expect("just pushed"), Duration::from_secs(120)).await?;
         eprintln!("[{i}/{n}] {name} ready: api {} etcd {} peer {}", ep.api_url, ep.etcd_url, ep.peer);
         endpoints.push(ep);
@@ -327,7 +359,7 @@ async fn start_nodes(
         }
         eprintln!("[{i}/{n}] starting {name} ({})", a.runtime);
         let child = spawn_child(&bin, &dir, "node.log", &args, &[])?;
-        nodes.push(Master { name, dir, child });
+        nodes.push(Master { name, dir, child, died: None });
         node_args.push(args);
     }
     wait_nodes_ready(data_dir, nodes, Duration::from_secs(120)).await?;

@@ -84,6 +84,9 @@ pub struct Started {
     pub member: MemberFile,
     pub storage: Arc<Storage>,
     pub endpoint: quinn::Endpoint,
+    /// Becomes true once this master knows it was removed from the cluster
+    /// (a peer said so, or it applied its own removal); it should stop.
+    pub removed: tokio::sync::watch::Receiver<bool>,
 }
 
 fn pki_dir(d: &Path) -> PathBuf {
@@ -324,12 +327,15 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     hub.attach(state.clone());
     let ep = endpoint(member.peer_listen, &pki)?;
     let clients = Arc::new(PeerClients::new(ep.clone()));
-    let network = Network { clients: clients.clone() };
+    let (removed_tx, removed) = tokio::sync::watch::channel(false);
+    let removed_tx = Arc::new(removed_tx);
+    let network = Network { clients: clients.clone(), removed: removed_tx.clone() };
     let raft = Raft::new(member.id, raft_config(cfg.snapshot_every)?, network, storage.log_store()?, sm).await?;
     let node = StoreNode::new(member.id, raft, hub, state, clients, cfg.limits.clone());
     tokio::spawn(crate::peer::serve_peers(ep.clone(), node.clone(), pki.clone()));
     tokio::spawn(node.clone().run_leader_duties());
     tokio::spawn(node.clone().track_leader_changes());
+    tokio::spawn(node.clone().watch_own_removal(removed_tx));
     let self_member = Member {
         name: member.name.clone(),
         peer_addr: member.peer_advertise.clone(),
@@ -363,5 +369,5 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
             bail!("joined, but could not become a voter: {last}");
         }
     }
-    Ok(Started { node, pki, member, storage, endpoint: ep })
+    Ok(Started { node, pki, member, storage, endpoint: ep, removed })
 }

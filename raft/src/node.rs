@@ -126,6 +126,11 @@ impl StoreNode {
         })
     }
 
+    /// Whether `id` left the cluster in a membership this master applied.
+    pub fn is_removed(&self, id: NodeId) -> bool {
+        self.state.read().removed.contains(&id)
+    }
+
     pub fn state(&self) -> &SharedState {
         &self.state
     }
@@ -388,6 +393,23 @@ impl StoreNode {
         }
     }
 
+    /// A master that applies its own removal (a leader removing itself
+    /// does) sets `removed`; one removed behind its back learns it from its
+    /// peers (see [`crate::transport::PeerResponse::Removed`]).
+    pub async fn watch_own_removal(self: Arc<Self>, removed: Arc<tokio::sync::watch::Sender<bool>>) {
+        let mut rx = self.raft.metrics();
+        loop {
+            if self.is_removed(self.id) {
+                tracing::error!("this master applied its own removal from the cluster");
+                removed.send_replace(true);
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// The leader's periodic duties: expire leases, compact old history.
     pub async fn run_leader_duties(self: Arc<Self>) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -458,13 +480,15 @@ impl StoreNode {
         Ok(())
     }
 
+    /// One membership change: a voter removed without `retain` also leaves
+    /// the node list in it (joint config, then uniform). A second change
+    /// would fail when the leader removed itself: by then it steps down
+    /// (and openraft's debug builds assert on it).
     pub(crate) async fn remove_member(&self, id: NodeId) -> Result<(), String> {
         let ids: BTreeSet<NodeId> = [id].into();
-        self.raft
-            .change_membership(ChangeMembers::RemoveVoters(ids.clone()), false)
-            .await
-            .map_err(|e| e.to_string())?;
-        self.raft.change_membership(ChangeMembers::RemoveNodes(ids), false).await.map_err(|e| e.to_string())?;
+        let voter = self.members().iter().any(|(i, _, learner)| *i == id && !learner);
+        let change = if voter { ChangeMembers::RemoveVoters(ids) } else { ChangeMembers::RemoveNodes(ids) };
+        self.raft.change_membership(change, false).await.map_err(|e| e.to_string())?;
         Ok(())
     }
 

@@ -65,6 +65,8 @@ async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool
         };
     }
     match req {
+        PeerRequest::AppendEntries(rpc) if node.is_removed(rpc.vote.leader_id().node_id) => PeerResponse::Removed,
+        PeerRequest::Vote(rpc) if node.is_removed(rpc.vote.leader_id().node_id) => PeerResponse::Removed,
         PeerRequest::AppendEntries(rpc) => PeerResponse::AppendEntries(node.raft.append_entries(rpc).await),
         PeerRequest::Vote(rpc) => PeerResponse::Vote(node.raft.vote(rpc).await),
         PeerRequest::InstallSnapshot(rpc) => PeerResponse::InstallSnapshot(node.raft.install_snapshot(rpc).await),

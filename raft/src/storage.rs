@@ -7,7 +7,7 @@
 //! |---------|---------------------------------------|--------------------------------|
 //! | `log`   | log index, u64 big-endian             | postcard `Entry`               |
 //! | `meta`  | `vote`, `committed`, `purged`         | postcard `Vote` / `LogId`      |
-//! | `meta`  | `applied`, `membership`               | postcard, written with the kv batch |
+//! | `meta`  | `applied`, `membership`, `removed`    | postcard, written with the kv batch |
 //! | `meta`  | `revision`, `compacted`               | i64 big-endian                 |
 //! | `kv`    | `escape(key) 00 01` ++ revision u64 BE | postcard `mvcc::Version`       |
 //! | `lease` | lease id, i64 big-endian              | TTL seconds, i64 big-endian    |
@@ -32,6 +32,7 @@
 // openraft's StorageError is large, and it is what the traits return.
 #![allow(clippy::result_large_err)]
 
+use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
@@ -41,7 +42,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageError, StorageIOError,
+    AnyError, EntryPayload, Membership, OptionalSend, RaftLogReader, RaftSnapshotBuilder, StorageError, StorageIOError,
 };
 use parking_lot::RwLock;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
@@ -126,6 +127,27 @@ pub struct SmState {
     pub mvcc: Mvcc,
     pub applied: Option<LogId>,
     pub membership: StoredMembership,
+    /// Members removed from the cluster (every id that left an applied
+    /// membership). A removed master never hears of its removal (the leader
+    /// stops replicating to it first), so its peers tell it when it asks
+    /// for votes. Ids are random per join, so a tombstone is never reused.
+    /// Kept locally, not in snapshots: a master that caught up by snapshot
+    /// knows the removals since, and the others know the rest.
+    pub removed: BTreeSet<NodeId>,
+}
+
+impl SmState {
+    /// Move to a newer membership, remembering who left.
+    fn set_membership(&mut self, next: StoredMembership) {
+        self.removed.extend(removed_between(self.membership.membership(), next.membership()));
+        self.membership = next;
+    }
+}
+
+/// Nodes (voters or learners) of `old` that are not in `new`, a later
+/// membership: the members removed between the two.
+pub fn removed_between(old: &Membership<NodeId, Member>, new: &Membership<NodeId, Member>) -> Vec<NodeId> {
+    old.nodes().map(|(id, _)| *id).filter(|id| new.get_node(id).is_none()).collect()
 }
 
 pub type SharedState = Arc<RwLock<SmState>>;
@@ -191,9 +213,10 @@ impl Storage {
         let applied = db.get_cf(meta, "applied")?.map(|b| postcard::from_bytes(&b)).transpose()?.flatten();
         let membership =
             db.get_cf(meta, "membership")?.map(|b| postcard::from_bytes(&b)).transpose()?.unwrap_or_default();
+        let removed = db.get_cf(meta, "removed")?.map(|b| postcard::from_bytes(&b)).transpose()?.unwrap_or_default();
         let snapshot_path = self.dir.join("snapshot.bin");
         finish_staged_install(&snapshot_path, applied)?;
-        let state = Arc::new(RwLock::new(SmState { mvcc, applied, membership }));
+        let state = Arc::new(RwLock::new(SmState { mvcc, applied, membership, removed }));
         Ok(StateMachine { db: self.db.clone(), state, hub, snapshot_path, metrics: self.metrics.clone() })
     }
 
@@ -289,6 +312,7 @@ fn write_meta(db: &DB, batch: &mut WriteBatch, st: &SmState, membership: bool) -
     batch.put_cf(meta, "applied", encode(&st.applied)?);
     if membership {
         batch.put_cf(meta, "membership", encode(&st.membership)?);
+        batch.put_cf(meta, "removed", encode(&st.removed)?);
     }
     batch.put_cf(meta, "revision", st.mvcc.revision().to_be_bytes());
     batch.put_cf(meta, "compacted", st.mvcc.compacted().to_be_bytes());
@@ -562,7 +586,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         results.push(CommandResult { revision: st.mvcc.revision(), ..Default::default() })
                     }
                     EntryPayload::Membership(m) => {
-                        st.membership = StoredMembership::new(Some(entry.log_id), m);
+                        st.set_membership(StoredMembership::new(Some(entry.log_id), m));
                         membership_changed = true;
                         results.push(CommandResult { revision: st.mvcc.revision(), ..Default::default() });
                     }
@@ -628,7 +652,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut st = self.state.write();
             st.mvcc = mvcc;
             st.applied = meta.last_log_id;
-            st.membership = meta.last_membership.clone();
+            st.set_membership(meta.last_membership.clone());
             write_meta(&self.db, &mut batch, &st, true)?;
             self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
         }
@@ -704,6 +728,39 @@ mod tests {
         finish_staged_install(&current, log_id(300)).unwrap();
         assert!(!staged.exists());
         assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(200));
+    }
+
+    /// Applying memberships {1,2,3} -> {1,2,3,4} -> joint -> {1,2,4}
+    /// leaves 3 (and only 3) as a tombstone, which survives a restart.
+    #[tokio::test]
+    async fn members_that_leave_an_applied_membership_are_remembered_as_removed() {
+        use openraft::Entry;
+        use std::collections::BTreeMap;
+        let dir = tempfile::tempdir().unwrap();
+        let member =
+            |id: u64| (id, Member { name: format!("m{id}"), peer_addr: String::new(), client_url: String::new() });
+        let config = |voters: &[&[u64]], nodes: &[u64]| {
+            let sets = voters.iter().map(|v| v.iter().copied().collect()).collect();
+            Membership::new(sets, nodes.iter().map(|id| member(*id)).collect::<BTreeMap<_, _>>())
+        };
+        let entry = |index, m| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Membership(m),
+        };
+        {
+            let storage = Storage::open(dir.path()).unwrap();
+            let mut sm = storage.state_machine(Arc::new(WatchHub::new(16))).unwrap();
+            sm.apply([entry(1, config(&[&[1, 2, 3]], &[1, 2, 3]))]).await.unwrap();
+            sm.apply([entry(2, config(&[&[1, 2, 3]], &[1, 2, 3, 4]))]).await.unwrap();
+            assert!(sm.shared().read().removed.is_empty(), "adding a learner removes nobody");
+            sm.apply([entry(3, config(&[&[1, 2, 3], &[1, 2, 4]], &[1, 2, 3, 4]))]).await.unwrap();
+            assert!(sm.shared().read().removed.is_empty(), "a joint config still holds 3");
+            sm.apply([entry(4, config(&[&[1, 2, 4]], &[1, 2, 4]))]).await.unwrap();
+            assert_eq!(sm.shared().read().removed, BTreeSet::from([3]));
+        }
+        let storage = Storage::open(dir.path()).unwrap();
+        let sm = storage.state_machine(Arc::new(WatchHub::new(16))).unwrap();
+        assert_eq!(sm.shared().read().removed, BTreeSet::from([3]), "tombstones survive a restart");
     }
 
     struct Builder;

@@ -116,6 +116,10 @@ pub enum PeerResponse {
     Done,
     /// The request failed; the text says why.
     Error(String),
+    /// To a vote or append from a master this one saw removed from the
+    /// cluster: it never heard (the leader stops replicating to a removed
+    /// member), so it is told here, and stops.
+    Removed,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -291,19 +295,22 @@ impl PeerClients {
 #[derive(Clone)]
 pub struct Network {
     pub clients: Arc<PeerClients>,
+    /// Set when a peer answers [`PeerResponse::Removed`].
+    pub removed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 pub struct PeerConn {
     target: NodeId,
     addr: String,
     clients: Arc<PeerClients>,
+    removed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConn;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerConn {
-        PeerConn { target, addr: node.peer_addr.clone(), clients: self.clients.clone() }
+        PeerConn { target, addr: node.peer_addr.clone(), clients: self.clients.clone(), removed: self.removed.clone() }
     }
 }
 
@@ -313,6 +320,11 @@ impl PeerConn {
     async fn rpc<E: std::error::Error>(&self, req: PeerRequest, option: &RPCOption) -> Result<PeerResponse, RpcErr<E>> {
         match self.clients.call(&self.addr, &req, option.hard_ttl()).await {
             Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&std::io::Error::other(e)))),
+            Ok(PeerResponse::Removed) => {
+                tracing::error!(peer = self.target, "a peer says this master was removed from the cluster");
+                self.removed.send_replace(true);
+                Err(RPCError::Network(NetworkError::new(&std::io::Error::other("removed from the cluster"))))
+            }
             Ok(r) => Ok(r),
             Err(e @ TransportError::Unreachable { .. }) => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
