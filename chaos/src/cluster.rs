@@ -4,10 +4,17 @@
 //! `endpoints.json`); nothing else on the machine is touched, and dropping
 //! the cluster stops `up`, which stops its masters (SIGKILL after 10 s, which
 //! also ends a master left paused).
+//!
+//! Member replacement adds masters `up` does not know: the harness starts
+//! them (`capstan server --join`), restarts them after its own kill -9, and
+//! maps them onto the slot of the master they replaced, so the rest of the
+//! harness (clients, faults, checkers) addresses "master i" as before.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -15,12 +22,46 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 pub struct UpCluster {
     child: Child,
+    capstan: PathBuf,
     pub dir: tempfile::TempDir,
     pub masters: usize,
     env: HashMap<String, String>,
     /// Small tmpfs data dirs this cluster mounted (unmounted on drop).
     mounts: Vec<PathBuf>,
+    /// Masters the harness joined itself (killed on drop).
+    joined: Arc<Mutex<Vec<Joined>>>,
+    /// Set on drop: no more restarts of joined masters.
+    closing: Arc<AtomicBool>,
 }
+
+/// How long a killed master stays down before it is restarted (`capstan up
+/// --restart-delay-ms`, and the harness for the masters it joined): past
+/// the election timeout (0.5-1 s), so the others elect a new leader.
+/// Restarted at once, a killed leader resumes its own term before anyone
+/// campaigns (openraft keeps a restarted leader leading if it can), and a
+/// "leader kill" would test no failover at all.
+pub const RESTART_DELAY: Duration = Duration::from_secs(2);
+
+/// A master started by the harness, not by `up`.
+struct Joined {
+    name: String,
+    dir: PathBuf,
+    child: Child,
+    /// The slot it took over from a removed master, once it has.
+    slot: Option<usize>,
+}
+
+/// How a removed master ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Departure {
+    /// It stopped by itself with the "removed" status and was not restarted.
+    Stopped,
+    /// Still running (or restarted) after the wait.
+    StillRunning,
+}
+
+/// `capstan server`'s exit status once it knows it was removed.
+const EXIT_REMOVED: i32 = 3;
 
 #[derive(Clone, Debug, serde::Deserialize)]
 pub struct Endpoints {
@@ -82,6 +123,12 @@ impl Partition {
             &format!("br{a}_{b}"),
             &[format!("udp sport {a} udp dport {b} drop"), format!("udp sport {b} udp dport {a} drop")],
         )
+    }
+
+    /// A node agent whose QUIC socket is on UDP `port` cut off from every
+    /// master, both ways.
+    pub fn agent(port: u16) -> anyhow::Result<Partition> {
+        Self::apply(&format!("agent{port}"), &[format!("udp sport {port} drop"), format!("udp dport {port} drop")])
     }
 
     /// `percent`% of the packets to the masters on `ports` lost at random.
@@ -149,6 +196,7 @@ impl UpCluster {
         let child = Command::new(capstan)
             .args(["up", "--masters", &masters.to_string(), "--data-dir"])
             .arg(dir.path())
+            .args(["--restart-delay-ms", &RESTART_DELAY.as_millis().to_string()])
             .args(&extra)
             .args(up_args)
             .stdin(Stdio::null())
@@ -156,7 +204,16 @@ impl UpCluster {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", capstan.display()))?;
-        let mut c = UpCluster { child, dir, masters, env: HashMap::new(), mounts };
+        let mut c = UpCluster {
+            child,
+            capstan: capstan.to_path_buf(),
+            dir,
+            masters,
+            env: HashMap::new(),
+            mounts,
+            joined: Arc::default(),
+            closing: Arc::default(),
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let log = std::fs::read_to_string(c.dir.path().join("up.log")).unwrap_or_default();
@@ -181,8 +238,74 @@ impl UpCluster {
         Ok(c)
     }
 
+    /// The data dir of the master now in slot `i`.
     pub fn master_dir(&self, i: usize) -> PathBuf {
-        self.dir.path().join(format!("master-{}", i + 1))
+        let joined = self.joined.lock().expect("not poisoned");
+        match joined.iter().find(|j| j.slot == Some(i)) {
+            Some(j) => j.dir.clone(),
+            None => self.dir.path().join(format!("master-{}", i + 1)),
+        }
+    }
+
+    /// Starts a new master that joins the cluster through master `via`
+    /// with a fresh bootstrap token, as an operator would (`capstan member
+    /// add`, then `capstan server --join`). It belongs to no slot until
+    /// [`UpCluster::take_slot`]. Returns its name.
+    pub fn join_master(&self, via: usize) -> anyhow::Result<String> {
+        let ep = self.endpoints(via).with_context(|| format!("master-{} is not serving", via + 1))?;
+        let out = Command::new(&self.capstan)
+            .args(["token", "create", "--usage", "master", "--ttl", "600", "--data-dir"])
+            .arg(self.master_dir(via))
+            .output()
+            .context("capstan token create")?;
+        anyhow::ensure!(out.status.success(), "token create: {}", String::from_utf8_lossy(&out.stderr));
+        let token = String::from_utf8(out.stdout)?.trim().to_string();
+        let mut joined = self.joined.lock().expect("not poisoned");
+        let name = format!("master-{}", self.masters + 1 + joined.len());
+        let dir = self.dir.path().join(&name);
+        let mut args: Vec<String> =
+            ["server", "--name", &name, "--join", &ep.peer, "--token", &token].iter().map(|s| s.to_string()).collect();
+        for listen in ["--peer-listen", "--etcd-listen", "--metrics-listen", "--api-listen", "--node-listen"] {
+            args.extend([listen.to_string(), "127.0.0.1:0".to_string()]);
+        }
+        let child = spawn_server(&self.capstan, &dir, &args)?;
+        joined.push(Joined { name: name.clone(), dir, child, slot: None });
+        Ok(name)
+    }
+
+    /// Master `name` (from [`UpCluster::join_master`]) takes slot `i`,
+    /// whose master was removed.
+    pub fn take_slot(&self, name: &str, i: usize) {
+        let mut joined = self.joined.lock().expect("not poisoned");
+        for j in joined.iter_mut() {
+            if j.slot == Some(i) {
+                j.slot = None;
+            }
+        }
+        if let Some(j) = joined.iter_mut().find(|j| j.name == name) {
+            j.slot = Some(i);
+        }
+    }
+
+    /// Waits until master `name`, just removed from the cluster, has
+    /// stopped by itself with the "removed" status and was not restarted
+    /// (by `up`, or by this harness).
+    pub fn wait_departed(&self, name: &str, timeout: Duration) -> Departure {
+        let deadline = Instant::now() + timeout;
+        let said = format!("{name} was removed from the cluster; not restarting it");
+        while Instant::now() < deadline {
+            let mut joined = self.joined.lock().expect("not poisoned");
+            if let Some(j) = joined.iter_mut().find(|j| j.name == name) {
+                if let Ok(Some(st)) = j.child.try_wait() {
+                    return if st.code() == Some(EXIT_REMOVED) { Departure::Stopped } else { Departure::StillRunning };
+                }
+            } else if std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default().contains(&said) {
+                return Departure::Stopped;
+            }
+            drop(joined);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Departure::StillRunning
     }
 
     pub fn endpoints(&self, i: usize) -> Option<Endpoints> {
@@ -209,17 +332,96 @@ impl UpCluster {
             .await?)
     }
 
-    fn signal(&self, pid: u32, sig: i32) {
-        // SAFETY: kill(2) on a PID of a master this cluster's `up` started.
+    /// Sends `sig` to a process of this cluster (a master or node agent).
+    pub fn signal(&self, pid: u32, sig: i32) {
+        // SAFETY: kill(2) on the PID of a master or agent this cluster started.
         unsafe {
             libc::kill(pid as i32, sig);
         }
     }
 
-    /// kill -9; `up` restarts it from its data dir.
+    /// PID of node agent `k` (0-based; `up` names it `node-{k+1}`), found
+    /// in /proc by the data dir on its command line.
+    pub fn agent_pid(&self, k: usize) -> Option<u32> {
+        let dir = self.dir.path().join(format!("node-{}", k + 1));
+        let needle = format!("--data-dir\0{}\0", dir.display());
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd);
+            (cmd.contains("capstan-node") && cmd.contains(&needle) && running(pid)).then_some(pid)
+        })
+    }
+
+    /// The local UDP port of agent `k`'s QUIC connection to the masters:
+    /// its socket inodes (/proc/<pid>/fd) looked up in /proc/net/udp.
+    pub fn agent_port(&self, k: usize) -> Option<u16> {
+        let pid = self.agent_pid(k)?;
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .ok()?
+            .flatten()
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .filter_map(|l| l.to_str()?.strip_prefix("socket:[")?.strip_suffix(']').map(str::to_string))
+            .collect();
+        ["/proc/net/udp", "/proc/net/udp6"].iter().find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            text.lines().skip(1).find_map(|line| {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                let (local, inode) = (cols.get(1)?, cols.get(9)?);
+                inodes.iter().any(|i| i == inode).then(|| u16::from_str_radix(local.rsplit(':').next()?, 16).ok())?
+            })
+        })
+    }
+
+    /// `kubectl <args>` against this cluster (admin kubeconfig `up`
+    /// wrote), bounded to 20 s; stdout, or an error with stderr.
+    pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        use std::io::Write;
+        let mut child = Command::new("timeout")
+            .args(["20", "kubectl", "--kubeconfig"])
+            .arg(self.dir.path().join("kubeconfig"))
+            .args(args)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            pipe.write_all(text.as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// kill -9; `up` restarts it from its data dir (the harness restarts
+    /// the masters it joined itself, the same way).
     pub fn kill9(&self, i: usize) -> Option<u32> {
         let pid = self.endpoints(i)?.pid;
         self.signal(pid, libc::SIGKILL);
+        let mut joined = self.joined.lock().expect("not poisoned");
+        if let Some(j) = joined.iter_mut().find(|j| j.slot == Some(i) && j.child.id() == pid) {
+            let _ = j.child.wait();
+            let (name, all, closing, capstan) =
+                (j.name.clone(), self.joined.clone(), self.closing.clone(), self.capstan.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(RESTART_DELAY);
+                let mut joined = all.lock().expect("not poisoned");
+                let Some(j) = joined.iter_mut().find(|j| j.name == name) else { return };
+                if closing.load(Ordering::Relaxed) {
+                    return;
+                }
+                match spawn_server(&capstan, &j.dir, &["server".to_string()]) {
+                    Ok(c) => j.child = c,
+                    Err(e) => eprintln!("[capstan-chaos] restarting {name}: {e:#}"),
+                }
+            });
+        }
         Some(pid)
     }
 
@@ -351,8 +553,29 @@ pub fn parse_http_response(resp: &[u8]) -> anyhow::Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// `capstan server <args> --data-dir <dir>`, logging to `dir/server.log`.
+fn spawn_server(capstan: &Path, dir: &Path, args: &[String]) -> anyhow::Result<Child> {
+    std::fs::create_dir_all(dir)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
+    let mut cmd = Command::new(capstan);
+    cmd.args(args).arg("--data-dir").arg(dir).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+    // Killed on drop (like `up`). Not PR_SET_PDEATHSIG: that fires when the
+    // spawning *thread* ends, and restarts are spawned from short threads.
+    cmd.spawn().with_context(|| format!("starting a master in {}", dir.display()))
+}
+
 impl Drop for UpCluster {
     fn drop(&mut self) {
+        if std::env::var_os("CAPSTAN_CHAOS_KEEP").is_some() {
+            // For a post-mortem: every master's server.log and data dir.
+            self.dir.disable_cleanup(true);
+            eprintln!("[capstan-chaos] kept {}", self.dir.path().display());
+        }
+        self.closing.store(true, Ordering::Relaxed);
+        for j in self.joined.lock().expect("not poisoned").iter_mut() {
+            let _ = j.child.kill();
+            let _ = j.child.wait();
+        }
         self.signal(self.child.id(), libc::SIGINT);
         // Node agents tear their pods down first (up to a minute).
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -8,16 +8,22 @@
 //! - [`watch_check`]: the nine watch guarantees of RELIABILITY.md, each
 //!   counted, from the stored revision history and what watchers received.
 //!
-//! - [`cluster`]: the cluster under test (`capstan up`) and its faults.
+//! - [`cluster`]: the cluster under test (`capstan up`, killed masters kept
+//!   down past the election timeout) and its faults, plus masters the
+//!   harness joins itself to replace removed ones.
 //! - [`run`]: one scenario: workload + watchers + faults, then the checkers
 //!   and a JSON report. `FailpointCrash` arms the store's crash points
 //!   (`capstan_raft::failpoints`) through a master's `/debug/failpoints`
 //!   and reports, per arming, whether the master died there and came back.
+//!
+//! - [`orchestration`]: scenario 10's Deployment on hollow node agents and
+//!   the orchestration invariants (a pod on one node only; convergence).
 //!
 //! Checkers are pure functions over recorded data: no sockets, no clocks.
 
 pub mod cluster;
 pub mod history;
 pub mod linearizability;
+pub mod orchestration;
 pub mod run;
 pub mod watch_check;

@@ -20,9 +20,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::cluster::{Partition, UpCluster};
+use crate::cluster::{Departure, Partition, UpCluster};
 use crate::history::{Input, Op, Output};
 use crate::linearizability::{self, Verdict};
+use crate::orchestration::{self, Orchestration, PodSightings};
 use crate::watch_check::{self, Event, Response, WatchReport, WatchSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -71,7 +72,23 @@ pub enum Scenario {
     /// that master aborts there and `capstan up` restarts it. Needs `capstan`
     /// built with `--features failpoints`.
     FailpointCrash,
+    /// A follower replaced by a new master under load (join with a token,
+    /// become a voter, remove the old one, which must stop by itself), with
+    /// the leader killed -9 in the middle of the change: while the new
+    /// master is being added, or while the old one is removed (seeded).
+    /// Scenario 9.
+    MemberReplace,
+    /// Scenario 10: two hollow node agents (`--runtime sim`) run a
+    /// Deployment of 6 while, in turn, an agent is killed -9, an agent is
+    /// cut off from every master for 8 s (past the 4 s node grace, so its
+    /// pods are evicted and replaced), and all three masters are killed -9
+    /// at once. Checked besides the store: no pod is ever bound to two
+    /// nodes, and the Deployment converges once the faults heal.
+    AgentFaults,
 }
+
+/// Node agents in the `AgentFaults` cluster.
+const AGENTS: usize = 2;
 
 /// The crash points the `FailpointCrash` scenario cycles through.
 pub use capstan_proto::failpoints::NAMES as FAILPOINTS;
@@ -126,6 +143,9 @@ pub struct Report {
     /// `FailpointCrash`: each armed point, and whether the master died there.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub failpoints: Vec<FailpointHit>,
+    /// `AgentFaults`: the Deployment's pods and convergence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orchestration: Option<Orchestration>,
     pub pass: BTreeMap<&'static str, bool>,
     pub passed: bool,
 }
@@ -181,15 +201,18 @@ async fn connect(cluster: &UpCluster, url: &str) -> Option<Channel> {
 }
 
 async fn client(cluster: Arc<UpCluster>, shared: Arc<Shared>, id: u32, seed: u64, keys: usize) {
-    let urls = cluster.urls();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (id as u64).wrapping_mul(0x9e37_79b9));
-    let mut chans: Vec<Option<Channel>> = vec![None; urls.len()];
+    // One channel per master slot; a failed one is re-dialled from the
+    // slot's current endpoints (its master may have been replaced).
+    let mut chans: Vec<Option<Channel>> = vec![None; cluster.masters];
     let mut last_seen: BTreeMap<String, String> = BTreeMap::new();
     let mut n = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
-        let i = rng.gen_range(0..urls.len());
+        let i = rng.gen_range(0..chans.len());
         if chans[i].is_none() {
-            chans[i] = connect(&cluster, &urls[i]).await;
+            if let Some(ep) = cluster.endpoints(i) {
+                chans[i] = connect(&cluster, &ep.etcd_url).await;
+            }
         }
         let Some(ch) = chans[i].clone() else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -292,18 +315,22 @@ async fn watcher(
     slow: Option<Duration>,
     pinned: Option<usize>,
 ) -> Vec<Response> {
-    // A pinned watcher stays on one master (reconnecting to it); the
-    // others resume on a random one.
-    let urls = match pinned {
-        Some(i) => cluster.endpoints(i).map(|e| vec![e.etcd_url]).unwrap_or_default(),
-        None => cluster.urls(),
-    };
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut received = Vec::new();
     let mut next_rev = from;
     'outer: while Instant::now() < deadline {
         if until.lock().expect("not poisoned").is_some_and(|end| next_rev > end) {
             break;
+        }
+        // A pinned watcher stays on one master (reconnecting to it); the
+        // others resume on a random one of those serving now.
+        let urls = match pinned {
+            Some(i) => cluster.endpoints(i).map(|e| vec![e.etcd_url]).unwrap_or_default(),
+            None => cluster.urls(),
+        };
+        if urls.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
         let url = &urls[rng.gen_range(0..urls.len())];
         let Some(ch) = connect(&cluster, url).await else {
@@ -551,6 +578,12 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let cluster = Arc::new(match cfg.scenario {
         Scenario::ClockSkew => UpCluster::start_full(&cfg.capstan, 3, &[], &["--nodes", "0", "--faketime"])?,
         Scenario::DiskFull => UpCluster::start_small_disk(&cfg.capstan, 3, FULL_DISK, 512)?,
+        Scenario::AgentFaults => UpCluster::start_full(
+            &cfg.capstan,
+            3,
+            &["--node-monitor-grace-period=4"],
+            &["--nodes", &AGENTS.to_string(), "--runtime", "sim"],
+        )?,
         _ => UpCluster::start_with(&cfg.capstan, 3, server_args)?,
     });
     // Watchers and the stored history start at `watch_from`. The failpoint
@@ -617,6 +650,16 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         .collect();
     let observed = Arc::new(AtomicBool::new(false));
     let observer = tokio::spawn(leader_claims(cluster.clone(), observed.clone()));
+    let agents = cfg.scenario == Scenario::AgentFaults;
+    let sightings = if agents {
+        let c = cluster.clone();
+        tokio::task::spawn_blocking(move || start_deployment(&c)).await??;
+        let (c, stop) = (cluster.clone(), observed.clone());
+        Some(tokio::task::spawn_blocking(move || watch_pods(&c, &stop)))
+    } else {
+        None
+    };
+    let mut agent_round = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0xa9e7).gen_range(0..3);
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let end = Instant::now() + cfg.duration;
@@ -765,6 +808,20 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                 tokio::time::sleep(Duration::from_secs(6)).await;
                 drop(lossy);
             }
+            Scenario::AgentFaults => {
+                agent_round += 1;
+                match agent_fault(&cluster, agent_round % 3, rng.gen_range(0..AGENTS)).await? {
+                    Some(t) => t0 = t,
+                    None => {
+                        unconfirmed += 1;
+                        continue;
+                    }
+                }
+            }
+            Scenario::MemberReplace => match member_replace(&cluster, leader, &mut rng, &mut unconfirmed).await? {
+                Some(t) => t0 = t,
+                None => continue,
+            },
             Scenario::FailpointCrash => {
                 let Some(fm) = matrix_state.as_mut() else { continue };
                 match failpoint_fault(&cluster, fm, leader, &mut rng).await? {
@@ -781,6 +838,29 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     for c in clients {
         c.await?;
     }
+    let orchestration = match sightings {
+        Some(watching) => {
+            let c = cluster.clone();
+            let (converged, converge_ms, last_state) =
+                tokio::task::spawn_blocking(move || wait_converged(&c, Duration::from_secs(90))).await?;
+            observed.store(true, Ordering::Relaxed);
+            let seen = watching.await?;
+            progress(&format!(
+                "deployment {}: {} pods seen, {} on two nodes",
+                if converged { "converged" } else { "did not converge" },
+                seen.pods(),
+                seen.on_two_nodes()
+            ));
+            Some(Orchestration {
+                pods_seen: seen.pods(),
+                pods_on_two_nodes: seen.on_two_nodes(),
+                converged,
+                converge_ms,
+                last_state,
+            })
+        }
+        None => None,
+    };
     observed.store(true, Ordering::Relaxed);
     let claims = observer.await?;
     let terms_with_two_leaders = claims.values().filter(|leaders| leaders.len() > 1).count() as u64;
@@ -893,6 +973,10 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
             !failpoints.is_empty() && failpoints.iter().all(|h| h.hit && h.restarted && h.serving),
         );
     }
+    if let Some(o) = &orchestration {
+        pass.insert("pods_on_one_node", o.pods_on_two_nodes == 0);
+        pass.insert("deployment_converged", o.converged);
+    }
     let passed = pass.values().all(|v| *v);
     Ok(Report {
         scenario: cfg.scenario,
@@ -912,9 +996,233 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         terms_with_two_leaders,
         recovery_ms,
         failpoints,
+        orchestration,
         pass,
         passed,
     })
+}
+
+/// Scenario 9: a follower replaced by a new master while the workload
+/// runs, the leader killed -9 mid-change (seeded: while the new master is
+/// added, or while the old one is removed). The new master joins through
+/// the leader, so the join's own retries meet the kill too. Every step is
+/// confirmed (the newcomer listed, then a voter; the old member gone from
+/// the list and stopped by itself, not restarted), or counted in
+/// `unconfirmed`. Returns when the leader was killed.
+async fn member_replace(
+    cluster: &Arc<UpCluster>,
+    leader: usize,
+    rng: &mut rand::rngs::StdRng,
+    unconfirmed: &mut usize,
+) -> anyhow::Result<Option<Instant>> {
+    let victim = (leader + 1 + rng.gen_range(0..2)) % 3;
+    let during_add = rng.gen_bool(0.5);
+    let Some(old) = cluster.endpoints(victim) else { return Ok(None) };
+    let newcomer = cluster.join_master(leader)?;
+    let phase = if during_add { "it joins" } else { "the old one is removed" };
+    progress(&format!("replace {} by {newcomer}; kill -9 the leader while {phase}", old.name));
+    let mut killed = None;
+    if during_add {
+        if wait_members(cluster, Duration::from_secs(30), |ms| ms.iter().any(|m| m.name == newcomer)).await {
+            cluster.kill9(leader);
+            killed = Some(Instant::now());
+        } else {
+            progress(&format!("{newcomer} was never listed as a member"));
+            *unconfirmed += 1;
+            return Ok(None);
+        }
+    }
+    let voter = |ms: &[pb::Member]| ms.iter().any(|m| m.name == newcomer && !m.is_learner);
+    if !wait_members(cluster, Duration::from_secs(90), voter).await {
+        progress(&format!("{newcomer} did not become a voter"));
+        *unconfirmed += 1;
+        return Ok(killed);
+    }
+    let removal = tokio::spawn(remove_member(cluster.clone(), old.id, victim));
+    if !during_add {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..200))).await;
+        if let Some(l) = leader_index(cluster).await {
+            cluster.kill9(l);
+            killed = Some(Instant::now());
+        }
+    }
+    if !removal.await? {
+        progress(&format!("{} could not be removed", old.name));
+        *unconfirmed += 1;
+        return Ok(killed);
+    }
+    let (c, name) = (cluster.clone(), old.name.clone());
+    let departed = tokio::task::spawn_blocking(move || c.wait_departed(&name, Duration::from_secs(30))).await?;
+    if departed != Departure::Stopped {
+        progress(&format!("{} was removed but did not stop by itself", old.name));
+        *unconfirmed += 1;
+    }
+    cluster.take_slot(&newcomer, victim);
+    progress(&format!("{newcomer} now serves in place of {}", old.name));
+    Ok(killed)
+}
+
+/// Creates scenario 10's Deployment and waits until it is available.
+fn start_deployment(cluster: &UpCluster) -> anyhow::Result<()> {
+    cluster.kubectl(&["apply", "-f", "-"], Some(orchestration::DEPLOYMENT))?;
+    cluster.kubectl(&["rollout", "status", "deployment/chaos-web", "--timeout=15s"], None).map(|_| ())
+}
+
+/// Every second until `stop`: which node each of the Deployment's pods
+/// is bound to (a failed listing, e.g. while the masters restart, is
+/// skipped).
+fn watch_pods(cluster: &UpCluster, stop: &AtomicBool) -> PodSightings {
+    let mut seen = PodSightings::default();
+    while !stop.load(Ordering::Relaxed) {
+        let list = cluster.kubectl(&["get", "pods", "-l", orchestration::SELECTOR, "-o", "json"], None);
+        if let Ok(v) = list.and_then(|s| Ok(serde_json::from_str::<serde_json::Value>(&s)?)) {
+            seen.record(&v);
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    seen
+}
+
+/// Waits up to `timeout` for the Deployment to converge: (converged, how
+/// long it took, the last reason it had not).
+fn wait_converged(cluster: &UpCluster, timeout: Duration) -> (bool, Option<u64>, String) {
+    let start = Instant::now();
+    let mut last = String::new();
+    while start.elapsed() < timeout {
+        let get = |what: &[&str]| -> anyhow::Result<serde_json::Value> {
+            let mut args = vec!["get"];
+            args.extend_from_slice(what);
+            args.extend(["-o", "json"]);
+            Ok(serde_json::from_str(&cluster.kubectl(&args, None)?)?)
+        };
+        let state = (|| {
+            let d = get(&["deployment", "chaos-web"])?;
+            let p = get(&["pods", "-l", orchestration::SELECTOR])?;
+            let n = get(&["nodes"])?;
+            anyhow::Ok(orchestration::converged(&d, &p, &n, orchestration::REPLICAS))
+        })();
+        match state {
+            Ok(Ok(())) => return (true, Some(start.elapsed().as_millis() as u64), String::new()),
+            Ok(Err(why)) => last = why,
+            Err(e) => last = format!("{e:#}"),
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    (false, None, last)
+}
+
+/// One of scenario 10's faults (`kind` 0: kill -9 agent `k`, restarted by
+/// `up`; 1: cut agent `k` off from every master for 8 s, until its Node is
+/// seen not Ready; 2: kill -9 all three masters at once). When it took
+/// effect, or None if it could not be seen to.
+async fn agent_fault(cluster: &Arc<UpCluster>, kind: usize, k: usize) -> anyhow::Result<Option<Instant>> {
+    let node = format!("node-{}", k + 1);
+    match kind {
+        0 => {
+            let Some(pid) = cluster.agent_pid(k) else { return Ok(None) };
+            progress(&format!("kill -9 agent {node}"));
+            cluster.signal(pid, libc::SIGKILL);
+            let t0 = Instant::now();
+            let c = cluster.clone();
+            let back = tokio::task::spawn_blocking(move || {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline {
+                    if c.agent_pid(k).is_some_and(|p| p != pid) {
+                        return true;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                false
+            })
+            .await?;
+            Ok(back.then_some(t0))
+        }
+        1 => {
+            let Some(port) = cluster.agent_port(k) else { return Ok(None) };
+            progress(&format!("cut agent {node} (UDP {port}) off from the masters for 8 s"));
+            let cut = Partition::agent(port)?;
+            let t0 = Instant::now();
+            let c = cluster.clone();
+            let node_name = node.clone();
+            let seen_down = tokio::task::spawn_blocking(move || {
+                let jsonpath = r#"-o=jsonpath={.status.conditions[?(@.type=="Ready")].status}"#;
+                let deadline = Instant::now() + Duration::from_secs(8);
+                let mut down = false;
+                while Instant::now() < deadline {
+                    if !down {
+                        down =
+                            c.kubectl(&["get", "node", &node_name, jsonpath], None).is_ok_and(|s| s.trim() != "True");
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                down
+            })
+            .await?;
+            drop(cut);
+            if !seen_down {
+                progress(&format!("{node} never showed not Ready"));
+            }
+            Ok(seen_down.then_some(t0))
+        }
+        _ => {
+            progress("kill -9 all three masters");
+            let pids: Vec<(usize, u32)> =
+                (0..cluster.masters).filter_map(|i| Some((i, cluster.endpoints(i)?.pid))).collect();
+            for (_, pid) in &pids {
+                cluster.signal(*pid, libc::SIGKILL);
+            }
+            let t0 = Instant::now();
+            let c = cluster.clone();
+            let back = tokio::task::spawn_blocking(move || {
+                pids.iter().all(|(i, pid)| c.wait_restarted(*i, *pid, Duration::from_secs(60)))
+            })
+            .await?;
+            Ok(back.then_some(t0))
+        }
+    }
+}
+
+/// Whether, within `timeout`, some master's member list satisfies `ok`.
+async fn wait_members(cluster: &UpCluster, timeout: Duration, ok: impl Fn(&[pb::Member]) -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        for i in 0..cluster.masters {
+            let Some(ep) = cluster.endpoints(i) else { continue };
+            let Some(ch) = connect(cluster, &ep.etcd_url).await else { continue };
+            let list = pb::cluster_client::ClusterClient::new(ch).member_list(pb::MemberListRequest::default()).await;
+            if list.is_ok_and(|l| ok(&l.into_inner().members)) {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// Removes member `id` through any master but `victim` (its own slot),
+/// retrying across kills for a minute. Done once a master says it is no
+/// longer a member ("not found" to a retry whose first try went through).
+async fn remove_member(cluster: Arc<UpCluster>, id: u64, victim: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        for i in (0..cluster.masters).filter(|i| *i != victim) {
+            let Some(ep) = cluster.endpoints(i) else {
+                progress(&format!("member remove: slot {i} has no master serving"));
+                continue;
+            };
+            let Some(ch) = connect(&cluster, &ep.etcd_url).await else {
+                progress(&format!("member remove: {} does not answer", ep.name));
+                continue;
+            };
+            match pb::cluster_client::ClusterClient::new(ch).member_remove(pb::MemberRemoveRequest { id }).await {
+                Ok(_) => return true,
+                Err(e) if e.code() == tonic::Code::NotFound => return true,
+                Err(e) => progress(&format!("member remove through {}: {}", ep.name, e.message())),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    false
 }
 
 /// The failpoint matrix's progress through its seeded order.
@@ -1131,6 +1439,8 @@ pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
         Scenario::DiskFull,
         Scenario::ClockSkew,
         Scenario::Compaction,
+        Scenario::MemberReplace,
+        Scenario::AgentFaults,
     ] {
         let r = run(RunConfig { scenario, ..base.clone() }).await?;
         all &= r.passed;
