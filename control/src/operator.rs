@@ -357,6 +357,8 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
                 quota_bytes: None,
                 auto_compaction_revisions: None,
                 snapshot_every: None,
+                heartbeat_interval: None,
+                election_timeout: None,
             };
             crate::server::run(args).await?;
             println!(

@@ -10,7 +10,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use capstan_raft::bootstrap::{self, Bootstrap, StoreConfig};
+use capstan_raft::bootstrap::{self, Bootstrap, StoreConfig, Timing};
 use capstan_raft::Limits;
 use clap::Args;
 use serde::{Deserialize, Serialize};
@@ -84,6 +84,17 @@ pub struct ServerArgs {
     /// Raft log entries between snapshots [default: 10000].
     #[arg(long)]
     pub snapshot_every: Option<u64>,
+    /// Milliseconds between the leader's heartbeats, as etcd's flag; also
+    /// the deadline of one replication round trip, so it must exceed the
+    /// round-trip time between masters. Use the same value on every master
+    /// [default: 100].
+    #[arg(long)]
+    pub heartbeat_interval: Option<u64>,
+    /// Milliseconds without a leader before a master campaigns (randomised
+    /// in [t/2, t]), as etcd's flag; more than twice the heartbeat
+    /// interval [default: 1000].
+    #[arg(long)]
+    pub election_timeout: Option<u64>,
 }
 
 /// Tunables, persisted so a restart with `--data-dir` alone keeps them.
@@ -97,6 +108,18 @@ pub struct Settings {
     pub snapshot_every: u64,
     #[serde(default = "default_cluster_cidr")]
     pub cluster_cidr: String,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval: u64,
+    #[serde(default = "default_election")]
+    pub election_timeout: u64,
+}
+
+fn default_heartbeat() -> u64 {
+    Timing::default().heartbeat_ms
+}
+
+fn default_election() -> u64 {
+    Timing::default().election_ms
 }
 
 fn default_cluster_cidr() -> String {
@@ -112,6 +135,8 @@ impl Default for Settings {
             auto_compaction_revisions: 100_000,
             snapshot_every: 10_000,
             cluster_cidr: default_cluster_cidr(),
+            heartbeat_interval: default_heartbeat(),
+            election_timeout: default_election(),
         }
     }
 }
@@ -128,6 +153,8 @@ impl Settings {
         self.auto_compaction_revisions = a.auto_compaction_revisions.unwrap_or(self.auto_compaction_revisions);
         self.snapshot_every = a.snapshot_every.unwrap_or(self.snapshot_every);
         self.cluster_cidr = a.cluster_cidr.clone().unwrap_or(self.cluster_cidr);
+        self.heartbeat_interval = a.heartbeat_interval.unwrap_or(self.heartbeat_interval);
+        self.election_timeout = a.election_timeout.unwrap_or(self.election_timeout);
         self
     }
 }
@@ -229,6 +256,8 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         (name, peer, sf)
     };
     let settings = server_file.settings.clone().overridden_by(&a);
+    let timing = Timing { heartbeat_ms: settings.heartbeat_interval, election_ms: settings.election_timeout };
+    timing.check().context("--heartbeat-interval, --election-timeout")?;
     let cluster_cidr = crate::gateway::authz::ClusterCidr::parse(&settings.cluster_cidr)
         .map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?;
     if let Some(p) = server_file.etcd_plaintext_listen {
@@ -279,6 +308,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
             retain_revisions: settings.auto_compaction_revisions,
         },
         snapshot_every: settings.snapshot_every,
+        timing,
         restore: match &a.restore {
             Some(path) => {
                 let bytes = std::fs::read(path).with_context(|| format!("reading backup {}", path.display()))?;

@@ -119,3 +119,26 @@ async fn bad_input_is_rejected_and_changes_nothing() {
         assert!(r.kvs.is_empty(), "{k} was written by a rejected request");
     }
 }
+
+/// Raft timing that cannot work (an election timeout not above twice the
+/// heartbeat interval) is refused before the master creates anything.
+#[test]
+fn unusable_raft_timing_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("m1");
+    let out = std::process::Command::new(BIN)
+        .args(["server", "--name", "m1", "--init", "--peer-listen", "127.0.0.1:0", "--etcd-listen", "127.0.0.1:0"])
+        .args(["--heartbeat-interval", "200", "--election-timeout", "300", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("the election timeout (300 ms) must be more than twice the heartbeat interval (200 ms)"),
+        "{err}"
+    );
+    let written: Vec<_> =
+        std::fs::read_dir(&data).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(written.is_empty(), "nothing is written: {written:?}");
+}

@@ -68,6 +68,7 @@ pub struct StoreConfig {
     pub limits: Limits,
     /// Take a snapshot (and purge the log behind it) every this many entries.
     pub snapshot_every: u64,
+    pub timing: Timing,
     /// With `Bootstrap::Init`: start the new cluster from this backup.
     pub restore: Option<crate::mvcc::Image>,
 }
@@ -219,12 +220,44 @@ impl std::fmt::Display for JoinToken {
     }
 }
 
-fn raft_config(snapshot_every: u64) -> anyhow::Result<Arc<openraft::Config>> {
+/// Raft timing, as etcd's `--heartbeat-interval` and `--election-timeout`
+/// (milliseconds). The heartbeat interval is also openraft's deadline for
+/// one AppendEntries round trip (and a ReadIndex round), so it must exceed
+/// the round-trip time between masters, or nothing commits; elections
+/// start after a random time in [election/2, election] without a leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub election_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing { heartbeat_ms: 100, election_ms: 1000 }
+    }
+}
+
+impl Timing {
+    /// openraft's settings, or why these are unusable.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.heartbeat_ms > 0, "the heartbeat interval must be positive");
+        anyhow::ensure!(
+            self.election_ms / 2 > self.heartbeat_ms,
+            "the election timeout ({} ms) must be more than twice the heartbeat interval ({} ms)",
+            self.election_ms,
+            self.heartbeat_ms
+        );
+        Ok(())
+    }
+}
+
+fn raft_config(snapshot_every: u64, timing: Timing) -> anyhow::Result<Arc<openraft::Config>> {
+    timing.check()?;
     let cfg = openraft::Config {
         cluster_name: "capstan".into(),
-        heartbeat_interval: 100,
-        election_timeout_min: 500,
-        election_timeout_max: 1000,
+        heartbeat_interval: timing.heartbeat_ms,
+        election_timeout_min: timing.election_ms / 2,
+        election_timeout_max: timing.election_ms,
         // Entries can be batches of up to 4 MiB (batch.rs); keep a message bounded.
         max_payload_entries: 32,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(snapshot_every),
@@ -330,7 +363,8 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     let (removed_tx, removed) = tokio::sync::watch::channel(false);
     let removed_tx = Arc::new(removed_tx);
     let network = Network { clients: clients.clone(), removed: removed_tx.clone() };
-    let raft = Raft::new(member.id, raft_config(cfg.snapshot_every)?, network, storage.log_store()?, sm).await?;
+    let raft =
+        Raft::new(member.id, raft_config(cfg.snapshot_every, cfg.timing)?, network, storage.log_store()?, sm).await?;
     let node = StoreNode::new(member.id, raft, hub, state, clients, cfg.limits.clone());
     tokio::spawn(crate::peer::serve_peers(ep.clone(), node.clone(), pki.clone()));
     tokio::spawn(node.clone().run_leader_duties());

@@ -91,9 +91,6 @@ struct LeaseClock {
 }
 
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The election timeout's upper bound (bootstrap.rs): past this without a
-/// quorum acknowledgement a leader knows it may have been replaced.
-const QUORUM_LOST_AFTER_MS: u64 = 1000;
 const PEER_RPC_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl StoreNode {
@@ -232,7 +229,10 @@ impl StoreNode {
     fn leader_lost_quorum(&self) -> bool {
         let m = self.raft.metrics();
         let m = m.borrow();
-        m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms > QUORUM_LOST_AFTER_MS)
+        // Past the election timeout's upper bound without a quorum
+        // acknowledgement, a leader knows it may have been replaced.
+        let lost_after = self.raft.config().election_timeout_max;
+        m.current_leader == Some(self.id) && m.millis_since_quorum_ack.is_some_and(|ms| ms > lost_after)
     }
 
     /// Resolves once the known leader is no longer `member`.
