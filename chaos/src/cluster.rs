@@ -155,6 +155,18 @@ impl UpCluster {
         Self::start_full(capstan, masters, server_args, &["--nodes", "0"])
     }
 
+    /// Like [`UpCluster::start_full`], in a directory made beforehand (a
+    /// proxy in front of the masters needs to know where they will be).
+    pub fn start_full_in(
+        capstan: &Path,
+        dir: tempfile::TempDir,
+        masters: usize,
+        server_args: &[&str],
+        up_args: &[&str],
+    ) -> anyhow::Result<UpCluster> {
+        Self::launch(capstan, dir, vec![], masters, server_args, up_args)
+    }
+
     /// Like [`UpCluster::start_with`], with more `capstan up` flags
     /// (`up_args`, e.g. `--nodes 1 --runtime sim`).
     pub fn start_full(

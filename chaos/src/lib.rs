@@ -16,6 +16,8 @@
 //!   (`capstan_raft::failpoints`) through a master's `/debug/failpoints`
 //!   and reports, per arming, whether the master died there and came back.
 //!
+//! - [`proxy`]: a UDP proxy in front of each master's peer port that
+//!   delays, reorders, duplicates and drops datagrams (no netem here).
 //! - [`orchestration`]: scenario 10's Deployment on hollow node agents and
 //!   the orchestration invariants (a pod on one node only; convergence).
 //!
@@ -25,5 +27,6 @@ pub mod cluster;
 pub mod history;
 pub mod linearizability;
 pub mod orchestration;
+pub mod proxy;
 pub mod run;
 pub mod watch_check;

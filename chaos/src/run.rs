@@ -24,6 +24,7 @@ use crate::cluster::{Departure, Partition, UpCluster};
 use crate::history::{Input, Op, Output};
 use crate::linearizability::{self, Verdict};
 use crate::orchestration::{self, Orchestration, PodSightings};
+use crate::proxy::{Impairment, PeerProxy};
 use crate::watch_check::{self, Event, Response, WatchReport, WatchSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -85,6 +86,13 @@ pub enum Scenario {
     /// at once. Checked besides the store: no pod is ever bound to two
     /// nodes, and the Deployment converges once the faults heal.
     AgentFaults,
+    /// Every peer datagram through the harness's UDP proxy ([`PeerProxy`]),
+    /// impaired for 6 s per fault, alternately: 20-120 ms delay (jitter, so
+    /// reordering) with 10% duplicated, within what the masters are tuned
+    /// for (`--heartbeat-interval 300 --election-timeout 3000`), so writes
+    /// go on; and 200-600 ms delay with 5% lost, beyond it: only safety is
+    /// expected.
+    NetworkImpairment,
 }
 
 /// Node agents in the `AgentFaults` cluster.
@@ -575,7 +583,24 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let snapshot_every = format!("--snapshot-every={FAILPOINT_SNAPSHOT_EVERY}");
     let small_snapshots = failpoint_run || cfg.scenario == Scenario::SnapshotCatchUp;
     let server_args: &[&str] = if small_snapshots { &[&snapshot_every] } else { &[] };
+    let mut proxy = None;
     let cluster = Arc::new(match cfg.scenario {
+        Scenario::NetworkImpairment => {
+            let dir = tempfile::Builder::new().prefix("capstan-chaos").tempdir()?;
+            let root = dir.path().to_path_buf();
+            let p =
+                PeerProxy::start(3, move |i| real_peer_addr(&root.join(format!("master-{}", i + 1))), cfg.seed).await?;
+            let ports = p.front_ports().iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+            proxy = Some(p);
+            let capstan = cfg.capstan.clone();
+            // Tuned as an operator would for round trips up to ~250 ms
+            // (the heartbeat is also the replication round trip's deadline).
+            let timing = ["--heartbeat-interval=300", "--election-timeout=3000"];
+            tokio::task::spawn_blocking(move || {
+                UpCluster::start_full_in(&capstan, dir, 3, &timing, &["--nodes", "0", "--peer-advertise-ports", &ports])
+            })
+            .await??
+        }
         Scenario::ClockSkew => UpCluster::start_full(&cfg.capstan, 3, &[], &["--nodes", "0", "--faketime"])?,
         Scenario::DiskFull => UpCluster::start_small_disk(&cfg.capstan, 3, FULL_DISK, 512)?,
         Scenario::AgentFaults => UpCluster::start_full(
@@ -816,6 +841,26 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                         unconfirmed += 1;
                         continue;
                     }
+                }
+            }
+            Scenario::NetworkImpairment => {
+                let Some(p) = proxy.as_ref() else { continue };
+                let (imp, what) = if faults % 2 == 0 {
+                    let ms = Duration::from_millis;
+                    (Impairment { delay: ms(20), jitter: ms(100), duplicate: 0.1, loss: 0.0 }, "20-120 ms, 10% twice")
+                } else {
+                    let ms = Duration::from_millis;
+                    (Impairment { delay: ms(200), jitter: ms(400), duplicate: 0.0, loss: 0.05 }, "200-600 ms, 5% lost")
+                };
+                progress(&format!("peer network impaired for 6 s: {what}"));
+                let before = p.stats().delayed.load(Ordering::Relaxed);
+                p.set(imp);
+                t0 = Instant::now();
+                tokio::time::sleep(Duration::from_secs(6)).await;
+                p.set(Impairment::none());
+                if p.stats().delayed.load(Ordering::Relaxed) == before {
+                    progress("no datagram went through the impaired proxy");
+                    unconfirmed += 1;
                 }
             }
             Scenario::MemberReplace => match member_replace(&cluster, leader, &mut rng, &mut unconfirmed).await? {
@@ -1060,6 +1105,14 @@ async fn member_replace(
     cluster.take_slot(&newcomer, victim);
     progress(&format!("{newcomer} now serves in place of {}", old.name));
     Ok(killed)
+}
+
+/// The peer address a master listens on (from its member.json), which the
+/// proxy forwards to; None until the master has bootstrapped.
+fn real_peer_addr(master_dir: &std::path::Path) -> Option<std::net::SocketAddr> {
+    let member: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(master_dir.join("member.json")).ok()?).ok()?;
+    member["peer_listen"].as_str()?.parse().ok()
 }
 
 /// Creates scenario 10's Deployment and waits until it is available.
@@ -1441,6 +1494,7 @@ pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
         Scenario::Compaction,
         Scenario::MemberReplace,
         Scenario::AgentFaults,
+        Scenario::NetworkImpairment,
     ] {
         let r = run(RunConfig { scenario, ..base.clone() }).await?;
         all &= r.passed;

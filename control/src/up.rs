@@ -59,6 +59,10 @@ pub struct UpArgs {
     /// others elect a new leader instead of the restarted one resuming.
     #[arg(long, default_value_t = 0)]
     pub restart_delay_ms: u64,
+    /// Chaos tests: master i advertises peer address 127.0.0.1:<port i>
+    /// (a fault-injecting proxy in front of its real peer port).
+    #[arg(long, hide = true, value_delimiter = ',')]
+    pub peer_advertise_ports: Vec<u16>,
 }
 
 struct Master {
@@ -253,6 +257,9 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
             ]);
             if a.plaintext {
                 extra.extend(["--etcd-plaintext-listen".into(), "127.0.0.1:0".into()]);
+            }
+            if let Some(port) = a.peer_advertise_ports.get(i - 1) {
+                extra.extend(["--peer-advertise".into(), format!("127.0.0.1:{port}")]);
             }
             if i == 1 {
                 extra.push("--init".into());
