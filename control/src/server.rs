@@ -378,7 +378,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         let mut server = capstan_raft::pki::quic_server_config(started.pki.ca.cert_pem(), &started.pki.identity, true)?;
         server.transport_config(capstan_raft::transport::node_transport_config());
         quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            bootstrap::quic_endpoint_config(&a.data_dir)?,
             Some(server),
             node_socket,
             std::sync::Arc::new(quinn::TokioRuntime),

@@ -268,10 +268,41 @@ fn raft_config(snapshot_every: u64, timing: Timing) -> anyhow::Result<Arc<openra
     Ok(Arc::new(cfg.validate()?))
 }
 
-fn endpoint(listen: SocketAddr, pki: &Pki) -> anyhow::Result<quinn::Endpoint> {
+/// QUIC endpoint settings for this master's listeners: the stateless-reset
+/// key (and the key its connection ids are hashed with) is kept in the
+/// data dir (`quic-reset.key`, 0600), so a master that restarts (after a
+/// crash: no CONNECTION_CLOSE was sent) recognises the ids of connections
+/// it no longer has and answers them with a valid stateless reset. Their
+/// other ends (node agents, peers) learn at once that the connection is
+/// gone and reconnect, instead of waiting out the idle timeout.
+pub fn quic_endpoint_config(data_dir: &Path) -> anyhow::Result<quinn::EndpointConfig> {
+    let path = data_dir.join("quic-reset.key");
+    let key = match std::fs::read_to_string(&path) {
+        Ok(text) => hex::decode(text.trim())
+            .ok()
+            .filter(|k| k.len() == 64)
+            .with_context(|| format!("{} is not 64 hex-encoded bytes", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut key = vec![0u8; 64];
+            rand::thread_rng().fill(&mut key[..]);
+            write_private(&path, &hex::encode(&key))?;
+            key
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key);
+    let cid_key = u64::from_le_bytes(ring::hmac::sign(&hmac, b"connection ids").as_ref()[..8].try_into()?);
+    let mut cfg = quinn::EndpointConfig::new(Arc::new(hmac));
+    cfg.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    Ok(cfg)
+}
+
+fn endpoint(listen: SocketAddr, pki: &Pki, data_dir: &Path) -> anyhow::Result<quinn::Endpoint> {
     let mut server = pki::quic_server_config(pki.ca.cert_pem(), &pki.identity, true)?;
     server.transport_config(transport_config());
-    let mut ep = quinn::Endpoint::server(server, listen).with_context(|| format!("binding peer address {listen}"))?;
+    let socket = std::net::UdpSocket::bind(listen).with_context(|| format!("binding peer address {listen}"))?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let mut ep = quinn::Endpoint::new(quic_endpoint_config(data_dir)?, Some(server), socket, runtime)?;
     let mut client = pki::quic_client_config(pki.ca.cert_pem(), &pki.identity)?;
     client.transport_config(transport_config());
     ep.set_default_client_config(client);
@@ -358,7 +389,7 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     let sm = storage.state_machine(hub.clone())?;
     let state = sm.shared();
     hub.attach(state.clone());
-    let ep = endpoint(member.peer_listen, &pki)?;
+    let ep = endpoint(member.peer_listen, &pki, &cfg.data_dir)?;
     let clients = Arc::new(PeerClients::new(ep.clone()));
     let (removed_tx, removed) = tokio::sync::watch::channel(false);
     let removed_tx = Arc::new(removed_tx);
@@ -404,4 +435,75 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
         }
     }
     Ok(Started { node, pki, member, storage, endpoint: ep, removed })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client connected to an endpoint that dies without a word (its
+    /// runtime dropped: no CONNECTION_CLOSE) and comes back on the same
+    /// port. With the key from the same data dir the client is reset at
+    /// once; with another key it hears nothing (it would wait out its idle
+    /// timeout).
+    #[test]
+    fn a_restarted_endpoint_resets_connections_it_forgot() {
+        let ca = ClusterCa::generate("t").unwrap();
+        let id = ca.issue_master("master:m", &["127.0.0.1".to_string()]).unwrap();
+        let server_cfg = || pki::quic_server_config(ca.cert_pem(), &id, true).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let serve = |dir: &Path, socket: std::net::UdpSocket| {
+            quinn::Endpoint::new(
+                quic_endpoint_config(dir).unwrap(),
+                Some(server_cfg()),
+                socket,
+                Arc::new(quinn::TokioRuntime),
+            )
+            .unwrap()
+        };
+        let client_rt = tokio::runtime::Runtime::new().unwrap();
+        for (restart_dir, reset_expected) in [(dir.path(), true), (other.path(), false)] {
+            let server_rt = tokio::runtime::Runtime::new().unwrap();
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let addr = socket.local_addr().unwrap();
+            let first = server_rt.block_on(async { serve(dir.path(), socket) });
+            let accepted = server_rt.spawn(async move {
+                let conn = first.accept().await.unwrap().await.unwrap();
+                (first, conn)
+            });
+            let client = client_rt.block_on(async {
+                let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+                ep.set_default_client_config(pki::quic_client_config(ca.cert_pem(), &id).unwrap());
+                let conn = ep.connect(addr, "127.0.0.1").unwrap().await.unwrap();
+                (ep, conn)
+            });
+            let kept = server_rt.block_on(accepted).unwrap();
+            // The crash: the driver tasks stop first, so dropping the
+            // endpoint and connection afterwards sends nothing.
+            server_rt.shutdown_background();
+            drop(kept);
+            // The old socket closes as the runtime's threads wind down.
+            let socket = (0..100)
+                .find_map(|_| {
+                    std::net::UdpSocket::bind(addr).ok().or_else(|| {
+                        std::thread::sleep(Duration::from_millis(20));
+                        None
+                    })
+                })
+                .expect("the port is free again");
+            let again = client_rt.block_on(async { serve(restart_dir, socket) });
+            let reset = client_rt.block_on(async {
+                if let Ok(mut s) = client.1.open_uni().await {
+                    let _ = s.write_all(b"hello").await;
+                }
+                tokio::time::timeout(Duration::from_secs(3), client.1.closed()).await
+            });
+            match reset {
+                Ok(e) => assert!(reset_expected && e == quinn::ConnectionError::Reset, "closed with {e:?}"),
+                Err(_) => assert!(!reset_expected, "no reset within 3 s from the restarted endpoint"),
+            }
+            drop(again);
+        }
+    }
 }

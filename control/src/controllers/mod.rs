@@ -199,6 +199,7 @@ pub fn start(
         pods: inf.get("Pod").clone(),
         grace: node_grace,
         recorder: events.recorder("node-controller"),
+        sightings: Default::default(),
     });
     let cjc = Arc::new(cronjob::CronJobController {
         api: api.clone(),

@@ -7,10 +7,20 @@
 //! `tolerationSeconds` (300 s by the default tolerations admission adds).
 //! When heartbeats return, the taints go and the node is Ready again.
 //!
-//! [`plan`] is pure; the shell writes the node and evicts (deletes) pods.
+//! Silence is measured from when *this controller* saw a node's heartbeat
+//! advance, on its own monotonic clock ([`Sightings`], Kubernetes'
+//! probeTimestamp), never from the timestamp in the heartbeat: a master
+//! that takes over after the control plane was down (or failed over) gives
+//! every node a full grace period to reconnect, instead of finding every
+//! lease stale and evicting every pod; and neither the agent's clock nor a
+//! jump of the master's wall clock counts.
+//!
+//! [`plan`] and [`Sightings`] are pure; the shell writes the node and
+//! evicts (deletes) pods.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
@@ -46,6 +56,35 @@ fn secs(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
+/// When this controller last saw each node's heartbeat change.
+#[derive(Debug, Default)]
+pub struct Sightings {
+    seen: HashMap<String, (Option<DateTime<Utc>>, Instant)>,
+}
+
+impl Sightings {
+    /// How long `node`'s heartbeat (`beat`) has stood still, as of `now`;
+    /// a first sighting or a changed heartbeat starts the count again.
+    pub fn silent_for(&mut self, node: &str, beat: Option<DateTime<Utc>>, now: Instant) -> Duration {
+        match self.seen.get(node) {
+            Some((last, at)) if *last == beat => now.saturating_duration_since(*at),
+            _ => {
+                self.seen.insert(node.to_string(), (beat, now));
+                Duration::ZERO
+            }
+        }
+    }
+
+    pub fn forget(&mut self, node: &str) {
+        self.seen.remove(node);
+    }
+
+    /// On taking over: nothing seen before counts.
+    pub fn forget_all(&mut self) {
+        self.seen.clear();
+    }
+}
+
 /// The latest sign of life: lease renewal, Ready heartbeat, or creation.
 fn heartbeat(node: &Value, lease: Option<&Value>) -> Option<DateTime<Utc>> {
     let ready = node["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready"));
@@ -64,10 +103,10 @@ fn tolerates(tolerations: &[Value], taint: &Value) -> Option<Option<i64>> {
     super::scheduler::toleration_for(tolerations, taint).map(|t| t["tolerationSeconds"].as_i64())
 }
 
-pub fn plan(node: &Value, lease: Option<&Value>, pods: &[Value], now: DateTime<Utc>, grace: Duration) -> Plan {
-    let grace = chrono::Duration::from_std(grace).unwrap_or(chrono::Duration::seconds(40));
-    let beat = heartbeat(node, lease).unwrap_or(now);
-    let stale = beat + grace < now;
+/// What to do about `node`, whose heartbeat has not advanced for `silent`
+/// (see [`Sightings`]); `now` dates taints and conditions.
+pub fn plan(node: &Value, silent: Duration, pods: &[Value], now: DateTime<Utc>, grace: Duration) -> Plan {
+    let stale = silent > grace;
     let ready = node["status"]["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready")).cloned();
     let reported = ready.as_ref().and_then(|r| r["status"].as_str()).unwrap_or("Unknown").to_string();
     let mut new_ready = None;
@@ -109,11 +148,8 @@ pub fn plan(node: &Value, lease: Option<&Value>, pods: &[Value], now: DateTime<U
         taints.push(keep_or_new(key, "NoSchedule"));
         taints.push(keep_or_new(key, "NoExecute"));
     }
-    let mut requeue = if stale {
-        Duration::from_secs(5)
-    } else {
-        (beat + grace - now).to_std().unwrap_or_default() + Duration::from_millis(100)
-    };
+    let mut requeue =
+        if stale { Duration::from_secs(5) } else { grace.saturating_sub(silent) + Duration::from_millis(100) };
     let mut evict = Vec::new();
     let name = node["metadata"]["name"].as_str().unwrap_or_default();
     for pod in pods.iter().filter(|p| p["spec"]["nodeName"] == name && super::replicaset::is_active(p)) {
@@ -158,15 +194,20 @@ pub struct NodeLifecycleController {
     pub pods: Arc<Informer>,
     pub grace: Duration,
     pub recorder: EventRecorder,
+    pub sightings: parking_lot::Mutex<Sightings>,
 }
 
 impl NodeLifecycleController {
     async fn run(self: Arc<Self>, key: String) -> ReconcileResult {
-        let Some(cached) = self.nodes.get(&key) else { return Ok(None) };
+        let Some(cached) = self.nodes.get(&key) else {
+            self.sightings.lock().forget(&key);
+            return Ok(None);
+        };
         let node = cached.object();
         let lease = self.leases.get(&format!("{LEASE_NAMESPACE}/{key}")).map(|l| l.object());
         let pods: Vec<Value> = self.pods.list_node(&key).iter().map(|p| p.object()).collect();
-        let p = plan(&node, lease.as_ref(), &pods, Utc::now(), self.grace);
+        let silent = self.sightings.lock().silent_for(&key, heartbeat(&node, lease.as_ref()), Instant::now());
+        let p = plan(&node, silent, &pods, Utc::now(), self.grace);
         let err = |e: crate::api::status::ApiError| e.to_string();
         let mut found = Found { object: node.clone(), mod_revision: cached.mod_revision };
         if let Some(taints) = p.taints {
@@ -219,6 +260,10 @@ impl Reconciler for NodeLifecycleController {
     fn all_keys(&self) -> Vec<String> {
         self.nodes.list().iter().map(|c| c.key.clone()).collect()
     }
+
+    fn on_leading(&self) {
+        self.sightings.lock().forget_all();
+    }
 }
 
 #[cfg(test)]
@@ -238,13 +283,17 @@ mod tests {
         json!({"metadata": {"name": name, "namespace": "d"}, "spec": {"nodeName": "n1", "tolerations": tolerations}, "status": {"phase": "Running"}})
     }
 
+    fn s(secs: u64) -> Duration {
+        Duration::from_secs(secs)
+    }
+
     #[test]
     fn silent_nodes_turn_unknown_and_tainted_then_pods_leave_on_schedule() {
         let grace = Duration::from_secs(40);
-        let fresh = plan(&node(100, "True"), None, &[], at(120), grace);
+        let fresh = plan(&node(100, "True"), s(20), &[], at(120), grace);
         assert_eq!((fresh.ready.clone(), fresh.taints.clone()), (None, None));
         assert!(fresh.requeue <= Duration::from_secs(21));
-        let p = plan(&node(100, "True"), None, &[], at(141), grace);
+        let p = plan(&node(100, "True"), s(41), &[], at(141), grace);
         assert_eq!(p.ready.as_ref().unwrap()["status"], "Unknown");
         let taints = p.taints.clone().unwrap();
         assert_eq!((taints[0]["key"].as_str(), taints[0]["effect"].as_str()), (Some(UNREACHABLE), Some("NoSchedule")));
@@ -260,33 +309,50 @@ mod tests {
             ),
             pod("forever", json!([{"operator": "Exists"}])),
         ];
-        let p = plan(&tainted, None, &pods, at(150), grace);
+        let p = plan(&tainted, s(50), &pods, at(150), grace);
         assert_eq!(p.evict, ["d/plain"]);
         assert!(p.requeue <= Duration::from_secs(292));
-        assert_eq!(plan(&tainted, None, &pods, at(141 + 300), grace).evict, ["d/plain", "d/patient"]);
+        assert_eq!(plan(&tainted, s(341), &pods, at(141 + 300), grace).evict, ["d/plain", "d/patient"]);
         // A fresh lease alone does not undo the Unknown verdict...
-        let lease = json!({"spec": {"renewTime": secs(at(500))}});
-        assert_eq!(plan(&tainted, Some(&lease), &pods, at(505), grace).taints, None);
+        assert_eq!(plan(&tainted, s(5), &pods, at(505), grace).taints, None);
         // ...the agent reporting Ready again does: the taints go.
         let mut back = node(500, "True");
         back["spec"]["taints"] = tainted["spec"]["taints"].clone();
-        let p = plan(&back, Some(&lease), &pods, at(505), grace);
+        let p = plan(&back, s(5), &pods, at(505), grace);
         assert_eq!(p.taints, Some(vec![]));
         assert!(p.evict.is_empty());
+    }
+
+    /// Silence counts from when the controller saw a heartbeat change, on
+    /// its own clock: a heartbeat from long ago, first seen now (a master
+    /// taking over after an outage), is fresh.
+    #[test]
+    fn silence_is_counted_from_sightings_not_timestamps() {
+        let mut seen = Sightings::default();
+        let t0 = Instant::now();
+        let old = Some(at(100));
+        assert_eq!(seen.silent_for("n1", old, t0), Duration::ZERO, "first sighting, however old the heartbeat");
+        assert_eq!(seen.silent_for("n1", old, t0 + s(30)), s(30));
+        assert_eq!(seen.silent_for("n1", Some(at(101)), t0 + s(31)), Duration::ZERO, "the heartbeat advanced");
+        assert_eq!(seen.silent_for("n1", Some(at(101)), t0 + s(45)), s(14));
+        seen.forget_all();
+        assert_eq!(seen.silent_for("n1", Some(at(101)), t0 + s(100)), Duration::ZERO, "a new leader starts over");
+        // The old way would have judged this node dead on sight:
+        assert!(plan(&node(100, "True"), Duration::ZERO, &[], at(100_000), s(40)).taints.is_none());
     }
 
     #[test]
     fn a_new_node_gets_the_grace_period() {
         let new = json!({"metadata": {"name": "n1", "creationTimestamp": secs(at(0))}, "spec": {}, "status": {}});
-        let p = plan(&new, None, &[], at(10), Duration::from_secs(40));
+        let p = plan(&new, s(10), &[], at(10), Duration::from_secs(40));
         assert_eq!((p.ready, p.taints), (None, None));
-        let p = plan(&new, None, &[], at(41), Duration::from_secs(40));
+        let p = plan(&new, s(41), &[], at(41), Duration::from_secs(40));
         assert_eq!(p.ready.unwrap()["status"], "Unknown");
     }
 
     #[test]
     fn a_not_ready_report_taints_not_ready() {
-        let p = plan(&node(100, "False"), None, &[], at(101), Duration::from_secs(40));
+        let p = plan(&node(100, "False"), s(1), &[], at(101), Duration::from_secs(40));
         assert_eq!(p.taints.unwrap()[1]["key"], NOT_READY);
         assert!(p.ready.is_none(), "the agent's own report stands");
     }

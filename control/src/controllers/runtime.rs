@@ -24,6 +24,8 @@ pub trait Reconciler: Send + Sync + 'static {
     fn reconcile(self: Arc<Self>, key: String) -> BoxFuture<'static, ReconcileResult>;
     /// Every key the controller is responsible for (resync on gaining the lease).
     fn all_keys(&self) -> Vec<String>;
+    /// Called when this master starts leading, before the resync.
+    fn on_leading(&self) {}
 }
 
 #[derive(Message)]
@@ -49,6 +51,7 @@ trait ReconcilerDyn: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     fn run(&self, key: String) -> BoxFuture<'static, ReconcileResult>;
     fn all_keys(&self) -> Vec<String>;
+    fn on_leading(&self);
 }
 
 impl<R: Reconciler> ReconcilerDyn for Arc<R> {
@@ -60,6 +63,9 @@ impl<R: Reconciler> ReconcilerDyn for Arc<R> {
     }
     fn all_keys(&self) -> Vec<String> {
         R::all_keys(self)
+    }
+    fn on_leading(&self) {
+        R::on_leading(self)
     }
 }
 
@@ -144,6 +150,7 @@ impl Handler<Leading> for ControllerActor {
         let gained = m.0 && !self.leading;
         self.leading = m.0;
         if gained {
+            self.r.on_leading();
             // Level-triggered: on taking over, look at everything once.
             for k in self.r.all_keys() {
                 self.queue.add(&k);
