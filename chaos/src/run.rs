@@ -81,7 +81,8 @@ pub enum Scenario {
     MemberReplace,
     /// Scenario 10: two hollow node agents (`--runtime sim`) run a
     /// Deployment of 6 while, in turn, an agent is killed -9, an agent is
-    /// cut off from every master for 8 s (past the 4 s node grace, so its
+    /// cut off from every master for 20 s (past the 12 s node grace, which
+    /// must exceed the agents' 10 s heartbeat, and the pods' 2 s toleration, so its
     /// pods are evicted and replaced), and all three masters are killed -9
     /// at once. Checked besides the store: no pod is ever bound to two
     /// nodes, and the Deployment converges once the faults heal.
@@ -97,6 +98,14 @@ pub enum Scenario {
 
 /// Node agents in the `AgentFaults` cluster.
 const AGENTS: usize = 2;
+
+/// The masters' node grace in `AgentFaults`: more than the agents' 10 s
+/// heartbeat (shorter, and healthy nodes would go Unknown between beats).
+const AGENT_GRACE: &str = "--node-monitor-grace-period=12";
+
+/// How long `AgentFaults` cuts an agent off: past the grace and the pods'
+/// 2 s toleration, so they are evicted and replaced elsewhere.
+const AGENT_CUT: Duration = Duration::from_secs(20);
 
 /// The crash points the `FailpointCrash` scenario cycles through.
 pub use capstan_proto::failpoints::NAMES as FAILPOINTS;
@@ -606,7 +615,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         Scenario::AgentFaults => UpCluster::start_full(
             &cfg.capstan,
             3,
-            &["--node-monitor-grace-period=4"],
+            &[AGENT_GRACE],
             &["--nodes", &AGENTS.to_string(), "--runtime", "sim"],
         )?,
         _ => UpCluster::start_with(&cfg.capstan, 3, server_args)?,
@@ -1165,7 +1174,7 @@ fn wait_converged(cluster: &UpCluster, timeout: Duration) -> (bool, Option<u64>,
 }
 
 /// One of scenario 10's faults (`kind` 0: kill -9 agent `k`, restarted by
-/// `up`; 1: cut agent `k` off from every master for 8 s, until its Node is
+/// `up`; 1: cut agent `k` off from every master for [`AGENT_CUT`], until its Node is
 /// seen not Ready; 2: kill -9 all three masters at once). When it took
 /// effect, or None if it could not be seen to.
 async fn agent_fault(cluster: &Arc<UpCluster>, kind: usize, k: usize) -> anyhow::Result<Option<Instant>> {
@@ -1192,14 +1201,14 @@ async fn agent_fault(cluster: &Arc<UpCluster>, kind: usize, k: usize) -> anyhow:
         }
         1 => {
             let Some(port) = cluster.agent_port(k) else { return Ok(None) };
-            progress(&format!("cut agent {node} (UDP {port}) off from the masters for 8 s"));
+            progress(&format!("cut agent {node} (UDP {port}) off from the masters for {AGENT_CUT:?}"));
             let cut = Partition::agent(port)?;
             let t0 = Instant::now();
             let c = cluster.clone();
             let node_name = node.clone();
             let seen_down = tokio::task::spawn_blocking(move || {
                 let jsonpath = r#"-o=jsonpath={.status.conditions[?(@.type=="Ready")].status}"#;
-                let deadline = Instant::now() + Duration::from_secs(8);
+                let deadline = Instant::now() + AGENT_CUT;
                 let mut down = false;
                 while Instant::now() < deadline {
                     if !down {
