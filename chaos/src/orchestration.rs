@@ -75,6 +75,18 @@ pub struct Orchestration {
     pub converge_ms: Option<u64>,
     /// Why not, when it did not.
     pub last_state: String,
+    /// Agents cut off from the masters during the run: only their pods may
+    /// be evicted and replaced.
+    pub agents_cut_off: usize,
+}
+
+impl Orchestration {
+    /// Pods replaced beyond what the cut-off agents can explain (at most
+    /// every replica per cut): a killed agent, or masters restarting,
+    /// must not cost any pod.
+    pub fn needless_replacements(&self, replicas: usize) -> usize {
+        self.pods_seen.saturating_sub(replicas).saturating_sub(replicas * self.agents_cut_off)
+    }
 }
 
 /// Whether the Deployment is converged: its status counts all `want`, and
@@ -131,6 +143,15 @@ mod tests {
 
     fn list(items: Vec<Value>) -> Value {
         json!({ "items": items })
+    }
+
+    #[test]
+    fn only_cut_off_agents_explain_replacements() {
+        let o = |pods_seen, agents_cut_off| Orchestration { pods_seen, agents_cut_off, ..Default::default() };
+        assert_eq!(o(6, 0).needless_replacements(6), 0);
+        assert_eq!(o(12, 0).needless_replacements(6), 6, "masters restarted and every pod was replaced");
+        assert_eq!(o(9, 1).needless_replacements(6), 0);
+        assert_eq!(o(15, 1).needless_replacements(6), 3);
     }
 
     #[test]

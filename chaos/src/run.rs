@@ -694,6 +694,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         None
     };
     let mut agent_round = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0xa9e7).gen_range(0..3);
+    let mut agents_cut_off = 0;
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     let end = Instant::now() + cfg.duration;
@@ -844,6 +845,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
             }
             Scenario::AgentFaults => {
                 agent_round += 1;
+                agents_cut_off += usize::from(agent_round % 3 == 1);
                 match agent_fault(&cluster, agent_round % 3, rng.gen_range(0..AGENTS)).await? {
                     Some(t) => t0 = t,
                     None => {
@@ -911,6 +913,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                 converged,
                 converge_ms,
                 last_state,
+                agents_cut_off,
             })
         }
         None => None,
@@ -1030,6 +1033,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     if let Some(o) = &orchestration {
         pass.insert("pods_on_one_node", o.pods_on_two_nodes == 0);
         pass.insert("deployment_converged", o.converged);
+        pass.insert("no_needless_evictions", o.needless_replacements(orchestration::REPLICAS) == 0);
     }
     let passed = pass.values().all(|v| *v);
     Ok(Report {
