@@ -308,8 +308,12 @@ impl UpCluster {
         while Instant::now() < deadline {
             let mut joined = self.joined.lock().expect("not poisoned");
             if let Some(j) = joined.iter_mut().find(|j| j.name == name) {
+                // Another exit (a kill -9 of this round) is not a departure:
+                // the harness restarts it, and it must then stop by itself.
                 if let Ok(Some(st)) = j.child.try_wait() {
-                    return if st.code() == Some(EXIT_REMOVED) { Departure::Stopped } else { Departure::StillRunning };
+                    if st.code() == Some(EXIT_REMOVED) {
+                        return Departure::Stopped;
+                    }
                 }
             } else if std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default().contains(&said) {
                 return Departure::Stopped;
