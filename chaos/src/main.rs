@@ -41,6 +41,8 @@ enum Cmd {
         capstan: PathBuf,
     },
     /// Run every scenario and write a Markdown summary (e.g. chaos/RESULTS.md).
+    /// FailpointCrash runs only if `--capstan` was built with `--features
+    /// failpoints` (otherwise its row says skipped).
     Matrix {
         #[arg(long, default_value_t = 1)]
         seed: u64,

@@ -1486,6 +1486,14 @@ async fn failpoint_fault(
 }
 
 /// Runs every scenario with the same seed and renders a Markdown summary.
+/// Whether `capstan` was built with the `failpoints` feature (its hidden
+/// `build-info` command says).
+pub fn has_failpoints(capstan: &std::path::Path) -> bool {
+    let out = std::process::Command::new(capstan).arg("build-info").output();
+    let info = out.ok().and_then(|o| serde_json::from_slice::<serde_json::Value>(&o.stdout).ok());
+    info.is_some_and(|i| i["failpoints"] == true)
+}
+
 pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
     let mut md = String::from(
         "| scenario | seed | s | ops | acked writes | faults | linearizable | acked lost | watch violations | split brain | recovery p50/p99 ms | pass |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -1508,7 +1516,13 @@ pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
         Scenario::MemberReplace,
         Scenario::AgentFaults,
         Scenario::NetworkImpairment,
+        Scenario::FailpointCrash,
     ] {
+        if scenario == Scenario::FailpointCrash && !has_failpoints(&base.capstan) {
+            progress("FailpointCrash skipped: capstan was built without `--features failpoints`");
+            md.push_str("| FailpointCrash | - | - | - | - | - | - | - | - | - | - | skipped (no failpoints build) |\n");
+            continue;
+        }
         let r = run(RunConfig { scenario, ..base.clone() }).await?;
         all &= r.passed;
         let rec = r.recovery_ms.as_ref().map_or("-".to_string(), |x| format!("{}/{}", x.p50, x.p99));

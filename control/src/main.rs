@@ -51,6 +51,10 @@ struct Cli {
 enum Cmd {
     /// Run one master.
     Server(Box<server::ServerArgs>),
+    /// The optional features this binary was built with, as JSON (the
+    /// chaos harness asks before arming crash points).
+    #[command(hide = true)]
+    BuildInfo,
     /// Bring up a local cluster of masters on loopback and run until Ctrl-C.
     Up(up::UpArgs),
     /// Bootstrap tokens for joining masters.
@@ -97,6 +101,10 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.cmd {
             Cmd::Server(a) => server::run(*a).await,
+            Cmd::BuildInfo => {
+                println!("{}", serde_json::json!({ "failpoints": cfg!(feature = "failpoints") }));
+                Ok(())
+            }
             Cmd::Up(a) => up::run(a).await,
             Cmd::Token { cmd: TokenCmd::Create(a) } => admin::token_create(a).await,
             Cmd::Token { cmd: TokenCmd::List(a) } => admin::token_list(a).await,

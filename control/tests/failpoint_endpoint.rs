@@ -44,3 +44,11 @@ async fn absent_without_the_feature() {
     let err = c.arm_failpoint(0, "raft::compaction", "1*return").await.unwrap_err().to_string();
     assert!(err.contains("no /debug/failpoints"), "{err}");
 }
+
+/// `capstan build-info` tells the chaos matrix whether it may run the
+/// failpoint scenario with this binary.
+#[test]
+fn build_info_says_whether_crash_points_exist() {
+    let capstan = std::path::Path::new(env!("CARGO_BIN_EXE_capstan"));
+    assert_eq!(capstan_chaos::run::has_failpoints(capstan), cfg!(feature = "failpoints"));
+}
