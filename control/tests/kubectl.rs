@@ -421,6 +421,20 @@ fn bad_input_is_refused_and_changes_nothing() {
         Some("apiVersion: example.com/v1\nkind: Gadget\nmetadata:\n  name: g\n"),
     );
     assert!(e.contains("no matches for kind \"Gadget\""), "{e}");
+    // A pod CIDR set on Nodes that had none is claimed: two nodes never
+    // route the same pod addresses.
+    for n in ["cidr-a", "cidr-b"] {
+        k.ok_with(&["create", "-f", "-"], Some(&format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n")));
+    }
+    let set = r#"{"spec":{"podCIDR":"10.244.250.0/24","podCIDRs":["10.244.250.0/24"]}}"#;
+    k.ok(&["patch", "node", "cidr-a", "-p", set]);
+    let e = k.fails(&["patch", "node", "cidr-b", "-p", set]);
+    assert!(e.contains("provided CIDR is already allocated"), "{e}");
+    assert!(k.json(&["get", "node", "cidr-b"])["spec"]["podCIDR"].is_null(), "the refused patch changed nothing");
+    k.ok(&["label", "node", "cidr-a", "still=mine"]);
+    k.ok(&["delete", "node", "cidr-a"]);
+    k.ok(&["patch", "node", "cidr-b", "-p", set]);
+    k.ok(&["delete", "node", "cidr-b"]);
     let after = state();
     let strip = |s: &str| s.lines().filter(|l| !l.contains(" keep ")).map(str::to_string).collect::<Vec<_>>();
     assert_eq!(strip(&before), strip(&after), "nothing but the label changed");

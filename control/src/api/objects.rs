@@ -349,24 +349,44 @@ impl Objects {
     }
 
     /// Replaces the object if it is still at `expected` (its mod revision).
+    /// A claim (see [`claims`]) the object gains, e.g. a pod CIDR set on a
+    /// Node that had none, is taken in the same txn (422 if another object
+    /// holds it); one it already holds is checked to still be its own.
     pub async fn update(&self, rt: &ResourceType, obj: Value, expected: i64) -> Result<Value, ApiError> {
         let (ns, name) = ns_name(&obj);
         let k = Bytes::from(key(rt, ns.as_deref(), &name));
-        let txn = TxnRequest {
-            compare: vec![Compare {
-                range: KeyRange::key(k.clone()),
-                result: CompareResult::Equal,
-                target: CompareTarget::Mod(expected),
-            }],
-            // An Event keeps the lease it was created with.
-            success: vec![Op::Put(PutRequest {
-                key: k,
-                value: encode(&obj)?,
-                ignore_lease: rt.kind == "Event",
-                ..Default::default()
-            })],
-            failure: vec![],
-        };
+        let owner = Bytes::from(k.to_vec());
+        let mut compare = vec![Compare {
+            range: KeyRange::key(k.clone()),
+            result: CompareResult::Equal,
+            target: CompareTarget::Mod(expected),
+        }];
+        // An Event keeps the lease it was created with.
+        let mut success = vec![Op::Put(PutRequest {
+            key: k,
+            value: encode(&obj)?,
+            ignore_lease: rt.kind == "Event",
+            ..Default::default()
+        })];
+        for (c, field) in claims(rt.kind, &obj) {
+            let held = self.range(&RangeRequest { range: KeyRange::key(c.clone()), ..Default::default() })?.0;
+            let target = match held.first() {
+                Some(kv) if kv.value == owner => CompareTarget::Value(owner.clone()),
+                Some(_) => {
+                    return Err(ApiError::invalid(
+                        rt.kind,
+                        &name,
+                        vec![(field.to_string(), format!("Invalid value: {} is already allocated", what_is(field)))],
+                    ))
+                }
+                None => {
+                    success.push(Op::Put(PutRequest { key: c.clone(), value: owner.clone(), ..Default::default() }));
+                    CompareTarget::Create(0)
+                }
+            };
+            compare.push(Compare { range: KeyRange::key(c), result: CompareResult::Equal, target });
+        }
+        let txn = TxnRequest { compare, success, failure: vec![] };
         let (ok, _, rev) = self.txn(txn).await?;
         if !ok {
             return Err(ApiError::conflict(
