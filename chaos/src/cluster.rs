@@ -51,15 +51,6 @@ struct Joined {
     slot: Option<usize>,
 }
 
-/// How a removed master ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Departure {
-    /// It stopped by itself with the "removed" status and was not restarted.
-    Stopped,
-    /// Still running (or restarted) after the wait.
-    StillRunning,
-}
-
 /// `capstan server`'s exit status once it knows it was removed.
 const EXIT_REMOVED: i32 = 3;
 
@@ -175,14 +166,13 @@ impl UpCluster {
         server_args: &[&str],
         up_args: &[&str],
     ) -> anyhow::Result<UpCluster> {
-        let dir = tempfile::Builder::new().prefix("capstan-chaos").tempdir()?;
-        Self::launch(capstan, dir, vec![], masters, server_args, up_args)
+        Self::start_full_in(capstan, cluster_dir()?, masters, server_args, up_args)
     }
 
     /// Like [`UpCluster::start`], with master `small`'s data dir on a tmpfs
     /// of `mib` MiB that [`UpCluster::fill_disk`] can fill (needs root).
     pub fn start_small_disk(capstan: &Path, masters: usize, small: usize, mib: u64) -> anyhow::Result<UpCluster> {
-        let dir = tempfile::Builder::new().prefix("capstan-chaos").tempdir()?;
+        let dir = cluster_dir()?;
         let data = dir.path().join(format!("master-{}", small + 1));
         std::fs::create_dir_all(&data)?;
         let st = Command::new("mount")
@@ -299,29 +289,20 @@ impl UpCluster {
         }
     }
 
-    /// Waits until master `name`, just removed from the cluster, has
-    /// stopped by itself with the "removed" status and was not restarted
-    /// (by `up`, or by this harness).
-    pub fn wait_departed(&self, name: &str, timeout: Duration) -> Departure {
-        let deadline = Instant::now() + timeout;
+    /// Whether master `name`, just removed from the cluster, stops by
+    /// itself within `timeout` with the "removed" status and is not
+    /// restarted (by `up`, or by this harness).
+    pub fn wait_departed(&self, name: &str, timeout: Duration) -> bool {
         let said = format!("{name} was removed from the cluster; not restarting it");
-        while Instant::now() < deadline {
+        poll_until(timeout, || {
             let mut joined = self.joined.lock().expect("not poisoned");
-            if let Some(j) = joined.iter_mut().find(|j| j.name == name) {
+            match joined.iter_mut().find(|j| j.name == name) {
                 // Another exit (a kill -9 of this round) is not a departure:
                 // the harness restarts it, and it must then stop by itself.
-                if let Ok(Some(st)) = j.child.try_wait() {
-                    if st.code() == Some(EXIT_REMOVED) {
-                        return Departure::Stopped;
-                    }
-                }
-            } else if std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default().contains(&said) {
-                return Departure::Stopped;
+                Some(j) => j.child.try_wait().ok().flatten().is_some_and(|st| st.code() == Some(EXIT_REMOVED)),
+                None => std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default().contains(&said),
             }
-            drop(joined);
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Departure::StillRunning
+        })
     }
 
     pub fn endpoints(&self, i: usize) -> Option<Endpoints> {
@@ -519,15 +500,32 @@ impl UpCluster {
 
     /// Wait until master `i` runs with a process other than `old_pid`.
     pub fn wait_restarted(&self, i: usize, old_pid: u32, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if self.endpoints(i).is_some_and(|e| e.pid != old_pid) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
+        poll_until(timeout, || self.endpoints(i).is_some_and(|e| e.pid != old_pid))
     }
+
+    /// Wait until agent `k` runs with a process other than `old_pid`.
+    pub fn wait_agent_restarted(&self, k: usize, old_pid: u32, timeout: Duration) -> bool {
+        poll_until(timeout, || self.agent_pid(k).is_some_and(|p| p != old_pid))
+    }
+}
+
+/// Whether `done` becomes true within `timeout` (checked every 50 ms).
+fn poll_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A fresh directory for a cluster under test.
+pub fn cluster_dir() -> anyhow::Result<tempfile::TempDir> {
+    Ok(tempfile::Builder::new().prefix("capstan-chaos").tempdir()?)
 }
 
 /// Whether process `pid` runs (exists and is not a zombie waiting for

@@ -20,7 +20,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::cluster::{Departure, Partition, UpCluster};
+use crate::cluster::{cluster_dir, Partition, UpCluster};
 use crate::history::{Input, Op, Output};
 use crate::linearizability::{self, Verdict};
 use crate::orchestration::{self, Orchestration, PodSightings};
@@ -595,7 +595,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
     let mut proxy = None;
     let cluster = Arc::new(match cfg.scenario {
         Scenario::NetworkImpairment => {
-            let dir = tempfile::Builder::new().prefix("capstan-chaos").tempdir()?;
+            let dir = cluster_dir()?;
             let root = dir.path().to_path_buf();
             let p =
                 PeerProxy::start(3, move |i| real_peer_addr(&root.join(format!("master-{}", i + 1))), cfg.seed).await?;
@@ -1111,7 +1111,7 @@ async fn member_replace(
     }
     let (c, name) = (cluster.clone(), old.name.clone());
     let departed = tokio::task::spawn_blocking(move || c.wait_departed(&name, Duration::from_secs(30))).await?;
-    if departed != Departure::Stopped {
+    if !departed {
         progress(&format!("{} was removed but did not stop by itself", old.name));
         *unconfirmed += 1;
     }
@@ -1190,17 +1190,8 @@ async fn agent_fault(cluster: &Arc<UpCluster>, kind: usize, k: usize) -> anyhow:
             cluster.signal(pid, libc::SIGKILL);
             let t0 = Instant::now();
             let c = cluster.clone();
-            let back = tokio::task::spawn_blocking(move || {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                while Instant::now() < deadline {
-                    if c.agent_pid(k).is_some_and(|p| p != pid) {
-                        return true;
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                false
-            })
-            .await?;
+            let back =
+                tokio::task::spawn_blocking(move || c.wait_agent_restarted(k, pid, Duration::from_secs(20))).await?;
             Ok(back.then_some(t0))
         }
         1 => {

@@ -418,6 +418,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     tracing::info!(name = %name, id = started.member.id, peer = %endpoints.peer, etcd = %endpoints.etcd_url, "master serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut removed = false;
     if a.exit_when_ready {
         // A one-member cluster is ready once it leads and has applied its first entries.
         let wait = started.node.raft.wait(Some(std::time::Duration::from_secs(30)));
@@ -425,15 +426,11 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         started.node.read_index().await?;
         tracing::info!("data dir prepared; start it with `capstan server --data-dir {}`", a.data_dir.display());
     } else {
-        let mut removed = started.removed.clone();
+        let mut told = started.removed.clone();
         tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = term.recv() => tracing::info!("terminated; shutting down"),
-        Ok(_) = removed.wait_for(|r| *r) => {
-            let _ = std::fs::remove_file(a.data_dir.join("endpoints.json"));
-            let _ = started.node.raft.shutdown().await;
-            return Err(Removed.into());
-        }
+        Ok(_) = told.wait_for(|r| *r) => removed = true,
         Some(r) = tasks.join_next() => {
             let r = r.context("listener task")?;
             r?;
@@ -443,5 +440,8 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(a.data_dir.join("endpoints.json"));
     let _ = started.node.raft.shutdown().await;
     started.endpoint.close(0u32.into(), b"shutdown");
+    if removed {
+        return Err(Removed.into());
+    }
     Ok(())
 }

@@ -192,20 +192,17 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 let delay = Duration::from_millis(a.restart_delay_ms);
                 let mut removed = None;
                 for (i, m) in masters.iter_mut().enumerate() {
-                    match m.child.try_wait() {
-                        Ok(Some(status)) if status.code() == Some(i32::from(server::EXIT_REMOVED)) => {
-                            eprintln!("{} was removed from the cluster; not restarting it", m.name);
-                            removed = Some(i);
-                        }
-                        _ if !died(m, delay) => {}
-                        _ => m.child = spawn_master(&m.dir, &a.server_arg, &log_level, a.faketime)?,
+                    match fate(m, delay, true) {
+                        Fate::Removed => removed = Some(i),
+                        Fate::Restart => m.child = spawn_master(&m.dir, &a.server_arg, &log_level, a.faketime)?,
+                        Fate::Running => {}
                     }
                 }
                 if let Some(i) = removed {
                     masters.remove(i);
                 }
                 for (n, args) in nodes.iter_mut().zip(&node_args) {
-                    if died(n, delay) {
+                    if fate(n, delay, false) == Fate::Restart {
                         n.child = spawn_child(&node_binary()?, &n.dir, "node.log", args, &[])?;
                     }
                 }
@@ -221,19 +218,36 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether child `m` is dead and has been for `delay`: time to restart it.
-fn died(m: &mut Master, delay: Duration) -> bool {
+#[derive(PartialEq)]
+enum Fate {
+    /// Running, or dead for less than the restart delay.
+    Running,
+    /// A master that stopped because it was removed: not restarted.
+    Removed,
+    Restart,
+}
+
+/// What to do about child `m` now; only a master (`removable`) can have
+/// been removed.
+fn fate(m: &mut Master, delay: Duration, removable: bool) -> Fate {
     if m.died.is_none() {
-        if let Ok(Some(status)) = m.child.try_wait() {
-            eprintln!("{} exited ({status}); restarting it", m.name);
-            m.died = Some(Instant::now());
+        match m.child.try_wait() {
+            Ok(Some(st)) if removable && st.code() == Some(i32::from(server::EXIT_REMOVED)) => {
+                eprintln!("{} was removed from the cluster; not restarting it", m.name);
+                return Fate::Removed;
+            }
+            Ok(Some(st)) => {
+                eprintln!("{} exited ({st}); restarting it", m.name);
+                m.died = Some(Instant::now());
+            }
+            _ => {}
         }
     }
     if m.died.is_some_and(|t| t.elapsed() >= delay) {
         m.died = None;
-        return true;
+        return Fate::Restart;
     }
-    false
+    Fate::Running
 }
 
 async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Vec<Master>) -> anyhow::Result<()> {

@@ -238,7 +238,7 @@ impl Default for Timing {
 }
 
 impl Timing {
-    /// openraft's settings, or why these are unusable.
+    /// Whether openraft can run with these; if not, why.
     pub fn check(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.heartbeat_ms > 0, "the heartbeat interval must be positive");
         anyhow::ensure!(

@@ -396,13 +396,25 @@ impl StoreNode {
     /// A master that applies its own removal (a leader removing itself
     /// does) sets `removed`; one removed behind its back learns it from its
     /// peers (see [`crate::transport::PeerResponse::Removed`]).
+    /// Tombstones change only when a membership entry is applied, so the
+    /// state is looked at once per applied membership, not per metrics
+    /// update (one per applied batch).
     pub async fn watch_own_removal(self: Arc<Self>, removed: Arc<tokio::sync::watch::Sender<bool>>) {
         let mut rx = self.raft.metrics();
+        let mut checked = None;
         loop {
-            if self.is_removed(self.id) {
-                tracing::error!("this master applied its own removal from the cluster");
-                removed.send_replace(true);
-                return;
+            let membership = {
+                let m = rx.borrow_and_update();
+                let id = *m.membership_config.log_id();
+                (id != checked && m.last_applied >= id).then_some(id)
+            };
+            if let Some(id) = membership {
+                checked = id;
+                if self.is_removed(self.id) {
+                    tracing::error!("this master applied its own removal from the cluster");
+                    removed.send_replace(true);
+                    return;
+                }
             }
             if rx.changed().await.is_err() {
                 return;

@@ -332,11 +332,7 @@ impl Objects {
         if !ok {
             self.sync().await?;
             if let (false, Some((_, field))) = (self.exists_local(&owner), claimed.first()) {
-                return Err(ApiError::invalid(
-                    rt.kind,
-                    &name,
-                    vec![(field.to_string(), format!("Invalid value: {} is already allocated", what_is(field)))],
-                ));
+                return Err(already_allocated(rt, &name, field));
             }
             return Err(ApiError::already_exists(rt.group, rt.plural, &name));
         }
@@ -372,13 +368,7 @@ impl Objects {
             let held = self.range(&RangeRequest { range: KeyRange::key(c.clone()), ..Default::default() })?.0;
             let target = match held.first() {
                 Some(kv) if kv.value == owner => CompareTarget::Value(owner.clone()),
-                Some(_) => {
-                    return Err(ApiError::invalid(
-                        rt.kind,
-                        &name,
-                        vec![(field.to_string(), format!("Invalid value: {} is already allocated", what_is(field)))],
-                    ))
-                }
+                Some(_) => return Err(already_allocated(rt, &name, field)),
                 None => {
                     success.push(Op::Put(PutRequest { key: c.clone(), value: owner.clone(), ..Default::default() }));
                     CompareTarget::Create(0)
@@ -461,12 +451,10 @@ pub fn claims(kind: &str, obj: &Value) -> Vec<(Bytes, &'static str)> {
     }
 }
 
-fn what_is(field: &str) -> &'static str {
-    if field == "spec.podCIDR" {
-        "provided CIDR"
-    } else {
-        "provided IP"
-    }
+/// 422 for a claim (see [`claims`]) another object holds.
+fn already_allocated(rt: &ResourceType, name: &str, field: &str) -> ApiError {
+    let what = if field == "spec.podCIDR" { "provided CIDR" } else { "provided IP" };
+    ApiError::invalid(rt.kind, name, vec![(field.to_string(), format!("Invalid value: {what} is already allocated"))])
 }
 
 pub fn pod_cidr_claim(cidr: &str) -> Bytes {
