@@ -1,5 +1,8 @@
-//! A cluster under test, as a user would run it: `capstan up` on loopback.
+//! A cluster under test, as a user would run it: `capstan up`, each master
+//! and agent on a host of its own ([`crate::hosts`]; or all on loopback).
 //! `up` restarts a master that dies, which is exactly "kill -9 and restart".
+//! Network faults ([`Partition`]) are nftables tables: inside the hosts
+//! they cut, by address; on loopback, by peer port.
 //! Faults are signals to the masters' PIDs (read from each master's
 //! `endpoints.json`); nothing else on the machine is touched, and dropping
 //! the cluster stops `up`, which stops its masters (SIGKILL after 10 s, which
@@ -17,8 +20,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::net::Ipv4Addr;
+
 use anyhow::{bail, Context};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::hosts::{self, Host, Hosts, Role};
 
 pub struct UpCluster {
     child: Child,
@@ -32,6 +39,8 @@ pub struct UpCluster {
     joined: Arc<Mutex<Vec<Joined>>>,
     /// Set on drop: no more restarts of joined masters.
     closing: Arc<AtomicBool>,
+    /// A host per master and agent, or all on 127.0.0.1.
+    hosts: Option<Arc<Hosts>>,
 }
 
 /// How long a killed master stays down before it is restarted (`capstan up
@@ -46,6 +55,8 @@ pub const RESTART_DELAY: Duration = Duration::from_secs(2);
 struct Joined {
     name: String,
     dir: PathBuf,
+    /// Its host's namespace (on hosts).
+    netns: Option<String>,
     child: Child,
     /// The slot it took over from a removed master, once it has.
     slot: Option<usize>,
@@ -71,26 +82,55 @@ pub struct Endpoints {
 /// Client traffic (TCP) is untouched, so a master cut off from its peers
 /// can still be reached by clients (a deposed leader must not serve them
 /// stale data).
+///
+/// On hosts ([`crate::hosts`]) the rules live in the namespaces of the
+/// hosts they cut, matched by address.
 pub struct Partition {
-    table: String,
+    /// (host namespace, or this one; table).
+    tables: Vec<(Option<String>, String)>,
 }
 
 impl Partition {
     fn apply(name: &str, rules: &[String]) -> anyhow::Result<Partition> {
+        let mut p = Partition { tables: vec![] };
+        p.add(None, name, rules, &[])?;
+        Ok(p)
+    }
+
+    /// A table in `netns` whose input chain drops by `input` rules and
+    /// output chain by `output` rules.
+    fn add(&mut self, netns: Option<&str>, name: &str, input: &[String], output: &[String]) -> anyhow::Result<()> {
         let table = format!("capstan_chaos_{}_{name}", std::process::id());
-        let mut script = format!(
-            "add table inet {table}\n\
-             add chain inet {table} input {{ type filter hook input priority -10 ; policy accept ; }}\n"
-        );
-        for r in rules {
-            script.push_str(&format!("add rule inet {table} input {r}\n"));
+        let mut script = format!("add table inet {table}\n");
+        for (chain, rules) in [("input", input), ("output", output)] {
+            script.push_str(&format!(
+                "add chain inet {table} {chain} {{ type filter hook {chain} priority -10 ; policy accept ; }}\n"
+            ));
+            for r in rules {
+                script.push_str(&format!("add rule inet {table} {chain} {r}\n"));
+            }
         }
-        let mut nft = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).spawn().context("running nft")?;
-        use std::io::Write;
-        nft.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
-        let st = nft.wait()?;
-        anyhow::ensure!(st.success(), "nft refused the rules ({st}): {rules:?}");
-        Ok(Partition { table })
+        hosts::nft(netns, &script)?;
+        self.tables.push((netns.map(str::to_string), table));
+        Ok(())
+    }
+
+    /// Host `me` cut off from every address in `them`, both ways (or only
+    /// what comes in, `deaf`), or with `loss`% of what comes in dropped.
+    fn between_hosts(name: &str, me: &Host, them: &[Ipv4Addr], cut: Cut) -> anyhow::Result<Partition> {
+        let mut p = Partition { tables: vec![] };
+        p.add_between(name, me, them, cut)?;
+        Ok(p)
+    }
+
+    fn add_between(&mut self, name: &str, me: &Host, them: &[Ipv4Addr], cut: Cut) -> anyhow::Result<()> {
+        let set = them.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>().join(", ");
+        let (input, output) = match cut {
+            Cut::Both => (vec![format!("ip saddr {{ {set} }} drop")], vec![format!("ip daddr {{ {set} }} drop")]),
+            Cut::Deaf => (vec![format!("ip saddr {{ {set} }} drop")], vec![]),
+            Cut::Loss(pct) => (vec![format!("ip saddr {{ {set} }} numgen random mod 100 < {pct} drop")], vec![]),
+        };
+        self.add(Some(&me.netns), name, &input, &output)
     }
 
     /// Master on `peer_port` cut off from the others, both ways.
@@ -129,9 +169,18 @@ impl Partition {
     }
 }
 
+#[derive(Clone, Copy)]
+enum Cut {
+    Both,
+    Deaf,
+    Loss(u32),
+}
+
 impl Drop for Partition {
     fn drop(&mut self) {
-        let _ = Command::new("nft").args(["delete", "table", "inet", &self.table]).status();
+        for (netns, table) in &self.tables {
+            let _ = hosts::nft(netns.as_deref(), &format!("delete table inet {table}\n"));
+        }
     }
 }
 
@@ -143,7 +192,7 @@ impl UpCluster {
     /// Like [`UpCluster::start`], passing `server_args` to every master
     /// (`capstan up --server-arg`).
     pub fn start_with(capstan: &Path, masters: usize, server_args: &[&str]) -> anyhow::Result<UpCluster> {
-        Self::start_full(capstan, masters, server_args, &["--nodes", "0"])
+        Self::start_full(capstan, None, masters, server_args, &["--nodes", "0"])
     }
 
     /// Like [`UpCluster::start_full`], in a directory made beforehand (a
@@ -151,27 +200,36 @@ impl UpCluster {
     pub fn start_full_in(
         capstan: &Path,
         dir: tempfile::TempDir,
+        hosts: Option<&Arc<Hosts>>,
         masters: usize,
         server_args: &[&str],
         up_args: &[&str],
     ) -> anyhow::Result<UpCluster> {
-        Self::launch(capstan, dir, vec![], masters, server_args, up_args)
+        Self::launch(capstan, dir, hosts, vec![], masters, server_args, up_args)
     }
 
     /// Like [`UpCluster::start_with`], with more `capstan up` flags
     /// (`up_args`, e.g. `--nodes 1 --runtime sim`).
+    /// On `hosts` if given (one per master and agent), else on 127.0.0.1.
     pub fn start_full(
         capstan: &Path,
+        hosts: Option<&Arc<Hosts>>,
         masters: usize,
         server_args: &[&str],
         up_args: &[&str],
     ) -> anyhow::Result<UpCluster> {
-        Self::start_full_in(capstan, cluster_dir()?, masters, server_args, up_args)
+        Self::start_full_in(capstan, cluster_dir()?, hosts, masters, server_args, up_args)
     }
 
     /// Like [`UpCluster::start`], with master `small`'s data dir on a tmpfs
     /// of `mib` MiB that [`UpCluster::fill_disk`] can fill (needs root).
-    pub fn start_small_disk(capstan: &Path, masters: usize, small: usize, mib: u64) -> anyhow::Result<UpCluster> {
+    pub fn start_small_disk(
+        capstan: &Path,
+        hosts: Option<&Arc<Hosts>>,
+        masters: usize,
+        small: usize,
+        mib: u64,
+    ) -> anyhow::Result<UpCluster> {
         let dir = cluster_dir()?;
         let data = dir.path().join(format!("master-{}", small + 1));
         std::fs::create_dir_all(&data)?;
@@ -180,7 +238,7 @@ impl UpCluster {
             .arg(&data)
             .status()?;
         anyhow::ensure!(st.success(), "mounting a {mib} MiB tmpfs on {} failed (root needed)", data.display());
-        Self::launch(capstan, dir, vec![data.clone()], masters, &[], &["--nodes", "0"]).inspect_err(|_| {
+        Self::launch(capstan, dir, hosts, vec![data.clone()], masters, &[], &["--nodes", "0"]).inspect_err(|_| {
             let _ = Command::new("umount").arg("--lazy").arg(&data).status();
         })
     }
@@ -188,13 +246,29 @@ impl UpCluster {
     fn launch(
         capstan: &Path,
         dir: tempfile::TempDir,
+        hosts: Option<&Arc<Hosts>>,
         mounts: Vec<PathBuf>,
         masters: usize,
         server_args: &[&str],
         up_args: &[&str],
     ) -> anyhow::Result<UpCluster> {
         let log = std::fs::File::create(dir.path().join("up.log"))?;
-        let extra: Vec<String> = server_args.iter().map(|a| format!("--server-arg={a}")).collect();
+        let mut extra: Vec<String> = server_args.iter().map(|a| format!("--server-arg={a}")).collect();
+        if let Some(hosts) = hosts {
+            let agents = up_args.iter().position(|a| *a == "--nodes").and_then(|i| up_args.get(i + 1)?.parse().ok());
+            let flag = |roles: Vec<Role>| -> anyhow::Result<String> {
+                Ok(roles
+                    .into_iter()
+                    .map(|r| hosts.host(r).map(|h| h.flag()))
+                    .collect::<anyhow::Result<Vec<_>>>()?
+                    .join(","))
+            };
+            extra.push(format!("--master-hosts={}", flag((0..masters).map(Role::Master).collect())?));
+            let agents = agents.unwrap_or(1);
+            if agents > 0 {
+                extra.push(format!("--node-hosts={}", flag((0..agents).map(Role::Agent).collect())?));
+            }
+        }
         let child = Command::new(capstan)
             .args(["up", "--masters", &masters.to_string(), "--data-dir"])
             .arg(dir.path())
@@ -206,6 +280,7 @@ impl UpCluster {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", capstan.display()))?;
+        remember(child.id(), &mounts);
         let mut c = UpCluster {
             child,
             capstan: capstan.to_path_buf(),
@@ -215,6 +290,7 @@ impl UpCluster {
             mounts,
             joined: Arc::default(),
             closing: Arc::default(),
+            hosts: hosts.cloned(),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -265,13 +341,19 @@ impl UpCluster {
         let mut joined = self.joined.lock().expect("not poisoned");
         let name = format!("master-{}", self.masters + 1 + joined.len());
         let dir = self.dir.path().join(&name);
+        let host = match &self.hosts {
+            Some(h) => Some(h.host(Role::Master(h.masters_made()))?),
+            None => None,
+        };
+        let any_port = format!("{}:0", host.as_ref().map_or(Ipv4Addr::LOCALHOST, |h| h.ip));
         let mut args: Vec<String> =
             ["server", "--name", &name, "--join", &ep.peer, "--token", &token].iter().map(|s| s.to_string()).collect();
         for listen in ["--peer-listen", "--etcd-listen", "--metrics-listen", "--api-listen", "--node-listen"] {
-            args.extend([listen.to_string(), "127.0.0.1:0".to_string()]);
+            args.extend([listen.to_string(), any_port.clone()]);
         }
-        let child = spawn_server(&self.capstan, &dir, &args)?;
-        joined.push(Joined { name: name.clone(), dir, child, slot: None });
+        let netns = host.map(|h| h.netns);
+        let child = spawn_server(&self.capstan, &dir, netns.as_deref(), &args)?;
+        joined.push(Joined { name: name.clone(), dir, netns, child, slot: None });
         Ok(name)
     }
 
@@ -370,6 +452,95 @@ impl UpCluster {
         })
     }
 
+    /// Master `i`'s peer (QUIC) port.
+    pub fn peer_port(&self, i: usize) -> Option<u16> {
+        self.endpoints(i).and_then(|e| e.peer.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+    }
+
+    /// The host of the master in slot `i` (on hosts), by the address it
+    /// serves clients on (its advertised peer address may be a proxy's).
+    fn master_host(&self, i: usize) -> Option<Host> {
+        let hosts = self.hosts.as_ref()?;
+        let url = self.endpoints(i)?.etcd_url;
+        let addr = url.split("://").nth(1)?.trim_end_matches('/');
+        hosts.master_at(addr.rsplit_once(':')?.0.parse().ok()?)
+    }
+
+    /// Every master host's address but `me`'s.
+    fn other_masters(&self, me: &Host) -> Vec<Ipv4Addr> {
+        let all = self.hosts.as_ref().map(|h| h.master_ips()).unwrap_or_default();
+        all.into_iter().filter(|ip| *ip != me.ip).collect()
+    }
+
+    fn must_host(&self, i: usize) -> anyhow::Result<Host> {
+        self.master_host(i).with_context(|| format!("master-{} is not serving", i + 1))
+    }
+
+    fn must_port(&self, i: usize) -> anyhow::Result<u16> {
+        self.peer_port(i).with_context(|| format!("master-{} is not serving", i + 1))
+    }
+
+    /// Master `i` cut off from the other masters, both ways. Clients (and
+    /// agents) still reach it: a deposed leader must not serve them stale
+    /// data.
+    pub fn isolate(&self, i: usize) -> anyhow::Result<Partition> {
+        if self.hosts.is_none() {
+            return Partition::isolate(self.must_port(i)?);
+        }
+        let me = self.must_host(i)?;
+        Partition::between_hosts("iso", &me, &self.other_masters(&me), Cut::Both)
+    }
+
+    /// Asymmetric: nothing from the other masters reaches master `i`, but
+    /// what it sends still arrives.
+    pub fn deafen(&self, i: usize) -> anyhow::Result<Partition> {
+        if self.hosts.is_none() {
+            return Partition::deafen(self.must_port(i)?);
+        }
+        let me = self.must_host(i)?;
+        Partition::between_hosts("deaf", &me, &self.other_masters(&me), Cut::Deaf)
+    }
+
+    /// Bridge: masters `a` and `b` cannot reach each other; both still
+    /// reach the third, which can lead a majority with either.
+    pub fn cut_between(&self, a: usize, b: usize) -> anyhow::Result<Partition> {
+        if self.hosts.is_none() {
+            return Partition::between(self.must_port(a)?, self.must_port(b)?);
+        }
+        let (ha, hb) = (self.must_host(a)?, self.must_host(b)?);
+        let mut p = Partition::between_hosts("br", &ha, &[hb.ip], Cut::Both)?;
+        p.add_between("br", &hb, &[ha.ip], Cut::Both)?;
+        Ok(p)
+    }
+
+    /// Node agent `k` cut off from every master, both ways.
+    pub fn cut_agent(&self, k: usize) -> anyhow::Result<Partition> {
+        let Some(hosts) = &self.hosts else {
+            return Partition::agent(self.agent_port(k).with_context(|| format!("node-{} has no socket", k + 1))?);
+        };
+        Partition::between_hosts("agent", &hosts.host(Role::Agent(k))?, &hosts.master_ips(), Cut::Both)
+    }
+
+    /// `percent`% of the datagrams between masters lost at random.
+    pub fn lossy(&self, percent: u32) -> anyhow::Result<Partition> {
+        if self.hosts.is_none() {
+            let ports: Vec<u16> = (0..self.masters).filter_map(|i| self.peer_port(i)).collect();
+            return Partition::lossy(&ports, percent);
+        }
+        let mut p = Partition { tables: vec![] };
+        for i in 0..self.masters {
+            let me = self.must_host(i)?;
+            p.add_between("loss", &me, &self.other_masters(&me), Cut::Loss(percent))?;
+        }
+        Ok(p)
+    }
+
+    /// The address the harness's proxy binds (the client host's, or
+    /// loopback).
+    pub fn client_ip(&self) -> Ipv4Addr {
+        self.hosts.as_ref().map_or(Ipv4Addr::LOCALHOST, |h| h.client().ip)
+    }
+
     /// `kubectl <args>` against this cluster (admin kubeconfig `up`
     /// wrote), bounded to 20 s; stdout, or an error with stderr.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
@@ -413,7 +584,7 @@ impl UpCluster {
                 if closing.load(Ordering::Relaxed) {
                     return;
                 }
-                match spawn_server(&capstan, &j.dir, &["server".to_string()]) {
+                match spawn_server(&capstan, &j.dir, j.netns.as_deref(), &["server".to_string()]) {
                     Ok(c) => j.child = c,
                     Err(e) => eprintln!("[capstan-chaos] restarting {name}: {e:#}"),
                 }
@@ -567,15 +738,67 @@ pub fn parse_http_response(resp: &[u8]) -> anyhow::Result<(u16, String)> {
     Ok((status, body))
 }
 
-/// `capstan server <args> --data-dir <dir>`, logging to `dir/server.log`.
-fn spawn_server(capstan: &Path, dir: &Path, args: &[String]) -> anyhow::Result<Child> {
+/// `capstan server <args> --data-dir <dir>`, logging to `dir/server.log`,
+/// in host `netns` if given (`ip netns exec` execs it: same PID).
+fn spawn_server(capstan: &Path, dir: &Path, netns: Option<&str>, args: &[String]) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("server.log"))?;
-    let mut cmd = Command::new(capstan);
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(capstan);
+            c
+        }
+        None => Command::new(capstan),
+    };
     cmd.args(args).arg("--data-dir").arg(dir).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
     // Killed on drop (like `up`). Not PR_SET_PDEATHSIG: that fires when the
     // spawning *thread* ends, and restarts are spawned from short threads.
-    cmd.spawn().with_context(|| format!("starting a master in {}", dir.display()))
+    let child = cmd.spawn().with_context(|| format!("starting a master in {}", dir.display()))?;
+    remember(child.id(), &[]);
+    Ok(child)
+}
+
+/// What an interrupted harness must stop and unmount: `capstan up` and
+/// joined masters (PIDs), small disks.
+static LEFT: Mutex<(Vec<u32>, Vec<PathBuf>)> = Mutex::new((Vec::new(), Vec::new()));
+
+fn remember(pid: u32, mounts: &[PathBuf]) {
+    let mut left = LEFT.lock().expect("not poisoned");
+    left.0.push(pid);
+    left.1.extend(mounts.iter().cloned());
+}
+
+/// The binary's SIGINT/SIGTERM path: stops every `capstan up` (which stops
+/// its masters and agents) and joined master still running, unmounts the
+/// small disks and deletes the hosts. A PID is signalled only while it is
+/// still this process's unreaped child (`waitpid` says so), never a
+/// stranger that reused it.
+pub fn tear_down_after_interrupt() {
+    let (pids, mounts) = std::mem::take(&mut *LEFT.lock().expect("not poisoned"));
+    let ours = |pid: u32| {
+        let mut st = 0;
+        // SAFETY: waitpid with WNOHANG on a PID we spawned; it reaps only our child.
+        unsafe { libc::waitpid(pid as i32, &mut st, libc::WNOHANG) == 0 }
+    };
+    let mut running: Vec<u32> = pids.into_iter().filter(|p| ours(*p)).collect();
+    for pid in &running {
+        // SAFETY: kill(2) on our own running child.
+        unsafe { libc::kill(*pid as i32, libc::SIGINT) };
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !running.is_empty() && Instant::now() < deadline {
+        running.retain(|p| ours(*p));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for pid in running {
+        // SAFETY: as above; it outlived the grace.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    for m in mounts {
+        let _ = Command::new("umount").arg("--lazy").arg(m).status();
+    }
+    hosts::tear_down_all();
 }
 
 impl Drop for UpCluster {

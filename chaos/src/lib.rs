@@ -16,6 +16,9 @@
 //!   (`capstan_raft::failpoints`) through a master's `/debug/failpoints`
 //!   and reports, per arming, whether the master died there and came back.
 //!
+//! - [`hosts`]: every master, agent and the clients on a host of its own:
+//!   a network namespace on a bridge, so faults cut hosts apart by address
+//!   (nftables inside the host), not ports on one loopback.
 //! - [`proxy`]: a UDP proxy in front of each master's peer port that
 //!   delays, reorders, duplicates and drops datagrams (no netem here).
 //! - [`orchestration`]: scenario 10's Deployment on hollow node agents and
@@ -25,6 +28,7 @@
 
 pub mod cluster;
 pub mod history;
+pub mod hosts;
 pub mod linearizability;
 pub mod orchestration;
 pub mod proxy;

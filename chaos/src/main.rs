@@ -12,6 +12,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Run every master, agent and client on 127.0.0.1 (faults by port)
+    /// instead of on hosts of their own (network namespaces on a bridge,
+    /// faults by address).
+    #[arg(long, global = true)]
+    loopback: bool,
 }
 
 #[derive(Subcommand)]
@@ -58,7 +63,8 @@ enum Cmd {
 }
 
 fn main() -> std::process::ExitCode {
-    match execute(Cli::parse().cmd) {
+    let cli = Cli::parse();
+    match execute(cli.cmd, cli.loopback) {
         Ok(true) => std::process::ExitCode::SUCCESS,
         // Ran, and a figure missed its goal (or the history is not linearizable).
         Ok(false) => std::process::ExitCode::FAILURE,
@@ -69,8 +75,25 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `fut` on a runtime of its own, unless SIGINT or SIGTERM comes first:
+/// then everything the run started is stopped and deleted before exiting.
+fn until_interrupted<T>(fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let why = tokio::select! {
+            r = fut => return r,
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = term.recv() => "terminated",
+        };
+        eprintln!("[capstan-chaos] {why}: stopping the cluster, deleting its hosts");
+        capstan_chaos::cluster::tear_down_after_interrupt();
+        anyhow::bail!("{why}")
+    })
+}
+
 /// Runs the command; `Ok(passed)`.
-fn execute(cmd: Cmd) -> anyhow::Result<bool> {
+fn execute(cmd: Cmd, loopback: bool) -> anyhow::Result<bool> {
     let config = |capstan, scenario, seed, duration, interval, clients, keys| RunConfig {
         capstan,
         scenario,
@@ -80,17 +103,18 @@ fn execute(cmd: Cmd) -> anyhow::Result<bool> {
         keys,
         interval: Duration::from_secs(interval),
         failpoints: Vec::new(),
+        loopback,
     };
     match cmd {
         Cmd::Run { scenario, seed, duration, interval, clients, keys, failpoints, capstan } => {
             let cfg = RunConfig { failpoints, ..config(capstan, scenario, seed, duration, interval, clients, keys) };
-            let report = tokio::runtime::Runtime::new()?.block_on(capstan_chaos::run::run(cfg))?;
+            let report = until_interrupted(capstan_chaos::run::run(cfg))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(report.passed)
         }
         Cmd::Matrix { seed, duration, capstan, out } => {
             let cfg = config(capstan, Scenario::Steady, seed, duration, 6, 8, 20);
-            let (md, all) = tokio::runtime::Runtime::new()?.block_on(capstan_chaos::run::matrix(cfg))?;
+            let (md, all) = until_interrupted(capstan_chaos::run::matrix(cfg))?;
             print!("{md}");
             std::fs::write(&out, md).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
             Ok(all)

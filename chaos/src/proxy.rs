@@ -1,7 +1,7 @@
 //! Delay, jitter (so reordering), duplication and loss between masters,
 //! without netem (this kernel has none): a UDP proxy in front of every
-//! master's peer port. Each master advertises its proxy's "front" port
-//! (`capstan up --peer-advertise-ports`), so every peer datagram to it,
+//! master's peer port. Each master advertises its proxy's "front" address
+//! (`capstan up --peer-advertise`), so every peer datagram to it,
 //! QUIC included, passes through here:
 //!
 //! ```text
@@ -10,8 +10,9 @@
 //! ```
 //!
 //! One upstream socket per source keeps each sender's flow distinct, as a
-//! NAT does; QUIC and TLS do not care (the address stays 127.0.0.1, and
-//! certificates name hosts, not ports). The impairment can be changed
+//! NAT does; QUIC and TLS do not care (a master's certificate names the
+//! address it advertises, and certificates name hosts, not ports). On
+//! hosts ([`crate::hosts`]) the proxy binds the client host's address. The impairment can be changed
 //! while traffic flows; [`Impairment::none`] forwards at once.
 
 use std::collections::HashMap;
@@ -107,7 +108,7 @@ impl Shared {
 
 /// The proxies in front of `n` masters.
 pub struct PeerProxy {
-    fronts: Vec<u16>,
+    fronts: Vec<SocketAddr>,
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,
     upstreams: Arc<Mutex<Vec<JoinHandle<()>>>>,
@@ -119,6 +120,7 @@ impl PeerProxy {
     /// for it are dropped until then, and QUIC sends them again).
     pub async fn start(
         n: usize,
+        bind: std::net::IpAddr,
         target: impl Fn(usize) -> Option<SocketAddr> + Send + Sync + 'static,
         seed: u64,
     ) -> anyhow::Result<PeerProxy> {
@@ -132,8 +134,8 @@ impl PeerProxy {
         let mut fronts = Vec::new();
         let mut tasks = Vec::new();
         for i in 0..n {
-            let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
-            fronts.push(front.local_addr()?.port());
+            let front = Arc::new(UdpSocket::bind((bind, 0)).await?);
+            fronts.push(front.local_addr()?);
             let (shared, target, upstreams) = (shared.clone(), target.clone(), upstreams.clone());
             tasks.push(tokio::spawn(async move {
                 let mut by_source: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
@@ -148,7 +150,7 @@ impl PeerProxy {
                     let up = match by_source.get(&from) {
                         Some(up) => up.clone(),
                         None => {
-                            let Ok(sock) = UdpSocket::bind("127.0.0.1:0").await else { continue };
+                            let Ok(sock) = UdpSocket::bind((bind, 0)).await else { continue };
                             let up = Arc::new(sock);
                             by_source.insert(from, up.clone());
                             // Replies from the master go back to `from`, from the front.
@@ -174,8 +176,8 @@ impl PeerProxy {
         Ok(PeerProxy { fronts, shared, tasks, upstreams })
     }
 
-    /// The front port of each master, in order.
-    pub fn front_ports(&self) -> &[u16] {
+    /// The front address of each master, in order.
+    pub fn fronts(&self) -> &[SocketAddr] {
         &self.fronts
     }
 
@@ -228,8 +230,8 @@ mod tests {
     async fn forwards_both_ways_and_impairs() {
         let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = server.local_addr().unwrap();
-        let proxy = PeerProxy::start(1, move |_| Some(addr), 7).await.unwrap();
-        let front: SocketAddr = format!("127.0.0.1:{}", proxy.front_ports()[0]).parse().unwrap();
+        let proxy = PeerProxy::start(1, std::net::Ipv4Addr::LOCALHOST.into(), move |_| Some(addr), 7).await.unwrap();
+        let front = proxy.fronts()[0];
         let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let mut buf = [0u8; 16];
 

@@ -20,8 +20,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::cluster::{cluster_dir, Partition, UpCluster};
+use crate::cluster::{cluster_dir, UpCluster};
 use crate::history::{Input, Op, Output};
+use crate::hosts::Hosts;
 use crate::linearizability::{self, Verdict};
 use crate::orchestration::{self, Orchestration, PodSightings};
 use crate::proxy::{Impairment, PeerProxy};
@@ -133,6 +134,9 @@ pub struct RunConfig {
     /// `FailpointCrash` only: arm just these points (default: all of
     /// [`FAILPOINTS`]), still in a seeded order.
     pub failpoints: Vec<String>,
+    /// Every process on 127.0.0.1 (faults by port) instead of a host each
+    /// (network namespaces; faults by address).
+    pub loopback: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -581,13 +585,27 @@ async fn skew_seen(cluster: &UpCluster, i: usize, offset: i64) -> bool {
     false
 }
 
-/// Master `i`'s peer (QUIC) port.
-fn peer_port(cluster: &UpCluster, i: usize) -> Option<u16> {
-    cluster.endpoints(i).and_then(|e| e.peer.rsplit_once(':').and_then(|(_, p)| p.parse().ok()))
+/// Runs one scenario: on hosts of their own (network namespaces; the
+/// harness itself on the client host), or all on 127.0.0.1 with
+/// `cfg.loopback`.
+pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
+    if cfg.loopback {
+        return run_on(cfg, None).await;
+    }
+    let agents = if cfg.scenario == Scenario::AgentFaults { AGENTS } else { 0 };
+    let hosts = tokio::task::spawn_blocking(move || Hosts::create(3, agents)).await??;
+    let on = hosts.clone();
+    let report = hosts.in_client(move || run_on(cfg, Some(on))).await;
+    // Every process on the hosts was stopped with the cluster; now the
+    // namespaces go.
+    drop(hosts);
+    report
 }
 
-pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
-    progress(&format!("starting 3 masters ({:?}, seed {})", cfg.scenario, cfg.seed));
+async fn run_on(cfg: RunConfig, hosts: Option<Arc<Hosts>>) -> anyhow::Result<Report> {
+    let where_ = if hosts.is_some() { "on hosts of their own" } else { "on 127.0.0.1" };
+    progress(&format!("starting 3 masters {where_} ({:?}, seed {})", cfg.scenario, cfg.seed));
+    let hosts = hosts.as_ref();
     let failpoint_run = cfg.scenario == Scenario::FailpointCrash;
     let snapshot_every = format!("--snapshot-every={FAILPOINT_SNAPSHOT_EVERY}");
     let small_snapshots = failpoint_run || cfg.scenario == Scenario::SnapshotCatchUp;
@@ -597,28 +615,32 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
         Scenario::NetworkImpairment => {
             let dir = cluster_dir()?;
             let root = dir.path().to_path_buf();
-            let p =
-                PeerProxy::start(3, move |i| real_peer_addr(&root.join(format!("master-{}", i + 1))), cfg.seed).await?;
-            let ports = p.front_ports().iter().map(u16::to_string).collect::<Vec<_>>().join(",");
+            let bind = hosts.map_or(std::net::Ipv4Addr::LOCALHOST, |h| h.client().ip);
+            let target = move |i: usize| real_peer_addr(&root.join(format!("master-{}", i + 1)));
+            let p = PeerProxy::start(3, bind.into(), target, cfg.seed).await?;
+            let fronts = p.fronts().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
             proxy = Some(p);
+            let hosts = hosts.cloned();
             let capstan = cfg.capstan.clone();
             // Tuned as an operator would for round trips up to ~250 ms
             // (the heartbeat is also the replication round trip's deadline).
             let timing = ["--heartbeat-interval=300", "--election-timeout=3000"];
             tokio::task::spawn_blocking(move || {
-                UpCluster::start_full_in(&capstan, dir, 3, &timing, &["--nodes", "0", "--peer-advertise-ports", &ports])
+                let up_args = ["--nodes", "0", "--peer-advertise", &fronts];
+                UpCluster::start_full_in(&capstan, dir, hosts.as_ref(), 3, &timing, &up_args)
             })
             .await??
         }
-        Scenario::ClockSkew => UpCluster::start_full(&cfg.capstan, 3, &[], &["--nodes", "0", "--faketime"])?,
-        Scenario::DiskFull => UpCluster::start_small_disk(&cfg.capstan, 3, FULL_DISK, 512)?,
+        Scenario::ClockSkew => UpCluster::start_full(&cfg.capstan, hosts, 3, &[], &["--nodes", "0", "--faketime"])?,
+        Scenario::DiskFull => UpCluster::start_small_disk(&cfg.capstan, hosts, 3, FULL_DISK, 512)?,
         Scenario::AgentFaults => UpCluster::start_full(
             &cfg.capstan,
+            hosts,
             3,
             &[AGENT_GRACE],
             &["--nodes", &AGENTS.to_string(), "--runtime", "sim"],
         )?,
-        _ => UpCluster::start_with(&cfg.capstan, 3, server_args)?,
+        _ => UpCluster::start_full(&cfg.capstan, hosts, 3, server_args, &["--nodes", "0"])?,
     });
     // Watchers and the stored history start at `watch_from`. The failpoint
     // matrix compacts (to hit `raft::compaction`), but only below this
@@ -732,13 +754,13 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                 }
             }
             Scenario::PartitionLeader | Scenario::DeafLeader => {
-                if let Some(port) = peer_port(&cluster, leader) {
+                if cluster.endpoints(leader).is_some() {
                     let (what, cut) = if cfg.scenario == Scenario::PartitionLeader {
-                        ("partition", Partition::isolate(port)?)
+                        ("partition", cluster.isolate(leader)?)
                     } else {
-                        ("deafen", Partition::deafen(port)?)
+                        ("deafen", cluster.deafen(leader)?)
                     };
-                    progress(&format!("{what} master-{} (peer port {port}) for 4 s", leader + 1));
+                    progress(&format!("{what} master-{} for 4 s", leader + 1));
                     t0 = Instant::now();
                     tokio::time::sleep(Duration::from_secs(4)).await;
                     drop(cut);
@@ -746,9 +768,9 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
             }
             Scenario::BridgePartition => {
                 let other = (leader + 1 + rng.gen_range(0..2)) % 3;
-                if let (Some(a), Some(b)) = (peer_port(&cluster, leader), peer_port(&cluster, other)) {
+                if cluster.endpoints(leader).is_some() && cluster.endpoints(other).is_some() {
                     progress(&format!("cut master-{} <-> master-{} for 4 s", leader + 1, other + 1));
-                    let cut = Partition::between(a, b)?;
+                    let cut = cluster.cut_between(leader, other)?;
                     t0 = Instant::now();
                     tokio::time::sleep(Duration::from_secs(4)).await;
                     drop(cut);
@@ -759,8 +781,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                 t0 = Instant::now();
                 while t0.elapsed() < Duration::from_secs(6) {
                     let victim = rng.gen_range(0..3);
-                    if let Some(port) = peer_port(&cluster, victim) {
-                        let cut = Partition::isolate(port)?;
+                    if cluster.endpoints(victim).is_some() {
+                        let cut = cluster.isolate(victim)?;
                         tokio::time::sleep(Duration::from_millis(400)).await;
                         drop(cut);
                     }
@@ -768,7 +790,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                 }
             }
             Scenario::SnapshotCatchUp => {
-                let (Some(port), true) = (peer_port(&cluster, CATCH_UP), leader != CATCH_UP) else {
+                let (Some(_), true) = (cluster.endpoints(CATCH_UP), leader != CATCH_UP) else {
                     progress(&format!("master-{} leads: no follower to cut off this round", CATCH_UP + 1));
                     continue;
                 };
@@ -780,7 +802,7 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                     "master-{} cut off for {FAILPOINT_PAD_WRITES} sequential writes (2 watchers on it)",
                     CATCH_UP + 1
                 ));
-                let cut = Partition::isolate(port)?;
+                let cut = cluster.isolate(CATCH_UP)?;
                 t0 = Instant::now();
                 // The workload's writes are batched into few log entries;
                 // sequential ones are one entry each, enough to carry the
@@ -836,9 +858,8 @@ pub async fn run(cfg: RunConfig) -> anyhow::Result<Report> {
                 }
             }
             Scenario::PacketLoss => {
-                let ports: Vec<u16> = (0..3).filter_map(|i| peer_port(&cluster, i)).collect();
                 progress("30% peer packet loss for 6 s");
-                let lossy = Partition::lossy(&ports, 30)?;
+                let lossy = cluster.lossy(30)?;
                 t0 = Instant::now();
                 tokio::time::sleep(Duration::from_secs(6)).await;
                 drop(lossy);
@@ -1195,9 +1216,8 @@ async fn agent_fault(cluster: &Arc<UpCluster>, kind: usize, k: usize) -> anyhow:
             Ok(back.then_some(t0))
         }
         1 => {
-            let Some(port) = cluster.agent_port(k) else { return Ok(None) };
-            progress(&format!("cut agent {node} (UDP {port}) off from the masters for {AGENT_CUT:?}"));
-            let cut = Partition::agent(port)?;
+            progress(&format!("cut agent {node} off from the masters for {AGENT_CUT:?}"));
+            let Ok(cut) = cluster.cut_agent(k) else { return Ok(None) };
             let t0 = Instant::now();
             let c = cluster.clone();
             let node_name = node.clone();
@@ -1402,8 +1422,7 @@ async fn failpoint_fault(
             // Cut the follower off while the leader writes past its snapshot
             // and purges the log behind it: on healing, only a snapshot can
             // catch the follower up.
-            let port = peer_port(cluster, target).ok_or_else(|| anyhow::anyhow!("no peer port"))?;
-            let cut = Partition::isolate(port)?;
+            let cut = cluster.isolate(target)?;
             cluster.arm_failpoint(target, &name, "1*return").await?;
             let pad = pad_writes(cluster, other, Some(target), FAILPOINT_PAD_WRITES, Duration::from_secs(60)).await;
             // Let the leader build its snapshot and purge before healing.

@@ -59,15 +59,34 @@ pub struct UpArgs {
     /// others elect a new leader instead of the restarted one resuming.
     #[arg(long, default_value_t = 0)]
     pub restart_delay_ms: u64,
-    /// Chaos tests: master i advertises peer address 127.0.0.1:<port i>
-    /// (a fault-injecting proxy in front of its real peer port).
+    /// Chaos tests: master i advertises peer address i (a fault-injecting
+    /// proxy in front of its real peer port).
     #[arg(long, hide = true, value_delimiter = ',')]
-    pub peer_advertise_ports: Vec<u16>,
+    pub peer_advertise: Vec<String>,
+    /// Chaos tests: master i runs in network namespace i (`ip netns`) and
+    /// listens on its address there: `<netns>=<ip>` per master.
+    #[arg(long, hide = true, value_delimiter = ',', value_parser = parse_host)]
+    pub master_hosts: Vec<(String, String)>,
+    /// Chaos tests: node agent i runs in network namespace i, as above.
+    #[arg(long, hide = true, value_delimiter = ',', value_parser = parse_host)]
+    pub node_hosts: Vec<(String, String)>,
+}
+
+/// `<netns>=<ip>`.
+fn parse_host(s: &str) -> Result<(String, String), String> {
+    let (ns, ip) = s.split_once('=').ok_or_else(|| format!("{s:?}: expected <netns>=<ip>"))?;
+    let ip: std::net::IpAddr = ip.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if ns.is_empty() || ns.contains('/') {
+        return Err(format!("{s:?}: not a network namespace name"));
+    }
+    Ok((ns.to_string(), ip.to_string()))
 }
 
 struct Master {
     name: String,
     dir: PathBuf,
+    /// The network namespace it runs in (chaos hosts), if not this one.
+    netns: Option<String>,
     child: Child,
     /// When it was seen dead, until it is restarted.
     died: Option<Instant>,
@@ -76,7 +95,13 @@ struct Master {
 /// libfaketime's multi-threaded build, as Debian installs it.
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
 
-fn spawn_master(dir: &Path, extra: &[String], log_level: &str, faketime: bool) -> anyhow::Result<Child> {
+fn spawn_master(
+    dir: &Path,
+    netns: Option<&str>,
+    extra: &[String],
+    log_level: &str,
+    faketime: bool,
+) -> anyhow::Result<Child> {
     let exe = std::env::current_exe()?;
     let mut args: Vec<String> = vec!["--log-level".into(), log_level.into(), "server".into(), "--data-dir".into()];
     args.push(dir.display().to_string());
@@ -96,12 +121,26 @@ fn spawn_master(dir: &Path, extra: &[String], log_level: &str, faketime: bool) -
             ("FAKETIME_DONT_FAKE_MONOTONIC", "1".into()),
         ];
     }
-    spawn_child(&exe, dir, "server.log", &args, &env)
+    spawn_child(&exe, dir, netns, "server.log", &args, &env)
 }
 
-/// A child in `dir` logging to `dir/<log>`, dying with `up`.
-fn spawn_child(exe: &Path, dir: &Path, log: &str, args: &[String], env: &[(&str, String)]) -> anyhow::Result<Child> {
+/// A child in `dir` logging to `dir/<log>`, dying with `up`; in network
+/// namespace `netns` if given.
+fn spawn_child(
+    exe: &Path,
+    dir: &Path,
+    netns: Option<&str>,
+    log: &str,
+    args: &[String],
+    env: &[(&str, String)],
+) -> anyhow::Result<Child> {
     std::fs::create_dir_all(dir)?;
+    // Opened here: between fork and exec only async-signal-safe calls.
+    let ns = match netns {
+        Some(ns) => Some(std::fs::File::open(format!("/var/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?),
+        None => None,
+    };
+    let ns_fd = ns.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
     let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(log))?;
     let mut cmd = Command::new(exe);
     cmd.args(args);
@@ -111,8 +150,13 @@ fn spawn_child(exe: &Path, dir: &Path, log: &str, args: &[String], env: &[(&str,
     // If `up` itself dies, its masters must not linger.
     // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
     unsafe {
-        cmd.pre_exec(|| {
+        cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            if let Some(fd) = ns_fd {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -194,7 +238,9 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 for (i, m) in masters.iter_mut().enumerate() {
                     match fate(m, delay, true) {
                         Fate::Removed => removed = Some(i),
-                        Fate::Restart => m.child = spawn_master(&m.dir, &a.server_arg, &log_level, a.faketime)?,
+                        Fate::Restart => {
+                            m.child = spawn_master(&m.dir, m.netns.as_deref(), &a.server_arg, &log_level, a.faketime)?
+                        }
                         Fate::Running => {}
                     }
                 }
@@ -203,7 +249,7 @@ pub async fn run(a: UpArgs) -> anyhow::Result<()> {
                 }
                 for (n, args) in nodes.iter_mut().zip(&node_args) {
                     if fate(n, delay, false) == Fate::Restart {
-                        n.child = spawn_child(&node_binary()?, &n.dir, "node.log", args, &[])?;
+                        n.child = spawn_child(&node_binary()?, &n.dir, n.netns.as_deref(), "node.log", args, &[])?;
                     }
                 }
             }
@@ -257,23 +303,21 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
         let name = format!("master-{i}");
         let dir = data_dir.join(&name);
         let mut extra = a.server_arg.clone();
+        let (netns, ip) = match a.master_hosts.get(i - 1) {
+            Some((ns, ip)) => (Some(ns.clone()), ip.as_str()),
+            None => (None, "127.0.0.1"),
+        };
         if !dir.join("member.json").exists() {
-            extra.extend(["--name".into(), name.clone(), "--peer-listen".into(), "127.0.0.1:0".into()]);
-            extra.extend([
-                "--etcd-listen".into(),
-                "127.0.0.1:0".into(),
-                "--metrics-listen".into(),
-                "127.0.0.1:0".into(),
-                "--api-listen".into(),
-                "127.0.0.1:0".into(),
-                "--node-listen".into(),
-                "127.0.0.1:0".into(),
-            ]);
+            let any_port = format!("{ip}:0");
+            extra.extend(["--name".into(), name.clone()]);
+            for listen in ["--peer-listen", "--etcd-listen", "--metrics-listen", "--api-listen", "--node-listen"] {
+                extra.extend([listen.to_string(), any_port.clone()]);
+            }
             if a.plaintext {
                 extra.extend(["--etcd-plaintext-listen".into(), "127.0.0.1:0".into()]);
             }
-            if let Some(port) = a.peer_advertise_ports.get(i - 1) {
-                extra.extend(["--peer-advertise".into(), format!("127.0.0.1:{port}")]);
+            if let Some(addr) = a.peer_advertise.get(i - 1) {
+                extra.extend(["--peer-advertise".into(), addr.clone()]);
             }
             if i == 1 {
                 extra.push("--init".into());
@@ -284,8 +328,8 @@ async fn bring_up(a: &UpArgs, data_dir: &Path, log_level: &str, masters: &mut Ve
             }
         }
         eprintln!("[{i}/{n}] starting {name}");
-        let child = spawn_master(&dir, &extra, log_level, a.faketime)?;
-        masters.push(Master { name: name.clone(), dir, child, died: None });
+        let child = spawn_master(&dir, netns.as_deref(), &extra, log_level, a.faketime)?;
+        masters.push(Master { name: name.clone(), dir, netns, child, died: None });
         let ep = wait_ready(masters.last_mut().expect("just pushed"), Duration::from_secs(120)).await?;
         eprintln!("[{i}/{n}] {name} ready: api {} etcd {} peer {}", ep.api_url, ep.etcd_url, ep.peer);
         endpoints.push(ep);
@@ -370,7 +414,9 @@ async fn start_nodes(
         let mut args: Vec<String> = vec!["--log-level".into(), log_level.into(), "--data-dir".into()];
         args.push(dir.display().to_string());
         args.extend(["--runtime".into(), a.runtime.clone(), "--teardown-on-exit".into()]);
+        // On its own host (chaos), 127.0.0.1 is that host's loopback.
         args.extend(["--metrics-listen".into(), "127.0.0.1:0".into()]);
+        let netns = a.node_hosts.get(i - 1).map(|(ns, _)| ns.clone());
         if !dir.join("node.json").exists() {
             args.extend(["--name".into(), name.clone(), "--server".into(), servers.join(",")]);
             args.extend(["--token".into(), token.to_string()]);
@@ -379,8 +425,8 @@ async fn start_nodes(
             args.extend(["--image-dir".into(), image_dir.display().to_string()]);
         }
         eprintln!("[{i}/{n}] starting {name} ({})", a.runtime);
-        let child = spawn_child(&bin, &dir, "node.log", &args, &[])?;
-        nodes.push(Master { name, dir, child, died: None });
+        let child = spawn_child(&bin, &dir, netns.as_deref(), "node.log", &args, &[])?;
+        nodes.push(Master { name, dir, netns, child, died: None });
         node_args.push(args);
     }
     wait_nodes_ready(data_dir, nodes, Duration::from_secs(120)).await?;

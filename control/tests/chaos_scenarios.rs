@@ -25,6 +25,7 @@ async fn scenario_for(scenario: Scenario, seed: u64, secs: u64) -> capstan_chaos
         keys: 20,
         interval: Duration::from_secs(5),
         failpoints: Vec::new(),
+        loopback: false,
     };
     let report = run(cfg).await.expect("chaos run");
     println!("{}", serde_json::to_string(&report).unwrap());

@@ -25,6 +25,7 @@ async fn masters_crashing_at_failpoints_lose_nothing() {
         keys: 20,
         interval: Duration::from_secs(3),
         failpoints: points.iter().map(|p| p.to_string()).collect(),
+        loopback: false,
     };
     let report = run(cfg).await.expect("chaos run");
     println!("{}", serde_json::to_string(&report).unwrap());

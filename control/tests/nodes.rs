@@ -18,7 +18,7 @@ use serde_json::Value;
 /// A cluster of three masters and one containerd node.
 fn cluster() -> (common::Up, PathBuf) {
     common::node_binary();
-    let up = common::Up::start_full(Path::new(common::BIN), 3, &[], &["--nodes", "1", "--no-demo"])
+    let up = common::Up::start_full(Path::new(common::BIN), None, 3, &[], &["--nodes", "1", "--no-demo"])
         .expect("capstan up with a node");
     let kc = up.dir.path().join("kubeconfig");
     (up, kc)

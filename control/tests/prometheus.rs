@@ -35,8 +35,8 @@ fn query(port: u16, q: &str) -> Option<f64> {
 #[test]
 fn prometheus_scrapes_every_master_and_agent() {
     // Three masters and a hollow node agent, as `capstan up` starts them.
-    let up =
-        Up::start_full(std::path::Path::new(BIN), 3, &[], &["--nodes", "1", "--runtime", "sim"]).expect("capstan up");
+    let up = Up::start_full(std::path::Path::new(BIN), None, 3, &[], &["--nodes", "1", "--runtime", "sim"])
+        .expect("capstan up");
     let config = up.dir.path().join("prometheus.yml");
     assert!(config.exists(), "capstan up writes prometheus.yml");
     let out = Command::new("promtool").arg("check").arg("config").arg(&config).output().unwrap();
