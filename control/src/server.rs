@@ -319,7 +319,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&a.data_dir)?;
     let started = bootstrap::start(cfg, how).await?;
-    std::fs::write(a.data_dir.join("server.json"), serde_json::to_vec_pretty(&persisted)?)?;
+    capstan_raft::bootstrap::write_durable(&a.data_dir.join("server.json"), &serde_json::to_vec_pretty(&persisted)?)?;
 
     let cluster_id = u64::from_str_radix(&started.pki.ca.fingerprint()[..16], 16).unwrap_or(1);
     let api = EtcdApi { node: started.node.clone(), cluster_id };
@@ -412,9 +412,10 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         node_addr: persisted.node_listen.to_string(),
         pid: std::process::id(),
     };
-    let tmp = a.data_dir.join("endpoints.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&endpoints)?)?;
-    std::fs::rename(&tmp, a.data_dir.join("endpoints.json"))?;
+    capstan_raft::bootstrap::write_durable(
+        &a.data_dir.join("endpoints.json"),
+        &serde_json::to_vec_pretty(&endpoints)?,
+    )?;
     tracing::info!(name = %name, id = started.member.id, peer = %endpoints.peer, etcd = %endpoints.etcd_url, "master serving");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -70,9 +70,7 @@ fn save(dir: &Path, id: &Identity) -> anyhow::Result<()> {
     write_private(&pki_dir(dir).join("node.crt"), &id.cert.cert_pem)?;
     write_private(&pki_dir(dir).join("node.key"), &id.cert.key_pem)?;
     // node.json last: its presence means the identity is complete.
-    let tmp = dir.join("node.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&id.file)?)?;
-    std::fs::rename(&tmp, dir.join("node.json"))?;
+    capstan_raft::bootstrap::write_durable(&dir.join("node.json"), &serde_json::to_vec_pretty(&id.file)?)?;
     Ok(())
 }
 

@@ -128,12 +128,10 @@ async fn serve_ops(cli: &Cli, data_dir: &std::path::Path, metrics: AgentMetrics,
         .with_context(|| format!("binding --metrics-listen {}", cli.metrics_listen))?;
     let url = format!("http://{}", listener.local_addr()?);
     std::fs::create_dir_all(data_dir)?;
-    let tmp = data_dir.join("endpoints.json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(&serde_json::json!({"metrics_url": url, "pid": std::process::id()}))?,
+    capstan_raft::bootstrap::write_durable(
+        &data_dir.join("endpoints.json"),
+        &serde_json::to_vec_pretty(&serde_json::json!({"metrics_url": url, "pid": std::process::id()}))?,
     )?;
-    std::fs::rename(&tmp, data_dir.join("endpoints.json"))?;
     tokio::spawn(async move {
         if let Err(e) = capstan_node::metrics::serve(listener, metrics, checks).await {
             tracing::error!(error = %e, "metrics listener failed");

@@ -104,6 +104,24 @@ pub fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Replaces `path` with `contents` so that a crash or power cut at any
+/// moment leaves either the old file or the new one, complete: a temporary
+/// file is written and synced, renamed over `path`, and the directory
+/// synced (the rename itself is durable only then).
+pub fn write_durable(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut name = path.file_name().ok_or_else(|| anyhow::anyhow!("{}: not a file path", path.display()))?.to_owned();
+    name.push(".tmp");
+    let tmp = dir.join(name);
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(contents)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 fn save_pki(dir: &Path, ca_cert: &str, ca_key: &str, id: &CertifiedKey) -> anyhow::Result<()> {
     let p = pki_dir(dir);
     std::fs::create_dir_all(&p)?;
@@ -410,7 +428,7 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
         node.raft.initialize(BTreeMap::from([(member.id, self_member.clone())])).await?;
     }
     // member.json is written last: its presence means "bootstrapped".
-    std::fs::write(cfg.data_dir.join("member.json"), serde_json::to_vec_pretty(&member)?)?;
+    write_durable(&cfg.data_dir.join("member.json"), &serde_json::to_vec_pretty(&member)?)?;
     if let Bootstrap::Join { addr, .. } = how {
         // Now that our Raft runs, ask the leader (through the master we
         // joined) to replicate to us and make us a voter.
@@ -440,6 +458,18 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durable_writes_replace_whole_files_and_leave_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("member.json");
+        write_durable(&p, b"{\"a\":1}").unwrap();
+        write_durable(&p, b"{}").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"{}");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("member.json")]);
+        assert!(write_durable(&dir.path().join("missing/x.json"), b"x").is_err());
+    }
 
     /// A client connected to an endpoint that dies without a word (its
     /// runtime dropped: no CONNECTION_CLOSE) and comes back on the same
