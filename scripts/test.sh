@@ -18,4 +18,4 @@ cargo clippy --workspace --all-targets --all-features -- -D warnings
 cargo test --workspace --all-targets -- --show-output
 # The failpoint crash matrix (short) needs capstan built with the crash
 # points; it shares this build with the negative controls.
-cargo test -p capstan-control --features planted-bugs,failpoints --test negative_stale_read --test negative_dropped_watch --test failpoint_crash --test failpoint_endpoint -- --show-output
+cargo test -p capstan-control --features planted-bugs,failpoints --test negative_stale_read --test negative_dropped_watch --test negative_skipped_fsync --test failpoint_crash --test failpoint_endpoint -- --show-output

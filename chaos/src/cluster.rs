@@ -26,6 +26,7 @@ use anyhow::{bail, Context};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::hosts::{self, Host, Hosts, Role};
+use crate::lazyfs::{CutStats, LazyFs};
 
 pub struct UpCluster {
     child: Child,
@@ -41,6 +42,9 @@ pub struct UpCluster {
     closing: Arc<AtomicBool>,
     /// A host per master and agent, or all on 127.0.0.1.
     hosts: Option<Arc<Hosts>>,
+    /// Power-cut disks: a lazy filesystem on each master's data dir
+    /// ([`UpCluster::start_power_cut_disks`]).
+    lazy: Vec<LazyFs>,
 }
 
 /// How long a killed master stays down before it is restarted (`capstan up
@@ -243,6 +247,50 @@ impl UpCluster {
         })
     }
 
+    /// Like [`UpCluster::start_full`] with every master's data dir on a
+    /// lazy filesystem ([`crate::lazyfs`]) that [`UpCluster::power_cut`]
+    /// can cut (needs root and /dev/fuse).
+    pub fn start_power_cut_disks(
+        capstan: &Path,
+        hosts: Option<&Arc<Hosts>>,
+        masters: usize,
+    ) -> anyhow::Result<UpCluster> {
+        let dir = cluster_dir()?;
+        let mut lazy = Vec::new();
+        for i in 1..=masters {
+            let (backing, data) = (dir.path().join(format!("disk-{i}")), dir.path().join(format!("master-{i}")));
+            std::fs::create_dir_all(&backing)?;
+            std::fs::create_dir_all(&data)?;
+            lazy.push(LazyFs::mount(&backing, &data)?);
+        }
+        remember_mounts(lazy.iter().map(|l| l.mountpoint().to_path_buf()));
+        let mut c = Self::launch(capstan, dir, hosts, vec![], masters, &[], &["--nodes", "0"])?;
+        c.lazy = lazy;
+        Ok(c)
+    }
+
+    /// A power cut: every master killed -9 at once, then every write they
+    /// had not fsynced lost ([`LazyFs::power_cut`]) before `up` restarts
+    /// them. Returns the killed PIDs (by slot) and what the cut dropped.
+    pub fn power_cut(&self) -> anyhow::Result<(Vec<(usize, u32)>, CutStats)> {
+        anyhow::ensure!(self.lazy.len() == self.masters, "this cluster has no power-cut disks");
+        let pids: Vec<(usize, u32)> = (0..self.masters).filter_map(|i| Some((i, self.endpoints(i)?.pid))).collect();
+        for (_, pid) in &pids {
+            self.signal(*pid, libc::SIGKILL);
+        }
+        // Dead before the cut (a process still writing would write to the
+        // "rebooted" disk), and well before `up` restarts them.
+        let dead = poll_until(RESTART_DELAY / 2, || pids.iter().all(|(_, pid)| !running(*pid)));
+        anyhow::ensure!(dead, "masters still running after kill -9");
+        let mut total = CutStats::default();
+        for l in &self.lazy {
+            let s = l.power_cut();
+            total.bytes += s.bytes;
+            total.files += s.files;
+        }
+        Ok((pids, total))
+    }
+
     fn launch(
         capstan: &Path,
         dir: tempfile::TempDir,
@@ -280,7 +328,8 @@ impl UpCluster {
             .stderr(log)
             .spawn()
             .with_context(|| format!("starting {}", capstan.display()))?;
-        remember(child.id(), &mounts);
+        remember_pid(child.id());
+        remember_mounts(mounts.iter().cloned());
         let mut c = UpCluster {
             child,
             capstan: capstan.to_path_buf(),
@@ -291,6 +340,7 @@ impl UpCluster {
             joined: Arc::default(),
             closing: Arc::default(),
             hosts: hosts.cloned(),
+            lazy: Vec::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -755,18 +805,21 @@ fn spawn_server(capstan: &Path, dir: &Path, netns: Option<&str>, args: &[String]
     // Killed on drop (like `up`). Not PR_SET_PDEATHSIG: that fires when the
     // spawning *thread* ends, and restarts are spawned from short threads.
     let child = cmd.spawn().with_context(|| format!("starting a master in {}", dir.display()))?;
-    remember(child.id(), &[]);
+    remember_pid(child.id());
     Ok(child)
 }
 
 /// What an interrupted harness must stop and unmount: `capstan up` and
-/// joined masters (PIDs), small disks.
+/// joined masters (PIDs), small disks and power-cut disks (a lazy
+/// filesystem served by this process would outlive it as a dead mount).
 static LEFT: Mutex<(Vec<u32>, Vec<PathBuf>)> = Mutex::new((Vec::new(), Vec::new()));
 
-fn remember(pid: u32, mounts: &[PathBuf]) {
-    let mut left = LEFT.lock().expect("not poisoned");
-    left.0.push(pid);
-    left.1.extend(mounts.iter().cloned());
+fn remember_pid(pid: u32) {
+    LEFT.lock().expect("not poisoned").0.push(pid);
+}
+
+fn remember_mounts(mounts: impl Iterator<Item = PathBuf>) {
+    LEFT.lock().expect("not poisoned").1.extend(mounts);
 }
 
 /// The binary's SIGINT/SIGTERM path: stops every `capstan up` (which stops
@@ -821,6 +874,8 @@ impl Drop for UpCluster {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Nothing runs on them now.
+        self.lazy.clear();
         for m in &self.mounts {
             let _ = Command::new("umount").arg("--lazy").arg(m).status();
         }

@@ -23,12 +23,18 @@
 //!   delays, reorders, duplicates and drops datagrams (no netem here).
 //! - [`orchestration`]: scenario 10's Deployment on hollow node agents and
 //!   the orchestration invariants (a pod on one node only; convergence).
+//! - [`lazyfs`]: a LazyFS-style FUSE passthrough for power cuts: file
+//!   writes stay in memory until fsync, so [`lazyfs::LazyFs::power_cut`]
+//!   (after kill -9 of the processes on the mount) loses exactly what was
+//!   never fsynced, which kill -9 alone cannot (the page cache survives).
+//!   Metadata is durable at once; the extent logic is pure and tested.
 //!
 //! Checkers are pure functions over recorded data: no sockets, no clocks.
 
 pub mod cluster;
 pub mod history;
 pub mod hosts;
+pub mod lazyfs;
 pub mod linearizability;
 pub mod orchestration;
 pub mod proxy;

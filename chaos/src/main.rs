@@ -94,26 +94,26 @@ fn until_interrupted<T>(fut: impl std::future::Future<Output = anyhow::Result<T>
 
 /// Runs the command; `Ok(passed)`.
 fn execute(cmd: Cmd, loopback: bool) -> anyhow::Result<bool> {
-    let config = |capstan, scenario, seed, duration, interval, clients, keys| RunConfig {
-        capstan,
-        scenario,
-        seed,
-        duration: Duration::from_secs(duration),
-        clients,
-        keys,
-        interval: Duration::from_secs(interval),
-        failpoints: Vec::new(),
-        loopback,
-    };
     match cmd {
         Cmd::Run { scenario, seed, duration, interval, clients, keys, failpoints, capstan } => {
-            let cfg = RunConfig { failpoints, ..config(capstan, scenario, seed, duration, interval, clients, keys) };
+            let cfg = RunConfig {
+                clients,
+                keys,
+                interval: Duration::from_secs(interval),
+                failpoints,
+                loopback,
+                ..RunConfig::new(capstan, scenario, seed, Duration::from_secs(duration))
+            };
             let report = until_interrupted(capstan_chaos::run::run(cfg))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(report.passed)
         }
         Cmd::Matrix { seed, duration, capstan, out } => {
-            let cfg = config(capstan, Scenario::Steady, seed, duration, 6, 8, 20);
+            let cfg = RunConfig {
+                interval: Duration::from_secs(6),
+                loopback,
+                ..RunConfig::new(capstan, Scenario::Steady, seed, Duration::from_secs(duration))
+            };
             let (md, all) = until_interrupted(capstan_chaos::run::matrix(cfg))?;
             print!("{md}");
             std::fs::write(&out, md).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;

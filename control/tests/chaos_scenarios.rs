@@ -1,7 +1,8 @@
 //! Short chaos runs in the default suite: a leader killed, paused, and cut
 //! off from the other masters (nftables; needs root), its clock skewed
 //! (libfaketime), compaction storms under slow watchers, a member replaced
-//! with the leader killed mid-change, and node agents killed and cut off
+//! with the leader killed mid-change, a power cut (every master killed,
+//! unsynced writes lost), and node agents killed and cut off
 //! while all masters restart, each checked for linearizability, lost
 //! acknowledged writes, the watch guarantees and split brain (and the
 //! agents' Deployment for the orchestration invariants). Longer runs:
@@ -16,17 +17,7 @@ async fn scenario(scenario: Scenario, seed: u64) -> capstan_chaos::run::Report {
 }
 
 async fn scenario_for(scenario: Scenario, seed: u64, secs: u64) -> capstan_chaos::run::Report {
-    let cfg = RunConfig {
-        capstan: env!("CARGO_BIN_EXE_capstan").into(),
-        scenario,
-        seed,
-        duration: Duration::from_secs(secs),
-        clients: 8,
-        keys: 20,
-        interval: Duration::from_secs(5),
-        failpoints: Vec::new(),
-        loopback: false,
-    };
+    let cfg = RunConfig::new(env!("CARGO_BIN_EXE_capstan").into(), scenario, seed, Duration::from_secs(secs));
     let report = run(cfg).await.expect("chaos run");
     println!("{}", serde_json::to_string(&report).unwrap());
     assert!(report.faults >= 1, "faults were injected: {report:?}");
@@ -44,6 +35,10 @@ async fn leader_kill_pause_partition_and_compaction_lose_nothing() {
     scenario(Scenario::ClockSkew, 15).await;
     let compaction = scenario(Scenario::Compaction, 14).await;
     assert!(compaction.compacted_to > 0, "the storm compacted: {compaction:?}");
+    // Every master killed and its unsynced writes lost (the skipped-fsync
+    // negative control is negative_skipped_fsync.rs).
+    let cut = scenario(Scenario::PowerCut, 17).await;
+    assert!(cut.power_cut_lost.is_some_and(|c| c.bytes > 0), "the cut dropped unsynced data: {cut:?}");
     let replace = scenario(Scenario::MemberReplace, 16).await;
     assert!(replace.terms_observed >= 2, "the leader was killed mid-change: {replace:?}");
     // Two faults: an agent cut off past the node grace (its pods evicted

@@ -17,15 +17,9 @@ async fn masters_crashing_at_failpoints_lose_nothing() {
     // so it stays in the short run.
     let points = ["raft::log_append_before_fsync", "raft::compaction", "raft::snapshot_install"];
     let cfg = RunConfig {
-        capstan: env!("CARGO_BIN_EXE_capstan").into(),
-        scenario: Scenario::FailpointCrash,
-        seed: 21,
-        duration: Duration::from_secs(40),
-        clients: 8,
-        keys: 20,
         interval: Duration::from_secs(3),
         failpoints: points.iter().map(|p| p.to_string()).collect(),
-        loopback: false,
+        ..RunConfig::new(env!("CARGO_BIN_EXE_capstan").into(), Scenario::FailpointCrash, 21, Duration::from_secs(40))
     };
     let report = run(cfg).await.expect("chaos run");
     println!("{}", serde_json::to_string(&report).unwrap());

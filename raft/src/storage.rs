@@ -350,7 +350,12 @@ fn spawn_flusher(
             batch.extend(rx.try_iter());
             crash_point!("raft::log_append_before_fsync");
             let started = std::time::Instant::now();
-            let res = db.flush_wal(true).map_err(|e| e.to_string());
+            let sync = true;
+            // The planted bug: the WAL is written to the OS but never
+            // synced, so a power cut loses acknowledged entries.
+            #[cfg(feature = "planted-bugs")]
+            let sync = sync && !crate::planted::armed("skip-fsync");
+            let res = db.flush_wal(sync).map_err(|e| e.to_string());
             metrics.fsync.observe(started.elapsed().as_secs_f64());
             crash_point!("raft::log_append_after_fsync");
             for cb in batch {
