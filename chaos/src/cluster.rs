@@ -75,6 +75,9 @@ pub struct Endpoints {
     pub id: u64,
     pub peer: String,
     pub etcd_url: String,
+    /// The Kubernetes API (HTTPS).
+    #[serde(default)]
+    pub api_url: String,
     /// Plain HTTP: /metrics, /healthz and (failpoints builds) /debug/failpoints.
     #[serde(default)]
     pub metrics_url: String,
@@ -443,6 +446,13 @@ impl UpCluster {
 
     pub fn urls(&self) -> Vec<String> {
         (0..self.masters).filter_map(|i| self.endpoints(i).map(|e| e.etcd_url)).collect()
+    }
+
+    /// A file `capstan up` wrote, by its etcdctl variable (`ETCDCTL_CACERT`,
+    /// `ETCDCTL_CERT`, `ETCDCTL_KEY`: the admin credentials, which the
+    /// Kubernetes API accepts too).
+    pub fn env_path(&self, var: &str) -> PathBuf {
+        PathBuf::from(self.env.get(var).map_or("", String::as_str))
     }
 
     /// An admin channel to `url` (credentials written by `capstan up`).

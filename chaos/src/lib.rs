@@ -19,6 +19,10 @@
 //! - [`hosts`]: every master, agent and the clients on a host of its own:
 //!   a network namespace on a bridge, so faults cut hosts apart by address
 //!   (nftables inside the host), not ports on one loopback.
+//! - [`kubeapi`]: Kubernetes-style traffic through the API servers
+//!   (optimistic updates of one counter, consistent lists, a resumed
+//!   watch) in every scenario, checked for lost, phantom and doubly
+//!   acknowledged updates, watch gaps and stale lists.
 //! - [`proxy`]: a UDP proxy in front of each master's peer port that
 //!   delays, reorders, duplicates and drops datagrams (no netem here).
 //! - [`orchestration`]: scenario 10's Deployment on hollow node agents and
@@ -34,6 +38,7 @@
 pub mod cluster;
 pub mod history;
 pub mod hosts;
+pub mod kubeapi;
 pub mod lazyfs;
 pub mod linearizability;
 pub mod orchestration;

@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 use crate::cluster::{cluster_dir, UpCluster};
 use crate::history::{Input, Op, Output};
 use crate::hosts::Hosts;
+use crate::kubeapi::{self, ApiReport, ApiTraffic};
 use crate::lazyfs::CutStats;
 use crate::linearizability::{self, Verdict};
 use crate::orchestration::{self, Orchestration, PodSightings};
@@ -194,6 +195,8 @@ pub struct Report {
     /// `AgentFaults`: the Deployment's pods and convergence.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub orchestration: Option<Orchestration>,
+    /// The Kubernetes API traffic's figures ([`crate::kubeapi`]).
+    pub api: ApiReport,
     /// `PowerCut`: unsynced data the cuts dropped, over all masters.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub power_cut_lost: Option<CutStats>,
@@ -355,6 +358,96 @@ pub fn to_event(e: &capstan_proto::etcd::mvccpb::Event) -> Option<Event> {
     })
 }
 
+/// The store's current revision, from the first master that answers.
+async fn head_revision(cluster: &UpCluster) -> Option<i64> {
+    for url in cluster.urls() {
+        if let Some(ch) = connect(cluster, &url).await {
+            let r = pb::kv_client::KvClient::new(ch)
+                .range(pb::RangeRequest { key: b"chaos/".to_vec(), ..Default::default() })
+                .await;
+            if let Ok(r) = r {
+                return r.into_inner().header.map(|h| h.revision);
+            }
+        }
+    }
+    None
+}
+
+/// Watchers opened at random revisions around the current one
+/// (RELIABILITY.md's workload), besides the long ones from the start.
+struct TransientWatchers {
+    task: tokio::task::JoinHandle<Vec<Transient>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// One of them: its start revision, the revision it reads up to (lowered
+/// to the final revision at the end), and what it received.
+struct Transient {
+    start: i64,
+    until: Arc<Mutex<Option<i64>>>,
+    received: tokio::task::JoinHandle<Vec<Response>>,
+}
+
+/// Revisions a transient watcher reads, and how far back from the head it
+/// may start.
+const TRANSIENT_SPAN: i64 = 40;
+const TRANSIENT_BACK: i64 = 30;
+
+impl TransientWatchers {
+    /// Every 1.5 s one more, from the head minus up to [`TRANSIENT_BACK`]
+    /// revisions (never before `from`), for [`TRANSIENT_SPAN`] revisions,
+    /// resuming on another master when its own fails.
+    fn start(cluster: Arc<UpCluster>, seed: u64, from: i64) -> TransientWatchers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x7a7a);
+            let mut all = Vec::new();
+            while !stopped.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                let Some(head) = head_revision(&cluster).await else { continue };
+                let start = (head - rng.gen_range(0..=TRANSIENT_BACK)).max(from);
+                let until = Arc::new(Mutex::new(Some(start + TRANSIENT_SPAN)));
+                let deadline = Instant::now() + Duration::from_secs(45);
+                let w = watcher(cluster.clone(), rng.gen(), start, until.clone(), deadline, None, None);
+                all.push(Transient { start, until, received: tokio::spawn(w) });
+            }
+            all
+        });
+        TransientWatchers { task, stop }
+    }
+
+    /// Stops opening more (the workload stopped).
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Each reads at most up to `final_rev`; what they read is collected
+    /// with [`Transients::collect`].
+    async fn bound(self, final_rev: i64) -> anyhow::Result<Transients> {
+        self.stop();
+        let all = self.task.await?;
+        for t in &all {
+            let mut until = t.until.lock().expect("not poisoned");
+            *until = until.map(|u| u.min(final_rev));
+        }
+        Ok(Transients(all))
+    }
+}
+
+struct Transients(Vec<Transient>);
+
+impl Transients {
+    /// (start revision, responses) per watcher, once each is done.
+    async fn collect(self) -> anyhow::Result<Vec<(i64, Vec<Response>)>> {
+        let mut out = Vec::new();
+        for t in self.0 {
+            out.push((t.start, t.received.await?));
+        }
+        Ok(out)
+    }
+}
+
 /// A watcher that resumes on another master from the revision after the
 /// last it saw, until `until` (revision) is reached or `stop` and timeout.
 async fn watcher(
@@ -408,6 +501,12 @@ async fn watcher(
         let mut stream = resp.into_inner();
         let mut silent = 0;
         loop {
+            // Progress answers keep a quiet stream alive: the deadline must
+            // end a watch whose end revision never comes (a store that lost
+            // acknowledged revisions).
+            if Instant::now() >= deadline {
+                break 'outer;
+            }
             let msg = match tokio::time::timeout(Duration::from_secs(1), stream.message()).await {
                 Ok(Ok(Some(m))) => m,
                 Err(_) if silent < 2 => {
@@ -744,9 +843,11 @@ async fn run_on(cfg: RunConfig, hosts: Option<Arc<Hosts>>) -> anyhow::Result<Rep
         vec![]
     };
     let compacted = Arc::new(AtomicI64::new(0));
+    let transients = TransientWatchers::start(cluster.clone(), cfg.seed, watch_from);
     let clients: Vec<_> = (0..cfg.clients)
         .map(|c| tokio::spawn(client(cluster.clone(), shared.clone(), c as u32, cfg.seed, cfg.keys)))
         .collect();
+    let api_traffic = ApiTraffic::start(cluster.clone()).await?;
     let observed = Arc::new(AtomicBool::new(false));
     let observer = tokio::spawn(leader_claims(cluster.clone(), observed.clone()));
     let agents = cfg.scenario == Scenario::AgentFaults;
@@ -968,8 +1069,13 @@ async fn run_on(cfg: RunConfig, hosts: Option<Arc<Hosts>>) -> anyhow::Result<Rep
     }
     tokio::time::sleep(end.saturating_duration_since(Instant::now())).await;
     shared.stop.store(true, Ordering::Relaxed);
+    transients.stop();
     for c in clients {
         c.await?;
+    }
+    let api = kubeapi::check(&api_traffic.finish().await);
+    if api.violations() > 0 {
+        progress(&format!("API traffic: {api:?}"));
     }
     let orchestration = match sightings {
         Some(watching) => {
@@ -1001,19 +1107,9 @@ async fn run_on(cfg: RunConfig, hosts: Option<Arc<Hosts>>) -> anyhow::Result<Rep
     let acked = shared.acked.lock().expect("not poisoned").clone();
     // The store's revision now, not the last acknowledged one: a write that
     // failed for its client may still have committed after it.
-    let mut final_rev = acked.iter().map(|a| a.2).max().unwrap_or(1);
-    for url in cluster.urls() {
-        if let Some(ch) = connect(&cluster, &url).await {
-            let r = pb::kv_client::KvClient::new(ch)
-                .range(pb::RangeRequest { key: b"chaos/".to_vec(), ..Default::default() })
-                .await;
-            if let Ok(r) = r {
-                final_rev = final_rev.max(r.into_inner().header.map_or(0, |h| h.revision));
-                break;
-            }
-        }
-    }
+    let final_rev = acked.iter().map(|a| a.2).max().unwrap_or(1).max(head_revision(&cluster).await.unwrap_or(0));
     *until.lock().expect("not poisoned") = Some(final_rev);
+    let transients = transients.bound(final_rev).await?;
     progress(&format!("workload done: {} acknowledged writes, final revision {final_rev}; checking", acked.len()));
 
     // Histories of every master, compared revision by revision.
@@ -1058,10 +1154,20 @@ async fn run_on(cfg: RunConfig, hosts: Option<Arc<Hosts>>) -> anyhow::Result<Rep
     };
     let mut watch = WatchReport::default();
     let mut watch_compacted = 0;
+    let transients = transients.collect().await?;
+    let mut received_all = Vec::new();
     for w in watchers {
-        let received = w.await?;
+        received_all.push((spec.start_revision, w.await?));
+    }
+    progress(&format!(
+        "{} watchers from the start, {} opened at random revisions",
+        received_all.len(),
+        transients.len()
+    ));
+    received_all.extend(transients);
+    for (start_revision, received) in received_all {
         watch_compacted += received.iter().filter(|r| matches!(r, Response::Compacted { .. })).count();
-        let r = watch_check::check(&spec, truth, &received);
+        let r = watch_check::check(&WatchSpec { start_revision, ..spec.clone() }, truth, &received);
         watch.filter += r.filter;
         watch.ordered += r.ordered;
         watch.unique += r.unique;
@@ -1099,6 +1205,8 @@ async fn run_on(cfg: RunConfig, hosts: Option<Arc<Hosts>>) -> anyhow::Result<Rep
         ("progress", !acked.is_empty()),
         ("faults_in_effect", unconfirmed == 0),
         ("histories_complete", incomplete.load(Ordering::Relaxed) == 0),
+        ("api_consistent", api.violations() == 0),
+        ("api_progress", api.updates_acked > 0),
     ]);
     let failpoints = matrix_state.map(|m| m.hits).unwrap_or_default();
     if failpoint_run {
@@ -1135,6 +1243,7 @@ async fn run_on(cfg: RunConfig, hosts: Option<Arc<Hosts>>) -> anyhow::Result<Rep
         failpoints,
         orchestration,
         power_cut_lost,
+        api,
         pass,
         passed,
     })
@@ -1569,7 +1678,7 @@ pub fn has_failpoints(capstan: &std::path::Path) -> bool {
 
 pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
     let mut md = String::from(
-        "| scenario | seed | s | ops | acked writes | faults | linearizable | acked lost | watch violations | split brain | recovery p50/p99 ms | pass |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | seed | s | ops | acked writes | faults | linearizable | acked lost | watch violations | split brain | API updates / violations | recovery p50/p99 ms | pass |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut all = true;
     for scenario in [
@@ -1594,14 +1703,16 @@ pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
     ] {
         if scenario == Scenario::FailpointCrash && !has_failpoints(&base.capstan) {
             progress("FailpointCrash skipped: capstan was built without `--features failpoints`");
-            md.push_str("| FailpointCrash | - | - | - | - | - | - | - | - | - | - | skipped (no failpoints build) |\n");
+            md.push_str(
+                "| FailpointCrash | - | - | - | - | - | - | - | - | - | - | - | skipped (no failpoints build) |\n",
+            );
             continue;
         }
         let r = run(RunConfig { scenario, ..base.clone() }).await?;
         all &= r.passed;
         let rec = r.recovery_ms.as_ref().map_or("-".to_string(), |x| format!("{}/{}", x.p50, x.p99));
         md.push_str(&format!(
-            "| {:?} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {:?} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} |\n",
             r.scenario,
             r.seed,
             r.duration_s,
@@ -1612,6 +1723,8 @@ pub async fn matrix(base: RunConfig) -> anyhow::Result<(String, bool)> {
             r.acked_writes_lost,
             r.watch.total(),
             r.split_brain,
+            r.api.updates_acked,
+            r.api.violations(),
             rec,
             if r.passed { "PASS" } else { "FAIL" }
         ));

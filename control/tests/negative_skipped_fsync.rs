@@ -20,5 +20,6 @@ async fn a_skipped_fsync_loses_acknowledged_writes_in_a_power_cut() {
     assert!(report.faults >= 1, "the power was cut: {report:?}");
     assert!(report.power_cut_lost.is_some_and(|c| c.bytes > 0), "the cut dropped unsynced data: {report:?}");
     assert!(report.acked_writes_lost > 0, "the checker counts the lost acknowledged writes: {report:?}");
+    assert!(report.api.lost_updates > 0, "and the lost ConfigMap updates: {report:?}");
     assert!(!report.passed, "{report:?}");
 }
