@@ -412,9 +412,14 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     let (removed_tx, removed) = tokio::sync::watch::channel(false);
     let removed_tx = Arc::new(removed_tx);
     let network = Network { clients: clients.clone(), removed: removed_tx.clone() };
-    let raft =
-        Raft::new(member.id, raft_config(cfg.snapshot_every, cfg.timing)?, network, storage.log_store()?, sm).await?;
-    let node = StoreNode::new(member.id, raft, hub, state, clients, cfg.limits.clone());
+    let mut log_store = storage.log_store()?;
+    let started_at = {
+        use openraft::storage::RaftLogStorage;
+        let last = log_store.get_log_state().await?.last_log_id.map_or(0, |l| l.index);
+        (log_store.read_vote().await?.map_or(0, |v| v.leader_id().get_term()), last)
+    };
+    let raft = Raft::new(member.id, raft_config(cfg.snapshot_every, cfg.timing)?, network, log_store, sm).await?;
+    let node = StoreNode::new(member.id, raft, hub, state, clients, cfg.limits.clone(), started_at);
     tokio::spawn(crate::peer::serve_peers(ep.clone(), node.clone(), pki.clone()));
     tokio::spawn(node.clone().run_leader_duties());
     tokio::spawn(node.clone().track_leader_changes());

@@ -82,6 +82,32 @@ pub struct StoreNode {
     /// ReadIndex rounds of this node (leader: confirm leadership; follower:
     /// ask the leader), shared by concurrent reads.
     reads: Arc<Coalescer<Result<u64, StoreError>>>,
+    /// (term of the stored vote, last log index) when this process started,
+    /// read from storage before Raft ran: see [`read_floor`].
+    started_at: (u64, u64),
+}
+
+/// The least index a leader's ReadIndex may return.
+///
+/// openraft lets a leader that restarts keep its term and leadership, and
+/// then reads at max(the first entry of its term, its commit index) — but
+/// the commit index it restarts with is only what was on disk (saved
+/// unsynced, as the state machine), and the first entry of its term may be
+/// long ago. After a power cut (kill -9 keeps the page cache; a power cut
+/// does not) both can be below writes that were acknowledged before it, and
+/// a "linearizable" read would miss them: found by the chaos PowerCut
+/// scenario. So a leader still in the term it started in reads at least at
+/// the end of the log it started with; every acknowledged write is in that
+/// log (it led them), and the wait ends once it has committed and applied
+/// it again. A leader of a later term was elected and proposed its own
+/// first entry after everything it had, which openraft's read index covers.
+pub fn read_floor(started_at: (u64, u64), current_term: u64) -> u64 {
+    let (term, last_index) = started_at;
+    if current_term == term {
+        last_index
+    } else {
+        0
+    }
 }
 
 #[derive(Default)]
@@ -101,9 +127,11 @@ impl StoreNode {
         state: SharedState,
         clients: Arc<PeerClients>,
         limits: Limits,
+        started_at: (u64, u64),
     ) -> Arc<StoreNode> {
         let metrics = NodeMetrics::default();
         Arc::new(StoreNode {
+            started_at,
             id,
             hub,
             limits,
@@ -286,7 +314,10 @@ impl StoreNode {
         loop {
             if self.is_leader() {
                 match self.raft.ensure_linearizable().await {
-                    Ok(log_id) => return Ok(log_id.map_or(0, |l| l.index)),
+                    Ok(log_id) => {
+                        let floor = read_floor(self.started_at, self.raft.metrics().borrow().current_term);
+                        return Ok(log_id.map_or(0, |l| l.index).max(floor));
+                    }
                     Err(e) => tracing::debug!(error = %e, "read index on leader failed; retrying"),
                 }
             } else if let Some((_, leader)) = self.leader() {
@@ -542,4 +573,20 @@ pub(crate) enum Forward {
     To(Member),
     Unknown,
     Failed(StoreError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_floor;
+
+    #[test]
+    fn a_leader_still_in_its_starting_term_reads_past_the_log_it_started_with() {
+        // Restarted in term 7 with entries up to 120: resumed leadership
+        // reads at 120 or later, whatever openraft's commit index says.
+        assert_eq!(read_floor((7, 120), 7), 120);
+        // Elected in a later term: its own first entry bounds the read.
+        assert_eq!(read_floor((7, 120), 8), 0);
+        // A fresh node.
+        assert_eq!(read_floor((0, 0), 1), 0);
+    }
 }
