@@ -1180,6 +1180,14 @@ async fn run_on(cfg: RunConfig, hosts: Option<Arc<Hosts>>) -> anyhow::Result<Rep
     }
     let ops = shared.ops.lock().expect("not poisoned").clone();
     let verdict = linearizability::check(&ops);
+    if verdict != Verdict::Ok {
+        // For a post-mortem: `capstan-chaos check-history <file>`.
+        let file = std::env::temp_dir().join(format!("capstan-chaos-{:?}-{}-history.json", cfg.scenario, cfg.seed));
+        match std::fs::write(&file, serde_json::to_vec(&ops)?) {
+            Ok(()) => progress(&format!("not linearizable ({verdict:?}); history in {}", file.display())),
+            Err(e) => progress(&format!("not linearizable ({verdict:?}); writing {}: {e}", file.display())),
+        }
+    }
     let ack_times = shared.ack_times.lock().expect("not poisoned").clone();
     let mut rec: Vec<u64> = fault_times
         .iter()
