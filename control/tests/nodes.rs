@@ -2,7 +2,8 @@
 //! containerd (CNI pod networking, the CRI log driver, the busybox image
 //! `capstan up` builds into the image directory), driven by kubectl.
 //!
-//! Needs root, containerd, runc and the CNI plugins (CI installs them) and
+//! Needs root, containerd, runc, the CNI plugins, docker-registry and
+//! skopeo (CI installs them) and
 //! `capstan-node` built next to `capstan` (`cargo test --workspace` does).
 
 mod common;
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use capstan_node::testregistry::{LoopbackRegistry, PASSWORD, USER};
 use common::{json_of, kubectl, ok, wait_for};
 use serde_json::Value;
 
@@ -203,6 +205,24 @@ spec:
   volumes: [{name: v, configMap: {name: does-not-exist}}]
   containers:
   - {name: c, image: busybox:stable, imagePullPolicy: IfNotPresent, command: ["sleep", "60"], volumeMounts: [{name: v, mountPath: /v}]}
+"#;
+
+/// Two pods of an image in the test's registry: one with the pull secret,
+/// one without.
+const PULLED: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: pulled}
+spec:
+  restartPolicy: Never
+  imagePullSecrets: [{name: regcred}]
+  containers: [{name: c, image: "IMAGE", imagePullPolicy: Always, command: ["echo", "pulled from the registry"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: unpulled}
+spec:
+  containers: [{name: c, image: "IMAGE", imagePullPolicy: Always, command: ["sleep", "60"]}]
 "#;
 
 fn waiting_reason(kc: &Path, name: &str) -> Option<String> {
@@ -423,6 +443,34 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
         container_status(&kc, "missing-config")["state"]["waiting"]["message"].as_str().unwrap_or_default().to_string();
     assert!(msg.contains("does-not-exist"), "{msg}");
 
+    // Pulls from a real registry: Debian's docker-registry on loopback
+    // behind basic auth, the busybox archive pushed there with skopeo. With
+    // the imagePullSecret the pod runs; without it the pull is refused.
+    let registry = LoopbackRegistry::start(up.dir.path(), true).unwrap();
+    let image = registry.push(&up.dir.path().join("images/busybox.tar"), "team/busybox:e2e", true).unwrap();
+    ok(
+        &kc,
+        &[
+            "create",
+            "secret",
+            "docker-registry",
+            "regcred",
+            &format!("--docker-server={}", registry.host()),
+            &format!("--docker-username={USER}"),
+            &format!("--docker-password={PASSWORD}"),
+        ],
+    );
+    apply(&kc, &PULLED.replace("IMAGE", &image));
+    wait_for(90, "the pulled pod to succeed", || {
+        Some(()).filter(|_| pod(&kc, "pulled")["status"]["phase"] == "Succeeded")
+    });
+    assert!(ok(&kc, &["logs", "pulled"]).contains("pulled from the registry"));
+    wait_for(60, "the pull without credentials to fail", || {
+        waiting_reason(&kc, "unpulled").filter(|r| r == "ErrImagePull" || r == "ImagePullBackOff")
+    });
+    let msg = container_status(&kc, "unpulled")["state"]["waiting"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(msg.contains("credentials"), "{msg}");
+
     // Fail-static: cut the agent off from every master (its QUIC traffic
     // to their node gateways dropped by nftables); its containers keep
     // serving; a pod created meanwhile starts once the masters are back.
@@ -490,7 +538,7 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     ] {
         ok(&kc, &["delete", what[0], what[1], "--wait=false"]);
     }
-    for p in ["no-image", "bad-command", "missing-config"] {
+    for p in ["no-image", "bad-command", "missing-config", "pulled", "unpulled"] {
         ok(&kc, &["delete", "pod", p, "--wait=false"]);
     }
     wait_for(120, "every pod to go", || {

@@ -26,7 +26,8 @@
 //! - `usage.rs`: CPU and memory usage of the node and its containers,
 //!   reported every 15 s (served by the masters as `metrics.k8s.io`).
 //! - `testimage.rs`: a busybox OCI image archive built locally, for the
-//!   tests of every crate that runs containers.
+//!   tests of every crate that runs containers; `testregistry.rs`: a real
+//!   registry on loopback (docker-registry, skopeo) for their pull tests.
 
 pub mod agent;
 pub mod cni;
@@ -44,5 +45,6 @@ pub mod runtime;
 pub mod sim;
 pub mod streams;
 pub mod testimage;
+pub mod testregistry;
 pub mod usage;
 pub mod volumes;

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use capstan_node::containerd::{Containerd, LogDriver, PodNetwork, PodNetworkSetup};
 use capstan_node::runtime::*;
+use capstan_node::testregistry::{LoopbackRegistry, PASSWORD, USER};
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -633,69 +634,6 @@ async fn binary_log_driver_and_named_image_user() {
     .await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// Debian's docker-registry on a loopback port, killed on drop.
-struct Registry(std::process::Child);
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts a registry under `dir` (with htpasswd auth for `user`/`s3cret`
-/// when `user` is given); returns it and its port.
-async fn start_registry(dir: &Path, user: Option<&str>) -> (Registry, u16) {
-    let port = free_port();
-    let dir = dir.join(format!("registry-{port}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut config = format!(
-        "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-        dir.join("data").display()
-    );
-    if let Some(user) = user {
-        // bcrypt("s3cret"), cost 4.
-        let line = format!("{user}:$2b$04$xiflqB8cmA6ZEr91ADxToO.8NYstyDYukrCLXyO1AKvsL2gLbEzc.\n");
-        std::fs::write(dir.join("htpasswd"), line).unwrap();
-        config.push_str(&format!(
-            "auth:\n  htpasswd:\n    realm: capstan-test\n    path: {}\n",
-            dir.join("htpasswd").display()
-        ));
-    }
-    let config_path = dir.join("config.yml");
-    std::fs::write(&config_path, config).unwrap();
-    let registry = Registry(
-        std::process::Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "registry did not listen");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    (registry, port)
-}
-
-fn push(archive: &Path, image: &str, creds: Option<&str>) {
-    let mut cmd = std::process::Command::new("skopeo");
-    cmd.args(["--insecure-policy", "copy", "--quiet", "--dest-tls-verify=false"]);
-    if let Some(c) = creds {
-        cmd.arg(format!("--dest-creds={c}"));
-    }
-    let status =
-        cmd.arg(format!("oci-archive:{}", archive.display())).arg(format!("docker://{image}")).status().unwrap();
-    assert!(status.success(), "skopeo copy to {image}");
-}
-
 fn have_registry_tools() -> bool {
     let ok = Path::new("/usr/bin/docker-registry").exists() && Path::new("/usr/bin/skopeo").exists();
     if !ok {
@@ -711,27 +649,18 @@ async fn pull_with_basic_auth() {
     }
     bounded(async {
         let env = Env::new().await;
-        let (_registry, port) = start_registry(env.dir.path(), Some("capstan")).await;
-        let image = format!("localhost:{port}/private/busybox:1");
-        push(&env.archive, &image, Some("capstan:s3cret"));
+        let registry = LoopbackRegistry::start(env.dir.path(), true).unwrap();
+        let image = registry.push(&env.archive, "private/busybox:1", true).unwrap();
         match env.rt.ensure_image(&image, PullPolicy::IfNotPresent, &[]).await {
             Err(RuntimeError::Image { reason, .. }) => assert!(reason.contains("credentials"), "{reason}"),
             other => panic!("{other:?}"),
         }
-        let wrong = [RegistryAuth {
-            registry: format!("localhost:{port}"),
-            username: "capstan".into(),
-            password: "nope".into(),
-        }];
+        let wrong = [RegistryAuth { registry: registry.host(), username: USER.into(), password: "nope".into() }];
         match env.rt.ensure_image(&image, PullPolicy::IfNotPresent, &wrong).await {
             Err(RuntimeError::Image { reason, .. }) => assert!(reason.contains("rejected"), "{reason}"),
             other => panic!("{other:?}"),
         }
-        let auth = [RegistryAuth {
-            registry: format!("localhost:{port}"),
-            username: "capstan".into(),
-            password: "s3cret".into(),
-        }];
+        let auth = [RegistryAuth { registry: registry.host(), username: USER.into(), password: PASSWORD.into() }];
         let (name, id) = env.rt.ensure_image(&image, PullPolicy::IfNotPresent, &auth).await.unwrap();
         assert_eq!(name, image);
         assert!(id.starts_with("sha256:"));
@@ -750,15 +679,14 @@ async fn pull_from_a_loopback_registry() {
     }
     bounded(async {
         let env = Env::new().await;
-        let (_registry, port) = start_registry(env.dir.path(), None).await;
-        let image = format!("127.0.0.1:{port}/tools/busybox:test");
-        push(&env.archive, &image, None);
+        let registry = LoopbackRegistry::start(env.dir.path(), false).unwrap();
+        let image = registry.push(&env.archive, "tools/busybox:test", false).unwrap();
 
         let (name, id) = env.rt.ensure_image(&image, PullPolicy::Always, &[]).await.unwrap();
         assert_eq!(name, image);
         let (_, local_id) = env.rt.ensure_image(IMAGE, PullPolicy::Never, &[]).await.unwrap();
         assert_eq!(id, local_id, "same config as the archive's image");
-        match env.rt.ensure_image(&format!("127.0.0.1:{port}/tools/absent:1"), PullPolicy::IfNotPresent, &[]).await {
+        match env.rt.ensure_image(&format!("{}/tools/absent:1", registry.host()), PullPolicy::IfNotPresent, &[]).await {
             Err(RuntimeError::Image { reason, .. }) => assert!(reason.contains("not found"), "{reason}"),
             other => panic!("{other:?}"),
         }
