@@ -148,7 +148,8 @@ fn spawn_child(
     cmd.stdout(log.try_clone()?).stderr(log).stdin(std::process::Stdio::null());
     cmd.kill_on_drop(true);
     // If `up` itself dies, its masters must not linger.
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    // SAFETY: prctl and setns (on a descriptor opened before the fork) are
+    // plain syscalls, async-signal-safe; nothing else runs between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
