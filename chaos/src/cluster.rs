@@ -277,10 +277,7 @@ impl UpCluster {
     /// them. Returns the killed PIDs (by slot) and what the cut dropped.
     pub fn power_cut(&self) -> anyhow::Result<(Vec<(usize, u32)>, CutStats)> {
         anyhow::ensure!(self.lazy.len() == self.masters, "this cluster has no power-cut disks");
-        let pids: Vec<(usize, u32)> = (0..self.masters).filter_map(|i| Some((i, self.endpoints(i)?.pid))).collect();
-        for (_, pid) in &pids {
-            self.signal(*pid, libc::SIGKILL);
-        }
+        let pids = self.kill9_all();
         // Dead before the cut (a process still writing would write to the
         // "rebooted" disk), and well before `up` restarts them.
         let dead = poll_until(RESTART_DELAY / 2, || pids.iter().all(|(_, pid)| !running(*pid)));
@@ -595,12 +592,6 @@ impl UpCluster {
         Ok(p)
     }
 
-    /// The address the harness's proxy binds (the client host's, or
-    /// loopback).
-    pub fn client_ip(&self) -> Ipv4Addr {
-        self.hosts.as_ref().map_or(Ipv4Addr::LOCALHOST, |h| h.client().ip)
-    }
-
     /// `kubectl <args>` against this cluster (admin kubeconfig `up`
     /// wrote), bounded to 20 s; stdout, or an error with stderr.
     pub fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
@@ -651,6 +642,16 @@ impl UpCluster {
             });
         }
         Some(pid)
+    }
+
+    /// kill -9 every master at once; their (slot, PID)s. `up` (or the
+    /// harness, for masters it joined) restarts them.
+    pub fn kill9_all(&self) -> Vec<(usize, u32)> {
+        let pids: Vec<(usize, u32)> = (0..self.masters).filter_map(|i| Some((i, self.endpoints(i)?.pid))).collect();
+        for (_, pid) in &pids {
+            self.signal(*pid, libc::SIGKILL);
+        }
+        pids
     }
 
     /// Fills master `i`'s small disk ([`UpCluster::start_small_disk`]) to

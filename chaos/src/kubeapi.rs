@@ -226,11 +226,15 @@ impl Traffic {
         loop {
             let api = self.api(0).ok_or_else(|| anyhow::anyhow!("master-1 has no API URL"))?;
             let sent = self.http.post(format!("{api}{PATH}")).json(&body).timeout(DEADLINE).send().await;
-            if let Ok(r) = sent {
-                if r.status().is_success() {
-                    let obj: Value = r.json().await?;
-                    return rv_of(&obj).ok_or_else(|| anyhow::anyhow!("created ConfigMap without resourceVersion"));
+            match sent.map(|r| r.status()) {
+                Ok(s) if s.is_success() || s == reqwest::StatusCode::CONFLICT => {
+                    // Created, or created by an earlier attempt whose answer
+                    // was lost (409 AlreadyExists): read it back.
+                    if let Ok((0, obj)) = self.get(0).await {
+                        return rv_of(&obj).ok_or_else(|| anyhow::anyhow!("a ConfigMap without resourceVersion"));
+                    }
                 }
+                _ => {}
             }
             anyhow::ensure!(Instant::now() < deadline, "could not create the {NAME} ConfigMap");
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -1402,7 +1402,13 @@ async fn agent_fault(cluster: &Arc<UpCluster>, kind: usize, k: usize) -> anyhow:
         }
         1 => {
             progress(&format!("cut agent {node} off from the masters for {AGENT_CUT:?}"));
-            let Ok(cut) = cluster.cut_agent(k) else { return Ok(None) };
+            let cut = match cluster.cut_agent(k) {
+                Ok(cut) => cut,
+                Err(e) => {
+                    progress(&format!("cutting {node} off: {e:#}"));
+                    return Ok(None);
+                }
+            };
             let t0 = Instant::now();
             let c = cluster.clone();
             let node_name = node.clone();
@@ -1428,11 +1434,7 @@ async fn agent_fault(cluster: &Arc<UpCluster>, kind: usize, k: usize) -> anyhow:
         }
         _ => {
             progress("kill -9 all three masters");
-            let pids: Vec<(usize, u32)> =
-                (0..cluster.masters).filter_map(|i| Some((i, cluster.endpoints(i)?.pid))).collect();
-            for (_, pid) in &pids {
-                cluster.signal(*pid, libc::SIGKILL);
-            }
+            let pids = cluster.kill9_all();
             let t0 = Instant::now();
             Ok(all_restarted(cluster, pids).await?.then_some(t0))
         }
