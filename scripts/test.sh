@@ -6,12 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
 # The shared target dir (.cargo/config.toml) grows with every build of every
-# checkout; past 40 GiB its incremental caches go (they are rebuilt), so CI on
-# a long-lived machine cannot fill the disk.
+# checkout: each change leaves its old test binaries in deps/ (it reached
+# 74 GiB and a nearly full disk once, while removing only the incremental
+# caches freed 4). Past 40 GiB it goes whole; a cold build costs minutes, a
+# full disk costs the run.
 target=/var/tmp/capstan-target
 if [ -d "$target" ] && [ "$(du -s --block-size=1G "$target" | cut -f1)" -gt 40 ]; then
-    echo "$target is over 40 GiB: removing its incremental caches"
-    rm -rf "$target"/debug/incremental "$target"/release/incremental
+    echo "$target is over 40 GiB: removing it"
+    rm -rf "$target"
 fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --all-features -- -D warnings
