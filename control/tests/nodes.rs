@@ -292,6 +292,12 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
     let (good, out, err) = kubectl(&kc, &["exec", &web0, "-i", "--", "cat"], Some("via-stdin\n"));
     assert!(good && out == "via-stdin\n", "stdin reaches the process: {out:?} {err}");
+    // With a terminal (kubectl insists on one for -t): the process has a tty.
+    let (code, screen) = in_terminal(&kc, &format!("exec -it {web0} -- sh -c 'tty; stty size'"), || true, &[]);
+    assert_eq!(code, Some(0), "{screen}");
+    assert!(screen.contains("/dev/pts/"), "exec -t gives the process a terminal: {screen}");
+
+    attach(&kc);
 
     // ConfigMap and Secret volumes and env, init containers first, downward API.
     apply(&kc, CONFIG);
@@ -579,3 +585,89 @@ fn agent_pid_now(up: &common::Up) -> Option<u32> {
 fn agent_pid(up: &common::Up) -> u32 {
     agent_pid_now(up).expect("the node agent runs")
 }
+
+/// Runs `kubectl <args>` in a terminal (util-linux `script` gives it a
+/// pty), types each of `input` (half a second apart) once `ready` holds,
+/// and returns kubectl's exit code and everything the terminal showed.
+/// The input stays open until kubectl exits: at end of input `script`
+/// would type ^D.
+fn in_terminal(kc: &Path, args: &str, ready: impl Fn() -> bool, input: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new("script")
+        .args(["-qfec", &format!("kubectl {args}"), "/dev/null"])
+        .env("KUBECONFIG", kc)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("util-linux script");
+    let mut out = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = out.read_to_end(&mut b);
+        String::from_utf8_lossy(&b).into_owned()
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    if !input.is_empty() {
+        wait_for(90, "the terminal's target to be ready", || Some(()).filter(|_| ready()));
+        // kubectl attaches once the pod runs; typing may start before that
+        // (the terminal keeps it), but not before the process is there.
+        std::thread::sleep(Duration::from_millis(1500));
+        for line in input {
+            stdin.write_all(line.as_bytes()).unwrap();
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    let status = wait_for(60, &format!("kubectl {args} to end"), || child.try_wait().unwrap());
+    drop(stdin);
+    (status.code(), reader.join().unwrap())
+}
+
+/// `kubectl attach` and `kubectl run -it`: a container's main process, its
+/// output as it writes it (streams apart), its terminal and stdin.
+fn attach(kc: &Path) {
+    apply(kc, TALKER);
+    ok(kc, &["wait", "--for=condition=Ready", "pod/talker", "--timeout=60s"]);
+    std::thread::sleep(Duration::from_secs(1));
+    let out =
+        Command::new("timeout").args(["4", "kubectl", "attach", "talker"]).env("KUBECONFIG", kc).output().unwrap();
+    assert_eq!(out.status.code(), Some(124), "attach lasts until the client leaves");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("tick-") && !stdout.contains("tock-"), "stdout: {stdout}");
+    assert!(stderr.contains("tock-"), "stderr apart: {stderr}");
+    // Only what is written from now on (the log has the earlier lines).
+    assert!(!stdout.contains("tick-1\n"), "{stdout}");
+    // stdin to a container made without it: a clear refusal.
+    let (good, _, err) = kubectl(kc, &["attach", "-i", "talker"], Some(""));
+    assert!(!good && err.contains("was not created with stdin"), "{err}");
+    ok(kc, &["delete", "pod", "talker", "--grace-period=1"]);
+
+    // kubectl run -it --rm: a shell, its answers, its exit code, the pod gone.
+    let running = || {
+        let (good, out, _) = kubectl(kc, &["get", "pod", "shell", "-o", "jsonpath={.status.phase}"], None);
+        good && out == "Running"
+    };
+    let (code, screen) = in_terminal(
+        kc,
+        "run -it --rm --restart=Never shell --image=busybox:stable --image-pull-policy=Never -- sh",
+        running,
+        &["echo answer-$((6*7))\n", "exit 3\n"],
+    );
+    assert!(screen.contains("answer-42"), "the shell answered through the attach: {screen}");
+    assert_eq!(code, Some(3), "kubectl run reports the shell's exit code: {screen}");
+    wait_for(30, "kubectl run --rm to delete the pod", || {
+        Some(()).filter(|_| !kubectl(kc, &["get", "pod", "shell"], None).0)
+    });
+}
+
+const TALKER: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: talker}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: c
+    image: busybox:stable
+    imagePullPolicy: Never
+    command: ["sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; echo tock-$i >&2; sleep 0.3; done"]
+"#;

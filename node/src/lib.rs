@@ -9,8 +9,8 @@
 //! - `metrics.rs`: the agent's /metrics (kubelet names) and health checks;
 //!   `Instrumented` times every runtime operation.
 //! - `prober.rs`: liveness, readiness and startup probes (exec, httpGet,
-//!   tcpSocket), verdicts pure; `streams.rs` the masters' log and exec
-//!   streams; `podnet.rs` pod networking for containerd (netns + CNI).
+//!   tcpSocket), verdicts pure; `streams.rs` the masters' log, exec and
+//!   attach streams; `podnet.rs` pod networking for containerd (netns + CNI).
 //! - `runtime.rs`: the container runtime contract (CRI-shaped) the pod
 //!   workers drive; `sim.rs` a hollow runtime for scale tests;
 //!   `containerd/` the real one over containerd's gRPC API, `cni.rs` pod
@@ -19,7 +19,8 @@
 //!   our data dir), the pods' network namespaces.
 //! - `logdriver.rs`: containerd's `binary://` log driver writing the CRI log
 //!   format with rotation (`capstan-node log-driver`); `podlogs.rs` reads
-//!   those files back for `kubectl logs` (tail, since, timestamps, follow).
+//!   those files back for `kubectl logs` (tail, since, timestamps, follow)
+//!   and follows them for `kubectl attach`.
 //! - `volumes.rs`: pod volumes (emptyDir, hostPath, configMap, secret,
 //!   downwardAPI, projected): a pure planner, the kubelet's on-disk layout
 //!   and atomic file sets, tmpfs mounts, volumeMounts with subPath.

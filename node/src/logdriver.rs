@@ -157,11 +157,32 @@ impl LineSplitter {
         out
     }
 
+    /// Output that waits for its newline (written as a partial line if the
+    /// stream goes quiet: see [`IDLE_FLUSH`]).
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
     /// At end of stream, output without a final newline is a partial line,
     /// as containerd's CRI logger writes it.
     pub fn finish(&mut self) -> Option<Vec<u8>> {
         (!self.pending.is_empty()).then(|| std::mem::take(&mut self.pending))
     }
+}
+
+/// How long output without a newline waits for one before it is written as
+/// a partial line: a shell's prompt then reaches `kubectl attach` (which
+/// follows the file) while the shell waits for input. Readers join partial
+/// pieces again, so `kubectl logs` shows the same lines either way.
+pub const IDLE_FLUSH: Duration = Duration::from_millis(50);
+
+/// Whether `fd` has input (or hang-up) within `wait`.
+fn readable_within(fd: std::os::fd::RawFd, wait: Duration) -> bool {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, wait.as_millis() as libc::c_int) };
+    // An error (EINTR) counts as readable: the read that follows decides.
+    r != 0
 }
 
 /// Whether writing `entry_len` more bytes must go to a fresh file. An
@@ -367,6 +388,15 @@ pub fn run(cfg: LogDriverConfig) -> io::Result<()> {
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 64 * 1024];
             loop {
+                if shared.0.lock().unwrap_or_else(|p| p.into_inner()).splitters[i].pending() > 0
+                    && !readable_within(std::os::fd::AsRawFd::as_raw_fd(&pipe), IDLE_FLUSH)
+                {
+                    let mut s = shared.0.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(rest) = s.splitters[i].finish() {
+                        s.write(stream, vec![(rest, true)]);
+                    }
+                    continue;
+                }
                 let n = match pipe.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,

@@ -227,6 +227,11 @@ impl<R: Runtime> Runtime for Instrumented<R> {
     async fn usage(&self, id: &str) -> Result<Usage, RuntimeError> {
         self.timed("container_stats", self.inner.usage(id)).await
     }
+
+    // Not timed: an attach lasts as long as the user stays.
+    async fn attach(&self, id: &str, input: AttachInput) -> Result<(), RuntimeError> {
+        self.inner.attach(id, input).await
+    }
 }
 
 /// The readiness checks of a running agent.

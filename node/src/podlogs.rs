@@ -239,31 +239,9 @@ pub async fn follow(
         match std::fs::metadata(&path) {
             Ok(m) if file.as_ref().is_some_and(|f| same_file(f, &m)) => {}
             Ok(_) => {
-                // Rotated (maybe several times since the last poll): finish
-                // the old file, read the rotated ones newer than it, then go
-                // on with the new current file.
-                let old = file.take();
-                let mut out = Vec::new();
-                if let Some(mut f) = old.as_ref() {
-                    buf.clear();
-                    f.read_to_end(&mut buf)?;
-                    out.extend(follower.feed(&buf));
-                }
-                file = open_current(&path)?;
-                let files = crate::logdriver::log_files(&path)?;
-                let key = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
-                let old_key = old.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
-                let new_key = file.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
-                let start =
-                    files.iter().position(|p| old_key.is_some() && key(p) == old_key).map_or(files.len(), |i| i + 1);
-                for p in &files[start..] {
-                    if key(p) == new_key {
-                        break;
-                    }
-                    if let Ok(c) = std::fs::read(p) {
-                        out.extend(follower.feed(&c));
-                    }
-                }
+                let (rest, next) = rotate(&path, file.take())?;
+                file = next;
+                let out: Vec<u8> = rest.iter().flat_map(|c| follower.feed(c)).collect();
                 if !out.is_empty() && !send_limited(&tx, out, &mut sent, opts.limit_bytes).await {
                     return Ok(());
                 }
@@ -280,6 +258,113 @@ pub async fn follow(
             return Ok(());
         }
         tokio::time::sleep(poll).await;
+    }
+}
+
+/// The current file was rotated (maybe several times since the last
+/// poll): what is left to read, in order (the rest of the old file, then
+/// the rotated files newer than it), and the new current file.
+#[allow(clippy::type_complexity)]
+fn rotate(path: &Path, old: Option<std::fs::File>) -> io::Result<(Vec<Vec<u8>>, Option<std::fs::File>)> {
+    let mut rest = Vec::new();
+    if let Some(mut f) = old.as_ref() {
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)?;
+        rest.push(buf);
+    }
+    let file = open_current(path)?;
+    let files = crate::logdriver::log_files(path)?;
+    let key = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let old_key = old.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+    let new_key = file.as_ref().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
+    let start = files.iter().position(|p| old_key.is_some() && key(p) == old_key).map_or(files.len(), |i| i + 1);
+    for p in &files[start..] {
+        if key(p) == new_key {
+            break;
+        }
+        if let Ok(c) = std::fs::read(p) {
+            rest.push(c);
+        }
+    }
+    Ok((rest, file))
+}
+
+/// `kubectl attach`'s output: log file bytes in, each stream's pieces out
+/// as the log driver wrote them. A partial piece comes without a newline,
+/// so a prompt shows before the line it starts is finished.
+#[derive(Debug, Default)]
+pub struct Pieces {
+    carry: Vec<u8>,
+}
+
+impl Pieces {
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<(Stream, Vec<u8>)> {
+        self.carry.extend_from_slice(bytes);
+        let cut = self.carry.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+        let rest = self.carry.split_off(cut);
+        let out = self
+            .carry
+            .split(|&b| b == b'\n')
+            .filter_map(parse_entry)
+            .map(|e| {
+                let mut piece = e.content.to_vec();
+                if !e.partial {
+                    piece.push(b'\n');
+                }
+                (e.stream, piece)
+            })
+            .collect();
+        self.carry = rest;
+        out
+    }
+}
+
+/// Sends what is written to `path` (the container's current log file,
+/// across rotations) from now on, as [`Pieces`], polling every `poll`.
+/// Returns when the receiver goes away or the log files are deleted.
+pub async fn follow_pieces(
+    path: PathBuf,
+    poll: Duration,
+    tx: tokio::sync::mpsc::Sender<(Stream, Vec<u8>)>,
+) -> io::Result<()> {
+    let mut file = open_current(&path)?;
+    if let Some(f) = file.as_mut() {
+        f.seek(SeekFrom::End(0))?;
+    }
+    let mut pieces = Pieces::default();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        if let Some(f) = file.as_mut() {
+            f.read_to_end(&mut buf)?;
+        }
+        let mut out = pieces.feed(&buf);
+        match std::fs::metadata(&path) {
+            Ok(m) if file.as_ref().is_some_and(|f| same_file(f, &m)) => {}
+            Ok(_) => {
+                let (rest, next) = rotate(&path, file.take())?;
+                file = next;
+                out.extend(rest.iter().flat_map(|c| pieces.feed(c)));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if file.is_some() && crate::logdriver::log_files(&path)?.is_empty() {
+                    return Ok(());
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        let idle = out.is_empty();
+        for piece in out {
+            if tx.send(piece).await.is_err() {
+                return Ok(());
+            }
+        }
+        if tx.is_closed() {
+            return Ok(());
+        }
+        if idle {
+            tokio::time::sleep(poll).await;
+        }
     }
 }
 
@@ -343,6 +428,19 @@ async fn send_limited(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn attach_pieces_keep_streams_and_partials_and_wait_for_whole_file_lines() {
+        let mut p = Pieces::default();
+        let out =
+            p.feed(b"2024-01-02T15:04:05.000000001Z stdout P / # \n2024-01-02T15:04:05.1Z stderr F oops\n2024-01");
+        assert_eq!(out, vec![(Stream::Stdout, b"/ # ".to_vec()), (Stream::Stderr, b"oops\n".to_vec())]);
+        // The rest of a file line arrives later; a malformed line is skipped.
+        let out = p.feed(b"-02T15:04:06Z stdout F ls\ngarbage\n");
+        assert_eq!(out, vec![(Stream::Stdout, b"ls\n".to_vec())]);
+        assert!(p.feed(b"").is_empty());
+    }
+
     use super::*;
 
     const FILE1: &[u8] = b"2024-01-02T15:04:05.000000001Z stdout F one\n\

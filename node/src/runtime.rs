@@ -184,6 +184,17 @@ pub struct ExecIo {
     pub resize: Option<tokio::sync::mpsc::Receiver<(u16, u16)>>,
 }
 
+/// Input to a container's main process (`kubectl attach`).
+pub struct AttachInput {
+    /// Bytes for its stdin; the container must have been made with stdin
+    /// (and, here, a terminal).
+    pub stdin: Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>,
+    /// Terminal resizes (cols, rows).
+    pub resize: Option<tokio::sync::mpsc::Receiver<(u16, u16)>>,
+    /// Close the process's stdin once `stdin` ends (`stdinOnce`).
+    pub close_stdin: bool,
+}
+
 /// A container runtime. All operations are idempotent where Kubernetes'
 /// CRI is (stopping a stopped container, removing a removed one succeed).
 pub trait Runtime: Send + Sync + 'static {
@@ -223,6 +234,9 @@ pub trait Runtime: Send + Sync + 'static {
         io: ExecIo,
     ) -> impl Future<Output = Result<ExitCode, RuntimeError>> + Send;
     fn usage(&self, id: &str) -> impl Future<Output = Result<Usage, RuntimeError>> + Send;
+
+    /// Feeds `input` to container `id`'s main process until it ends.
+    fn attach(&self, id: &str, input: AttachInput) -> impl Future<Output = Result<(), RuntimeError>> + Send;
 
     /// Whether pod volumes are made real on this host (directories, tmpfs,
     /// files) and mounted into containers; hollow runtimes say no.

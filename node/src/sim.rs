@@ -156,6 +156,17 @@ impl Runtime for SimRuntime {
         Ok(0)
     }
 
+    /// A hollow container takes input and answers nothing.
+    async fn attach(&self, id: &str, input: AttachInput) -> Result<(), RuntimeError> {
+        if !self.state.lock().containers.contains_key(id) {
+            return Err(RuntimeError::NotFound(id.to_string()));
+        }
+        if let Some(mut stdin) = input.stdin {
+            while stdin.recv().await.is_some() {}
+        }
+        Ok(())
+    }
+
     async fn usage(&self, id: &str) -> Result<Usage, RuntimeError> {
         let st = self.state.lock();
         let c = st.containers.get(id).ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;

@@ -1,21 +1,24 @@
 //! Streams the masters open to the agent: `kubectl logs` (read from the
-//! container's CRI log files, followed while it runs) and `kubectl exec`
-//! (through the runtime, stdin/stdout/stderr/resize as `ExecFrame`s).
+//! container's CRI log files, followed while it runs), `kubectl exec`
+//! (through the runtime, stdin/stdout/stderr/resize as `ExecFrame`s) and
+//! `kubectl attach` (output followed from the log as it is written, input
+//! through the runtime).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use capstan_proto::nodewire::{
-    read_message, write_frame, write_message, AgentRequest, AgentResponse, ExecFrame, ExecRequest, LogRequest,
-    MAX_MESSAGE,
+    read_message, write_frame, write_message, AgentRequest, AgentResponse, AttachRequest, ExecFrame, ExecRequest,
+    LogRequest, MAX_MESSAGE,
 };
 use tokio::sync::mpsc;
 
 use crate::agent::Agent;
+use crate::logdriver::Stream;
 use crate::podlogs::{self, ReadOptions};
 use crate::pods::PodSpec;
-use crate::runtime::{ContainerState, ContainerStatus, ExecIo, Runtime};
+use crate::runtime::{AttachInput, ContainerState, ContainerStatus, ExecIo, Runtime};
 
 fn refuse(code: u16, reason: &str, message: String) -> AgentResponse {
     AgentResponse::Error { code, reason: reason.into(), message }
@@ -45,6 +48,7 @@ impl<R: Runtime> Agent<R> {
         let result = match read_message::<AgentRequest, _>(&mut recv, MAX_MESSAGE).await {
             Ok(AgentRequest::Logs(l)) => self.logs(l, &mut send).await,
             Ok(AgentRequest::Exec(e)) => self.exec(e, &mut send, recv).await,
+            Ok(AgentRequest::Attach(a)) => self.attach(a, &mut send, recv).await,
             Err(e) => write_message(&mut send, &refuse(400, "BadRequest", e.to_string())).await.map_err(Into::into),
         };
         if let Err(e) = result {
@@ -126,6 +130,27 @@ impl<R: Runtime> Agent<R> {
         Ok(())
     }
 
+    /// The pod and the running attempt of its container, or the refusal.
+    async fn running(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<(Arc<PodSpec>, ContainerStatus), AgentResponse> {
+        let Some(spec) = self.pod(namespace, pod) else {
+            return Err(refuse(404, "NotFound", format!("pod {namespace}/{pod} is not running on this node")));
+        };
+        let running = self
+            .attempts(&spec, container)
+            .await
+            .into_iter()
+            .find(|c| matches!(c.state, ContainerState::Running { .. }));
+        match running {
+            Some(c) => Ok((spec, c)),
+            None => Err(refuse(400, "BadRequest", format!("container {container} is not running in pod {pod}"))),
+        }
+    }
+
     async fn is_running(&self, id: &str) -> bool {
         match self.observe(false).await {
             Ok(o) => o.containers.iter().any(|c| c.id == id && matches!(c.state, ContainerState::Running { .. })),
@@ -137,20 +162,11 @@ impl<R: Runtime> Agent<R> {
         &self,
         req: ExecRequest,
         send: &mut quinn::SendStream,
-        mut recv: quinn::RecvStream,
+        recv: quinn::RecvStream,
     ) -> anyhow::Result<()> {
-        let Some(spec) = self.pod(&req.namespace, &req.pod) else {
-            let msg = format!("pod {}/{} is not running on this node", req.namespace, req.pod);
-            return Ok(write_message(send, &refuse(404, "NotFound", msg)).await?);
-        };
-        let running = self
-            .attempts(&spec, &req.container)
-            .await
-            .into_iter()
-            .find(|c| matches!(c.state, ContainerState::Running { .. }));
-        let Some(c) = running else {
-            let msg = format!("container {} is not running in pod {}", req.container, req.pod);
-            return Ok(write_message(send, &refuse(400, "BadRequest", msg)).await?);
+        let c = match self.running(&req.namespace, &req.pod, &req.container).await {
+            Ok((_, c)) => c,
+            Err(refusal) => return Ok(write_message(send, &refusal).await?),
         };
         if req.command.is_empty() {
             return Ok(write_message(send, &refuse(400, "BadRequest", "no command given".into())).await?);
@@ -166,24 +182,7 @@ impl<R: Runtime> Agent<R> {
             stderr: err_tx,
             resize: req.tty.then_some(resize_rx),
         };
-        // Client -> process: stdin and resizes until the client closes stdin.
-        let input = tokio::spawn(async move {
-            let mut stdin = Some(stdin_tx);
-            while let Ok(frame) = read_message::<ExecFrame, _>(&mut recv, MAX_MESSAGE).await {
-                match frame {
-                    ExecFrame::Stdin(b) => {
-                        if let Some(tx) = &stdin {
-                            let _ = tx.send(Bytes::from(b)).await;
-                        }
-                    }
-                    ExecFrame::StdinClosed => stdin = None,
-                    ExecFrame::Resize { cols, rows } => {
-                        let _ = resize_tx.send((cols, rows)).await;
-                    }
-                    _ => {}
-                }
-            }
-        });
+        let input = tokio::spawn(forward_input(recv, stdin_tx, resize_tx));
         let rt = self.rt.clone();
         let (id, cmd, tty) = (c.id.clone(), req.command.clone(), req.tty);
         let run = tokio::spawn(async move { rt.exec(&id, &cmd, tty, io).await });
@@ -203,5 +202,110 @@ impl<R: Runtime> Agent<R> {
         input.abort();
         write_message(send, &last).await?;
         Ok(())
+    }
+
+    async fn attach(
+        &self,
+        req: AttachRequest,
+        send: &mut quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) -> anyhow::Result<()> {
+        let (spec, c) = match self.running(&req.namespace, &req.pod, &req.container).await {
+            Ok(found) => found,
+            Err(refusal) => return Ok(write_message(send, &refusal).await?),
+        };
+        let made = spec.containers.iter().chain(&spec.init).find(|c| c.name == req.container).map(|c| &c.raw);
+        let flag = |k: &str| made.is_some_and(|c| c[k].as_bool() == Some(true));
+        let (has_stdin, has_tty, stdin_once) = (flag("stdin"), flag("tty"), flag("stdinOnce"));
+        if let Some(why) = req.refusal(has_stdin, has_tty) {
+            return Ok(write_message(send, &refuse(400, "BadRequest", why)).await?);
+        }
+        write_message(send, &AgentResponse::Streaming).await?;
+
+        let tty = req.tty && has_tty;
+        let (stdin_tx, stdin_rx) = mpsc::channel::<Bytes>(16);
+        let (resize_tx, resize_rx) = mpsc::channel::<(u16, u16)>(4);
+        let input = AttachInput {
+            stdin: req.stdin.then_some(stdin_rx),
+            resize: tty.then_some(resize_rx),
+            close_stdin: req.stdin && stdin_once,
+        };
+        let mut client = tokio::spawn(forward_input(recv, stdin_tx, resize_tx));
+        let rt = self.rt.clone();
+        let id = c.id.clone();
+        let mut feed = tokio::spawn(async move { rt.attach(&id, input).await });
+        let (out_tx, mut out_rx) = mpsc::channel(64);
+        let path = self.log_path(&spec, &req.container, c.attempt);
+        let output = tokio::spawn(podlogs::follow_pieces(path, Duration::from_millis(50), out_tx));
+
+        let mut check = tokio::time::interval(Duration::from_secs(1));
+        let (mut stopped_at, mut feeding) = (None::<tokio::time::Instant>, true);
+        let last = loop {
+            tokio::select! {
+                piece = out_rx.recv() => match piece {
+                    Some((stream, bytes)) => {
+                        let frame = match stream {
+                            Stream::Stdout if req.stdout => ExecFrame::Stdout(bytes),
+                            Stream::Stderr if req.stderr => ExecFrame::Stderr(bytes),
+                            _ => continue,
+                        };
+                        write_frame(send, &capstan_proto::nodewire::encode_message(&frame)).await?;
+                    }
+                    None => break ExecFrame::Exit(0),
+                },
+                fed = &mut feed, if feeding => {
+                    feeding = false;
+                    match fed {
+                        Ok(Err(e)) => break ExecFrame::Failed(e.to_string()),
+                        Err(e) => break ExecFrame::Failed(e.to_string()),
+                        Ok(Ok(())) => {}
+                    }
+                }
+                // The client detached (the master ends its side then).
+                _ = &mut client => break ExecFrame::Exit(0),
+                _ = check.tick() => {
+                    if let Some(at) = stopped_at {
+                        // Give the log driver a moment to flush the last output.
+                        if at.elapsed() > Duration::from_millis(1500) {
+                            break ExecFrame::Exit(0);
+                        }
+                    } else if !self.is_running(&c.id).await {
+                        stopped_at = Some(tokio::time::Instant::now());
+                    }
+                }
+            }
+        };
+        output.abort();
+        client.abort();
+        if feeding {
+            // Ends the input (and closes a stdinOnce stdin) on its own.
+            drop(feed);
+        }
+        write_message(send, &last).await?;
+        Ok(())
+    }
+}
+
+/// Client -> process: stdin and resizes until the client's side ends
+/// (stdin alone ends at `StdinClosed`).
+async fn forward_input(
+    mut recv: quinn::RecvStream,
+    stdin_tx: mpsc::Sender<Bytes>,
+    resize_tx: mpsc::Sender<(u16, u16)>,
+) {
+    let mut stdin = Some(stdin_tx);
+    while let Ok(frame) = read_message::<ExecFrame, _>(&mut recv, MAX_MESSAGE).await {
+        match frame {
+            ExecFrame::Stdin(b) => {
+                if let Some(tx) = &stdin {
+                    let _ = tx.send(Bytes::from(b)).await;
+                }
+            }
+            ExecFrame::StdinClosed => stdin = None,
+            ExecFrame::Resize { cols, rows } => {
+                let _ = resize_tx.send((cols, rows)).await;
+            }
+            _ => {}
+        }
     }
 }

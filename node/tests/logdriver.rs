@@ -223,3 +223,25 @@ fn without_the_shim_fds_it_fails_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("fd 3") || err.contains("fd 4") || err.contains("fd 5"), "{err}");
 }
+
+#[test]
+fn a_line_that_waits_for_input_is_written_as_a_partial_and_read_back_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("0.log");
+    let mut d = Driver::start(&LogDriverConfig::new(&path));
+    // A shell's prompt: no newline until the user answers.
+    d.stdout.as_mut().unwrap().write_all(b"/ # ").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&path).unwrap().contains(" stdout P / # ") {
+        assert!(Instant::now() < deadline, "the prompt never reached the file: {:?}", std::fs::read_to_string(&path));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.stdout.as_mut().unwrap().write_all(b"echo hi\nhi\n").unwrap();
+    d.stdout = None;
+    d.stderr = None;
+    assert!(d.wait(Duration::from_secs(10)).success());
+    let raw = std::fs::read_to_string(&path).unwrap();
+    assert!(raw.lines().any(|l| l.ends_with(" stdout F echo hi")), "{raw}");
+    let text = String::from_utf8(read_logs(&log_files(&path).unwrap(), &ReadOptions::default()).unwrap()).unwrap();
+    assert_eq!(text, "/ # echo hi\nhi\n", "readers join the partial piece with its line");
+}

@@ -168,6 +168,7 @@ impl PodFrame {
 pub enum AgentRequest {
     Logs(LogRequest),
     Exec(ExecRequest),
+    Attach(AttachRequest),
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -191,6 +192,45 @@ pub struct ExecRequest {
     pub command: Vec<String>,
     pub stdin: bool,
     pub tty: bool,
+}
+
+/// `kubectl attach`: the container's main process. Output is what it
+/// writes from now on; stdin and resizes travel as in an exec
+/// ([`ExecFrame`]s), and the last frame is `Exit(0)` when the container
+/// stops (Kubernetes reports success for an attach that ran its course).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AttachRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub container: String,
+    pub stdin: bool,
+    pub stdout: bool,
+    pub stderr: bool,
+    pub tty: bool,
+}
+
+impl AttachRequest {
+    /// Why this attach cannot be served, given whether the container was
+    /// made with stdin and a terminal (None: it can).
+    pub fn refusal(&self, has_stdin: bool, has_tty: bool) -> Option<String> {
+        if !self.stdin && !self.stdout && !self.stderr {
+            return Some("you must specify at least one of stdin, stdout, stderr".into());
+        }
+        if self.stdin && !has_stdin {
+            return Some(format!(
+                "container {} in pod {} was not created with stdin: true; there is no stdin to attach to",
+                self.container, self.pod
+            ));
+        }
+        if self.stdin && !has_tty {
+            return Some(format!(
+                "container {} in pod {} has no terminal: Capstan's nodes pass stdin to a container's main process \
+                 only with tty: true (the output goes to the log driver, and containerd's log driver IO has no stdin)",
+                self.container, self.pod
+            ));
+        }
+        None
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -280,6 +320,24 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn attach_needs_a_stream_and_stdin_needs_a_container_with_stdin_and_a_terminal() {
+        let req = |stdin: bool, out: bool| AttachRequest {
+            namespace: "ns".into(),
+            pod: "p".into(),
+            container: "c".into(),
+            stdin,
+            stdout: out,
+            stderr: out,
+            tty: stdin,
+        };
+        assert!(req(false, false).refusal(true, true).unwrap().contains("at least one"));
+        assert_eq!(req(false, true).refusal(false, false), None, "output alone attaches to anything");
+        assert!(req(true, true).refusal(false, true).unwrap().contains("not created with stdin"));
+        assert!(req(true, true).refusal(true, false).unwrap().contains("only with tty: true"));
+        assert_eq!(req(true, true).refusal(true, true), None);
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_limits_hold() {

@@ -33,7 +33,8 @@ fn namespaced_rules(verbs: Value, skip: &[&str]) -> Vec<Value> {
         names.extend(
             t.subresources
                 .iter()
-                .filter(|s| **s != "exec" || verbs != read_verbs())
+                // Like Kubernetes' view role: reading pods is not entering them.
+                .filter(|s| !matches!(**s, "exec" | "attach") || verbs != read_verbs())
                 .map(|s| format!("{}/{s}", t.plural)),
         );
         match by_group.iter_mut().find(|(g, _)| *g == t.group) {

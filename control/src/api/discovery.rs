@@ -102,6 +102,7 @@ fn subresource_shape(
         "scale" => ("Scale", "autoscaling", "v1", &["get", "patch", "update"]),
         "log" => ("Pod", "", "v1", &["get"]),
         "exec" => ("PodExecOptions", "", "v1", &["create", "get"]),
+        "attach" => ("PodAttachOptions", "", "v1", &["create", "get"]),
         "eviction" => ("Eviction", "policy", "v1", &["create"]),
         "binding" => ("Binding", "", "v1", &["create"]),
         "finalize" => (rt.kind, rt.group, rt.version, &["update"]),

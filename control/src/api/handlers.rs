@@ -90,7 +90,9 @@ pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Resu
         ("create", Some("token")) => {
             super::serviceaccount::token_request(&api, ns.unwrap_or_default(), name, &ctx).await
         }
-        ("get", Some("log")) | ("get" | "create", Some("exec")) => node_stream(&api, rt, ns, name, ctx).await,
+        ("get", Some("log")) | ("get" | "create", Some("exec" | "attach")) => {
+            node_stream(&api, rt, ns, name, r.subresource.as_deref().unwrap_or_default(), ctx).await
+        }
         ("update", Some("finalize")) => update(&api, rt, ns, name, None, &ctx).await,
         (verb, sub) => Err(ApiError::method_not_allowed(format!(
             "{verb} is not supported on {}{}",
@@ -765,15 +767,16 @@ async fn node_stream(
     rt: &ResourceType,
     ns: Option<&str>,
     name: &str,
+    sub: &str,
     ctx: Ctx,
 ) -> Result<Reply, ApiError> {
     let pod = current(api, rt, ns, name).await?.object;
     let spec = &pod["spec"];
-    let names: Vec<&str> = ["containers", "initContainers", "ephemeralContainers"]
+    let all: Vec<&Value> = ["containers", "initContainers", "ephemeralContainers"]
         .iter()
         .flat_map(|l| spec[*l].as_array().into_iter().flatten())
-        .filter_map(|c| c["name"].as_str())
         .collect();
+    let names: Vec<&str> = all.iter().filter_map(|c| c["name"].as_str()).collect();
     match ctx.query.get("container") {
         Some(c) if !names.contains(&c) => {
             return Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}")))
@@ -794,7 +797,16 @@ async fn node_stream(
         Some(c) => c.to_string(),
         None => spec["containers"][0]["name"].as_str().unwrap_or_default().to_string(),
     };
-    super::nodestream::serve(api, node, ns.unwrap_or_default(), name, &container, ctx).await
+    let container_spec = all.iter().find(|c| c["name"] == container.as_str()).map(|c| (*c).clone()).unwrap_or_default();
+    let target = super::nodestream::Target {
+        node,
+        namespace: ns.unwrap_or_default(),
+        pod: name,
+        container: &container,
+        spec: &container_spec,
+        sub,
+    };
+    super::nodestream::serve(api, target, ctx).await
 }
 
 /// SelfSubjectAccessReview (`kubectl auth can-i`), SelfSubjectReview

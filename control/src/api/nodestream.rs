@@ -1,9 +1,9 @@
-//! `pods/log` and `pods/exec`: the API server's half of streams served by
-//! the pod's node agent. The gateway gives a QUIC stream to the agent
-//! (direct, or relayed by the master holding the agent's connection); logs
-//! come back as a chunked `text/plain` body, exec is bridged between the
-//! client's WebSocket (Kubernetes' `v5.channel.k8s.io` / `v4`) and the
-//! agent's `ExecFrame`s.
+//! `pods/log`, `pods/exec` and `pods/attach`: the API server's half of
+//! streams served by the pod's node agent. The gateway gives a QUIC stream
+//! to the agent (direct, or relayed by the master holding the agent's
+//! connection); logs come back as a chunked `text/plain` body, exec and
+//! attach are bridged between the client's WebSocket (Kubernetes'
+//! `v5.channel.k8s.io` / `v4`) and the agent's `ExecFrame`s.
 //!
 //! Channel protocol (first byte of each binary WebSocket message): 0 stdin,
 //! 1 stdout, 2 stderr, 3 error/status (a `Status` JSON, sent once at the
@@ -11,7 +11,8 @@
 //! closes stdin).
 
 use capstan_proto::nodewire::{
-    read_message, write_message, AgentRequest, AgentResponse, ExecFrame, ExecRequest, LogRequest, MAX_MESSAGE,
+    read_message, write_message, AgentRequest, AgentResponse, AttachRequest, ExecFrame, ExecRequest, LogRequest,
+    MAX_MESSAGE,
 };
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -72,18 +73,23 @@ fn agent_error(code: u16, reason: &str, message: String) -> ApiError {
     ApiError::new(code, reason, message)
 }
 
-pub async fn serve(
-    api: &ApiServer,
-    node: &str,
-    ns: &str,
-    pod: &str,
-    container: &str,
-    ctx: Ctx,
-) -> Result<Reply, ApiError> {
+/// What a stream is for: a container of a pod on a node, and the
+/// subresource (`log`, `exec` or `attach`).
+pub struct Target<'a> {
+    pub node: &'a str,
+    pub namespace: &'a str,
+    pub pod: &'a str,
+    pub container: &'a str,
+    /// The container's spec in the pod.
+    pub spec: &'a Value,
+    pub sub: &'a str,
+}
+
+pub async fn serve(api: &ApiServer, target: Target<'_>, ctx: Ctx) -> Result<Reply, ApiError> {
+    let Target { node, namespace: ns, pod, container, spec: container_spec, sub } = target;
     let gateway = api.gateway.get().ok_or_else(|| ApiError::unavailable("the node gateway is starting"))?;
     let q = &ctx.query;
-    let is_exec = q.get("command").is_some() || ctx.upgrade.is_some();
-    if !is_exec {
+    if sub == "log" {
         let num = |k: &str| -> Result<Option<u64>, ApiError> {
             q.get(k)
                 .map(|v| v.parse::<u64>().map_err(|_| ApiError::bad_request(format!("{k}: {v:?} is not a number"))))
@@ -102,26 +108,53 @@ pub async fn serve(
         };
         return logs(gateway, node, req).await;
     }
+    let (namespace, pod, container) = (ns.to_string(), pod.to_string(), container.to_string());
+    let (request, command) = if sub == "attach" {
+        // kubectl sends stdout=true (and stderr=true unless a terminal merges them).
+        let req = AttachRequest {
+            namespace,
+            pod,
+            container,
+            stdin: q.flag("stdin"),
+            stdout: q.flag("stdout"),
+            stderr: q.flag("stderr"),
+            tty: q.flag("tty"),
+        };
+        // Refused here too, not only by the agent: kubectl retries a failed
+        // WebSocket attach over SPDY, and the reason must survive that.
+        let made = |k: &str| container_spec[k].as_bool() == Some(true);
+        if let Some(why) = req.refusal(made("stdin"), made("tty")) {
+            return Err(ApiError::bad_request(why));
+        }
+        (AgentRequest::Attach(req), None)
+    } else {
+        let req = ExecRequest {
+            namespace,
+            pod,
+            container,
+            command: q.all("command"),
+            stdin: q.flag("stdin"),
+            tty: q.flag("tty"),
+        };
+        if req.command.is_empty() {
+            return Err(ApiError::bad_request("you must specify at least 1 command"));
+        }
+        let command = req.command.clone();
+        (AgentRequest::Exec(req), Some(command))
+    };
     let upgrade = ctx.upgrade.ok_or_else(|| {
-        ApiError::bad_request("exec needs a WebSocket upgrade (Upgrade: websocket, v5.channel.k8s.io)")
+        // kubectl falls back to SPDY when its WebSocket request fails, and
+        // then shows only this answer: say where the real reason is.
+        ApiError::bad_request(format!(
+            "{sub} needs a WebSocket upgrade (Upgrade: websocket, {V5}); SPDY is not served. A client that fell \
+             back to SPDY had its WebSocket request refused first: that answer says why (kubectl -v=6 shows it)"
+        ))
     })?;
     let protocol = choose_protocol(&upgrade.protocols)
-        .ok_or_else(|| ApiError::bad_request(format!("no supported exec protocol offered (want {V5} or {V4})")))?;
-    let req = ExecRequest {
-        namespace: ns.into(),
-        pod: pod.into(),
-        container: container.into(),
-        command: q.all("command"),
-        stdin: q.flag("stdin"),
-        tty: q.flag("tty"),
-    };
-    if req.command.is_empty() {
-        return Err(ApiError::bad_request("you must specify at least 1 command"));
-    }
+        .ok_or_else(|| ApiError::bad_request(format!("no supported {sub} protocol offered (want {V5} or {V4})")))?;
     // Reach the agent before switching protocols, so failures are plain HTTP errors.
     let (mut send, mut recv) = gateway.open_agent_stream(node).await?;
-    let command = req.command.clone();
-    write_message(&mut send, &AgentRequest::Exec(req)).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
+    write_message(&mut send, &request).await.map_err(|e| ApiError::unavailable(e.to_string()))?;
     match read_message::<AgentResponse, _>(&mut recv, MAX_MESSAGE).await {
         Ok(AgentResponse::Streaming) => {}
         Ok(AgentResponse::Error { code, reason, message }) => return Err(agent_error(code, &reason, message)),
@@ -208,8 +241,15 @@ pub fn from_client(msg: &[u8], v5: bool) -> Option<ExecFrame> {
 /// ours is not, so the first message waits a moment.
 const FIRST_OUTPUT_DELAY: std::time::Duration = std::time::Duration::from_millis(100);
 
-async fn bridge<S>(io: S, mut send: quinn::SendStream, mut recv: quinn::RecvStream, v5: bool, command: Vec<String>)
-where
+/// Bridges the client's WebSocket and the agent's stream. `command` is the
+/// exec's (None for an attach).
+async fn bridge<S>(
+    io: S,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    v5: bool,
+    command: Option<Vec<String>>,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
@@ -241,7 +281,8 @@ where
                 ExecFrame::Stdout(b) => (1u8, b.clone()),
                 ExecFrame::Stderr(b) => (2u8, b.clone()),
                 ExecFrame::Exit(_) | ExecFrame::Failed(_) => {
-                    let status = serde_json::to_vec(&exit_status(&frame, &command)).unwrap_or_default();
+                    let status = serde_json::to_vec(&exit_status(&frame, command.as_deref().unwrap_or_default()))
+                        .unwrap_or_default();
                     let mut m = vec![3u8];
                     m.extend(status);
                     let _ = sink.send(Message::Binary(m.into())).await;
@@ -264,10 +305,13 @@ where
             }
         }
     };
-    // The agent's end decides: once the status is sent, the exec is over.
+    // The agent's end decides when an exec is over: once the status is
+    // sent. An attach is also over when the client leaves (detaches); the
+    // container goes on, and ending our side tells the agent.
+    let attach = command.is_none();
     tokio::select! {
         _ = agent => {}
-        _ = async { client.await; std::future::pending::<()>().await } => {}
+        _ = async { client.await; if !attach { std::future::pending::<()>().await } } => {}
     }
     let _ = send.finish();
 }

@@ -97,6 +97,7 @@ impl Containerd {
             Err(s) if is_not_found(&s) => {}
             Err(s) => return Err(grpc(format!("delete task {id}"), s)),
         }
+        super::attach::remove_stdin(self, id);
         match self.containers().delete(self.req(DeleteContainerRequest { id: id.to_string() })).await {
             Ok(_) => {}
             Err(s) if is_not_found(&s) => {}
@@ -217,12 +218,14 @@ pub async fn start_container(c: &Containerd, sandbox: &Sandbox, cfg: &ContainerC
             .snapshots_prepare(&id, &image.chain_id)
             .await
             .map_err(|e| RuntimeError::Container(format!("prepare rootfs: {e}")))?;
+        // Stdin needs a terminal: without one the log driver gets the
+        // output, and containerd's binary IO gives the process no stdin.
+        let stdin = if cfg.stdin && cfg.tty { super::attach::prepare_stdin(c, &id)? } else { String::new() };
         c.tasks()
             .create(c.req(CreateTaskRequest {
                 container_id: id.clone(),
                 rootfs: mounts,
-                // `cfg.stdin` (attach) is not supported yet: stdin is /dev/null.
-                stdin: String::new(),
+                stdin,
                 stdout: log_uri.clone(),
                 // With a terminal, stdout carries both streams.
                 stderr: if cfg.tty { String::new() } else { log_uri.clone() },

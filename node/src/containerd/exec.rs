@@ -21,7 +21,7 @@ use super::spec::{self, PROCESS_TYPE_URL};
 use super::{grpc, new_id, Containerd};
 use crate::runtime::{ExecIo, ExitCode, RuntimeError};
 
-fn mkfifo(path: &Path) -> Result<(), RuntimeError> {
+pub(super) fn mkfifo(path: &Path) -> Result<(), RuntimeError> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| RuntimeError::Other(format!("bad fifo path {}", path.display())))?;

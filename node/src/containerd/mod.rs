@@ -25,6 +25,7 @@
 //! what runs.
 
 mod archive;
+mod attach;
 mod container;
 mod content;
 mod daemon;
@@ -45,8 +46,8 @@ pub use daemon::{config_toml, Daemon, DaemonPaths};
 pub use sandbox::{PodNetwork, PodNetworkSetup};
 
 use crate::runtime::{
-    ContainerConfig, ContainerStatus, ExecIo, ExitCode, PullPolicy, RegistryAuth, Runtime, RuntimeError, Sandbox,
-    SandboxConfig, Usage,
+    AttachInput, ContainerConfig, ContainerStatus, ExecIo, ExitCode, PullPolicy, RegistryAuth, Runtime, RuntimeError,
+    Sandbox, SandboxConfig, Usage,
 };
 
 /// The containerd namespace every Capstan object lives in.
@@ -238,5 +239,9 @@ impl Runtime for Containerd {
 
     async fn usage(&self, id: &str) -> Result<Usage, RuntimeError> {
         container::usage(self, id).await
+    }
+
+    async fn attach(&self, id: &str, input: AttachInput) -> Result<(), RuntimeError> {
+        attach::attach(self, id, input).await
     }
 }
