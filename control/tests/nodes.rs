@@ -592,8 +592,9 @@ fn agent_pid(up: &common::Up) -> u32 {
 /// The input stays open until kubectl exits: at end of input `script`
 /// would type ^D.
 fn in_terminal(kc: &Path, args: &str, ready: impl Fn() -> bool, input: &[&str]) -> (Option<i32>, String) {
-    let mut child = Command::new("script")
-        .args(["-qfec", &format!("kubectl {args}"), "/dev/null"])
+    // Bounded: a kubectl that hangs cannot outlive the test.
+    let mut child = Command::new("timeout")
+        .args(["120", "script", "-qfec", &format!("kubectl {args}"), "/dev/null"])
         .env("KUBECONFIG", kc)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -617,7 +618,7 @@ fn in_terminal(kc: &Path, args: &str, ready: impl Fn() -> bool, input: &[&str]) 
             std::thread::sleep(Duration::from_millis(500));
         }
     }
-    let status = wait_for(60, &format!("kubectl {args} to end"), || child.try_wait().unwrap());
+    let status = wait_for(130, &format!("kubectl {args} to end"), || child.try_wait().unwrap());
     drop(stdin);
     (status.code(), reader.join().unwrap())
 }
@@ -640,6 +641,23 @@ fn attach(kc: &Path) {
     let (good, _, err) = kubectl(kc, &["attach", "-i", "talker"], Some(""));
     assert!(!good && err.contains("was not created with stdin"), "{err}");
     ok(kc, &["delete", "pod", "talker", "--grace-period=1"]);
+
+    // kubectl run -i --rm without a terminal: piped stdin, both streams,
+    // the exit code.
+    let mut run = Command::new("timeout")
+        .args(["120", "kubectl", "run", "-i", "--rm", "--restart=Never", "piped", "--image=busybox:stable"])
+        .args(["--image-pull-policy=Never", "--", "sh"])
+        .env("KUBECONFIG", kc)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    run.stdin.take().unwrap().write_all(b"echo piped-$((5*5))\necho to-err >&2\nexit 4\n").unwrap();
+    let out = run.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("piped-25") && stderr.contains("to-err"), "{stdout} / {stderr}");
+    assert_eq!(out.status.code(), Some(4), "{stdout} / {stderr}");
 
     // kubectl run -it --rm: a shell, its answers, its exit code, the pod gone.
     let running = || {

@@ -51,6 +51,12 @@ pub struct LogDriverConfig {
     pub max_files: usize,
     #[serde(default = "default_max_line")]
     pub max_line: usize,
+    /// Read the container's stdout and stderr from these FIFOs instead of
+    /// fds 3 and 4 (no ready pipe): how the agent runs the driver itself for
+    /// a container whose main process takes stdin without a terminal, whose
+    /// task then has FIFOs for all three streams (see `containerd/attach.rs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fifos: Option<[PathBuf; 2]>,
 }
 
 fn default_max_line() -> usize {
@@ -64,6 +70,7 @@ impl LogDriverConfig {
             max_size: DEFAULT_MAX_SIZE,
             max_files: DEFAULT_MAX_FILES,
             max_line: DEFAULT_MAX_LINE,
+            fifos: None,
         }
     }
 }
@@ -344,6 +351,12 @@ impl Shared {
     }
 }
 
+/// Where a stream's output comes from.
+enum Source {
+    Fd(File),
+    Fifo(PathBuf),
+}
+
 fn take_fd(fd: i32, what: &str) -> io::Result<File> {
     // SAFETY: fcntl only inspects the descriptor.
     if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
@@ -367,9 +380,17 @@ pub fn run(cfg: LogDriverConfig) -> io::Result<()> {
         libc::sigaddset(&mut set, libc::SIGTERM);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
-    let stdout = take_fd(3, "container stdout")?;
-    let stderr = take_fd(4, "container stderr")?;
-    let ready = take_fd(5, "ready pipe")?;
+    // With FIFOs, each reader thread opens its own: the open blocks until
+    // the shim opens the writing end, and the shim's open waits for ours,
+    // so nothing is written before a reader is there.
+    let (pipes, ready) = match &cfg.fifos {
+        None => {
+            let stdout = take_fd(3, "container stdout")?;
+            let stderr = take_fd(4, "container stderr")?;
+            ([Source::Fd(stdout), Source::Fd(stderr)], Some(take_fd(5, "ready pipe")?))
+        }
+        Some([out, err]) => ([Source::Fifo(out.clone()), Source::Fifo(err.clone())], None),
+    };
     let max_line = cfg.max_line;
     let writer = LogWriter::open(cfg)?;
     let shared = Arc::new((
@@ -383,9 +404,23 @@ pub fn run(cfg: LogDriverConfig) -> io::Result<()> {
     // The log file is open: let the shim start the container.
     drop(ready);
 
-    for (i, (stream, mut pipe)) in [(Stream::Stdout, stdout), (Stream::Stderr, stderr)].into_iter().enumerate() {
+    for (i, (stream, source)) in [Stream::Stdout, Stream::Stderr].into_iter().zip(pipes).enumerate() {
         let shared = shared.clone();
         std::thread::spawn(move || {
+            let opened = match source {
+                Source::Fd(f) => Ok(f),
+                Source::Fifo(path) => File::open(&path),
+            };
+            let mut pipe = match opened {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("log-driver: open {stream:?} FIFO: {e}");
+                    let mut s = shared.0.lock().unwrap_or_else(|p| p.into_inner());
+                    s.open_streams -= 1;
+                    shared.1.notify_all();
+                    return;
+                }
+            };
             let mut buf = vec![0u8; 64 * 1024];
             loop {
                 if shared.0.lock().unwrap_or_else(|p| p.into_inner()).splitters[i].pending() > 0
@@ -527,7 +562,7 @@ mod tests {
     fn writer_rotates_and_keeps_max_files() {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("c/0.log");
-        let cfg = LogDriverConfig { path: path.clone(), max_size: 200, max_files: 3, max_line: 1024 };
+        let cfg = LogDriverConfig { path: path.clone(), max_size: 200, max_files: 3, max_line: 1024, fifos: None };
         let mut w = LogWriter::open(cfg).unwrap();
         // One timestamp for all, as when one read holds many lines.
         let t = at();
@@ -554,6 +589,7 @@ mod tests {
             max_size: 1024,
             max_files: 2,
             max_line: 16,
+            fifos: None,
         };
         let uri = log_uri(Path::new("/usr/local/bin/capstan-node"), &cfg);
         let (base, query) = uri.split_once('?').unwrap();

@@ -97,7 +97,7 @@ fn log_driver(
 ) -> anyhow::Result<()> {
     let cfg = match (config, path) {
         (Some(json), _) => serde_json::from_str(&json).context("log-driver: bad JSON configuration")?,
-        (None, Some(path)) => LogDriverConfig { path, max_size, max_files, max_line },
+        (None, Some(path)) => LogDriverConfig { path, max_size, max_files, max_line, fifos: None },
         (None, None) => anyhow::bail!("log-driver: give a JSON configuration or --path"),
     };
     logdriver::run(cfg).context("log-driver")

@@ -527,7 +527,7 @@ garbage line\n\
         use crate::logdriver::{LogDriverConfig, LogWriter};
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("0.log");
-        let cfg = LogDriverConfig { path: path.clone(), max_size: 120, max_files: 10, max_line: 1024 };
+        let cfg = LogDriverConfig { path: path.clone(), max_size: 120, max_files: 10, max_line: 1024, fifos: None };
         let mut w = LogWriter::open(cfg).unwrap();
         let mut t = Utc::now();
         let mut write = |w: &mut LogWriter, s: &str, partial: bool| {

@@ -216,8 +216,8 @@ impl<R: Runtime> Agent<R> {
         };
         let made = spec.containers.iter().chain(&spec.init).find(|c| c.name == req.container).map(|c| &c.raw);
         let flag = |k: &str| made.is_some_and(|c| c[k].as_bool() == Some(true));
-        let (has_stdin, has_tty, stdin_once) = (flag("stdin"), flag("tty"), flag("stdinOnce"));
-        if let Some(why) = req.refusal(has_stdin, has_tty) {
+        let (has_tty, stdin_once) = (flag("tty"), flag("stdinOnce"));
+        if let Some(why) = req.refusal(flag("stdin")) {
             return Ok(write_message(send, &refuse(400, "BadRequest", why)).await?);
         }
         write_message(send, &AgentResponse::Streaming).await?;

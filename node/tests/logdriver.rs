@@ -132,7 +132,7 @@ impl Driver {
 fn writes_cri_lines_with_partials_and_exits_at_eof() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("pods/ns_pod_uid/c/0.log");
-    let cfg = LogDriverConfig { path: path.clone(), max_size: 1 << 20, max_files: 2, max_line: 16 };
+    let cfg = LogDriverConfig { path: path.clone(), max_size: 1 << 20, max_files: 2, max_line: 16, fifos: None };
     let mut d = Driver::start(&cfg);
     assert!(path.exists(), "ready before the log file was open");
     let out = d.stdout.as_mut().unwrap();
@@ -170,7 +170,7 @@ fn writes_cri_lines_with_partials_and_exits_at_eof() {
 fn rotates_under_max_size_and_keeps_max_files() {
     let tmp = tempfile::tempdir().unwrap();
     let path = tmp.path().join("0.log");
-    let cfg = LogDriverConfig { path: path.clone(), max_size: 1000, max_files: 3, max_line: 1024 };
+    let cfg = LogDriverConfig { path: path.clone(), max_size: 1000, max_files: 3, max_line: 1024, fifos: None };
     let mut d = Driver::start(&cfg);
     let out = d.stdout.as_mut().unwrap();
     for i in 0..300 {

@@ -211,21 +211,14 @@ pub struct AttachRequest {
 
 impl AttachRequest {
     /// Why this attach cannot be served, given whether the container was
-    /// made with stdin and a terminal (None: it can).
-    pub fn refusal(&self, has_stdin: bool, has_tty: bool) -> Option<String> {
+    /// made with stdin (None: it can).
+    pub fn refusal(&self, has_stdin: bool) -> Option<String> {
         if !self.stdin && !self.stdout && !self.stderr {
             return Some("you must specify at least one of stdin, stdout, stderr".into());
         }
         if self.stdin && !has_stdin {
             return Some(format!(
                 "container {} in pod {} was not created with stdin: true; there is no stdin to attach to",
-                self.container, self.pod
-            ));
-        }
-        if self.stdin && !has_tty {
-            return Some(format!(
-                "container {} in pod {} has no terminal: Capstan's nodes pass stdin to a container's main process \
-                 only with tty: true (the output goes to the log driver, and containerd's log driver IO has no stdin)",
                 self.container, self.pod
             ));
         }
@@ -322,7 +315,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn attach_needs_a_stream_and_stdin_needs_a_container_with_stdin_and_a_terminal() {
+    fn attach_needs_a_stream_and_stdin_needs_a_container_with_stdin() {
         let req = |stdin: bool, out: bool| AttachRequest {
             namespace: "ns".into(),
             pod: "p".into(),
@@ -332,11 +325,10 @@ mod tests {
             stderr: out,
             tty: stdin,
         };
-        assert!(req(false, false).refusal(true, true).unwrap().contains("at least one"));
-        assert_eq!(req(false, true).refusal(false, false), None, "output alone attaches to anything");
-        assert!(req(true, true).refusal(false, true).unwrap().contains("not created with stdin"));
-        assert!(req(true, true).refusal(true, false).unwrap().contains("only with tty: true"));
-        assert_eq!(req(true, true).refusal(true, true), None);
+        assert!(req(false, false).refusal(true).unwrap().contains("at least one"));
+        assert_eq!(req(false, true).refusal(false), None, "output alone attaches to anything");
+        assert!(req(true, true).refusal(false).unwrap().contains("not created with stdin"));
+        assert_eq!(req(true, true).refusal(true), None);
     }
 
     #[tokio::test]

@@ -122,8 +122,7 @@ pub async fn serve(api: &ApiServer, target: Target<'_>, ctx: Ctx) -> Result<Repl
         };
         // Refused here too, not only by the agent: kubectl retries a failed
         // WebSocket attach over SPDY, and the reason must survive that.
-        let made = |k: &str| container_spec[k].as_bool() == Some(true);
-        if let Some(why) = req.refusal(made("stdin"), made("tty")) {
+        if let Some(why) = req.refusal(container_spec["stdin"].as_bool() == Some(true)) {
             return Err(ApiError::bad_request(why));
         }
         (AgentRequest::Attach(req), None)

@@ -3,46 +3,116 @@
 //! the container's log (see `streams.rs`), so a process keeps one writer
 //! for its output whether or not anyone is attached.
 //!
-//! A container created with `stdin: true` and `tty: true` gets a FIFO,
-//! `<data-dir>/stdin/<container id>`, as its task's stdin. The shim opens
-//! both ends of it: a reader that copies into the terminal, and a writer it
-//! keeps until `CloseIO`, so the process never sees end-of-file because an
-//! attach (or the agent) went away. An attach opens another writer for as
-//! long as it lasts; with `stdinOnce` the agent closes the process's stdin
-//! (`CloseIO`) when that first attach ends, as the kubelet does.
+//! A container created with `stdin: true` gets a FIFO,
+//! `<data-dir>/io/<container id>/stdin`, as its task's stdin. The shim
+//! opens both ends of it: a reader that copies into the process (or its
+//! terminal), and a writer it keeps until `CloseIO`, so the process never
+//! sees end-of-file because an attach (or the agent) went away. An attach
+//! opens another writer for as long as it lasts; with `stdinOnce` the agent
+//! closes the process's stdin (`CloseIO`) when that first attach ends, as
+//! the kubelet does.
 //!
-//! Without a terminal the shim hands the container's output to the log
-//! driver (`binary://`), and containerd 1.6's binary IO has no stdin: the
-//! process reads end-of-file at once. So stdin reaches a main process only
-//! with a terminal; `streams.rs` refuses `attach -i` to other containers
-//! with a message that says so.
+//! Output normally goes to the log driver the shim runs (`binary://`), but
+//! containerd 1.6's binary IO has no stdin without a terminal. So a
+//! container with stdin and no terminal gets FIFOs for stdout and stderr
+//! too, and the agent starts the log driver on them itself, in a session
+//! of its own: like the shim's driver it outlives an agent restart and
+//! ends when the shim closes the FIFOs after the process.
 
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 
 use containerd_client::services::v1::{CloseIoRequest, ResizePtyRequest};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::pipe;
 
-use super::Containerd;
-use crate::runtime::{AttachInput, RuntimeError};
+use super::{Containerd, LogDriver};
+use crate::logdriver::LogDriverConfig;
+use crate::runtime::{AttachInput, ContainerConfig, RuntimeError};
+
+fn io_dir(c: &Containerd, id: &str) -> PathBuf {
+    c.data_dir.join("io").join(id)
+}
 
 fn fifo_path(c: &Containerd, id: &str) -> PathBuf {
-    c.data_dir.join("stdin").join(id)
+    io_dir(c, id).join("stdin")
 }
 
-/// Makes the stdin FIFO of container `id`; its path goes into the task.
-pub(super) fn prepare_stdin(c: &Containerd, id: &str) -> Result<String, RuntimeError> {
-    let path = fifo_path(c, id);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| RuntimeError::Other(format!("create {}: {e}", dir.display())))?;
+/// A task's stdio, and the log driver the agent started for it (if any).
+pub(super) struct TaskIo {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub driver: Option<Child>,
+}
+
+impl TaskIo {
+    /// The task started: the driver is left to run, reaped when it ends.
+    pub fn started(self) {
+        if let Some(mut d) = self.driver {
+            std::thread::spawn(move || d.wait());
+        }
     }
-    super::exec::mkfifo(&path)?;
-    Ok(path.to_string_lossy().into_owned())
+
+    /// The task never started: nothing will open the FIFOs' other ends.
+    pub fn abandon(self) {
+        if let Some(mut d) = self.driver {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
 }
 
-/// Forgets the stdin FIFO of a removed container (if it had one).
-pub(super) fn remove_stdin(c: &Containerd, id: &str) {
-    let _ = std::fs::remove_file(fifo_path(c, id));
+/// The stdio of container `id`'s task: its log (`log_uri`), and FIFOs
+/// when it takes stdin.
+pub(super) fn task_io(c: &Containerd, id: &str, cfg: &ContainerConfig, log_uri: &str) -> Result<TaskIo, RuntimeError> {
+    // With a terminal, stdout carries both streams.
+    let stderr = if cfg.tty { String::new() } else { log_uri.to_string() };
+    let mut io = TaskIo { stdin: String::new(), stdout: log_uri.to_string(), stderr, driver: None };
+    if !cfg.stdin {
+        return Ok(io);
+    }
+    let dir = io_dir(c, id);
+    std::fs::create_dir_all(&dir).map_err(|e| RuntimeError::Other(format!("create {}: {e}", dir.display())))?;
+    let fifo = |name: &str| -> Result<PathBuf, RuntimeError> {
+        let p = dir.join(name);
+        super::exec::mkfifo(&p)?;
+        Ok(p)
+    };
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    io.stdin = s(&fifo("stdin")?);
+    // A terminal's copy (and the shim's file IO) take a stdin FIFO next to
+    // the log; the binary log driver's IO does not.
+    let LogDriver::Binary(program) = &c.log_driver else { return Ok(io) };
+    if cfg.tty {
+        return Ok(io);
+    }
+    let (out, err) = (fifo("stdout")?, fifo("stderr")?);
+    let mut driver = LogDriverConfig::new(cfg.log_path.clone());
+    driver.fifos = Some([out.clone(), err.clone()]);
+    let json = serde_json::to_string(&driver).map_err(|e| RuntimeError::Other(e.to_string()))?;
+    let mut cmd = Command::new(program);
+    cmd.args(["log-driver", &json]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: setsid only, between fork and exec: signals for the agent's
+    // process group (a terminal's Ctrl-C) do not reach the driver.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child =
+        cmd.spawn().map_err(|e| RuntimeError::Other(format!("start the log driver {}: {e}", program.display())))?;
+    io.stdout = s(&out);
+    io.stderr = s(&err);
+    io.driver = Some(child);
+    Ok(io)
+}
+
+/// Forgets the FIFOs of a removed container (if it had any).
+pub(super) fn remove_io(c: &Containerd, id: &str) {
+    let _ = std::fs::remove_dir_all(io_dir(c, id));
 }
 
 /// Feeds stdin until the input ends (then closes the process's stdin if

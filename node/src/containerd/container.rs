@@ -97,7 +97,7 @@ impl Containerd {
             Err(s) if is_not_found(&s) => {}
             Err(s) => return Err(grpc(format!("delete task {id}"), s)),
         }
-        super::attach::remove_stdin(self, id);
+        super::attach::remove_io(self, id);
         match self.containers().delete(self.req(DeleteContainerRequest { id: id.to_string() })).await {
             Ok(_) => {}
             Err(s) if is_not_found(&s) => {}
@@ -213,22 +213,20 @@ pub async fn start_container(c: &Containerd, sandbox: &Sandbox, cfg: &ContainerC
         .map_err(|e| grpc(format!("create container {}", cfg.name), e))?;
 
     let mut started = SystemTime::now();
+    let mut task_io = None;
     let r = async {
         let mounts = c
             .snapshots_prepare(&id, &image.chain_id)
             .await
             .map_err(|e| RuntimeError::Container(format!("prepare rootfs: {e}")))?;
-        // Stdin needs a terminal: without one the log driver gets the
-        // output, and containerd's binary IO gives the process no stdin.
-        let stdin = if cfg.stdin && cfg.tty { super::attach::prepare_stdin(c, &id)? } else { String::new() };
+        let io = task_io.insert(super::attach::task_io(c, &id, cfg, &log_uri)?);
         c.tasks()
             .create(c.req(CreateTaskRequest {
                 container_id: id.clone(),
                 rootfs: mounts,
-                stdin,
-                stdout: log_uri.clone(),
-                // With a terminal, stdout carries both streams.
-                stderr: if cfg.tty { String::new() } else { log_uri.clone() },
+                stdin: io.stdin.clone(),
+                stdout: io.stdout.clone(),
+                stderr: io.stderr.clone(),
                 terminal: cfg.tty,
                 ..Default::default()
             }))
@@ -243,6 +241,13 @@ pub async fn start_container(c: &Containerd, sandbox: &Sandbox, cfg: &ContainerC
         Ok::<_, RuntimeError>(())
     }
     .await;
+    if let Some(io) = task_io {
+        if r.is_ok() {
+            io.started();
+        } else {
+            io.abandon();
+        }
+    }
     if let Err(e) = r {
         // Kubernetes would keep a container that failed to start; here it
         // is removed and the error carries the reason, so nothing leaks.
