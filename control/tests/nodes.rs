@@ -298,6 +298,7 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     assert!(screen.contains("/dev/pts/"), "exec -t gives the process a terminal: {screen}");
 
     attach(&kc);
+    debug(&kc, &web0);
 
     // ConfigMap and Secret volumes and env, init containers first, downward API.
     apply(&kc, CONFIG);
@@ -675,6 +676,40 @@ fn attach(kc: &Path) {
     wait_for(30, "kubectl run --rm to delete the pod", || {
         Some(()).filter(|_| !kubectl(kc, &["get", "pod", "shell"], None).0)
     });
+}
+
+/// `kubectl debug -it --target`: an ephemeral container joins a running
+/// pod (its network, and the target container's processes), runs once,
+/// and leaves the pod as it was.
+fn debug(kc: &Path, target: &str) {
+    let state = || pod(kc, target)["status"]["ephemeralContainerStatuses"][0]["state"].clone();
+    let (code, screen) = in_terminal(
+        kc,
+        &format!("debug -it {target} -c dbg --target=httpd --image=busybox:stable --image-pull-policy=Never -- sh"),
+        || state()["running"].is_object(),
+        &["echo debugging-$((6*7))\n", "wget -qO- 127.0.0.1:8080\n", "ps -o pid,args\n", "exit\n"],
+    );
+    assert!(screen.contains("debugging-42"), "{screen}");
+    assert!(screen.contains(&format!("pod={target}")), "the debugger shares the pod's network: {screen}");
+    assert!(screen.contains("httpd -f -p 8080"), "--target shares the target's processes: {screen}");
+    assert_eq!(code, Some(0), "{screen}");
+    let exited = wait_for(30, "the debugger's status to show its exit", || {
+        Some(state()).filter(|s| s["terminated"].is_object())
+    });
+    assert_eq!(exited["terminated"]["exitCode"], 0, "{exited}");
+    let p = pod(kc, target);
+    assert_eq!(p["status"]["phase"], "Running");
+    assert_eq!(p["status"]["containerStatuses"][0]["restartCount"], 0, "the pod's own container untouched");
+    // Ephemeral containers are added, never changed or removed.
+    let mut without = p.clone();
+    without["spec"]["ephemeralContainers"] = serde_json::json!([]);
+    let url = format!("/api/v1/namespaces/default/pods/{target}/ephemeralcontainers");
+    let (good, _, err) = kubectl(kc, &["replace", "--raw", &url, "-f", "-"], Some(&without.to_string()));
+    assert!(!good && err.contains("may not be removed"), "{err}");
+    // Nor does a pod's spec change once it exists (the node runs what it got).
+    let patch = r#"{"spec":{"containers":[{"name":"httpd","command":["true"]}]}}"#;
+    let (good, _, err) = kubectl(kc, &["patch", "pod", target, "-p", patch], None);
+    assert!(!good && err.contains("pod updates may not change fields"), "{err}");
 }
 
 const TALKER: &str = r#"

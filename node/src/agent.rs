@@ -767,6 +767,21 @@ impl<R: Runtime> Agent<R> {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        let share_pid_with = match c.raw["targetContainerName"].as_str().filter(|t| !t.is_empty()) {
+            None => None,
+            Some(target) => {
+                let obs = self.observe(true).await.map_err(|e| RuntimeError::Other(format!("{e:#}")))?;
+                let running = obs.containers.iter().find(|r| {
+                    r.pod_uid == spec.uid && r.name == target && matches!(r.state, ContainerState::Running { .. })
+                });
+                match running {
+                    Some(r) => Some(r.id.clone()),
+                    None => {
+                        return Err(RuntimeError::Container(format!("the target container {target:?} is not running")))
+                    }
+                }
+            }
+        };
         let sc = &c.raw["securityContext"];
         let psc = &spec.raw["spec"]["securityContext"];
         let caps = |k: &str| strings(&sc["capabilities"][k]);
@@ -801,6 +816,7 @@ impl<R: Runtime> Agent<R> {
             },
             tty: c.raw["tty"].as_bool().unwrap_or(false),
             stdin: c.raw["stdin"].as_bool().unwrap_or(false),
+            share_pid_with,
             log_path: self.log_path(spec, &c.name, attempt),
             labels,
         })
@@ -1126,7 +1142,7 @@ fn host_ports(pod: &Value) -> Vec<PortMapping> {
 }
 
 fn container_spec<'a>(spec: &'a PodSpec, name: &str) -> Option<&'a pods::ContainerSpec> {
-    spec.init.iter().chain(&spec.containers).find(|c| c.name == name)
+    spec.all().find(|c| c.name == name)
 }
 
 fn now() -> String {

@@ -6,7 +6,8 @@
 //!
 //! Kubernetes' rules, as the kubelet applies them:
 //! - a sandbox first; init containers one at a time, in order, each to
-//!   success; then every app container;
+//!   success; then every app container; ephemeral containers (`kubectl
+//!   debug`) once each, never restarted, whenever they are added;
 //! - restartPolicy Always restarts any exited container, OnFailure only a
 //!   failed one, Never none; the first restart is immediate, later ones
 //!   back off 10 s doubling to 5 min (reason `CrashLoopBackOff` while
@@ -58,6 +59,8 @@ pub struct PodSpec {
     pub name: String,
     pub init: Vec<ContainerSpec>,
     pub containers: Vec<ContainerSpec>,
+    /// `kubectl debug`'s containers: run once, never restarted or probed.
+    pub ephemeral: Vec<ContainerSpec>,
     pub restart_policy: RestartPolicy,
     pub grace: Duration,
     pub deleting: bool,
@@ -123,6 +126,7 @@ impl PodSpec {
             name: s(&meta["name"]),
             init: containers("initContainers")?,
             containers: containers("containers")?,
+            ephemeral: containers("ephemeralContainers")?,
             restart_policy,
             grace: Duration::from_secs(grace as u64),
             deleting: meta["deletionTimestamp"].is_string(),
@@ -133,6 +137,11 @@ impl PodSpec {
             return Err(SpecError(key, "no uid or no containers".into()));
         }
         Ok(spec)
+    }
+
+    /// Every container the pod names: init, app, then ephemeral.
+    pub fn all(&self) -> impl Iterator<Item = &ContainerSpec> {
+        self.init.iter().chain(&self.containers).chain(&self.ephemeral)
     }
 }
 
@@ -271,7 +280,7 @@ pub fn plan(pod: &PodSpec, obs: &Observed, mem: &Memory, now: SystemTime) -> (Ve
         wake = Some(wake.map_or(d, |w: Duration| w.min(d)));
     };
     // Garbage: attempts older than the previous one, once exited.
-    for spec in pod.init.iter().chain(&pod.containers) {
+    for spec in pod.all() {
         for old in obs.attempts(&spec.name).into_iter().skip(2) {
             if !running(old) {
                 actions.push(Action::Remove { id: old.id.clone() });
@@ -280,7 +289,7 @@ pub fn plan(pod: &PodSpec, obs: &Observed, mem: &Memory, now: SystemTime) -> (Ve
     }
     // Containers the pod no longer names (or with no name) are stopped and removed.
     for c in &obs.containers {
-        let known = pod.init.iter().chain(&pod.containers).any(|s| s.name == c.name);
+        let known = pod.all().any(|s| s.name == c.name);
         if !known {
             if running(c) {
                 actions.push(Action::Stop { id: c.id.clone(), grace: pod.grace });
@@ -366,6 +375,12 @@ pub fn plan(pod: &PodSpec, obs: &Observed, mem: &Memory, now: SystemTime) -> (Ve
                     actions.extend(restart(spec, false, c, mem, now, &mut wake_at));
                 }
             }
+        }
+    }
+    // Ephemeral containers run once: started when first seen, never again.
+    for spec in &pod.ephemeral {
+        if obs.latest(&spec.name).is_none() {
+            actions.extend(start_or_wait(spec, false, 0, mem, now, &mut wake_at));
         }
     }
     (dedup(actions), wake)
@@ -477,10 +492,7 @@ fn container_status(
         None => {
             let (reason, message) = waiting_reason(mem).unwrap_or(("PodInitializing".into(), String::new()));
             let reason = if init || reason != "PodInitializing" { reason } else { "ContainerCreating".into() };
-            st["state"] = json!({"waiting": {"reason": reason}});
-            if !message.is_empty() {
-                st["state"]["waiting"]["message"] = json!(message);
-            }
+            st["state"] = waiting_state(&reason, &message);
         }
         Some(c) => {
             st["imageID"] = json!(c.image_id);
@@ -520,6 +532,38 @@ fn container_status(
             if init {
                 st["ready"] = json!(exit_code(c) == Some(0));
             }
+        }
+    }
+    st
+}
+
+/// A `waiting` state, with its message when there is one.
+fn waiting_state(reason: &str, message: &str) -> Value {
+    let mut w = json!({"waiting": {"reason": reason}});
+    if !message.is_empty() {
+        w["waiting"]["message"] = json!(message);
+    }
+    w
+}
+
+/// One entry of ephemeralContainerStatuses: its state as it is (never
+/// restarted, never ready: Kubernetes reports them so).
+fn ephemeral_status(spec: &ContainerSpec, obs: &Observed, mem: &Memory) -> Value {
+    let mut st = json!({
+        "name": spec.name, "image": spec.image, "imageID": "", "restartCount": 0, "ready": false,
+    });
+    match obs.latest(&spec.name) {
+        None => {
+            let (reason, message) = mem
+                .waiting
+                .get(&spec.name)
+                .map_or(("ContainerCreating".into(), String::new()), |w| (w.reason.clone(), w.message.clone()));
+            st["state"] = waiting_state(&reason, &message);
+        }
+        Some(c) => {
+            st["imageID"] = json!(c.image_id);
+            st["containerID"] = json!(container_id(c));
+            st["state"] = state_of(c);
         }
     }
     st
@@ -576,6 +620,10 @@ pub fn status(pod: &PodSpec, obs: &Observed, mem: &Memory, now: SystemTime, host
     });
     if !inits.is_empty() {
         st["initContainerStatuses"] = json!(inits);
+    }
+    if !pod.ephemeral.is_empty() {
+        let eph: Vec<Value> = pod.ephemeral.iter().map(|c| ephemeral_status(c, obs, mem)).collect();
+        st["ephemeralContainerStatuses"] = json!(eph);
     }
     if let Some(t) = mem.start_time {
         st["startTime"] = json!(rfc3339(t));

@@ -276,3 +276,29 @@ fn specs_parse_with_kubernetes_defaults() {
     let b = json!({"spec": {"containers": [{"resources": {"requests": {"cpu": "1"}}}]}});
     assert_eq!(qos_class(&b), "Burstable");
 }
+
+#[test]
+fn ephemeral_containers_start_once_when_added_and_are_never_restarted() {
+    let mut raw = pod("Always", &[], &["a"]).raw;
+    raw["spec"]["ephemeralContainers"] = json!([{"name": "debugger", "image": "busybox:1"}]);
+    let p = PodSpec::parse(&raw).unwrap();
+    let mut m = Memory::default();
+    m.ready.insert("a-0".into(), true);
+    let sb = sandbox();
+    let app = ctr("a", 0, run(1));
+    assert_eq!(plan_of(&p, Some(&sb), std::slice::from_ref(&app), &m, 2), vec![start("debugger", false, 0)]);
+    let running = [app.clone(), ctr("debugger", 0, run(2))];
+    assert_eq!(plan_of(&p, Some(&sb), &running, &m, 3), vec![]);
+    // It exited (even failing): it stays exited, under restartPolicy Always too.
+    let exited = [app.clone(), ctr("debugger", 0, exit(1, 4))];
+    assert_eq!(plan_of(&p, Some(&sb), &exited, &m, 5), vec![], "ephemeral containers never restart");
+    let obs = Observed { sandbox: Some(&sb), containers: exited.iter().collect() };
+    let st = status(&p, &obs, &m, t(5), "10.0.0.1", &json!({}));
+    let eph = &st["ephemeralContainerStatuses"][0];
+    assert_eq!(eph["name"], "debugger");
+    assert_eq!(eph["state"]["terminated"]["exitCode"], 1, "{st}");
+    assert_eq!(st["phase"], "Running", "an ephemeral container does not end the pod");
+    assert_eq!(st["conditions"][2]["status"], "True", "nor make it unready: {st}");
+    // Named by the pod, so not collected as a stranger.
+    assert!(!plan_of(&p, Some(&sb), &exited, &m, 6).iter().any(|a| matches!(a, Action::Remove { .. })));
+}

@@ -136,6 +136,9 @@ pub struct ContainerConfig {
     pub security: Security,
     pub tty: bool,
     pub stdin: bool,
+    /// Join the PID namespace of this (running) container of the pod:
+    /// `kubectl debug --target`, so the debugger sees its processes.
+    pub share_pid_with: Option<String>,
     /// Where the container's output is written, in the CRI log format.
     pub log_path: PathBuf,
     pub labels: BTreeMap<String, String>,

@@ -214,7 +214,7 @@ impl<R: Runtime> Agent<R> {
             Ok(found) => found,
             Err(refusal) => return Ok(write_message(send, &refusal).await?),
         };
-        let made = spec.containers.iter().chain(&spec.init).find(|c| c.name == req.container).map(|c| &c.raw);
+        let made = spec.all().find(|c| c.name == req.container).map(|c| &c.raw);
         let flag = |k: &str| made.is_some_and(|c| c[k].as_bool() == Some(true));
         let (has_tty, stdin_once) = (flag("tty"), flag("stdinOnce"));
         if let Some(why) = req.refusal(flag("stdin")) {

@@ -202,6 +202,7 @@ impl Env {
             security: Security::default(),
             tty: false,
             stdin: false,
+            share_pid_with: None,
             log_path: self.dir.path().join(format!("logs/{name}/0.log")),
             labels: BTreeMap::from([("app".to_string(), "test".to_string())]),
         }

@@ -130,6 +130,26 @@ pub fn prepare_update(
     }
     set_api_version_kind(rt, &mut new);
     let has_status_sub = rt.subresources.contains(&"status");
+    if subresource == Some("ephemeralcontainers") {
+        // Only spec.ephemeralContainers moves, and only by additions.
+        let list = new["spec"]["ephemeralContainers"].take();
+        check_ephemeral(&old["spec"], &list).map_err(|errs| ApiError::invalid(rt.kind, &name, errs))?;
+        // (The resourceVersion precondition was checked against the body.)
+        let mut merged = old.clone();
+        merged["spec"]["ephemeralContainers"] = list;
+        new = merged;
+    } else if rt.kind == "Pod" {
+        // As in Kubernetes, a pod update keeps the ephemeral containers
+        // (they change through pods/ephemeralcontainers only).
+        match old["spec"].get("ephemeralContainers") {
+            Some(e) => new["spec"]["ephemeralContainers"] = e.clone(),
+            None => {
+                if let Some(s) = new["spec"].as_object_mut() {
+                    s.remove("ephemeralContainers");
+                }
+            }
+        }
+    }
     if let Some(obj) = new.as_object_mut() {
         match subresource {
             Some("status") => {
@@ -223,8 +243,48 @@ pub fn prepare_update(
         m.remove("resourceVersion");
     }
     default_object(rt.kind, &mut new);
+    if rt.kind == "Pod" && subresource.is_none() {
+        if let Some(why) = pod_spec_change(&old["spec"], &new["spec"]) {
+            return Err(ApiError::invalid(rt.kind, &name, vec![("spec".into(), why)]));
+        }
+    }
     validate(rt, &new)?;
     Ok(new)
+}
+
+/// Kubernetes' rule for pod updates: a pod's spec is fixed once it exists
+/// (the node runs what it was given), but for container images,
+/// `activeDeadlineSeconds`, `terminationGracePeriodSeconds`, added
+/// tolerations and removed scheduling gates. (Ephemeral containers change
+/// through their subresource; the node through `pods/binding`.)
+pub fn pod_spec_change(old: &Value, new: &Value) -> Option<String> {
+    let tolerations = |s: &Value| s["tolerations"].as_array().cloned().unwrap_or_default();
+    let kept = tolerations(old).iter().all(|t| tolerations(new).contains(t));
+    let mutable = |spec: &Value| {
+        let mut s = spec.clone();
+        if let Some(m) = s.as_object_mut() {
+            for f in ["activeDeadlineSeconds", "terminationGracePeriodSeconds", "tolerations", "schedulingGates"] {
+                m.remove(f);
+            }
+        }
+        for list in ["containers", "initContainers"] {
+            for c in s[list].as_array_mut().into_iter().flatten() {
+                if let Some(m) = c.as_object_mut() {
+                    m.remove("image");
+                }
+            }
+        }
+        s
+    };
+    if kept && mutable(old) == mutable(new) {
+        return None;
+    }
+    Some(
+        "Forbidden: pod updates may not change fields other than `spec.containers[*].image`, \
+         `spec.initContainers[*].image`, `spec.activeDeadlineSeconds`, `spec.tolerations` (only additions to \
+         existing tolerations), `spec.terminationGracePeriodSeconds`"
+            .into(),
+    )
 }
 
 /// An update that omits managedFields keeps the stored ones (Kubernetes:
@@ -635,6 +695,63 @@ pub fn validate(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
     }
 }
 
+/// `kubectl debug`'s ephemeral containers, as Kubernetes validates them:
+/// existing ones unchanged, new ones with a unique name and an image, and
+/// none of what only long-lived containers have.
+pub fn check_ephemeral(old_spec: &Value, list: &Value) -> Result<(), Vec<(String, String)>> {
+    let mut errs = Vec::new();
+    let at = "spec.ephemeralContainers";
+    let new: &[Value] = match list {
+        Value::Null => &[],
+        Value::Array(a) => a,
+        _ => return Err(vec![(at.into(), "Invalid value: must be a list".into())]),
+    };
+    for o in old_spec["ephemeralContainers"].as_array().into_iter().flatten() {
+        let name = o["name"].as_str().unwrap_or_default();
+        match new.iter().find(|n| n["name"] == o["name"]) {
+            None => {
+                errs.push((at.into(), format!("Forbidden: existing ephemeral container {name:?} may not be removed")))
+            }
+            Some(n) if n != o => {
+                errs.push((at.into(), format!("Forbidden: existing ephemeral container {name:?} may not be changed")))
+            }
+            Some(_) => {}
+        }
+    }
+    let mut names: std::collections::HashSet<String> = ["containers", "initContainers"]
+        .iter()
+        .flat_map(|l| old_spec[*l].as_array().into_iter().flatten())
+        .filter_map(|c| c["name"].as_str().map(str::to_string))
+        .collect();
+    for (i, c) in new.iter().enumerate() {
+        let name = c["name"].as_str().unwrap_or_default();
+        if !is_dns_label(name) {
+            errs.push((
+                format!("{at}[{i}].name"),
+                format!("Invalid value: {name:?}: a lowercase RFC 1123 label is required"),
+            ));
+        } else if !names.insert(name.to_string()) {
+            errs.push((format!("{at}[{i}].name"), format!("Duplicate value: {name:?}")));
+        }
+        if c["image"].as_str().unwrap_or_default().trim().is_empty() {
+            errs.push((format!("{at}[{i}].image"), "Required value".into()));
+        }
+        for f in ["ports", "livenessProbe", "readinessProbe", "startupProbe", "lifecycle"] {
+            if c.get(f).is_some_and(|v| !v.is_null()) {
+                errs.push((format!("{at}[{i}].{f}"), "Forbidden: cannot be set for an Ephemeral Container".into()));
+            }
+        }
+        if c["resources"].as_object().is_some_and(|r| r.values().any(|v| !v.is_null() && v != &json!({}))) {
+            errs.push((format!("{at}[{i}].resources"), "Forbidden: cannot be set for an Ephemeral Container".into()));
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs)
+    }
+}
+
 fn validate_pod_spec(spec: &Value, at: &str, errs: &mut Vec<(String, String)>) {
     let Some(containers) = spec["containers"].as_array().filter(|c| !c.is_empty()) else {
         errs.push((format!("{at}.containers"), "Required value".into()));
@@ -815,6 +932,78 @@ pub fn not_acted_on(kind: &str, obj: &Value) -> Vec<String> {
 mod tests {
     use super::*;
     use capstan_proto::k8s::registry::by_kind;
+
+    #[test]
+    fn a_pod_s_spec_changes_only_where_kubernetes_allows() {
+        let rt = by_kind("v1", "Pod").unwrap();
+        let pod = json!({"metadata": {"name": "p", "namespace": "d", "uid": "u"},
+            "spec": {"containers": [{"name": "c", "image": "busybox:1"}], "tolerations": [{"key": "a", "operator": "Exists"}]}});
+        let mut created = pod.clone();
+        default_object("Pod", &mut created);
+        let change = |f: &dyn Fn(&mut Value)| {
+            let mut n = created.clone();
+            f(&mut n);
+            prepare_update(rt, &created, n, None)
+        };
+        assert!(change(&|n| n["spec"]["containers"][0]["image"] = json!("busybox:2")).is_ok());
+        assert!(change(&|n| n["spec"]["activeDeadlineSeconds"] = json!(30)).is_ok());
+        assert!(change(&|n| n["metadata"]["labels"] = json!({"x": "y"})).is_ok());
+        let more = json!([{"key": "a", "operator": "Exists"}, {"key": "b", "operator": "Exists"}]);
+        assert!(change(&|n| n["spec"]["tolerations"] = more.clone()).is_ok(), "tolerations may be added");
+        // A client that leaves out defaulted fields changes nothing.
+        assert!(change(&|n| {
+            n["spec"].as_object_mut().unwrap().remove("dnsPolicy");
+        })
+        .is_ok());
+        for forbidden in [
+            change(&|n| n["spec"]["containers"][0]["command"] = json!(["sh"])),
+            change(&|n| n["spec"]["restartPolicy"] = json!("Never")),
+            change(&|n| n["spec"]["tolerations"] = json!([])),
+            change(&|n| n["spec"]["nodeName"] = json!("node-1")),
+        ] {
+            let e = forbidden.unwrap_err();
+            assert_eq!(e.code, 422);
+            assert!(e.message.contains("pod updates may not change fields"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn ephemeral_containers_are_added_through_their_subresource_only() {
+        let rt = by_kind("v1", "Pod").unwrap();
+        let mut pod = json!({"metadata": {"name": "p", "namespace": "d", "uid": "u"},
+            "spec": {"containers": [{"name": "c", "image": "busybox"}]}, "status": {"phase": "Running"}});
+        default_object("Pod", &mut pod);
+        let debugger = json!({"name": "debugger", "image": "busybox", "stdin": true, "tty": true});
+        let mut asked = pod.clone();
+        asked["spec"]["ephemeralContainers"] = json!([debugger]);
+        asked["spec"]["containers"][0]["image"] = json!("ignored");
+        let added = prepare_update(rt, &pod, asked.clone(), Some("ephemeralcontainers")).unwrap();
+        assert_eq!(added["spec"]["ephemeralContainers"], json!([debugger]));
+        assert_eq!(added["spec"]["containers"][0]["image"], "busybox", "only the ephemeral containers move");
+        assert_eq!(added["status"], pod["status"]);
+        // A plain update keeps them as they are, either way.
+        let plain = prepare_update(rt, &pod, asked, None).unwrap();
+        assert!(plain["spec"].get("ephemeralContainers").is_none(), "{plain}");
+        let kept = prepare_update(rt, &added, pod.clone(), None).unwrap();
+        assert_eq!(kept["spec"]["ephemeralContainers"], json!([debugger]));
+
+        let refused = |list: Value| {
+            let mut body = added.clone();
+            body["spec"]["ephemeralContainers"] = list;
+            let e = prepare_update(rt, &added, body, Some("ephemeralcontainers")).unwrap_err();
+            assert_eq!(e.code, 422);
+            e.message
+        };
+        assert!(refused(json!([])).contains("may not be removed"));
+        let changed = json!({"name": "debugger", "image": "other"});
+        assert!(refused(json!([changed])).contains("may not be changed"));
+        let clash = json!({"name": "c", "image": "busybox"});
+        assert!(refused(json!([debugger, clash])).contains("Duplicate value"));
+        let probed = json!({"name": "d2", "image": "busybox", "readinessProbe": {"exec": {"command": ["true"]}}});
+        assert!(refused(json!([debugger, probed])).contains("cannot be set for an Ephemeral Container"));
+        let no_image = json!({"name": "d3"});
+        assert!(refused(json!([debugger, no_image])).contains("image"));
+    }
 
     #[test]
     fn create_sets_system_fields_and_defaults() {

@@ -76,12 +76,16 @@ pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Resu
     let ns = ns.as_deref();
     let name = r.name.as_deref().unwrap_or_default();
     match (r.verb, r.subresource.as_deref()) {
-        ("get", None | Some("status")) => get(&api, rt, ns, name, &ctx).await,
+        ("get", None | Some("status" | "ephemeralcontainers")) => get(&api, rt, ns, name, &ctx).await,
         ("list", None) => list(&api, rt, ns, &ctx).await,
         ("watch", None) => super::watch::watch(api, rt, ns, r.name.clone(), ctx).await,
         ("create", None) => create(&api, rt, ns, &ctx).await,
-        ("update", None | Some("status")) => update(&api, rt, ns, name, r.subresource.as_deref(), &ctx).await,
-        ("patch", None | Some("status")) => patch(&api, rt, ns, name, r.subresource.as_deref(), &ctx).await,
+        ("update", None | Some("status" | "ephemeralcontainers")) => {
+            update(&api, rt, ns, name, r.subresource.as_deref(), &ctx).await
+        }
+        ("patch", None | Some("status" | "ephemeralcontainers")) => {
+            patch(&api, rt, ns, name, r.subresource.as_deref(), &ctx).await
+        }
         ("delete", None) => delete(&api, rt, ns, name, &ctx).await,
         ("deletecollection", None) => delete_collection(&api, rt, ns, &ctx).await,
         ("get" | "update" | "patch", Some("scale")) => scale(&api, rt, ns, name, r.verb, &ctx).await,

@@ -164,6 +164,13 @@ pub async fn start_container(c: &Containerd, sandbox: &Sandbox, cfg: &ContainerC
         && cfg.security.run_as_user.is_none()
         && image.config.user.split(':').any(|p| !p.is_empty() && p.parse::<u32>().is_err());
     let (passwd, group) = if named_user { read_image_etc(c, &image.chain_id).await } else { (None, None) };
+    let pid_namespace = match &cfg.share_pid_with {
+        None => None,
+        Some(target) => match c.task(target).await? {
+            Some(t) if t.pid > 0 => Some(format!("/proc/{}/ns/pid", t.pid)),
+            _ => return Err(RuntimeError::Container(format!("the target container {target} is not running"))),
+        },
+    };
     let spec = spec::build_spec(&SpecInput {
         cfg,
         image: &image.config,
@@ -172,6 +179,7 @@ pub async fn start_container(c: &Containerd, sandbox: &Sandbox, cfg: &ContainerC
         sandbox: &sb,
         cgroups_path: &cgroups_path,
         host: &c.host,
+        pid_namespace: pid_namespace.as_deref(),
     })
     .map_err(RuntimeError::Container)?;
     let spec_bytes = serde_json::to_vec(&spec).map_err(|e| RuntimeError::Other(e.to_string()))?;

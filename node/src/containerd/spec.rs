@@ -344,6 +344,8 @@ pub struct SpecInput<'a> {
     /// cgroupsPath for runc's cgroupfs driver, e.g. `/capstan/<pod>/<id>`.
     pub cgroups_path: &'a str,
     pub host: &'a HostFacts,
+    /// A PID namespace to join (`/proc/<pid>/ns/pid`) instead of a new one.
+    pub pid_namespace: Option<&'a str>,
 }
 
 /// The OCI runtime spec (JSON) of a container.
@@ -416,7 +418,11 @@ pub fn build_spec(input: &SpecInput<'_>) -> Result<Value, String> {
         mounts.push(bind(&m.container_path, &m.host_path, m.read_only));
     }
 
-    let mut namespaces = vec![json!({"type": "pid"}), json!({"type": "ipc"}), json!({"type": "mount"})];
+    let pid = match input.pid_namespace {
+        Some(path) => json!({"type": "pid", "path": path}),
+        None => json!({"type": "pid"}),
+    };
+    let mut namespaces = vec![pid, json!({"type": "ipc"}), json!({"type": "mount"})];
     if !sb.host_network {
         // Host network pods also keep the node's hostname (UTS), as in Kubernetes.
         namespaces.push(json!({"type": "uts"}));

@@ -23,6 +23,7 @@ fn cfg() -> ContainerConfig {
         security: Security::default(),
         tty: false,
         stdin: false,
+        share_pid_with: None,
         log_path: PathBuf::from("/var/log/pods/x/c/0.log"),
         labels: BTreeMap::new(),
     }
@@ -58,6 +59,7 @@ fn build(c: &ContainerConfig, i: &ImageConfig, s: &SandboxSpec) -> Result<Value,
         sandbox: s,
         cgroups_path: "/capstan/pod-1/abc",
         host: &HostFacts { swap_accounting: true, devices: vec![] },
+        pid_namespace: None,
     })
 }
 
@@ -154,6 +156,7 @@ fn privileged_gets_everything() {
         sandbox: &sandbox(),
         cgroups_path: "/x",
         host: &host,
+        pid_namespace: None,
     })
     .unwrap();
     assert_eq!(s["process"]["capabilities"]["bounding"].as_array().unwrap().len(), ALL_CAPS.len());
@@ -230,4 +233,24 @@ fn image_config_tolerates_nulls() {
     let c: ImageConfig = serde_json::from_str(r#"{"Entrypoint":null,"Cmd":["sh"],"Env":null}"#).unwrap();
     assert_eq!(c.cmd, ["sh"]);
     assert!(c.entrypoint.is_empty());
+}
+
+#[test]
+fn a_debugger_joins_its_target_s_pid_namespace() {
+    let (c, i, s) = (cfg(), image(), sandbox());
+    let host = HostFacts { swap_accounting: true, devices: vec![] };
+    let input = |pid_namespace| SpecInput {
+        cfg: &c,
+        image: &i,
+        passwd: None,
+        group: None,
+        sandbox: &s,
+        cgroups_path: "/x",
+        host: &host,
+        pid_namespace,
+    };
+    let pid = |s: &Value| s["linux"]["namespaces"].as_array().unwrap().iter().find(|n| n["type"] == "pid").cloned();
+    assert_eq!(pid(&build_spec(&input(None)).unwrap()), Some(json!({"type": "pid"})), "a new one by default");
+    let joined = build_spec(&input(Some("/proc/42/ns/pid"))).unwrap();
+    assert_eq!(pid(&joined), Some(json!({"type": "pid", "path": "/proc/42/ns/pid"})));
 }

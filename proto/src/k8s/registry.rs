@@ -98,7 +98,11 @@ const SCALABLE: &[&str] = &["scale", "status"];
 static TYPES: LazyLock<Vec<ResourceType>> = LazyLock::new(|| {
     vec![
         entry::<core::v1::Namespace>(&["ns"], NONE, &["finalize", "status"]),
-        entry::<core::v1::Pod>(&["po"], ALL, &["attach", "binding", "eviction", "exec", "log", "status"]),
+        entry::<core::v1::Pod>(
+            &["po"],
+            ALL,
+            &["attach", "binding", "ephemeralcontainers", "eviction", "exec", "log", "status"],
+        ),
         entry::<core::v1::Node>(&["no"], NONE, STATUS),
         entry::<core::v1::Service>(&["svc"], ALL, STATUS),
         entry::<core::v1::Endpoints>(&["ep"], NONE, NONE),
