@@ -292,6 +292,14 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("err"));
     let (good, out, err) = kubectl(&kc, &["exec", &web0, "-i", "--", "cat"], Some("via-stdin\n"));
     assert!(good && out == "via-stdin\n", "stdin reaches the process: {out:?} {err}");
+    // kubectl cp: tar through exec, both ways.
+    let local = up.dir.path().join("cp-in.txt");
+    std::fs::write(&local, "copied-in\n").unwrap();
+    ok(&kc, &["cp", local.to_str().unwrap(), &format!("{web0}:/tmp/cp-in.txt")]);
+    assert_eq!(ok(&kc, &["exec", &web0, "--", "cat", "/tmp/cp-in.txt"]), "copied-in\n");
+    let back = up.dir.path().join("cp-out.txt");
+    ok(&kc, &["cp", &format!("{web0}:/tmp/cp-in.txt"), back.to_str().unwrap()]);
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "copied-in\n");
     // With a terminal (kubectl insists on one for -t): the process has a tty.
     let (code, screen) = in_terminal(&kc, &format!("exec -it {web0} -- sh -c 'tty; stty size'"), || true, &[]);
     assert_eq!(code, Some(0), "{screen}");

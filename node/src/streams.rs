@@ -276,11 +276,9 @@ impl<R: Runtime> Agent<R> {
             }
         };
         output.abort();
+        // Without the client task the input channels close, and `feed` ends
+        // on its own (closing a stdinOnce stdin first).
         client.abort();
-        if feeding {
-            // Ends the input (and closes a stdinOnce stdin) on its own.
-            drop(feed);
-        }
         write_message(send, &last).await?;
         Ok(())
     }

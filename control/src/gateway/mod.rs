@@ -67,6 +67,9 @@ struct Session {
     tx: mpsc::Sender<PodEvent>,
 }
 
+/// What one pod lets its node read.
+type References = Arc<BTreeSet<authz::Reference>>;
+
 pub struct Gateway {
     api: Arc<ApiServer>,
     pods: Arc<Informer>,
@@ -81,6 +84,9 @@ pub struct Gateway {
     relay_endpoint: quinn::Endpoint,
     relays: Mutex<HashMap<String, quinn::Connection>>,
     cidr_cache: Mutex<Option<(std::time::Instant, BTreeSet<String>)>>,
+    /// What each pod lets its node read, by pod key, for the revision it
+    /// was computed at: a node's Gets then decode only pods that changed.
+    references: Mutex<HashMap<String, (i64, References)>>,
     next_session: AtomicU64,
     /// Writes the Events agents report, as the kubelet.
     events: EventRecorder,
@@ -144,6 +150,7 @@ impl Gateway {
             relay_endpoint,
             relays: Mutex::default(),
             cidr_cache: Mutex::default(),
+            references: Mutex::default(),
             next_session: AtomicU64::new(1),
             events,
             metrics: Metrics::new(registry)?,
@@ -689,6 +696,24 @@ impl Gateway {
         Ok(NodeResponse::Object { json: serde_json::to_vec(&body).unwrap_or_default() })
     }
 
+    /// What pod `p` lets its node read (see `references`).
+    fn references(&self, p: &crate::controllers::informer::Cached) -> References {
+        /// Past this many entries (deleted pods among them) the memo starts over.
+        const MEMO_MAX: usize = 200_000;
+        if let Some((rev, refs)) = self.references.lock().get(&p.key) {
+            if *rev == p.mod_revision {
+                return refs.clone();
+            }
+        }
+        let refs = Arc::new(authz::references(&p.object()));
+        let mut memo = self.references.lock();
+        if memo.len() >= MEMO_MAX {
+            memo.clear();
+        }
+        memo.insert(p.key.clone(), (p.mod_revision, refs.clone()));
+        refs
+    }
+
     /// A Secret or ConfigMap, if a pod bound to `node` references it.
     async fn get(&self, node: &str, resource: &str, ns: &str, name: &str) -> Result<NodeResponse, ApiError> {
         let kind = match resource {
@@ -702,7 +727,7 @@ impl Gateway {
             .list_node(node)
             .iter()
             .filter(|p| p.namespace() == ns)
-            .any(|p| authz::references(&p.object()).contains(&wanted));
+            .any(|p| self.references(p).contains(&wanted));
         if !allowed {
             return Ok(forbidden(format!(
                 "node {node:?} may not read {resource} {ns}/{name}: no pod bound to it references it"
