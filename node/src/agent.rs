@@ -769,18 +769,10 @@ impl<R: Runtime> Agent<R> {
         .collect();
         let share_pid_with = match c.raw["targetContainerName"].as_str().filter(|t| !t.is_empty()) {
             None => None,
-            Some(target) => {
-                let obs = self.observe(true).await.map_err(|e| RuntimeError::Other(format!("{e:#}")))?;
-                let running = obs.containers.iter().find(|r| {
-                    r.pod_uid == spec.uid && r.name == target && matches!(r.state, ContainerState::Running { .. })
-                });
-                match running {
-                    Some(r) => Some(r.id.clone()),
-                    None => {
-                        return Err(RuntimeError::Container(format!("the target container {target:?} is not running")))
-                    }
-                }
-            }
+            Some(target) => match self.running_attempt(spec, target).await {
+                Some(r) => Some(r.id),
+                None => return Err(RuntimeError::Container(format!("the target container {target:?} is not running"))),
+            },
         };
         let sc = &c.raw["securityContext"];
         let psc = &spec.raw["spec"]["securityContext"];

@@ -422,14 +422,15 @@ pub fn run(cfg: LogDriverConfig) -> io::Result<()> {
                 }
             };
             let mut buf = vec![0u8; 64 * 1024];
+            // Output waits for its newline (known from the last push).
+            let mut waiting = false;
             loop {
-                if shared.0.lock().unwrap_or_else(|p| p.into_inner()).splitters[i].pending() > 0
-                    && !readable_within(std::os::fd::AsRawFd::as_raw_fd(&pipe), IDLE_FLUSH)
-                {
+                if waiting && !readable_within(std::os::fd::AsRawFd::as_raw_fd(&pipe), IDLE_FLUSH) {
                     let mut s = shared.0.lock().unwrap_or_else(|p| p.into_inner());
                     if let Some(rest) = s.splitters[i].finish() {
                         s.write(stream, vec![(rest, true)]);
                     }
+                    waiting = false;
                     continue;
                 }
                 let n = match pipe.read(&mut buf) {
@@ -441,6 +442,7 @@ pub fn run(cfg: LogDriverConfig) -> io::Result<()> {
                 let mut s = shared.0.lock().unwrap_or_else(|p| p.into_inner());
                 let lines = s.splitters[i].push(&buf[..n]);
                 s.write(stream, lines);
+                waiting = s.splitters[i].pending() > 0;
             }
             let mut s = shared.0.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(rest) = s.splitters[i].finish() {

@@ -428,6 +428,7 @@ async fn send_limited(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn attach_pieces_keep_streams_and_partials_and_wait_for_whole_file_lines() {
@@ -440,8 +441,6 @@ mod tests {
         assert_eq!(out, vec![(Stream::Stdout, b"ls\n".to_vec())]);
         assert!(p.feed(b"").is_empty());
     }
-
-    use super::*;
 
     const FILE1: &[u8] = b"2024-01-02T15:04:05.000000001Z stdout F one\n\
 2024-01-02T15:04:06.000000001Z stderr P tw\n\

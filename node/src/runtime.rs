@@ -189,8 +189,7 @@ pub struct ExecIo {
 
 /// Input to a container's main process (`kubectl attach`).
 pub struct AttachInput {
-    /// Bytes for its stdin; the container must have been made with stdin
-    /// (and, here, a terminal).
+    /// Bytes for its stdin; the container must have been made with stdin.
     pub stdin: Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>,
     /// Terminal resizes (cols, rows).
     pub resize: Option<tokio::sync::mpsc::Receiver<(u16, u16)>>,

@@ -72,6 +72,11 @@ impl<R: Runtime> Agent<R> {
         v
     }
 
+    /// The running attempt of a container of the pod, if any.
+    pub(crate) async fn running_attempt(&self, spec: &PodSpec, container: &str) -> Option<ContainerStatus> {
+        self.attempts(spec, container).await.into_iter().find(|c| matches!(c.state, ContainerState::Running { .. }))
+    }
+
     async fn logs(&self, req: LogRequest, send: &mut quinn::SendStream) -> anyhow::Result<()> {
         let Some(spec) = self.pod(&req.namespace, &req.pod) else {
             let msg = format!("pod {}/{} is not running on this node", req.namespace, req.pod);
@@ -140,12 +145,7 @@ impl<R: Runtime> Agent<R> {
         let Some(spec) = self.pod(namespace, pod) else {
             return Err(refuse(404, "NotFound", format!("pod {namespace}/{pod} is not running on this node")));
         };
-        let running = self
-            .attempts(&spec, container)
-            .await
-            .into_iter()
-            .find(|c| matches!(c.state, ContainerState::Running { .. }));
-        match running {
+        match self.running_attempt(&spec, container).await {
             Some(c) => Ok((spec, c)),
             None => Err(refuse(400, "BadRequest", format!("container {container} is not running in pod {pod}"))),
         }

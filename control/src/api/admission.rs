@@ -259,7 +259,8 @@ pub fn prepare_update(
 /// through their subresource; the node through `pods/binding`.)
 pub fn pod_spec_change(old: &Value, new: &Value) -> Option<String> {
     let tolerations = |s: &Value| s["tolerations"].as_array().cloned().unwrap_or_default();
-    let kept = tolerations(old).iter().all(|t| tolerations(new).contains(t));
+    let now = tolerations(new);
+    let kept = tolerations(old).iter().all(|t| now.contains(t));
     let mutable = |spec: &Value| {
         let mut s = spec.clone();
         if let Some(m) = s.as_object_mut() {

@@ -801,13 +801,12 @@ async fn node_stream(
         Some(c) => c.to_string(),
         None => spec["containers"][0]["name"].as_str().unwrap_or_default().to_string(),
     };
-    let container_spec = all.iter().find(|c| c["name"] == container.as_str()).map(|c| (*c).clone()).unwrap_or_default();
     let target = super::nodestream::Target {
         node,
         namespace: ns.unwrap_or_default(),
         pod: name,
         container: &container,
-        spec: &container_spec,
+        spec: all.iter().find(|c| c["name"] == container.as_str()).copied().unwrap_or(&Value::Null),
         sub,
     };
     super::nodestream::serve(api, target, ctx).await

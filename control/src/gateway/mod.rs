@@ -86,6 +86,7 @@ pub struct Gateway {
     cidr_cache: Mutex<Option<(std::time::Instant, BTreeSet<String>)>>,
     /// What each pod lets its node read, by pod key, for the revision it
     /// was computed at: a node's Gets then decode only pods that changed.
+    /// A pod's entry goes with the pod (`route`).
     references: Mutex<HashMap<String, (i64, References)>>,
     next_session: AtomicU64,
     /// Writes the Events agents report, as the kubelet.
@@ -698,19 +699,13 @@ impl Gateway {
 
     /// What pod `p` lets its node read (see `references`).
     fn references(&self, p: &crate::controllers::informer::Cached) -> References {
-        /// Past this many entries (deleted pods among them) the memo starts over.
-        const MEMO_MAX: usize = 200_000;
         if let Some((rev, refs)) = self.references.lock().get(&p.key) {
             if *rev == p.mod_revision {
                 return refs.clone();
             }
         }
         let refs = Arc::new(authz::references(&p.object()));
-        let mut memo = self.references.lock();
-        if memo.len() >= MEMO_MAX {
-            memo.clear();
-        }
-        memo.insert(p.key.clone(), (p.mod_revision, refs.clone()));
+        self.references.lock().insert(p.key.clone(), (p.mod_revision, refs.clone()));
         refs
     }
 
@@ -781,6 +776,9 @@ impl Gateway {
     /// The router: each pod change goes to the sessions of the nodes it names.
     async fn route(self: Arc<Self>, mut changes: mpsc::UnboundedReceiver<Change>) {
         while let Some(c) = changes.recv().await {
+            if c.new.is_none() {
+                self.references.lock().remove(&c.key);
+            }
             let was = c.old.as_ref().map(|o| o.node_name().to_string()).filter(|n| !n.is_empty());
             let is = c.new.as_ref().map(|n| n.node_name().to_string()).filter(|n| !n.is_empty());
             if was.is_none() && is.is_none() {
