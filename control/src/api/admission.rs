@@ -102,6 +102,7 @@ pub fn prepare_create(
         }
     }
     default_object(rt.kind, &mut obj);
+    super::storage::on_create(rt.kind, &mut obj);
     validate(rt, &obj)?;
     Ok(obj)
 }
@@ -247,6 +248,10 @@ pub fn prepare_update(
         if let Some(why) = pod_spec_change(&old["spec"], &new["spec"]) {
             return Err(ApiError::invalid(rt.kind, &name, vec![("spec".into(), why)]));
         }
+    }
+    let errs = super::storage::check_update(rt.kind, old, &new);
+    if !errs.is_empty() {
+        return Err(ApiError::invalid(rt.kind, &name, errs));
     }
     validate(rt, &new)?;
     Ok(new)
@@ -443,6 +448,7 @@ fn apply_defaults(kind: &str, obj: &mut Value) {
                 }
             }
         }
+        "PersistentVolume" | "PersistentVolumeClaim" | "StorageClass" => super::storage::apply_defaults(kind, obj),
         _ => {}
     }
 }
@@ -650,6 +656,9 @@ pub fn validate(rt: &ResourceType, obj: &Value) -> Result<(), ApiError> {
         }
         "Job" => validate_pod_spec(&obj["spec"]["template"]["spec"], "spec.template.spec", &mut errs),
         "PriorityClass" => super::priority::validate_class(obj, &mut errs),
+        "PersistentVolume" | "PersistentVolumeClaim" | "StorageClass" => {
+            super::storage::validate(rt.kind, obj, &mut errs)
+        }
         "CronJob" => {
             let spec = &obj["spec"];
             let schedule = spec["schedule"].as_str().unwrap_or_default();
@@ -857,6 +866,16 @@ pub fn plan_delete(kind: &str, obj: &Value, policy: Option<&str>, grace: Option<
 pub async fn admit_pod(api: &super::ApiServer, pod: Value) -> Result<Value, ApiError> {
     let pod = super::serviceaccount::admit_pod(api, pod, super::serviceaccount::DEFAULT_ACCOUNT_WAIT).await?;
     super::priority::admit_pod(api, pod).await
+}
+
+/// The admission plugins that read other objects, for a new object of any
+/// kind: pods (ServiceAccount, priority), claims (default StorageClass).
+pub async fn admit_new(api: &super::ApiServer, rt: &ResourceType, obj: Value) -> Result<Value, ApiError> {
+    match rt.kind {
+        "Pod" => admit_pod(api, obj).await,
+        "PersistentVolumeClaim" => super::storage::admit_claim(api, obj).await,
+        _ => Ok(obj),
+    }
 }
 
 pub fn set_condition(obj: &mut Value, ty: &str, status: &str, reason: Option<&str>, now: &str) {

@@ -412,9 +412,7 @@ pub async fn create(
     obj["metadata"]["managedFields"] = json!([entry(rt, &manager, "Apply", &field_set(config), &now)]);
     let (obj, warnings) = super::handlers::normalize(rt, &obj, ctx)?;
     let mut obj = admission::prepare_create(rt, ns, obj, &now, &uuid::Uuid::new_v4().to_string(), "")?;
-    if rt.kind == "Pod" {
-        obj = super::admission::admit_pod(api, obj).await?;
-    }
+    obj = super::admission::admit_new(api, rt, obj).await?;
     let created = api.objects.create(rt, obj).await?;
     Ok(Reply { code: StatusCode::CREATED, body: ReplyBody::Json(created), warnings })
 }

@@ -99,6 +99,7 @@ pub fn builtin_objects() -> Vec<Value> {
         json!({"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass", "metadata": {"name": name},
             "value": value, "description": description, "preemptionPolicy": "PreemptLowerPriority"})
     }));
+    out.push(super::storage::builtin_class());
     out
 }
 

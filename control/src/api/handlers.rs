@@ -340,9 +340,7 @@ async fn create(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx)
     if rt.kind != "Namespace" {
         ensure_namespace_active(api, obj_ns.as_deref()).await?;
     }
-    if rt.kind == "Pod" {
-        obj = admission::admit_pod(api, obj).await?;
-    }
+    obj = admission::admit_new(api, rt, obj).await?;
     if dry_run(ctx)? {
         return Ok(object_reply(StatusCode::CREATED, obj, warnings));
     }

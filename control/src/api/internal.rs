@@ -37,9 +37,7 @@ pub async fn write(
                 &super::handlers::random_suffix(),
             )?;
             super::apply::track_update(rt, None, &mut new, manager, &now);
-            if rt.kind == "Pod" {
-                new = super::admission::admit_pod(api, new).await?;
-            }
+            new = super::admission::admit_new(api, rt, new).await?;
             api.objects.create(rt, new).await
         }
         Some(cur) => {
@@ -66,4 +64,27 @@ pub async fn delete(api: &ApiServer, rt: &ResourceType, cur: &Found) -> Result<(
         super::admission::DeletePlan::Mark(m) => api.objects.update(rt, m, cur.mod_revision).await.map(|_| ()),
         super::admission::DeletePlan::Pending => Ok(()),
     }
+}
+
+/// Removes `finalizer` from `cur`; an object being deleted goes with its
+/// last finalizer, as through the API.
+pub async fn remove_finalizer(
+    api: &ApiServer,
+    rt: &ResourceType,
+    cur: &Found,
+    finalizer: &str,
+) -> Result<(), ApiError> {
+    let mut obj = cur.object.clone();
+    let Some(list) = obj["metadata"]["finalizers"].as_array_mut() else { return Ok(()) };
+    let before = list.len();
+    list.retain(|f| f.as_str() != Some(finalizer));
+    if list.len() == before {
+        return Ok(());
+    }
+    let none_left = list.is_empty();
+    if none_left && obj["metadata"]["deletionTimestamp"].is_string() {
+        return api.objects.delete(rt, &obj, cur.mod_revision).await.map(|_| ());
+    }
+    let new = super::admission::prepare_update(rt, &cur.object, obj, None)?;
+    api.objects.update(rt, new, cur.mod_revision).await.map(|_| ())
 }

@@ -17,7 +17,8 @@
 //! - `resource_metrics.rs`: `metrics.k8s.io` (NodeMetrics, PodMetrics) from
 //!   the node agents' usage reports.
 //! - `selector.rs`, `table.rs`, `discovery.rs`, `openapi.rs`, `rbac.rs`, `status.rs`.
-//! - `bootstrap.rs`: built-in namespaces and RBAC roles created at start.
+//! - `bootstrap.rs`: built-in namespaces, RBAC roles and the default StorageClass created at start.
+//! - `storage.rs`: PersistentVolume(Claim)s and StorageClasses at admission.
 //! - `serviceaccount.rs`: TokenRequest, ServiceAccount token authentication and
 //!   pod admission (account, API credentials volume); `jwt.rs`: the tokens (pure).
 //!
@@ -45,6 +46,7 @@ pub mod resource_metrics;
 pub mod selector;
 pub mod serviceaccount;
 pub mod status;
+pub mod storage;
 pub mod table;
 mod watch;
 

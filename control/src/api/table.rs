@@ -138,6 +138,38 @@ fn columns(kind: &str) -> Vec<Col> {
             SELECTOR,
         ],
         "Lease" => vec![NAME, c("Holder", "string", 0), AGE],
+        "PersistentVolume" => vec![
+            NAME,
+            c("Capacity", "string", 0),
+            c("Access Modes", "string", 0),
+            c("Reclaim Policy", "string", 0),
+            c("Status", "string", 0),
+            c("Claim", "string", 0),
+            c("StorageClass", "string", 0),
+            c("VolumeAttributesClass", "string", 0),
+            c("Reason", "string", 0),
+            AGE,
+            c("VolumeMode", "string", 1),
+        ],
+        "PersistentVolumeClaim" => vec![
+            NAME,
+            c("Status", "string", 0),
+            c("Volume", "string", 0),
+            c("Capacity", "string", 0),
+            c("Access Modes", "string", 0),
+            c("StorageClass", "string", 0),
+            c("VolumeAttributesClass", "string", 0),
+            AGE,
+            c("VolumeMode", "string", 1),
+        ],
+        "StorageClass" => vec![
+            NAME,
+            c("Provisioner", "string", 0),
+            c("ReclaimPolicy", "string", 0),
+            c("VolumeBindingMode", "string", 0),
+            c("AllowVolumeExpansion", "string", 0),
+            AGE,
+        ],
         "PriorityClass" => vec![
             NAME,
             c("Value", "integer", 0),
@@ -233,6 +265,34 @@ fn s(v: &Value) -> String {
 
 fn n(v: &Value) -> i64 {
     v.as_i64().unwrap_or(0)
+}
+
+/// Kubernetes' short access modes: `RWO,ROX,RWX,RWOP`.
+fn access_modes(v: &Value) -> String {
+    let short = |m: &str| match m {
+        "ReadWriteOnce" => "RWO".to_string(),
+        "ReadOnlyMany" => "ROX".to_string(),
+        "ReadWriteMany" => "RWX".to_string(),
+        "ReadWriteOncePod" => "RWOP".to_string(),
+        other => other.to_string(),
+    };
+    v.as_array().into_iter().flatten().filter_map(Value::as_str).map(short).collect::<Vec<_>>().join(",")
+}
+
+fn volume_mode(v: &Value) -> String {
+    if v.is_null() {
+        "Filesystem".into()
+    } else {
+        s(v)
+    }
+}
+
+fn unset_or(x: String) -> String {
+    if x.is_empty() {
+        "<unset>".into()
+    } else {
+        x
+    }
 }
 
 fn or_none(x: String) -> String {
@@ -579,6 +639,56 @@ fn cells(kind: &str, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             ]
         }
         "Lease" => vec![name, json!(s(&spec["holderIdentity"])), json!(created)],
+        "PersistentVolume" => {
+            let claim = &spec["claimRef"];
+            let claim = if claim.is_object() {
+                format!("{}/{}", s(&claim["namespace"]), s(&claim["name"]))
+            } else {
+                String::new()
+            };
+            vec![
+                name,
+                json!(s(&spec["capacity"]["storage"])),
+                json!(access_modes(&spec["accessModes"])),
+                json!(s(&spec["persistentVolumeReclaimPolicy"])),
+                json!(s(&status["phase"])),
+                json!(claim),
+                json!(s(&spec["storageClassName"])),
+                json!(unset_or(s(&spec["volumeAttributesClassName"]))),
+                json!(s(&status["reason"])),
+                json!(created),
+                json!(volume_mode(&spec["volumeMode"])),
+            ]
+        }
+        "PersistentVolumeClaim" => {
+            // Capacity and modes are the bound volume's, so empty until bound.
+            let phase = if meta["deletionTimestamp"].is_string() { "Terminating".into() } else { s(&status["phase"]) };
+            vec![
+                name,
+                json!(phase),
+                json!(s(&spec["volumeName"])),
+                json!(s(&status["capacity"]["storage"])),
+                json!(access_modes(&status["accessModes"])),
+                json!(s(&spec["storageClassName"])),
+                json!(unset_or(s(&spec["volumeAttributesClassName"]))),
+                json!(created),
+                json!(volume_mode(&spec["volumeMode"])),
+            ]
+        }
+        "StorageClass" => {
+            let mut shown = s(&meta["name"]);
+            if crate::api::storage::is_default_class(o) {
+                shown.push_str(" (default)");
+            }
+            vec![
+                json!(shown),
+                json!(s(&o["provisioner"])),
+                json!(if o["reclaimPolicy"].is_null() { "Delete".into() } else { s(&o["reclaimPolicy"]) }),
+                json!(if o["volumeBindingMode"].is_null() { "Immediate".into() } else { s(&o["volumeBindingMode"]) }),
+                json!(o["allowVolumeExpansion"] == true),
+                json!(created),
+            ]
+        }
         "PriorityClass" => vec![
             name,
             o["value"].clone(),

@@ -6,8 +6,9 @@
 //! - `runtime.rs`: each controller is an actix actor around a queue.
 //! - `owned.rs`: owners, dependents and expectations, shared by the controllers of owned objects.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
-//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`, `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `hpa.rs`, `scheduler/`, `gc.rs`: the
-//!   controllers, each a pure `plan` plus a thin shell.
+//! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`,
+//!   `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `hpa.rs`, `volume.rs`, `scheduler/`, `gc.rs`:
+//!   the controllers, each a pure `plan` plus a thin shell.
 //! - `clusterstate.rs`: node readiness and crash-loop gauges for alerts.
 //! - `serviceaccount.rs`: each namespace's `default` ServiceAccount and `kube-root-ca.crt`.
 //! - `events.rs`: the event recorder every controller and the scheduler
@@ -39,6 +40,7 @@ pub mod runtime;
 pub mod scheduler;
 pub mod serviceaccount;
 pub mod statefulset;
+pub mod volume;
 
 use std::sync::Arc;
 
@@ -142,6 +144,9 @@ pub fn start(
             "ServiceAccount",
             "ConfigMap",
             "HorizontalPodAutoscaler",
+            "PersistentVolumeClaim",
+            "PersistentVolume",
+            "StorageClass",
         ],
     ));
     let (lead_tx, lead_rx) = watch::channel(false);
@@ -162,15 +167,8 @@ pub fn start(
         inf.get("ReplicaSet").clone(),
         events.recorder("deployment-controller"),
     ));
-    let sched = Arc::new(scheduler::Scheduler::new(
-        api.clone(),
-        inf.get("Pod").clone(),
-        inf.get("Node").clone(),
-        inf.get("PodDisruptionBudget").clone(),
-        inf.get("Namespace").clone(),
-        metrics.clone(),
-        events.recorder("default-scheduler"),
-    ));
+    let sched =
+        Arc::new(scheduler::Scheduler::new(api.clone(), &inf, metrics.clone(), events.recorder("default-scheduler")));
 
     let ep = Arc::new(endpoints::EndpointsController {
         api: api.clone(),
@@ -217,6 +215,7 @@ pub fn start(
         inf.get("StatefulSet").clone(),
         inf.get("Pod").clone(),
         inf.get("ControllerRevision").clone(),
+        inf.get("PersistentVolumeClaim").clone(),
         events.recorder("statefulset-controller"),
     ));
     let sac = Arc::new(serviceaccount::ServiceAccountController {
@@ -231,6 +230,15 @@ pub fn start(
         inf.get("Pod").clone(),
         ["Deployment", "ReplicaSet", "StatefulSet"].into_iter().map(|k| (k, inf.get(k).clone())).collect(),
         events.recorder("horizontal-pod-autoscaler"),
+    ));
+    let pvc = Arc::new(volume::VolumeController::new(
+        api.clone(),
+        inf.get("PersistentVolumeClaim").clone(),
+        inf.get("PersistentVolume").clone(),
+        inf.get("StorageClass").clone(),
+        inf.get("Node").clone(),
+        inf.get("Pod").clone(),
+        events.recorder("persistentvolume-controller"),
     ));
     clusterstate::start(inf.get("Node").clone(), inf.get("Pod").clone(), metrics.clone());
     let all = start_actors(
@@ -247,11 +255,12 @@ pub fn start(
             actor(stsc.clone(), 2),
             actor(sac, 1),
             actor(hpac, 1),
+            actor(pvc.clone(), 2),
         ],
         metrics,
     )?;
-    let [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sts_addr, sa_addr, hpa_addr] =
-        <[Addr<ControllerActor>; 12]>::try_from(all.clone())
+    let [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sts_addr, sa_addr, hpa_addr, pv_addr] =
+        <[Addr<ControllerActor>; 13]>::try_from(all.clone())
             .map_err(|_| anyhow::anyhow!("controller actors missing"))?;
 
     let pods = inf.get("Pod").clone();
@@ -296,6 +305,8 @@ pub fn start(
     route(inf.get("StatefulSet").subscribe(), sts_addr.clone(), |c| vec![c.key.clone()]);
     let stsc_for_pods = stsc.clone();
     route_owners(pods.subscribe(), sts_addr.clone(), move |p| stsc_for_pods.keys_for_dependent(p));
+    let stsc_for_claims = stsc.clone();
+    route(inf.get("PersistentVolumeClaim").subscribe(), sts_addr.clone(), move |c| stsc_for_claims.keys_for_claim(c));
     route_owners(inf.get("ControllerRevision").subscribe(), sts_addr, move |r| stsc.keys_for_dependent(r));
 
     route(inf.get("Namespace").subscribe(), sa_addr.clone(), |c| vec![c.key.clone()]);
@@ -308,6 +319,32 @@ pub fn start(
 
     // Each HPA then resyncs itself every 15 s (usage is not watched).
     route(inf.get("HorizontalPodAutoscaler").subscribe(), hpa_addr, |c| vec![c.key.clone()]);
+
+    // Volumes and claims name each other; a new volume, class or node
+    // (announcing its local-path directory) may serve a waiting claim; a
+    // pod that goes may let a claim being deleted go.
+    route(inf.get("PersistentVolumeClaim").subscribe(), pv_addr.clone(), volume::VolumeController::keys_for_claim);
+    let pvc_for_volumes = pvc.clone();
+    route(inf.get("PersistentVolume").subscribe(), pv_addr.clone(), move |c| {
+        let mut keys = volume::VolumeController::keys_for_volume(c);
+        if c.new.is_none() || c.new.as_ref().is_some_and(|v| v.object()["spec"]["claimRef"].is_null()) {
+            keys.extend(pvc_for_volumes.unbound_claims());
+        }
+        keys
+    });
+    let pvc_for_classes = pvc.clone();
+    route(inf.get("StorageClass").subscribe(), pv_addr.clone(), move |_| pvc_for_classes.unbound_claims());
+    let pvc_for_nodes = pvc.clone();
+    route(inf.get("Node").subscribe(), pv_addr.clone(), move |c| {
+        let announced = |x: &Option<Arc<informer::Cached>>| {
+            x.as_ref().map(|n| n.object()["metadata"]["annotations"][volume::LOCAL_PATH_ROOT].clone())
+        };
+        if announced(&c.new) == announced(&c.old) {
+            return vec![];
+        }
+        pvc_for_nodes.unbound_claims()
+    });
+    route(pods.subscribe(), pv_addr, volume::VolumeController::keys_for_pod);
 
     tokio::spawn(async move {
         loop {

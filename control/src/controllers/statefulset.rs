@@ -20,9 +20,15 @@
 //!   one at a time. `OnDelete` only recreates pods that were deleted, at the
 //!   update revision.
 //! - Failed or Succeeded pods are deleted and recreated.
-//! - `volumeClaimTemplates` are not acted on: this API serves no
-//!   PersistentVolumeClaims, so no claims are made and pods get no volumes
-//!   for them.
+//! - `volumeClaimTemplates`: each pod gets claims `<template>-<set>-<ordinal>`
+//!   (labelled with the set's selector), created before the pod and named
+//!   by its volume of the template's name, so a replaced pod finds its
+//!   data again. A claim being deleted holds its pod's creation until it
+//!   is gone. `persistentVolumeClaimRetentionPolicy`: `whenDeleted: Delete`
+//!   makes the set an owner of the claims it creates (the garbage collector
+//!   deletes them with it); `whenScaled: Delete` deletes the claims of
+//!   ordinals scaled away once their pods are gone. `Retain` (the default)
+//!   keeps them.
 //! - Orphans (no controller) matched by the set's selector are adopted —
 //!   pods only if named as its members, and ControllerRevisions — as after
 //!   `kubectl delete sts --cascade=orphan` and a new apply. A member's name taken by a pod that cannot be adopted
@@ -68,8 +74,12 @@ pub struct Plan {
     /// An older revision whose template the set has again (a rollback):
     /// its name and its new `revision` number.
     pub renumber_revision: Option<(String, i64)>,
+    /// Claims to create (before the pods).
+    pub create_claims: Vec<Value>,
     /// Pods to create.
     pub create: Vec<Value>,
+    /// Claims of ordinals scaled away (`whenScaled: Delete`).
+    pub delete_claims: Vec<String>,
     /// Names of pods to delete.
     pub delete: Vec<String>,
     pub status: Value,
@@ -161,6 +171,35 @@ pub fn new_revision(sts: &Value, name: &str, number: i64) -> Value {
     })
 }
 
+/// The claim of template `t` for the set's pod `ordinal`.
+pub fn claim_name(t: &Value, set: &str, ordinal: i64) -> String {
+    format!("{}-{set}-{ordinal}", name_of(t))
+}
+
+fn claim_templates(sts: &Value) -> &[Value] {
+    sts["spec"]["volumeClaimTemplates"].as_array().map(Vec::as_slice).unwrap_or_default()
+}
+
+/// The claim for template `t` and `ordinal`: the template's metadata and
+/// spec, the selector's labels, and the set as an owner if the claims go
+/// with it (`whenDeleted: Delete`).
+pub fn claim_for(sts: &Value, t: &Value, ordinal: i64) -> Value {
+    let mut meta = json!({"name": claim_name(t, name_of(sts), ordinal), "namespace": sts["metadata"]["namespace"]});
+    for k in ["labels", "annotations"] {
+        if t["metadata"][k].is_object() {
+            meta[k] = t["metadata"][k].clone();
+        }
+    }
+    for (k, v) in sts["spec"]["selector"]["matchLabels"].as_object().into_iter().flatten() {
+        meta["labels"][k] = v.clone();
+    }
+    if sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Delete" {
+        meta["ownerReferences"] = json!([{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": name_of(sts),
+            "uid": sts["metadata"]["uid"], "blockOwnerDeletion": true}]);
+    }
+    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": t["spec"]})
+}
+
 /// The set's pod for `ordinal`, built from `template` of revision `revision`.
 pub fn pod_for(sts: &Value, template: &Value, revision: &str, ordinal: i64) -> Value {
     let set = name_of(sts);
@@ -179,6 +218,15 @@ pub fn pod_for(sts: &Value, template: &Value, revision: &str, ordinal: i64) -> V
     spec["hostname"] = json!(name);
     if let Some(svc) = sts["spec"]["serviceName"].as_str().filter(|s| !s.is_empty()) {
         spec["subdomain"] = json!(svc);
+    }
+    // Each claim template is a volume of its name, replacing one the pod
+    // template may have under that name.
+    for t in claim_templates(sts) {
+        let volume = json!({"name": name_of(t), "persistentVolumeClaim": {"claimName": claim_name(t, set, ordinal)}});
+        let mut volumes = spec["volumes"].as_array().cloned().unwrap_or_default();
+        volumes.retain(|v| v["name"] != volume["name"]);
+        volumes.push(volume);
+        spec["volumes"] = json!(volumes);
     }
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec})
 }
@@ -227,8 +275,9 @@ fn resolve_revisions(sts: &Value, revisions: &[&Value]) -> Revisions {
     Revisions { update, current, current_template, collisions, create, renumber }
 }
 
-/// `pods` and `revisions`: those `sts` controls (any state).
-pub fn plan(sts: &Value, pods: &[Value], revisions: &[Value], now: DateTime<Utc>) -> Plan {
+/// `pods` and `revisions`: those `sts` controls (any state); `claims`:
+/// the claims of the set's namespace (any owner).
+pub fn plan(sts: &Value, pods: &[Value], revisions: &[Value], claims: &[Value], now: DateTime<Utc>) -> Plan {
     let set = name_of(sts);
     let spec = &sts["spec"];
     let replicas = spec["replicas"].as_i64().unwrap_or(1).max(0);
@@ -277,6 +326,21 @@ pub fn plan(sts: &Value, pods: &[Value], revisions: &[Value], now: DateTime<Utc>
         status["conditions"] = c.clone();
     }
 
+    let claim_by_name: BTreeMap<&str, &Value> = claims.iter().map(|c| (name_of(c), c)).collect();
+    let mut create_claims = Vec::new();
+    // The claims ordinal `o`'s pod needs made, or None while one is being deleted.
+    let mut claims_for = |o: i64| -> Option<()> {
+        let mut missing = Vec::new();
+        for t in claim_templates(sts) {
+            match claim_by_name.get(claim_name(t, set, o).as_str()) {
+                Some(c) if terminating(c) => return None,
+                Some(_) => {}
+                None => missing.push(claim_for(sts, t, o)),
+            }
+        }
+        create_claims.extend(missing);
+        Some(())
+    };
     let mut create = Vec::new();
     let mut delete: Vec<String> = Vec::new();
     // A pod for `ordinal`: below the partition it stays at the current revision.
@@ -290,6 +354,13 @@ pub fn plan(sts: &Value, pods: &[Value], revisions: &[Value], now: DateTime<Utc>
     'work: {
         for ordinal in start..end {
             let Some(p) = in_range.get(&ordinal) else {
+                if claims_for(ordinal).is_none() {
+                    // Its claim is on its way out: made anew once gone.
+                    if monotonic {
+                        break 'work;
+                    }
+                    continue;
+                }
                 create.push(new_pod(ordinal));
                 if monotonic || create.len() >= MAX_CREATES {
                     break 'work;
@@ -369,7 +440,35 @@ pub fn plan(sts: &Value, pods: &[Value], revisions: &[Value], now: DateTime<Utc>
         .min()
         .map(|d| d + Duration::from_millis(10));
 
-    Plan { create_revision: r.create, renumber_revision: r.renumber, create, delete, status, prune_revisions, requeue }
+    // whenScaled Delete: claims of ordinals scaled away whose pods are gone.
+    let delete_claims = if spec["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Delete" {
+        claims
+            .iter()
+            .filter(|c| !terminating(c) && super::disruption::selects(&spec["selector"], &c["metadata"]["labels"]))
+            .filter(|c| {
+                claim_templates(sts).iter().any(|t| {
+                    let ord =
+                        name_of(c).strip_prefix(&format!("{}-", name_of(t))).and_then(|rest| ordinal_of(set, rest));
+                    ord.is_some_and(|o| !(start..end).contains(&o) && !members.contains_key(&o))
+                })
+            })
+            .map(|c| name_of(c).to_string())
+            .collect()
+    } else {
+        vec![]
+    };
+
+    Plan {
+        create_revision: r.create,
+        renumber_revision: r.renumber,
+        create_claims,
+        create,
+        delete_claims,
+        delete,
+        status,
+        prune_revisions,
+        requeue,
+    }
 }
 
 /// Compares the fields the controller owns (not conditions others set).
@@ -413,6 +512,7 @@ pub struct StatefulSetController {
     pub statefulsets: Arc<Informer>,
     pub pods: Arc<Informer>,
     pub revisions: Arc<Informer>,
+    pub claims: Arc<Informer>,
     pub recorder: EventRecorder,
     pod_writes: Expectations,
     revision_writes: Expectations,
@@ -424,6 +524,7 @@ impl StatefulSetController {
         statefulsets: Arc<Informer>,
         pods: Arc<Informer>,
         revisions: Arc<Informer>,
+        claims: Arc<Informer>,
         recorder: EventRecorder,
     ) -> Self {
         StatefulSetController {
@@ -431,6 +532,7 @@ impl StatefulSetController {
             statefulsets,
             pods,
             revisions,
+            claims,
             recorder,
             pod_writes: Expectations::default(),
             revision_writes: Expectations::default(),
@@ -440,6 +542,15 @@ impl StatefulSetController {
     /// The StatefulSets a pod or ControllerRevision change concerns.
     pub fn keys_for_dependent(&self, obj: &Cached) -> Vec<String> {
         owned::owner_keys(&self.statefulsets, obj)
+    }
+
+    /// The sets of a namespace a claim going away may unblock.
+    pub fn keys_for_claim(&self, c: &super::informer::Change) -> Vec<String> {
+        if c.new.as_ref().is_some_and(|n| !n.deleting()) {
+            return vec![];
+        }
+        let ns = c.key.split_once('/').map(|(ns, _)| ns).unwrap_or_default();
+        self.statefulsets.list_namespace(ns).iter().map(|s| s.key.clone()).collect()
     }
 
     /// Makes the set the controller of its adoptable revisions and pods;
@@ -506,7 +617,8 @@ impl StatefulSetController {
             return Ok(Some(Duration::from_millis(20)));
         }
         let (pods, revisions) = (controlled(&self.pods), controlled(&self.revisions));
-        let p = plan(&sts, &pods, &revisions, Utc::now());
+        let claims: Vec<Value> = self.claims.list_namespace(&ns).iter().map(|c| c.object()).collect();
+        let p = plan(&sts, &pods, &revisions, &claims, Utc::now());
         let err = |e: crate::api::status::ApiError| e.to_string();
         let found = Found { object: sts.clone(), mod_revision: cached.mod_revision };
 
@@ -538,6 +650,19 @@ impl StatefulSetController {
         }
         self.revision_writes.wrote(&key, last_rev);
 
+        for claim in &p.create_claims {
+            match internal::write(&self.api, self.claims.rt, None, claim.clone(), MANAGER).await {
+                // Made by an earlier pass the informer has not shown yet.
+                Ok(_) => {}
+                Err(e) if e.code == 409 => {}
+                Err(e) => {
+                    let msg =
+                        format!("create Claim {} for StatefulSet {} failed error: {e}", name_of(claim), name_of(&sts));
+                    self.recorder.event(&sts, EventType::Warning, "FailedCreate", msg);
+                    return Err(e.to_string());
+                }
+            }
+        }
         let mut last_pod = 0;
         for pod in &p.create {
             match internal::write(&self.api, self.pods.rt, None, pod.clone(), MANAGER).await {
@@ -575,6 +700,7 @@ impl StatefulSetController {
             internal::write_status(&self.api, self.statefulsets.rt, &found, p.status).await.map_err(err)?;
         }
         owned::delete_all(&self.api, &self.revisions, &ns, &p.prune_revisions, None).await?;
+        owned::delete_all(&self.api, &self.claims, &ns, &p.delete_claims, None).await?;
         Ok(p.requeue)
     }
 }

@@ -47,7 +47,7 @@ impl World {
 
     /// One reconcile: the plan carried out as the shell would.
     fn step(&mut self) -> Plan {
-        let p = plan(&self.sts, &self.pods, &self.revisions, later());
+        let p = plan(&self.sts, &self.pods, &self.revisions, &[], later());
         if let Some(r) = &p.create_revision {
             self.revisions.push(r.clone());
         }
@@ -136,12 +136,12 @@ fn min_ready_seconds_hold_the_next_ordinal_and_ask_for_a_look_later() {
     let mut w = World::new(s);
     w.step();
     w.kubelet();
-    let p = plan(&w.sts, &w.pods, &w.revisions, t(READY_AT) + chrono::Duration::seconds(4));
+    let p = plan(&w.sts, &w.pods, &w.revisions, &[], t(READY_AT) + chrono::Duration::seconds(4));
     assert!(p.create.is_empty(), "web-0 is Ready but not yet available");
     let d = p.requeue.expect("a look when web-0 becomes available");
     assert!(d > Duration::from_secs(5) && d < Duration::from_secs(7), "{d:?}");
     assert_eq!(p.status["availableReplicas"], 0);
-    let p = plan(&w.sts, &w.pods, &w.revisions, t(READY_AT) + chrono::Duration::seconds(11));
+    let p = plan(&w.sts, &w.pods, &w.revisions, &[], t(READY_AT) + chrono::Duration::seconds(11));
     assert_eq!(names(&p.create), ["web-1"]);
     assert_eq!(p.status["availableReplicas"], 1);
 }
@@ -282,7 +282,7 @@ fn status_counts_ready_available_current_and_updated_pods() {
         leaving,
         fresh,
     ];
-    let p = plan(&s, &pods, &[old_rev, new_rev], now);
+    let p = plan(&s, &pods, &[old_rev, new_rev], &[], now);
     let st = &p.status;
     assert_eq!(st["replicas"], 4);
     assert_eq!(st["readyReplicas"], 3);
@@ -327,7 +327,7 @@ fn a_name_taken_by_another_template_counts_a_collision() {
     let name = revision_name("web", &s["spec"]["template"], 0);
     // An older revision of this set under the name v2 would hash to.
     let squatter = new_revision(&sts(1, "v1"), &name, 1);
-    let p = plan(&s, &[], &[squatter], later());
+    let p = plan(&s, &[], &[squatter], &[], later());
     let created = p.create_revision.expect("a new revision");
     assert_ne!(name_of(&created), name);
     assert_eq!(name_of(&created), revision_name("web", &s["spec"]["template"], 1));
@@ -351,10 +351,10 @@ fn malformed_specs_fall_back_to_defaults_instead_of_failing() {
     s["spec"]["updateStrategy"] = json!("sideways");
     s["spec"]["template"] = json!(null);
     s["status"] = json!({"collisionCount": "x", "currentRevision": 7});
-    let p = plan(&s, &[json!({"metadata": {}}), json!(null)], &[json!({"data": 1})], later());
+    let p = plan(&s, &[json!({"metadata": {}}), json!(null)], &[json!({"data": 1})], &[json!(7)], later());
     assert_eq!(names(&p.create), ["web-0"], "replicas defaults to 1");
     assert!(p.create[0]["spec"].is_object());
-    let p = plan(&json!({}), &[], &[], later());
+    let p = plan(&json!({}), &[], &[], &[], later());
     assert_eq!(p.create.len(), 1);
 }
 
@@ -363,10 +363,10 @@ fn a_huge_replica_count_is_created_in_bounded_batches() {
     let mut s = sts(i64::from(i32::MAX), "v1");
     s["spec"]["podManagementPolicy"] = json!("Parallel");
     s["spec"]["ordinals"] = json!({"start": i64::MAX - 5});
-    let p = plan(&s, &[], &[], later());
+    let p = plan(&s, &[], &[], &[], later());
     assert_eq!(p.create.len(), 5, "the ordinals end at i64::MAX without overflowing");
     s["spec"]["ordinals"] = json!({"start": 0});
-    let p = plan(&s, &[], &[], later());
+    let p = plan(&s, &[], &[], &[], later());
     assert_eq!(p.create.len(), MAX_CREATES);
 }
 
@@ -387,4 +387,61 @@ fn only_selected_uncontrolled_members_are_adopted() {
     let mut no_selector = s.clone();
     no_selector["spec"]["selector"] = json!(null);
     assert!(!adoptable(&no_selector, "Pod", &member("web-1", "web")));
+}
+
+fn with_claims(mut s: Value, when_deleted: &str, when_scaled: &str) -> Value {
+    s["spec"]["volumeClaimTemplates"] = json!([{"metadata": {"name": "data", "labels": {"tier": "db"}},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}]);
+    s["spec"]["template"]["spec"]["volumes"] =
+        json!([{"name": "data", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}]);
+    s["spec"]["persistentVolumeClaimRetentionPolicy"] = json!({"whenDeleted": when_deleted, "whenScaled": when_scaled});
+    s
+}
+
+#[test]
+fn each_pod_gets_its_own_claims_made_first() {
+    let s = with_claims(sts(2, "v1"), "Retain", "Retain");
+    let p = plan(&s, &[], &[], &[], later());
+    assert_eq!(names(&p.create), ["web-0"]);
+    assert_eq!(names(&p.create_claims), ["data-web-0"]);
+    let claim = &p.create_claims[0];
+    assert_eq!(claim["metadata"]["labels"], json!({"tier": "db", "app": "web"}), "template labels and the selector's");
+    assert_eq!(claim["spec"]["resources"]["requests"]["storage"], "1Gi");
+    assert!(claim["metadata"]["ownerReferences"].is_null(), "Retain: the claims outlive the set");
+    // The template's volume of the claim's name is replaced; others stay.
+    assert_eq!(
+        p.create[0]["spec"]["volumes"],
+        json!([{"name": "tmp", "emptyDir": {}}, {"name": "data", "persistentVolumeClaim": {"claimName": "data-web-0"}}])
+    );
+    // A claim that exists is not made again (a replaced pod finds its data).
+    let p = plan(&s, &[], &[], std::slice::from_ref(claim), later());
+    assert_eq!(names(&p.create), ["web-0"]);
+    assert!(p.create_claims.is_empty());
+    // One being deleted holds its pod back until it is gone.
+    let mut leaving = claim.clone();
+    leaving["metadata"]["deletionTimestamp"] = json!(READY_AT);
+    let p = plan(&s, &[], &[], &[leaving], later());
+    assert!(p.create.is_empty() && p.create_claims.is_empty());
+
+    let owned = with_claims(sts(1, "v1"), "Delete", "Retain");
+    let p = plan(&owned, &[], &[], &[], later());
+    assert_eq!(p.create_claims[0]["metadata"]["ownerReferences"][0]["uid"], "s1", "Delete: they go with the set");
+}
+
+#[test]
+fn scaled_away_claims_go_only_when_asked_and_their_pods_are_gone() {
+    let claim = |o: i64| {
+        let mut c =
+            claim_for(&with_claims(sts(1, "v1"), "Retain", "Retain"), &json!({"metadata": {"name": "data"}}), o);
+        c["metadata"]["labels"] = json!({"app": "web"});
+        c
+    };
+    let claims =
+        [claim(0), claim(1), claim(2), json!({"metadata": {"name": "data-web-3", "labels": {"app": "other"}}})];
+    let s = with_claims(sts(1, "v1"), "Retain", "Delete");
+    let web2 = running(pod_for(&s, &s["spec"]["template"], "r", 2));
+    let p = plan(&s, &[web2], &[], &claims, later());
+    assert_eq!(p.delete_claims, ["data-web-1"], "web-2 still runs; data-web-3 is not the set's");
+    let kept = with_claims(sts(1, "v1"), "Retain", "Retain");
+    assert!(plan(&kept, &[], &[], &claims, later()).delete_claims.is_empty());
 }

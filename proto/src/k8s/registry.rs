@@ -8,7 +8,7 @@
 use std::any::TypeId;
 use std::sync::LazyLock;
 
-use k8s_openapi::api::{apps, autoscaling, batch, coordination, core, discovery, policy, rbac, scheduling};
+use k8s_openapi::api::{apps, autoscaling, batch, coordination, core, discovery, policy, rbac, scheduling, storage};
 use k8s_openapi::{NamespaceResourceScope, Resource};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -110,6 +110,8 @@ static TYPES: LazyLock<Vec<ResourceType>> = LazyLock::new(|| {
         entry::<core::v1::Secret>(NONE, NONE, NONE),
         entry::<core::v1::Event>(&["ev"], NONE, NONE),
         entry::<core::v1::ServiceAccount>(&["sa"], NONE, &["token"]),
+        entry::<core::v1::PersistentVolumeClaim>(&["pvc"], NONE, STATUS),
+        entry::<core::v1::PersistentVolume>(&["pv"], NONE, STATUS),
         entry::<apps::v1::Deployment>(&["deploy"], ALL, SCALABLE),
         entry::<apps::v1::ReplicaSet>(&["rs"], ALL, SCALABLE),
         entry::<apps::v1::DaemonSet>(&["ds"], ALL, STATUS),
@@ -126,6 +128,7 @@ static TYPES: LazyLock<Vec<ResourceType>> = LazyLock::new(|| {
         entry::<rbac::v1::ClusterRoleBinding>(NONE, NONE, NONE),
         entry::<autoscaling::v2::HorizontalPodAutoscaler>(&["hpa"], ALL, STATUS),
         entry::<scheduling::v1::PriorityClass>(&["pc"], NONE, NONE),
+        entry::<storage::v1::StorageClass>(&["sc"], NONE, NONE),
     ]
 });
 

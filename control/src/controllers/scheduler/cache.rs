@@ -74,6 +74,8 @@ const MAX_TERMS: usize = 512;
 #[derive(Default)]
 pub struct Cache {
     pub nodes: Vec<NodeInfo>,
+    /// Claims, volumes and classes, for pods with PersistentVolumeClaims.
+    pub volumes: super::volumes::Volumes,
     index: HashMap<String, usize>,
     placed: HashMap<String, Placement>,
     /// Topologies by key, built on first use and dropped when nodes change.

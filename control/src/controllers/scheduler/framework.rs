@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use super::cache::{Cache, TermKey, Topology, NO_DOMAIN};
 use super::model::{unschedulable_taint, LabelSelector, NodeInfo, PodInfo, PodTerm, SpreadConstraint, Taint};
+use super::volumes::{admits, Need};
 
 pub const NODE_NAME: &str = "node(s) didn't match the requested node name";
 pub const UNSCHEDULABLE: &str = "node(s) were unschedulable";
@@ -156,6 +157,9 @@ pub struct PreState {
     /// Per preferred term (affinity, then anti-affinity): weight (negative
     /// for anti-affinity) and matching pods per domain.
     preferred: Vec<(i64, PerDomain<i64>)>,
+    /// What the pod's PersistentVolumeClaims need of a node, or why no
+    /// node will do until they change.
+    volumes: Result<Vec<Need>, String>,
 }
 
 /// Pods matching `term` per domain of its topology key.
@@ -217,7 +221,8 @@ impl PreState {
                 preferred.push((*w, d));
             }
         });
-        PreState { affinity, affinity_first, anti, closed: closed.into_values().collect(), spread, preferred }
+        let volumes = cache.volumes.needs(pod);
+        PreState { affinity, affinity_first, anti, closed: closed.into_values().collect(), spread, preferred, volumes }
     }
 }
 
@@ -280,9 +285,18 @@ fn pod_filters(pod: &PodInfo, pre: &PreState, i: usize) -> Result<(), &'static s
 pub fn filter(pod: &PodInfo, pre: &PreState, cache: &Cache, i: usize) -> Result<(), String> {
     let n = &cache.nodes[i];
     static_filters(pod, n)?;
+    volume_filter(pre, n)?;
     // Pods preemption nominated here, at least as important, keep their room.
     fits_with(pod, n, cache.reserved(&n.name, pod))?;
     pod_filters(pod, pre, i).map_err(str::to_string)
+}
+
+/// The pod's claims on node `n` (a pod whose claims fit nowhere never gets here).
+fn volume_filter(pre: &PreState, n: &NodeInfo) -> Result<(), &'static str> {
+    match &pre.volumes {
+        Ok(needs) => admits(needs, n),
+        Err(_) => Ok(()),
+    }
 }
 
 /// Least allocated plus balanced allocation, each 0..=100.
@@ -341,11 +355,13 @@ fn scores(pod: &PodInfo, pre: &PreState, cache: &Cache, feasible: &[usize]) -> V
     total
 }
 
-/// Why a pod fits nowhere: reason -> number of nodes.
+/// Why a pod fits nowhere: reason -> number of nodes, or one reason
+/// for all (a pre-filter's, e.g. a missing PersistentVolumeClaim).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct FitError {
     pub nodes: usize,
     pub reasons: BTreeMap<String, usize>,
+    pub prefilter: Option<String>,
 }
 
 impl std::fmt::Display for FitError {
@@ -354,7 +370,9 @@ impl std::fmt::Display for FitError {
         let mut parts: Vec<(&usize, &String)> = self.reasons.iter().map(|(r, n)| (n, r)).collect();
         parts.sort_by(|a, b| b.0.cmp(a.0).then(a.1.cmp(b.1)));
         let list: Vec<String> = parts.iter().map(|(n, r)| format!("{n} {r}")).collect();
-        if list.is_empty() {
+        if let Some(why) = &self.prefilter {
+            write!(f, "0/{} nodes are available: {why}.", self.nodes)
+        } else if list.is_empty() {
             write!(f, "0/{} nodes are available.", self.nodes)
         } else {
             write!(f, "0/{} nodes are available: {}.", self.nodes, list.join(", "))
@@ -374,6 +392,9 @@ pub struct Chosen {
 pub fn schedule(pod: &PodInfo, cache: &Cache, start: usize) -> Result<Chosen, FitError> {
     let n = cache.nodes.len();
     let pre = PreState::new(pod, cache);
+    if let Err(why) = &pre.volumes {
+        return Err(FitError { nodes: n, prefilter: Some(why.clone()), ..Default::default() });
+    }
     let want = nodes_to_find(n);
     let mut feasible: Vec<usize> = Vec::with_capacity(want.min(n));
     let mut err = FitError { nodes: n, ..Default::default() };
@@ -464,6 +485,9 @@ pub fn preempt(pod: &PodInfo, cache: &Cache, budgets: &[Budget]) -> Option<Preem
     let mut best: Option<((usize, i64, i64, usize), Preemption)> = None;
     for (i, n) in cache.nodes.iter().enumerate() {
         if static_filters(pod, n).is_err() || pod_filters(pod, &pre, i).is_err() {
+            continue;
+        }
+        if pre.volumes.is_err() || volume_filter(&pre, n).is_err() {
             continue;
         }
         let mut lower: Vec<Arc<PodInfo>> =

@@ -6,6 +6,9 @@
 //! - `queue.rs`: active (priority heap), backoff and unschedulable queues.
 //! - `framework.rs`: pre-filter, filters with Kubernetes' reasons, scores,
 //!   node sampling, preemption — pure, tested without sockets.
+//! - `volumes.rs`: what pods' PersistentVolumeClaims need of a node; the
+//!   node chosen for a claim waiting for its first consumer is written on
+//!   the claim before the pod is bound.
 //!
 //! This file is the shell. A feed task applies informer changes to the
 //! cache and queue on every master (warm on failover). On the lease
@@ -22,6 +25,7 @@ pub mod cache;
 pub mod framework;
 pub mod model;
 pub mod queue;
+pub mod volumes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
@@ -161,12 +165,46 @@ impl State {
     }
 }
 
+impl State {
+    /// Pods with claims may fit now that a claim, volume or class changed.
+    fn retry_claimants(&mut self, now: Instant) -> bool {
+        let pending = &self.pending;
+        self.queue.move_unschedulable(now, |k| pending.get(k).is_some_and(|(p, _)| !p.claims.is_empty()));
+        true
+    }
+
+    fn on_claim(&mut self, key: &str, new: Option<&Arc<Cached>>, now: Instant) -> bool {
+        self.cache.volumes.set_claim(key, new.map(|c| c.object()));
+        self.retry_claimants(now)
+    }
+
+    fn on_volume(&mut self, key: &str, new: Option<&Arc<Cached>>, now: Instant) -> bool {
+        self.cache.volumes.set_volume(key, new.map(|c| c.object()));
+        self.retry_claimants(now)
+    }
+
+    fn on_class(&mut self, key: &str, new: Option<&Arc<Cached>>, now: Instant) -> bool {
+        self.cache.volumes.set_class(key, new.map(|c| c.object()));
+        self.retry_claimants(now)
+    }
+}
+
 type OnChange = fn(&mut State, &str, Option<&Arc<Cached>>, Instant) -> bool;
 
 /// One scheduling decision, carried out outside the state lock.
 enum Step {
-    Bind { key: String, pending: Pending, node: String },
-    Unschedulable { pending: Pending, why: String, preempt: Option<(String, Vec<String>)> },
+    /// `claims`: keys of claims to write the chosen node on first.
+    Bind {
+        key: String,
+        pending: Pending,
+        node: String,
+        claims: Vec<String>,
+    },
+    Unschedulable {
+        pending: Pending,
+        why: String,
+        preempt: Option<(String, Vec<String>)>,
+    },
 }
 
 pub struct Scheduler {
@@ -177,6 +215,8 @@ pub struct Scheduler {
     pub budgets: Arc<Informer>,
     /// Namespaces, whose labels namespace selectors in pod affinity match.
     pub namespaces: Arc<Informer>,
+    /// PersistentVolumeClaims, PersistentVolumes and StorageClasses.
+    pub storage: [Arc<Informer>; 3],
     metrics: super::metrics::ControllerMetrics,
     pub recorder: EventRecorder,
     state: Mutex<State>,
@@ -190,19 +230,17 @@ impl Scheduler {
     /// Call on the store's runtime.
     pub fn new(
         api: Arc<ApiServer>,
-        pods: Arc<Informer>,
-        nodes: Arc<Informer>,
-        budgets: Arc<Informer>,
-        namespaces: Arc<Informer>,
+        inf: &super::informer::Informers,
         metrics: super::metrics::ControllerMetrics,
         recorder: EventRecorder,
     ) -> Scheduler {
         Scheduler {
             api,
-            pods,
-            nodes,
-            budgets,
-            namespaces,
+            pods: inf.get("Pod").clone(),
+            nodes: inf.get("Node").clone(),
+            budgets: inf.get("PodDisruptionBudget").clone(),
+            namespaces: inf.get("Namespace").clone(),
+            storage: ["PersistentVolumeClaim", "PersistentVolume", "StorageClass"].map(|k| inf.get(k).clone()),
             metrics,
             recorder,
             state: Mutex::default(),
@@ -230,6 +268,7 @@ impl Scheduler {
         let mut pods = self.pods.subscribe();
         let mut nodes = self.nodes.subscribe();
         let mut namespaces = self.namespaces.subscribe();
+        let [mut claims, mut volumes, mut classes] = [0, 1, 2].map(|i| self.storage[i].subscribe());
         tokio::spawn(async move {
             // Changes from before the subscription are in these lists; ones
             // after are in the channels (applying one twice is harmless).
@@ -238,6 +277,12 @@ impl Scheduler {
                 let mut st = self.state.lock();
                 for ns in self.namespaces.list() {
                     st.on_namespace(&ns.key, Some(&ns), now);
+                }
+                let ons: [OnChange; 3] = [State::on_claim, State::on_volume, State::on_class];
+                for (inf, on) in self.storage.iter().zip(ons) {
+                    for c in inf.list() {
+                        on(&mut st, &c.key, Some(&c), now);
+                    }
                 }
                 for n in self.nodes.list() {
                     st.on_node(&n.key, Some(&n), now);
@@ -252,6 +297,9 @@ impl Scheduler {
                     Some(c) = pods.recv() => self.apply(c, &mut pods, State::on_pod),
                     Some(c) = nodes.recv() => self.apply(c, &mut nodes, State::on_node),
                     Some(c) = namespaces.recv() => self.apply(c, &mut namespaces, State::on_namespace),
+                    Some(c) = claims.recv() => self.apply(c, &mut claims, State::on_claim),
+                    Some(c) = volumes.recv() => self.apply(c, &mut volumes, State::on_volume),
+                    Some(c) = classes.recv() => self.apply(c, &mut classes, State::on_class),
                     else => return,
                 };
                 if woke {
@@ -295,7 +343,8 @@ impl Scheduler {
                         st.next_start = chosen.next_start;
                         let node = st.cache.nodes[chosen.node].name.clone();
                         st.cache.place(pending.0.clone(), &node, true);
-                        Step::Bind { key, pending, node }
+                        let claims = st.cache.volumes.assume(&pending.0, &node);
+                        Step::Bind { key, pending, node, claims }
                     }
                     Err(fit) => {
                         st.queue.unschedulable(&key, now);
@@ -315,10 +364,10 @@ impl Scheduler {
                 step
             };
             match step {
-                Step::Bind { key, pending, node } => {
+                Step::Bind { key, pending, node, claims } => {
                     let me = self.clone();
                     self.runtime.spawn(async move {
-                        me.bind(key, pending, node).await;
+                        me.bind(key, pending, node, claims).await;
                         drop(permit);
                     });
                 }
@@ -348,9 +397,14 @@ impl Scheduler {
     /// Writes the binding: the pod, still unbound at the revision it was
     /// scheduled from (or re-read once if it changed meanwhile), gets its
     /// node and `PodScheduled=True`.
-    async fn bind(&self, key: String, (info, cached): Pending, node: String) {
+    async fn bind(&self, key: String, (info, cached): Pending, node: String, claims: Vec<String>) {
         let mut cur = cached.found();
-        let mut result = self.write_binding(&cur, &node).await;
+        let mut result = self.select_node(&claims, &node).await;
+        if result.is_err() {
+            self.state.lock().cache.volumes.forget(&claims);
+        } else {
+            result = self.write_binding(&cur, &node).await;
+        }
         if matches!(&result, Err(e) if e.code == 409) {
             let (ns, name) = (info.namespace.as_str(), info.name.as_str());
             if let Ok(Some(fresh)) = self.api.objects.get(self.pods.rt, Some(ns), name).await {
@@ -388,6 +442,25 @@ impl Scheduler {
                 self.wake();
             }
         }
+    }
+
+    /// Writes the chosen node on claims waiting for their first consumer,
+    /// so the volume controller binds or provisions a volume there.
+    async fn select_node(&self, claims: &[String], node: &str) -> Result<Value, crate::api::status::ApiError> {
+        let rt = self.storage[0].rt;
+        for key in claims {
+            let (ns, name) = key.split_once('/').unwrap_or_default();
+            let Some(cur) = self.api.objects.get(rt, Some(ns), name).await? else {
+                return Err(crate::api::status::ApiError::not_found("", rt.plural, name));
+            };
+            let mut claim = cur.object.clone();
+            if claim["metadata"]["annotations"][super::volume::SELECTED_NODE].as_str().is_some_and(|n| !n.is_empty()) {
+                continue;
+            }
+            claim["metadata"]["annotations"][super::volume::SELECTED_NODE] = json!(node);
+            crate::api::internal::write(&self.api, rt, Some(&cur), claim, "default-scheduler").await?;
+        }
+        Ok(Value::Null)
     }
 
     async fn write_binding(&self, cur: &Found, node: &str) -> Result<Value, crate::api::status::ApiError> {

@@ -206,7 +206,7 @@ pub struct NodeSelectorTerm {
 }
 
 impl NodeSelectorTerm {
-    fn parse(t: &Value) -> NodeSelectorTerm {
+    pub fn parse(t: &Value) -> NodeSelectorTerm {
         let reqs = |k: &str| t[k].as_array().into_iter().flatten().map(Requirement::parse).collect();
         NodeSelectorTerm { exprs: reqs("matchExpressions"), fields: reqs("matchFields") }
     }
@@ -311,6 +311,8 @@ pub struct PodInfo {
     pub deleting: bool,
     /// Ours to place: default scheduler, not terminal, not being deleted.
     pub ours: bool,
+    /// PersistentVolumeClaims its volumes name (in its namespace).
+    pub claims: Vec<String>,
 }
 
 impl PodInfo {
@@ -409,6 +411,7 @@ impl PodInfo {
             terminal,
             deleting,
             ours,
+            claims: crate::controllers::volume::pod_claims(pod),
         }
     }
 
@@ -435,6 +438,7 @@ impl PodInfo {
             && self.affinity == o.affinity
             && self.anti_affinity == o.anti_affinity
             && self.spread == o.spread
+            && self.claims == o.claims
     }
 }
 
@@ -445,6 +449,8 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
     pub taints: Vec<Taint>,
     pub unschedulable: bool,
+    /// Its agent announced a directory for local-path volumes.
+    pub local_path: bool,
     pub alloc_cpu: i64,
     pub alloc_mem: i64,
     pub alloc_pods: i64,
@@ -473,6 +479,7 @@ impl NodeInfo {
                 .map(|t| Taint { key: str_of(&t["key"]), value: str_of(&t["value"]), effect: str_of(&t["effect"]) })
                 .collect(),
             unschedulable: node["spec"]["unschedulable"] == true,
+            local_path: node["metadata"]["annotations"][crate::controllers::volume::LOCAL_PATH_ROOT].is_string(),
             alloc_cpu: parse_quantity(&a["cpu"], true).unwrap_or(0),
             alloc_mem: parse_quantity(&a["memory"], false).unwrap_or(0),
             alloc_pods: parse_quantity(&a["pods"], false).unwrap_or(110),
