@@ -29,6 +29,13 @@ kind: Secret
 metadata: {name: unrelated}
 stringData: {password: other}
 ---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: shared}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 1Mi}}
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: hollow}
@@ -45,6 +52,9 @@ spec:
         env:
         - name: PASSWORD
           valueFrom: {secretKeyRef: {name: creds, key: password}}
+      volumes:
+      - name: data
+        persistentVolumeClaim: {claimName: shared}
 "#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -117,6 +127,23 @@ async fn nodes_join_are_confined_to_their_own_pods_and_move_when_their_master_di
         .await
         .unwrap();
     assert!(denied(r), "nodes read pods only through their watch");
+    // Nor another node's claims and volumes; a volume that does not exist
+    // is NotFound (what its agent's reclaimer needs to know).
+    let claim = wait_for(30, "the shared claim to be bound", || {
+        Some(json_of(&kc, &["get", "pvc", "shared"])).filter(|c| c["status"]["phase"] == "Bound")
+    });
+    let volume = claim["spec"]["volumeName"].as_str().unwrap().to_string();
+    let get = |resource: &str, namespace: &str, name: &str| NodeRequest::Get {
+        resource: resource.into(),
+        namespace: namespace.into(),
+        name: name.into(),
+    };
+    let r = evil.request(&get("persistentvolumeclaims", "default", "shared")).await.unwrap();
+    assert!(denied(r.clone()), "another node's pod's claim: {r:?}");
+    let r = evil.request(&get("persistentvolumes", "", &volume)).await.unwrap();
+    assert!(denied(r.clone()), "a volume pinned to another node: {r:?}");
+    let r = evil.request(&get("persistentvolumes", "", "pvc-none")).await.unwrap();
+    assert!(matches!(r, NodeResponse::Error { code: 404, .. }), "{r:?}");
     let status = NodeRequest::PodStatus {
         namespace: "default".into(),
         name: pod_name.clone(),

@@ -79,6 +79,73 @@ spec:
         command: ["sh", "-c", "mkdir -p /www && echo pod=$HOSTNAME > /www/index.html && echo started $HOSTNAME && exec httpd -f -p 8080 -h /www"]
 "#;
 
+/// A StatefulSet whose pod counts its boots on its own volume, as a
+/// non-root user (a provisioned volume is writable by anyone).
+const KEEPER: &str = r#"
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: keeper}
+spec:
+  serviceName: keeper
+  replicas: 1
+  selector: {matchLabels: {app: keeper}}
+  template:
+    metadata: {labels: {app: keeper}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: keeper
+        image: busybox:stable
+        imagePullPolicy: IfNotPresent
+        securityContext: {runAsUser: 1000}
+        command: ["sh", "-c", "echo boot >> /data/boots && exec sleep 3600"]
+        volumeMounts: [{name: data, mountPath: /data}]
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec:
+      accessModes: [ReadWriteOnce]
+      resources: {requests: {storage: 10Mi}}
+"#;
+
+/// A StatefulSet's data outlives its pod: the claim is provisioned on the
+/// node, the pod writes to it, a replacement pod finds it. Returns the
+/// volume's directory on the host, which the agent removes once the
+/// claim and its volume are deleted (checked by the caller later).
+fn persistent_volumes(kc: &Path, up: &common::Up) -> PathBuf {
+    apply(kc, KEEPER);
+    ok(kc, &["rollout", "status", "sts/keeper", "--timeout=90s"]);
+    assert_eq!(ok(kc, &["exec", "keeper-0", "--", "cat", "/data/boots"]), "boot\n");
+    let claim = json_of(kc, &["get", "pvc", "data-keeper-0"]);
+    assert_eq!(claim["status"]["phase"], "Bound");
+    let pv = json_of(kc, &["get", "pv", claim["spec"]["volumeName"].as_str().unwrap()]);
+    let dir = PathBuf::from(pv["spec"]["hostPath"]["path"].as_str().unwrap());
+    let root = std::fs::canonicalize(node_dir(up).join("local-path")).unwrap();
+    assert!(dir.starts_with(&root), "{} under the agent's local-path root {}", dir.display(), root.display());
+    assert_eq!(std::fs::read_to_string(dir.join("boots")).unwrap(), "boot\n", "the pod wrote to the node's directory");
+
+    let uid = pod(kc, "keeper-0")["metadata"]["uid"].clone();
+    ok(kc, &["delete", "pod", "keeper-0"]);
+    wait_for(90, "keeper-0 to come back", || {
+        let p = pod(kc, "keeper-0");
+        Some(()).filter(|_| p["metadata"]["uid"] != uid && p["status"]["phase"] == "Running")
+    });
+    let boots = wait_for(30, "the second boot", || {
+        let (good, out, _) = kubectl(kc, &["exec", "keeper-0", "--", "cat", "/data/boots"], None);
+        Some(out).filter(|o| good && o.lines().count() == 2)
+    });
+    assert_eq!(boots, "boot\nboot\n", "the new pod found the first one's data");
+
+    // The set goes, then its claim (Retain, the default, kept it): the
+    // volume is deleted (its class reclaims with Delete), then its directory.
+    ok(kc, &["delete", "sts", "keeper"]);
+    wait_for(60, "keeper-0 to go", || Some(()).filter(|_| !kubectl(kc, &["get", "pod", "keeper-0"], None).0));
+    ok(kc, &["delete", "pvc", "data-keeper-0"]);
+    wait_for(60, "the volume to be reclaimed", || {
+        Some(()).filter(|_| !kubectl(kc, &["get", "pv", pv["metadata"]["name"].as_str().unwrap()], None).0)
+    });
+    dir
+}
+
 const CONFIG: &str = r#"
 apiVersion: v1
 kind: ConfigMap
@@ -307,6 +374,7 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
 
     attach(&kc);
     debug(&kc, &web0);
+    let reclaimed = persistent_volumes(&kc, &up);
 
     // ConfigMap and Secret volumes and env, init containers first, downward API.
     apply(&kc, CONFIG);
@@ -574,6 +642,8 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     let pod_mounts: Vec<&str> =
         mounts.lines().filter(|l| l.contains(&format!("{}/pods/", node_dir(&up).display()))).collect();
     assert!(pod_mounts.is_empty(), "volume mounts left: {pod_mounts:?}");
+    // The agent sweeps its local-path root every minute.
+    wait_for(90, "the deleted volume's directory to be removed", || Some(()).filter(|_| !reclaimed.exists()));
 }
 
 /// The agent's PID, from its containerd's parent... simpler: the process

@@ -1,9 +1,10 @@
 //! PersistentVolumes, PersistentVolumeClaims and StorageClasses against a
 //! real `capstan up` cluster, driven by kubectl: the default `local-path`
 //! class, static binding, the scheduler's volume rules, StatefulSet claims,
-//! protection and reclaiming. Nodes are Node objects played by the test
-//! kubelet (`common/kubelet.rs`); each announces a local-path directory as
-//! its agent would. (Containers writing to these volumes: `nodes.rs`.)
+//! generic ephemeral volumes, protection and reclaiming. Nodes are Node
+//! objects played by the test kubelet (`common/kubelet.rs`); each announces
+//! a local-path directory as its agent would. (Containers writing to these
+//! volumes: `nodes.rs`.)
 
 mod common;
 
@@ -218,6 +219,31 @@ spec:
     for v in &volumes {
         gone(&kc, &["get", "pv", v], "the set's volumes");
     }
+    // A generic ephemeral volume: a claim made for the pod, gone with it.
+    apply(
+        &kc,
+        "apiVersion: v1
+kind: Pod
+metadata: {name: scratchy}
+spec:
+  containers: [{name: c, image: registry.local/r:1}]
+  volumes:
+  - name: scratch
+    ephemeral:
+      volumeClaimTemplate:
+        spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 10Mi}}}
+",
+    );
+    let claim = wait_object(&kc, &["get", "pvc", "scratchy-scratch"], "the ephemeral claim bound", |c| {
+        c["status"]["phase"] == "Bound"
+    });
+    assert_eq!(claim["metadata"]["ownerReferences"][0]["name"], "scratchy");
+    wait_object(&kc, &["get", "pod", "scratchy"], "scratchy scheduled", |p| p["spec"]["nodeName"].is_string());
+    let volume = claim["spec"]["volumeName"].as_str().unwrap().to_string();
+    ok(&kc, &["delete", "pod", "scratchy", "--wait=false"]);
+    gone(&kc, &["get", "pvc", "scratchy-scratch"], "the ephemeral claim, with its pod");
+    gone(&kc, &["get", "pv", &volume], "the ephemeral claim's volume");
+
     // The static volume's claim outlives all that; deleting it releases the
     // volume, which Retain keeps.
     ok(&kc, &["delete", "pvc", "logs"]);

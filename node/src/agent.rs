@@ -2,6 +2,12 @@
 //! runs one worker per pod. Workers apply `pods::plan` against the runtime
 //! and report `pods::status`; all decisions live in `pods.rs`.
 //!
+//! Besides: housekeeping (what belongs to no pod the masters listed is
+//! removed), the masters' log/exec/attach streams, and the local-path
+//! reclaimer (`localpath.rs`: directories of deleted PersistentVolumes).
+//! The Node it registers carries its labels and the local-path root
+//! (annotation `capstan.io/local-path-root`).
+//!
 //! Fail-static: when every master is unreachable, workers keep the last
 //! pods they were given (running containers keep running and are restarted
 //! by their policy); status reports wait for a master to return. A pod is
@@ -31,6 +37,20 @@ const HEARTBEAT: Duration = Duration::from_secs(10);
 const STATUS_REFRESH: Duration = Duration::from_secs(60);
 /// Observed runtime state is shared by the workers for this long.
 const OBSERVE_TTL: Duration = Duration::from_millis(500);
+/// A container whose volumes are not ready (a claim the binder has not
+/// bound yet, a ConfigMap not created yet) is retried from 1 s, doubling,
+/// up to 30 s: what it waits for usually comes within seconds, and the
+/// crash back-off (10 s to 5 min) would start the pod late.
+const MOUNT_RETRY_START: Duration = Duration::from_secs(1);
+const MOUNT_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Why a container's configuration could not be made.
+enum ConfigError {
+    /// A volume is not ready or not possible (the kubelet's FailedMount).
+    Mount(volumes::VolumeError),
+    /// Its env, or anything else.
+    Other(RuntimeError),
+}
 
 /// What the node reports about itself.
 #[derive(Clone, Debug)]
@@ -41,7 +61,11 @@ pub struct NodeInfo {
     pub memory: String,
     pub pods: u32,
     pub runtime_version: String,
+    /// Labels besides the well-known ones (`kubernetes.io/hostname`, os, arch).
     pub labels: Vec<(String, String)>,
+    /// Where the masters' local-path provisioner puts this node's
+    /// PersistentVolumes (advertised as [`crate::localpath::ANNOTATION`]).
+    pub local_path_root: Option<PathBuf>,
 }
 
 impl NodeInfo {
@@ -64,21 +88,34 @@ impl NodeInfo {
             pods: 110,
             runtime_version: runtime_version.to_string(),
             labels: vec![],
+            local_path_root: None,
         }
+    }
+
+    /// The Node's labels: the well-known ones, then `labels` (which win).
+    pub fn all_labels(&self) -> std::collections::BTreeMap<String, String> {
+        let well_known = [
+            ("kubernetes.io/hostname", self.name.as_str()),
+            ("kubernetes.io/os", "linux"),
+            ("kubernetes.io/arch", "amd64"),
+            ("beta.kubernetes.io/os", "linux"),
+            ("beta.kubernetes.io/arch", "amd64"),
+        ];
+        let mut out: std::collections::BTreeMap<String, String> =
+            well_known.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        out.extend(self.labels.iter().cloned());
+        out
     }
 
     /// The Node object the agent registers (pure).
     pub fn node_object(&self, now: &str) -> Value {
-        let mut labels = json!({
-            "kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64",
-            "beta.kubernetes.io/os": "linux", "beta.kubernetes.io/arch": "amd64",
-        });
-        for (k, v) in &self.labels {
-            labels[k] = json!(v);
+        let mut metadata = json!({"name": self.name, "labels": self.all_labels()});
+        if let Some(root) = &self.local_path_root {
+            metadata["annotations"] = json!({crate::localpath::ANNOTATION: root.to_string_lossy()});
         }
         json!({
             "apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": self.name, "labels": labels},
+            "metadata": metadata,
             "spec": {},
             "status": self.status(now),
         })
@@ -222,6 +259,9 @@ impl<R: Runtime> Agent<R> {
         self.rt.set_pod_cidr(&cidr);
         tokio::spawn(self.clone().heartbeats());
         tokio::spawn(self.clone().housekeeping());
+        if let Some(root) = self.info.local_path_root.clone().filter(|_| self.rt.materializes_volumes()) {
+            tokio::spawn(self.clone().reclaim_local_paths(root));
+        }
         tokio::spawn(self.clone().serve_masters());
         if let Some(queue) = self.events_queue.lock().take() {
             tokio::spawn(crate::events::send(self.masters.clone(), queue));
@@ -684,12 +724,15 @@ impl<R: Runtime> Agent<R> {
         attempt: u32,
         mem: &mut Memory,
     ) -> Result<(), RuntimeError> {
-        let fail = |mem: &mut Memory, reason: &str, e: &RuntimeError| {
-            let delay = mem.waiting.get(&c.name).map_or(pods::BACKOFF_START, |w| (w.delay * 2).min(pods::BACKOFF_MAX));
+        let fail_after = |mem: &mut Memory, reason: &str, message: String, (first, max): (Duration, Duration)| {
+            let delay = mem.waiting.get(&c.name).map_or(first, |w| (w.delay * 2).clamp(first, max));
             mem.waiting.insert(
                 c.name.clone(),
-                Waiting { reason: reason.into(), message: e.to_string(), retry_at: SystemTime::now() + delay, delay },
+                Waiting { reason: reason.into(), message, retry_at: SystemTime::now() + delay, delay },
             );
+        };
+        let fail = |mem: &mut Memory, reason: &str, e: &RuntimeError| {
+            fail_after(mem, reason, e.to_string(), (pods::BACKOFF_START, pods::BACKOFF_MAX))
         };
         let auth = self.pull_auth(spec).await;
         let began = Instant::now();
@@ -709,10 +752,24 @@ impl<R: Runtime> Agent<R> {
         };
         let cfg = match self.container_config(spec, c, attempt, image).await {
             Ok(cfg) => cfg,
-            Err(e) => {
+            Err(ConfigError::Other(e)) => {
                 self.events.warning(spec, Some(&c.name), "Failed", format!("Error: {e}"));
                 fail(mem, "CreateContainerConfigError", &e);
                 return Err(e);
+            }
+            Err(ConfigError::Mount(e)) => {
+                // The kubelet's event for a volume that cannot be set up. A
+                // claim waiting for its volume is no error: the pod is still
+                // being created, as the kubelet shows it (and tools do not
+                // count it stuck); anything else keeps the reason a missing
+                // ConfigMap always gave.
+                self.events.warning(spec, Some(&c.name), "FailedMount", format!("MountVolume.SetUp failed: {e}"));
+                let reason = match e {
+                    volumes::VolumeError::NotBound { .. } => "ContainerCreating",
+                    _ => "CreateContainerConfigError",
+                };
+                fail_after(mem, reason, e.to_string(), (MOUNT_RETRY_START, MOUNT_RETRY_MAX));
+                return Err(RuntimeError::Other(e.to_string()));
             }
         };
         let started = {
@@ -743,18 +800,19 @@ impl<R: Runtime> Agent<R> {
     }
 
     /// The runtime's view of a container: env resolved (ConfigMaps and
-    /// Secrets fetched through the node authorizer), resources, log path.
+    /// Secrets fetched through the node authorizer), volumes mounted,
+    /// resources, log path.
     async fn container_config(
         &self,
         spec: &PodSpec,
         c: &pods::ContainerSpec,
         attempt: u32,
         image: String,
-    ) -> Result<ContainerConfig, RuntimeError> {
+    ) -> Result<ContainerConfig, ConfigError> {
         let strings = |v: &Value| -> Vec<String> {
             v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_string)).collect()
         };
-        let env = self.env(spec, &c.raw).await?;
+        let env = self.env(spec, &c.raw).await.map_err(ConfigError::Other)?;
         let mounts = self.mounts(spec, &c.raw, &env).await?;
         let res = &c.raw["resources"];
         let labels = [
@@ -771,7 +829,10 @@ impl<R: Runtime> Agent<R> {
             None => None,
             Some(target) => match self.running_attempt(spec, target).await {
                 Some(r) => Some(r.id),
-                None => return Err(RuntimeError::Container(format!("the target container {target:?} is not running"))),
+                None => {
+                    let e = RuntimeError::Container(format!("the target container {target:?} is not running"));
+                    return Err(ConfigError::Other(e));
+                }
             },
         };
         let sc = &c.raw["securityContext"];
@@ -825,20 +886,22 @@ impl<R: Runtime> Agent<R> {
 
     /// The container's volume mounts, the pod's volumes prepared first
     /// (refreshed at every start); none on a hollow runtime.
-    async fn mounts(&self, spec: &PodSpec, c: &Value, env: &[(String, String)]) -> Result<Vec<Mount>, RuntimeError> {
+    async fn mounts(&self, spec: &PodSpec, c: &Value, env: &[(String, String)]) -> Result<Vec<Mount>, ConfigError> {
         if !self.rt.materializes_volumes() {
             return Ok(vec![]);
         }
         let fetch = |s: volumes::SourceRef| async move { self.fetch_source(spec, s).await };
         let prepared = volumes::prepare(&spec.raw, &self.data_dir, &self.info, fetch).await;
-        prepared.and_then(|p| volumes::mounts_for(c, env, &p)).map_err(|e| RuntimeError::Other(e.to_string()))
+        prepared.and_then(|p| volumes::mounts_for(c, env, &p)).map_err(ConfigError::Mount)
     }
 
-    /// What a volume reads: a ConfigMap or Secret, or a token for the pod's
-    /// ServiceAccount bound to the pod.
+    /// What a volume reads: a ConfigMap, Secret, PersistentVolumeClaim or
+    /// PersistentVolume, or a token for the pod's ServiceAccount bound to
+    /// the pod.
     async fn fetch_source(&self, spec: &PodSpec, s: volumes::SourceRef) -> Result<Option<Value>, String> {
         if s.kind != volumes::SourceKind::Token {
-            return self.fetch(s.kind.resource(), &spec.namespace, &s.name).await.map_err(|e| e.to_string());
+            let ns = if s.kind.namespaced() { spec.namespace.as_str() } else { "" };
+            return self.fetch(s.kind.resource(), ns, &s.name).await.map_err(|e| e.to_string());
         }
         let (audience, expiration_seconds) = volumes::token_source_parts(&s.name);
         let req = NodeRequest::Token {
@@ -1008,6 +1071,38 @@ impl<R: Runtime> Agent<R> {
                 }
             }
         }
+    }
+
+    /// Removes the local-path directories of deleted PersistentVolumes
+    /// (`localpath.rs`): first once the pod listing is in (so the pods'
+    /// hostPaths are known), then every `RECLAIM_EVERY`.
+    async fn reclaim_local_paths(self: Arc<Self>, root: PathBuf) {
+        while !self.listed.load(std::sync::atomic::Ordering::Acquire) {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let this = &self;
+        loop {
+            let lookup = |pv: String| async move {
+                match this.fetch("persistentvolumes", "", &pv).await {
+                    Ok(Some(_)) => crate::localpath::Lookup::Exists,
+                    Ok(None) => crate::localpath::Lookup::Gone,
+                    Err(e) => crate::localpath::Lookup::Failed(e.to_string()),
+                }
+            };
+            crate::localpath::reclaim(&root, lookup, || self.paths_in_use()).await;
+            tokio::time::sleep(crate::localpath::RECLAIM_EVERY).await;
+        }
+    }
+
+    /// The host paths this node's pods use: what their claim volumes
+    /// resolved to (recorded on disk, so it holds across agent restarts)
+    /// and the hostPath volumes of every pod it knows.
+    fn paths_in_use(&self) -> Vec<PathBuf> {
+        let mut paths = volumes::claimed_paths(&self.data_dir);
+        for tx in self.workers.lock().values() {
+            paths.extend(tx.borrow().iter().flat_map(|spec| volumes::host_paths(&spec.raw)));
+        }
+        paths
     }
 }
 
@@ -1290,5 +1385,20 @@ mod tests {
         let obj = node.node_object("t");
         assert_eq!(obj["metadata"]["labels"]["kubernetes.io/hostname"], "n1");
         assert!(obj["status"]["capacity"]["cpu"].as_str().unwrap().parse::<u32>().unwrap() >= 1);
+        assert!(obj["metadata"].get("annotations").is_none());
+    }
+
+    #[test]
+    fn the_node_advertises_its_labels_and_local_path_root() {
+        let mut node = NodeInfo::from_host("n1", "127.0.0.1", "sim://0");
+        node.labels.push(("kubernetes.io/arch".into(), "arm64".into()));
+        node.labels.push(("zone".into(), "a".into()));
+        node.local_path_root = Some(PathBuf::from("/var/lib/capstan/local-path"));
+        let obj = node.node_object("t");
+        assert_eq!(obj["metadata"]["annotations"]["capstan.io/local-path-root"], "/var/lib/capstan/local-path");
+        let labels = &obj["metadata"]["labels"];
+        assert_eq!((&labels["kubernetes.io/hostname"], &labels["zone"]), (&json!("n1"), &json!("a")));
+        assert_eq!(labels["kubernetes.io/arch"], "arm64", "given labels win over the well-known ones");
+        assert_eq!(node.all_labels().len(), 6);
     }
 }

@@ -22,8 +22,11 @@
 //!   those files back for `kubectl logs` (tail, since, timestamps, follow)
 //!   and follows them for `kubectl attach`.
 //! - `volumes.rs`: pod volumes (emptyDir, hostPath, configMap, secret,
-//!   downwardAPI, projected): a pure planner, the kubelet's on-disk layout
-//!   and atomic file sets, tmpfs mounts, volumeMounts with subPath.
+//!   downwardAPI, projected, persistentVolumeClaim and ephemeral on
+//!   hostPath/local PersistentVolumes): a pure planner, the kubelet's
+//!   on-disk layout and atomic file sets, tmpfs mounts, volumeMounts with
+//!   subPath; `localpath.rs` the local-path root advertised on the Node and
+//!   the removal of deleted PersistentVolumes' directories there.
 //! - `usage.rs`: CPU and memory usage of the node and its containers,
 //!   reported every 15 s (served by the masters as `metrics.k8s.io`).
 //! - `testimage.rs`: a busybox OCI image archive built locally, for the
@@ -35,6 +38,7 @@ pub mod cni;
 pub mod conn;
 pub mod containerd;
 pub mod events;
+pub mod localpath;
 pub mod logdriver;
 pub mod metrics;
 pub mod netns;

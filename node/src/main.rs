@@ -8,6 +8,7 @@ use anyhow::Context;
 use capstan_node::agent::{self, NodeInfo};
 use capstan_node::conn::{self, Masters};
 use capstan_node::containerd::{Containerd, LogDriver};
+use capstan_node::localpath;
 use capstan_node::logdriver::{self, LogDriverConfig};
 use capstan_node::metrics::{AgentMetrics, Checks, Instrumented};
 use capstan_node::podnet::CniNetwork;
@@ -51,6 +52,12 @@ struct Cli {
     /// the address goes into <data-dir>/endpoints.json).
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_listen: std::net::SocketAddr,
+    /// Where the masters' local-path provisioner puts this node's
+    /// PersistentVolumes (advertised on the Node as the annotation
+    /// capstan.io/local-path-root; created if missing) [default:
+    /// <data-dir>/local-path, per hollow node with --sim-nodes].
+    #[arg(long)]
+    local_path_root: Option<PathBuf>,
     /// Address reported as the node's InternalIP [default: 127.0.0.1].
     #[arg(long, default_value = "127.0.0.1")]
     node_ip: String,
@@ -119,6 +126,12 @@ async fn identity(dir: &std::path::Path, cli: &Cli, name: &str) -> anyhow::Resul
     }
     std::fs::create_dir_all(dir)?;
     conn::join(dir, &cli.server, token, name).await
+}
+
+/// The local-path root of the node whose data dir is `dir`, created.
+fn local_path_root(cli: &Cli, dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let root = cli.local_path_root.clone().unwrap_or_else(|| dir.join(localpath::DEFAULT_DIR));
+    localpath::prepare_root(&root).with_context(|| format!("--local-path-root {}", root.display()))
 }
 
 /// Starts the ops HTTP listener and records its address in `<data-dir>/endpoints.json`.
@@ -195,6 +208,8 @@ fn main() -> anyhow::Result<()> {
                     let masters = Masters::with_endpoint(&id, endpoint.clone())?;
                     let mut info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "sim://0.1");
                     info.labels.push(("capstan.io/runtime".into(), "sim".into()));
+                    // Hollow nodes mount nothing, but advertise a root so claims bind for them too.
+                    info.local_path_root = Some(local_path_root(&cli, &dir)?);
                     let rt = Arc::new(Instrumented::new(Arc::new(SimRuntime::new()), metrics.clone()));
                     agents.spawn(agent::serve(info, masters, rt, dir, metrics.clone()));
                 }
@@ -219,7 +234,8 @@ fn main() -> anyhow::Result<()> {
                 if let Some(dir) = &cli.image_dir {
                     rt.watch_image_dir(dir.clone());
                 }
-                let info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "containerd://1.6");
+                let mut info = NodeInfo::from_host(&id.file.name, &cli.node_ip, "containerd://1.6");
+                info.local_path_root = Some(local_path_root(&cli, &data_dir)?);
                 let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
                 let agent = agent::Agent::new(info, masters, instrumented, data_dir.clone(), metrics.clone());
                 let ready = agent.clone();

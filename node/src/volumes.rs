@@ -2,10 +2,15 @@
 //! and the host side that makes it so.
 //!
 //! - this file: the planner, pure (no IO, no clock): [`sources_of`] names the
-//!   ConfigMaps and Secrets a pod's volumes read; [`plan_volume`] turns one
-//!   volume plus those objects into a [`VolumePlan`] (for configMap, secret,
-//!   downwardAPI and projected volumes the exact file set, [`FileEntry`]s
-//!   with their modes); [`sub_path`] validates a volumeMount's subPath.
+//!   ConfigMaps, Secrets and PersistentVolumeClaims a pod's volumes read
+//!   ([`bound_volumes`] then the PersistentVolumes of the claims fetched);
+//!   [`plan_volume`] turns one volume plus those objects into a
+//!   [`VolumePlan`] (for configMap, secret, downwardAPI and projected
+//!   volumes the exact file set, [`FileEntry`]s with their modes);
+//!   [`sub_path`] validates a volumeMount's subPath.
+//! - `volumes/claim.rs`: persistentVolumeClaim and generic ephemeral
+//!   volumes, pure: the claim must be Bound, its PersistentVolume a
+//!   hostPath or local volume whose nodeAffinity admits this node.
 //! - `volumes/host.rs`: the IO shell: [`prepare`] fetches the sources,
 //!   mounts tmpfs where needed and writes the files; [`mounts_for`] maps a
 //!   container's volumeMounts to runtime mounts; [`cleanup`] unmounts and
@@ -22,7 +27,11 @@
 //! Layout, as the kubelet's: `<data-dir>/pods/<uid>/volumes/<plugin>/<name>`,
 //! plugin one of the `PLUGIN_*` names (`kubernetes.io~empty-dir`, ...).
 //! hostPath volumes have no directory there: the container mounts the host
-//! path itself.
+//! path itself. Neither do claim volumes: the container bind-mounts their
+//! PersistentVolume's host path, and `capstan.io~claim/<name>` (not the
+//! kubelet's) is a symlink to that path, recording what the claim resolved
+//! to (for a restart while the masters are away, and for the local-path
+//! reclaimer's "in use", `localpath.rs`).
 //!
 //! Kubernetes' rules kept here: secret and projected volumes live on tmpfs
 //! (never on disk), so does an emptyDir with `medium: Memory`; configMap,
@@ -30,16 +39,19 @@
 //! modes are the item's `mode`, else the volume's `defaultMode`, else 0644;
 //! a missing ConfigMap/Secret (or key named by an item) is an error unless
 //! `optional`, an optional one yields no files; downward API label and
-//! annotation files are `key="value"` lines (Go-quoted), sorted by key.
+//! annotation files are `key="value"` lines (Go-quoted), sorted by key; a
+//! claim that is missing or not Bound yet is an error the pod's start
+//! retries ([`VolumeError::NotFound`], [`VolumeError::NotBound`]); a claim
+//! volume is read-only when its `readOnly` says so (or the volumeMount's).
 //!
 //! With `securityContext.fsGroup`, emptyDir roots and file-set volumes
 //! belong to that group (setgid directories, group-readable files).
 //!
 //! ServiceAccount tokens (projected `serviceAccountToken`) are requested
 //! from the masters bound to the pod and rewritten on every refresh.
-//! Not supported (yet): clusterTrustBundle,
-//! fsGroupChangePolicy, persistent volumes and every network/CSI volume type (an
-//! error names them).
+//! Not supported (yet): clusterTrustBundle, fsGroupChangePolicy, block
+//! volumes, PersistentVolumes other than hostPath and local, and every
+//! network/CSI volume type (an error names them).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
@@ -48,6 +60,8 @@ use serde_json::Value;
 
 use crate::agent::{bytes_of, expand, NodeInfo};
 
+#[path = "volumes/claim.rs"]
+mod claim;
 #[path = "volumes/downward.rs"]
 mod downward;
 #[path = "volumes/host.rs"]
@@ -55,9 +69,12 @@ mod host;
 #[path = "volumes/writer.rs"]
 mod writer;
 
+pub use claim::{bound_volumes, claim_of, node_affinity_admits, ClaimUse};
 use downward::downward;
 pub use downward::{format_map, go_quote};
-pub use host::{cleanup, is_mount_point, mounts_for, mounts_under, pods_with_volumes, prepare, volumes_dir, Prepared};
+pub use host::{
+    claimed_paths, cleanup, is_mount_point, mounts_for, mounts_under, pods_with_volumes, prepare, volumes_dir, Prepared,
+};
 pub use writer::{write_atomic, DATA_LINK};
 
 pub const PLUGIN_EMPTY_DIR: &str = "kubernetes.io~empty-dir";
@@ -65,6 +82,9 @@ pub const PLUGIN_CONFIGMAP: &str = "kubernetes.io~configmap";
 pub const PLUGIN_SECRET: &str = "kubernetes.io~secret";
 pub const PLUGIN_DOWNWARD_API: &str = "kubernetes.io~downward-api";
 pub const PLUGIN_PROJECTED: &str = "kubernetes.io~projected";
+/// Not a volume directory: a symlink per claim volume to the host path it
+/// resolved to (see the module doc).
+pub const PLUGIN_CLAIM: &str = "capstan.io~claim";
 
 /// How often a running pod's file-set volumes are refreshed from their
 /// sources (the kubelet's sync period).
@@ -76,9 +96,14 @@ pub const DEFAULT_MODE: u32 = 0o644;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum VolumeError {
-    /// A ConfigMap or Secret that is not optional does not exist.
+    /// A ConfigMap or Secret that is not optional, a claim or its
+    /// PersistentVolume, does not exist.
     #[error("{kind} {name:?} not found")]
     NotFound { kind: &'static str, name: String },
+    /// The claim exists but its volume is not known yet (the binder or
+    /// provisioner has not got to it): the pod's start waits for it.
+    #[error("persistentvolumeclaim {claim:?} is not bound yet")]
+    NotBound { claim: String },
     /// An item names a key the object does not have (and is not optional).
     #[error("{}", missing_key(kind, key))]
     MissingKey { kind: &'static str, name: String, key: String },
@@ -106,14 +131,18 @@ fn missing_key(kind: &str, key: &str) -> String {
     }
 }
 
-/// What volumes read from the masters: ConfigMaps, Secrets, and the pod's
+/// What volumes read from the masters: ConfigMaps, Secrets, the pod's
 /// ServiceAccount tokens (projected `serviceAccountToken`; the source's name
-/// is [`token_source_name`], the fetched object `{"token": ...}`).
+/// is [`token_source_name`], the fetched object `{"token": ...}`),
+/// PersistentVolumeClaims and the (cluster-scoped) PersistentVolumes they
+/// are bound to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SourceKind {
     ConfigMap,
     Secret,
     Token,
+    PersistentVolumeClaim,
+    PersistentVolume,
 }
 
 /// A token source's name: its audience and lifetime.
@@ -128,12 +157,14 @@ pub fn token_source_parts(name: &str) -> (Option<String>, i64) {
 }
 
 impl SourceKind {
-    /// The API resource (`configmaps`, `secrets`) to fetch.
+    /// The API resource (`configmaps`, `secrets`, ...) to fetch.
     pub fn resource(self) -> &'static str {
         match self {
             SourceKind::ConfigMap => "configmaps",
             SourceKind::Secret => "secrets",
             SourceKind::Token => "serviceaccounts/token",
+            SourceKind::PersistentVolumeClaim => "persistentvolumeclaims",
+            SourceKind::PersistentVolume => "persistentvolumes",
         }
     }
 
@@ -143,11 +174,20 @@ impl SourceKind {
             SourceKind::ConfigMap => "configmap",
             SourceKind::Secret => "secret",
             SourceKind::Token => "serviceaccount token",
+            SourceKind::PersistentVolumeClaim => "persistentvolumeclaim",
+            SourceKind::PersistentVolume => "persistentvolume",
         }
+    }
+
+    /// Whether the object lives in the pod's namespace (a PersistentVolume
+    /// is cluster-scoped: fetched with an empty namespace).
+    pub fn namespaced(self) -> bool {
+        self != SourceKind::PersistentVolume
     }
 }
 
-/// An object in the pod's namespace that a volume reads.
+/// An object that a volume reads (in the pod's namespace unless
+/// [`SourceKind::namespaced`] says otherwise).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SourceRef {
     pub kind: SourceKind,
@@ -167,6 +207,7 @@ pub struct FileEntry {
 }
 
 /// hostPath's `type`: what must be at the path, and what may be created.
+/// Also a hostPath PersistentVolume's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HostPathType {
     /// No check at all.
@@ -190,20 +231,37 @@ pub enum VolumePlan {
     EmptyDir { memory: bool, size_limit: Option<u64>, gid: Option<u32> },
     /// The host's own path, checked (and maybe created) per `kind`.
     HostPath { path: PathBuf, kind: HostPathType },
+    /// A claim's PersistentVolume: its path on this host, checked per
+    /// `check`, bind-mounted (read-only when the pod's volume says so).
+    Persistent { path: PathBuf, check: PathCheck, read_only: bool },
     /// A file set written atomically, read-only to containers; with an
     /// fsGroup (`gid`) the files are that group's and group-readable.
     Files { plugin: &'static str, tmpfs: bool, files: Vec<FileEntry>, gid: Option<u32> },
 }
 
 impl VolumePlan {
-    /// The plugin directory name, None for hostPath (no directory of ours).
+    /// The plugin directory name, None for hostPath and claims (no
+    /// directory of ours).
     pub fn plugin(&self) -> Option<&'static str> {
         match self {
             VolumePlan::EmptyDir { .. } => Some(PLUGIN_EMPTY_DIR),
-            VolumePlan::HostPath { .. } => None,
+            VolumePlan::HostPath { .. } | VolumePlan::Persistent { .. } => None,
             VolumePlan::Files { plugin, .. } => Some(plugin),
         }
     }
+}
+
+/// What a PersistentVolume's path must be before it is mounted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PathCheck {
+    /// A hostPath PV: its `type`, as for a hostPath volume (DirectoryOrCreate creates it).
+    HostPath(HostPathType),
+    /// A local PV: the path must exist (nothing is created).
+    Exists,
+    /// A local-path PV (provisioned by the masters): its directory is
+    /// created writable by every user, as the local-path provisioner
+    /// does, so containers running as any user can use their volume.
+    Provisioned,
 }
 
 /// The plugin directory a volume spec uses (to find an earlier copy when
@@ -227,11 +285,18 @@ pub fn refreshable(pod: &Value) -> bool {
     volumes(pod).any(|v| plugin_of(v).is_some_and(|p| p != PLUGIN_EMPTY_DIR))
 }
 
+/// The host paths of the pod's hostPath volumes (what it uses of the host
+/// besides its claims).
+pub fn host_paths(pod: &Value) -> Vec<PathBuf> {
+    volumes(pod).filter_map(|v| v["hostPath"]["path"].as_str()).map(PathBuf::from).collect()
+}
+
 fn volumes(pod: &Value) -> impl Iterator<Item = &Value> {
     pod["spec"]["volumes"].as_array().into_iter().flatten()
 }
 
-/// The ConfigMaps and Secrets the pod's volumes read, each once, sorted.
+/// The ConfigMaps, Secrets, tokens and PersistentVolumeClaims the pod's
+/// volumes read, each once, sorted.
 pub fn sources_of(pod: &Value) -> Vec<SourceRef> {
     let mut out = BTreeSet::new();
     let mut add = |kind, name: Option<&str>| {
@@ -240,6 +305,7 @@ pub fn sources_of(pod: &Value) -> Vec<SourceRef> {
         }
     };
     for v in volumes(pod) {
+        add(SourceKind::PersistentVolumeClaim, claim_of(pod, v).as_ref().map(|c| c.claim.as_str()));
         add(SourceKind::ConfigMap, v["configMap"]["name"].as_str());
         add(SourceKind::Secret, v["secret"]["secretName"].as_str());
         for s in v["projected"]["sources"].as_array().into_iter().flatten() {
@@ -288,22 +354,11 @@ pub fn plan_volume(pod: &Value, volume: &Value, sources: &Sources, node: &NodeIn
         return Ok(VolumePlan::EmptyDir { memory, size_limit, gid: fs_group(pod) });
     }
     if let Some(h) = volume.get("hostPath").filter(|v| v.is_object()) {
-        let path = h["path"].as_str().unwrap_or_default();
-        if !path.starts_with('/') {
-            return Err(invalid(format!("hostPath path {path:?} must be absolute")));
-        }
-        let kind = match h["type"].as_str().unwrap_or_default() {
-            "" => HostPathType::Unset,
-            "DirectoryOrCreate" => HostPathType::DirectoryOrCreate,
-            "Directory" => HostPathType::Directory,
-            "FileOrCreate" => HostPathType::FileOrCreate,
-            "File" => HostPathType::File,
-            "Socket" => HostPathType::Socket,
-            "CharDevice" => HostPathType::CharDevice,
-            "BlockDevice" => HostPathType::BlockDevice,
-            other => return Err(invalid(format!("unknown hostPath type {other:?}"))),
-        };
-        return Ok(VolumePlan::HostPath { path: PathBuf::from(path), kind });
+        let (path, kind) = host_path_of(h).map_err(invalid)?;
+        return Ok(VolumePlan::HostPath { path, kind });
+    }
+    if let Some(c) = claim_of(pod, volume) {
+        return claim::plan(pod, name, &c, sources, node);
     }
     let (plugin, tmpfs, mut files) = if let Some(c) = volume.get("configMap").filter(|v| v.is_object()) {
         let mode = mode_or(&c["defaultMode"], DEFAULT_MODE).map_err(invalid)?;
@@ -352,6 +407,27 @@ pub fn plan_volume(pod: &Value, volume: &Value, sources: &Sources, node: &NodeIn
         files.iter_mut().for_each(|f| f.mode |= 0o440);
     }
     Ok(VolumePlan::Files { plugin, tmpfs, files, gid })
+}
+
+/// A hostPath source (a pod volume's or a PersistentVolume's): its
+/// absolute path and `type`.
+fn host_path_of(h: &Value) -> Result<(PathBuf, HostPathType), String> {
+    let path = h["path"].as_str().unwrap_or_default();
+    if !path.starts_with('/') {
+        return Err(format!("hostPath path {path:?} must be absolute"));
+    }
+    let kind = match h["type"].as_str().unwrap_or_default() {
+        "" => HostPathType::Unset,
+        "DirectoryOrCreate" => HostPathType::DirectoryOrCreate,
+        "Directory" => HostPathType::Directory,
+        "FileOrCreate" => HostPathType::FileOrCreate,
+        "File" => HostPathType::File,
+        "Socket" => HostPathType::Socket,
+        "CharDevice" => HostPathType::CharDevice,
+        "BlockDevice" => HostPathType::BlockDevice,
+        other => return Err(format!("unknown hostPath type {other:?}")),
+    };
+    Ok((PathBuf::from(path), kind))
 }
 
 /// `spec.securityContext.fsGroup`.
@@ -403,6 +479,7 @@ pub fn data_bytes(kind: SourceKind, obj: &Value) -> BTreeMap<String, Vec<u8>> {
         let bytes = match kind {
             SourceKind::ConfigMap | SourceKind::Token => v.as_str().map(|s| s.as_bytes().to_vec()),
             SourceKind::Secret => b64(v),
+            SourceKind::PersistentVolumeClaim | SourceKind::PersistentVolume => None,
         };
         out.extend(bytes.map(|b| (k.clone(), b)));
     }

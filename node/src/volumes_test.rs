@@ -610,3 +610,307 @@ fn cleanup_refuses_odd_uids_and_tolerates_absence() {
     }
     assert!(tmp.path().is_dir());
 }
+
+// ---- Claim volumes (persistentVolumeClaim, ephemeral). ----
+
+fn pvc(name: &str, phase: &str, volume: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "namespace": "ns", "uid": format!("uid-{name}")},
+        "spec": {"volumeName": volume},
+        "status": {"phase": phase},
+    })
+}
+
+fn local_path_pv(name: &str, claim: &str, path: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "annotations": {"pv.kubernetes.io/provisioned-by": "capstan.io/local-path"}},
+        "spec": {
+            "hostPath": {"path": path, "type": "DirectoryOrCreate"},
+            "claimRef": {"namespace": "ns", "name": claim, "uid": format!("uid-{claim}")},
+            "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "local-path",
+            "accessModes": ["ReadWriteOnce"], "capacity": {"storage": "1Gi"},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1"]}
+            ]}]}},
+        },
+    })
+}
+
+fn claim_sources(objects: &[(SourceKind, &str, Value)]) -> Sources {
+    objects.iter().map(|(k, n, v)| (SourceRef { kind: *k, name: n.to_string() }, Ok(Some(v.clone())))).collect()
+}
+
+fn bound(claim: &str, pv: Value) -> Sources {
+    let name = pv["metadata"]["name"].as_str().unwrap().to_string();
+    claim_sources(&[
+        (SourceKind::PersistentVolumeClaim, claim, pvc(claim, "Bound", &name)),
+        (SourceKind::PersistentVolume, &name, pv),
+    ])
+}
+
+#[test]
+fn claims_are_sources_and_name_their_bound_volumes() {
+    let p = pod(json!([
+        {"name": "data", "persistentVolumeClaim": {"claimName": "data-web-0"}},
+        {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}},
+        {"name": "again", "persistentVolumeClaim": {"claimName": "data-web-0", "readOnly": true}},
+    ]));
+    let names: Vec<(SourceKind, String)> = sources_of(&p).into_iter().map(|s| (s.kind, s.name)).collect();
+    assert_eq!(
+        names,
+        [
+            (SourceKind::PersistentVolumeClaim, "data-web-0".to_string()),
+            (SourceKind::PersistentVolumeClaim, "web-scratch".to_string())
+        ]
+    );
+    let vols = p["spec"]["volumes"].as_array().unwrap();
+    assert_eq!(
+        claim_of(&p, &vols[2]),
+        Some(ClaimUse { claim: "data-web-0".into(), read_only: true, ephemeral: false })
+    );
+    assert_eq!(claim_of(&p, &vols[1]).map(|c| c.ephemeral), Some(true));
+    assert_eq!(claim_of(&p, &json!({"name": "e", "emptyDir": {}})), None);
+
+    // Only Bound claims with a volumeName lead on to a PersistentVolume.
+    let s = claim_sources(&[
+        (SourceKind::PersistentVolumeClaim, "a", pvc("a", "Bound", "pvc-a")),
+        (SourceKind::PersistentVolumeClaim, "b", pvc("b", "Pending", "pvc-b")),
+        (SourceKind::PersistentVolumeClaim, "c", pvc("c", "Bound", "")),
+        (SourceKind::PersistentVolumeClaim, "d", pvc("d", "Bound", "pvc-a")),
+        (SourceKind::ConfigMap, "cfg", json!({"spec": {"volumeName": "nope"}, "status": {"phase": "Bound"}})),
+    ]);
+    let next: Vec<(SourceKind, String)> = bound_volumes(&s).into_iter().map(|s| (s.kind, s.name)).collect();
+    assert_eq!(next, [(SourceKind::PersistentVolume, "pvc-a".to_string())]);
+    assert!(SourceKind::PersistentVolumeClaim.namespaced() && !SourceKind::PersistentVolume.namespaced());
+    assert_eq!(SourceKind::PersistentVolume.resource(), "persistentvolumes");
+}
+
+#[test]
+fn a_bound_claim_is_its_volumes_host_path() {
+    let path = "/var/lib/capstan/local-path/pvc-1_ns_data";
+    let s = bound("data", local_path_pv("pvc-1", "data", path));
+    let v = json!({"name": "data", "persistentVolumeClaim": {"claimName": "data"}});
+    assert_eq!(
+        plan(v.clone(), &s).unwrap(),
+        VolumePlan::Persistent { path: path.into(), check: PathCheck::Provisioned, read_only: false }
+    );
+    // A hostPath PV an administrator made is checked as a hostPath volume.
+    let mut static_pv = local_path_pv("pvc-1", "data", path);
+    static_pv["metadata"]["annotations"] = json!({});
+    assert_eq!(
+        plan(v, &bound("data", static_pv)).unwrap(),
+        VolumePlan::Persistent {
+            path: path.into(),
+            check: PathCheck::HostPath(HostPathType::DirectoryOrCreate),
+            read_only: false
+        }
+    );
+    let v = json!({"name": "data", "persistentVolumeClaim": {"claimName": "data", "readOnly": true}});
+    assert!(matches!(plan(v, &s).unwrap(), VolumePlan::Persistent { read_only: true, .. }));
+
+    // A local PV (it must exist; nothing is created), with matchFields.
+    let mut local = local_path_pv("pvc-2", "data", "");
+    local["spec"].as_object_mut().unwrap().remove("hostPath");
+    local["spec"]["local"] = json!({"path": "/mnt/disks/ssd1", "fsType": "ext4"});
+    local["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"] =
+        json!([{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}]);
+    let v = json!({"name": "data", "persistentVolumeClaim": {"claimName": "data"}});
+    assert_eq!(
+        plan(v, &bound("data", local)).unwrap(),
+        VolumePlan::Persistent { path: "/mnt/disks/ssd1".into(), check: PathCheck::Exists, read_only: false }
+    );
+
+    // An ephemeral volume: the claim `<pod>-<volume>`, owned by the pod.
+    let mut claim = pvc("web-scratch", "Bound", "pvc-3");
+    claim["metadata"]["ownerReferences"] =
+        json!([{"apiVersion": "v1", "kind": "Pod", "name": "web", "uid": "uid-1", "controller": true}]);
+    let s = claim_sources(&[
+        (SourceKind::PersistentVolumeClaim, "web-scratch", claim.clone()),
+        (SourceKind::PersistentVolume, "pvc-3", local_path_pv("pvc-3", "web-scratch", "/lp/pvc-3_ns_web-scratch")),
+    ]);
+    let v = json!({"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}});
+    assert!(matches!(plan(v.clone(), &s).unwrap(), VolumePlan::Persistent { .. }));
+    claim["metadata"]["ownerReferences"][0]["uid"] = json!("someone-else");
+    let mut s = s;
+    s.insert(SourceRef { kind: SourceKind::PersistentVolumeClaim, name: "web-scratch".into() }, Ok(Some(claim)));
+    let e = plan(v, &s).unwrap_err().to_string();
+    assert!(e.contains(r#"persistentvolumeclaim "web-scratch" was not created for pod ns/web"#), "{e}");
+}
+
+#[test]
+fn claims_not_ready_yet_say_so_and_are_retried() {
+    let v = json!({"name": "data", "persistentVolumeClaim": {"claimName": "data"}});
+    let e = plan(v.clone(), &Sources::new()).unwrap_err();
+    assert_eq!(e.to_string(), r#"persistentvolumeclaim "data" not found"#);
+    for claim in [pvc("data", "Pending", ""), pvc("data", "Pending", "pvc-1"), pvc("data", "Bound", "")] {
+        let s = claim_sources(&[(SourceKind::PersistentVolumeClaim, "data", claim)]);
+        let e = plan(v.clone(), &s).unwrap_err();
+        assert_eq!(e, VolumeError::NotBound { claim: "data".into() });
+        assert_eq!(e.to_string(), r#"persistentvolumeclaim "data" is not bound yet"#);
+    }
+    let s = claim_sources(&[(SourceKind::PersistentVolumeClaim, "data", pvc("data", "Bound", "pvc-1"))]);
+    assert_eq!(plan(v.clone(), &s).unwrap_err().to_string(), r#"persistentvolume "pvc-1" not found"#);
+    // Could not ask is not "not found".
+    let mut s = Sources::new();
+    s.insert(SourceRef { kind: SourceKind::PersistentVolumeClaim, name: "data".into() }, Err("no master".into()));
+    assert!(matches!(plan(v, &s), Err(VolumeError::Unavailable { .. })));
+}
+
+#[test]
+fn claims_the_node_cannot_mount_are_refused_clearly() {
+    let v = json!({"name": "data", "persistentVolumeClaim": {"claimName": "data"}});
+    let refused = |edit: &dyn Fn(&mut Value), claim: Value| {
+        let mut pv = local_path_pv("pvc-1", "data", "/lp/pvc-1_ns_data");
+        edit(&mut pv);
+        let s = claim_sources(&[
+            (SourceKind::PersistentVolumeClaim, "data", claim),
+            (SourceKind::PersistentVolume, "pvc-1", pv),
+        ]);
+        plan(v.clone(), &s).unwrap_err().to_string()
+    };
+    let claim = || pvc("data", "Bound", "pvc-1");
+    let nfs = |pv: &mut Value| {
+        let spec = pv["spec"].as_object_mut().unwrap();
+        spec.remove("hostPath");
+        spec.insert("nfs".into(), json!({"server": "nas", "path": "/x"}));
+    };
+    assert_eq!(
+        refused(&nfs, claim()),
+        r#"volume "data": persistentvolume "pvc-1": unsupported volume source "nfs" (capstan-node mounts hostPath and local volumes)"#
+    );
+    let none = |pv: &mut Value| {
+        pv["spec"].as_object_mut().unwrap().remove("hostPath");
+    };
+    assert!(refused(&none, claim()).ends_with("it has no volume source"));
+    let elsewhere = |pv: &mut Value| {
+        pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] = json!(["n2"])
+    };
+    assert_eq!(
+        refused(&elsewhere, claim()),
+        r#"volume "data": persistentvolume "pvc-1": its nodeAffinity does not admit node "n1""#
+    );
+    let block = |pv: &mut Value| pv["spec"]["volumeMode"] = json!("Block");
+    assert!(refused(&block, claim()).contains("block volumes are not supported"));
+    let relative = |pv: &mut Value| pv["spec"]["hostPath"]["path"] = json!("rel");
+    assert!(refused(&relative, claim()).contains(r#"hostPath path "rel" must be absolute"#));
+    let other_claim = |pv: &mut Value| pv["spec"]["claimRef"]["name"] = json!("other");
+    assert!(refused(&other_claim, claim()).contains("it is bound to persistentvolumeclaim ns/other, not ns/data"));
+    let other_uid = |pv: &mut Value| pv["spec"]["claimRef"]["uid"] = json!("uid-old");
+    assert!(refused(&other_uid, claim()).contains("it is bound to persistentvolumeclaim ns/data, not ns/data"));
+    // No claimRef: the claim's phase already says the binding is done.
+    let no_ref = |pv: &mut Value| {
+        pv["spec"].as_object_mut().unwrap().remove("claimRef");
+    };
+    let s = |pv: Value| {
+        claim_sources(&[
+            (SourceKind::PersistentVolumeClaim, "data", claim()),
+            (SourceKind::PersistentVolume, "pvc-1", pv),
+        ])
+    };
+    let mut pv = local_path_pv("pvc-1", "data", "/lp/pvc-1_ns_data");
+    no_ref(&mut pv);
+    assert!(plan(v.clone(), &s(pv)).is_ok());
+    let mut deleting = claim();
+    deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+    assert!(refused(&|_| {}, deleting).contains(r#"persistentvolumeclaim "data" is being deleted"#));
+    let e = plan(json!({"name": "data", "persistentVolumeClaim": {}}), &Sources::new()).unwrap_err();
+    assert!(e.to_string().contains("claimName is empty"), "{e}");
+}
+
+#[test]
+fn node_affinity_terms_match_like_kubernetes() {
+    let mut n = node();
+    n.labels.push(("zone".into(), "a".into()));
+    n.labels.push(("disks".into(), "4".into()));
+    let admits = |terms: Value| node_affinity_admits(&json!({"required": {"nodeSelectorTerms": terms}}), &n);
+    let expr = |key: &str, op: &str, values: Value| json!([{"matchExpressions": [{"key": key, "operator": op, "values": values}]}]);
+    assert!(admits(expr("kubernetes.io/hostname", "In", json!(["n0", "n1"]))));
+    assert!(!admits(expr("kubernetes.io/hostname", "In", json!(["n2"]))));
+    assert!(admits(expr("kubernetes.io/hostname", "NotIn", json!(["n2"]))));
+    assert!(!admits(expr("kubernetes.io/hostname", "NotIn", json!(["n1"]))));
+    assert!(admits(expr("zone", "Exists", json!([]))));
+    assert!(!admits(expr("rack", "Exists", json!([]))));
+    assert!(admits(expr("rack", "DoesNotExist", json!([]))));
+    assert!(!admits(expr("zone", "DoesNotExist", json!([]))));
+    assert!(admits(expr("disks", "Gt", json!(["3"]))) && !admits(expr("disks", "Lt", json!(["3"]))));
+    assert!(!admits(expr("zone", "Near", json!(["a"]))), "an unknown operator matches nothing");
+    let field =
+        |op: &str, name: &str| json!([{"matchFields": [{"key": "metadata.name", "operator": op, "values": [name]}]}]);
+    assert!(admits(field("In", "n1")) && !admits(field("In", "n2")) && admits(field("NotIn", "n2")));
+    assert!(!admits(json!([{"matchFields": [{"key": "metadata.uid", "operator": "In", "values": ["n1"]}]}])));
+    // Terms are ORed, a term's requirements ANDed; an empty term, or none, matches nothing.
+    let and = json!([{"matchExpressions": [
+        {"key": "zone", "operator": "In", "values": ["a"]},
+        {"key": "kubernetes.io/hostname", "operator": "In", "values": ["n2"]},
+    ]}]);
+    assert!(!admits(and.clone()));
+    let or = json!([and[0].clone(), {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]);
+    assert!(admits(or));
+    assert!(!admits(json!([{}])) && !admits(json!([])));
+    // No required selector: any node.
+    assert!(node_affinity_admits(&json!({}), &n) && node_affinity_admits(&Value::Null, &n));
+}
+
+#[tokio::test]
+async fn claim_volumes_are_bind_mounted_recorded_and_kept_while_masters_are_away() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let guard = Guard { tmp: tempfile::tempdir().unwrap(), uid: "uid-1" };
+    let data = guard.tmp.path().join("data");
+    let dir = guard.tmp.path().join("lp/pvc-1_ns_data");
+    let pv = local_path_pv("pvc-1", "data", dir.to_str().unwrap());
+    let objects = HashMap::from([
+        ((SourceKind::PersistentVolumeClaim, "data".to_string()), pvc("data", "Bound", "pvc-1")),
+        ((SourceKind::PersistentVolume, "pvc-1".to_string()), pv),
+    ]);
+    let p = pod(json!([
+        {"name": "data", "persistentVolumeClaim": {"claimName": "data"}},
+        {"name": "ro", "persistentVolumeClaim": {"claimName": "data", "readOnly": true}},
+    ]));
+    let prepared = prepare(&p, &data, &node(), fake_fetch(objects.clone())).await.unwrap();
+    assert_eq!(prepared["data"], Prepared { path: dir.clone(), read_only: false });
+    assert!(prepared["ro"].read_only);
+    assert!(dir.is_dir(), "the volume's directory is made");
+    let mode = fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o777, "any container user may write to a provisioned volume");
+    assert_eq!(fs::read_link(volumes_dir(&data, "uid-1").join(PLUGIN_CLAIM).join("data")).unwrap(), dir);
+    assert_eq!(claimed_paths(&data), [dir.clone(), dir.clone()]);
+
+    // Mounted as itself, subPaths inside it, read-only as asked.
+    let container = json!({"name": "app", "volumeMounts": [
+        {"name": "data", "mountPath": "/data"},
+        {"name": "data", "mountPath": "/logs", "subPath": "logs"},
+        {"name": "ro", "mountPath": "/ro"},
+        {"name": "data", "mountPath": "/ro2", "readOnly": true},
+    ]});
+    let m = mounts_for(&container, &[], &prepared).unwrap();
+    assert_eq!((m[0].host_path.as_path(), m[0].read_only), (dir.as_path(), false));
+    assert_eq!(m[1].host_path, fs::canonicalize(&dir).unwrap().join("logs"));
+    assert!(dir.join("logs").is_dir());
+    assert!(m[2].read_only && m[3].read_only);
+
+    // Masters away: the recorded path serves a restart; a pod never prepared cannot start.
+    let down = |_s: SourceRef| std::future::ready(Err::<Option<Value>, String>("no master".into()));
+    assert_eq!(prepare(&p, &data, &node(), down).await.unwrap(), prepared);
+    let e = prepare(&p, &guard.tmp.path().join("other"), &node(), down).await.unwrap_err();
+    assert!(matches!(e, VolumeError::Unavailable { .. }), "{e}");
+
+    // A local PV's path must exist: nothing is created for it.
+    let mut local = local_path_pv("pvc-2", "data", "");
+    local["spec"].as_object_mut().unwrap().remove("hostPath");
+    local["spec"]["local"] = json!({"path": guard.tmp.path().join("absent")});
+    let mut missing = objects.clone();
+    missing.insert((SourceKind::PersistentVolumeClaim, "data".into()), pvc("data", "Bound", "pvc-2"));
+    missing.insert((SourceKind::PersistentVolume, "pvc-2".into()), local);
+    let e = prepare(&p, &data, &node(), fake_fetch(missing)).await.unwrap_err();
+    assert!(e.to_string().starts_with("local volume "), "{e}");
+    assert!(!guard.tmp.path().join("absent").exists());
+
+    // Cleanup takes the records, never the data.
+    fs::write(dir.join("logs/kept"), "x").unwrap();
+    cleanup(&data, "uid-1").unwrap();
+    assert!(claimed_paths(&data).is_empty());
+    assert_eq!(fs::read_to_string(dir.join("logs/kept")).unwrap(), "x");
+}

@@ -49,8 +49,11 @@ pub enum NodeRequest {
     /// A pod's status as the agent observes it (JSON PodStatus). `uid`
     /// guards against writing onto a newer pod of the same name.
     PodStatus { namespace: String, name: String, uid: String, status: Vec<u8> },
-    /// A Secret or ConfigMap (`resource` = "secrets" | "configmaps") one of
-    /// the node's pods references.
+    /// An object the node's pods need (`resource`): a Secret or ConfigMap
+    /// ("secrets" | "configmaps") or PersistentVolumeClaim
+    /// ("persistentvolumeclaims") one of them references, or a
+    /// PersistentVolume ("persistentvolumes", empty `namespace`) bound to
+    /// such a claim or pinned to the node.
     Get { resource: String, namespace: String, name: String },
     /// The node's pods: a full listing, then every change.
     WatchPods,

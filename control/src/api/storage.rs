@@ -15,6 +15,8 @@
 //!
 //! Pure but for [`admit_claim`], which reads the classes.
 
+use capstan_proto::k8s::storage::volume_sources;
+pub use capstan_proto::k8s::storage::LOCAL_PATH_PROVISIONER;
 use serde_json::{json, Value};
 
 use super::status::ApiError;
@@ -23,9 +25,8 @@ use super::ApiServer;
 pub const PVC_PROTECTION: &str = "kubernetes.io/pvc-protection";
 pub const PV_PROTECTION: &str = "kubernetes.io/pv-protection";
 pub const DEFAULT_CLASS_ANNOTATION: &str = "storageclass.kubernetes.io/is-default-class";
-/// The default class's name and provisioner (the volume controller).
+/// The default class's name (its provisioner is the volume controller).
 pub const LOCAL_PATH_CLASS: &str = "local-path";
-pub const LOCAL_PATH_PROVISIONER: &str = "capstan.io/local-path";
 
 const ACCESS_MODES: &[&str] = &["ReadOnlyMany", "ReadWriteMany", "ReadWriteOnce", "ReadWriteOncePod"];
 
@@ -118,27 +119,6 @@ fn check_one_of(v: &Value, at: &str, allowed: &[&str], errs: &mut Vec<(String, S
             errs.push((at.into(), format!("Unsupported value: {s:?}: supported values: {supported}")));
         }
     }
-}
-
-/// The volume sources a PersistentVolume names (exactly one is valid).
-fn volume_sources(spec: &Value) -> Vec<&str> {
-    const NOT_SOURCES: &[&str] = &[
-        "accessModes",
-        "capacity",
-        "claimRef",
-        "mountOptions",
-        "nodeAffinity",
-        "persistentVolumeReclaimPolicy",
-        "storageClassName",
-        "volumeAttributesClassName",
-        "volumeMode",
-    ];
-    spec.as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(k, v)| !NOT_SOURCES.contains(&k.as_str()) && v.is_object())
-        .map(|(k, _)| k.as_str())
-        .collect()
 }
 
 /// Validation of the storage kinds, Kubernetes' messages.

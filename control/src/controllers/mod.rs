@@ -7,7 +7,7 @@
 //! - `owned.rs`: owners, dependents and expectations, shared by the controllers of owned objects.
 //! - `leader.rs`: the Lease that decides which master's controllers act.
 //! - `replicaset.rs`, `deployment.rs`, `daemonset.rs`, `statefulset.rs`, `job.rs`, `cronjob.rs`,
-//!   `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `hpa.rs`, `volume.rs`, `scheduler/`, `gc.rs`:
+//!   `nodelifecycle.rs`, `disruption.rs`, `endpoints.rs`, `hpa.rs`, `volume.rs`, `ephemeral.rs`, `scheduler/`, `gc.rs`:
 //!   the controllers, each a pure `plan` plus a thin shell.
 //! - `clusterstate.rs`: node readiness and crash-loop gauges for alerts.
 //! - `serviceaccount.rs`: each namespace's `default` ServiceAccount and `kube-root-ca.crt`.
@@ -25,6 +25,7 @@ pub mod daemonset;
 pub mod deployment;
 pub mod disruption;
 pub mod endpoints;
+pub mod ephemeral;
 pub mod events;
 pub mod gc;
 pub mod hpa;
@@ -240,6 +241,12 @@ pub fn start(
         inf.get("Pod").clone(),
         events.recorder("persistentvolume-controller"),
     ));
+    let evc = Arc::new(ephemeral::EphemeralController {
+        api: api.clone(),
+        pods: inf.get("Pod").clone(),
+        claims: inf.get("PersistentVolumeClaim").clone(),
+        recorder: events.recorder("ephemeral_volume"),
+    });
     clusterstate::start(inf.get("Node").clone(), inf.get("Pod").clone(), metrics.clone());
     let all = start_actors(
         vec![
@@ -256,11 +263,12 @@ pub fn start(
             actor(sac, 1),
             actor(hpac, 1),
             actor(pvc.clone(), 2),
+            actor(evc, 1),
         ],
         metrics,
     )?;
-    let [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sts_addr, sa_addr, hpa_addr, pv_addr] =
-        <[Addr<ControllerActor>; 13]>::try_from(all.clone())
+    let [rs_addr, dc_addr, sched_addr, ep_addr, job_addr, ds_addr, node_addr, cj_addr, pdb_addr, sts_addr, sa_addr, hpa_addr, pv_addr, ev_addr] =
+        <[Addr<ControllerActor>; 14]>::try_from(all.clone())
             .map_err(|_| anyhow::anyhow!("controller actors missing"))?;
 
     let pods = inf.get("Pod").clone();
@@ -345,6 +353,7 @@ pub fn start(
         pvc_for_nodes.unbound_claims()
     });
     route(pods.subscribe(), pv_addr, volume::VolumeController::keys_for_pod);
+    route(pods.subscribe(), ev_addr, ephemeral::EphemeralController::keys_for_pod);
 
     tokio::spawn(async move {
         loop {

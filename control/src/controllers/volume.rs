@@ -46,13 +46,11 @@ use super::scheduler::model::{parse_quantity, LabelSelector, NodeInfo, NodeSelec
 use crate::api::objects::revision_of;
 use crate::api::storage::{LOCAL_PATH_PROVISIONER, PVC_PROTECTION, PV_PROTECTION};
 use crate::api::{internal, ApiServer};
+pub use capstan_proto::k8s::storage::{LOCAL_PATH_ROOT, PROVISIONED_BY};
 
-/// The node annotation naming the directory local-path volumes live under.
-pub const LOCAL_PATH_ROOT: &str = "capstan.io/local-path-root";
 pub const SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 pub const BIND_COMPLETED: &str = "pv.kubernetes.io/bind-completed";
 pub const BOUND_BY_CONTROLLER: &str = "pv.kubernetes.io/bound-by-controller";
-pub const PROVISIONED_BY: &str = "pv.kubernetes.io/provisioned-by";
 const MANAGER: &str = "persistent-volume-binder";
 
 fn name_of(v: &Value) -> &str {

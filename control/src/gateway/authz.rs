@@ -1,5 +1,13 @@
 //! The node authorizer and node bookkeeping, pure: what a node may read,
 //! which identity a certificate carries, and which pod CIDR a new node gets.
+//!
+//! What a node may read, as Kubernetes' node authorizer: the Secrets,
+//! ConfigMaps and PersistentVolumeClaims its pods reference
+//! ([`references`]), and a PersistentVolume that such a claim is bound to
+//! ([`claim_volume`]) or that is pinned to the node ([`pinned_to`]: its
+//! own local volumes, which its reclaimer checks). A PersistentVolume that
+//! does not exist is answered 404 (the gateway's shell), so the node can
+//! tell "gone" from "forbidden".
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -7,12 +15,23 @@ use std::net::Ipv4Addr;
 use capstan_proto::nodewire::AgentEvent;
 use serde_json::Value;
 
-/// A Secret or ConfigMap a pod references: (resource, name) in its namespace.
+/// A Secret, ConfigMap or PersistentVolumeClaim a pod references:
+/// (resource, name) in its namespace.
 pub type Reference = (&'static str, String);
 
+/// The namespaced resources a node may read when a pod references them:
+/// (resource, kind).
+pub fn readable(resource: &str) -> Option<(&'static str, &'static str)> {
+    [("secrets", "Secret"), ("configmaps", "ConfigMap"), ("persistentvolumeclaims", "PersistentVolumeClaim")]
+        .into_iter()
+        .find(|(r, _)| *r == resource)
+}
+
 /// Everything `pod` lets its node read, as Kubernetes' node authorizer
-/// derives it: volumes (secret, configMap, projected sources), env and
-/// envFrom of every container and init container, and imagePullSecrets.
+/// derives it: volumes (secret, configMap, projected sources,
+/// persistentVolumeClaim, and the claim `<pod>-<volume>` of a generic
+/// ephemeral volume), env and envFrom of every container and init
+/// container, and imagePullSecrets.
 pub fn references(pod: &Value) -> BTreeSet<Reference> {
     let mut out = BTreeSet::new();
     let mut add = |resource: &'static str, name: &Value| {
@@ -24,6 +43,13 @@ pub fn references(pod: &Value) -> BTreeSet<Reference> {
     for v in spec["volumes"].as_array().into_iter().flatten() {
         add("secrets", &v["secret"]["secretName"]);
         add("configmaps", &v["configMap"]["name"]);
+        add("persistentvolumeclaims", &v["persistentVolumeClaim"]["claimName"]);
+        if v["ephemeral"].is_object() {
+            let (pod_name, volume) = (&pod["metadata"]["name"], &v["name"]);
+            if let (Some(p), Some(v)) = (pod_name.as_str(), volume.as_str()) {
+                add("persistentvolumeclaims", &Value::String(format!("{p}-{v}")));
+            }
+        }
         for src in v["projected"]["sources"].as_array().into_iter().flatten() {
             add("secrets", &src["secret"]["name"]);
             add("configmaps", &src["configMap"]["name"]);
@@ -45,6 +71,39 @@ pub fn references(pod: &Value) -> BTreeSet<Reference> {
         add("secrets", &s["name"]);
     }
     out
+}
+
+/// The volume a claim names (`spec.volumeName`), once the binder set it.
+pub fn claim_volume(pvc: &Value) -> Option<&str> {
+    pvc["spec"]["volumeName"].as_str().filter(|v| !v.is_empty())
+}
+
+/// The claim a PersistentVolume says it is bound to: (namespace, name).
+pub fn claim_ref(pv: &Value) -> Option<(&str, &str)> {
+    let r = &pv["spec"]["claimRef"];
+    Some((r["namespace"].as_str()?, r["name"].as_str()?))
+}
+
+/// Whether a PersistentVolume is pinned to `node`: a term of its required
+/// nodeAffinity asks for `kubernetes.io/hostname` In a list naming the
+/// node (how the local-path provisioner pins the volumes it makes), or for
+/// the field `metadata.name` In such a list (its way for a node without
+/// that label).
+pub fn pinned_to(pv: &Value, node: &str) -> bool {
+    let terms = &pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"];
+    items(terms).iter().any(|t| {
+        items(&t["matchExpressions"]).iter().any(|r| requires_in(r, "kubernetes.io/hostname", node))
+            || items(&t["matchFields"]).iter().any(|r| requires_in(r, "metadata.name", node))
+    })
+}
+
+/// A node selector requirement `key` In a list holding `value`.
+fn requires_in(r: &Value, key: &str, value: &str) -> bool {
+    r["key"] == key && r["operator"] == "In" && items(&r["values"]).iter().any(|v| v.as_str() == Some(value))
+}
+
+fn items(v: &Value) -> &[Value] {
+    v.as_array().map(Vec::as_slice).unwrap_or_default()
 }
 
 /// The node a verified client certificate speaks for: CN
@@ -72,8 +131,16 @@ pub fn check_registration(node: &Value) -> Result<(), String> {
     }
     object_or_absent(&node["metadata"], "metadata")?;
     object_or_absent(&node["metadata"]["labels"], "metadata.labels")?;
+    object_or_absent(&node["metadata"]["annotations"], "metadata.annotations")?;
     object_or_absent(&node["spec"], "spec")?;
-    object_or_absent(&node["status"], "status")
+    object_or_absent(&node["status"], "status")?;
+    // Volumes pinned to a node name it by this label (local-path node
+    // affinity): a node may not claim another's.
+    let hostname = &node["metadata"]["labels"]["kubernetes.io/hostname"];
+    if !hostname.is_null() && *hostname != node["metadata"]["name"] {
+        return Err(format!("label kubernetes.io/hostname={hostname} must be the node's own name"));
+    }
+    Ok(())
 }
 
 /// An Event an agent reports must look like the kubelet's: a CamelCase
@@ -215,6 +282,56 @@ mod tests {
         assert!(references(&json!({})).is_empty());
     }
 
+    #[test]
+    fn a_pod_references_its_claims_and_its_ephemeral_volumes_claims() {
+        let pod = json!({"metadata": {"name": "web-0", "namespace": "d"}, "spec": {"volumes": [
+            {"name": "data", "persistentVolumeClaim": {"claimName": "data-web-0", "readOnly": true}},
+            {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}},
+            {"name": "empty", "persistentVolumeClaim": {"claimName": ""}},
+            {"name": "h", "hostPath": {"path": "/x"}}
+        ]}});
+        let got: Vec<String> = references(&pod).into_iter().map(|(r, n)| format!("{r}/{n}")).collect();
+        assert_eq!(got, ["persistentvolumeclaims/data-web-0", "persistentvolumeclaims/web-0-scratch"]);
+        assert_eq!(readable("persistentvolumeclaims"), Some(("persistentvolumeclaims", "PersistentVolumeClaim")));
+        assert_eq!(readable("secrets"), Some(("secrets", "Secret")));
+        for other in ["persistentvolumes", "pods", "nodes", "serviceaccounts", ""] {
+            assert_eq!(readable(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_persistent_volume_is_readable_when_claimed_or_pinned_to_the_node() {
+        let pinned = |values: Value, op: &str| {
+            json!({"spec": {"nodeAffinity": {"required": {"nodeSelectorTerms": [
+                {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]},
+                {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": op, "values": values}]}
+            ]}}}})
+        };
+        assert!(pinned_to(&pinned(json!(["n1"]), "In"), "n1"));
+        assert!(pinned_to(&pinned(json!(["n0", "n1"]), "In"), "n1"));
+        assert!(!pinned_to(&pinned(json!(["n1"]), "In"), "n2"));
+        assert!(!pinned_to(&pinned(json!(["n2"]), "NotIn"), "n1"), "NotIn does not pin");
+        assert!(!pinned_to(&pinned(json!("n1"), "In"), "n1"));
+        let fields = json!({"spec": {"nodeAffinity": {"required": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}
+        ]}}}});
+        assert!(pinned_to(&fields, "n1") && !pinned_to(&fields, "n2"));
+        let label_as_field = json!({"spec": {"nodeAffinity": {"required": {"nodeSelectorTerms": [
+            {"matchFields": [{"key": "kubernetes.io/hostname", "operator": "In", "values": ["n1"]}]}
+        ]}}}});
+        assert!(!pinned_to(&label_as_field, "n1"));
+        assert!(!pinned_to(&json!({"spec": {"hostPath": {"path": "/x"}}}), "n1"));
+        assert!(!pinned_to(&json!({"spec": {"nodeAffinity": {"required": {"nodeSelectorTerms": "x"}}}}), "n1"));
+
+        let pvc = json!({"spec": {"volumeName": "pvc-1"}, "status": {"phase": "Bound"}});
+        assert_eq!(claim_volume(&pvc), Some("pvc-1"));
+        assert_eq!(claim_volume(&json!({"spec": {"volumeName": ""}})), None);
+        assert_eq!(claim_volume(&json!({"spec": {}})), None);
+        let pv = json!({"spec": {"claimRef": {"kind": "PersistentVolumeClaim", "namespace": "d", "name": "data"}}});
+        assert_eq!(claim_ref(&pv), Some(("d", "data")));
+        assert_eq!(claim_ref(&json!({"spec": {}})), None);
+    }
+
     fn info(cn: &str, groups: &[&str], client: bool) -> capstan_raft::pki::CertInfo {
         capstan_raft::pki::CertInfo {
             common_name: cn.into(),
@@ -242,11 +359,18 @@ mod tests {
     fn registrations_the_gateway_writes_into_must_be_objects() {
         assert!(check_registration(&json!({"metadata": {"name": "n", "labels": {"a": "b"}}, "status": {}})).is_ok());
         assert!(check_registration(&json!({"metadata": {"name": "n"}})).is_ok());
+        let annotated = json!({"metadata": {"name": "n", "annotations": {"capstan.io/local-path-root": "/lp"}}});
+        assert!(check_registration(&annotated).is_ok());
+        assert!(
+            check_registration(&json!({"metadata": {"name": "n", "labels": {"kubernetes.io/hostname": "n"}}})).is_ok()
+        );
         for bad in [
             json!([]),
             json!({"metadata": {"name": "n"}, "spec": "x"}),
             json!({"metadata": {"name": "n", "labels": [1]}}),
+            json!({"metadata": {"name": "n", "annotations": "a=b"}}),
             json!({"metadata": {"name": "n"}, "status": 3}),
+            json!({"metadata": {"name": "n", "labels": {"kubernetes.io/hostname": "other"}}}),
         ] {
             assert!(check_registration(&bad).is_err(), "{bad}");
         }

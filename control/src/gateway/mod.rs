@@ -8,9 +8,13 @@
 //! - A node certificate may register its Node (the gateway gives it a pod
 //!   CIDR, claimed in the store so no two nodes share one), renew its Lease,
 //!   report its status and its pods' statuses, confirm a deleted pod's
-//!   containers are gone, read the Secrets and ConfigMaps its pods
-//!   reference (the node authorizer, `authz.rs`), watch its pods, and
-//!   report its usage (kept in the store on a lease for `metrics.k8s.io`).
+//!   containers are gone, read the Secrets, ConfigMaps and
+//!   PersistentVolumeClaims its pods reference and the PersistentVolumes
+//!   those claims are bound to or that are pinned to it (the node
+//!   authorizer, `authz.rs`; a PersistentVolume that does not exist is a
+//!   plain 404), watch its pods, and report its usage (kept in the store
+//!   on a lease for `metrics.k8s.io`). Its Node's labels and annotations
+//!   are the agent's to set (the local-path root, for one).
 //! - Pod watches are fed by this master's pod informer through one router
 //!   task: each change goes only to the sessions of the node(s) it names.
 //!   A session starts with a listing of the node's pods taken atomically
@@ -483,8 +487,10 @@ impl Gateway {
         agent: &Value,
     ) -> Result<String, ApiError> {
         let mut want = cur.object.clone();
-        for (k, v) in agent["metadata"]["labels"].as_object().into_iter().flatten() {
-            want["metadata"]["labels"][k] = v.clone();
+        for field in ["labels", "annotations"] {
+            for (k, v) in agent["metadata"][field].as_object().into_iter().flatten() {
+                want["metadata"][field][k] = v.clone();
+            }
         }
         let mut cidr = cur.object["spec"]["podCIDR"].as_str().unwrap_or_default().to_string();
         if cidr.is_empty() {
@@ -709,14 +715,16 @@ impl Gateway {
         refs
     }
 
-    /// A Secret or ConfigMap, if a pod bound to `node` references it.
+    /// A Secret, ConfigMap or PersistentVolumeClaim, if a pod bound to
+    /// `node` references it; a PersistentVolume (`persistent_volume`).
     async fn get(&self, node: &str, resource: &str, ns: &str, name: &str) -> Result<NodeResponse, ApiError> {
-        let kind = match resource {
-            "secrets" => "Secret",
-            "configmaps" => "ConfigMap",
-            other => return Ok(forbidden(format!("nodes may not read {other}"))),
+        if resource == "persistentvolumes" {
+            return self.persistent_volume(node, name).await;
+        }
+        let Some((resource, kind)) = authz::readable(resource) else {
+            return Ok(forbidden(format!("nodes may not read {resource}")));
         };
-        let wanted = (if kind == "Secret" { "secrets" } else { "configmaps" }, name.to_string());
+        let wanted = (resource, name.to_string());
         let allowed = self
             .pods
             .list_node(node)
@@ -732,6 +740,49 @@ impl Gateway {
             Some(f) => Ok(NodeResponse::Object { json: serde_json::to_vec(&f.object).unwrap_or_default() }),
             None => Err(ApiError::not_found("", resource, name)),
         }
+    }
+
+    /// A PersistentVolume, if a claim of one of `node`'s pods is bound to
+    /// it or it is pinned to `node`. One that does not exist is a 404 to
+    /// any node: the agent's reclaimer removes a deleted volume's directory
+    /// on that answer only (a 403 would keep it forever), and all a node
+    /// learns from it is that the name is free.
+    async fn persistent_volume(&self, node: &str, name: &str) -> Result<NodeResponse, ApiError> {
+        let rt = crate::api::serviceaccount::kind("v1", "PersistentVolume")?;
+        let Some(pv) = self.api.objects.get(rt, None, name).await? else {
+            return Err(ApiError::not_found("", "persistentvolumes", name));
+        };
+        if authz::pinned_to(&pv.object, node) || self.claimed_on(node, &pv.object, name).await? {
+            return Ok(NodeResponse::Object { json: serde_json::to_vec(&pv.object).unwrap_or_default() });
+        }
+        Ok(forbidden(format!(
+            "node {node:?} may not read persistentvolumes {name}: it is neither pinned to the node nor bound to a claim of its pods"
+        )))
+    }
+
+    /// Whether a claim that a pod bound to `node` uses names PersistentVolume
+    /// `name` (`pv`) as its volume.
+    async fn claimed_on(&self, node: &str, pv: &Value, name: &str) -> Result<bool, ApiError> {
+        let mut claims: Vec<(String, String)> = Vec::new();
+        for p in self.pods.list_node(node).iter() {
+            let refs = self.references(p);
+            let pvcs = refs.iter().filter(|(r, _)| *r == "persistentvolumeclaims");
+            claims.extend(pvcs.map(|(_, c)| (p.namespace().to_string(), c.clone())));
+        }
+        claims.sort();
+        claims.dedup();
+        // The claim the volume says it is bound to first: usually the only read.
+        let bound_to = authz::claim_ref(pv);
+        claims.sort_by_key(|(ns, c)| Some((ns.as_str(), c.as_str())) != bound_to);
+        let rt = crate::api::serviceaccount::kind("v1", "PersistentVolumeClaim")?;
+        self.api.objects.sync().await?;
+        for (ns, c) in &claims {
+            let pvc = self.api.objects.get_local(rt, Some(ns), c)?;
+            if pvc.as_ref().and_then(|f| authz::claim_volume(&f.object)) == Some(name) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Streams the node's pods: a listing, then its changes, until the

@@ -3,7 +3,8 @@
 //!
 //! Fail-static: when a ConfigMap or Secret cannot be fetched (masters
 //! unreachable, not "not found"), a volume written earlier is kept as it
-//! is, so containers restart while the masters are away.
+//! is, so containers restart while the masters are away; so is the host
+//! path a claim volume resolved to earlier (its `capstan.io~claim` record).
 
 use std::collections::HashMap;
 use std::ffi::CString;
@@ -11,14 +12,14 @@ use std::fs;
 use std::future::Future;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{symlink, DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
 use super::{
-    check_name, plan_volume, plugin_of, sources_of, sub_path, write_atomic, HostPathType, SourceRef, Sources,
-    VolumeError, VolumePlan, DATA_LINK,
+    bound_volumes, check_name, claim_of, plan_volume, plugin_of, sources_of, sub_path, write_atomic, HostPathType,
+    PathCheck, SourceRef, Sources, VolumeError, VolumePlan, DATA_LINK, PLUGIN_CLAIM,
 };
 use crate::agent::NodeInfo;
 use crate::runtime::Mount;
@@ -28,7 +29,8 @@ use crate::runtime::Mount;
 pub struct Prepared {
     /// The host directory (or file, for a hostPath) to mount.
     pub path: PathBuf,
-    /// Containers always see it read-only (configMap, secret, downwardAPI, projected).
+    /// Containers see it read-only (configMap, secret, downwardAPI,
+    /// projected always; a claim volume when it says `readOnly`).
     pub read_only: bool,
 }
 
@@ -50,10 +52,11 @@ fn check_uid(uid: &str) -> Result<(), VolumeError> {
 }
 
 /// Makes every volume of `pod` ready under `data_dir`: fetches the
-/// ConfigMaps and Secrets it reads with `fetch(source)` (`Ok(None)` = not
-/// found, `Err` = could not ask), mounts tmpfs where the volume needs one
-/// and (re)writes file sets that changed. Idempotent; call before every
-/// container start so updates reach restarted containers.
+/// ConfigMaps, Secrets and claims it reads with `fetch(source)`
+/// (`Ok(None)` = not found, `Err` = could not ask), then the
+/// PersistentVolumes of the bound claims, mounts tmpfs where the volume
+/// needs one and (re)writes file sets that changed. Idempotent; call
+/// before every container start so updates reach restarted containers.
 pub async fn prepare<F, Fut>(
     pod: &Value,
     data_dir: &Path,
@@ -71,25 +74,28 @@ where
         let got = fetch(s.clone()).await;
         sources.insert(s, got);
     }
+    // A claim names its volume only once fetched.
+    for s in bound_volumes(&sources) {
+        let got = fetch(s.clone()).await;
+        sources.insert(s, got);
+    }
     let mut work = Vec::new();
     for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
         let name = v["name"].as_str().unwrap_or_default().to_string();
-        work.push((name, plugin_of(v), plan_volume(pod, v, &sources, node)));
+        let read_only = claim_of(pod, v).is_some_and(|c| c.read_only);
+        work.push((name, plugin_of(v), read_only, plan_volume(pod, v, &sources, node)));
     }
     let root = volumes_dir(data_dir, uid);
     tokio::task::spawn_blocking(move || {
         // Every volume must be possible before any is touched.
         let mut plans = Vec::new();
-        for (name, plugin, plan) in work {
+        for (name, plugin, read_only, plan) in work {
             match plan {
                 Ok(plan) => plans.push((name, Ok(plan))),
                 Err(e @ VolumeError::Unavailable { .. }) => {
-                    let dir = root.join(plugin.unwrap_or_default()).join(&name);
-                    if fs::symlink_metadata(dir.join(DATA_LINK)).is_err() {
-                        return Err(e);
-                    }
+                    let Some(kept) = kept(&root, &name, plugin, read_only) else { return Err(e) };
                     tracing::warn!(volume = %name, error = %e, "keeping the volume's last contents");
-                    plans.push((name, Err(Prepared { path: dir, read_only: true })));
+                    plans.push((name, Err(kept)));
                 }
                 Err(e) => return Err(e),
             }
@@ -108,6 +114,32 @@ where
     .map_err(|e| VolumeError::Io { op: "prepare volumes", path: PathBuf::new(), message: e.to_string() })?
 }
 
+/// What an earlier `prepare` made of volume `name`, for when its sources
+/// cannot be fetched now: a file set's directory (once written), or the
+/// host path a claim volume resolved to (its record).
+fn kept(root: &Path, name: &str, plugin: Option<&'static str>, claim_read_only: bool) -> Option<Prepared> {
+    if let Some(plugin) = plugin {
+        let dir = root.join(plugin).join(name);
+        fs::symlink_metadata(dir.join(DATA_LINK)).ok()?;
+        return Some(Prepared { path: dir, read_only: true });
+    }
+    let path = fs::read_link(root.join(PLUGIN_CLAIM).join(name)).ok()?;
+    Some(Prepared { path, read_only: claim_read_only })
+}
+
+/// A local-path volume's directory: made once, mode 0777 (not subject to
+/// the umask); an existing one is left as its users made it.
+fn provisioned_dir(path: &Path) -> Result<(), VolumeError> {
+    if fs::symlink_metadata(path).is_ok() {
+        return host_path(path, HostPathType::Directory);
+    }
+    if let Some(parent) = path.parent() {
+        mkdir(parent, 0o755)?;
+    }
+    fs::DirBuilder::new().mode(0o777).create(path).map_err(io_err("create directory", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o777)).map_err(io_err("chmod", path))
+}
+
 fn mkdir(path: &Path, mode: u32) -> Result<(), VolumeError> {
     fs::DirBuilder::new().recursive(true).mode(mode).create(path).map_err(io_err("create directory", path))
 }
@@ -118,6 +150,17 @@ pub fn materialize(root: &Path, name: &str, plan: &VolumePlan) -> Result<Prepare
         VolumePlan::HostPath { path, kind } => {
             host_path(path, *kind)?;
             Ok(Prepared { path: path.clone(), read_only: false })
+        }
+        VolumePlan::Persistent { path, check, read_only } => {
+            match check {
+                PathCheck::HostPath(kind) => host_path(path, *kind)?,
+                PathCheck::Exists => {
+                    fs::metadata(path).map_err(io_err("local volume", path))?;
+                }
+                PathCheck::Provisioned => provisioned_dir(path)?,
+            }
+            record_claim(root, name, path)?;
+            Ok(Prepared { path: path.clone(), read_only: *read_only })
         }
         VolumePlan::EmptyDir { memory, size_limit, gid } => {
             let dir = root.join(super::PLUGIN_EMPTY_DIR).join(name);
@@ -153,6 +196,32 @@ pub fn materialize(root: &Path, name: &str, plan: &VolumePlan) -> Result<Prepare
             Ok(Prepared { path: dir, read_only: true })
         }
     }
+}
+
+/// `<volumes>/capstan.io~claim/<name>` -> `path`: what claim volume `name`
+/// resolved to (see `kept` and [`claimed_paths`]). Only a symlink: the
+/// pod's cleanup removes it, never what it points to.
+fn record_claim(root: &Path, name: &str, path: &Path) -> Result<(), VolumeError> {
+    let dir = root.join(PLUGIN_CLAIM);
+    mkdir(root, 0o750)?;
+    mkdir(&dir, 0o750)?;
+    let link = dir.join(name);
+    if fs::read_link(&link).is_ok_and(|to| to == path) {
+        return Ok(());
+    }
+    match fs::remove_file(&link) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("remove", &link)(e)),
+        _ => {}
+    }
+    symlink(path, &link).map_err(io_err("record the claim's path", &link))
+}
+
+/// The host paths the claim volumes of every pod with volumes under
+/// `data_dir` resolved to (their records): what the local-path reclaimer
+/// must leave alone.
+pub fn claimed_paths(data_dir: &Path) -> Vec<PathBuf> {
+    let links = |uid: String| fs::read_dir(volumes_dir(data_dir, &uid).join(PLUGIN_CLAIM)).into_iter().flatten();
+    pods_with_volumes(data_dir).into_iter().flat_map(links).filter_map(|e| fs::read_link(e.ok()?.path()).ok()).collect()
 }
 
 /// hostPath's `type` checks, creating what the `...OrCreate` types may.

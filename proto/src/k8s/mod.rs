@@ -7,11 +7,13 @@
 //! - [`registry`]: the kinds Capstan serves and how each is decoded.
 //! - [`fields`]: which fields of a body Kubernetes does not define.
 //! - [`protobuf`]: decoding the protobuf bodies kubectl's typed clients send.
+//! - [`storage`]: what masters and node agents share about volumes.
 //! - [`stored`]: the rkyv envelope objects are stored, watched and sent in.
 
 pub mod fields;
 pub mod protobuf;
 pub mod registry;
+pub mod storage;
 pub mod stored;
 
 pub use k8s_openapi as api;
