@@ -790,6 +790,18 @@ fn validate_pod_spec(spec: &Value, at: &str, errs: &mut Vec<(String, String)>) {
             errs.push((format!("{at}.restartPolicy"), format!("Unsupported value: {p:?}")));
         }
     }
+    for (i, v) in spec["volumes"].as_array().into_iter().flatten().enumerate() {
+        // Claims are named after their volumes: `<pod>-<volume>` for an
+        // ephemeral one, whose template is the claim.
+        if v["ephemeral"].is_object() && !v["ephemeral"]["volumeClaimTemplate"].is_object() {
+            errs.push((format!("{at}.volumes[{i}].ephemeral.volumeClaimTemplate"), "Required value".into()));
+        }
+        if v["persistentVolumeClaim"].is_object()
+            && v["persistentVolumeClaim"]["claimName"].as_str().is_none_or(str::is_empty)
+        {
+            errs.push((format!("{at}.volumes[{i}].persistentVolumeClaim.claimName"), "Required value".into()));
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1111,10 +1123,18 @@ mod tests {
     fn validation_names_each_bad_field() {
         let rt = by_kind("v1", "Pod").unwrap();
         let p = json!({"metadata": {"name": "Bad_Name", "labels": {"ok": "-bad"}},
-            "spec": {"containers": [{"name": "a", "image": ""}, {"name": "a", "image": "x"}]}});
+            "spec": {"containers": [{"name": "a", "image": ""}, {"name": "a", "image": "x"}],
+                "volumes": [{"name": "e", "ephemeral": {}}, {"name": "c", "persistentVolumeClaim": {}}]}});
         let e = prepare_create(rt, Some("d"), p, "t", "u", "x").unwrap_err();
         assert_eq!(e.code, 422);
-        for f in ["metadata.name", "metadata.labels", "spec.containers[0].image", "spec.containers[1].name"] {
+        for f in [
+            "metadata.name",
+            "metadata.labels",
+            "spec.containers[0].image",
+            "spec.containers[1].name",
+            "spec.volumes[0].ephemeral.volumeClaimTemplate",
+            "spec.volumes[1].persistentVolumeClaim.claimName",
+        ] {
             assert!(e.message.contains(f), "{f} in {}", e.message);
         }
         assert!(check_name("Namespace", "a.b").is_err());

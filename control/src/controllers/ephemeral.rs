@@ -141,7 +141,8 @@ mod tests {
         let mut other = pod.clone();
         other["metadata"]["uid"] = json!("u2");
         assert!(!owned_by(c, &other), "a pod of the same name made anew does not own it");
-        // The names are the ones pods, the scheduler and the node authorizer use.
-        assert_eq!(super::super::volume::pod_claims(&pod), ["web-scratch"]);
+        // The names are the ones pods, the scheduler and the node authorizer
+        // use (admission refuses an ephemeral volume without a template).
+        assert_eq!(super::super::volume::pod_claims(&pod), ["web-scratch", "web-broken"]);
     }
 }

@@ -103,6 +103,10 @@ pub fn refers_to(pv: &Value, pvc: &Value) -> bool {
         && r["uid"].as_str().is_none_or(|u| u.is_empty() || u == uid_of(pvc))
 }
 
+fn names_uid(pv: &Value) -> bool {
+    pv["spec"]["claimRef"]["uid"].as_str().is_some_and(|u| !u.is_empty())
+}
+
 /// The node terms a volume's `nodeAffinity` requires (None: any node).
 pub fn volume_node_terms(pv: &Value) -> Option<Vec<NodeSelectorTerm>> {
     pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"]
@@ -219,8 +223,9 @@ pub fn plan_claim(w: &ClaimWorld) -> ClaimStep {
                 wait("FailedBinding", format!("volume \"{volume}\" not found"))
             };
         };
-        if pv["spec"]["claimRef"].is_null() {
-            // The user named the volume: bind it to the claim.
+        if pv["spec"]["claimRef"].is_null() || (refers_to(pv, pvc) && !names_uid(pv)) {
+            // The user named the volume (or an administrator the claim):
+            // bind it to this claim, by uid.
             return ClaimStep::ClaimVolume(volume.to_string());
         }
         if !refers_to(pv, pvc) {
@@ -246,7 +251,11 @@ pub fn plan_claim(w: &ClaimWorld) -> ClaimStep {
     };
     if let Some(pv) = best_volume(pvc, w.volumes, node.as_ref()) {
         // Pre-bound to this claim already: the claim's side follows.
-        return if refers_to(pv, pvc) && !pv["spec"]["claimRef"].is_null() {
+        // Pre-bound to this claim by uid (provisioned for it, or claimed by
+        // an earlier pass): the claim's side follows. Pre-bound by name
+        // only: the uid is written first, so that once this claim goes the
+        // volume is Released, not handed to a new claim of the same name.
+        return if refers_to(pv, pvc) && names_uid(pv) {
             ClaimStep::NameVolume(name_of(pv).to_string())
         } else {
             ClaimStep::ClaimVolume(name_of(pv).to_string())

@@ -86,6 +86,13 @@ fn binding_is_volume_first_then_claim_then_status() {
     let mut done = named.clone();
     done["status"] = st;
     assert_eq!(plan_claim(&world(&done, &volumes, None, None)), ClaimStep::Nothing, "idempotent");
+    // Pre-bound by an administrator by name only: the uid is written first.
+    let by_name = volume("pv1", "1Gi", json!({"spec": {"claimRef": {"namespace": "d", "name": "data"}}}));
+    assert_eq!(
+        plan_claim(&world(&pvc, std::slice::from_ref(&by_name), None, None)),
+        ClaimStep::ClaimVolume("pv1".into())
+    );
+    assert_eq!(plan_claim(&world(&named, &[by_name], None, None)), ClaimStep::ClaimVolume("pv1".into()));
     // A claim made anew under the same name is another claim.
     let again = claim("data", "1Gi", Some(""), json!({"metadata": {"uid": "uid-new"}}));
     assert!(!refers_to(&claimed, &again));
