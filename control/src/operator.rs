@@ -355,6 +355,7 @@ pub async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
                 etcd_plaintext_listen: None,
                 max_request_bytes: None,
                 quota_bytes: None,
+                min_free_disk_bytes: None,
                 auto_compaction_revisions: None,
                 snapshot_every: None,
                 heartbeat_interval: None,

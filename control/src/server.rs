@@ -74,6 +74,11 @@ pub struct ServerArgs {
     /// Hard quota of stored data in bytes; 80% of it is the soft quota [default: 8 GiB].
     #[arg(long)]
     pub quota_bytes: Option<u64>,
+    /// Free bytes a master's data disk keeps: below it, writes that add
+    /// data are refused on every master (etcd's NOSPACE alarm) until space
+    /// is freed [default: 256 MiB].
+    #[arg(long)]
+    pub min_free_disk_bytes: Option<u64>,
     /// Revisions of history to keep; older ones are compacted, 0 = never [default: 100000].
     #[arg(long)]
     pub auto_compaction_revisions: Option<i64>,
@@ -112,6 +117,12 @@ pub struct Settings {
     pub heartbeat_interval: u64,
     #[serde(default = "default_election")]
     pub election_timeout: u64,
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk_bytes: u64,
+}
+
+fn default_min_free_disk() -> u64 {
+    capstan_raft::node::DEFAULT_MIN_FREE_DISK
 }
 
 fn default_heartbeat() -> u64 {
@@ -137,6 +148,7 @@ impl Default for Settings {
             cluster_cidr: default_cluster_cidr(),
             heartbeat_interval: default_heartbeat(),
             election_timeout: default_election(),
+            min_free_disk_bytes: default_min_free_disk(),
         }
     }
 }
@@ -155,6 +167,7 @@ impl Settings {
         self.cluster_cidr = a.cluster_cidr.clone().unwrap_or(self.cluster_cidr);
         self.heartbeat_interval = a.heartbeat_interval.unwrap_or(self.heartbeat_interval);
         self.election_timeout = a.election_timeout.unwrap_or(self.election_timeout);
+        self.min_free_disk_bytes = a.min_free_disk_bytes.unwrap_or(self.min_free_disk_bytes);
         self
     }
 }
@@ -306,6 +319,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
             quota_soft_bytes: hard / 10 * 8,
             quota_hard_bytes: hard,
             retain_revisions: settings.auto_compaction_revisions,
+            min_free_disk_bytes: settings.min_free_disk_bytes,
         },
         snapshot_every: settings.snapshot_every,
         timing,

@@ -423,6 +423,7 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     tokio::spawn(crate::peer::serve_peers(ep.clone(), node.clone(), pki.clone()));
     tokio::spawn(node.clone().run_leader_duties());
     tokio::spawn(node.clone().track_leader_changes());
+    tokio::spawn(node.clone().watch_disk(cfg.data_dir.clone()));
     tokio::spawn(node.clone().watch_own_removal(removed_tx));
     let self_member = Member {
         name: member.name.clone(),

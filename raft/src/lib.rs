@@ -36,6 +36,7 @@
 pub mod backup;
 mod batch;
 pub mod bootstrap;
+pub mod disk;
 pub mod failpoints;
 pub mod metrics;
 pub mod mvcc;

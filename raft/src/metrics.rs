@@ -137,6 +137,7 @@ pub struct NodeMetrics {
     pub db_size_bytes: IntGauge,
     pub quota_bytes: IntGauge,
     pub alarm_nospace: IntGauge,
+    pub alarm_disk_low: IntGauge,
     pub members: IntGauge,
     pub peer_rtt: prometheus::GaugeVec,
 }
@@ -169,6 +170,10 @@ impl Default for NodeMetrics {
             db_size_bytes: gauge("capstan_store_db_size_bytes", "On-disk size of the RocksDB database."),
             quota_bytes: gauge("capstan_store_quota_bytes", "Hard quota on stored data."),
             alarm_nospace: gauge("capstan_store_alarm_nospace", "1 while stored data is over the soft quota."),
+            alarm_disk_low: gauge(
+                "capstan_store_alarm_disk_low",
+                "1 while this master's data disk is below its free-space floor (writes refused cluster-wide).",
+            ),
             members: gauge("capstan_raft_members", "Members (voters and learners) in the Raft membership."),
             peer_rtt: prometheus::GaugeVec::new(
                 Opts::new("capstan_peer_rtt_seconds", "QUIC round-trip time to each peer master this one dials."),
@@ -195,6 +200,7 @@ impl NodeMetrics {
             &self.db_size_bytes,
             &self.quota_bytes,
             &self.alarm_nospace,
+            &self.alarm_disk_low,
             &self.members,
         ] {
             r.register(Box::new(g.clone()))?;

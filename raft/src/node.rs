@@ -18,6 +18,7 @@ use openraft::{ChangeMembers, ServerState};
 use parking_lot::Mutex;
 
 use crate::batch::{Coalescer, ProposalBatcher};
+use crate::disk::DiskAlarms;
 use crate::metrics::NodeMetrics;
 use crate::storage::SharedState;
 use crate::transport::{PeerClients, PeerRequest, PeerResponse, TransportError};
@@ -35,6 +36,9 @@ pub struct Limits {
     /// Keep this many revisions of history; older ones are compacted by the
     /// leader. 0 disables automatic compaction.
     pub retain_revisions: i64,
+    /// Below this many free bytes on a master's data disk, writes that add
+    /// data are refused on every master (see `disk.rs`).
+    pub min_free_disk_bytes: u64,
 }
 
 impl Default for Limits {
@@ -44,9 +48,14 @@ impl Default for Limits {
             quota_soft_bytes: 6 << 30,
             quota_hard_bytes: 8 << 30,
             retain_revisions: 100_000,
+            min_free_disk_bytes: DEFAULT_MIN_FREE_DISK,
         }
     }
 }
+
+/// [`Limits::min_free_disk_bytes`] unless configured: room for RocksDB to
+/// flush and compact, and for the deletes that give space back.
+pub const DEFAULT_MIN_FREE_DISK: u64 = 256 << 20;
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
@@ -77,6 +86,10 @@ pub struct StoreNode {
     /// Leader only: when each lease expires. Rebuilt (full TTL) by a new leader.
     lease_deadlines: Mutex<LeaseClock>,
     pub alarm_nospace: std::sync::atomic::AtomicBool,
+    /// This master's data disk is below `min_free_disk_bytes`.
+    pub disk_low: std::sync::atomic::AtomicBool,
+    /// Masters that reported a low disk (what the leader refuses writes by).
+    disk_alarms: Mutex<DiskAlarms>,
     batcher: ProposalBatcher,
     pub metrics: NodeMetrics,
     /// ReadIndex rounds of this node (leader: confirm leadership; follower:
@@ -139,6 +152,8 @@ impl StoreNode {
             clients,
             lease_deadlines: Mutex::new(LeaseClock::default()),
             alarm_nospace: Default::default(),
+            disk_low: Default::default(),
+            disk_alarms: Mutex::default(),
             batcher: ProposalBatcher::start(
                 raft.clone(),
                 id,
@@ -183,24 +198,89 @@ impl StoreNode {
         membership.nodes().map(|(id, n)| (*id, n.clone(), !voters.contains(id))).collect()
     }
 
-    /// Size and quota checks; returns the command's size (`approx_size`).
+    /// Size, quota and disk checks; returns the command's size (`approx_size`).
     fn check_admission(&self, cmd: &Command) -> Result<usize, StoreError> {
         let size = cmd.approx_size();
         if size > self.limits.max_request_bytes {
             return Err(StoreError::TooLarge { size, max: self.limits.max_request_bytes });
         }
         let used = self.state.read().mvcc.size_bytes();
-        let freeing = match cmd {
-            Command::Txn(t) => t.success.iter().chain(&t.failure).all(|op| matches!(op, Op::Delete(_) | Op::Range(_))),
-            Command::Compact { .. } | Command::LeaseRevoke { .. } => true,
-            Command::LeaseGrant { .. } | Command::Batch(_) => false,
-        };
         let over_soft = used > self.limits.quota_soft_bytes;
         self.alarm_nospace.store(over_soft, std::sync::atomic::Ordering::Relaxed);
-        if used > self.limits.quota_hard_bytes && !freeing {
+        if used > self.limits.quota_hard_bytes && crate::disk::grows(cmd) {
             return Err(StoreError::NoSpace);
         }
+        self.check_disk(cmd)?;
         Ok(size)
+    }
+
+    /// Refuses a write that adds data while this master's disk, or (on the
+    /// leader) any master's, is low.
+    pub(crate) fn check_disk(&self, cmd: &Command) -> Result<(), StoreError> {
+        if !crate::disk::grows(cmd) {
+            return Ok(());
+        }
+        let low_here = self.disk_low.load(std::sync::atomic::Ordering::Relaxed);
+        if low_here || (self.is_leader() && !self.disk_alarms.lock().active(Instant::now()).is_empty()) {
+            return Err(StoreError::NoSpace);
+        }
+        Ok(())
+    }
+
+    /// Members whose data disk is low, as this master knows (its own, and
+    /// on the leader every reported one).
+    pub fn disk_alarms(&self) -> Vec<NodeId> {
+        let mut ids = self.disk_alarms.lock().active(Instant::now());
+        if self.disk_low.load(std::sync::atomic::Ordering::Relaxed) && !ids.contains(&self.id) {
+            ids.push(self.id);
+            ids.sort_unstable();
+        }
+        ids
+    }
+
+    /// A master's report of its disk (see `disk.rs`).
+    pub(crate) fn disk_report(&self, id: NodeId, low: bool) {
+        self.disk_alarms.lock().report(id, low, Instant::now());
+    }
+
+    /// Measures the data disk every `CHECK_EVERY` and tells the leader
+    /// while it is low (and once when it recovers).
+    pub async fn watch_disk(self: Arc<Self>, data_dir: std::path::PathBuf) {
+        let mut tick = tokio::time::interval(crate::disk::CHECK_EVERY);
+        loop {
+            tick.tick().await;
+            let free = match crate::disk::free_bytes(&data_dir) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(dir = %data_dir.display(), "cannot measure free disk space: {e}");
+                    continue;
+                }
+            };
+            let low = free < self.limits.min_free_disk_bytes;
+            let was = self.disk_low.swap(low, std::sync::atomic::Ordering::Relaxed);
+            if low != was {
+                let (free_mib, min_mib) = (free >> 20, self.limits.min_free_disk_bytes >> 20);
+                if low {
+                    tracing::error!(
+                        free_mib,
+                        min_mib,
+                        "data disk almost full: writes refused (NOSPACE) until space is freed"
+                    );
+                } else {
+                    tracing::warn!(free_mib, min_mib, "data disk has room again: disk alarm cleared");
+                }
+            }
+            if !(low || was) {
+                continue;
+            }
+            self.disk_report(self.id, low);
+            if let Some((leader, member)) = self.leader().filter(|(id, _)| *id != self.id) {
+                let req = PeerRequest::DiskAlarm { id: self.id, low };
+                if let Err(e) = self.clients.call(&member.peer_addr, &req, PEER_RPC_TIMEOUT).await {
+                    tracing::debug!(leader, "disk alarm report failed: {e}");
+                }
+            }
+        }
     }
 
     /// Propose `cmd` and wait until it is committed and applied (here or, for
@@ -235,6 +315,7 @@ impl StoreNode {
                     match result {
                         Ok(PeerResponse::ClientWrite(r)) => return Ok(r),
                         Ok(PeerResponse::Error(e)) if e == NOT_LEADER => {}
+                        Ok(PeerResponse::Error(e)) if e == NO_SPACE => return Err(StoreError::NoSpace),
                         Ok(PeerResponse::Error(e)) => return Err(StoreError::Internal(e)),
                         Ok(_) => return Err(StoreError::Internal("unexpected peer response".into())),
                         Err(TransportError::Unreachable { .. }) => {}
@@ -403,6 +484,7 @@ impl StoreNode {
         g.db_size_bytes.set(db_size_bytes as i64);
         g.quota_bytes.set(self.limits.quota_hard_bytes as i64);
         g.alarm_nospace.set(self.alarm_nospace.load(std::sync::atomic::Ordering::Relaxed) as i64);
+        g.alarm_disk_low.set(self.disk_low.load(std::sync::atomic::Ordering::Relaxed) as i64);
         g.peer_rtt.reset();
         for (peer, rtt) in self.clients.rtts() {
             g.peer_rtt.with_label_values(&[peer.as_str()]).set(rtt.as_secs_f64());
@@ -568,6 +650,8 @@ impl StoreNode {
 }
 
 pub(crate) const NOT_LEADER: &str = "not leader";
+/// The leader refused a forwarded write: a disk alarm is raised.
+pub(crate) const NO_SPACE: &str = "no space";
 
 pub(crate) enum Forward {
     To(Member),

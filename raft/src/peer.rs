@@ -11,7 +11,7 @@ use bytes::Bytes;
 use rand::Rng;
 
 use crate::bootstrap::{JoinToken, Pki, MASTER_CN_PREFIX};
-use crate::node::{Forward, StoreNode, NOT_LEADER};
+use crate::node::{Forward, StoreNode, NOT_LEADER, NO_SPACE};
 use crate::transport::{
     read_frame, write_frame, JoinResponse, PeerRequest, PeerResponse, MAX_ANONYMOUS_FRAME, MAX_FRAME,
 };
@@ -70,6 +70,11 @@ async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool
         PeerRequest::AppendEntries(rpc) => PeerResponse::AppendEntries(node.raft.append_entries(rpc).await),
         PeerRequest::Vote(rpc) => PeerResponse::Vote(node.raft.vote(rpc).await),
         PeerRequest::InstallSnapshot(rpc) => PeerResponse::InstallSnapshot(node.raft.install_snapshot(rpc).await),
+        PeerRequest::ClientWrite(cmd) if node.check_disk(&cmd).is_err() => PeerResponse::Error(NO_SPACE.into()),
+        PeerRequest::DiskAlarm { id, low } => {
+            node.disk_report(id, low);
+            PeerResponse::Done
+        }
         PeerRequest::ClientWrite(cmd) => match node.write_local(cmd).await {
             Ok(r) => PeerResponse::ClientWrite(r),
             Err(Forward::To(..)) | Err(Forward::Unknown) => PeerResponse::Error(NOT_LEADER.into()),

@@ -98,6 +98,12 @@ pub enum PeerRequest {
     RemoveMember {
         id: NodeId,
     },
+    /// A master's data disk is (or no longer is) below its free-space
+    /// floor; sent to the leader every second while low (see `disk.rs`).
+    DiskAlarm {
+        id: NodeId,
+        low: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

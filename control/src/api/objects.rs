@@ -62,7 +62,11 @@ pub fn store_error(e: StoreError) -> ApiError {
             ApiError::new(413, "RequestEntityTooLarge", format!("request is too large ({size} bytes, limit {max})"))
         }
         StoreError::NoSpace | StoreError::Mvcc(MvccError::NoSpace) => {
-            ApiError::new(507, "InsufficientStorage", "the store is over its quota: only deletes are accepted")
+            ApiError::new(
+                507,
+                "InsufficientStorage",
+                "the store is out of space (over its quota, or a master's data disk is almost full): only deletes are accepted",
+            )
         }
         StoreError::Mvcc(MvccError::Compacted { compacted }) => {
             ApiError::gone(format!("The resourceVersion for the provided list is too old (compacted at {compacted})."))

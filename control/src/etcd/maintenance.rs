@@ -17,6 +17,12 @@ impl pb::maintenance_server::Maintenance for EtcdApi {
         if self.node.alarm_nospace.load(std::sync::atomic::Ordering::Relaxed) {
             alarms.push(pb::AlarmMember { member_id: self.node.id, alarm: pb::AlarmType::Nospace as i32 });
         }
+        // Low data disks: this master's, and on the leader every reported one.
+        for id in self.node.disk_alarms() {
+            if !alarms.iter().any(|a| a.member_id == id) {
+                alarms.push(pb::AlarmMember { member_id: id, alarm: pb::AlarmType::Nospace as i32 });
+            }
+        }
         Ok(Response::new(pb::AlarmResponse { header: Some(self.header()), alarms }))
     }
 
