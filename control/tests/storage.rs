@@ -244,6 +244,34 @@ spec:
     gone(&kc, &["get", "pvc", "scratchy-scratch"], "the ephemeral claim, with its pod");
     gone(&kc, &["get", "pv", &volume], "the ephemeral claim's volume");
 
+    // Deleting a namespace (made by `kubectl create ns`, whose spec is
+    // empty) deletes its pods and claims, and so the claims' volumes.
+    ok(&kc, &["create", "namespace", "scratch"]);
+    apply(
+        &kc,
+        "apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: tmp, namespace: scratch}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 10Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: user, namespace: scratch}
+spec:
+  containers: [{name: c, image: registry.local/r:1}]
+  volumes: [{name: v, persistentVolumeClaim: {claimName: tmp}}]
+",
+    );
+    let claim = wait_object(&kc, &["get", "pvc", "tmp", "-n", "scratch"], "the scratch claim bound", |c| {
+        c["status"]["phase"] == "Bound"
+    });
+    let volume = claim["spec"]["volumeName"].as_str().unwrap().to_string();
+    ok(&kc, &["delete", "namespace", "scratch", "--wait=false"]);
+    gone(&kc, &["get", "namespace", "scratch"], "the namespace, emptied");
+    gone(&kc, &["get", "pv", &volume], "the volume of the namespace's claim");
+
     // The static volume's claim outlives all that; deleting it releases the
     // volume, which Retain keeps.
     ok(&kc, &["delete", "pvc", "logs"]);

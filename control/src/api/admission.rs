@@ -103,9 +103,18 @@ pub fn prepare_create(
     }
     default_object(rt.kind, &mut obj);
     super::storage::on_create(rt.kind, &mut obj);
+    if rt.kind == "Namespace" {
+        // Kubernetes' namespace strategy: every namespace is emptied before
+        // it goes, whatever spec it was created with (`kubectl create ns`
+        // sends an empty one).
+        obj["spec"]["finalizers"] = json!([NAMESPACE_FINALIZER]);
+    }
     validate(rt, &obj)?;
     Ok(obj)
 }
+
+/// The finalizer the namespace controller removes once a namespace is empty.
+pub const NAMESPACE_FINALIZER: &str = "kubernetes";
 
 /// Merges an update onto the stored object: identity and system fields
 /// stay, `generation` moves when the spec changes, and the main resource
@@ -220,6 +229,10 @@ pub fn prepare_update(
                 }
             }
         }
+    }
+    if rt.kind == "Namespace" && subresource != Some("finalize") {
+        // spec.finalizers change only through namespaces/finalize.
+        new["spec"]["finalizers"] = old["spec"]["finalizers"].clone();
     }
     if rt.kind == "PriorityClass" && new["value"] != old["value"] {
         return Err(ApiError::invalid(
@@ -430,7 +443,7 @@ fn apply_defaults(kind: &str, obj: &mut Value) {
             }
         }
         "Namespace" => {
-            set_default(obj, "spec", json!({"finalizers": ["kubernetes"]}));
+            set_default(obj, "spec", json!({}));
             set_default(obj, "status", json!({"phase": "Active"}));
             let name = obj["metadata"]["name"].clone();
             set_default(&mut obj["metadata"], "labels", json!({}));
@@ -868,6 +881,13 @@ pub fn plan_delete(kind: &str, obj: &Value, policy: Option<&str>, grace: Option<
     }
     if namespace {
         marked["status"]["phase"] = json!("Terminating");
+        // Emptied before it goes, even if it was made without the finalizer.
+        let f = &mut marked["spec"]["finalizers"];
+        if !f.as_array().is_some_and(|l| l.iter().any(|x| x == NAMESPACE_FINALIZER)) {
+            let mut list = f.as_array().cloned().unwrap_or_default();
+            list.push(json!(NAMESPACE_FINALIZER));
+            *f = Value::Array(list);
+        }
     }
     DeletePlan::Mark(marked)
 }
@@ -1117,6 +1137,25 @@ mod tests {
             panic!()
         };
         assert_eq!(ns["status"]["phase"], "Terminating");
+        assert_eq!(
+            ns["spec"]["finalizers"],
+            json!([NAMESPACE_FINALIZER]),
+            "made before the finalizer was: emptied anyway"
+        );
+    }
+
+    /// `kubectl create ns` sends `spec: {}`; the namespace is still emptied
+    /// before it goes, and only namespaces/finalize changes that.
+    #[test]
+    fn namespaces_always_carry_their_finalizer() {
+        let rt = by_kind("v1", "Namespace").unwrap();
+        let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}, "spec": {}, "status": {}});
+        let made = prepare_create(rt, None, ns.clone(), "t", "u", "").unwrap();
+        assert_eq!(made["spec"]["finalizers"], json!([NAMESPACE_FINALIZER]));
+        let edited = prepare_update(rt, &made, ns.clone(), None).unwrap();
+        assert_eq!(edited["spec"]["finalizers"], json!([NAMESPACE_FINALIZER]), "a plain update keeps it");
+        let finalized = prepare_update(rt, &made, ns, Some("finalize")).unwrap();
+        assert!(finalized["spec"]["finalizers"].is_null(), "namespaces/finalize removes it");
     }
 
     #[test]

@@ -97,7 +97,7 @@ pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Resu
         ("get", Some("log")) | ("get" | "create", Some("exec" | "attach")) => {
             node_stream(&api, rt, ns, name, r.subresource.as_deref().unwrap_or_default(), ctx).await
         }
-        ("update", Some("finalize")) => update(&api, rt, ns, name, None, &ctx).await,
+        ("update", Some("finalize")) => update(&api, rt, ns, name, Some("finalize"), &ctx).await,
         (verb, sub) => Err(ApiError::method_not_allowed(format!(
             "{verb} is not supported on {}{}",
             rt.plural,
