@@ -79,6 +79,65 @@ spec:
         command: ["sh", "-c", "mkdir -p /www && echo pod=$HOSTNAME > /www/index.html && echo started $HOSTNAME && exec httpd -f -p 8080 -h /www"]
 "#;
 
+/// Services: a ClusterIP reaches the Deployment's pods from the host and
+/// from a pod, spread over them; a Service with no ready endpoint, and an
+/// address in the service range no Service has, refuse at once (nothing
+/// leaks out through the default route).
+fn services(kc: &Path, web0: &str) {
+    apply(
+        kc,
+        "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{port: 80, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: nobody}
+spec:
+  selector: {app: nobody}
+  ports: [{port: 80}]
+",
+    );
+    let ip = json_of(kc, &["get", "svc", "web"])["spec"]["clusterIP"].as_str().unwrap().to_string();
+    let served: std::collections::BTreeSet<String> = wait_for(30, "the Service to answer from the host", || {
+        let answers: std::collections::BTreeSet<String> = (0..30)
+            .filter_map(|_| {
+                let body = try_http_get(&ip, 80)?;
+                body.lines().find(|l| l.starts_with("pod=")).map(str::to_string)
+            })
+            .collect();
+        Some(answers).filter(|a| a.len() > 1)
+    });
+    assert!(served.len() > 1, "requests are spread over the pods: {served:?}");
+    let from_pod =
+        ok(kc, &["exec", web0, "--", "sh", "-c", &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 80")]);
+    assert!(from_pod.contains("pod=web-"), "a pod reaches the Service: {from_pod}");
+
+    let nobody = json_of(kc, &["get", "svc", "nobody"])["spec"]["clusterIP"].as_str().unwrap().to_string();
+    for addr in [nobody.as_str(), "10.96.255.254"] {
+        let started = std::time::Instant::now();
+        let e = std::net::TcpStream::connect_timeout(&format!("{addr}:80").parse().unwrap(), Duration::from_secs(5))
+            .expect_err("nothing serves there");
+        assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{addr}: {e}");
+        assert!(started.elapsed() < Duration::from_secs(2), "{addr} refused at once");
+    }
+    ok(kc, &["delete", "svc", "web", "nobody"]);
+}
+
+/// An HTTP GET that may fail (connection refused, no answer yet).
+fn try_http_get(ip: &str, port: u16) -> Option<String> {
+    let mut s =
+        std::net::TcpStream::connect_timeout(&format!("{ip}:{port}").parse().ok()?, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
 /// A StatefulSet whose pod counts its boots on its own volume, as a
 /// non-root user (a provisioned volume is writable by anyone).
 const KEEPER: &str = r#"
@@ -335,6 +394,7 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
         assert!(ok(&kc, &["logs", name]).contains(&format!("started {name}")));
     }
     let web0 = items[0]["metadata"]["name"].as_str().unwrap().to_string();
+    services(&kc, &web0);
     let (_, body) = common::http_get(&format!("{metrics_url}/metrics")).unwrap();
     for name in [
         "kubelet_running_pods 3",

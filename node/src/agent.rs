@@ -263,6 +263,9 @@ impl<R: Runtime> Agent<R> {
             tokio::spawn(self.clone().reclaim_local_paths(root));
         }
         tokio::spawn(self.clone().serve_masters());
+        if self.rt.proxies_services() {
+            tokio::spawn(crate::services::run(self.masters.clone(), crate::proxy::table_name(&self.info.name)));
+        }
         if let Some(queue) = self.events_queue.lock().take() {
             tokio::spawn(crate::events::send(self.masters.clone(), queue));
         }

@@ -287,17 +287,26 @@ impl Masters {
 
     /// Opens a pod watch: returns the stream to read frames from.
     pub async fn watch_pods(&self) -> anyhow::Result<quinn::RecvStream> {
+        self.watch(&NodeRequest::WatchPods, "pod").await
+    }
+
+    /// Opens the Services and Endpoints watch (for the service proxy).
+    pub async fn watch_services(&self) -> anyhow::Result<quinn::RecvStream> {
+        self.watch(&NodeRequest::WatchServices, "service").await
+    }
+
+    async fn watch(&self, req: &NodeRequest, what: &str) -> anyhow::Result<quinn::RecvStream> {
         let conn = self.connection().await?;
         let (mut send, mut recv) = conn.open_bi().await?;
-        write_message(&mut send, &NodeRequest::WatchPods).await?;
+        write_message(&mut send, req).await?;
         send.finish()?;
         let first = tokio::time::timeout(Duration::from_secs(30), read_message(&mut recv, MAX_MESSAGE))
             .await
-            .context("no answer to the pod watch")??;
+            .with_context(|| format!("no answer to the {what} watch"))??;
         match first {
             NodeResponse::Watching => Ok(recv),
             NodeResponse::Error { code, reason, message } => bail!("{code} {reason}: {message}"),
-            other => bail!("unexpected answer to the pod watch: {other:?}"),
+            other => bail!("unexpected answer to the {what} watch: {other:?}"),
         }
     }
 

@@ -27,6 +27,12 @@
 //!   on-disk layout and atomic file sets, tmpfs mounts, volumeMounts with
 //!   subPath; `localpath.rs` the local-path root advertised on the Node and
 //!   the removal of deleted PersistentVolumes' directories there.
+//! - `services.rs`: every Service and Endpoints, watched from the masters
+//!   and turned into this node's service rules (`proxy.rs`).
+//! - `proxy.rs`: Services as kube-proxy's nftables mode does them (cluster
+//!   IPs and NodePorts DNATed to ready endpoints, masqueraded, the rest of
+//!   the service CIDR rejected): a pure planner of one `nft -f` script and
+//!   the `nft` runs that apply and remove it.
 //! - `usage.rs`: CPU and memory usage of the node and its containers,
 //!   reported every 15 s (served by the masters as `metrics.k8s.io`).
 //! - `testimage.rs`: a busybox OCI image archive built locally, for the
@@ -46,7 +52,9 @@ pub mod podlogs;
 pub mod podnet;
 pub mod pods;
 pub mod prober;
+pub mod proxy;
 pub mod runtime;
+pub mod services;
 pub mod sim;
 pub mod streams;
 pub mod testimage;

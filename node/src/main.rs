@@ -257,6 +257,12 @@ fn main() -> anyhow::Result<()> {
                 if cli.teardown_on_exit {
                     agent::teardown_all(rt.as_ref(), &data_dir).await;
                     network.release().await;
+                    // Its Services' rules go with the node (a real node keeps
+                    // them: fail-static, like its containers).
+                    let table = capstan_node::proxy::table_name(&agent.info.name);
+                    if let Err(e) = capstan_node::proxy::remove(&table).await {
+                        tracing::warn!(table, error = %format!("{e:#}"), "removing the service rules");
+                    }
                 }
                 rt.shutdown().await;
                 result

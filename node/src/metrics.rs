@@ -151,6 +151,10 @@ impl<R: Runtime> Runtime for Instrumented<R> {
         self.inner.materializes_volumes()
     }
 
+    fn proxies_services(&self) -> bool {
+        self.inner.proxies_services()
+    }
+
     async fn ensure_image(
         &self,
         image: &str,

@@ -245,4 +245,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn materializes_volumes(&self) -> bool {
         true
     }
+
+    /// Whether pods here have real network namespaces, so Services must be
+    /// made reachable from them (the nftables proxy); hollow runtimes say no.
+    fn proxies_services(&self) -> bool {
+        true
+    }
 }

@@ -184,6 +184,10 @@ impl Runtime for SimRuntime {
     fn materializes_volumes(&self) -> bool {
         false
     }
+
+    fn proxies_services(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

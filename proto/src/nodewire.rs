@@ -8,7 +8,8 @@
 //! - agent -> master: one [`NodeRequest`], answered by one [`NodeResponse`].
 //!   `WatchPods` is answered by `Watching` and then a sequence of
 //!   [`PodFrame`]s (rkyv archives: the pods inside are the store's own
-//!   [`StoredObject`] archives, forwarded as they are).
+//!   [`StoredObject`] archives, forwarded as they are); `WatchServices`
+//!   likewise, with Services and Endpoints.
 //! - master -> agent: one [`AgentRequest`] (logs, exec), answered by one
 //!   [`AgentResponse`] and then raw bytes (logs) or [`ExecFrame`]s (exec).
 //! - master -> master: `NodeRequest::Relay` asks the master holding a
@@ -57,6 +58,10 @@ pub enum NodeRequest {
     Get { resource: String, namespace: String, name: String },
     /// The node's pods: a full listing, then every change.
     WatchPods,
+    /// Every Service and Endpoints of the cluster (what the agent's service
+    /// proxy needs): answered like `WatchPods`, with frames whose event keys
+    /// are `Service/<namespace>/<name>` and `Endpoints/<namespace>/<name>`.
+    WatchServices,
     /// The pod (being deleted) has no running containers left: remove it.
     PodTerminated { namespace: String, name: String, uid: String },
     /// Resource usage of the node and its pods (served as metrics.k8s.io).

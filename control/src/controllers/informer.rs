@@ -202,6 +202,15 @@ impl Informer {
         rx
     }
 
+    /// The objects now and every change after them, none missed and none
+    /// twice (the cache changes and changes are emitted under one lock).
+    pub fn list_and_subscribe(&self) -> (Vec<Arc<Cached>>, mpsc::UnboundedReceiver<Change>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut subs = self.subscribers.lock();
+        subs.list.push(tx);
+        (self.list(), rx)
+    }
+
     /// Runs `f` on a cache that reflects exactly the changes numbered up to
     /// the `seq` it is given, while no change can be emitted: a subscriber
     /// that takes a snapshot here and then ignores changes numbered `<= seq`

@@ -52,7 +52,7 @@ use crate::api::objects::Found;
 use crate::api::status::ApiError;
 use crate::api::{internal, ApiServer};
 use crate::controllers::events::{EventRecorder, EventType, ObjectRef};
-use crate::controllers::informer::{Change, Informer};
+use crate::controllers::informer::{Cached, Change, Informer};
 use crate::controllers::nodelifecycle::LEASE_NAMESPACE;
 
 /// Events a session may have queued before it is closed (the agent then
@@ -78,6 +78,8 @@ pub struct Gateway {
     api: Arc<ApiServer>,
     pods: Arc<Informer>,
     nodes: Arc<Informer>,
+    /// Services and Endpoints, streamed to every agent's service proxy.
+    services: [Arc<Informer>; 2],
     pki: Arc<Pki>,
     cidr: ClusterCidr,
     sessions: Mutex<HashMap<String, Vec<Session>>>,
@@ -147,6 +149,7 @@ impl Gateway {
             api,
             pods: informers.get("Pod").clone(),
             nodes: informers.get("Node").clone(),
+            services: ["Service", "Endpoints"].map(|k| informers.get(k).clone()),
             pki,
             cidr,
             sessions: Mutex::default(),
@@ -329,6 +332,13 @@ impl Gateway {
                 self.watch_pods(&n, send).await;
                 return;
             }
+            (Some(_), NodeRequest::WatchServices) => {
+                // Any node may read Services and Endpoints (Kubernetes'
+                // system:node role does), as its proxy needs them all.
+                self.metrics.requests.with_label_values(&[kind, "200"]).inc();
+                self.watch_services(send).await;
+                return;
+            }
             (Some(n), req) => self.handle(&n, req).await,
         };
         let code = match &resp {
@@ -355,9 +365,10 @@ impl Gateway {
                 self.token(node, &namespace, &pod, &uid, audience, expiration_seconds).await
             }
             NodeRequest::Events { events } => self.pod_events(node, events),
-            NodeRequest::Join { .. } | NodeRequest::WatchPods | NodeRequest::Relay { .. } => {
-                Ok(NodeResponse::error(400, "BadRequest", "unexpected request"))
-            }
+            NodeRequest::Join { .. }
+            | NodeRequest::WatchPods
+            | NodeRequest::WatchServices
+            | NodeRequest::Relay { .. } => Ok(NodeResponse::error(400, "BadRequest", "unexpected request")),
         };
         result.unwrap_or_else(api_error)
     }
@@ -824,6 +835,49 @@ impl Gateway {
         let _ = send.finish();
     }
 
+    /// Streams every Service and Endpoints: a listing, then their changes,
+    /// until the agent goes away. Event keys are `<Kind>/<namespace>/<name>`.
+    async fn watch_services(&self, mut send: quinn::SendStream) {
+        let event = |kind: &str, key: &str, new: Option<&Arc<Cached>>| match new {
+            Some(c) => PodEvent {
+                key: format!("{kind}/{key}"),
+                delete: false,
+                mod_revision: c.mod_revision,
+                object: c.bytes().to_vec(),
+            },
+            None => PodEvent { key: format!("{kind}/{key}"), delete: true, mod_revision: 0, object: vec![] },
+        };
+        let [services, endpoints] = &self.services;
+        let (svc_list, mut svc_rx) = services.list_and_subscribe();
+        let (ep_list, mut ep_rx) = endpoints.list_and_subscribe();
+        let listing = svc_list
+            .iter()
+            .map(|c| event("Service", &c.key, Some(c)))
+            .chain(ep_list.iter().map(|c| event("Endpoints", &c.key, Some(c))))
+            .collect();
+        let mut ok = write_message(&mut send, &NodeResponse::Watching).await.is_ok()
+            && write_frame(&mut send, &PodFrame { reset: true, events: listing }.encode()).await.is_ok();
+        while ok {
+            let first = tokio::select! {
+                Some(c) = svc_rx.recv() => event("Service", &c.key, c.new.as_ref()),
+                Some(c) = ep_rx.recv() => event("Endpoints", &c.key, c.new.as_ref()),
+                else => break,
+            };
+            let mut events = vec![first];
+            while events.len() < 256 {
+                match (svc_rx.try_recv(), ep_rx.try_recv()) {
+                    (Err(_), Err(_)) => break,
+                    (s, e) => {
+                        events.extend(s.ok().map(|c| event("Service", &c.key, c.new.as_ref())));
+                        events.extend(e.ok().map(|c| event("Endpoints", &c.key, c.new.as_ref())));
+                    }
+                }
+            }
+            ok = write_frame(&mut send, &PodFrame { reset: false, events }.encode()).await.is_ok();
+        }
+        let _ = send.finish();
+    }
+
     /// The router: each pod change goes to the sessions of the nodes it names.
     async fn route(self: Arc<Self>, mut changes: mpsc::UnboundedReceiver<Change>) {
         while let Some(c) = changes.recv().await {
@@ -866,6 +920,7 @@ fn request_kind(req: &NodeRequest) -> &'static str {
         NodeRequest::PodTerminated { .. } => "pod_terminated",
         NodeRequest::Get { .. } => "get",
         NodeRequest::WatchPods => "watch_pods",
+        NodeRequest::WatchServices => "watch_services",
         NodeRequest::Usage { .. } => "usage",
         NodeRequest::Relay { .. } => "relay",
         NodeRequest::Token { .. } => "token",
