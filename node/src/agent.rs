@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
 use capstan_proto::k8s::stored::StoredObject;
-use capstan_proto::nodewire::{read_frame, NodeRequest, NodeResponse, PodFrame, MAX_FRAME};
+use capstan_proto::nodewire::{NodeRequest, NodeResponse, PodFrame};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -317,28 +317,7 @@ impl<R: Runtime> Agent<R> {
     /// Watches the node's pods, re-watching (from a fresh listing) whenever
     /// the stream ends; each change is handed to its pod's worker.
     async fn watch(self: Arc<Self>) {
-        loop {
-            match self.masters.watch_pods().await {
-                Ok(mut recv) => loop {
-                    match read_frame(&mut recv, MAX_FRAME).await {
-                        Ok(Some(bytes)) => match PodFrame::decode(&bytes) {
-                            Ok(frame) => self.apply(frame),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "bad pod frame; re-watching");
-                                break;
-                            }
-                        },
-                        Ok(None) => break,
-                        Err(e) => {
-                            tracing::info!(error = %e, "pod watch ended; re-watching");
-                            break;
-                        }
-                    }
-                },
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "pod watch failed"),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        self.masters.follow(&NodeRequest::WatchPods, "pod", |frame| self.apply(frame)).await;
     }
 
     fn apply(self: &Arc<Self>, frame: PodFrame) {

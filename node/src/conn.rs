@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use capstan_proto::nodewire::{read_message, write_message, NodeRequest, NodeResponse, WireError, MAX_MESSAGE};
+use capstan_proto::nodewire::{
+    read_frame, read_message, write_message, NodeRequest, NodeResponse, PodFrame, WireError, MAX_FRAME, MAX_MESSAGE,
+};
 use capstan_raft::bootstrap::{host_of, write_private, JoinToken};
 use capstan_raft::pki::{self, CertifiedKey};
 use parking_lot::Mutex;
@@ -290,9 +292,32 @@ impl Masters {
         self.watch(&NodeRequest::WatchPods, "pod").await
     }
 
-    /// Opens the Services and Endpoints watch (for the service proxy).
-    pub async fn watch_services(&self) -> anyhow::Result<quinn::RecvStream> {
-        self.watch(&NodeRequest::WatchServices, "service").await
+    /// Follows a watch (`WatchPods`, `WatchServices`) forever: each frame
+    /// goes to `apply`; when the stream ends or fails it is opened again
+    /// (from a fresh listing, which `apply` sees as a reset frame).
+    pub async fn follow(&self, req: &NodeRequest, what: &str, mut apply: impl FnMut(PodFrame)) {
+        loop {
+            match self.watch(req, what).await {
+                Ok(mut recv) => loop {
+                    match read_frame(&mut recv, MAX_FRAME).await {
+                        Ok(Some(bytes)) => match PodFrame::decode(&bytes) {
+                            Ok(frame) => apply(frame),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "bad {what} frame; re-watching");
+                                break;
+                            }
+                        },
+                        Ok(None) => break,
+                        Err(e) => {
+                            tracing::info!(error = %e, "{what} watch ended; re-watching");
+                            break;
+                        }
+                    }
+                },
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "{what} watch failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     async fn watch(&self, req: &NodeRequest, what: &str) -> anyhow::Result<quinn::RecvStream> {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capstan_proto::k8s::stored::StoredObject;
-use capstan_proto::nodewire::{read_frame, PodFrame, MAX_FRAME};
+use capstan_proto::nodewire::{NodeRequest, PodFrame};
 use parking_lot::Mutex;
 use serde_json::Value;
 
@@ -98,31 +98,11 @@ pub async fn run(masters: Arc<Masters>, table: String) {
             }
         }
     });
-    loop {
-        match masters.watch_services().await {
-            Ok(mut recv) => loop {
-                match read_frame(&mut recv, MAX_FRAME).await {
-                    Ok(Some(bytes)) => match PodFrame::decode(&bytes) {
-                        Ok(frame) => {
-                            catalog.lock().apply(frame);
-                            changed.send_modify(|n| *n += 1);
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "bad service frame; re-watching");
-                            break;
-                        }
-                    },
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::info!(error = %e, "service watch ended; re-watching");
-                        break;
-                    }
-                }
-            },
-            Err(e) => tracing::warn!(error = %format!("{e:#}"), "service watch failed"),
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let apply = |frame| {
+        catalog.lock().apply(frame);
+        changed.send_modify(|n| *n += 1);
+    };
+    masters.follow(&NodeRequest::WatchServices, "service", apply).await;
 }
 
 #[cfg(test)]
