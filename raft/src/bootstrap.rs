@@ -516,8 +516,11 @@ mod tests {
             });
             let kept = server_rt.block_on(accepted).unwrap();
             // The crash: the driver tasks stop first, so dropping the
-            // endpoint and connection afterwards sends nothing.
-            server_rt.shutdown_background();
+            // endpoint and connection afterwards sends nothing. Wait for the
+            // workers to drop them: `shutdown_background` returns while a
+            // worker may still poll the driver, and the implicit close on
+            // drop below would then go out as a CONNECTION_CLOSE.
+            server_rt.shutdown_timeout(Duration::from_secs(5));
             drop(kept);
             // The old socket closes as the runtime's threads wind down.
             let socket = (0..100)
