@@ -313,7 +313,15 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         peer_listen,
         peer_advertise: a.peer_advertise.clone(),
         client_url: client_url.clone(),
-        extra_sans: vec![persisted.api_listen.ip().to_string()],
+        // In-cluster clients reach the API as the kubernetes Service.
+        extra_sans: [
+            persisted.api_listen.ip().to_string(),
+            capstan_proto::k8s::network::KUBERNETES_SERVICE_IP.to_string(),
+        ]
+        .into_iter()
+        .chain(["kubernetes", "kubernetes.default", "kubernetes.default.svc"].iter().map(|s| s.to_string()))
+        .chain([format!("kubernetes.default.svc.{}", capstan_proto::k8s::network::CLUSTER_DOMAIN)])
+        .collect(),
         limits: Limits {
             max_request_bytes: settings.max_request_bytes,
             quota_soft_bytes: hard / 10 * 8,
@@ -372,6 +380,7 @@ pub async fn run(a: ServerArgs) -> anyhow::Result<()> {
         gateway: Default::default(),
     });
     tokio::spawn(crate::api::bootstrap::ensure_forever(api_server.clone()));
+    tokio::spawn(crate::api::apiservers::run(api_server.clone(), name.clone(), persisted.api_listen));
     let crate::controllers::Started { leading, informers, kubelet_events } = crate::controllers::start(
         api_server.clone(),
         name.clone(),

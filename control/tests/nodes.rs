@@ -115,6 +115,7 @@ spec:
     let from_pod =
         ok(kc, &["exec", web0, "--", "sh", "-c", &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 80")]);
     assert!(from_pod.contains("pod=web-"), "a pod reaches the Service: {from_pod}");
+    cluster_dns_and_api(kc, web0, &ip);
 
     let nobody = json_of(kc, &["get", "svc", "nobody"])["spec"]["clusterIP"].as_str().unwrap().to_string();
     for addr in [nobody.as_str(), "10.96.255.254"] {
@@ -125,6 +126,75 @@ spec:
         assert!(started.elapsed() < Duration::from_secs(2), "{addr} refused at once");
     }
     ok(kc, &["delete", "svc", "web", "nobody"]);
+}
+
+/// Cluster DNS and the API from inside a pod: the kubelet's resolv.conf;
+/// a Service by full and by short name (the search path), a headless one
+/// by its pods, an ExternalName as an alias, unknown names NXDOMAIN. The
+/// `kubernetes` Service lists the three masters and leads to one: from a
+/// pod its TLS answers through 10.96.0.1 (the masters serve on 127.0.0.1),
+/// and from the host the API certificate is valid for that address.
+fn cluster_dns_and_api(kc: &Path, web0: &str, web_ip: &str) {
+    apply(
+        kc,
+        "apiVersion: v1
+kind: Service
+metadata: {name: web-pods}
+spec:
+  clusterIP: None
+  selector: {app: web}
+  ports: [{port: 8080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: alias}
+spec:
+  type: ExternalName
+  externalName: web.default.svc.cluster.local
+",
+    );
+    let resolv = ok(kc, &["exec", web0, "--", "cat", "/etc/resolv.conf"]);
+    assert!(resolv.starts_with("search default.svc.cluster.local svc.cluster.local cluster.local"), "{resolv}");
+    assert!(resolv.contains("\nnameserver 10.96.0.10\n") && resolv.contains("options ndots:5"), "{resolv}");
+    // busybox's nslookup fails when any search domain is NXDOMAIN, even
+    // after a hit: read what it printed, not its exit code.
+    let lookup = |name: &str| kubectl(kc, &["exec", web0, "--", "nslookup", name], None).1;
+    for name in ["web.default.svc.cluster.local", "web"] {
+        let out = lookup(name);
+        assert!(out.contains(&format!("Address: {web_ip}\n")), "{name}: {out}");
+    }
+    let pod_ips = ok(kc, &["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].status.podIP}"]);
+    let pod_ips: Vec<&str> = pod_ips.split_whitespace().collect();
+    assert_eq!(pod_ips.len(), 3, "{pod_ips:?}");
+    wait_for(20, "the headless Service to list every pod", || {
+        let out = lookup("web-pods.default.svc.cluster.local");
+        pod_ips.iter().all(|ip| out.contains(&format!("Address: {ip}\n"))).then_some(())
+    });
+    let out = lookup("alias.default.svc.cluster.local");
+    assert!(out.contains("canonical name = web.default.svc.cluster.local"), "{out}");
+    let out = lookup("nope.default.svc.cluster.local");
+    assert!(out.contains("can't find nope.default.svc.cluster.local: NXDOMAIN"), "{out}");
+
+    // Each master adds itself within a renewal of joining.
+    wait_for(30, "the kubernetes Service to list three masters", || {
+        let ep = json_of(kc, &["get", "endpoints", "kubernetes"]);
+        let subsets = ep["subsets"].as_array()?;
+        (subsets.iter().filter_map(|s| s["addresses"].as_array()).map(Vec::len).sum::<usize>() == 3).then_some(())
+    });
+    let tls = ok(
+        kc,
+        &[
+            "exec",
+            web0,
+            "--",
+            "sh",
+            "-c",
+            "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 10.96.0.1 443 | hexdump -C | head -1",
+        ],
+    );
+    assert!(tls.starts_with("00000000  15 03 03"), "a TLS alert from a master: {tls:?}");
+    ok(kc, &["--server", "https://10.96.0.1", "get", "namespace", "default"]);
+    ok(kc, &["delete", "svc", "web-pods", "alias"]);
 }
 
 /// An HTTP GET that may fail (connection refused, no answer yet).

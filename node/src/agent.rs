@@ -200,6 +200,9 @@ pub struct Agent<R: Runtime> {
     /// pods run early at the same throughput.
     starts: tokio::sync::Semaphore,
     pub(crate) events: crate::events::Recorder,
+    /// The node's own resolver configuration (/etc/resolv.conf at start):
+    /// what pods' resolv.conf extends, where cluster DNS forwards.
+    host_dns: crate::dns::ResolvConf,
     /// The recorder's queue, until `run` starts its sender.
     events_queue: Mutex<Option<tokio::sync::mpsc::Receiver<capstan_proto::nodewire::AgentEvent>>>,
 }
@@ -221,6 +224,7 @@ impl<R: Runtime> Agent<R> {
             workers: Mutex::default(),
             keys: Mutex::default(),
             observed: tokio::sync::Mutex::new(None),
+            host_dns: crate::dns::ResolvConf::parse(&std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()),
             listed: Default::default(),
             stopping: Default::default(),
             metrics,
@@ -264,7 +268,8 @@ impl<R: Runtime> Agent<R> {
         }
         tokio::spawn(self.clone().serve_masters());
         if self.rt.proxies_services() {
-            tokio::spawn(crate::services::run(self.masters.clone(), crate::proxy::table_name(&self.info.name)));
+            let dns = self.start_dns(&cidr);
+            tokio::spawn(crate::services::run(self.masters.clone(), crate::proxy::table_name(&self.info.name), dns));
         }
         if let Some(queue) = self.events_queue.lock().take() {
             tokio::spawn(crate::events::send(self.masters.clone(), queue));
@@ -272,6 +277,28 @@ impl<R: Runtime> Agent<R> {
         tokio::spawn(crate::usage::report_loop(self.rt.clone(), self.masters.clone()));
         self.watch().await;
         Ok(())
+    }
+
+    /// Starts this node's cluster DNS on its pod gateway address (see
+    /// dns.rs); None (pods then cannot resolve cluster names) when the
+    /// pod CIDR is unusable or the port cannot be bound.
+    fn start_dns(&self, cidr: &str) -> Option<crate::services::LocalDns> {
+        let ip = match crate::cni::PodCidr::parse(cidr) {
+            Ok(c) => c.gateway(),
+            Err(e) => {
+                tracing::error!(%cidr, error = %e, "no cluster DNS: the pod CIDR is unusable");
+                return None;
+            }
+        };
+        let zone = Arc::new(crate::dns::ZoneCell::default());
+        let upstreams = crate::dns::upstreams(&self.host_dns);
+        let (z, node) = (zone.clone(), self.info.name.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::dns::serve(ip, 53, z, upstreams).await {
+                tracing::error!(node, %ip, error = %e, "cluster DNS not served");
+            }
+        });
+        Some(crate::services::LocalDns { ip, zone })
     }
 
     async fn register(&self) -> String {
@@ -629,6 +656,7 @@ impl<R: Runtime> Agent<R> {
                     hostname: spec.raw["spec"]["hostname"].as_str().unwrap_or(&spec.name).to_string(),
                     port_mappings: host_ports(&spec.raw),
                     host_network: spec.host_network,
+                    resolv_conf: Some(crate::dns::pod_resolv_conf(&spec.raw["spec"], &spec.namespace, &self.host_dns)),
                 };
                 let _turn = self.starts.acquire().await;
                 match self.rt.run_sandbox(&cfg).await {

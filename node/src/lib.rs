@@ -43,6 +43,7 @@ pub mod agent;
 pub mod cni;
 pub mod conn;
 pub mod containerd;
+pub mod dns;
 pub mod events;
 pub mod localpath;
 pub mod logdriver;

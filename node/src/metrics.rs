@@ -320,6 +320,7 @@ mod tests {
             hostname: "p".into(),
             port_mappings: vec![],
             host_network: false,
+            resolv_conf: None,
         };
         rt.run_sandbox(&cfg).await.unwrap();
         assert!(rt.remove_container("missing").await.is_ok());

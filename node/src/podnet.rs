@@ -67,6 +67,20 @@ fn iptables(head: &[&str], rule: &[String]) -> std::io::Result<bool> {
     Ok(st.success())
 }
 
+/// Lets the bridge carry pods' packets DNATed to 127.0.0.1 (a Service whose
+/// endpoints are on loopback: the `kubernetes` Service of masters serving
+/// on 127.0.0.1); the proxy's table drops any other traffic to 127/8
+/// arriving from outside (proxy.rs). Failure only costs those Services.
+fn route_localnet(bridge: &str) {
+    let path = format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet");
+    if std::fs::read_to_string(&path).is_ok_and(|v| v.trim() == "1") {
+        return;
+    }
+    if let Err(e) = std::fs::write(&path, "1") {
+        tracing::warn!(bridge, error = %e, "route_localnet not set: Services on 127.0.0.1 unreachable from pods");
+    }
+}
+
 /// Installs the node-wide masquerade rule unless it is there already.
 fn ensure_masquerade(rule: &[String]) -> std::io::Result<()> {
     if iptables(&["-t", "nat", "-C", "POSTROUTING"], rule)? {
@@ -108,7 +122,11 @@ impl PodNetwork for CniNetwork {
             let netns = crate::netns::create(&self.netns_dir, sandbox_id)
                 .map_err(|e| RuntimeError::Network(format!("network namespace: {e}")))?;
             match cni.setup(sandbox_id, &netns, &cfg.port_mappings).await {
-                Ok(ip) => Ok(PodNetworkSetup { netns, ip }),
+                Ok(ip) => {
+                    // The bridge exists now (the first ADD makes it).
+                    route_localnet(&self.bridge);
+                    Ok(PodNetworkSetup { netns, ip })
+                }
                 Err(e) => {
                     let _ = crate::netns::remove(&netns);
                     Err(RuntimeError::Network(e.to_string()))

@@ -33,6 +33,13 @@
 //!   TCP reset or ICMP port-unreachable, so clients fail at once instead of
 //!   their packets leaking out through the default route.
 //!
+//! - Endpoints on loopback (the masters of `capstan up` serve the API on
+//!   127.0.0.1, and so the `kubernetes` Service leads there): a packet
+//!   DNATed from a pod to 127.0.0.1 is a martian unless its bridge has
+//!   `route_localnet` (set by podnet.rs, as kube-proxy does for
+//!   localhost NodePorts); `filter-input` then drops whatever reaches
+//!   127.0.0.0/8 from elsewhere without having been DNATed.
+//!
 //! Not done: IPv6, sessionAffinity ClientIP (ignored: every connection
 //! picks an endpoint anew), externalIPs and LoadBalancer ingress IPs,
 //! externalTrafficPolicy/internalTrafficPolicy Local, terminating
@@ -53,9 +60,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-/// Where the masters allocate cluster IPs (control's `random_service_ip`).
-/// Whatever in it matches no Service is rejected.
-pub const SERVICE_CIDR: &str = "10.96.0.0/16";
+/// Where the masters allocate cluster IPs. Whatever in it matches no
+/// Service is rejected.
+pub use capstan_proto::k8s::network::SERVICE_CIDR;
 
 /// The packet mark bit of connections DNATed to an endpoint, masqueraded in
 /// postrouting. kube-proxy's masquerade bit, so the two agree should both
@@ -346,6 +353,7 @@ fn elements(out: &mut String, items: &[String]) {
 ///     }
 ///     chain filter-input {
 ///         type filter hook input priority filter - 10; policy accept;
+///         ip daddr 127.0.0.0/8 ip saddr != 127.0.0.0/8 ct status & dnat == 0 drop
 ///         ct state new ip daddr != 127.0.0.0/8 meta l4proto . th dport @no-endpoint-nodeports jump reject-packet
 ///         jump reject-unserved
 ///     }
@@ -438,9 +446,11 @@ pub fn plan(table: &str, services: &[Value], endpoints: &[Value]) -> String {
     ));
     // `ct state new` on nodePorts: replies to the host's own connections
     // from such a port (never by default: ephemeral ports start at 32768)
-    // must not be reset.
+    // must not be reset. The loopback rule: pod bridges route 127/8 (see the
+    // module doc), so only what a Service sent there may arrive.
     s.push_str(
         "\tchain filter-input {\n\t\ttype filter hook input priority filter - 10; policy accept;\n\
+         \t\tip daddr 127.0.0.0/8 ip saddr != 127.0.0.0/8 ct status & dnat == 0 drop\n\
          \t\tct state new ip daddr != 127.0.0.0/8 meta l4proto . th dport @no-endpoint-nodeports jump reject-packet\n\
          \t\tjump reject-unserved\n\t}\n",
     );

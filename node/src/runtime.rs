@@ -78,6 +78,8 @@ pub struct SandboxConfig {
     pub port_mappings: Vec<PortMapping>,
     /// The pod shares the node's network namespace (`hostNetwork: true`).
     pub host_network: bool,
+    /// The pod's /etc/resolv.conf (`dns::pod_resolv_conf`); None: the node's.
+    pub resolv_conf: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -8,9 +8,14 @@
 //! Fail-static: while no master is reachable the table stays as it was, so
 //! running pods keep reaching their Services.
 //!
+//! The same catalog feeds the node's cluster DNS (`dns.rs`): each rewrite
+//! also swaps in a new [`Zone`], and `kube-system/kube-dns` is routed to
+//! this node's own resolver whatever its Endpoints say.
+//!
 //! [`Catalog`] is pure (frames in, objects out); [`run`] is the IO.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +25,7 @@ use parking_lot::Mutex;
 use serde_json::Value;
 
 use crate::conn::Masters;
+use crate::dns::{Zone, ZoneCell, DNS_SERVICE};
 
 /// How long changes settle before the table is rewritten.
 pub const SETTLE: Duration = Duration::from_millis(100);
@@ -59,28 +65,77 @@ impl Catalog {
         }
     }
 
-    /// This node's nftables script for what the catalog holds.
-    pub fn script(&self, table: &str) -> String {
+    /// This node's nftables script for what the catalog holds. With
+    /// `local_dns`, the cluster DNS Service leads to that address, port 53.
+    pub fn script(&self, table: &str, local_dns: Option<Ipv4Addr>) -> String {
         let services: Vec<Value> = self.services.values().cloned().collect();
-        let endpoints: Vec<Value> = self.endpoints.values().cloned().collect();
+        let dns_key = format!("{}/{}", DNS_SERVICE.0, DNS_SERVICE.1);
+        let mut endpoints: Vec<Value> = self
+            .endpoints
+            .iter()
+            .filter(|(k, _)| local_dns.is_none() || **k != dns_key)
+            .map(|(_, v)| v.clone())
+            .collect();
+        if let (Some(ip), Some(svc)) = (local_dns, self.services.get(&dns_key)) {
+            endpoints.push(local_dns_endpoints(svc, ip));
+        }
         crate::proxy::plan(table, &services, &endpoints)
+    }
+
+    /// The cluster DNS zone for what the catalog holds.
+    pub fn zone(&self, serial: u32) -> Zone {
+        let services: Vec<&Value> = self.services.values().collect();
+        let endpoints: Vec<&Value> = self.endpoints.values().collect();
+        Zone::build(&services, &endpoints, serial)
     }
 }
 
-/// Keeps the table `table` in step with the cluster's Services, forever.
-pub async fn run(masters: Arc<Masters>, table: String) {
+/// Endpoints for the cluster DNS Service `svc` at `ip`: each of its ports
+/// 53 (DNS over UDP and over TCP) served there on 53.
+fn local_dns_endpoints(svc: &Value, ip: Ipv4Addr) -> Value {
+    let ports: Vec<Value> = svc["spec"]["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["port"] == 53)
+        .map(|p| serde_json::json!({"name": p["name"], "port": 53, "protocol": p["protocol"]}))
+        .collect();
+    serde_json::json!({
+        "metadata": {"namespace": DNS_SERVICE.0, "name": DNS_SERVICE.1},
+        "subsets": [{"addresses": [{"ip": ip.to_string()}], "ports": ports}],
+    })
+}
+
+/// This node's cluster DNS: its resolver's address and the zone it
+/// answers from.
+pub struct LocalDns {
+    pub ip: Ipv4Addr,
+    pub zone: Arc<ZoneCell>,
+}
+
+/// Keeps the table `table` (and `dns`'s zone) in step with the cluster's
+/// Services, forever.
+pub async fn run(masters: Arc<Masters>, table: String, dns: Option<LocalDns>) {
     let catalog = Arc::new(Mutex::new(Catalog::default()));
     let (changed, mut seen) = tokio::sync::watch::channel(0u64);
     let writer = catalog.clone();
     tokio::spawn(async move {
         let mut applied: Option<String> = None;
+        let mut serial = 0u32;
         while seen.changed().await.is_ok() {
             // Until the latest state is in the kernel (a failed apply is
             // retried with whatever the catalog holds by then).
             loop {
                 tokio::time::sleep(SETTLE).await;
                 seen.borrow_and_update();
-                let script = writer.lock().script(&table);
+                let script = {
+                    let catalog = writer.lock();
+                    if let Some(dns) = &dns {
+                        serial = serial.wrapping_add(1);
+                        dns.zone.set(catalog.zone(serial));
+                    }
+                    catalog.script(&table, dns.as_ref().map(|d| d.ip))
+                };
                 if applied.as_deref() == Some(script.as_str()) {
                     break;
                 }
@@ -139,5 +194,33 @@ mod tests {
         // A reset listing replaces everything.
         c.apply(PodFrame { reset: true, events: vec![] });
         assert!(c.services.is_empty());
+    }
+
+    #[test]
+    fn the_cluster_dns_service_leads_to_this_node() {
+        let dns = json!({"metadata": {"name": "kube-dns", "namespace": "kube-system"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP"}, {"name": "metrics", "port": 9153}]}});
+        let elsewhere = json!({"metadata": {"name": "kube-dns", "namespace": "kube-system"},
+            "subsets": [{"addresses": [{"ip": "10.244.9.9"}], "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]}]});
+        let mut c = Catalog::default();
+        c.apply(PodFrame {
+            reset: true,
+            events: vec![put("Service/kube-system/kube-dns", dns), put("Endpoints/kube-system/kube-dns", elsewhere)],
+        });
+        let local = c.script("t", Some(Ipv4Addr::new(10, 244, 3, 1)));
+        assert!(local.contains("10.244.3.1 . 53") && !local.contains("10.244.9.9"), "{local}");
+        assert!(local.contains("10.96.0.10 . udp . 53") && local.contains("10.96.0.10 . tcp . 53"), "{local}");
+        assert!(!local.contains("kube-dns/tcp/9153"), "only the DNS ports lead here: {local}");
+        // Without a local resolver (sim nodes), the Endpoints as they are.
+        assert!(c.script("t", None).contains("10.244.9.9 . 53"));
+        assert!(matches!(c.zone(1).resolve(&{
+            let mut q = hickory_proto::op::Message::query();
+            q.add_query(hickory_proto::op::Query::query(
+                hickory_proto::rr::Name::from_ascii("kube-dns.kube-system.svc.cluster.local.").unwrap(),
+                hickory_proto::rr::RecordType::A,
+            ));
+            q
+        }), crate::dns::Outcome::Reply(m) if m.answers.len() == 1));
     }
 }

@@ -178,6 +178,7 @@ impl Env {
                 hostname: "p".into(),
                 port_mappings: vec![],
                 host_network: true,
+                resolv_conf: None,
             })
             .await
             .unwrap()
@@ -576,18 +577,22 @@ async fn pod_network_namespace_and_etc_files() {
                 hostname: "web-0".into(),
                 port_mappings: vec![],
                 host_network: false,
+                resolv_conf: Some("search d.svc.cluster.local\nnameserver 10.96.0.10\n".into()),
             })
             .await
             .unwrap();
         let netns = sb.netns.clone().unwrap();
         assert!(netns.exists());
-        let cfg = env.config("net", &["sh", "-c", "ls /sys/class/net; hostname; cat /etc/hostname /etc/hosts"]);
+        let cfg = env
+            .config("net", &["sh", "-c", "ls /sys/class/net; hostname; cat /etc/hostname /etc/hosts /etc/resolv.conf"]);
         let id = env.rt.start_container(&sb, &cfg).await.unwrap();
         assert_eq!(env.wait_exited(&id).await, (0, false));
         let log = std::fs::read_to_string(&cfg.log_path).unwrap();
         // Only loopback in a fresh namespace; the pod's hostname everywhere.
         assert_eq!(log.lines().next(), Some("lo"), "{log}");
         assert!(log.matches("web-0").count() >= 3, "{log}");
+        // The resolv.conf it was given, not the node's.
+        assert!(log.ends_with("search d.svc.cluster.local\nnameserver 10.96.0.10\n"), "{log}");
         env.rt.remove_container(&id).await.unwrap();
         env.rt.remove_sandbox(&sb.id).await.unwrap();
         assert!(!netns.exists());

@@ -1,7 +1,9 @@
 //! Objects every cluster has from the start: the built-in namespaces and
 //! the RBAC roles and bindings Kubernetes bootstraps (cluster-admin for
 //! `system:masters`, discovery and self-review for every authenticated user,
-//! and the admin/edit/view roles for binding to users).
+//! and the admin/edit/view roles for binding to users), the system
+//! priority classes, the default StorageClass, and the `kubernetes` and
+//! `kube-dns` Services.
 //!
 //! Every master ensures them when it starts; creates compare
 //! `create_revision == 0`, so concurrent masters and restarts are harmless
@@ -100,7 +102,32 @@ pub fn builtin_objects() -> Vec<Value> {
             "value": value, "description": description, "preemptionPolicy": "PreemptLowerPriority"})
     }));
     out.push(super::storage::builtin_class());
+    out.extend(builtin_services());
     out
+}
+
+/// `default/kubernetes` (the API, endpoints kept by `apiservers.rs`) and
+/// `kube-system/kube-dns` (every pod's nameserver, answered by each node
+/// itself: node/src/dns.rs), at their fixed cluster IPs, without
+/// selectors.
+fn builtin_services() -> [Value; 2] {
+    use capstan_proto::k8s::network::{CLUSTER_DNS_IP, KUBERNETES_SERVICE_IP};
+    let kubernetes = KUBERNETES_SERVICE_IP.to_string();
+    let dns = CLUSTER_DNS_IP.to_string();
+    [
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"type": "ClusterIP", "clusterIP": kubernetes, "clusterIPs": [kubernetes],
+                "sessionAffinity": "None",
+                "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 443}]}}),
+        json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                "labels": {"k8s-app": "kube-dns", "kubernetes.io/cluster-service": "true", "kubernetes.io/name": "CoreDNS"}},
+            "spec": {"type": "ClusterIP", "clusterIP": dns, "clusterIPs": [dns], "sessionAffinity": "None",
+                "ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                    {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53}]}}),
+    ]
 }
 
 /// Creates whatever of [`builtin_objects`] is missing.
@@ -111,12 +138,13 @@ pub async fn ensure(api: &ApiServer) -> Result<usize, ApiError> {
         let rt = registry::by_kind(av, obj["kind"].as_str().unwrap_or_default())
             .ok_or_else(|| ApiError::internal("built-in object of an unserved kind"))?;
         let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
-        if api.objects.get(rt, None, &name).await?.is_some() {
+        let ns = obj["metadata"]["namespace"].as_str().map(str::to_string);
+        if api.objects.get(rt, ns.as_deref(), &name).await?.is_some() {
             continue;
         }
         let obj = super::admission::prepare_create(
             rt,
-            None,
+            ns.as_deref(),
             obj,
             &super::handlers::now(),
             &uuid::Uuid::new_v4().to_string(),
@@ -159,7 +187,8 @@ mod tests {
             let rt = registry::by_kind(obj["apiVersion"].as_str().unwrap(), obj["kind"].as_str().unwrap()).unwrap();
             let n = (rt.normalize)(&obj).unwrap();
             assert!(capstan_proto::k8s::fields::unknown_fields(&obj, &n).is_empty());
-            super::super::admission::prepare_create(rt, None, n, "t", "u", "").unwrap();
+            super::super::admission::prepare_create(rt, obj["metadata"]["namespace"].as_str(), n, "t", "u", "")
+                .unwrap();
         }
     }
 }

@@ -367,10 +367,16 @@ fn needs_cluster_ip(svc: &Value) -> bool {
 }
 
 fn random_service_ip() -> String {
+    use capstan_proto::k8s::network;
     use rand::Rng;
-    // 10.96.0.0/16 without .0.0, .0.1 (kept for the kubernetes Service) and the broadcast.
-    let n: u32 = rand::thread_rng().gen_range(2..65535);
-    format!("10.96.{}.{}", n >> 8, n & 0xff)
+    let host_bits = 32 - u32::from(network::SERVICE_PREFIX);
+    loop {
+        let n: u32 = rand::thread_rng().gen_range(0..1 << host_bits);
+        let ip = std::net::Ipv4Addr::from(u32::from(network::SERVICE_NETWORK) | n);
+        if network::allocatable(ip) {
+            return ip.to_string();
+        }
+    }
 }
 
 async fn current(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, name: &str) -> Result<Found, ApiError> {

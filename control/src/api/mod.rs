@@ -27,6 +27,7 @@
 //! through Raft -> response with the new resourceVersion (= store revision).
 
 pub mod admission;
+pub mod apiservers;
 pub mod apply;
 pub mod bootstrap;
 pub mod discovery;

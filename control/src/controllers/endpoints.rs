@@ -51,6 +51,13 @@ fn members<'a>(svc: &Value, pods: &'a [Value]) -> Vec<&'a Value> {
         .collect()
 }
 
+/// A pod naming this Service as its subdomain is known in DNS by its
+/// hostname (StatefulSet pods: `<pod>.<service>.<ns>.svc`).
+fn dns_hostname<'a>(svc: &Value, p: &'a Value) -> Option<&'a str> {
+    let h = p["spec"]["hostname"].as_str().filter(|h| !h.is_empty())?;
+    (p["spec"]["subdomain"] == svc["metadata"]["name"]).then_some(h)
+}
+
 fn target_ref(p: &Value) -> Value {
     json!({"kind": "Pod", "namespace": p["metadata"]["namespace"], "name": p["metadata"]["name"], "uid": p["metadata"]["uid"]})
 }
@@ -84,6 +91,9 @@ pub fn endpoints(svc: &Value, pods: &[Value]) -> Option<Value> {
         let ports = resolved_ports(svc, p);
         let entry = subsets.entry(serde_json::to_string(&ports).unwrap_or_default()).or_insert((vec![], vec![], ports));
         let mut addr = json!({"ip": p["status"]["podIP"], "targetRef": target_ref(p)});
+        if let Some(h) = dns_hostname(svc, p) {
+            addr["hostname"] = json!(h);
+        }
         if let Some(n) = p["spec"]["nodeName"].as_str() {
             addr["nodeName"] = json!(n);
         }
@@ -136,6 +146,9 @@ pub fn slice(svc: &Value, pods: &[Value]) -> Option<Value> {
             let mut e = json!({"addresses": [p["status"]["podIP"]],
                 "conditions": {"ready": ready && !terminating, "serving": ready, "terminating": terminating},
                 "targetRef": target_ref(p)});
+            if let Some(h) = dns_hostname(svc, p) {
+                e["hostname"] = json!(h);
+            }
             if let Some(n) = p["spec"]["nodeName"].as_str() {
                 e["nodeName"] = json!(n);
             }
@@ -288,6 +301,20 @@ mod tests {
         assert_eq!(sl["endpoints"].as_array().unwrap().len(), 2);
         assert_eq!(sl["endpoints"][1]["conditions"]["ready"], false);
         assert_eq!(sl["metadata"]["labels"][SERVICE_NAME_LABEL], "web");
+    }
+
+    #[test]
+    fn pods_in_the_services_subdomain_are_named_by_hostname() {
+        let mut named = pod("web-0", "10.0.0.1", true, "web", 8080);
+        named["spec"]["hostname"] = json!("web-0");
+        named["spec"]["subdomain"] = json!("web");
+        let mut elsewhere = pod("x-0", "10.0.0.2", true, "web", 8080);
+        elsewhere["spec"]["hostname"] = json!("x-0");
+        elsewhere["spec"]["subdomain"] = json!("other");
+        let ep = endpoints(&svc(json!("web")), &[named, elsewhere]).unwrap();
+        let addrs = &ep["subsets"][0]["addresses"];
+        assert_eq!(addrs[0]["hostname"], "web-0");
+        assert!(addrs[1].get("hostname").is_none(), "{addrs}");
     }
 
     #[test]

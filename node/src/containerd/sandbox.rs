@@ -83,6 +83,7 @@ impl SandboxRecord {
                 })
                 .collect(),
             host_network: self.host_network,
+            resolv_conf: None,
         }
     }
 
@@ -213,7 +214,10 @@ pub async fn run_sandbox(c: &Containerd, cfg: &SandboxConfig) -> Result<Sandbox,
     } else {
         cfg.hostname.clone()
     };
-    let resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
+    let resolv = match &cfg.resolv_conf {
+        Some(r) => r.clone().into_bytes(),
+        None => std::fs::read("/etc/resolv.conf").unwrap_or_default(),
+    };
     let files = [
         ("hostname", format!("{hostname}\n").into_bytes()),
         ("hosts", hosts_file(&hostname, rec.ip).into_bytes()),

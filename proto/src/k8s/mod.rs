@@ -6,11 +6,13 @@
 //!   Kubernetes OpenAPI document is more faithful than a hand-written copy.
 //! - [`registry`]: the kinds Capstan serves and how each is decoded.
 //! - [`fields`]: which fields of a body Kubernetes does not define.
+//! - [`network`]: the service range and the fixed addresses in it.
 //! - [`protobuf`]: decoding the protobuf bodies kubectl's typed clients send.
 //! - [`storage`]: what masters and node agents share about volumes.
 //! - [`stored`]: the rkyv envelope objects are stored, watched and sent in.
 
 pub mod fields;
+pub mod network;
 pub mod protobuf;
 pub mod registry;
 pub mod storage;
