@@ -17,7 +17,9 @@
 //! - Excluded: image pulls (the image is already on the node and
 //!   `imagePullPolicy: IfNotPresent`), init containers (none), readiness
 //!   probes (none, so Ready follows Running), and any queueing in this
-//!   client before the POST (`--concurrency` bounds the creates in flight).
+//!   client before the POST (`--concurrency` bounds the creates in flight;
+//!   `--rate` paces them instead, for latency at a steady load rather than
+//!   the time a burst takes to work through).
 //!
 //! Pods: `--image` running `sleep 3600`, `terminationGracePeriodSeconds:
 //! 0`, labelled with this run so only they are watched. After they run
@@ -55,6 +57,13 @@ pub struct Args {
     /// Creates (and deletes) in flight at once.
     #[arg(long, default_value_t = 10)]
     pub concurrency: usize,
+    /// Create at this steady rate (pods per second) instead of as fast as
+    /// `--concurrency` allows: pod n is sent n/rate seconds after the first,
+    /// as Kubernetes' density tests pace creates when they measure startup
+    /// latency (a burst measures how long the node takes to work through
+    /// the whole batch instead).
+    #[arg(long)]
+    pub rate: Option<f64>,
     /// An image already on the nodes (`capstan up` imports busybox:stable).
     #[arg(long, default_value = "busybox:stable")]
     pub image: String,
@@ -283,11 +292,15 @@ pub async fn run(a: Args) -> Result<Value> {
         let (kube, tracker, pods_path, run, image) =
             (kube.clone(), tracker.clone(), pods_path.clone(), run.clone(), a.image.clone());
         let concurrency = a.concurrency.max(1);
+        let (first, rate) = (tokio::time::Instant::now(), a.rate.filter(|r| *r > 0.0));
         tokio::spawn(futures::stream::iter(0..a.pods).for_each_concurrent(concurrency, move |n| {
             let (kube, tracker, pods_path) = (kube.clone(), tracker.clone(), pods_path.clone());
             let name = format!("{run}-{n}");
             let body = pod(&name, &run, &image);
             async move {
+                if let Some(rate) = rate {
+                    tokio::time::sleep_until(first + Duration::from_secs_f64(n as f64 / rate)).await;
+                }
                 tracker.lock().sent(&name, Instant::now());
                 if let Err(e) = kube.post(n as usize, &pods_path, &body).await {
                     eprintln!("create {name}: {e:#}");
@@ -349,7 +362,7 @@ pub async fn run(a: Args) -> Result<Value> {
         }
     };
     let mut report = json!({
-        "pods": a.pods, "concurrency": a.concurrency, "image": a.image, "namespace": ns,
+        "pods": a.pods, "concurrency": a.concurrency, "rate_per_s": a.rate, "image": a.image, "namespace": ns,
     });
     for (k, v) in out.as_object().cloned().unwrap_or_default() {
         report[k] = v;

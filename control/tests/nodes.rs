@@ -197,6 +197,77 @@ spec:
     ok(kc, &["delete", "svc", "web-pods", "alias"]);
 }
 
+/// `kubectl port-forward` (kubectl 1.32: SPDY tunnelled in a WebSocket)
+/// to the pod and to a Service: the first local port it prints answers
+/// with the pod's page, twice and with two connections open at once. A
+/// port nothing listens on in the pod: the connection is closed and
+/// kubectl reports the agent's reason.
+fn port_forward(kc: &Path, web0: &str) {
+    let start = |target: &str, ports: &str| {
+        let mut child = Command::new("kubectl")
+            .env("KUBECONFIG", kc)
+            .args(["port-forward", target, ports])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // "Forwarding from 127.0.0.1:41235 -> 8080"
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().expect("kubectl port-forward prints its port").unwrap();
+        let port: u16 = first
+            .strip_prefix("Forwarding from 127.0.0.1:")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+        std::thread::spawn(move || lines.for_each(drop));
+        (child, port)
+    };
+    let (mut pod_fwd, port) = start(&format!("pod/{web0}"), "0:8080");
+    for _ in 0..2 {
+        assert!(http_get("127.0.0.1", port).contains(&format!("pod={web0}")));
+    }
+    let open: Vec<std::net::TcpStream> =
+        (0..2).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    for mut s in open {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        assert!(body.contains(&format!("pod={web0}")), "{body}");
+    }
+    let _ = pod_fwd.kill();
+    let _ = pod_fwd.wait();
+
+    apply(kc, "apiVersion: v1\nkind: Service\nmetadata: {name: web-fwd}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n");
+    let (mut svc_fwd, port) = start("svc/web-fwd", "0:80");
+    assert!(http_get("127.0.0.1", port).contains("pod=web-"), "through a Service's port");
+    let _ = svc_fwd.kill();
+    let _ = svc_fwd.wait();
+    ok(kc, &["delete", "svc", "web-fwd"]);
+
+    let (mut nothing, port) = start(&format!("pod/{web0}"), "0:9999");
+    assert_eq!(http_get("127.0.0.1", port), "", "nothing listens on 9999 in the pod");
+    // kubectl prints the error and drops the connection to the pod; read
+    // what it said for a while, whether or not it exits.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = nothing.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut err = String::new();
+    while !err.contains("failed to connect to localhost:9999") {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(line) => err.push_str(&line),
+            Err(_) => panic!("kubectl did not report the failed connection: {err:?}"),
+        }
+    }
+    let _ = nothing.kill();
+    let _ = nothing.wait();
+}
+
 /// An HTTP GET that may fail (connection refused, no answer yet).
 fn try_http_get(ip: &str, port: u16) -> Option<String> {
     let mut s =
@@ -465,6 +536,7 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
     }
     let web0 = items[0]["metadata"]["name"].as_str().unwrap().to_string();
     services(&kc, &web0);
+    port_forward(&kc, &web0);
     let (_, body) = common::http_get(&format!("{metrics_url}/metrics")).unwrap();
     for name in [
         "kubelet_running_pods 3",

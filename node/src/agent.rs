@@ -267,7 +267,7 @@ impl<R: Runtime> Agent<R> {
             tokio::spawn(self.clone().reclaim_local_paths(root));
         }
         tokio::spawn(self.clone().serve_masters());
-        if self.rt.proxies_services() {
+        if self.rt.has_pod_network() {
             let dns = self.start_dns(&cidr);
             tokio::spawn(crate::services::run(self.masters.clone(), crate::proxy::table_name(&self.info.name), dns));
         }

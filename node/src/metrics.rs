@@ -151,8 +151,8 @@ impl<R: Runtime> Runtime for Instrumented<R> {
         self.inner.materializes_volumes()
     }
 
-    fn proxies_services(&self) -> bool {
-        self.inner.proxies_services()
+    fn has_pod_network(&self) -> bool {
+        self.inner.has_pod_network()
     }
 
     async fn ensure_image(

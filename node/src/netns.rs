@@ -156,6 +156,31 @@ pub fn remove(path: &Path) -> Result<(), NetnsError> {
     }
 }
 
+/// A TCP connection to `addr` made from inside the network namespace at
+/// `netns` (a pod's loopback, for `kubectl port-forward`). A socket stays
+/// in the namespace it was made in, so a short-lived thread enters the
+/// namespace, connects and hands the socket back; every other thread stays
+/// in the host namespace.
+pub fn connect_in(
+    netns: &Path,
+    addr: std::net::SocketAddr,
+    timeout: std::time::Duration,
+) -> io::Result<std::net::TcpStream> {
+    use std::os::fd::AsRawFd;
+    let ns = std::fs::File::open(netns)?;
+    std::thread::Builder::new()
+        .name("netns-connect".into())
+        .spawn(move || {
+            // SAFETY: setns on an open namespace fd, for this thread only.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            std::net::TcpStream::connect_timeout(&addr, timeout)
+        })?
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("netns thread panicked")))
+}
+
 /// Undoes what [`create`] did to the directory itself (the bind mount that
 /// made it a shared mount point), for tests and an agent that wipes its
 /// data dir. Remove the namespaces first. Idempotent.

@@ -248,9 +248,10 @@ pub trait Runtime: Send + Sync + 'static {
         true
     }
 
-    /// Whether pods here have real network namespaces, so Services must be
-    /// made reachable from them (the nftables proxy); hollow runtimes say no.
-    fn proxies_services(&self) -> bool {
+    /// Whether pods here have real network namespaces: Services and cluster
+    /// DNS must be made reachable from them (the nftables proxy, dns.rs)
+    /// and their ports can be forwarded to; hollow runtimes say no.
+    fn has_pod_network(&self) -> bool {
         true
     }
 }

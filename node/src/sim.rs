@@ -185,7 +185,7 @@ impl Runtime for SimRuntime {
         false
     }
 
-    fn proxies_services(&self) -> bool {
+    fn has_pod_network(&self) -> bool {
         false
     }
 }

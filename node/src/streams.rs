@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use capstan_proto::nodewire::{
     read_message, write_frame, write_message, AgentRequest, AgentResponse, AttachRequest, ExecFrame, ExecRequest,
-    LogRequest, MAX_MESSAGE,
+    LogRequest, PortForwardRequest, MAX_MESSAGE,
 };
 use tokio::sync::mpsc;
 
@@ -49,12 +49,77 @@ impl<R: Runtime> Agent<R> {
             Ok(AgentRequest::Logs(l)) => self.logs(l, &mut send).await,
             Ok(AgentRequest::Exec(e)) => self.exec(e, &mut send, recv).await,
             Ok(AgentRequest::Attach(a)) => self.attach(a, &mut send, recv).await,
+            Ok(AgentRequest::PortForward(p)) => self.port_forward(p, &mut send, recv).await,
             Err(e) => write_message(&mut send, &refuse(400, "BadRequest", e.to_string())).await.map_err(Into::into),
         };
         if let Err(e) = result {
             tracing::debug!(error = %format!("{e:#}"), "master stream ended");
         }
         let _ = send.finish();
+    }
+
+    /// One forwarded connection: to `port` on the pod's loopback, then
+    /// bytes both ways until both directions are closed.
+    async fn port_forward(
+        &self,
+        req: PortForwardRequest,
+        send: &mut quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) -> anyhow::Result<()> {
+        let Some(spec) = self.pod(&req.namespace, &req.pod) else {
+            let msg = format!("pod {}/{} is not running on this node", req.namespace, req.pod);
+            return Ok(write_message(send, &refuse(404, "NotFound", msg)).await?);
+        };
+        if !self.rt.has_pod_network() {
+            let msg = format!("pod {} runs on a hollow node: it has no ports to forward to", req.pod);
+            return Ok(write_message(send, &refuse(400, "BadRequest", msg)).await?);
+        }
+        let sandbox =
+            self.observe(true).await.ok().and_then(|o| o.sandboxes.iter().find(|s| s.pod_uid == spec.uid).cloned());
+        let Some(sandbox) = sandbox else {
+            let msg = format!("pod {} has no sandbox yet", req.pod);
+            return Ok(write_message(send, &refuse(400, "BadRequest", msg)).await?);
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], req.port));
+        let timeout = Duration::from_secs(5);
+        let connected = match sandbox.netns.clone() {
+            Some(ns) => tokio::task::spawn_blocking(move || crate::netns::connect_in(&ns, addr, timeout))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string()))),
+            // hostNetwork: the pod's loopback is the node's.
+            None => tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
+                .await
+                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+                .and_then(|s| s.into_std()),
+        };
+        let conn = match connected.and_then(|s| {
+            s.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(s)
+        }) {
+            Ok(c) => c,
+            Err(e) => {
+                // The kubelet's wording, which kubectl prints.
+                let msg = format!(
+                    "error forwarding port {} to pod {}, uid {}: failed to connect to localhost:{} inside namespace: {e}",
+                    req.port, req.pod, spec.uid, req.port
+                );
+                return Ok(write_message(send, &refuse(500, "InternalError", msg)).await?);
+            }
+        };
+        write_message(send, &AgentResponse::Streaming).await?;
+        let (mut from_pod, mut to_pod) = conn.into_split();
+        let upstream = async {
+            let _ = tokio::io::copy(&mut recv, &mut to_pod).await;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut to_pod).await;
+        };
+        // The pod closing its side ends ours at once (the client may keep
+        // its side open until it hears that, as HTTP/1.0 clients do).
+        let downstream = async {
+            let _ = tokio::io::copy(&mut from_pod, send).await;
+            let _ = send.finish();
+        };
+        tokio::join!(upstream, downstream);
+        Ok(())
     }
 
     fn pod(&self, namespace: &str, name: &str) -> Option<Arc<PodSpec>> {

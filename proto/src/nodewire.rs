@@ -10,8 +10,9 @@
 //!   [`PodFrame`]s (rkyv archives: the pods inside are the store's own
 //!   [`StoredObject`] archives, forwarded as they are); `WatchServices`
 //!   likewise, with Services and Endpoints.
-//! - master -> agent: one [`AgentRequest`] (logs, exec), answered by one
-//!   [`AgentResponse`] and then raw bytes (logs) or [`ExecFrame`]s (exec).
+//! - master -> agent: one [`AgentRequest`] (logs, exec, port-forward),
+//!   answered by one [`AgentResponse`] and then raw bytes (logs, a
+//!   forwarded connection) or [`ExecFrame`]s (exec).
 //! - master -> master: `NodeRequest::Relay` asks the master holding a
 //!   node's connection to splice this stream onto a new stream to the
 //!   agent, so the API server of any master reaches any node.
@@ -177,6 +178,18 @@ pub enum AgentRequest {
     Logs(LogRequest),
     Exec(ExecRequest),
     Attach(AttachRequest),
+    PortForward(PortForwardRequest),
+}
+
+/// `kubectl port-forward`: one TCP connection to `port` on the pod's
+/// loopback (inside its network namespace, as the kubelet connects). After
+/// `Streaming` the stream carries the connection's raw bytes both ways;
+/// finishing a direction half-closes it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PortForwardRequest {
+    pub namespace: String,
+    pub pod: String,
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -36,7 +36,7 @@ fn namespaced_rules(verbs: Value, skip: &[&str]) -> Vec<Value> {
             t.subresources
                 .iter()
                 // Like Kubernetes' view role: reading pods is not entering them.
-                .filter(|s| !matches!(**s, "exec" | "attach") || verbs != read_verbs())
+                .filter(|s| !matches!(**s, "exec" | "attach" | "portforward") || verbs != read_verbs())
                 .map(|s| format!("{}/{s}", t.plural)),
         );
         match by_group.iter_mut().find(|(g, _)| *g == t.group) {

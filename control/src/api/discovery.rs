@@ -103,6 +103,7 @@ fn subresource_shape(
         "log" => ("Pod", "", "v1", &["get"]),
         "exec" => ("PodExecOptions", "", "v1", &["create", "get"]),
         "attach" => ("PodAttachOptions", "", "v1", &["create", "get"]),
+        "portforward" => ("PodPortForwardOptions", "", "v1", &["create", "get"]),
         "ephemeralcontainers" => ("Pod", "", "v1", &["get", "patch", "update"]),
         "eviction" => ("Eviction", "policy", "v1", &["create"]),
         "binding" => ("Binding", "", "v1", &["create"]),

@@ -94,6 +94,13 @@ pub async fn resource(api: Arc<ApiServer>, r: ResourceRequest, ctx: Ctx) -> Resu
         ("create", Some("token")) => {
             super::serviceaccount::token_request(&api, ns.unwrap_or_default(), name, &ctx).await
         }
+        ("get" | "create", Some("portforward")) => {
+            let pod = current(&api, rt, ns, name).await?.object;
+            let Some(node) = pod["spec"]["nodeName"].as_str().filter(|n| !n.is_empty()) else {
+                return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
+            };
+            super::portforward::serve(&api, node, ns.unwrap_or_default(), name, ctx).await
+        }
         ("get", Some("log")) | ("get" | "create", Some("exec" | "attach")) => {
             node_stream(&api, rt, ns, name, r.subresource.as_deref().unwrap_or_default(), ctx).await
         }

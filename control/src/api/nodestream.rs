@@ -27,9 +27,9 @@ pub const V4: &str = "v4.channel.k8s.io";
 
 /// A client's request to switch to a WebSocket.
 pub struct WsUpgrade {
-    on: hyper::upgrade::OnUpgrade,
-    key: String,
-    protocols: String,
+    pub(super) on: hyper::upgrade::OnUpgrade,
+    pub(super) key: String,
+    pub(super) protocols: String,
 }
 
 impl std::fmt::Debug for WsUpgrade {

@@ -116,7 +116,7 @@ pub fn volume_node_terms(pv: &Value) -> Option<Vec<NodeSelectorTerm>> {
 
 /// Whether the volume may be used on `node`.
 pub fn volume_admits(pv: &Value, node: &NodeInfo) -> bool {
-    volume_node_terms(pv).is_none_or(|terms| terms.iter().any(|t| t.matches(node)))
+    volume_node_terms(pv).is_none_or(|terms| terms.iter().any(|t| t.matches(&node.labels, &node.name)))
 }
 
 /// Whether `pv` can serve `pvc`: free (or pre-bound to it), same class and

@@ -9,9 +9,10 @@
 //! hostPath volume would be (`type` checks, subPaths). A claim not bound
 //! yet, or missing, is an error the pod's start retries.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
+use capstan_proto::k8s::selector::NodeSelectorTerm;
 use serde_json::Value;
 
 use super::{host_path_of, PathCheck, SourceKind, SourceRef, Sources, VolumeError, VolumePlan};
@@ -181,38 +182,9 @@ pub fn node_affinity_admits(affinity: &Value, node: &NodeInfo) -> bool {
         return true;
     }
     let labels = node.all_labels();
-    required["nodeSelectorTerms"].as_array().into_iter().flatten().any(|t| term_matches(t, &labels, &node.name))
-}
-
-fn term_matches(term: &Value, labels: &BTreeMap<String, String>, node: &str) -> bool {
-    let list = |k: &str| term[k].as_array().map(Vec::as_slice).unwrap_or_default();
-    let (exprs, fields) = (list("matchExpressions"), list("matchFields"));
-    if exprs.is_empty() && fields.is_empty() {
-        return false;
-    }
-    let key = |r: &Value| r["key"].as_str().unwrap_or_default().to_string();
-    exprs.iter().all(|r| requirement_matches(r, labels.get(&key(r)).map(String::as_str)))
-        // The only field a node selector may name.
-        && fields.iter().all(|r| key(r) == "metadata.name" && requirement_matches(r, Some(node)))
-}
-
-/// One NodeSelectorRequirement against the value it names (None: absent).
-fn requirement_matches(r: &Value, got: Option<&str>) -> bool {
-    let values: Vec<&str> = r["values"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-    let number = |s: &str| s.parse::<i64>().ok();
-    let compare = |ordering: std::cmp::Ordering| match (got.and_then(number), values.first().copied().and_then(number))
-    {
-        (Some(g), Some(v)) => g.cmp(&v) == ordering,
-        _ => false,
-    };
-    match r["operator"].as_str().unwrap_or_default() {
-        "In" => got.is_some_and(|g| values.contains(&g)),
-        "NotIn" => got.is_none_or(|g| !values.contains(&g)),
-        "Exists" => got.is_some(),
-        "DoesNotExist" => got.is_none(),
-        "Gt" => compare(std::cmp::Ordering::Greater),
-        "Lt" => compare(std::cmp::Ordering::Less),
-        // An operator Kubernetes does not know matches nothing.
-        _ => false,
-    }
+    required["nodeSelectorTerms"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|t| NodeSelectorTerm::parse(t).matches(&labels, &node.name))
 }

@@ -5,6 +5,7 @@
 //!   field names and JSON schemas. A maintained crate generated from the
 //!   Kubernetes OpenAPI document is more faithful than a hand-written copy.
 //! - [`registry`]: the kinds Capstan serves and how each is decoded.
+//! - [`selector`]: node selector terms, matched as Kubernetes does.
 //! - [`fields`]: which fields of a body Kubernetes does not define.
 //! - [`network`]: the service range and the fixed addresses in it.
 //! - [`protobuf`]: decoding the protobuf bodies kubectl's typed clients send.
@@ -15,6 +16,7 @@ pub mod fields;
 pub mod network;
 pub mod protobuf;
 pub mod registry;
+pub mod selector;
 pub mod storage;
 pub mod stored;
 

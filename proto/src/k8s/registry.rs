@@ -101,7 +101,7 @@ static TYPES: LazyLock<Vec<ResourceType>> = LazyLock::new(|| {
         entry::<core::v1::Pod>(
             &["po"],
             ALL,
-            &["attach", "binding", "ephemeralcontainers", "eviction", "exec", "log", "status"],
+            &["attach", "binding", "ephemeralcontainers", "eviction", "exec", "log", "portforward", "status"],
         ),
         entry::<core::v1::Node>(&["no"], NONE, STATUS),
         entry::<core::v1::Service>(&["svc"], ALL, STATUS),

@@ -52,7 +52,7 @@ pub fn nodes_to_find(n: usize) -> usize {
 /// Node affinity and selector: where the pod may run at all.
 pub fn node_matches(pod: &PodInfo, n: &NodeInfo) -> bool {
     pod.node_selector.iter().all(|(k, v)| n.label(k) == Some(v.as_str()))
-        && pod.node_terms.as_ref().is_none_or(|terms| terms.iter().any(|t| t.matches(n)))
+        && pod.node_terms.as_ref().is_none_or(|terms| terms.iter().any(|t| t.matches(&n.labels, &n.name)))
 }
 
 fn untolerated_hard_taint<'a>(pod: &PodInfo, n: &'a NodeInfo) -> Option<&'a Taint> {
@@ -335,7 +335,9 @@ fn scores(pod: &PodInfo, pre: &PreState, cache: &Cache, feasible: &[usize]) -> V
         }
     };
     if !pod.preferred_nodes.is_empty() {
-        let raw = nodes.iter().map(|n| pod.preferred_nodes.iter().filter(|(_, t)| t.matches(n)).map(|(w, _)| w).sum());
+        let raw = nodes
+            .iter()
+            .map(|n| pod.preferred_nodes.iter().filter(|(_, t)| t.matches(&n.labels, &n.name)).map(|(w, _)| w).sum());
         add(raw.collect(), false, 2);
     }
     if nodes.iter().any(|n| n.taints.iter().any(|t| t.effect == "PreferNoSchedule")) {

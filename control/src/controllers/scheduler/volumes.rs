@@ -140,7 +140,7 @@ impl Volumes {
 }
 
 fn terms_admit(terms: &Option<Vec<NodeSelectorTerm>>, n: &NodeInfo) -> bool {
-    terms.as_ref().is_none_or(|t| t.iter().any(|t| t.matches(n)))
+    terms.as_ref().is_none_or(|t| t.iter().any(|t| t.matches(&n.labels, &n.name)))
 }
 
 /// Whether node `n` serves every need, with Kubernetes' reason if not.
