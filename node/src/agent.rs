@@ -657,6 +657,7 @@ impl<R: Runtime> Agent<R> {
                     port_mappings: host_ports(&spec.raw),
                     host_network: spec.host_network,
                     resolv_conf: Some(crate::dns::pod_resolv_conf(&spec.raw["spec"], &spec.namespace, &self.host_dns)),
+                    domain: crate::dns::pod_domain(&spec.raw["spec"], &spec.namespace),
                 };
                 let _turn = self.starts.acquire().await;
                 match self.rt.run_sandbox(&cfg).await {

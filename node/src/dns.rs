@@ -522,6 +522,14 @@ pub fn pod_resolv_conf(spec: &Value, namespace: &str, host: &ResolvConf) -> Stri
     conf.render()
 }
 
+/// The DNS domain of a pod (its `spec`, in `namespace`) that names a
+/// `subdomain`: `<subdomain>.<ns>.svc.<cluster domain>`. With a headless
+/// Service of that name, `<hostname>.<domain>` resolves to the pod.
+pub fn pod_domain(spec: &Value, namespace: &str) -> Option<String> {
+    let sub = spec["subdomain"].as_str().filter(|s| dns_label(s))?;
+    Some(format!("{sub}.{namespace}.svc.{CLUSTER_DOMAIN}"))
+}
+
 fn cluster_first(namespace: &str, host: &ResolvConf) -> ResolvConf {
     let mut searches =
         vec![format!("{namespace}.svc.{CLUSTER_DOMAIN}"), format!("svc.{CLUSTER_DOMAIN}"), CLUSTER_DOMAIN.to_string()];

@@ -197,6 +197,13 @@ fn big_udp_replies_are_truncated_for_tcp() {
 }
 
 #[test]
+fn pods_naming_a_subdomain_have_a_domain() {
+    assert_eq!(pod_domain(&json!({"subdomain": "db"}), "d").as_deref(), Some("db.d.svc.cluster.local"));
+    assert_eq!(pod_domain(&json!({}), "d"), None);
+    assert_eq!(pod_domain(&json!({"subdomain": "Not_A_Label"}), "d"), None);
+}
+
+#[test]
 fn pods_resolv_conf_follows_dns_policy_and_config() {
     let host = ResolvConf::parse(
         "# host\nnameserver 192.168.1.1\nnameserver 10.96.0.10\nsearch corp.example\noptions edns0 ndots:1\n",

@@ -321,6 +321,7 @@ mod tests {
             port_mappings: vec![],
             host_network: false,
             resolv_conf: None,
+            domain: None,
         };
         rt.run_sandbox(&cfg).await.unwrap();
         assert!(rt.remove_container("missing").await.is_ok());

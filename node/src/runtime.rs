@@ -80,6 +80,10 @@ pub struct SandboxConfig {
     pub host_network: bool,
     /// The pod's /etc/resolv.conf (`dns::pod_resolv_conf`); None: the node's.
     pub resolv_conf: Option<String>,
+    /// The pod's DNS domain when it names a subdomain
+    /// (`<subdomain>.<ns>.svc.cluster.local`): /etc/hosts then lists
+    /// `<hostname>.<domain>` too, as the kubelet writes it.
+    pub domain: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -84,6 +84,7 @@ impl SandboxRecord {
                 .collect(),
             host_network: self.host_network,
             resolv_conf: None,
+            domain: None,
         }
     }
 
@@ -148,12 +149,14 @@ impl Containerd {
     }
 }
 
-fn hosts_file(hostname: &str, ip: Option<IpAddr>) -> String {
+fn hosts_file(hostname: &str, domain: Option<&str>, ip: Option<IpAddr>) -> String {
     let mut s = String::from(
         "# Kubernetes-managed hosts file (written by capstan-node).\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
     );
-    if let Some(ip) = ip {
-        s.push_str(&format!("{ip}\t{hostname}\n"));
+    match (ip, domain) {
+        (Some(ip), Some(d)) => s.push_str(&format!("{ip}\t{hostname}.{d}\t{hostname}\n")),
+        (Some(ip), None) => s.push_str(&format!("{ip}\t{hostname}\n")),
+        (None, _) => {}
     }
     s
 }
@@ -220,7 +223,7 @@ pub async fn run_sandbox(c: &Containerd, cfg: &SandboxConfig) -> Result<Sandbox,
     };
     let files = [
         ("hostname", format!("{hostname}\n").into_bytes()),
-        ("hosts", hosts_file(&hostname, rec.ip).into_bytes()),
+        ("hosts", hosts_file(&hostname, cfg.domain.as_deref(), rec.ip).into_bytes()),
         ("resolv.conf", resolv),
     ];
     for (name, content) in files {
@@ -275,10 +278,12 @@ mod tests {
 
     #[test]
     fn hosts_lists_the_pod() {
-        let h = hosts_file("web-0", Some("10.1.0.5".parse().unwrap()));
+        let h = hosts_file("web-0", None, Some("10.1.0.5".parse().unwrap()));
         assert!(h.contains("127.0.0.1\tlocalhost"));
         assert!(h.ends_with("10.1.0.5\tweb-0\n"));
-        assert!(!hosts_file("x", None).contains("\tx\n"));
+        let h = hosts_file("web-0", Some("web.d.svc.cluster.local"), Some("10.1.0.5".parse().unwrap()));
+        assert!(h.ends_with("10.1.0.5\tweb-0.web.d.svc.cluster.local\tweb-0\n"), "{h}");
+        assert!(!hosts_file("x", None, None).contains("\tx\n"));
     }
 
     #[test]
