@@ -197,15 +197,16 @@ spec:
     ok(kc, &["delete", "svc", "web-pods", "alias"]);
 }
 
-/// `kubectl port-forward` (kubectl 1.32: SPDY tunnelled in a WebSocket)
-/// to the pod and to a Service: the first local port it prints answers
-/// with the pod's page, twice and with two connections open at once. A
-/// port nothing listens on in the pod: the connection is closed and
-/// kubectl reports the agent's reason.
+/// `kubectl port-forward` (kubectl 1.32: SPDY tunnelled in a WebSocket;
+/// plain SPDY when told so) to the pod and to a Service: the first local
+/// port it prints answers with the pod's page, twice and with two
+/// connections open at once. A port nothing listens on in the pod: the
+/// connection is closed and kubectl reports the agent's reason.
 fn port_forward(kc: &Path, web0: &str) {
-    let start = |target: &str, ports: &str| {
+    let start_with = |target: &str, ports: &str, websockets: &str| {
         let mut child = Command::new("kubectl")
             .env("KUBECONFIG", kc)
+            .env("KUBECTL_PORT_FORWARD_WEBSOCKETS", websockets)
             .args(["port-forward", target, ports])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -222,6 +223,7 @@ fn port_forward(kc: &Path, web0: &str) {
         std::thread::spawn(move || lines.for_each(drop));
         (child, port)
     };
+    let start = |target: &str, ports: &str| start_with(target, ports, "true");
     let (mut pod_fwd, port) = start(&format!("pod/{web0}"), "0:8080");
     for _ in 0..2 {
         assert!(http_get("127.0.0.1", port).contains(&format!("pod={web0}")));
@@ -237,6 +239,11 @@ fn port_forward(kc: &Path, web0: &str) {
     }
     let _ = pod_fwd.kill();
     let _ = pod_fwd.wait();
+    // Plain SPDY, as kubectl before 1.31 and client-go's SPDY dialer speak it.
+    let (mut spdy_fwd, port) = start_with(&format!("pod/{web0}"), "0:8080", "false");
+    assert!(http_get("127.0.0.1", port).contains(&format!("pod={web0}")), "over plain SPDY");
+    let _ = spdy_fwd.kill();
+    let _ = spdy_fwd.wait();
 
     apply(kc, "apiVersion: v1\nkind: Service\nmetadata: {name: web-fwd}\nspec:\n  selector: {app: web}\n  ports: [{port: 80, targetPort: 8080}]\n");
     let (mut svc_fwd, port) = start("svc/web-fwd", "0:80");
@@ -544,6 +551,9 @@ fn real_containers_run_serve_log_exec_restart_and_leave_nothing_behind() {
         "kubelet_runtime_operations_duration_seconds_bucket{operation_type=\"start_container\"",
         "kubelet_started_containers_total",
         "capstan_node_master_connected 1",
+        // The nslookups of `services` above.
+        "capstan_node_dns_responses_total{rcode=\"NOERROR\",source=\"cluster\"}",
+        "capstan_node_dns_responses_total{rcode=\"NXDOMAIN\",source=\"cluster\"}",
         "process_resident_memory_bytes",
     ] {
         assert!(body.contains(name), "agent /metrics lacks {name}");

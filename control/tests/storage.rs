@@ -24,13 +24,7 @@ fn apply(kc: &Path, yaml: &str) {
 
 /// The object, once `check` holds for it.
 fn wait_object(kc: &Path, args: &[&str], what: &str, check: impl Fn(&Value) -> bool) -> Value {
-    wait_for(60, what, || {
-        let mut a = args.to_vec();
-        a.extend(["-o", "json"]);
-        let (good, out, _) = kubectl(kc, &a, None);
-        let v: Value = if good { serde_json::from_str(&out).ok()? } else { return None };
-        check(&v).then_some(v)
-    })
+    common::wait_json(kc, args, 60, what, check)
 }
 
 fn gone(kc: &Path, args: &[&str], what: &str) {

@@ -692,20 +692,9 @@ fn wait_pods(
     what: &str,
     check: impl Fn(&[Value]) -> bool,
 ) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let list = json_of(kc, &["get", "pods", "-n", ns, "-l", selector]);
-        let items = list["items"].as_array().cloned().unwrap_or_default();
-        if check(&items) {
-            return items;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            serde_json::to_string_pretty(&items).unwrap()
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    let items = |list: &Value| list["items"].as_array().cloned().unwrap_or_default();
+    let list = common::wait_json(kc, &["get", "pods", "-n", ns, "-l", selector], secs, what, |l| check(&items(l)));
+    items(&list)
 }
 
 fn node_of(p: &Value) -> String {

@@ -292,9 +292,9 @@ impl<R: Runtime> Agent<R> {
         };
         let zone = Arc::new(crate::dns::ZoneCell::default());
         let upstreams = crate::dns::upstreams(&self.host_dns);
-        let (z, node) = (zone.clone(), self.info.name.clone());
+        let (z, node, metrics) = (zone.clone(), self.info.name.clone(), self.metrics.dns_responses.clone());
         tokio::spawn(async move {
-            if let Err(e) = crate::dns::serve(ip, 53, z, upstreams).await {
+            if let Err(e) = crate::dns::serve(ip, 53, z, upstreams, Some(metrics)).await {
                 tracing::error!(node, %ip, error = %e, "cluster DNS not served");
             }
         });

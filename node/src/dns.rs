@@ -644,9 +644,36 @@ async fn write_frame<W: AsyncWriteExt + Unpin>(w: &mut W, bytes: &[u8]) -> std::
     w.write_all(&out).await
 }
 
+/// The response code of a reply's bytes, as metrics label it.
+pub fn rcode_label(reply: &[u8]) -> &'static str {
+    match reply.get(3).map(|b| b & 0x0f) {
+        Some(0) => "NOERROR",
+        Some(1) => "FORMERR",
+        Some(2) => "SERVFAIL",
+        Some(3) => "NXDOMAIN",
+        Some(4) => "NOTIMP",
+        Some(5) => "REFUSED",
+        _ => "OTHER",
+    }
+}
+
+/// Counts one reply in `capstan_node_dns_responses_total`.
+fn count(metrics: &Option<prometheus::IntCounterVec>, reply: &[u8], source: &str) {
+    if let Some(m) = metrics {
+        m.with_label_values(&[rcode_label(reply), source]).inc();
+    }
+}
+
 /// Answers DNS on `ip`:`port` (UDP and TCP) from `zone`, forwarding
-/// other names to `upstreams`, until the process ends.
-pub async fn serve(ip: Ipv4Addr, port: u16, zone: Arc<ZoneCell>, upstreams: Vec<SocketAddr>) -> std::io::Result<()> {
+/// other names to `upstreams`, until the process ends. Replies are counted
+/// in `metrics` (the agent's `capstan_node_dns_responses_total`).
+pub async fn serve(
+    ip: Ipv4Addr,
+    port: u16,
+    zone: Arc<ZoneCell>,
+    upstreams: Vec<SocketAddr>,
+    metrics: Option<prometheus::IntCounterVec>,
+) -> std::io::Result<()> {
     let addr = SocketAddr::from((ip, port));
     let udp = Arc::new(tokio::net::UdpSocket::from_std(freebind_socket(addr, socket2::Type::DGRAM)?.into())?);
     let tcp_sock = freebind_socket(addr, socket2::Type::STREAM)?;
@@ -656,21 +683,31 @@ pub async fn serve(ip: Ipv4Addr, port: u16, zone: Arc<ZoneCell>, upstreams: Vec<
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     tracing::info!(%addr, ?upstreams, "cluster DNS listening");
     {
-        let (zone, upstreams, slots) = (zone.clone(), upstreams.clone(), slots.clone());
+        let (zone, upstreams, slots, metrics) = (zone.clone(), upstreams.clone(), slots.clone(), metrics.clone());
         tokio::spawn(async move {
             loop {
-                let Ok((conn, _)) = tcp.accept().await else { continue };
+                let Ok((conn, _)) = tcp.accept().await else {
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                };
                 let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-                let (zone, upstreams) = (zone.clone(), upstreams.clone());
+                let (zone, upstreams, metrics) = (zone.clone(), upstreams.clone(), metrics.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
                     let mut conn = conn;
                     while let Ok(Ok(Some(q))) = tokio::time::timeout(TCP_IDLE, read_frame(&mut conn)).await {
                         let r = match step(&zone.get(), &q, true) {
-                            Step::Send(r) => r,
+                            Step::Send(r) => {
+                                count(&metrics, &r, "cluster");
+                                r
+                            }
                             Step::Nothing => break,
                             Step::Forward(req) => match forward(&upstreams, &req, &q, true).await {
-                                Some(r) => r,
+                                Some(r) => {
+                                    count(&metrics, &r, "upstream");
+                                    r
+                                }
                                 None => break,
                             },
                         };
@@ -696,6 +733,7 @@ pub async fn serve(ip: Ipv4Addr, port: u16, zone: Arc<ZoneCell>, upstreams: Vec<
         // upstream, so they get their own task (bounded).
         let req = match step(&zone.get(), q, false) {
             Step::Send(r) => {
+                count(&metrics, &r, "cluster");
                 let _ = udp.send_to(&r, from).await;
                 continue;
             }
@@ -703,10 +741,11 @@ pub async fn serve(ip: Ipv4Addr, port: u16, zone: Arc<ZoneCell>, upstreams: Vec<
             Step::Forward(req) => req,
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else { continue };
-        let (upstreams, udp, q) = (upstreams.clone(), udp.clone(), q.to_vec());
+        let (upstreams, udp, q, metrics) = (upstreams.clone(), udp.clone(), q.to_vec(), metrics.clone());
         tokio::spawn(async move {
             let _slot = slot;
             if let Some(r) = forward(&upstreams, &req, &q, false).await {
+                count(&metrics, &r, "upstream");
                 let _ = udp.send_to(&r, from).await;
             }
         });

@@ -299,9 +299,10 @@ async fn serves_the_zone_and_forwards_the_rest() {
     cell.set(zone());
     let port = free_port();
     let server = SocketAddr::from(([127, 0, 0, 1], port));
-    tokio::spawn(serve(Ipv4Addr::LOCALHOST, port, cell.clone(), vec![up_addr]));
+    let metrics = prometheus::IntCounterVec::new(prometheus::Opts::new("r", "r"), &["rcode", "source"]).unwrap();
+    tokio::spawn(serve(Ipv4Addr::LOCALHOST, port, cell.clone(), vec![up_addr], Some(metrics.clone())));
     let port2 = free_port();
-    tokio::spawn(serve(Ipv4Addr::LOCALHOST, port2, cell.clone(), vec![silent.local_addr().unwrap()]));
+    tokio::spawn(serve(Ipv4Addr::LOCALHOST, port2, cell.clone(), vec![silent.local_addr().unwrap()], None));
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     let m = udp_ask(server, "web.d.svc.cluster.local.").await;
@@ -339,4 +340,10 @@ async fn serves_the_zone_and_forwards_the_rest() {
     let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf)).await.unwrap().unwrap();
     let m = Message::from_vec(&buf[..n]).unwrap();
     assert_eq!((m.metadata.id, m.metadata.response_code), (0xabcd, ResponseCode::FormErr));
+    // Every reply of the first server was counted.
+    let n = |rcode: &str, source: &str| metrics.with_label_values(&[rcode, source]).get();
+    assert_eq!(n("NOERROR", "cluster"), 2, "web over UDP, db over TCP");
+    assert_eq!(n("NXDOMAIN", "cluster"), 1);
+    assert_eq!(n("FORMERR", "cluster"), 1);
+    assert_eq!(n("NOERROR", "upstream"), 2, "example.org over UDP and TCP");
 }

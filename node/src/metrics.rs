@@ -26,6 +26,9 @@ pub struct AgentMetrics {
     pub image_pulls: HistogramVec,
     pub master_connected: IntGauge,
     pub master_rtt: prometheus::Gauge,
+    /// Cluster DNS replies by response code and by who answered
+    /// (`cluster`: this node's zone; `upstream`: the node's resolvers).
+    pub dns_responses: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -70,6 +73,10 @@ impl AgentMetrics {
                 "capstan_node_master_rtt_seconds",
                 "QUIC round-trip time to the master",
             )?,
+            dns_responses: IntCounterVec::new(
+                Opts::new("capstan_node_dns_responses_total", "Cluster DNS replies sent to pods, by rcode and source"),
+                &["rcode", "source"],
+            )?,
             registry,
         };
         let r = &m.registry;
@@ -84,6 +91,7 @@ impl AgentMetrics {
         r.register(Box::new(m.image_pulls.clone()))?;
         r.register(Box::new(m.master_connected.clone()))?;
         r.register(Box::new(m.master_rtt.clone()))?;
+        r.register(Box::new(m.dns_responses.clone()))?;
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         // Every operation's series exists from the start (at zero), so rates
         // and alerts over them are defined before the first error.

@@ -153,6 +153,10 @@ pub async fn ensure(api: &ApiServer) -> Result<usize, ApiError> {
         match api.objects.create(rt, obj).await {
             Ok(_) => created += 1,
             Err(e) if e.code == 409 => {}
+            // A cluster from before the fixed Service addresses may have
+            // given 10.96.0.1 or .10 to a Service of its own: keep it, and
+            // go on with the rest.
+            Err(e) if e.code == 422 => tracing::warn!(object = %name, "built-in object not created: {}", e.message),
             Err(e) => return Err(e),
         }
     }

@@ -188,6 +188,9 @@ pub enum ReplyBody {
     Stream(Body, &'static str),
     /// 101 Switching Protocols to a WebSocket: (Sec-WebSocket-Accept, protocol).
     Switching(String, &'static str),
+    /// 101 Switching Protocols to SPDY/3.1 speaking this stream protocol
+    /// (X-Stream-Protocol-Version).
+    SwitchingSpdy(&'static str),
 }
 
 impl Reply {
@@ -519,6 +522,15 @@ fn render(reply: Reply, yaml: bool) -> Response<Body> {
             if let Ok(v) = HeaderValue::from_str(&accept) {
                 h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
             }
+            return resp;
+        }
+        ReplyBody::SwitchingSpdy(protocol) => {
+            let mut resp = Response::new(Body::empty());
+            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = resp.headers_mut();
+            h.insert(header::UPGRADE, HeaderValue::from_static("SPDY/3.1"));
+            h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+            h.insert("x-stream-protocol-version", HeaderValue::from_static(protocol));
             return resp;
         }
     };

@@ -25,11 +25,15 @@ use super::{ApiServer, Ctx, Reply, ReplyBody};
 pub const V5: &str = "v5.channel.k8s.io";
 pub const V4: &str = "v4.channel.k8s.io";
 
-/// A client's request to switch to a WebSocket.
+/// A client's request to switch protocols: to a WebSocket, or (older
+/// clients' streaming) to SPDY/3.1.
 pub struct WsUpgrade {
     pub(super) on: hyper::upgrade::OnUpgrade,
     pub(super) key: String,
+    /// Sec-WebSocket-Protocol, or for SPDY the X-Stream-Protocol-Version
+    /// values, comma-separated.
     pub(super) protocols: String,
+    pub(super) spdy: bool,
 }
 
 impl std::fmt::Debug for WsUpgrade {
@@ -39,21 +43,25 @@ impl std::fmt::Debug for WsUpgrade {
 }
 
 impl WsUpgrade {
-    /// Takes the upgrade out of a request that asks for a WebSocket.
+    /// Takes the upgrade out of a request that asks for a WebSocket or
+    /// for SPDY/3.1.
     pub fn take(parts: &mut http::request::Parts) -> Option<WsUpgrade> {
         let h = &parts.headers;
-        let wants = h
-            .get(http::header::UPGRADE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-        if !wants {
+        let upgrade = h.get(http::header::UPGRADE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let spdy = upgrade.eq_ignore_ascii_case("SPDY/3.1");
+        if !spdy && !upgrade.eq_ignore_ascii_case("websocket") {
             return None;
         }
         let text = |n: http::header::HeaderName| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
         let key = text(http::header::SEC_WEBSOCKET_KEY);
-        let protocols = text(http::header::SEC_WEBSOCKET_PROTOCOL);
+        let protocols = if spdy {
+            let all = h.get_all("x-stream-protocol-version").iter().filter_map(|v| v.to_str().ok());
+            all.collect::<Vec<_>>().join(",")
+        } else {
+            text(http::header::SEC_WEBSOCKET_PROTOCOL)
+        };
         let on = parts.extensions.remove::<hyper::upgrade::OnUpgrade>()?;
-        Some(WsUpgrade { on, key, protocols })
+        Some(WsUpgrade { on, key, protocols, spdy })
     }
 }
 
@@ -141,7 +149,7 @@ pub async fn serve(api: &ApiServer, target: Target<'_>, ctx: Ctx) -> Result<Repl
         let command = req.command.clone();
         (AgentRequest::Exec(req), Some(command))
     };
-    let upgrade = ctx.upgrade.ok_or_else(|| {
+    let upgrade = ctx.upgrade.filter(|u| !u.spdy).ok_or_else(|| {
         // kubectl falls back to SPDY when its WebSocket request fails, and
         // then shows only this answer: say where the real reason is.
         ApiError::bad_request(format!(

@@ -13,8 +13,11 @@
 //! stream (kubectl waits for both); a connection that cannot be made is
 //! reported as text on the error stream, which kubectl prints.
 //!
-//! A client that falls back to plain SPDY (no WebSocket) is refused with a
-//! message saying so; Kubernetes' WebSocket-only port-forward protocol
+//! Clients that upgrade the HTTP connection to SPDY/3.1 itself
+//! (`X-Stream-Protocol-Version: portforward.k8s.io`: kubectl before 1.31,
+//! or with `KUBECTL_PORT_FORWARD_WEBSOCKETS=false`, and client-go's SPDY
+//! dialer in other tools) get the same session on the raw connection.
+//! Kubernetes' WebSocket-only port-forward protocol
 //! (`v4.portforward.k8s.io`, channels per port) is not served.
 //!
 //! [`session`] is independent of where connections lead (a [`Dial`]), so
@@ -39,6 +42,8 @@ use super::{ApiServer, Ctx, Reply, ReplyBody};
 
 /// The WebSocket subprotocol kubectl tunnels SPDY in.
 pub const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
+/// The stream protocol of a plain SPDY upgrade (X-Stream-Protocol-Version).
+pub const SPDY_PROTOCOL: &str = "portforward.k8s.io";
 /// Bytes per DATA frame sent to the client.
 const CHUNK: usize = 32 << 10;
 
@@ -227,17 +232,32 @@ fn agent_dial(api: &ApiServer, node: String, namespace: String, pod: String) -> 
 pub async fn serve(api: &ApiServer, node: &str, namespace: &str, pod: &str, ctx: Ctx) -> Result<Reply, ApiError> {
     let upgrade = ctx.upgrade.ok_or_else(|| {
         ApiError::bad_request(format!(
-            "portforward needs a WebSocket upgrade (Upgrade: websocket, {TUNNEL_PROTOCOL}); plain SPDY is not \
-             served. A client that fell back to SPDY had its WebSocket request refused first: that answer says why \
-             (kubectl -v=6 shows it)"
+            "portforward needs a protocol upgrade: a WebSocket ({TUNNEL_PROTOCOL}) or SPDY/3.1 ({SPDY_PROTOCOL})"
         ))
     })?;
-    if !upgrade.protocols.split(',').map(str::trim).any(|p| p == TUNNEL_PROTOCOL) {
+    let want = if upgrade.spdy { SPDY_PROTOCOL } else { TUNNEL_PROTOCOL };
+    if !upgrade.protocols.split(',').map(str::trim).any(|p| p == want) {
         return Err(ApiError::bad_request(format!(
-            "no supported portforward protocol offered (want {TUNNEL_PROTOCOL}; v4.portforward.k8s.io is not served)"
+            "no supported portforward protocol offered (want {want}; v4.portforward.k8s.io is not served)"
         )));
     }
     let dial = agent_dial(api, node.to_string(), namespace.to_string(), pod.to_string())?;
+    if upgrade.spdy {
+        tokio::spawn(async move {
+            match upgrade.on.await {
+                Ok(io) => {
+                    let (r, w) = tokio::io::split(hyper_util::rt::TokioIo::new(io));
+                    session(r, w, dial).await
+                }
+                Err(e) => tracing::debug!(error = %e, "portforward upgrade failed"),
+            }
+        });
+        return Ok(Reply {
+            code: http::StatusCode::SWITCHING_PROTOCOLS,
+            body: ReplyBody::SwitchingSpdy(SPDY_PROTOCOL),
+            warnings: vec![],
+        });
+    }
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(upgrade.key.as_bytes());
     tokio::spawn(async move {
         match upgrade.on.await {

@@ -375,6 +375,39 @@ pub fn promtool_check_metrics(body: &str) -> Result<(), String> {
     }
 }
 
+/// Polls `kubectl <args> -o json` until `check` accepts the object (a
+/// failing kubectl counts as not yet), or fails after `secs` showing what
+/// it saw last.
+pub fn wait_json(
+    kc: &Path,
+    args: &[&str],
+    secs: u64,
+    what: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut a = args.to_vec();
+    a.extend(["-o", "json"]);
+    loop {
+        let (good, out, err) = kubectl(kc, &a, None);
+        let seen =
+            if good { serde_json::from_str::<serde_json::Value>(&out).map_err(|e| e.to_string()) } else { Err(err) };
+        if let Ok(v) = &seen {
+            if check(v) {
+                return v.clone();
+            }
+        }
+        if Instant::now() >= deadline {
+            let last = match seen {
+                Ok(v) => serde_json::to_string_pretty(&v).unwrap_or_default(),
+                Err(e) => e,
+            };
+            panic!("timed out after {secs} s waiting for {what}; last seen: {last}");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 /// Polls `f` until it returns Some, or fails naming `what` after `secs`.
 pub fn wait_for<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
