@@ -281,7 +281,7 @@ impl<R: Runtime> Agent<R> {
 
     /// Starts this node's cluster DNS on its pod gateway address (see
     /// dns.rs); None (pods then cannot resolve cluster names) when the
-    /// pod CIDR is unusable or the port cannot be bound.
+    /// pod CIDR is unusable or no port can be bound.
     fn start_dns(&self, cidr: &str) -> Option<crate::services::LocalDns> {
         let ip = match crate::cni::PodCidr::parse(cidr) {
             Ok(c) => c.gateway(),
@@ -290,15 +290,19 @@ impl<R: Runtime> Agent<R> {
                 return None;
             }
         };
+        let listeners = match crate::dns::bind(ip, &[53, 0]) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(%ip, error = %e, "cluster DNS not served");
+                return None;
+            }
+        };
+        let addr = listeners.addr;
         let zone = Arc::new(crate::dns::ZoneCell::default());
         let upstreams = crate::dns::upstreams(&self.host_dns);
-        let (z, node, metrics) = (zone.clone(), self.info.name.clone(), self.metrics.dns_responses.clone());
-        tokio::spawn(async move {
-            if let Err(e) = crate::dns::serve(ip, 53, z, upstreams, Some(metrics)).await {
-                tracing::error!(node, %ip, error = %e, "cluster DNS not served");
-            }
-        });
-        Some(crate::services::LocalDns { ip, zone })
+        let metrics = self.metrics.dns_responses.clone();
+        tokio::spawn(crate::dns::serve(listeners, zone.clone(), upstreams, Some(metrics)));
+        Some(crate::services::LocalDns { addr, zone })
     }
 
     async fn register(&self) -> String {

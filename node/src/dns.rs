@@ -12,9 +12,10 @@
 //!   `ndots:5`, as the kubelet writes them ([`pod_resolv_conf`], which
 //!   also follows `dnsPolicy` and `dnsConfig`).
 //! - The node's service proxy sends `kube-dns` to this node's own resolver,
-//!   listening on the pod bridge's gateway address, port 53, UDP and TCP
-//!   ([`serve`]). It binds with IP_FREEBIND because the bridge (and so the
-//!   address) appears only with the first pod.
+//!   listening on the pod bridge's gateway address, UDP and TCP, port 53
+//!   or, when the host's own DNS server holds that, any free port
+//!   ([`bind`], [`serve`]). It binds with IP_FREEBIND because the bridge
+//!   (and so the address) appears only with the first pod.
 //! - Names (CoreDNS's `kubernetes` plugin, TTL 5 s): `<svc>.<ns>.svc.<domain>`
 //!   is A of the cluster IP; for a headless Service the ready endpoints;
 //!   for ExternalName a CNAME. `<host>.<svc>.<ns>.svc.<domain>` is an
@@ -551,6 +552,43 @@ impl ZoneCell {
     }
 }
 
+/// The server's sockets: UDP and TCP on one address and port.
+pub struct Listeners {
+    udp: tokio::net::UdpSocket,
+    tcp: tokio::net::TcpListener,
+    pub addr: std::net::SocketAddrV4,
+}
+
+/// Binds UDP and TCP on `ip` at the first of `ports` where both are free
+/// (0: a port the kernel picks). The agent asks for 53 and then any
+/// port: pods always ask 10.96.0.10:53 and the proxy DNATs to wherever
+/// this ended up, so a host DNS server holding 0.0.0.0:53 costs nothing.
+/// Must run inside a tokio runtime.
+pub fn bind(ip: Ipv4Addr, ports: &[u16]) -> std::io::Result<Listeners> {
+    let mut last = std::io::Error::other("no port to try");
+    for &want in ports {
+        // A kernel-picked UDP port may be taken for TCP: a few tries.
+        for _ in 0..if want == 0 { 16 } else { 1 } {
+            let attempt = (|| {
+                let udp = freebind_socket(SocketAddr::from((ip, want)), socket2::Type::DGRAM)?;
+                let port = udp.local_addr()?.as_socket().map_or(want, |a| a.port());
+                let tcp = freebind_socket(SocketAddr::from((ip, port)), socket2::Type::STREAM)?;
+                tcp.listen(128)?;
+                Ok::<_, std::io::Error>(Listeners {
+                    udp: tokio::net::UdpSocket::from_std(udp.into())?,
+                    tcp: tokio::net::TcpListener::from_std(tcp.into())?,
+                    addr: std::net::SocketAddrV4::new(ip, port),
+                })
+            })();
+            match attempt {
+                Ok(l) => return Ok(l),
+                Err(e) => last = e,
+            }
+        }
+    }
+    Err(last)
+}
+
 fn freebind_socket(addr: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, ty, None)?;
     s.set_freebind_v4(true)?;
@@ -664,21 +702,17 @@ fn count(metrics: &Option<prometheus::IntCounterVec>, reply: &[u8], source: &str
     }
 }
 
-/// Answers DNS on `ip`:`port` (UDP and TCP) from `zone`, forwarding
+/// Answers DNS on `listeners` (UDP and TCP) from `zone`, forwarding
 /// other names to `upstreams`, until the process ends. Replies are counted
 /// in `metrics` (the agent's `capstan_node_dns_responses_total`).
 pub async fn serve(
-    ip: Ipv4Addr,
-    port: u16,
+    listeners: Listeners,
     zone: Arc<ZoneCell>,
     upstreams: Vec<SocketAddr>,
     metrics: Option<prometheus::IntCounterVec>,
-) -> std::io::Result<()> {
-    let addr = SocketAddr::from((ip, port));
-    let udp = Arc::new(tokio::net::UdpSocket::from_std(freebind_socket(addr, socket2::Type::DGRAM)?.into())?);
-    let tcp_sock = freebind_socket(addr, socket2::Type::STREAM)?;
-    tcp_sock.listen(128)?;
-    let tcp = tokio::net::TcpListener::from_std(tcp_sock.into())?;
+) {
+    let Listeners { udp, tcp, addr } = listeners;
+    let udp = Arc::new(udp);
     let upstreams: Arc<[SocketAddr]> = upstreams.into();
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     tracing::info!(%addr, ?upstreams, "cluster DNS listening");

@@ -297,13 +297,16 @@ async fn serves_the_zone_and_forwards_the_rest() {
 
     let cell = Arc::new(ZoneCell::default());
     cell.set(zone());
-    let port = free_port();
-    let server = SocketAddr::from(([127, 0, 0, 1], port));
+    let first = bind(Ipv4Addr::LOCALHOST, &[0]).unwrap();
+    let server = SocketAddr::V4(first.addr);
     let metrics = prometheus::IntCounterVec::new(prometheus::Opts::new("r", "r"), &["rcode", "source"]).unwrap();
-    tokio::spawn(serve(Ipv4Addr::LOCALHOST, port, cell.clone(), vec![up_addr], Some(metrics.clone())));
-    let port2 = free_port();
-    tokio::spawn(serve(Ipv4Addr::LOCALHOST, port2, cell.clone(), vec![silent.local_addr().unwrap()], None));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::spawn(serve(first, cell.clone(), vec![up_addr], Some(metrics.clone())));
+    // A port someone else holds (the upstream's) is passed over for the
+    // next one listed, as the agent passes over a host's DNS server on 53.
+    let second = bind(Ipv4Addr::LOCALHOST, &[up_addr.port(), 0]).unwrap();
+    assert_ne!(second.addr.port(), up_addr.port());
+    let port2 = second.addr.port();
+    tokio::spawn(serve(second, cell.clone(), vec![silent.local_addr().unwrap()], None));
 
     let m = udp_ask(server, "web.d.svc.cluster.local.").await;
     assert_eq!(rdata(&m), ["web.d.svc.cluster.local. 10.96.0.20"]);

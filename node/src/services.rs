@@ -15,7 +15,7 @@
 //! [`Catalog`] is pure (frames in, objects out); [`run`] is the IO.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::SocketAddrV4;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,8 +66,8 @@ impl Catalog {
     }
 
     /// This node's nftables script for what the catalog holds. With
-    /// `local_dns`, the cluster DNS Service leads to that address, port 53.
-    pub fn script(&self, table: &str, local_dns: Option<Ipv4Addr>) -> String {
+    /// `local_dns`, the cluster DNS Service leads to that address.
+    pub fn script(&self, table: &str, local_dns: Option<SocketAddrV4>) -> String {
         let services: Vec<Value> = self.services.values().cloned().collect();
         let dns_key = format!("{}/{}", DNS_SERVICE.0, DNS_SERVICE.1);
         let mut endpoints: Vec<Value> = self
@@ -76,8 +76,8 @@ impl Catalog {
             .filter(|(k, _)| local_dns.is_none() || **k != dns_key)
             .map(|(_, v)| v.clone())
             .collect();
-        if let (Some(ip), Some(svc)) = (local_dns, self.services.get(&dns_key)) {
-            endpoints.push(local_dns_endpoints(svc, ip));
+        if let (Some(addr), Some(svc)) = (local_dns, self.services.get(&dns_key)) {
+            endpoints.push(local_dns_endpoints(svc, addr));
         }
         crate::proxy::plan(table, &services, &endpoints)
     }
@@ -90,26 +90,26 @@ impl Catalog {
     }
 }
 
-/// Endpoints for the cluster DNS Service `svc` at `ip`: each of its ports
-/// 53 (DNS over UDP and over TCP) served there on 53.
-fn local_dns_endpoints(svc: &Value, ip: Ipv4Addr) -> Value {
+/// Endpoints for the cluster DNS Service `svc` at `addr`: each of its
+/// ports 53 (DNS over UDP and over TCP) served there.
+fn local_dns_endpoints(svc: &Value, addr: SocketAddrV4) -> Value {
     let ports: Vec<Value> = svc["spec"]["ports"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|p| p["port"] == 53)
-        .map(|p| serde_json::json!({"name": p["name"], "port": 53, "protocol": p["protocol"]}))
+        .map(|p| serde_json::json!({"name": p["name"], "port": addr.port(), "protocol": p["protocol"]}))
         .collect();
     serde_json::json!({
         "metadata": {"namespace": DNS_SERVICE.0, "name": DNS_SERVICE.1},
-        "subsets": [{"addresses": [{"ip": ip.to_string()}], "ports": ports}],
+        "subsets": [{"addresses": [{"ip": addr.ip().to_string()}], "ports": ports}],
     })
 }
 
 /// This node's cluster DNS: its resolver's address and the zone it
 /// answers from.
 pub struct LocalDns {
-    pub ip: Ipv4Addr,
+    pub addr: SocketAddrV4,
     pub zone: Arc<ZoneCell>,
 }
 
@@ -134,7 +134,7 @@ pub async fn run(masters: Arc<Masters>, table: String, dns: Option<LocalDns>) {
                         serial = serial.wrapping_add(1);
                         dns.zone.set(catalog.zone(serial));
                     }
-                    catalog.script(&table, dns.as_ref().map(|d| d.ip))
+                    catalog.script(&table, dns.as_ref().map(|d| d.addr))
                 };
                 if applied.as_deref() == Some(script.as_str()) {
                     break;
@@ -208,8 +208,8 @@ mod tests {
             reset: true,
             events: vec![put("Service/kube-system/kube-dns", dns), put("Endpoints/kube-system/kube-dns", elsewhere)],
         });
-        let local = c.script("t", Some(Ipv4Addr::new(10, 244, 3, 1)));
-        assert!(local.contains("10.244.3.1 . 53") && !local.contains("10.244.9.9"), "{local}");
+        let local = c.script("t", Some(SocketAddrV4::new(std::net::Ipv4Addr::new(10, 244, 3, 1), 10053)));
+        assert!(local.contains("10.244.3.1 . 10053") && !local.contains("10.244.9.9"), "{local}");
         assert!(local.contains("10.96.0.10 . udp . 53") && local.contains("10.96.0.10 . tcp . 53"), "{local}");
         assert!(!local.contains("kube-dns/tcp/9153"), "only the DNS ports lead here: {local}");
         // Without a local resolver (sim nodes), the Endpoints as they are.
