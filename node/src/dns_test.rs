@@ -22,10 +22,16 @@ fn zone() -> Zone {
     Zone::build(&services.iter().collect::<Vec<_>>(), &endpoints.iter().collect::<Vec<_>>(), 42)
 }
 
-fn ask(zone: &Zone, name: &str, qt: RecordType) -> Message {
+/// A query for `name` of type `qt`.
+fn query(name: &str, qt: RecordType) -> Message {
     let mut req = Message::query();
-    req.metadata.recursion_desired = true;
     req.add_query(Query::query(Name::from_ascii(name).unwrap(), qt));
+    req
+}
+
+fn ask(zone: &Zone, name: &str, qt: RecordType) -> Message {
+    let mut req = query(name, qt);
+    req.metadata.recursion_desired = true;
     // Through the wire format both ways, as a client would see it.
     let req = Message::from_vec(&req.to_vec().unwrap()).unwrap();
     match zone.resolve(&req) {
@@ -130,8 +136,7 @@ fn unknown_cluster_names_are_nxdomain_and_other_names_are_forwarded() {
     );
 
     for name in ["example.org.", "cluster.local.example.org.", "local."] {
-        let mut req = Message::query();
-        req.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let req = query(name, RecordType::A);
         assert!(matches!(z.resolve(&req), Outcome::Forward), "{name}");
     }
 }
@@ -143,8 +148,7 @@ fn reverse_lookups_name_services_and_endpoints() {
     assert_eq!(rdata(&m), ["20.0.96.10.in-addr.arpa. web.d.svc.cluster.local."]);
     let m = ask(&z, "5.0.244.10.in-addr.arpa.", RecordType::PTR);
     assert_eq!(rdata(&m), ["5.0.244.10.in-addr.arpa. db-0.db.d.svc.cluster.local."]);
-    let mut req = Message::query();
-    req.add_query(Query::query(Name::from_ascii("1.1.168.192.in-addr.arpa.").unwrap(), RecordType::PTR));
+    let req = query("1.1.168.192.in-addr.arpa.", RecordType::PTR);
     assert!(matches!(z.resolve(&req), Outcome::Forward));
 }
 
@@ -152,8 +156,7 @@ fn reverse_lookups_name_services_and_endpoints() {
 fn bad_queries_get_errors_not_silence() {
     let z = zone();
     // Two questions.
-    let mut req = Message::query();
-    req.add_query(Query::query(Name::from_ascii("web.d.svc.cluster.local.").unwrap(), RecordType::A));
+    let mut req = query("web.d.svc.cluster.local.", RecordType::A);
     req.add_query(Query::query(Name::from_ascii("db.d.svc.cluster.local.").unwrap(), RecordType::A));
     assert!(matches!(z.resolve(&req), Outcome::Reply(m) if m.metadata.response_code == ResponseCode::FormErr));
     // No question.
@@ -180,8 +183,7 @@ fn big_udp_replies_are_truncated_for_tcp() {
     let svc = json!({"metadata": {"namespace": "d", "name": "many"}, "spec": {"clusterIP": "None"}});
     let ep = json!({"metadata": {"namespace": "d", "name": "many"}, "subsets": [{"addresses": addresses}]});
     let z = Zone::build(&[&svc], &[&ep], 1);
-    let mut req = Message::query();
-    req.add_query(Query::query(Name::from_ascii("many.d.svc.cluster.local.").unwrap(), RecordType::A));
+    let mut req = query("many.d.svc.cluster.local.", RecordType::A);
     let Outcome::Reply(m) = z.resolve(&req) else { panic!() };
     assert_eq!(m.answers.len(), 60);
     let small = Message::from_vec(&udp_bytes(&req, &m).unwrap()).unwrap();
@@ -254,8 +256,7 @@ fn free_port() -> u16 {
 
 async fn udp_ask(server: SocketAddr, name: &str) -> Message {
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let mut req = Message::query();
-    req.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    let req = query(name, RecordType::A);
     sock.send_to(&req.to_vec().unwrap(), server).await.unwrap();
     let mut buf = vec![0u8; 4096];
     let (n, _) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf)).await.unwrap().unwrap();
@@ -320,8 +321,7 @@ async fn serves_the_zone_and_forwards_the_rest() {
     // TCP: two questions on one connection, length-prefixed.
     let mut conn = tokio::net::TcpStream::connect(server).await.unwrap();
     for name in ["db.d.svc.cluster.local.", "example.org."] {
-        let mut req = Message::query();
-        req.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let req = query(name, RecordType::A);
         write_frame(&mut conn, &req.to_vec().unwrap()).await.unwrap();
         let r = tokio::time::timeout(Duration::from_secs(5), read_frame(&mut conn)).await.unwrap().unwrap().unwrap();
         let m = Message::from_vec(&r).unwrap();

@@ -46,6 +46,10 @@ pub const TUNNEL_PROTOCOL: &str = "SPDY/3.1+portforward.k8s.io";
 pub const SPDY_PROTOCOL: &str = "portforward.k8s.io";
 /// Bytes per DATA frame sent to the client.
 const CHUNK: usize = 32 << 10;
+/// Requests whose second stream has not come yet. kubectl opens both
+/// streams of a request back to back; a client that keeps opening halves
+/// is refused past this instead of growing the session without bound.
+const MAX_UNPAIRED: usize = 256;
 
 pub type Reader = Box<dyn AsyncRead + Send + Unpin>;
 pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
@@ -120,6 +124,10 @@ where
                 };
                 // Clients before requestid paired streams by port.
                 let id = spdy::header(&headers, "requestid").map_or_else(|| format!("port-{port}"), str::to_string);
+                if !pairs.contains_key(&id) && pairs.len() >= MAX_UNPAIRED {
+                    let _ = out.send(Frame::RstStream { stream, status: spdy::PROTOCOL_ERROR }).await;
+                    continue;
+                }
                 let pair = pairs.entry(id.clone()).or_default();
                 pair.port = port;
                 if kind == "error" {
@@ -453,6 +461,21 @@ mod tests {
                     assert_eq!(status, spdy::PROTOCOL_ERROR);
                     seen.push("rst");
                 }
+                _ => {}
+            }
+        }
+        // Halves of requests that never pair are refused past the bound.
+        for i in 0..=MAX_UNPAIRED as u32 {
+            c.send(syn(101 + 2 * i, "error", closed, &format!("lonely-{i}"))).await;
+        }
+        let last = 101 + 2 * MAX_UNPAIRED as u32;
+        loop {
+            match c.next().await {
+                Frame::RstStream { stream, status } if stream == last => {
+                    assert_eq!(status, spdy::PROTOCOL_ERROR);
+                    break;
+                }
+                Frame::RstStream { stream, .. } => panic!("stream {stream} refused before the bound"),
                 _ => {}
             }
         }
