@@ -97,7 +97,12 @@ async fn restart_all_then_follower_catches_up_by_snapshot() {
         if n == 5000 && r >= rev {
             break;
         }
-        assert!(Instant::now() < deadline, "follower did not catch up: {n} keys at {r}");
+        assert!(
+            Instant::now() < deadline,
+            "follower did not catch up: {n} keys at {r}:\n{}\nleader:\n{}",
+            log_tail(&cluster.masters[follower].dir),
+            log_tail(&cluster.masters[leader].dir)
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let log = std::fs::read_to_string(cluster.masters[follower].dir.join("server.log")).unwrap();

@@ -45,6 +45,7 @@ pub mod peer;
 pub mod pki;
 #[cfg(feature = "planted-bugs")]
 mod planted;
+mod snapfile;
 pub mod storage;
 pub mod transport;
 pub mod types;

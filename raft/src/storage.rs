@@ -28,13 +28,19 @@
 //!
 //! The MVCC state also lives in memory (`SmState`), rebuilt from `kv` at
 //! start; reads are served from memory, writes go to both in one step.
+//!
+//! # Snapshots
+//! `snapshot.bin` beside the database (layout in `snapfile`), written by a
+//! blocking task from a copy of the in-memory image and read by openraft
+//! straight from the file when a follower needs it; `snapshot.recv` is a
+//! snapshot arriving from the leader, `snapshot.install` one being
+//! installed.
 
 // openraft's StorageError is large, and it is what the traits return.
 #![allow(clippy::result_large_err)]
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
-use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,11 +52,12 @@ use openraft::{
 };
 use parking_lot::RwLock;
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Serialize};
 
 use crate::failpoints::crash_point;
 use crate::metrics::StorageMetrics;
 use crate::mvcc::{Image, Mvcc, RowChange, Version};
+use crate::snapfile;
 use crate::types::*;
 use crate::watch::WatchHub;
 
@@ -217,7 +224,15 @@ impl Storage {
         let snapshot_path = self.dir.join("snapshot.bin");
         finish_staged_install(&snapshot_path, applied)?;
         let state = Arc::new(RwLock::new(SmState { mvcc, applied, membership, removed }));
-        Ok(StateMachine { db: self.db.clone(), state, hub, snapshot_path, metrics: self.metrics.clone() })
+        let snapshot_file = Arc::default();
+        Ok(StateMachine {
+            db: self.db.clone(),
+            state,
+            hub,
+            snapshot_path,
+            snapshot_file,
+            metrics: self.metrics.clone(),
+        })
     }
 
     /// Replace the state machine's contents with a backup image, before Raft
@@ -248,27 +263,33 @@ fn staged_install_path(snapshot_path: &Path) -> PathBuf {
     snapshot_path.with_extension("install")
 }
 
+/// Where a snapshot a leader is sending arrives (data only).
+fn receiving_path(snapshot_path: &Path) -> PathBuf {
+    snapshot_path.with_extension("recv")
+}
+
 /// Completes or discards a snapshot install that a crash interrupted.
 ///
 /// A staged file whose snapshot the state machine already holds (`applied`
 /// at or past its last log id: the synced rows were written) becomes the
 /// current snapshot; otherwise the rows were never replaced and it is
-/// dropped, as is a staged file that cannot be decoded (a crash while
-/// staging). Without this, a restart after the rows were replaced but before
+/// dropped, as is a staged file shorter than its header says (a crash
+/// while staging). Without this, a restart after the rows were replaced but before
 /// the snapshot file was saved pairs the new state with the old snapshot:
 /// openraft purges its log up to the new applied index, past that snapshot,
 /// and its RaftCore panics on the invalid state (found by the failpoint
 /// matrix, `raft::snapshot_install`).
 fn finish_staged_install(snapshot_path: &Path, applied: Option<LogId>) -> anyhow::Result<()> {
     let staged = staged_install_path(snapshot_path);
-    let bytes = match std::fs::read(&staged) {
-        Ok(b) => b,
+    let mut file = match std::fs::File::open(&staged) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    match postcard::from_bytes::<SnapshotFile>(&bytes) {
-        Ok(f) if f.meta.last_log_id.is_some() && applied >= f.meta.last_log_id => {
-            tracing::warn!(snapshot = %f.meta.snapshot_id, "completing a snapshot install interrupted by a crash");
+    // The header checks the length too: a torn file is an error here.
+    match snapfile::read_header(&mut file) {
+        Ok((meta, _, _)) if meta.last_log_id.is_some() && applied >= meta.last_log_id => {
+            tracing::warn!(snapshot = %meta.snapshot_id, "completing a snapshot install interrupted by a crash");
             std::fs::rename(&staged, snapshot_path)?;
         }
         _ => {
@@ -480,14 +501,11 @@ pub struct StateMachine {
     state: SharedState,
     hub: Arc<WatchHub>,
     snapshot_path: PathBuf,
+    /// Held while the snapshot file is replaced, from reading the state
+    /// it is made of to the rename: a build and an install never
+    /// interleave, so the file is never older than the state.
+    snapshot_file: Arc<parking_lot::Mutex<()>>,
     metrics: Arc<StorageMetrics>,
-}
-
-/// What a snapshot file holds.
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta,
-    data: Vec<u8>,
 }
 
 impl StateMachine {
@@ -515,53 +533,43 @@ impl StateMachine {
         }
         Ok(applied.result)
     }
-
-    fn save_snapshot_file(&self, file: &SnapshotFile) -> StResult<()> {
-        self.write_snapshot_to(&self.snapshot_path.with_extension("tmp"), file)?;
-        let io = |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
-        std::fs::rename(self.snapshot_path.with_extension("tmp"), &self.snapshot_path).map_err(io)
-    }
-
-    /// Writes and syncs `file` at `tmp` (not yet the current snapshot).
-    fn write_snapshot_to(&self, tmp: &Path, file: &SnapshotFile) -> StResult<()> {
-        let bytes = encode(file)?;
-        let io = |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        Ok(())
-    }
-
-    fn load_snapshot_file(&self) -> StResult<Option<SnapshotFile>> {
-        match std::fs::read(&self.snapshot_path) {
-            Ok(b) => Ok(Some(decode(&b)?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StorageIOError::read_snapshot(None, &e).into()),
-        }
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StResult<Snapshot<TypeConfig>> {
         let _timer = self.metrics.snapshot_build.start_timer();
-        let (image, applied, membership) = {
-            let st = self.state.read();
-            (st.mvcc.image(), st.applied, st.membership.clone())
+        let (state, path, file_lock) = (self.state.clone(), self.snapshot_path.clone(), self.snapshot_file.clone());
+        // Seconds of encoding and IO for a big store: off the async
+        // workers, and the state lock is held only to copy the image
+        // (keys and values are shared `Bytes`).
+        let build = move || -> std::io::Result<(SnapshotMeta, u64)> {
+            let _file = file_lock.lock();
+            let (image, applied, membership) = {
+                let st = state.read();
+                (st.mvcc.image(), st.applied, st.membership.clone())
+            };
+            let snapshot_id = match applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, image.revision),
+                None => format!("0-0-{}", image.revision),
+            };
+            let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
+            crash_point!("raft::snapshot_build");
+            let len = snapfile::write_image(&path, &meta, &image)?;
+            Ok((meta, len))
         };
-        let data = encode(&image)?;
-        let snapshot_id = match applied {
-            Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, image.revision),
-            None => format!("0-0-{}", image.revision),
-        };
-        let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
-        let file = SnapshotFile { meta: meta.clone(), data };
-        crash_point!("raft::snapshot_build");
-        self.save_snapshot_file(&file)?;
-        self.metrics.snapshot_size.set(file.data.len() as i64);
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(file.data)) })
+        let snapshot_io =
+            |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
+        let (meta, len) = tokio::task::spawn_blocking(build)
+            .await
+            .map_err(|e| snapshot_io(std::io::Error::other(e.to_string())))?
+            .map_err(snapshot_io)?;
+        self.metrics.snapshot_size.set(len as i64);
+        // openraft keeps only the meta of a snapshot it had built; the data
+        // is read from the file when a follower needs it.
+        let (_, data) = snapfile::open(&self.snapshot_path).map_err(snapshot_io)?.ok_or_else(|| {
+            snapshot_io(std::io::Error::new(std::io::ErrorKind::NotFound, "snapshot just written is gone"))
+        })?;
+        Ok(Snapshot { meta, snapshot: Box::new(data) })
     }
 }
 
@@ -624,24 +632,39 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             state: self.state.clone(),
             hub: self.hub.clone(),
             snapshot_path: self.snapshot_path.clone(),
+            snapshot_file: self.snapshot_file.clone(),
             metrics: self.metrics.clone(),
         }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StResult<Box<snapfile::Region>> {
+        let io = |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
+        Ok(Box::new(snapfile::Region::create(&receiving_path(&self.snapshot_path)).await.map_err(io)?))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> StResult<()> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, mut snapshot: Box<snapfile::Region>) -> StResult<()> {
         let _timer = self.metrics.snapshot_install.start_timer();
-        let data = snapshot.into_inner();
+        let io = |e: std::io::Error| -> StorageError<NodeId> {
+            StorageIOError::write_snapshot(Some(meta.signature()), &e).into()
+        };
+        let data = {
+            use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+            snapshot.flush().await.map_err(io)?;
+            snapshot.seek(std::io::SeekFrom::Start(0)).await.map_err(io)?;
+            let mut data = Vec::new();
+            snapshot.read_to_end(&mut data).await.map_err(io)?;
+            data
+        };
+        drop(snapshot);
+        let _ = std::fs::remove_file(receiving_path(&self.snapshot_path));
         let image: Image = decode(&data)?;
+        let _file = self.snapshot_file.lock();
         // Staged first, synced: once the rows below are replaced, a crash
         // must not leave the old snapshot file as the current one
         // (`finish_staged_install` completes the install at restart).
         let staged = staged_install_path(&self.snapshot_path);
-        let file = SnapshotFile { meta: meta.clone(), data };
-        self.write_snapshot_to(&staged, &file)?;
+        snapfile::write_data(&staged, meta, &data).map_err(io)?;
+        drop(data);
         let mvcc = Mvcc::from_image(image);
         // Replace every row: clear kv and lease, then write the image.
         let mut batch = WriteBatch::default();
@@ -670,7 +693,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StResult<Option<Snapshot<TypeConfig>>> {
-        Ok(self.load_snapshot_file()?.map(|f| Snapshot { meta: f.meta, snapshot: Box::new(Cursor::new(f.data)) }))
+        let opened = snapfile::open(&self.snapshot_path).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(opened.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(data) }))
     }
 }
 
@@ -705,34 +729,39 @@ mod tests {
         let current = dir.path().join("snapshot.bin");
         let staged = staged_install_path(&current);
         let log_id = |index| Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index));
-        let file = |index| SnapshotFile {
-            meta: SnapshotMeta {
-                last_log_id: log_id(index),
-                last_membership: StoredMembership::default(),
-                snapshot_id: format!("1-{index}-7"),
-            },
-            data: vec![1, 2, 3],
+        let meta = |index| SnapshotMeta {
+            last_log_id: log_id(index),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("1-{index}-7"),
         };
-        let snapshot_at = |path: &Path| postcard::from_bytes::<SnapshotFile>(&std::fs::read(path).unwrap()).unwrap();
+        let write = |path: &Path, index| snapfile::write_data(path, &meta(index), &[1, 2, 3]).unwrap();
+        let snapshot_at = |path: &Path| snapfile::read_header(&mut std::fs::File::open(path).unwrap()).unwrap().0;
 
         finish_staged_install(&current, log_id(5)).unwrap();
         assert!(!current.exists(), "nothing staged, nothing changes");
 
-        std::fs::write(&current, postcard::to_stdvec(&file(100)).unwrap()).unwrap();
-        std::fs::write(&staged, postcard::to_stdvec(&file(200)).unwrap()).unwrap();
+        write(&current, 100);
+        write(&staged, 200);
         finish_staged_install(&current, log_id(100)).unwrap();
         assert!(!staged.exists());
-        assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(100), "rows not replaced: old snapshot stays");
+        assert_eq!(snapshot_at(&current).last_log_id, log_id(100), "rows not replaced: old snapshot stays");
 
-        std::fs::write(&staged, postcard::to_stdvec(&file(200)).unwrap()).unwrap();
+        write(&staged, 200);
         finish_staged_install(&current, log_id(200)).unwrap();
         assert!(!staged.exists());
-        assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(200), "rows replaced: install completed");
+        assert_eq!(snapshot_at(&current).last_log_id, log_id(200), "rows replaced: install completed");
 
         std::fs::write(&staged, b"\xff torn").unwrap();
         finish_staged_install(&current, log_id(300)).unwrap();
         assert!(!staged.exists());
-        assert_eq!(snapshot_at(&current).meta.last_log_id, log_id(200));
+        assert_eq!(snapshot_at(&current).last_log_id, log_id(200));
+
+        write(&staged, 400);
+        let whole = std::fs::read(&staged).unwrap();
+        std::fs::write(&staged, &whole[..whole.len() - 1]).unwrap();
+        finish_staged_install(&current, log_id(400)).unwrap();
+        assert!(!staged.exists());
+        assert_eq!(snapshot_at(&current).last_log_id, log_id(200), "a staged file cut short is dropped");
     }
 
     /// Applying memberships {1,2,3} -> {1,2,3,4} -> joint -> {1,2,4}

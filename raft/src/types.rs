@@ -6,8 +6,6 @@
 //! generated protobuf code. They are serialized with postcard in the log and
 //! on the peer wire.
 
-use std::io::Cursor;
-
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +36,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Member,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = crate::snapfile::Region,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

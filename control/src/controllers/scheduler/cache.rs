@@ -366,8 +366,10 @@ mod tests {
         assert_eq!(c.placed_count(), 0);
     }
 
+    type Counts<K> = HashMap<K, Vec<i64>>;
+
     /// What the incremental counts must equal: counted from scratch.
-    fn rebuilt(c: &Cache) -> (HashMap<PodTerm, Vec<i64>>, HashMap<(PodTerm, i64), Vec<i64>>) {
+    fn rebuilt(c: &Cache) -> (Counts<PodTerm>, Counts<(PodTerm, i64)>) {
         let n = c.nodes.len();
         let (mut anti, mut soft) = (HashMap::new(), HashMap::new());
         for (i, node) in c.nodes.iter().enumerate() {
