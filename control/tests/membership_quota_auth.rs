@@ -155,20 +155,42 @@ async fn grow_replace_quota_and_auth() {
     let peers = PeerClients::new(ep);
     let addr = endpoints(&cluster.masters[0].dir).unwrap().peer;
     let t = Duration::from_secs(5);
-    let write = PeerRequest::ClientWrite(Command::Txn(TxnRequest {
-        success: vec![Op::Put(PutRequest {
-            key: Bytes::from_static(b"intruder"),
-            value: Bytes::from_static(b"x"),
+    let write = || {
+        PeerRequest::ClientWrite(Command::Txn(TxnRequest {
+            success: vec![Op::Put(PutRequest {
+                key: Bytes::from_static(b"intruder"),
+                value: Bytes::from_static(b"x"),
+                ..Default::default()
+            })],
             ..Default::default()
-        })],
-        ..Default::default()
-    }));
-    for req in [write, PeerRequest::ReadIndex, PeerRequest::LeaseKeepAlive { id: 1 }] {
+        }))
+    };
+    for req in [write(), PeerRequest::ReadIndex, PeerRequest::LeaseKeepAlive { id: 1 }] {
         match peers.call(&addr, &req, t).await.unwrap() {
             PeerResponse::Error(e) => assert!(e.contains("permission denied"), "{e}"),
             other => panic!("anonymous peer was served: {other:?}"),
         }
     }
+    // The removed master-3's certificate is still signed by the cluster CA,
+    // and still names master-3's member id: refused, whatever it asks.
+    let pki3 = capstan_raft::bootstrap::load_pki(&cluster.masters[2].dir).unwrap();
+    assert_eq!(
+        capstan_raft::pki::cert_info(&capstan_raft::pki::first_cert(&pki3.identity.cert_pem).unwrap())
+            .unwrap()
+            .member_id,
+        Some(id3),
+        "a joined master's certificate names its member id"
+    );
+    let mut ep3 = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep3.set_default_client_config(capstan_raft::pki::quic_client_config(&ca, &pki3.identity).unwrap());
+    let removed_peer = PeerClients::new(ep3);
+    for req in [write(), PeerRequest::ReadIndex, PeerRequest::LeaseKeepAlive { id: 1 }] {
+        match removed_peer.call(&addr, &req, t).await.unwrap() {
+            PeerResponse::Removed => {}
+            other => panic!("the removed master was served: {other:?}"),
+        }
+    }
+    assert!(*removed_peer.removed().borrow(), "hearing it marks the caller removed");
     let join = |token: String| {
         PeerRequest::Join(JoinRequest {
             token,

@@ -373,8 +373,8 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
         _ if already => bail!("{} already holds a master; restart with --data-dir only", cfg.data_dir.display()),
         Bootstrap::Init => {
             let ca = ClusterCa::generate("capstan")?;
-            let identity =
-                ca.issue_master(&format!("{MASTER_CN_PREFIX}{}", cfg.name), &cert_hosts(&cfg, &advertise))?;
+            let name = format!("{MASTER_CN_PREFIX}{}", cfg.name);
+            let identity = ca.issue_member(&name, &cert_hosts(&cfg, &advertise), Some(1))?;
             save_pki(&cfg.data_dir, ca.cert_pem(), ca.key_pem(), &identity)?;
             let m = MemberFile {
                 id: 1,
@@ -409,9 +409,8 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     hub.attach(state.clone());
     let ep = endpoint(member.peer_listen, &pki, &cfg.data_dir)?;
     let clients = Arc::new(PeerClients::new(ep.clone()));
-    let (removed_tx, removed) = tokio::sync::watch::channel(false);
-    let removed_tx = Arc::new(removed_tx);
-    let network = Network { clients: clients.clone(), removed: removed_tx.clone() };
+    let removed = clients.removed();
+    let network = Network { clients: clients.clone() };
     let mut log_store = storage.log_store()?;
     let started_at = {
         use openraft::storage::RaftLogStorage;
@@ -424,7 +423,7 @@ pub async fn start(cfg: StoreConfig, how: Bootstrap) -> anyhow::Result<Started> 
     tokio::spawn(node.clone().run_leader_duties());
     tokio::spawn(node.clone().track_leader_changes());
     tokio::spawn(node.clone().watch_disk(cfg.data_dir.clone()));
-    tokio::spawn(node.clone().watch_own_removal(removed_tx));
+    tokio::spawn(node.clone().watch_own_removal());
     let self_member = Member {
         name: member.name.clone(),
         peer_addr: member.peer_advertise.clone(),

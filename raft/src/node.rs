@@ -512,7 +512,7 @@ impl StoreNode {
     /// Tombstones change only when a membership entry is applied, so the
     /// state is looked at once per applied membership, not per metrics
     /// update (one per applied batch).
-    pub async fn watch_own_removal(self: Arc<Self>, removed: Arc<tokio::sync::watch::Sender<bool>>) {
+    pub async fn watch_own_removal(self: Arc<Self>) {
         let mut rx = self.raft.metrics();
         let mut checked = None;
         loop {
@@ -525,7 +525,7 @@ impl StoreNode {
                 checked = id;
                 if self.is_removed(self.id) {
                     tracing::error!("this master applied its own removal from the cluster");
-                    removed.send_replace(true);
+                    self.clients.mark_removed();
                     return;
                 }
             }

@@ -4,6 +4,8 @@
 //! Only a master certificate (CN `master:<name>`, signed by the cluster CA)
 //! may replicate, vote, forward writes or change membership. A connection
 //! without a certificate may only send `Join` with a valid bootstrap token.
+//! A removed master is refused everything (`PeerResponse::Removed`), known
+//! by the member id its certificate names or its Raft messages carry.
 
 use std::sync::Arc;
 
@@ -29,11 +31,11 @@ pub async fn serve_peers(endpoint: quinn::Endpoint, node: Arc<StoreNode>, pki: A
                     return;
                 }
             };
-            let master = is_master(&conn);
+            let master = master_identity(&conn);
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let (node, pki) = (node.clone(), pki.clone());
                 tokio::spawn(async move {
-                    let max = if master { MAX_FRAME } else { MAX_ANONYMOUS_FRAME };
+                    let max = if master.is_some() { MAX_FRAME } else { MAX_ANONYMOUS_FRAME };
                     let resp = match read_frame::<PeerRequest>(&mut recv, max).await {
                         Ok(req) => handle(&node, &pki, req, master).await,
                         Err(e) => PeerResponse::Error(format!("bad request: {e}")),
@@ -45,17 +47,35 @@ pub async fn serve_peers(endpoint: quinn::Endpoint, node: Arc<StoreNode>, pki: A
     }
 }
 
-/// A master presents a CA-signed server certificate named `master:<name>`;
-/// admin and client certificates lack the serverAuth usage.
-fn is_master(conn: &quinn::Connection) -> bool {
-    let Some(leaf) = crate::pki::peer_leaf(conn) else {
-        return false;
-    };
-    crate::pki::cert_info(leaf.as_ref()).is_ok_and(|i| i.server_auth && i.common_name.starts_with(MASTER_CN_PREFIX))
+/// What a connection's certificate says of who is calling.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Caller {
+    /// A master: a CA-signed server certificate named `master:<name>`
+    /// (admin and client certificates lack the serverAuth usage), with the
+    /// Raft member id it was issued to, when it names one.
+    Master(Option<NodeId>),
+    /// No certificate, or not a master's.
+    Anonymous,
 }
 
-async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool) -> PeerResponse {
-    if !master {
+impl Caller {
+    fn is_some(self) -> bool {
+        self != Caller::Anonymous
+    }
+}
+
+fn master_identity(conn: &quinn::Connection) -> Caller {
+    let Some(leaf) = crate::pki::peer_leaf(conn) else {
+        return Caller::Anonymous;
+    };
+    match crate::pki::cert_info(leaf.as_ref()) {
+        Ok(i) if i.server_auth && i.common_name.starts_with(MASTER_CN_PREFIX) => Caller::Master(i.member_id),
+        _ => Caller::Anonymous,
+    }
+}
+
+async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, caller: Caller) -> PeerResponse {
+    let Caller::Master(id) = caller else {
         return match req {
             PeerRequest::Join(j) => match join(node, pki, j).await {
                 Ok(r) => PeerResponse::Join(r),
@@ -63,6 +83,14 @@ async fn handle(node: &Arc<StoreNode>, pki: &Pki, req: PeerRequest, master: bool
             },
             _ => PeerResponse::Error("permission denied: a master certificate is required".into()),
         };
+    };
+    // A removed master's certificate stays valid (it is signed by the
+    // cluster CA until it expires), so every request from it is refused
+    // here: it may no longer write, read, vote, replicate or join others.
+    // Certificates from before member ids were written into them are
+    // checked by the ids their Raft messages carry, below.
+    if id.is_some_and(|id| node.is_removed(id)) {
+        return PeerResponse::Removed;
     }
     match req {
         PeerRequest::AppendEntries(rpc) if node.is_removed(rpc.vote.leader_id().node_id) => PeerResponse::Removed,
@@ -128,18 +156,20 @@ async fn join(node: &Arc<StoreNode>, pki: &Pki, j: crate::transport::JoinRequest
     if node.members().iter().any(|(_, m, _)| m.name == j.name) {
         return Err(format!("join refused: a master named {:?} is already a member", j.name));
     }
-    let cert_pem = pki.ca.sign_csr(&j.csr_pem).map_err(|e| e.to_string())?;
+    // Never an id the cluster used before: a removed member's certificate
+    // names its id, and is refused for as long as the id is a tombstone.
+    let taken: Vec<NodeId> = node.members().iter().map(|(id, _, _)| *id).collect();
+    let id = loop {
+        let id = rand::thread_rng().gen_range(2..u64::MAX / 2);
+        if !taken.contains(&id) && !node.is_removed(id) {
+            break id;
+        }
+    };
+    let cert_pem = pki.ca.sign_csr(&j.csr_pem, id).map_err(|e| e.to_string())?;
     let cn = crate::bootstrap::common_name_of_pem(&cert_pem).map_err(|e| e.to_string())?;
     if cn != format!("{MASTER_CN_PREFIX}{}", j.name) {
         return Err("join refused: the CSR's common name must be master:<name>".into());
     }
-    let taken: Vec<NodeId> = node.members().iter().map(|(id, _, _)| *id).collect();
-    let id = loop {
-        let id = rand::thread_rng().gen_range(2..u64::MAX / 2);
-        if !taken.contains(&id) {
-            break id;
-        }
-    };
     tracing::info!(name = %j.name, id, peer = %j.peer_addr, "master joining");
     Ok(JoinResponse {
         id,

@@ -203,11 +203,21 @@ impl ClusterCa {
     /// `hosts` (IP addresses become IP SANs, others DNS SANs), plus
     /// "localhost" and 127.0.0.1; EKU serverAuth+clientAuth.
     pub fn issue_master(&self, name: &str, hosts: &[String]) -> Result<CertifiedKey, PkiError> {
+        self.issue_member(name, hosts, None)
+    }
+
+    /// [`ClusterCa::issue_master`] for Raft member `id`, named in the
+    /// certificate by a [`member_uri`] SAN, so peers can refuse it once
+    /// that member is removed.
+    pub fn issue_member(&self, name: &str, hosts: &[String], id: Option<u64>) -> Result<CertifiedKey, PkiError> {
         check_subject_name(name)?;
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = self.leaf_params();
         params.distinguished_name = cn_only(name);
         params.subject_alt_names = master_sans(hosts)?;
+        if let Some(id) = id {
+            params.subject_alt_names.push(SanType::URI(member_uri(id).try_into()?));
+        }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(CertifiedKey { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
@@ -235,18 +245,23 @@ impl ClusterCa {
         Ok(CertifiedKey { cert_pem: der_to_pem(&der), key_pem: key.serialize_pem() })
     }
 
-    /// Sign a PEM CSR produced by [`make_csr`]. The subject CN and the SANs
-    /// come from the CSR (its signature is checked); everything else —
+    /// Sign a PEM CSR produced by [`make_csr`] for Raft member `member`. The
+    /// subject CN and the DNS and IP SANs come from the CSR (its signature is
+    /// checked); the member's [`member_uri`] and everything else —
     /// validity, serial, basic constraints (never a CA), key usage, EKU
     /// (serverAuth+clientAuth) and any other subject attribute — is the CA's
     /// decision. Returns the certificate PEM (leaf only).
-    pub fn sign_csr(&self, csr_pem: &str) -> Result<String, PkiError> {
+    pub fn sign_csr(&self, csr_pem: &str, member: u64) -> Result<String, PkiError> {
         let mut csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
         let cn = dn_common_name(&csr.params.distinguished_name).ok_or(PkiError::NoCommonName)?;
         check_subject_name(&cn)?;
         let mut params = self.leaf_params();
         params.distinguished_name = cn_only(&cn);
-        params.subject_alt_names = std::mem::take(&mut csr.params.subject_alt_names);
+        // The member id is the CA's to state: a URI the CSR asked for is dropped.
+        let mut sans = std::mem::take(&mut csr.params.subject_alt_names);
+        sans.retain(|s| !matches!(s, SanType::URI(_)));
+        sans.push(SanType::URI(member_uri(member).try_into()?));
+        params.subject_alt_names = sans;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         csr.params = params;
         Ok(csr.signed_by(&self.issuer)?.pem())
@@ -331,6 +346,17 @@ pub struct CertInfo {
     pub client_auth: bool,
     /// Expiry, seconds since the Unix epoch.
     pub not_after_unix: i64,
+    /// The Raft member a master certificate was issued to (its
+    /// [`member_uri`] SAN); None in certificates from before ids were
+    /// written into them, and in client certificates.
+    pub member_id: Option<u64>,
+}
+
+const MEMBER_URI_PREFIX: &str = "urn:capstan:master:";
+
+/// The SAN naming the Raft member a master certificate belongs to.
+pub fn member_uri(id: u64) -> String {
+    format!("{MEMBER_URI_PREFIX}{id}")
 }
 
 /// Subject CN, groups, EKU and expiry of a DER certificate.
@@ -346,12 +372,18 @@ pub fn cert_info(cert_der: &[u8]) -> Result<CertInfo, PkiError> {
         Some(eku) => (eku.value.server_auth || eku.value.any, eku.value.client_auth || eku.value.any),
         None => (false, false),
     };
+    let sans = x509.subject_alternative_name().map_err(|e| PkiError::Parse(e.to_string()))?;
+    let member_id = sans.iter().flat_map(|s| s.value.general_names.iter()).find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => u.strip_prefix(MEMBER_URI_PREFIX)?.parse().ok(),
+        _ => None,
+    });
     Ok(CertInfo {
         common_name,
         organizations,
         server_auth,
         client_auth,
         not_after_unix: x509.validity().not_after.timestamp(),
+        member_id,
     })
 }
 
@@ -622,7 +654,8 @@ fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
         .map_err(|e| PkiError::Pem(e.to_string()))
 }
 
-fn first_cert(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
+/// The first certificate of a PEM bundle.
+pub fn first_cert(pem: &str) -> Result<CertificateDer<'static>, PkiError> {
     parse_certs(pem)?.into_iter().next().ok_or(PkiError::NoCertificate)
 }
 
@@ -899,6 +932,10 @@ mod tests {
         assert_eq!(info.common_name, "master-1");
         assert!(info.server_auth && info.client_auth);
         assert!(info.organizations.is_empty());
+        assert_eq!(info.member_id, None, "no id asked for");
+        let m7 = ca.issue_member("master-7", &[], Some(7)).unwrap();
+        verify_server(ca.cert_pem(), &m7.cert_pem, "localhost").unwrap();
+        assert_eq!(cert_info(&first_cert(&m7.cert_pem).unwrap()).unwrap().member_id, Some(7));
 
         // Another CA does not trust it.
         let other = ClusterCa::generate("other").unwrap();
@@ -922,6 +959,7 @@ mod tests {
             assert_eq!(info.common_name, "admin");
             assert_eq!(info.organizations, groups);
             assert!(info.client_auth && !info.server_auth);
+            assert_eq!(info.member_id, None);
             // The spliced certificate is a well-formed, CA-signed X.509 cert.
             let (rest, x509) = x509_parser::parse_x509_certificate(&der).unwrap();
             assert!(rest.is_empty());
@@ -942,8 +980,9 @@ mod tests {
     fn csr_round_trip() {
         let ca = ClusterCa::generate("test").unwrap();
         let (key_pem, csr_pem) = make_csr("master-2", &hosts(&["10.1.2.3", "m2.local"])).unwrap();
-        let cert_pem = ca.sign_csr(&csr_pem).unwrap();
+        let cert_pem = ca.sign_csr(&csr_pem, 42).unwrap();
         assert_eq!(common_name(&first_cert(&cert_pem).unwrap()).unwrap(), "master-2");
+        assert_eq!(cert_info(&first_cert(&cert_pem).unwrap()).unwrap().member_id, Some(42));
         for name in ["10.1.2.3", "m2.local", "localhost", "127.0.0.1"] {
             verify_server(ca.cert_pem(), &cert_pem, name).unwrap();
         }
@@ -953,7 +992,7 @@ mod tests {
         quic_server_config(ca.cert_pem(), &identity, false).unwrap();
         quic_client_config(ca.cert_pem(), &identity).unwrap();
 
-        assert!(ca.sign_csr("not a csr").is_err());
+        assert!(ca.sign_csr("not a csr", 1).is_err());
     }
 
     #[test]

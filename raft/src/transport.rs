@@ -168,6 +168,8 @@ struct Cached {
 struct Inner {
     endpoint: quinn::Endpoint,
     conns: Mutex<HashMap<String, Cached>>,
+    /// Set when a peer answers [`PeerResponse::Removed`] to any request.
+    removed: tokio::sync::watch::Sender<bool>,
 }
 
 /// Dials peers and caches one connection per address.
@@ -186,7 +188,18 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(1);
 impl PeerClients {
     /// `endpoint` must have a default client config (mutual TLS).
     pub fn new(endpoint: quinn::Endpoint) -> PeerClients {
-        PeerClients { inner: Arc::new(Inner { endpoint, conns: Mutex::new(HashMap::new()) }) }
+        let (removed, _) = tokio::sync::watch::channel(false);
+        PeerClients { inner: Arc::new(Inner { endpoint, conns: Mutex::new(HashMap::new()), removed }) }
+    }
+
+    /// Becomes true when a peer says this master was removed from the
+    /// cluster (or [`PeerClients::mark_removed`] is called).
+    pub fn removed(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.removed.subscribe()
+    }
+
+    pub fn mark_removed(&self) {
+        self.inner.removed.send_replace(true);
     }
 
     async fn connection(&self, addr: &str) -> Result<quinn::Connection, TransportError> {
@@ -282,6 +295,10 @@ impl PeerClients {
             Ok(r) => r,
             Err(_) => Err(TransportError::Stream { addr: addr.to_string(), reason: "timed out".into() }),
         };
+        if matches!(result, Ok(PeerResponse::Removed)) && !*self.inner.removed.borrow() {
+            tracing::error!(peer = %addr, "a peer says this master was removed from the cluster");
+            self.mark_removed();
+        }
         if result.is_err() {
             // The peer may have restarted on the same address: its new process
             // cannot reset our old connection, so drop it and redial next time.
@@ -301,22 +318,19 @@ impl PeerClients {
 #[derive(Clone)]
 pub struct Network {
     pub clients: Arc<PeerClients>,
-    /// Set when a peer answers [`PeerResponse::Removed`].
-    pub removed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 pub struct PeerConn {
     target: NodeId,
     addr: String,
     clients: Arc<PeerClients>,
-    removed: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
     type Network = PeerConn;
 
     async fn new_client(&mut self, target: NodeId, node: &Member) -> PeerConn {
-        PeerConn { target, addr: node.peer_addr.clone(), clients: self.clients.clone(), removed: self.removed.clone() }
+        PeerConn { target, addr: node.peer_addr.clone(), clients: self.clients.clone() }
     }
 }
 
@@ -326,9 +340,8 @@ impl PeerConn {
     async fn rpc<E: std::error::Error>(&self, req: PeerRequest, option: &RPCOption) -> Result<PeerResponse, RpcErr<E>> {
         match self.clients.call(&self.addr, &req, option.hard_ttl()).await {
             Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&std::io::Error::other(e)))),
+            // `call` has marked this master removed.
             Ok(PeerResponse::Removed) => {
-                tracing::error!(peer = self.target, "a peer says this master was removed from the cluster");
-                self.removed.send_replace(true);
                 Err(RPCError::Network(NetworkError::new(&std::io::Error::other("removed from the cluster"))))
             }
             Ok(r) => Ok(r),

@@ -339,6 +339,7 @@ mod tests {
             server_auth: false,
             client_auth: client,
             not_after_unix: 0,
+            member_id: None,
         }
     }
 
