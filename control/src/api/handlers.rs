@@ -246,10 +246,6 @@ impl Filter {
         Ok(Filter { labels, fields })
     }
 
-    pub fn matches(&self, obj: &Value) -> bool {
-        self.labels.matches_json(&obj["metadata"]["labels"]) && self.fields.matches(obj)
-    }
-
     /// The object if it matches, decoded whole.
     pub fn select(&self, kv: &KeyValue) -> Result<Option<Value>, ApiError> {
         self.select_shaped(kv, super::project::Shape::All)

@@ -62,26 +62,25 @@ impl Encoder {
 /// filter hides it before and after.
 fn convert(ev: &Event, revision: i64, filter: &Filter) -> Result<Option<(&'static str, Value)>, ApiError> {
     match ev.kind {
+        // Filters are matched on the archives (labels read in place), so
+        // only the object sent is decoded.
         EventKind::Put => {
-            let new = decode_kv(&ev.kv)?;
-            let now_matches = filter.matches(&new);
-            let before = match &ev.prev_kv {
-                Some(p) => Some(filter.matches(&decode_kv(p)?)),
-                None => None,
+            let now_matches = filter.matches_stored(&ev.kv.value)?;
+            let before = ev.prev_kv.as_ref().map(|p| filter.matches_stored(&p.value)).transpose()?;
+            let kind = match (before, now_matches) {
+                (None | Some(false), true) => "ADDED",
+                (Some(true), true) => "MODIFIED",
+                (Some(true), false) => "DELETED",
+                (_, false) => return Ok(None),
             };
-            Ok(match (before, now_matches) {
-                (None | Some(false), true) => Some(("ADDED", new)),
-                (Some(true), true) => Some(("MODIFIED", new)),
-                (Some(true), false) => Some(("DELETED", new)),
-                (_, false) => None,
-            })
+            Ok(Some((kind, decode_kv(&ev.kv)?)))
         }
         EventKind::Delete => {
             let Some(p) = &ev.prev_kv else { return Ok(None) };
-            let mut old = decode_kv(p)?;
-            if !filter.matches(&old) {
+            if !filter.matches_stored(&p.value)? {
                 return Ok(None);
             }
+            let mut old = decode_kv(p)?;
             old["metadata"]["resourceVersion"] = json!(revision.to_string());
             Ok(Some(("DELETED", old)))
         }

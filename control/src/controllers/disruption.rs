@@ -81,14 +81,15 @@ pub struct DisruptionController {
 
 impl DisruptionController {
     /// Budgets in the pod's namespace whose selector matches it.
+    /// Runs for every pod change: the pod's labels are read from its
+    /// archive, and nothing is decoded in a namespace without budgets.
     pub fn keys_for_pod(&self, pod: &super::informer::Cached) -> Vec<String> {
-        let labels = pod.object()["metadata"]["labels"].clone();
-        self.pdbs
-            .list_namespace(pod.namespace())
-            .into_iter()
-            .filter(|b| selects(&b.object()["spec"]["selector"], &labels))
-            .map(|b| b.key.clone())
-            .collect()
+        let pdbs = self.pdbs.list_namespace(pod.namespace());
+        if pdbs.is_empty() {
+            return vec![];
+        }
+        let labels = pod.labels();
+        pdbs.into_iter().filter(|b| selects(&b.object()["spec"]["selector"], &labels)).map(|b| b.key.clone()).collect()
     }
 
     async fn run(self: Arc<Self>, key: String) -> ReconcileResult {

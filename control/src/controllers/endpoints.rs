@@ -173,14 +173,15 @@ pub struct EndpointsController {
 
 impl EndpointsController {
     /// Services in the pod's namespace whose selector matches it.
+    /// Runs for every pod change: only the pod's labels are needed, read
+    /// from its archive.
     pub fn keys_for_pod(&self, pod: &super::informer::Cached) -> Vec<String> {
-        let obj = pod.object();
-        self.services
-            .list_namespace(pod.namespace())
-            .into_iter()
-            .filter(|s| selects(&s.object()["spec"]["selector"], &obj))
-            .map(|s| s.key.clone())
-            .collect()
+        let services = self.services.list_namespace(pod.namespace());
+        if services.is_empty() {
+            return vec![];
+        }
+        let obj = json!({"metadata": {"labels": pod.labels()}});
+        services.into_iter().filter(|s| selects(&s.object()["spec"]["selector"], &obj)).map(|s| s.key.clone()).collect()
     }
 
     async fn run(self: Arc<Self>, key: String) -> ReconcileResult {

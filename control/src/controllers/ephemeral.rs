@@ -66,7 +66,7 @@ impl EphemeralController {
     /// Only new or changed pods with ephemeral volumes concern it.
     pub fn keys_for_pod(c: &Change) -> Vec<String> {
         match &c.new {
-            Some(p) if !p.deleting() && c.old.is_none() => {
+            Some(p) if !p.deleting() && c.old.is_none() && p.mentions(b"\"ephemeral\"") => {
                 let pod = p.object();
                 let has = pod["spec"]["volumes"].as_array().into_iter().flatten().any(|v| v["ephemeral"].is_object());
                 if has {

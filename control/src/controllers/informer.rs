@@ -85,6 +85,19 @@ impl Cached {
     pub fn deleting(&self) -> bool {
         self.archived().deleting
     }
+
+    /// `metadata.labels` as JSON, built from the archived labels without
+    /// decoding the object.
+    pub fn labels(&self) -> Value {
+        let labels = self.archived().labels.iter().map(|e| (e.0.to_string(), Value::String(e.1.to_string())));
+        Value::Object(labels.collect())
+    }
+
+    /// Whether the object's JSON contains `needle`: a cheap test that
+    /// rules an object out before decoding it (a hit still needs a look).
+    pub fn mentions(&self, needle: &[u8]) -> bool {
+        memchr::memmem::find(&self.archived().json, needle).is_some()
+    }
 }
 
 /// A change the informer applied: what was, what is.
@@ -327,5 +340,29 @@ impl Informers {
 
     pub fn get(&self, kind: &str) -> &Arc<Informer> {
         self.by_kind.get(kind).unwrap_or_else(|| panic!("no informer for {kind} was started"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cached(obj: &Value) -> Cached {
+        let bytes = StoredObject::from_object(obj).unwrap().encode();
+        Cached::new("d/p".into(), 7, &bytes).unwrap()
+    }
+
+    #[test]
+    fn labels_and_mentions_read_the_archive() {
+        let pod = json!({"metadata": {"name": "p", "namespace": "d", "labels": {"app": "web", "tier": "1"}},
+            "spec": {"volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "data"}}]}});
+        let c = cached(&pod);
+        assert_eq!(c.labels(), json!({"app": "web", "tier": "1"}));
+        assert_eq!(c.labels(), c.object()["metadata"]["labels"], "the same labels as the decoded object");
+        assert!(c.mentions(b"\"persistentVolumeClaim\""));
+        assert!(!c.mentions(b"\"ephemeral\""));
+        let bare = cached(&json!({"metadata": {"name": "q", "namespace": "d"}}));
+        assert_eq!(bare.labels(), json!({}));
     }
 }

@@ -469,6 +469,11 @@ impl VolumeController {
 
     /// A pod that finishes or goes may let a claim being deleted go.
     pub fn keys_for_pod(c: &Change) -> Vec<String> {
+        // Most pods use no claim: ruled out without decoding them.
+        let may_claim = |p: &Arc<Cached>| p.mentions(b"\"persistentVolumeClaim\"") || p.mentions(b"\"ephemeral\"");
+        if !c.old.iter().chain(c.new.iter()).any(may_claim) {
+            return vec![];
+        }
         let gone_or_done = c.new.as_ref().is_none_or(|p| finished(&p.object()));
         if !gone_or_done {
             return vec![];
