@@ -542,7 +542,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // Seconds of encoding and IO for a big store: off the async
         // workers, and the state lock is held only to copy the image
         // (keys and values are shared `Bytes`).
-        let build = move || -> std::io::Result<(SnapshotMeta, u64)> {
+        let build = move || -> std::io::Result<(SnapshotMeta, u64, snapfile::Region)> {
             let _file = file_lock.lock();
             let (image, applied, membership) = {
                 let st = state.read();
@@ -555,20 +555,21 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let meta = SnapshotMeta { last_log_id: applied, last_membership: membership, snapshot_id };
             crash_point!("raft::snapshot_build");
             let len = snapfile::write_image(&path, &meta, &image)?;
-            Ok((meta, len))
+            // Opened before the lock is released, so no install can put
+            // another snapshot's data behind this meta.
+            let (_, data) =
+                snapfile::open(&path)?.ok_or_else(|| std::io::Error::other("snapshot just written is gone"))?;
+            Ok((meta, len, data))
         };
         let snapshot_io =
             |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
-        let (meta, len) = tokio::task::spawn_blocking(build)
+        let (meta, len, data) = tokio::task::spawn_blocking(build)
             .await
             .map_err(|e| snapshot_io(std::io::Error::other(e.to_string())))?
             .map_err(snapshot_io)?;
         self.metrics.snapshot_size.set(len as i64);
         // openraft keeps only the meta of a snapshot it had built; the data
         // is read from the file when a follower needs it.
-        let (_, data) = snapfile::open(&self.snapshot_path).map_err(snapshot_io)?.ok_or_else(|| {
-            snapshot_io(std::io::Error::new(std::io::ErrorKind::NotFound, "snapshot just written is gone"))
-        })?;
         Ok(Snapshot { meta, snapshot: Box::new(data) })
     }
 }
