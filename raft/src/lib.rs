@@ -8,10 +8,12 @@
 //!   (revisions, history, compaction, leases); no IO.
 //! - [`storage`]: RocksDB behind openraft's log and state-machine traits
 //!   (column families and key layout documented there); passes openraft's
-//!   storage conformance suite.
+//!   storage conformance suite. `snapfile` is the snapshot on disk, which
+//!   openraft reads and writes through a file region, never whole in memory.
 //! - [`watch`]: the watch hub; each committed revision is one immutable rkyv
 //!   frame in a `Bytes`, shared by every watcher.
-//! - [`pki`]: the cluster CA and TLS configurations.
+//! - [`pki`]: the cluster CA and TLS configurations; master certificates
+//!   name their Raft member id, so a removed master is refused by its peers.
 //! - [`backup`]: the backup file format of `etcdctl snapshot save`.
 //! - [`transport`]: QUIC peer transport (openraft's network) and the peer
 //!   protocol messages; [`peer`] serves them and decides who may send what.
