@@ -35,7 +35,7 @@ pub async fn serve_peers(endpoint: quinn::Endpoint, node: Arc<StoreNode>, pki: A
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let (node, pki) = (node.clone(), pki.clone());
                 tokio::spawn(async move {
-                    let max = if master.is_some() { MAX_FRAME } else { MAX_ANONYMOUS_FRAME };
+                    let max = if master.is_master() { MAX_FRAME } else { MAX_ANONYMOUS_FRAME };
                     let resp = match read_frame::<PeerRequest>(&mut recv, max).await {
                         Ok(req) => handle(&node, &pki, req, master).await,
                         Err(e) => PeerResponse::Error(format!("bad request: {e}")),
@@ -59,7 +59,7 @@ enum Caller {
 }
 
 impl Caller {
-    fn is_some(self) -> bool {
+    fn is_master(self) -> bool {
         self != Caller::Anonymous
     }
 }

@@ -59,13 +59,12 @@ fn write_with(
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
+    let header = postcard::to_stdvec(&HeaderRef { meta, len }).map_err(bad)?;
     let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-    w.write_all(&postcard::to_stdvec(&HeaderRef { meta, len }).map_err(bad)?)?;
+    w.write_all(&header)?;
     body(&mut w)?;
     let file = w.into_inner().map_err(|e| e.into_error())?;
-    let written = file.metadata()?.len();
-    let header = written.checked_sub(len as u64).ok_or_else(|| bad("shorter than its data"))?;
-    if postcard::to_stdvec(&HeaderRef { meta, len }).map_err(bad)?.len() as u64 != header {
+    if file.metadata()?.len() != (header.len() + len) as u64 {
         return Err(bad("data length differs from the length computed for it"));
     }
     file.sync_all()?;
@@ -90,8 +89,9 @@ pub fn read_header(file: &mut std::fs::File) -> io::Result<(SnapshotMeta, u64, u
         match postcard::take_from_bytes::<(SnapshotMeta, usize)>(&buf) {
             Ok(((meta, len), rest)) => {
                 let base = (buf.len() - rest.len()) as u64;
-                if base + len as u64 != size {
-                    return Err(bad(format!("{size} bytes, but its header says {}", base + len as u64)));
+                // A corrupt length must not overflow.
+                if base.checked_add(len as u64) != Some(size) {
+                    return Err(bad(format!("{size} bytes, but its header says {base} + {len}")));
                 }
                 return Ok((meta, base, len as u64));
             }
@@ -279,5 +279,9 @@ mod tests {
         assert!(open(&path).is_err());
         std::fs::write(&path, b"").unwrap();
         assert!(open(&path).is_err(), "empty");
+        let mut huge = postcard::to_stdvec(&meta(7)).unwrap();
+        huge.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+        std::fs::write(&path, &huge).unwrap();
+        assert!(open(&path).is_err(), "a length near u64::MAX is an error, not an overflow");
     }
 }

@@ -263,6 +263,11 @@ fn staged_install_path(snapshot_path: &Path) -> PathBuf {
     snapshot_path.with_extension("install")
 }
 
+/// Maps IO errors writing (or receiving) a snapshot to openraft's error.
+fn snapshot_write_err(meta: Option<&SnapshotMeta>) -> impl Fn(std::io::Error) -> StorageError<NodeId> + '_ {
+    move |e| StorageIOError::write_snapshot(meta.map(SnapshotMeta::signature), &e).into()
+}
+
 /// Where a snapshot a leader is sending arrives (data only).
 fn receiving_path(snapshot_path: &Path) -> PathBuf {
     snapshot_path.with_extension("recv")
@@ -561,8 +566,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 snapfile::open(&path)?.ok_or_else(|| std::io::Error::other("snapshot just written is gone"))?;
             Ok((meta, len, data))
         };
-        let snapshot_io =
-            |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
+        let snapshot_io = snapshot_write_err(None);
         let (meta, len, data) = tokio::task::spawn_blocking(build)
             .await
             .map_err(|e| snapshot_io(std::io::Error::other(e.to_string())))?
@@ -639,21 +643,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StResult<Box<snapfile::Region>> {
-        let io = |e: std::io::Error| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() };
-        Ok(Box::new(snapfile::Region::create(&receiving_path(&self.snapshot_path)).await.map_err(io)?))
+        let region = snapfile::Region::create(&receiving_path(&self.snapshot_path)).await;
+        Ok(Box::new(region.map_err(snapshot_write_err(None))?))
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, mut snapshot: Box<snapfile::Region>) -> StResult<()> {
         let _timer = self.metrics.snapshot_install.start_timer();
-        let io = |e: std::io::Error| -> StorageError<NodeId> {
-            StorageIOError::write_snapshot(Some(meta.signature()), &e).into()
-        };
+        let io = snapshot_write_err(Some(meta));
         let data = {
             use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
-            snapshot.flush().await.map_err(io)?;
-            snapshot.seek(std::io::SeekFrom::Start(0)).await.map_err(io)?;
+            snapshot.flush().await.map_err(&io)?;
+            snapshot.seek(std::io::SeekFrom::Start(0)).await.map_err(&io)?;
             let mut data = Vec::new();
-            snapshot.read_to_end(&mut data).await.map_err(io)?;
+            snapshot.read_to_end(&mut data).await.map_err(&io)?;
             data
         };
         drop(snapshot);
@@ -664,7 +666,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // must not leave the old snapshot file as the current one
         // (`finish_staged_install` completes the install at restart).
         let staged = staged_install_path(&self.snapshot_path);
-        snapfile::write_data(&staged, meta, &data).map_err(io)?;
+        snapfile::write_data(&staged, meta, &data).map_err(&io)?;
         drop(data);
         let mvcc = Mvcc::from_image(image);
         // Replace every row: clear kv and lease, then write the image.
@@ -686,8 +688,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.db.write_opt(batch, &sync_opts()).map_err(write_err)?;
         }
         crash_point!("raft::snapshot_install");
-        std::fs::rename(&staged, &self.snapshot_path)
-            .map_err(|e| -> StorageError<NodeId> { StorageIOError::write_snapshot(None, &e).into() })?;
+        std::fs::rename(&staged, &self.snapshot_path).map_err(&io)?;
         tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
         self.hub.reset(revision);
         Ok(())

@@ -250,34 +250,26 @@ pub async fn serve(api: &ApiServer, node: &str, namespace: &str, pod: &str, ctx:
         )));
     }
     let dial = agent_dial(api, node.to_string(), namespace.to_string(), pod.to_string())?;
-    if upgrade.spdy {
-        tokio::spawn(async move {
-            match upgrade.on.await {
-                Ok(io) => {
-                    let (r, w) = tokio::io::split(hyper_util::rt::TokioIo::new(io));
-                    session(r, w, dial).await
-                }
-                Err(e) => tracing::debug!(error = %e, "portforward upgrade failed"),
-            }
-        });
-        return Ok(Reply {
-            code: http::StatusCode::SWITCHING_PROTOCOLS,
-            body: ReplyBody::SwitchingSpdy(SPDY_PROTOCOL),
-            warnings: vec![],
-        });
-    }
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(upgrade.key.as_bytes());
+    // Plain SPDY runs the session on the upgraded connection itself; the
+    // WebSocket tunnel carries it in binary messages.
+    let spdy = upgrade.spdy;
+    let body = if spdy {
+        ReplyBody::SwitchingSpdy(SPDY_PROTOCOL)
+    } else {
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(upgrade.key.as_bytes());
+        ReplyBody::Switching(accept, TUNNEL_PROTOCOL)
+    };
     tokio::spawn(async move {
         match upgrade.on.await {
+            Ok(io) if spdy => {
+                let (r, w) = tokio::io::split(hyper_util::rt::TokioIo::new(io));
+                session(r, w, dial).await
+            }
             Ok(io) => tunnel(hyper_util::rt::TokioIo::new(io), dial).await,
             Err(e) => tracing::debug!(error = %e, "portforward upgrade failed"),
         }
     });
-    Ok(Reply {
-        code: http::StatusCode::SWITCHING_PROTOCOLS,
-        body: ReplyBody::Switching(accept, TUNNEL_PROTOCOL),
-        warnings: vec![],
-    })
+    Ok(Reply { code: http::StatusCode::SWITCHING_PROTOCOLS, body, warnings: vec![] })
 }
 
 /// SPDY inside a WebSocket: binary messages in both directions are
