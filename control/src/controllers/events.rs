@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 pub use self::correlator::EventType;
 pub use self::correlator::ObjectRef;
-use self::correlator::{Correlator, Decision, Record};
+use self::correlator::{Correlator, Decision, Record, Written};
 use crate::api::{internal, ApiServer};
 
 /// Records waiting for the writer (client-go's `maxQueuedEvents`).
@@ -133,7 +133,7 @@ async fn write_events(
     results: IntCounterVec,
 ) {
     let correlator = Arc::new(parking_lot::Mutex::new(Correlator::default()));
-    let lanes: Vec<mpsc::Sender<(Value, bool)>> = (0..LANES)
+    let lanes: Vec<mpsc::Sender<Written>> = (0..LANES)
         .map(|_| {
             let (tx, rx) = mpsc::channel(QUEUE / LANES);
             tokio::spawn(write_lane(api.clone(), rt, rx, results.clone(), correlator.clone()));
@@ -144,12 +144,12 @@ async fn write_events(
         let decision = correlator.lock().observe(&r, Utc::now());
         match decision {
             Decision::Spam => results.with_label_values(&["spam"]).inc(),
-            Decision::Write { event, aggregated } => {
+            Decision::Write(w) => {
                 // A full lane drops, as a full queue does (the lanes live
                 // as long as this task, so it is never closed).
-                if let Err(e) = lanes[lane(&event)].try_send((event, aggregated)) {
+                if let Err(e) = lanes[lane(&w.event)].try_send(w) {
                     results.with_label_values(&["dropped"]).inc();
-                    correlator.lock().forget(&e.into_inner().0);
+                    correlator.lock().forget(&e.into_inner());
                 }
             }
         }
@@ -161,21 +161,21 @@ async fn write_events(
 async fn write_lane(
     api: Arc<ApiServer>,
     rt: &'static ResourceType,
-    mut rx: mpsc::Receiver<(Value, bool)>,
+    mut rx: mpsc::Receiver<Written>,
     results: IntCounterVec,
     correlator: Arc<parking_lot::Mutex<Correlator>>,
 ) {
-    while let Some((event, aggregated)) = rx.recv().await {
-        match write_one(&api, rt, &event, aggregated).await {
+    while let Some(w) = rx.recv().await {
+        match write_one(&api, rt, &w.event, w.aggregated).await {
             Ok(result) => results.with_label_values(&[result]).inc(),
             Err(e) => {
                 results.with_label_values(&["failed"]).inc();
                 tracing::debug!(
-                    reason = event["reason"].as_str(),
-                    event = event["metadata"]["name"].as_str(),
+                    reason = w.event["reason"].as_str(),
+                    event = w.event["metadata"]["name"].as_str(),
                     "event not written: {e}"
                 );
-                correlator.lock().forget(&event);
+                correlator.lock().forget(&w);
             }
         }
     }
