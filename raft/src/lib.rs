@@ -40,6 +40,7 @@ mod batch;
 pub mod bootstrap;
 pub mod disk;
 pub mod failpoints;
+mod logcache;
 pub mod metrics;
 pub mod mvcc;
 pub mod node;

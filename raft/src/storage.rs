@@ -77,7 +77,7 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<NodeId> {
 }
 
 fn encode<T: Serialize>(v: &T) -> StResult<Vec<u8>> {
-    postcard::to_stdvec(v).map_err(write_err)
+    crate::types::postcard_sized(v).map_err(write_err)
 }
 
 fn decode<T: DeserializeOwned>(b: &[u8]) -> StResult<T> {
@@ -192,6 +192,7 @@ impl Storage {
             db: self.db.clone(),
             flusher: spawn_flusher(self.db.clone(), self.metrics.clone())?,
             metrics: self.metrics.clone(),
+            cache: Arc::default(),
         })
     }
 
@@ -358,6 +359,9 @@ pub struct LogStore {
     db: Arc<DB>,
     flusher: std::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
     metrics: Arc<StorageMetrics>,
+    /// The log's tail, decoded; shared with the readers cloned from this
+    /// store, and changed only together with the log itself.
+    cache: Arc<parking_lot::Mutex<crate::logcache::LogCache>>,
 }
 
 /// Group commit: appends are written without sync and their completion
@@ -410,6 +414,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> StResult<Vec<Entry>> {
+        if let Some(hit) = self.cache.lock().get(&range) {
+            return Ok(hit);
+        }
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i + 1,
@@ -472,16 +479,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         let log = cf(&self.db, CF_LOG);
-        for e in entries {
-            batch.put_cf(log, e.log_id.index.to_be_bytes(), encode(&e)?);
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        for e in &entries {
+            batch.put_cf(log, e.log_id.index.to_be_bytes(), encode(e)?);
         }
         self.metrics.appended_entries.inc_by(batch.len() as u64);
         // Written now (readable at once), durable when the flusher reports it.
-        self.db.write(batch).map_err(write_err)?;
+        // The cache changes under its lock together with the log, so a
+        // reader sees both before or both after.
+        let mut cache = self.cache.lock();
+        if let Err(e) = self.db.write(batch) {
+            // What reached the log is unknown: read it from there.
+            cache.clear();
+            return Err(write_err(e));
+        }
+        for e in &entries {
+            cache.append(e);
+        }
+        drop(cache);
         self.flusher.send(callback).map_err(|_| write_err(std::io::Error::other("log fsync thread is gone")))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> StResult<()> {
+        // Dropped first: should the delete fail halfway, no reader is
+        // answered from entries the log may no longer hold.
+        self.cache.lock().truncate(log_id.index);
         let log = cf(&self.db, CF_LOG);
         self.db
             .delete_range_cf_opt(log, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes(), &sync_opts())
@@ -494,6 +516,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // The state machine rows these entries produced must be durable first.
         self.db.flush_wal(true).map_err(write_err)?;
         self.put_meta("purged", &log_id)?;
+        self.cache.lock().purge(log_id.index);
         let log = cf(&self.db, CF_LOG);
         self.db.delete_range_cf(log, 0u64.to_be_bytes(), (log_id.index + 1).to_be_bytes()).map_err(write_err)
     }

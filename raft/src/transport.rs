@@ -149,7 +149,7 @@ pub async fn read_frame<T: for<'de> Deserialize<'de>>(
 }
 
 pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, v: &T) -> Result<(), TransportError> {
-    let buf = postcard::to_stdvec(v).map_err(|e| TransportError::Decode(e.to_string()))?;
+    let buf = crate::types::postcard_sized(v).map_err(|e| TransportError::Decode(e.to_string()))?;
     send.write_all(&buf).await.map_err(|e| TransportError::Decode(e.to_string()))?;
     send.finish().map_err(|e| TransportError::Decode(e.to_string()))?;
     Ok(())
