@@ -88,9 +88,29 @@ enum TokenCmd {
     Delete(admin::TokenDeleteArgs),
 }
 
+/// Transparent huge pages off for this process. mimalloc asks for them on
+/// its arenas, and a master's memory grows with every object: each first
+/// touch of a 2 MiB page zeroed (and, with the kernel's `defrag=madvise`,
+/// compacted for) the whole page. Measured on a 10,000-pod scheduler
+/// burst (benches/RESULTS.md, session 12): with them a follower spent a
+/// fifth of its CPU in that page-fault path, and the three masters used
+/// 15–25% more CPU in all. Only the master's own process: `capstan up`
+/// starts node agents and containerd, which keep the host's setting.
+fn disable_transparent_huge_pages() {
+    // SAFETY: prctl with PR_SET_THP_DISABLE takes plain integers and only
+    // sets a flag on this process.
+    let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+    if rc != 0 {
+        tracing::debug!("transparent huge pages stay as the host has them: {}", std::io::Error::last_os_error());
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     logging::init(&cli.log_level);
+    if matches!(cli.cmd, Cmd::Server(_)) {
+        disable_transparent_huge_pages();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

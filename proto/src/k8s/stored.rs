@@ -28,6 +28,45 @@ pub struct StoredObject {
     pub json: Vec<u8>,
 }
 
+/// An object serialized without `metadata.resourceVersion`, as if it had
+/// been removed from a copy (the copy and its drop cost more than the
+/// serialization on every write).
+struct WithoutRv<'a>(&'a Value);
+
+impl serde::Serialize for WithoutRv<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let Value::Object(top) = self.0 else { return self.0.serialize(s) };
+        let Some(Value::Object(meta)) = top.get("metadata") else { return self.0.serialize(s) };
+        if !meta.contains_key("resourceVersion") {
+            return self.0.serialize(s);
+        }
+        let mut map = s.serialize_map(Some(top.len()))?;
+        for (k, v) in top {
+            if k == "metadata" {
+                map.serialize_key(k)?;
+                map.serialize_value(&MetaWithoutRv(meta))?;
+            } else {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+struct MetaWithoutRv<'a>(&'a serde_json::Map<String, Value>);
+
+impl serde::Serialize for MetaWithoutRv<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(self.0.len() - 1))?;
+        for (k, v) in self.0.iter().filter(|(k, _)| *k != "resourceVersion") {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
 /// Errors decoding a stored object: the store holds something that is not
 /// one (never expected; reported, not panicked on).
 #[derive(Debug, thiserror::Error)]
@@ -43,10 +82,6 @@ impl StoredObject {
     pub fn from_object(obj: &Value) -> Result<StoredObject, serde_json::Error> {
         let meta = &obj["metadata"];
         let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
-        let mut body = obj.clone();
-        if let Some(m) = body.get_mut("metadata").and_then(Value::as_object_mut) {
-            m.remove("resourceVersion");
-        }
         Ok(StoredObject {
             namespace: s(&meta["namespace"]),
             name: s(&meta["name"]),
@@ -61,7 +96,7 @@ impl StoredObject {
                 .map(|a| a.iter().map(|o| s(&o["uid"])).collect())
                 .unwrap_or_default(),
             deleting: meta["deletionTimestamp"].is_string(),
-            json: serde_json::to_vec(&body)?,
+            json: serde_json::to_vec(&WithoutRv(obj))?,
         })
     }
 
@@ -109,5 +144,28 @@ mod tests {
         assert_eq!(back["metadata"]["resourceVersion"], "42");
         assert_eq!(back["spec"], pod["spec"]);
         assert!(StoredObject::access(b"garbage").is_err());
+    }
+
+    /// The stored JSON is the object's serialization with the
+    /// resourceVersion removed from a copy, byte for byte.
+    #[test]
+    fn stored_json_is_the_object_without_its_resource_version() {
+        let objects = [
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "resourceVersion": "7", "uid": "u",
+                "labels": {"a": "b"}}, "spec": {"resourceVersion": "kept: not metadata"}, "status": {}}),
+            json!({"metadata": {"resourceVersion": "1"}}),
+            json!({"metadata": {"name": "no-rv"}, "zzz": [1, 2]}),
+            json!({"metadata": "not an object"}),
+            json!({"kind": "NoMetadata"}),
+            json!(["not", "an", "object"]),
+        ];
+        for obj in objects {
+            let mut copy = obj.clone();
+            if let Some(m) = copy.get_mut("metadata").and_then(Value::as_object_mut) {
+                m.remove("resourceVersion");
+            }
+            let stored = StoredObject::from_object(&obj).unwrap();
+            assert_eq!(String::from_utf8(stored.json).unwrap(), serde_json::to_string(&copy).unwrap());
+        }
     }
 }

@@ -43,7 +43,7 @@ pub use self::model::{toleration_for, NodeInfo, PodInfo};
 
 use self::cache::Cache;
 use self::queue::SchedulingQueue;
-use super::events::{EventRecorder, EventType};
+use super::events::{EventRecorder, EventType, ObjectRef};
 use super::informer::{Cached, Change, Informer};
 use super::runtime::{ControllerActor, Enqueue, ReconcileResult, Reconciler};
 use crate::api::objects::Found;
@@ -83,7 +83,7 @@ impl State {
             }
             return true;
         };
-        let info = Arc::new(PodInfo::parse(&c.object()));
+        let info = Arc::new(PodInfo::from_json(c.archived().json.as_slice()));
         if info.pending() {
             self.cache.nominate(&info);
         } else {
@@ -398,28 +398,31 @@ impl Scheduler {
     /// scheduled from (or re-read once if it changed meanwhile), gets its
     /// node and `PodScheduled=True`.
     async fn bind(&self, key: String, (info, cached): Pending, node: String, claims: Vec<String>) {
-        let mut cur = cached.found();
+        let cur = cached.found();
+        // The Event is about the pod as it was scheduled; the pod itself
+        // moves into the write.
+        let mut involved = ObjectRef::of(&cur.object);
         let mut result = self.select_node(&claims, &node).await;
         if result.is_err() {
             self.state.lock().cache.volumes.forget(&claims);
         } else {
-            result = self.write_binding(&cur, &node).await;
+            result = self.write_binding(cur, &node).await;
         }
         if matches!(&result, Err(e) if e.code == 409) {
             let (ns, name) = (info.namespace.as_str(), info.name.as_str());
             if let Ok(Some(fresh)) = self.api.objects.get(self.pods.rt, Some(ns), name).await {
-                let same_pod = fresh.object["metadata"]["uid"] == cur.object["metadata"]["uid"];
+                let same_pod = fresh.object["metadata"]["uid"] == cached.uid();
                 let unbound = fresh.object["spec"]["nodeName"].as_str().is_none_or(str::is_empty);
                 if same_pod && unbound {
-                    cur = fresh;
-                    result = self.write_binding(&cur, &node).await;
+                    involved = ObjectRef::of(&fresh.object);
+                    result = self.write_binding(fresh, &node).await;
                 }
             }
         }
         match result {
             Ok(_) => {
                 let msg = format!("Successfully assigned {}/{} to {node}", info.namespace, info.name);
-                self.recorder.event(&cur.object, EventType::Normal, "Scheduled", msg);
+                self.recorder.record(involved, String::new(), EventType::Normal, "Scheduled", msg);
                 self.metrics.attempts.with_label_values(&["scheduled"]).inc();
                 if let Ok(created) = chrono::DateTime::parse_from_rfc3339(&info.created) {
                     let ms = (chrono::Utc::now() - created.with_timezone(&chrono::Utc)).num_milliseconds();
@@ -463,8 +466,8 @@ impl Scheduler {
         Ok(Value::Null)
     }
 
-    async fn write_binding(&self, cur: &Found, node: &str) -> Result<Value, crate::api::status::ApiError> {
-        let mut bound = cur.object.clone();
+    async fn write_binding(&self, cur: Found, node: &str) -> Result<Value, crate::api::status::ApiError> {
+        let mut bound = cur.object;
         bound["spec"]["nodeName"] = json!(node);
         let now = crate::api::handlers::now();
         crate::api::admission::set_condition(&mut bound, "PodScheduled", "True", None, &now);

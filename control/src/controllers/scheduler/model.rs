@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 pub use capstan_proto::k8s::selector::{NodeSelectorTerm, Op, Requirement};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A Kubernetes quantity: milli-units when `milli` (cpu in millicores),
 /// else whole units rounded up (memory in bytes, pod counts).
@@ -235,7 +235,109 @@ pub struct PodInfo {
     pub claims: Vec<String>,
 }
 
+/// The parts of a pod's JSON that [`PodInfo::parse`] reads, and nothing
+/// else: managedFields, images, env, probes and most of status are skipped
+/// by the parser instead of built into a `Value` and dropped again (which
+/// was most of what a master spent on each pod change in the scheduler,
+/// on every master: the followers keep their caches warm too).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct PodView {
+    metadata: MetaView,
+    spec: SpecView,
+    status: StatusView,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct MetaView {
+    namespace: Value,
+    name: Value,
+    labels: Value,
+    creation_timestamp: Value,
+    deletion_timestamp: Value,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct SpecView {
+    containers: Option<Vec<ContainerView>>,
+    init_containers: Option<Vec<ContainerView>>,
+    affinity: Value,
+    topology_spread_constraints: Value,
+    node_name: Value,
+    scheduler_name: Value,
+    priority: Value,
+    preemption_policy: Value,
+    node_selector: Value,
+    tolerations: Value,
+    volumes: Option<Vec<VolumeView>>,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct ContainerView {
+    resources: ResourcesView,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct ResourcesView {
+    requests: Value,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct VolumeView {
+    name: Value,
+    persistent_volume_claim: Value,
+    ephemeral: Value,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(default, rename_all = "camelCase")]
+struct StatusView {
+    phase: Value,
+    nominated_node_name: Value,
+}
+
+impl PodView {
+    /// The pod with only these parts, for [`PodInfo::parse`].
+    fn into_value(self) -> Value {
+        let (m, sp, st) = (self.metadata, self.spec, self.status);
+        let containers = |c: Option<Vec<ContainerView>>| {
+            c.map(|c| c.into_iter().map(|c| json!({"resources": {"requests": c.resources.requests}})).collect())
+                .unwrap_or(Value::Null)
+        };
+        let volumes = sp.volumes.map(|v| {
+            v.into_iter()
+                .map(|v| json!({"name": v.name, "persistentVolumeClaim": v.persistent_volume_claim, "ephemeral": v.ephemeral}))
+                .collect::<Value>()
+        });
+        json!({
+            "metadata": {"namespace": m.namespace, "name": m.name, "labels": m.labels,
+                "creationTimestamp": m.creation_timestamp, "deletionTimestamp": m.deletion_timestamp},
+            "spec": {"containers": containers(sp.containers), "initContainers": containers(sp.init_containers),
+                "affinity": sp.affinity, "topologySpreadConstraints": sp.topology_spread_constraints,
+                "nodeName": sp.node_name, "schedulerName": sp.scheduler_name, "priority": sp.priority,
+                "preemptionPolicy": sp.preemption_policy, "nodeSelector": sp.node_selector,
+                "tolerations": sp.tolerations, "volumes": volumes},
+            "status": {"phase": st.phase, "nominatedNodeName": st.nominated_node_name},
+        })
+    }
+}
+
 impl PodInfo {
+    /// [`PodInfo::parse`] of a pod's JSON, reading only what it needs.
+    /// JSON of an unexpected shape (never stored: admission checked it)
+    /// is parsed whole, so the result is the same either way.
+    pub fn from_json(json: &[u8]) -> PodInfo {
+        match serde_json::from_slice::<PodView>(json) {
+            Ok(view) => PodInfo::parse(&view.into_value()),
+            Err(_) => PodInfo::parse(&serde_json::from_slice(json).unwrap_or(Value::Null)),
+        }
+    }
+
     pub fn parse(pod: &Value) -> PodInfo {
         let meta = &pod["metadata"];
         let spec = &pod["spec"];
@@ -507,5 +609,65 @@ mod tests {
         assert_eq!(p.preferred_anti_affinity[0].namespace_selector, Some(LabelSelector::default()));
         assert_eq!((p.cpu, p.nz_cpu, p.mem, p.nz_mem), (250, 250, 0, 200 << 20));
         assert!(p.pending());
+    }
+
+    /// Pods using every field the scheduler reads, and some odd shapes:
+    /// the pruned parse must agree with the whole one field for field.
+    #[test]
+    fn parsing_only_what_is_read_gives_the_same_pod() {
+        let term = json!({"labelSelector": {"matchLabels": {"app": "web"},
+            "matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]},
+            "namespaces": ["x"], "namespaceSelector": {"matchLabels": {"team": "t"}}, "topologyKey": "zone"});
+        let full = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": "web-1", "namespace": "d", "uid": "u", "labels": {"app": "web", "v": "1"},
+                "creationTimestamp": "2026-11-27T00:00:00Z", "deletionTimestamp": "2026-11-27T00:01:00Z",
+                "annotations": {"a": "b"},
+                "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {"f:containers": {}}}}]},
+            "spec": {
+                "containers": [
+                    {"name": "a", "image": "busybox", "env": [{"name": "X", "value": "1"}],
+                        "resources": {"requests": {"cpu": "250m", "memory": "64Mi"}, "limits": {"cpu": "1"}}},
+                    {"name": "b", "image": "busybox", "resources": {}},
+                    {"name": "c", "image": "busybox"}],
+                "initContainers": [{"name": "i", "resources": {"requests": {"cpu": "2", "memory": "1Gi"}}}],
+                "affinity": {
+                    "nodeAffinity": {
+                        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                            {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["z1"]}]}]},
+                        "preferredDuringSchedulingIgnoredDuringExecution": [
+                            {"weight": 3, "preference": {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}}]},
+                    "podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term],
+                        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 5, "podAffinityTerm": term}]},
+                    "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term],
+                        "preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 9, "podAffinityTerm": term}]}},
+                "topologySpreadConstraints": [{"maxSkew": 2, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway",
+                    "labelSelector": {"matchLabels": {"app": "web"}}, "matchLabelKeys": ["v"], "minDomains": 3,
+                    "nodeAffinityPolicy": "Ignore", "nodeTaintsPolicy": "Honor"}],
+                "nodeName": "", "schedulerName": "default-scheduler", "priority": 1000, "preemptionPolicy": "Never",
+                "nodeSelector": {"disk": "ssd"},
+                "tolerations": [{"key": "k", "operator": "Equal", "value": "v", "effect": "NoExecute", "tolerationSeconds": 30}],
+                "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data-0"}},
+                    {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {"spec": {}}}},
+                    {"name": "token", "projected": {"sources": [{"serviceAccountToken": {"path": "token"}}]}}]},
+            "status": {"phase": "Pending", "nominatedNodeName": "n2", "conditions": [{"type": "PodScheduled"}]},
+        });
+        let pods = [
+            full,
+            json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"containers": [{"name": "c"}]}}),
+            json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"nodeName": "n1", "schedulerName": "other"},
+                "status": {"phase": "Succeeded"}}),
+            json!({"metadata": {"name": "p"}}),
+            json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"containers": null, "volumes": null}}),
+            // Shapes admission never stores: parsed whole, same answer.
+            json!({"metadata": {"name": "p", "namespace": "d"}, "spec": {"containers": [null]}}),
+            json!({"metadata": null, "spec": "x"}),
+            json!([1, 2]),
+        ];
+        for pod in pods {
+            let bytes = serde_json::to_vec(&pod).unwrap();
+            assert_eq!(PodInfo::from_json(&bytes), PodInfo::parse(&pod), "{pod}");
+        }
+        assert_eq!(PodInfo::from_json(b"{not json"), PodInfo::parse(&Value::Null));
     }
 }
