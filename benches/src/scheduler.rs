@@ -99,22 +99,47 @@ async fn watch_bindings(
     if !r.status().is_success() {
         bail!("watch: {}", r.status());
     }
+    // Only the name and node of each event's pod are read: the bench shares
+    // the machine with the masters, so its own parsing is kept small.
+    #[derive(serde::Deserialize)]
+    struct Line {
+        object: Pod,
+    }
+    #[derive(serde::Deserialize)]
+    struct Pod {
+        #[serde(default)]
+        metadata: Meta,
+        #[serde(default)]
+        spec: Spec,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Meta {
+        #[serde(default)]
+        name: String,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Spec {
+        #[serde(default, rename = "nodeName")]
+        node_name: Option<String>,
+    }
     let mut buf: Vec<u8> = Vec::new();
     while let Some(chunk) = r.chunk().await? {
         buf.extend_from_slice(&chunk);
-        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=i).collect();
-            let Ok(ev) = serde_json::from_slice::<Value>(&line) else { continue };
-            let obj = &ev["object"];
-            if obj["spec"]["nodeName"].as_str().is_some_and(|n| !n.is_empty()) {
-                let name = obj["metadata"]["name"].as_str().unwrap_or_default().to_string();
+        let mut done = 0;
+        while let Some(i) = memchr::memchr(b'\n', &buf[done..]) {
+            let line = &buf[done..done + i];
+            done += i + 1;
+            // Bookmarks and errors have other shapes: skipped.
+            let Ok(ev) = serde_json::from_slice::<Line>(line) else { continue };
+            if ev.object.spec.node_name.is_some_and(|n| !n.is_empty()) {
                 let mut b = bound.lock();
-                b.entry(name).or_insert_with(Instant::now);
+                b.entry(ev.object.metadata.name).or_insert_with(Instant::now);
                 if b.len() as u64 >= want {
                     return Ok(());
                 }
             }
         }
+        buf.drain(..done);
     }
     Ok(())
 }

@@ -210,8 +210,113 @@ fn managers(obj: &Value) -> Vec<Value> {
 }
 
 fn entry(rt: &ResourceType, manager: &str, operation: &str, set: &FieldSet, now: &str) -> Value {
-    json!({"manager": manager, "operation": operation, "apiVersion": rt.api_version(), "time": now,
-        "fieldsType": "FieldsV1", "fieldsV1": to_fields_v1(set)})
+    entry_with(rt, manager, operation, to_fields_v1(set), now)
+}
+
+/// A managedFields entry owning `fields` (FieldsV1 JSON). Built by hand:
+/// `json!` would copy the fields through serialization.
+fn entry_with(rt: &ResourceType, manager: &str, operation: &str, fields: Value, now: &str) -> Value {
+    let mut e = Map::new();
+    for (k, v) in [("manager", manager), ("operation", operation), ("time", now), ("fieldsType", "FieldsV1")] {
+        e.insert(k.into(), Value::String(v.into()));
+    }
+    e.insert("apiVersion".into(), Value::String(rt.api_version()));
+    e.insert("fieldsV1".into(), fields);
+    Value::Object(e)
+}
+
+/// `to_fields_v1(&field_set(obj))`, built straight from the object: a
+/// create owns every field it sets, and going through the set cloned
+/// every path of every field (most of a create's managedFields cost).
+pub fn fields_v1_of(obj: &Value) -> Value {
+    let mut root = Map::new();
+    let Some(m) = obj.as_object() else { return Value::Object(root) };
+    for (k, v) in m {
+        match k.as_str() {
+            "apiVersion" | "kind" | "status" => {}
+            "metadata" => {
+                let mut meta = Map::new();
+                for (mk, mv) in v.as_object().into_iter().flatten() {
+                    if !UNMANAGED_META.contains(&mk.as_str()) {
+                        if let Some(t) = fields_tree(mv, mk) {
+                            merge_into(&mut meta, format!("f:{mk}"), t);
+                        }
+                    }
+                }
+                if !meta.is_empty() {
+                    merge_into(&mut root, "f:metadata".into(), Value::Object(meta));
+                }
+            }
+            _ => {
+                if let Some(t) = fields_tree(v, k) {
+                    merge_into(&mut root, format!("f:{k}"), t);
+                }
+            }
+        }
+    }
+    Value::Object(root)
+}
+
+/// The FieldsV1 subtree of value `v` of field `field`, as [`collect`]
+/// names its paths; `None` when it names none (an empty list).
+fn fields_tree(v: &Value, field: &str) -> Option<Value> {
+    let mut node = Map::new();
+    match v {
+        Value::Object(m) if !m.is_empty() => {
+            for (k, c) in m {
+                if let Some(t) = fields_tree(c, k) {
+                    merge_into(&mut node, format!("f:{k}"), t);
+                }
+            }
+            if node.is_empty() {
+                return None;
+            }
+        }
+        Value::Array(items) => match list_key(field, items) {
+            Some(Some(key)) => {
+                for item in items {
+                    let id = json!({ key: item.get(key).cloned().unwrap_or(Value::Null) });
+                    let mut child = Map::new();
+                    child.insert(".".into(), json!({}));
+                    for (k, c) in item.as_object().into_iter().flatten() {
+                        if let Some(t) = fields_tree(c, k) {
+                            merge_into(&mut child, format!("f:{k}"), t);
+                        }
+                    }
+                    merge_into(&mut node, format!("k:{id}"), Value::Object(child));
+                }
+                if node.is_empty() {
+                    return None;
+                }
+            }
+            Some(None) => {
+                for item in items {
+                    merge_into(&mut node, format!("v:{item}"), json!({}));
+                }
+                if node.is_empty() {
+                    return None;
+                }
+            }
+            None => {}
+        },
+        _ => {}
+    }
+    Some(Value::Object(node))
+}
+
+/// Inserts `t` under `k`, merging with a subtree already there (two list
+/// items with the same key name the same fields).
+fn merge_into(node: &mut Map<String, Value>, k: String, t: Value) {
+    match (node.get_mut(&k), t) {
+        (Some(Value::Object(have)), Value::Object(add)) => {
+            for (ck, cv) in add {
+                merge_into(have, ck, cv);
+            }
+        }
+        (_, t) => {
+            node.insert(k, t);
+        }
+    }
 }
 
 fn manager_name(ctx: &Ctx) -> Result<String, ApiError> {
@@ -325,6 +430,14 @@ pub fn apply(rt: &ResourceType, current: &Value, config: &Value, ctx: &Ctx) -> R
 /// ownership of every field the write set or changed, other managers lose
 /// those fields, and fields the write removed are owned by nobody.
 pub fn track_update(rt: &ResourceType, old: Option<&Value>, new: &mut Value, manager: &str, now: &str) {
+    if old.is_none() && new["metadata"].get("managedFields").is_none_or(Value::is_null) {
+        // A create with no managers yet: the manager owns every field.
+        let fields = fields_v1_of(new);
+        if fields.as_object().is_some_and(|f| !f.is_empty()) {
+            new["metadata"]["managedFields"] = Value::Array(vec![entry_with(rt, manager, "Update", fields, now)]);
+        }
+        return;
+    }
     let new_set = field_set(new);
     let old_set = old.map(field_set).unwrap_or_default();
     let changed: FieldSet = new_set
@@ -438,6 +551,32 @@ mod tests {
         let ports: Vec<Value> = ports.iter().map(|p| json!({"containerPort": p})).collect();
         json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "labels": {"a": "1"}},
             "spec": {"replicas": replicas, "template": {"spec": {"containers": [{"name": "c", "image": "i", "ports": ports}]}}}})
+    }
+
+    /// The fields of a create, built straight from the object, are the
+    /// set's: keyed and set lists, duplicate keys, empty lists and
+    /// objects, metadata with nothing managed.
+    #[test]
+    fn a_creates_fields_are_its_field_sets() {
+        let objects = [
+            deploy(3, &[80, 443]),
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "d",
+                    "labels": {"app": "web"}, "finalizers": ["a/b", "c/d"], "annotations": {}},
+                "spec": {"containers": [
+                        {"name": "a", "image": "i", "env": [{"name": "X", "value": "1"}, {"name": "X", "value": "2"}],
+                            "ports": [{"containerPort": 80, "protocol": "TCP"}], "resources": {"requests": {"cpu": "1"}}},
+                        {"name": "a", "args": ["x"]}],
+                    "initContainers": [], "volumes": [{"name": "v", "emptyDir": {}}],
+                    "tolerations": [{"key": "k", "operator": "Exists"}], "nodeSelector": {}},
+                "status": {"phase": "Pending"}}),
+            json!({"metadata": {"name": "only-identity", "uid": "u"}, "data": {"k": "v"}}),
+            json!({"metadata": {"name": "n"}, "spec": {"list": [], "obj": {"inner": []}}}),
+            json!({"kind": "NoMetadata", "x": null, "y": 1}),
+            json!("not an object"),
+        ];
+        for obj in objects {
+            assert_eq!(fields_v1_of(&obj), to_fields_v1(&field_set(&obj)), "{obj}");
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use capstan_proto::k8s::fields::unknown_fields;
 use capstan_proto::k8s::registry::{self, ResourceType};
+use capstan_proto::k8s::stored::StoredObject;
 use http::StatusCode;
 use serde_json::{json, Value};
 
@@ -319,17 +320,22 @@ fn list_object(rt: &ResourceType, meta: Value, items: Vec<Value>) -> Value {
 async fn ensure_namespace_active(api: &ApiServer, ns: Option<&str>) -> Result<(), ApiError> {
     let Some(ns) = ns else { return Ok(()) };
     let nsrt = registry::by_kind("v1", "Namespace").ok_or_else(|| ApiError::internal("no Namespace kind"))?;
-    let found = match api.objects.get_local(nsrt, None, ns)? {
-        Some(f) => Some(f),
-        None => api.objects.get(nsrt, None, ns).await?,
+    // Read in place: every create in a namespace asks.
+    let found = match api.objects.get_stored_local(nsrt, None, ns)? {
+        Some(kv) => Some(kv),
+        None => {
+            api.objects.sync().await?;
+            api.objects.get_stored_local(nsrt, None, ns)?
+        }
     };
-    match found {
-        None => Err(ApiError::not_found("", "namespaces", ns)),
-        Some(f) if f.object["metadata"]["deletionTimestamp"].is_string() => Err(ApiError::forbidden(format!(
+    let Some(kv) = found else { return Err(ApiError::not_found("", "namespaces", ns)) };
+    let stored = StoredObject::access(&kv.value).map_err(|e| ApiError::internal(format!("namespace {ns}: {e}")))?;
+    if stored.deleting {
+        return Err(ApiError::forbidden(format!(
             "unable to create new content in namespace {ns} because it is being terminated"
-        ))),
-        Some(_) => Ok(()),
+        )));
     }
+    Ok(())
 }
 
 async fn create(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx) -> Result<Reply, ApiError> {

@@ -222,12 +222,22 @@ impl Objects {
     /// Reads one object from this master's applied state (call `sync` first
     /// for a linearizable read).
     pub fn get_local(&self, rt: &ResourceType, ns: Option<&str>, name: &str) -> Result<Option<Found>, ApiError> {
-        let (kvs, _, _) =
-            self.range(&RangeRequest { range: KeyRange::key(key(rt, ns, name)), ..Default::default() })?;
-        match kvs.first() {
-            Some(kv) => Ok(Some(Found { object: decode_kv(kv)?, mod_revision: kv.mod_revision })),
+        match self.get_stored_local(rt, ns, name)? {
+            Some(kv) => Ok(Some(Found { object: decode_kv(&kv)?, mod_revision: kv.mod_revision })),
             None => Ok(None),
         }
+    }
+
+    /// The object as stored (an archive to read in place), not decoded.
+    pub fn get_stored_local(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<Option<KeyValue>, ApiError> {
+        let (kvs, _, _) =
+            self.range(&RangeRequest { range: KeyRange::key(key(rt, ns, name)), ..Default::default() })?;
+        Ok(kvs.into_iter().next())
     }
 
     pub async fn get(&self, rt: &ResourceType, ns: Option<&str>, name: &str) -> Result<Option<Found>, ApiError> {
@@ -346,6 +356,34 @@ impl Objects {
     fn exists_local(&self, key: &Bytes) -> bool {
         self.range(&RangeRequest { range: KeyRange::key(key.clone()), ..Default::default() })
             .is_ok_and(|(kvs, _, _)| !kvs.is_empty())
+    }
+
+    /// Stores `stored` over the object of its name if that is still at
+    /// revision `expected` (409 otherwise); its new revision. For writers
+    /// that edit the stored form itself (the scheduler's bindings): only
+    /// kinds that claim nothing (see [`claims`]).
+    pub async fn update_stored(&self, rt: &ResourceType, stored: StoredObject, expected: i64) -> Result<i64, ApiError> {
+        if matches!(rt.kind, "Service" | "Node") {
+            return Err(ApiError::internal(format!("{} updates must go through their claims", rt.kind)));
+        }
+        let ns = (!stored.namespace.is_empty()).then_some(stored.namespace.as_str());
+        let k = Bytes::from(key(rt, ns, &stored.name));
+        let compare = vec![Compare {
+            range: KeyRange::key(k.clone()),
+            result: CompareResult::Equal,
+            target: CompareTarget::Mod(expected),
+        }];
+        let success = vec![Op::Put(PutRequest { key: k, value: Bytes::from(stored.encode()), ..Default::default() })];
+        let (ok, _, rev) = self.txn(TxnRequest { compare, success, failure: vec![] }).await?;
+        if !ok {
+            return Err(ApiError::conflict(
+                rt.group,
+                rt.plural,
+                &stored.name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
+        }
+        Ok(rev)
     }
 
     /// Replaces the object if it is still at `expected` (its mod revision).

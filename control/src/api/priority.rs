@@ -69,6 +69,13 @@ pub async fn admit_pod(api: &ApiServer, mut pod: Value) -> Result<Value, ApiErro
     let named = pod["spec"]["priorityClassName"].as_str().unwrap_or_default().to_string();
     let class = if named.is_empty() {
         let page = api.objects.list_local(rt, None, None, None, &|kv| {
+            // Stored JSON is compact serde_json: a global default says so
+            // in these bytes, and the other classes need no decoding.
+            let stored = capstan_proto::k8s::stored::StoredObject::access(&kv.value)
+                .map_err(|e| ApiError::internal(format!("priority class: {e}")))?;
+            if memchr::memmem::find(&stored.json, br#""globalDefault":true"#).is_none() {
+                return Ok(None);
+            }
             let v = super::objects::decode_kv(kv)?;
             Ok((v["globalDefault"] == true).then_some(v))
         })?;

@@ -12,14 +12,15 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::Bytes;
 use capstan_proto::k8s::registry::ResourceType;
+use capstan_proto::k8s::stored::{StoredError, StoredObject};
 use capstan_raft::mvcc::{Event, EventKind};
-use capstan_raft::types::KeyRange;
+use capstan_raft::types::{KeyRange, KeyValue};
 use capstan_raft::watch::{WatchMessage, WatchRequest};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use super::handlers::{wants_table, Filter};
-use super::objects::{decode_kv, prefix};
+use super::objects::prefix;
 use super::status::ApiError;
 use super::{table, ApiServer, Ctx, Reply, ReplyBody};
 
@@ -51,6 +52,24 @@ impl Encoder {
         Bytes::from(b)
     }
 
+    /// The line for a stored object shown at `revision`: its stored JSON
+    /// with the revision spliced in, unless a table is wanted.
+    fn stored(&self, ty: &str, key: &[u8], stored: &[u8], revision: i64) -> Result<Bytes, ApiError> {
+        let bad = |e: StoredError| ApiError::internal(format!("stored object {}: {e}", String::from_utf8_lossy(key)));
+        let a = StoredObject::access(stored).map_err(bad)?;
+        if self.table {
+            return Ok(self.line(ty, StoredObject::decode_archived(a, revision).map_err(bad)?));
+        }
+        let object = StoredObject::json_archived(a, revision).map_err(bad)?;
+        let mut b = Vec::with_capacity(object.len() + ty.len() + 32);
+        b.extend_from_slice(br#"{"type":""#);
+        b.extend_from_slice(ty.as_bytes());
+        b.extend_from_slice(br#"","object":"#);
+        b.extend_from_slice(&object);
+        b.extend_from_slice(b"}\n");
+        Ok(Bytes::from(b))
+    }
+
     fn error(&self, e: &ApiError) -> Bytes {
         let mut b = serde_json::to_vec(&json!({"type": "ERROR", "object": e.to_status()})).unwrap_or_default();
         b.push(b'\n');
@@ -58,12 +77,17 @@ impl Encoder {
     }
 }
 
-/// The watch event (type, object) for one store event, or `None` when the
+/// The watch event for one store event: its type, and the stored object
+/// (key, archive) with the revision it is shown at; `None` when the
 /// filter hides it before and after.
-fn convert(ev: &Event, revision: i64, filter: &Filter) -> Result<Option<(&'static str, Value)>, ApiError> {
+fn convert<'a>(
+    ev: &'a Event,
+    revision: i64,
+    filter: &Filter,
+) -> Result<Option<(&'static str, &'a KeyValue, i64)>, ApiError> {
     match ev.kind {
-        // Filters are matched on the archives (labels read in place), so
-        // only the object sent is decoded.
+        // Filters are matched on the archives (labels read in place), and
+        // the object is sent as stored.
         EventKind::Put => {
             let now_matches = filter.matches_stored(&ev.kv.value)?;
             let before = ev.prev_kv.as_ref().map(|p| filter.matches_stored(&p.value)).transpose()?;
@@ -73,16 +97,15 @@ fn convert(ev: &Event, revision: i64, filter: &Filter) -> Result<Option<(&'stati
                 (Some(true), false) => "DELETED",
                 (_, false) => return Ok(None),
             };
-            Ok(Some((kind, decode_kv(&ev.kv)?)))
+            Ok(Some((kind, &ev.kv, ev.kv.mod_revision)))
         }
         EventKind::Delete => {
             let Some(p) = &ev.prev_kv else { return Ok(None) };
             if !filter.matches_stored(&p.value)? {
                 return Ok(None);
             }
-            let mut old = decode_kv(p)?;
-            old["metadata"]["resourceVersion"] = json!(revision.to_string());
-            Ok(Some(("DELETED", old)))
+            // The deleted object, at the revision that deleted it.
+            Ok(Some(("DELETED", p, revision)))
         }
     }
 }
@@ -176,8 +199,10 @@ pub async fn watch(
                 Some(WatchMessage::Events { revision, events }) => {
                     let mut out = Vec::new();
                     for ev in &events {
-                        match convert(ev, revision, &filter) {
-                            Ok(Some((ty, obj))) => out.push(enc.line(ty, obj)),
+                        let line = convert(ev, revision, &filter)
+                            .and_then(|c| c.map(|(ty, kv, rev)| enc.stored(ty, &kv.key, &kv.value, rev)).transpose());
+                        match line {
+                            Ok(Some(line)) => out.push(line),
                             Ok(None) => {}
                             Err(e) => out.push(enc.error(&e)),
                         }
@@ -231,8 +256,6 @@ fn scopeguard(g: prometheus::IntGauge) -> GaugeGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use capstan_proto::k8s::stored::StoredObject;
-    use capstan_raft::types::KeyValue;
 
     fn kv(labels: Value, rev: i64) -> KeyValue {
         let obj = json!({"metadata": {"name": "a", "labels": labels}});
@@ -251,7 +274,7 @@ mod tests {
             fields: Default::default(),
         };
         let put = |prev: Option<KeyValue>, new: KeyValue| Event { kind: EventKind::Put, kv: new, prev_kv: prev };
-        let ty = |e: &Event| convert(e, 9, &filter).unwrap().map(|(t, _)| t);
+        let ty = |e: &Event| convert(e, 9, &filter).unwrap().map(|(t, ..)| t);
         assert_eq!(ty(&put(None, kv(json!({"app": "web"}), 2))), Some("ADDED"));
         assert_eq!(ty(&put(Some(kv(json!({"app": "web"}), 2)), kv(json!({"app": "web"}), 3))), Some("MODIFIED"));
         assert_eq!(ty(&put(Some(kv(json!({"app": "web"}), 3)), kv(json!({"app": "db"}), 4))), Some("DELETED"));
@@ -262,7 +285,18 @@ mod tests {
             kv: KeyValue { key: "/k".into(), mod_revision: 9, ..Default::default() },
             prev_kv: Some(kv(json!({"app": "web"}), 5)),
         };
-        let (t, obj) = convert(&del, 9, &filter).unwrap().unwrap();
-        assert_eq!((t, obj["metadata"]["resourceVersion"].as_str()), ("DELETED", Some("9")));
+        let (t, kv, rev) = convert(&del, 9, &filter).unwrap().unwrap();
+        let enc = Encoder { kind: "Pod", table: false, include: String::new() };
+        let line: Value = serde_json::from_slice(&enc.stored(t, &kv.key, &kv.value, rev).unwrap()).unwrap();
+        assert_eq!(
+            line,
+            json!({"type": "DELETED", "object": {"metadata": {"name": "a", "labels": {"app": "web"},
+            "resourceVersion": "9"}}})
+        );
+        // A table row is built from the decoded object.
+        let enc = Encoder { kind: "Pod", table: true, include: String::new() };
+        let line: Value = serde_json::from_slice(&enc.stored(t, &kv.key, &kv.value, rev).unwrap()).unwrap();
+        assert_eq!(line["object"]["kind"], "Table");
+        assert_eq!(line["object"]["metadata"]["resourceVersion"], "9");
     }
 }

@@ -21,6 +21,7 @@
 //! it may, preempts lower-priority pods (they are deleted gracefully and
 //! the pod is nominated to their node).
 
+mod binding;
 pub mod cache;
 pub mod framework;
 pub mod model;
@@ -32,6 +33,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use actix::Addr;
+use capstan_proto::k8s::stored::StoredObject;
 use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -398,15 +400,22 @@ impl Scheduler {
     /// scheduled from (or re-read once if it changed meanwhile), gets its
     /// node and `PodScheduled=True`.
     async fn bind(&self, key: String, (info, cached): Pending, node: String, claims: Vec<String>) {
-        let cur = cached.found();
-        // The Event is about the pod as it was scheduled; the pod itself
-        // moves into the write.
-        let mut involved = ObjectRef::of(&cur.object);
+        // The Event is about the pod as it was scheduled.
+        let a = cached.archived();
+        let mut involved = ObjectRef {
+            kind: "Pod".into(),
+            api_version: "v1".into(),
+            namespace: a.namespace.to_string(),
+            name: a.name.to_string(),
+            uid: a.uid.to_string(),
+            resource_version: cached.mod_revision.to_string(),
+            field_path: String::new(),
+        };
         let mut result = self.select_node(&claims, &node).await;
         if result.is_err() {
             self.state.lock().cache.volumes.forget(&claims);
         } else {
-            result = self.write_binding(cur, &node).await;
+            result = self.write_stored_binding(&cached, &node).await;
         }
         if matches!(&result, Err(e) if e.code == 409) {
             let (ns, name) = (info.namespace.as_str(), info.name.as_str());
@@ -464,6 +473,21 @@ impl Scheduler {
             crate::api::internal::write(&self.api, rt, Some(&cur), claim, "default-scheduler").await?;
         }
         Ok(Value::Null)
+    }
+
+    /// [`Scheduler::write_binding`] edited into the stored pod's text (see
+    /// `binding.rs`), falling back to the decoded pod.
+    async fn write_stored_binding(&self, cached: &Cached, node: &str) -> Result<Value, crate::api::status::ApiError> {
+        let now = crate::api::handlers::now();
+        let a = cached.archived();
+        let Some(json) = binding::bound_json(&a.json, node, &now) else {
+            return self.write_binding(cached.found(), node).await;
+        };
+        let mut stored =
+            StoredObject::from_archived(a).map_err(|e| crate::api::status::ApiError::internal(e.to_string()))?;
+        stored.node_name = node.to_string();
+        stored.json = json;
+        self.api.objects.update_stored(self.pods.rt, stored, cached.mod_revision).await.map(|_| Value::Null)
     }
 
     async fn write_binding(&self, cur: Found, node: &str) -> Result<Value, crate::api::status::ApiError> {
