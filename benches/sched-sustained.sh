@@ -4,9 +4,9 @@
 # deleted while the next run creates its own, and the store grows until
 # Raft snapshots are taken under load.
 #
-#   benches/sched-sustained.sh <dir with capstan and capstan-bench> [runs]
+#   [MASTERS=1] benches/sched-sustained.sh <dir with capstan and capstan-bench> [runs]
 #
-# Starts `capstan up --nodes 0` in a fresh temporary data dir, runs
+# Starts `capstan up --nodes 0` (3 masters, or $MASTERS) in a fresh temporary data dir, runs
 # `capstan-bench scheduler --mode plain` <runs> times (default 3), then once
 # with `--mode anti`, and prints per run the bound pods/s, latency, the
 # masters' CPU ticks (utime+stime, 100/s) and at the end each master's
@@ -15,7 +15,7 @@ set -euo pipefail
 bin=$(cd "$1" && pwd)
 runs=${2:-3}
 dir=$(mktemp -d /tmp/capstan-sched-XXXXXX)
-setsid "$bin/capstan" up --data-dir "$dir" --nodes 0 --no-demo \
+setsid "$bin/capstan" up --data-dir "$dir" --nodes 0 --masters "${MASTERS:-3}" --no-demo \
     --server-arg=--node-monitor-grace-period=600 >"$dir.up.log" 2>&1 &
 up=$!
 trap 'kill -INT $up 2>/dev/null; wait $up 2>/dev/null; rm -rf "$dir" "$dir.up.log"' EXIT

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 pub use capstan_proto::k8s::selector::{NodeSelectorTerm, Op, Requirement};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 /// A Kubernetes quantity: milli-units when `milli` (cpu in millicores),
 /// else whole units rounded up (memory in bytes, pod counts).
@@ -301,29 +301,62 @@ struct StatusView {
     nominated_node_name: Value,
 }
 
+/// A JSON object of `fields`, moved in (`json!` would copy each `Value`
+/// through serialization).
+fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::Object(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
 impl PodView {
     /// The pod with only these parts, for [`PodInfo::parse`].
     fn into_value(self) -> Value {
         let (m, sp, st) = (self.metadata, self.spec, self.status);
         let containers = |c: Option<Vec<ContainerView>>| {
-            c.map(|c| c.into_iter().map(|c| json!({"resources": {"requests": c.resources.requests}})).collect())
-                .unwrap_or(Value::Null)
+            c.map(|c| {
+                c.into_iter().map(|c| object([("resources", object([("requests", c.resources.requests)]))])).collect()
+            })
+            .unwrap_or(Value::Null)
         };
         let volumes = sp.volumes.map(|v| {
             v.into_iter()
-                .map(|v| json!({"name": v.name, "persistentVolumeClaim": v.persistent_volume_claim, "ephemeral": v.ephemeral}))
+                .map(|v| {
+                    object([
+                        ("name", v.name),
+                        ("persistentVolumeClaim", v.persistent_volume_claim),
+                        ("ephemeral", v.ephemeral),
+                    ])
+                })
                 .collect::<Value>()
         });
-        json!({
-            "metadata": {"namespace": m.namespace, "name": m.name, "labels": m.labels,
-                "creationTimestamp": m.creation_timestamp, "deletionTimestamp": m.deletion_timestamp},
-            "spec": {"containers": containers(sp.containers), "initContainers": containers(sp.init_containers),
-                "affinity": sp.affinity, "topologySpreadConstraints": sp.topology_spread_constraints,
-                "nodeName": sp.node_name, "schedulerName": sp.scheduler_name, "priority": sp.priority,
-                "preemptionPolicy": sp.preemption_policy, "nodeSelector": sp.node_selector,
-                "tolerations": sp.tolerations, "volumes": volumes},
-            "status": {"phase": st.phase, "nominatedNodeName": st.nominated_node_name},
-        })
+        object([
+            (
+                "metadata",
+                object([
+                    ("namespace", m.namespace),
+                    ("name", m.name),
+                    ("labels", m.labels),
+                    ("creationTimestamp", m.creation_timestamp),
+                    ("deletionTimestamp", m.deletion_timestamp),
+                ]),
+            ),
+            (
+                "spec",
+                object([
+                    ("containers", containers(sp.containers)),
+                    ("initContainers", containers(sp.init_containers)),
+                    ("affinity", sp.affinity),
+                    ("topologySpreadConstraints", sp.topology_spread_constraints),
+                    ("nodeName", sp.node_name),
+                    ("schedulerName", sp.scheduler_name),
+                    ("priority", sp.priority),
+                    ("preemptionPolicy", sp.preemption_policy),
+                    ("nodeSelector", sp.node_selector),
+                    ("tolerations", sp.tolerations),
+                    ("volumes", volumes.unwrap_or(Value::Null)),
+                ]),
+            ),
+            ("status", object([("phase", st.phase), ("nominatedNodeName", st.nominated_node_name)])),
+        ])
     }
 }
 
