@@ -9,7 +9,9 @@
 //! - [`storage`]: RocksDB behind openraft's log and state-machine traits
 //!   (column families and key layout documented there); passes openraft's
 //!   storage conformance suite. `snapfile` is the snapshot on disk, which
-//!   openraft reads and writes through a file region, never whole in memory.
+//!   openraft reads and writes through a file region, never whole in memory;
+//!   `logcache` keeps the log's newest entries decoded for apply and
+//!   replication.
 //! - [`watch`]: the watch hub; each committed revision is one immutable rkyv
 //!   frame in a `Bytes`, shared by every watcher.
 //! - [`pki`]: the cluster CA and TLS configurations; master certificates

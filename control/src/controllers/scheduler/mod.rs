@@ -9,6 +9,7 @@
 //! - `volumes.rs`: what pods' PersistentVolumeClaims need of a node; the
 //!   node chosen for a claim waiting for its first consumer is written on
 //!   the claim before the pod is bound.
+//! - `binding.rs`: a binding edited into the stored pod's JSON text.
 //!
 //! This file is the shell. A feed task applies informer changes to the
 //! cache and queue on every master (warm on failover). On the lease
