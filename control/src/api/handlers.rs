@@ -367,8 +367,14 @@ async fn create(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx)
         }
         return Err(ApiError::internal("no free service IP found after 16 tries; the range may be full"));
     }
-    let created = api.objects.create(rt, obj).await?;
-    Ok(object_reply(StatusCode::CREATED, created, warnings))
+    // Answered with the stored text and its revision: serializing the
+    // admitted object again cost as much as storing it.
+    let (stored, rev) = api.objects.create_stored(rt, &obj).await?;
+    drop(obj);
+    let text = StoredObject::access(&stored)
+        .and_then(|a| StoredObject::json_archived(a, rev))
+        .map_err(|e| ApiError::internal(format!("stored object: {e}")))?;
+    Ok(Reply { code: StatusCode::CREATED, body: ReplyBody::JsonText(bytes::Bytes::from(text)), warnings })
 }
 
 fn needs_cluster_ip(svc: &Value) -> bool {

@@ -76,6 +76,12 @@ pub fn to_v1(v2: &Value) -> Value {
 }
 
 fn reply_to_v1(mut reply: Reply) -> Reply {
+    // Converted as a Value: text replies are decoded first.
+    if let ReplyBody::JsonText(b) = &reply.body {
+        if let Ok(v) = serde_json::from_slice(b) {
+            reply.body = ReplyBody::Json(v);
+        }
+    }
     if let ReplyBody::Json(v) = &mut reply.body {
         match v["kind"].as_str() {
             Some("HorizontalPodAutoscaler") => *v = to_v1(v),
@@ -156,6 +162,15 @@ mod tests {
         let ReplyBody::Json(l) = list.body else { panic!() };
         assert_eq!(l["apiVersion"], V1);
         assert_eq!(l["items"][0]["spec"]["targetCPUUtilizationPercentage"], 50);
+        // A create answers with the stored text: converted all the same.
+        let text = Reply {
+            code: http::StatusCode::CREATED,
+            body: ReplyBody::JsonText(serde_json::to_vec(&stored).unwrap().into()),
+            warnings: vec![],
+        };
+        let ReplyBody::Json(created) = reply_to_v1(text).body else { panic!("text reply not converted") };
+        assert_eq!(created["apiVersion"], V1);
+        assert_eq!(created["spec"]["targetCPUUtilizationPercentage"], 50);
     }
 
     #[test]

@@ -183,6 +183,9 @@ pub struct Reply {
 
 pub enum ReplyBody {
     Json(Value),
+    /// An object's JSON text, already encoded (a stored object with its
+    /// resourceVersion spliced in: see `StoredObject::json_archived`).
+    JsonText(Bytes),
     /// Already encoded, with its content type.
     Raw(Bytes, &'static str),
     Stream(Body, &'static str),
@@ -510,6 +513,11 @@ fn render(reply: Reply, yaml: bool) -> Response<Body> {
             Err(_) => (Body::from(serde_json::to_vec(&v).unwrap_or_default()), "application/json"),
         },
         ReplyBody::Json(v) => (Body::from(serde_json::to_vec(&v).unwrap_or_default()), "application/json"),
+        ReplyBody::JsonText(b) if yaml => match serde_json::from_slice::<Value>(&b) {
+            Ok(v) => return render(Reply { body: ReplyBody::Json(v), ..reply }, true),
+            Err(_) => (Body::from(b), "application/json"),
+        },
+        ReplyBody::JsonText(b) => (Body::from(b), "application/json"),
         ReplyBody::Raw(b, ct) => (Body::from(b), ct),
         ReplyBody::Stream(b, ct) => (b, ct),
         ReplyBody::Switching(accept, protocol) => {

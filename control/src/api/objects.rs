@@ -325,10 +325,17 @@ impl Objects {
     /// Creates `obj`; 409 AlreadyExists if the key is taken, 422 if one of
     /// its claims (see [`claims`]) is held by another object.
     pub async fn create(&self, rt: &ResourceType, obj: Value) -> Result<Value, ApiError> {
-        let (ns, name) = ns_name(&obj);
+        let (_, rev) = self.create_stored(rt, &obj).await?;
+        Ok(with_rv(obj, rev))
+    }
+
+    /// [`Objects::create`], answering with what was stored (the archive)
+    /// and its revision.
+    pub async fn create_stored(&self, rt: &ResourceType, obj: &Value) -> Result<(Bytes, i64), ApiError> {
+        let (ns, name) = ns_name(obj);
         let k = Bytes::from(key(rt, ns.as_deref(), &name));
         let owner = Bytes::from(k.to_vec());
-        let claimed = claims(rt.kind, &obj);
+        let claimed = claims(rt.kind, obj);
         let absent = |key: &Bytes| Compare {
             range: KeyRange::key(key.clone()),
             result: CompareResult::Equal,
@@ -336,8 +343,9 @@ impl Objects {
         };
         let lease = if rt.kind == "Event" { self.event_lease().await? } else { 0 };
         let mut compare = vec![absent(&k)];
+        let stored = encode(obj)?;
         let mut success =
-            vec![Op::Put(PutRequest { key: k.clone(), value: encode(&obj)?, lease, ..Default::default() })];
+            vec![Op::Put(PutRequest { key: k.clone(), value: stored.clone(), lease, ..Default::default() })];
         for (c, _) in &claimed {
             compare.push(absent(c));
             success.push(Op::Put(PutRequest { key: c.clone(), value: owner.clone(), ..Default::default() }));
@@ -350,7 +358,7 @@ impl Objects {
             }
             return Err(ApiError::already_exists(rt.group, rt.plural, &name));
         }
-        Ok(with_rv(obj, rev))
+        Ok((stored, rev))
     }
 
     fn exists_local(&self, key: &Bytes) -> bool {
