@@ -49,7 +49,7 @@ impl LogCache {
     }
 
     /// `e` was appended to the log (after every entry before it).
-    pub fn append(&mut self, e: &Entry) {
+    pub fn append(&mut self, e: Entry) {
         // openraft truncates before it overwrites; should an entry replace
         // held ones anyway, they and everything after them are gone.
         self.truncate(e.log_id.index);
@@ -58,8 +58,8 @@ impl LogCache {
             // what is held is no longer the tail.
             self.clear();
         }
-        let n = size(e);
-        self.entries.push_back((e.clone(), n));
+        let n = size(&e);
+        self.entries.push_back((e, n));
         self.bytes += n;
         while self.entries.len() > MAX_ENTRIES || (self.bytes > MAX_BYTES && self.entries.len() > 1) {
             self.pop_front();
@@ -190,7 +190,7 @@ mod tests {
                 match c {
                     Change::Append(n) => for i in next..next + u64::from(n) {
                         log.insert(i, entry(i, term));
-                        cache.append(&log[&i]);
+                        cache.append(log[&i].clone());
                     },
                     Change::Truncate(at) => {
                         term += 1;
@@ -205,7 +205,7 @@ mod tests {
                         let i = next + u64::from(gap);
                         log.clear();
                         log.insert(i, entry(i, term));
-                        cache.append(&log[&i]);
+                        cache.append(log[&i].clone());
                     }
                 }
                 // The given reads, and every one-sided read around what
@@ -234,7 +234,7 @@ mod tests {
     fn stays_within_its_bounds_and_falls_through_for_older_entries() {
         let mut cache = LogCache::default();
         for i in 1..=(MAX_ENTRIES as u64 + 10) {
-            cache.append(&entry(i, 1));
+            cache.append(entry(i, 1));
         }
         assert_eq!(cache.len(), MAX_ENTRIES);
         assert!(cache.get(&(5..8)).is_none(), "evicted entries are read from the log");

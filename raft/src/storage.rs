@@ -493,7 +493,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             cache.clear();
             return Err(write_err(e));
         }
-        for e in &entries {
+        for e in entries {
             cache.append(e);
         }
         drop(cache);

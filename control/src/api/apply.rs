@@ -230,47 +230,43 @@ fn entry_with(rt: &ResourceType, manager: &str, operation: &str, fields: Value, 
 /// every path of every field (most of a create's managedFields cost).
 pub fn fields_v1_of(obj: &Value) -> Value {
     let mut root = Map::new();
-    let Some(m) = obj.as_object() else { return Value::Object(root) };
-    for (k, v) in m {
+    for (k, v) in obj.as_object().into_iter().flatten() {
         match k.as_str() {
             "apiVersion" | "kind" | "status" => {}
             "metadata" => {
                 let mut meta = Map::new();
                 for (mk, mv) in v.as_object().into_iter().flatten() {
                     if !UNMANAGED_META.contains(&mk.as_str()) {
-                        if let Some(t) = fields_tree(mv, mk) {
-                            merge_into(&mut meta, format!("f:{mk}"), t);
-                        }
+                        add_field(&mut meta, mk, mv);
                     }
                 }
                 if !meta.is_empty() {
                     merge_into(&mut root, "f:metadata".into(), Value::Object(meta));
                 }
             }
-            _ => {
-                if let Some(t) = fields_tree(v, k) {
-                    merge_into(&mut root, format!("f:{k}"), t);
-                }
-            }
+            _ => add_field(&mut root, k, v),
         }
     }
     Value::Object(root)
+}
+
+/// Adds field `k` (value `v`) to `node` as `f:<k>`, if it names any path.
+fn add_field(node: &mut Map<String, Value>, k: &str, v: &Value) {
+    if let Some(t) = fields_tree(v, k) {
+        merge_into(node, format!("f:{k}"), t);
+    }
 }
 
 /// The FieldsV1 subtree of value `v` of field `field`, as [`collect`]
 /// names its paths; `None` when it names none (an empty list).
 fn fields_tree(v: &Value, field: &str) -> Option<Value> {
     let mut node = Map::new();
-    match v {
+    let leaf = match v {
         Value::Object(m) if !m.is_empty() => {
             for (k, c) in m {
-                if let Some(t) = fields_tree(c, k) {
-                    merge_into(&mut node, format!("f:{k}"), t);
-                }
+                add_field(&mut node, k, c);
             }
-            if node.is_empty() {
-                return None;
-            }
+            false
         }
         Value::Array(items) => match list_key(field, items) {
             Some(Some(key)) => {
@@ -279,29 +275,23 @@ fn fields_tree(v: &Value, field: &str) -> Option<Value> {
                     let mut child = Map::new();
                     child.insert(".".into(), json!({}));
                     for (k, c) in item.as_object().into_iter().flatten() {
-                        if let Some(t) = fields_tree(c, k) {
-                            merge_into(&mut child, format!("f:{k}"), t);
-                        }
+                        add_field(&mut child, k, c);
                     }
                     merge_into(&mut node, format!("k:{id}"), Value::Object(child));
                 }
-                if node.is_empty() {
-                    return None;
-                }
+                false
             }
             Some(None) => {
                 for item in items {
                     merge_into(&mut node, format!("v:{item}"), json!({}));
                 }
-                if node.is_empty() {
-                    return None;
-                }
+                false
             }
-            None => {}
+            None => true,
         },
-        _ => {}
-    }
-    Some(Value::Object(node))
+        _ => true,
+    };
+    (leaf || !node.is_empty()).then_some(Value::Object(node))
 }
 
 /// Inserts `t` under `k`, merging with a subtree already there (two list

@@ -323,10 +323,7 @@ async fn ensure_namespace_active(api: &ApiServer, ns: Option<&str>) -> Result<()
     // Read in place: every create in a namespace asks.
     let found = match api.objects.get_stored_local(nsrt, None, ns)? {
         Some(kv) => Some(kv),
-        None => {
-            api.objects.sync().await?;
-            api.objects.get_stored_local(nsrt, None, ns)?
-        }
+        None => api.objects.get_stored(nsrt, None, ns).await?,
     };
     let Some(kv) = found else { return Err(ApiError::not_found("", "namespaces", ns)) };
     let stored = StoredObject::access(&kv.value).map_err(|e| ApiError::internal(format!("namespace {ns}: {e}")))?;

@@ -240,6 +240,17 @@ impl Objects {
         Ok(kvs.into_iter().next())
     }
 
+    /// [`Objects::get_stored_local`] after catching up (linearizable).
+    pub async fn get_stored(
+        &self,
+        rt: &ResourceType,
+        ns: Option<&str>,
+        name: &str,
+    ) -> Result<Option<KeyValue>, ApiError> {
+        self.sync().await?;
+        self.get_stored_local(rt, ns, name)
+    }
+
     pub async fn get(&self, rt: &ResourceType, ns: Option<&str>, name: &str) -> Result<Option<Found>, ApiError> {
         self.sync().await?;
         self.get_local(rt, ns, name)
@@ -368,30 +379,16 @@ impl Objects {
 
     /// Stores `stored` over the object of its name if that is still at
     /// revision `expected` (409 otherwise); its new revision. For writers
-    /// that edit the stored form itself (the scheduler's bindings): only
-    /// kinds that claim nothing (see [`claims`]).
+    /// that edit the stored form itself (the scheduler's bindings): the
+    /// object's claims (see [`claims`]) are not looked at, so kinds that
+    /// hold any are refused.
     pub async fn update_stored(&self, rt: &ResourceType, stored: StoredObject, expected: i64) -> Result<i64, ApiError> {
-        if matches!(rt.kind, "Service" | "Node") {
+        if CLAIMING_KINDS.contains(&rt.kind) {
             return Err(ApiError::internal(format!("{} updates must go through their claims", rt.kind)));
         }
         let ns = (!stored.namespace.is_empty()).then_some(stored.namespace.as_str());
         let k = Bytes::from(key(rt, ns, &stored.name));
-        let compare = vec![Compare {
-            range: KeyRange::key(k.clone()),
-            result: CompareResult::Equal,
-            target: CompareTarget::Mod(expected),
-        }];
-        let success = vec![Op::Put(PutRequest { key: k, value: Bytes::from(stored.encode()), ..Default::default() })];
-        let (ok, _, rev) = self.txn(TxnRequest { compare, success, failure: vec![] }).await?;
-        if !ok {
-            return Err(ApiError::conflict(
-                rt.group,
-                rt.plural,
-                &stored.name,
-                "the object has been modified; please apply your changes to the latest version and try again",
-            ));
-        }
-        Ok(rev)
+        self.replace(rt, &stored.name, k, Bytes::from(stored.encode()), vec![], vec![], expected).await
     }
 
     /// Replaces the object if it is still at `expected` (its mod revision).
@@ -402,41 +399,59 @@ impl Objects {
         let (ns, name) = ns_name(&obj);
         let k = Bytes::from(key(rt, ns.as_deref(), &name));
         let owner = Bytes::from(k.to_vec());
-        let mut compare = vec![Compare {
-            range: KeyRange::key(k.clone()),
-            result: CompareResult::Equal,
-            target: CompareTarget::Mod(expected),
-        }];
-        // An Event keeps the lease it was created with.
-        let mut success = vec![Op::Put(PutRequest {
-            key: k,
-            value: encode(&obj)?,
-            ignore_lease: rt.kind == "Event",
-            ..Default::default()
-        })];
+        let (mut compare, mut puts) = (vec![], vec![]);
         for (c, field) in claims(rt.kind, &obj) {
             let held = self.range(&RangeRequest { range: KeyRange::key(c.clone()), ..Default::default() })?.0;
             let target = match held.first() {
                 Some(kv) if kv.value == owner => CompareTarget::Value(owner.clone()),
                 Some(_) => return Err(already_allocated(rt, &name, field)),
                 None => {
-                    success.push(Op::Put(PutRequest { key: c.clone(), value: owner.clone(), ..Default::default() }));
+                    puts.push(Op::Put(PutRequest { key: c.clone(), value: owner.clone(), ..Default::default() }));
                     CompareTarget::Create(0)
                 }
             };
             compare.push(Compare { range: KeyRange::key(c), result: CompareResult::Equal, target });
         }
-        let txn = TxnRequest { compare, success, failure: vec![] };
-        let (ok, _, rev) = self.txn(txn).await?;
+        let rev = self.replace(rt, &name, k, encode(&obj)?, compare, puts, expected).await?;
+        Ok(with_rv(obj, rev))
+    }
+
+    /// Puts `value` under `k` (with `puts`) if the object there is still
+    /// at revision `expected` and `compare` holds; 409 otherwise. Its new
+    /// revision.
+    #[allow(clippy::too_many_arguments)]
+    async fn replace(
+        &self,
+        rt: &ResourceType,
+        name: &str,
+        k: Bytes,
+        value: Bytes,
+        mut compare: Vec<Compare>,
+        puts: Vec<Op>,
+        expected: i64,
+    ) -> Result<i64, ApiError> {
+        compare.insert(
+            0,
+            Compare {
+                range: KeyRange::key(k.clone()),
+                result: CompareResult::Equal,
+                target: CompareTarget::Mod(expected),
+            },
+        );
+        // An Event keeps the lease it was created with.
+        let mut success =
+            vec![Op::Put(PutRequest { key: k, value, ignore_lease: rt.kind == "Event", ..Default::default() })];
+        success.extend(puts);
+        let (ok, _, rev) = self.txn(TxnRequest { compare, success, failure: vec![] }).await?;
         if !ok {
             return Err(ApiError::conflict(
                 rt.group,
                 rt.plural,
-                &name,
+                name,
                 "the object has been modified; please apply your changes to the latest version and try again",
             ));
         }
-        Ok(with_rv(obj, rev))
+        Ok(rev)
     }
 
     /// Deletes `obj` (and releases its claims) if it is still at
@@ -484,7 +499,13 @@ impl Objects {
 /// Keys an object holds exclusively besides its own (with the field that
 /// claims each): a Service's cluster IP. Claimed in the create's txn,
 /// released in the delete's, so two Services never share an IP.
+/// The kinds whose objects can hold claims (see [`claims`]).
+const CLAIMING_KINDS: &[&str] = &["Service", "Node"];
+
 pub fn claims(kind: &str, obj: &Value) -> Vec<(Bytes, &'static str)> {
+    if !CLAIMING_KINDS.contains(&kind) {
+        return vec![];
+    }
     match kind {
         "Service" => match obj["spec"]["clusterIP"].as_str() {
             Some(ip) if ip.parse::<std::net::IpAddr>().is_ok() => {

@@ -493,6 +493,11 @@ impl Scheduler {
 
     async fn write_binding(&self, cur: Found, node: &str) -> Result<Value, crate::api::status::ApiError> {
         let mut bound = cur.object;
+        // Indexing to assign panics on anything but an object (or null):
+        // a stored pod of another shape is refused, not written.
+        if !bound.is_object() || !(bound["spec"].is_object() || bound["spec"].is_null()) {
+            return Err(crate::api::status::ApiError::internal("the stored pod is not a pod object"));
+        }
         bound["spec"]["nodeName"] = json!(node);
         let now = crate::api::handlers::now();
         crate::api::admission::set_condition(&mut bound, "PodScheduled", "True", None, &now);
