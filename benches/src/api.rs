@@ -80,17 +80,24 @@ impl Kube {
         Ok(Kube { server, clients })
     }
 
+    /// POSTs `body`, reading the reply without parsing it: the bench
+    /// shares the machine with what it measures.
     pub async fn post(&self, i: usize, path: &str, body: &Value) -> Result<()> {
-        self.post_json(i, path, body).await.map(drop)
+        self.send_post(i, path, body).await?.bytes().await?;
+        Ok(())
     }
 
-    /// POSTs `body`; the created object.
-    pub async fn post_json(&self, i: usize, path: &str, body: &Value) -> Result<Value> {
+    async fn send_post(&self, i: usize, path: &str, body: &Value) -> Result<reqwest::Response> {
         let r = self.clients[i % self.clients.len()].post(format!("{}{path}", self.server)).json(body).send().await?;
         if !r.status().is_success() {
             bail!("POST {path}: {} {}", r.status(), r.text().await.unwrap_or_default());
         }
-        Ok(r.json().await?)
+        Ok(r)
+    }
+
+    /// POSTs `body`; the created object.
+    pub async fn post_json(&self, i: usize, path: &str, body: &Value) -> Result<Value> {
+        Ok(self.send_post(i, path, body).await?.json().await?)
     }
 
     /// GETs `path` as JSON.

@@ -231,7 +231,8 @@ fn table_reply(v: Value) -> Result<Reply, ApiError> {
     Ok(Reply { code: StatusCode::OK, body: ReplyBody::Raw(bytes.into(), TABLE_CT), warnings: vec![] })
 }
 
-/// Selectors of a list, watch or deletecollection.
+/// Selectors of a list, watch or deletecollection (the default: everything).
+#[derive(Default)]
 pub struct Filter {
     pub labels: LabelSelector,
     pub fields: FieldSelector,
