@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use serde_json::value::{to_raw_value, RawValue};
 use serde_json::Value;
 
+use super::model::PodInfo;
 use crate::api::admission::set_condition;
 
 /// The pod `stored` (its JSON) bound to `node` at `now`: `spec.nodeName`
@@ -39,6 +40,13 @@ pub fn bound_json(stored: &[u8], node: &str, now: &str) -> Option<Vec<u8>> {
     top.insert("spec", &spec);
     top.insert("status", &status);
     serde_json::to_vec(&top).ok()
+}
+
+/// The scheduler's view of a pod after [`bound_json`]: the binding
+/// changes nothing else it reads (tested), so the bound text need not be
+/// parsed again.
+pub fn bound_info(info: &PodInfo, node: &str) -> PodInfo {
+    PodInfo { node_name: node.to_string(), ..info.clone() }
 }
 
 #[cfg(test)]
@@ -66,7 +74,7 @@ mod tests {
                 "spec": {"containers": [{"name": "c", "image": "busybox", "resources": {"requests": {"cpu": "100m"}}}],
                     "nodeName": null, "schedulerName": "default-scheduler", "priority": 0,
                     "tolerations": [{"key": "k", "operator": "Exists", "tolerationSeconds": 300}]},
-                "status": {"phase": "Pending", "conditions": [
+                "status": {"phase": "Pending", "nominatedNodeName": "n9", "conditions": [
                     {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/5 nodes"},
                     {"type": "Other", "status": "True"}]}}),
             json!({"metadata": {"name": "p"}, "spec": {}, "status": {"phase": "Pending"}}),
@@ -74,10 +82,13 @@ mod tests {
             json!({"metadata": {"name": "p"}, "spec": {"containers": []}, "status": {"conditions": [
                 {"type": "PodScheduled", "status": "True", "lastTransitionTime": "earlier"}]}}),
             json!({"metadata": {"name": "p"}, "spec": {}, "status": null}),
+            json!({"metadata": {"name": "p", "deletionTimestamp": "2026-11-27T06:00:00Z"},
+                "spec": {"schedulerName": "other"}, "status": {"phase": "Succeeded"}}),
         ];
         for pod in pods {
             let stored = StoredObject::from_object(&pod).unwrap().json;
             let text = bound_json(&stored, "node-1", now).expect("splits");
+            assert_eq!(PodInfo::from_json(&text), bound_info(&PodInfo::from_json(&stored), "node-1"), "{pod}");
             assert_eq!(String::from_utf8(text).unwrap(), String::from_utf8(by_value(&pod, "node-1", now)).unwrap());
         }
     }

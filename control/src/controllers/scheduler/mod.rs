@@ -70,12 +70,17 @@ struct State {
     next_start: usize,
     /// The unschedulable message last written per pod, so it is written once.
     reported: HashMap<String, String>,
+    /// Bindings being written: the pod's text as the binding stores it and
+    /// the pod as parsed from it, so the change a binding makes is not
+    /// parsed again (half of the feed's parsing on the lease holder).
+    writing: HashMap<String, (Vec<u8>, Arc<PodInfo>)>,
 }
 
 impl State {
     /// Applies a pod change; returns whether pods became active.
     fn on_pod(&mut self, key: &str, new: Option<&Arc<Cached>>, now: Instant) -> bool {
         let Some(c) = new else {
+            self.writing.remove(key);
             self.cache.unnominate(key);
             self.pending.remove(key);
             self.queue.remove(key);
@@ -86,7 +91,11 @@ impl State {
             }
             return true;
         };
-        let info = Arc::new(PodInfo::from_json(c.archived().json.as_slice()));
+        let json = c.archived().json.as_slice();
+        let info = match self.writing.remove(key) {
+            Some((text, info)) if text == json => info,
+            _ => Arc::new(PodInfo::from_json(json)),
+        };
         if info.pending() {
             self.cache.nominate(&info);
         } else {
@@ -416,7 +425,7 @@ impl Scheduler {
         if result.is_err() {
             self.state.lock().cache.volumes.forget(&claims);
         } else {
-            result = self.write_stored_binding(&cached, &node).await;
+            result = self.write_stored_binding(&info, &cached, &node).await;
         }
         if matches!(&result, Err(e) if e.code == 409) {
             let (ns, name) = (info.namespace.as_str(), info.name.as_str());
@@ -478,7 +487,12 @@ impl Scheduler {
 
     /// [`Scheduler::write_binding`] edited into the stored pod's text (see
     /// `binding.rs`), falling back to the decoded pod.
-    async fn write_stored_binding(&self, cached: &Cached, node: &str) -> Result<Value, crate::api::status::ApiError> {
+    async fn write_stored_binding(
+        &self,
+        info: &Arc<PodInfo>,
+        cached: &Cached,
+        node: &str,
+    ) -> Result<Value, crate::api::status::ApiError> {
         let now = crate::api::handlers::now();
         let a = cached.archived();
         let Some(json) = binding::bound_json(&a.json, node, &now) else {
@@ -487,8 +501,14 @@ impl Scheduler {
         let mut stored =
             StoredObject::from_archived(a).map_err(|e| crate::api::status::ApiError::internal(e.to_string()))?;
         stored.node_name = node.to_string();
+        let bound = Arc::new(binding::bound_info(info, node));
+        self.state.lock().writing.insert(info.key.clone(), (json.clone(), bound));
         stored.json = json;
-        self.api.objects.update_stored(self.pods.rt, stored, cached.mod_revision).await.map(|_| Value::Null)
+        let written = self.api.objects.update_stored(self.pods.rt, stored, cached.mod_revision).await;
+        if written.is_err() {
+            self.state.lock().writing.remove(&info.key);
+        }
+        written.map(|_| Value::Null)
     }
 
     async fn write_binding(&self, cur: Found, node: &str) -> Result<Value, crate::api::status::ApiError> {
@@ -623,6 +643,30 @@ mod tests {
         assert!(!st.on_namespace("prod", Some(&ns("prod", "staging")), now), "unchanged labels change nothing");
         assert!(st.on_namespace("prod", None, now));
         assert!(framework::schedule(&st.pending["d/p"].0, &st.cache, 0).is_ok(), "a deleted namespace has no labels");
+    }
+
+    /// The change a binding makes is taken from what its writer already
+    /// knew when the text is exactly what it wrote, and parsed otherwise.
+    #[test]
+    fn a_binding_seen_as_written_is_not_parsed_again() {
+        let now = Instant::now();
+        let mut st = State::default();
+        st.on_node("n1", Some(&node("1", json!({}))), now);
+        let bound = pod("a", "n1");
+        let text = bound.archived().json.to_vec();
+        // A marker (cpu) tells which of the two was used.
+        let known = || Arc::new(PodInfo { cpu: 7, ..PodInfo::from_json(&text) });
+        st.writing.insert("d/a".into(), (text.clone(), known()));
+        assert!(!st.on_pod("d/a", Some(&bound), now));
+        assert_eq!(st.cache.nodes[0].used_cpu, 7);
+        assert!(st.writing.is_empty());
+        st.writing.insert("d/a".into(), (b"{}".to_vec(), known()));
+        st.on_pod("d/a", Some(&bound), now);
+        assert_eq!(st.cache.nodes[0].used_cpu, 1000);
+        assert!(st.writing.is_empty(), "a change other than the binding consumes it too");
+        st.writing.insert("d/a".into(), (text.clone(), known()));
+        st.on_pod("d/a", None, now);
+        assert!(st.writing.is_empty(), "a deleted pod's binding is forgotten");
     }
 
     #[test]
