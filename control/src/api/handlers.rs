@@ -193,6 +193,23 @@ pub(super) fn normalize(rt: &ResourceType, input: &Value, ctx: &Ctx) -> Result<(
     Ok((normalized, warnings))
 }
 
+/// The body, checked and normalized: [`normalize`] of [`decode_body`],
+/// straight from the text when it is JSON with nothing to drop (most
+/// creates: the body is never built as a `Value`).
+fn normalize_body(rt: &ResourceType, ctx: &Ctx) -> Result<(Value, Vec<String>), ApiError> {
+    let ct = ctx.content_type.split(';').next().unwrap_or_default().trim();
+    let json = matches!(ct, "" | "application/json" | "*/*");
+    let mode_known = matches!(ctx.query.get("fieldValidation"), None | Some("Strict" | "Warn" | "Ignore"));
+    // The typed decode checks apiVersion and kind as check_type does.
+    if let Some(obj) = (json && mode_known).then(|| (rt.normalize_exact)(&ctx.body)).flatten() {
+        let warnings = admission::not_acted_on(rt.kind, &obj);
+        return Ok((obj, warnings));
+    }
+    let input = decode_body(ctx)?;
+    check_type(rt, &input)?;
+    normalize(rt, &input, ctx)
+}
+
 fn dry_run(ctx: &Ctx) -> Result<bool, ApiError> {
     match ctx.query.get("dryRun") {
         None => Ok(false),
@@ -337,9 +354,7 @@ async fn ensure_namespace_active(api: &ApiServer, ns: Option<&str>) -> Result<()
 }
 
 async fn create(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx) -> Result<Reply, ApiError> {
-    let input = decode_body(ctx)?;
-    check_type(rt, &input)?;
-    let (obj, warnings) = normalize(rt, &input, ctx)?;
+    let (obj, warnings) = normalize_body(rt, ctx)?;
     let now = now();
     let mut obj = admission::prepare_create(rt, ns, obj, &now, &uuid::Uuid::new_v4().to_string(), &random_suffix())?;
     super::apply::track_update(rt, None, &mut obj, &super::apply::update_manager(ctx), &now);
@@ -430,11 +445,10 @@ async fn update(
     sub: Option<&str>,
     ctx: &Ctx,
 ) -> Result<Reply, ApiError> {
-    let input = decode_body(ctx)?;
-    check_type(rt, &input)?;
-    let (obj, warnings) = normalize(rt, &input, ctx)?;
+    let (obj, warnings) = normalize_body(rt, ctx)?;
     let cur = current(api, rt, ns, name).await?;
-    if let Some(rv) = body_rv(&input) {
+    // Normalizing keeps metadata.resourceVersion as it was sent.
+    if let Some(rv) = body_rv(&obj) {
         if rv != cur.mod_revision.to_string() {
             return Err(ApiError::conflict(
                 rt.group,

@@ -31,6 +31,12 @@ pub struct ResourceType {
     /// Decode into the typed object and encode it again: rejects values of
     /// the wrong type and drops fields Kubernetes does not define.
     pub normalize: fn(&Value) -> Result<Value, serde_json::Error>,
+    /// [`ResourceType::normalize`] straight from JSON text, for a body with
+    /// nothing to drop: `None` when the text does not decode or names a
+    /// field the kind does not define (the caller then takes the `Value`
+    /// path, which says which). Saves building and dropping the body as a
+    /// `Value`.
+    pub normalize_exact: fn(&[u8]) -> Option<Value>,
     /// The kind's JSON schema (components of `/openapi/v3`).
     pub schema: fn(&mut schemars::SchemaGenerator) -> schemars::Schema,
     /// The schema's component name, e.g. `io.k8s.api.apps.v1.Deployment`.
@@ -65,6 +71,17 @@ fn normalize<T: DeserializeOwned + Serialize>(v: &Value) -> Result<Value, serde_
     serde_json::to_value(T::deserialize(v)?)
 }
 
+fn normalize_exact<T: DeserializeOwned + Serialize>(json: &[u8]) -> Option<Value> {
+    let mut dropped = false;
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let typed: T = serde_ignored::deserialize(&mut de, |_| dropped = true).ok()?;
+    de.end().ok()?;
+    if dropped {
+        return None;
+    }
+    serde_json::to_value(typed).ok()
+}
+
 fn entry<T>(
     short_names: &'static [&'static str],
     categories: &'static [&'static str],
@@ -85,6 +102,7 @@ where
         categories,
         subresources,
         normalize: normalize::<T>,
+        normalize_exact: normalize_exact::<T>,
         schema: |g| g.subschema_for::<T>(),
         schema_name: T::schema_name,
     }
@@ -186,5 +204,45 @@ mod tests {
         assert!(n.get("bogus").is_none());
         let bad = serde_json::json!({"metadata":{"name":"a"},"data":{"k":1}});
         assert!((cm.normalize)(&bad).is_err());
+    }
+
+    /// Straight from text, a body gives what the `Value` path gives, or
+    /// nothing (left to that path) when anything would be dropped or does
+    /// not decode.
+    #[test]
+    fn normalize_exact_is_the_value_path_or_nothing() {
+        let pod = by_kind("v1", "Pod").unwrap();
+        let full = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p","labels":{"a":"b"},
+            "annotations":{"n":"\u00e9 \" q"},"generateName":"x-"},
+            "spec":{"containers":[{"name":"c","image":"i","args":["1"],"resources":{"requests":{"cpu":"100m"}},
+            "ports":[{"containerPort":80}],"env":[{"name":"E","value":"v"}]}],"priority":5,"nodeSelector":{"k":"v"},
+            "affinity":{"podAntiAffinity":{"requiredDuringSchedulingIgnoredDuringExecution":[{"labelSelector":
+            {"matchLabels":{"app":"x"}},"topologyKey":"h"}]}},"tolerations":[{"operator":"Exists"}],
+            "terminationGracePeriodSeconds":30},"status":{"phase":"Pending"}}"#;
+        let exact = [
+            full,
+            r#"{"metadata":{"name":"p"},"spec":{"containers":[]}}"#,
+            r#"{"metadata":null}"#,
+            // Duplicate keys: the last wins on both paths.
+            r#"{"metadata":{"name":"a"},"metadata":{"name":"b"}}"#,
+        ];
+        for text in exact {
+            let by_value = (pod.normalize)(&serde_json::from_str(text).unwrap()).unwrap();
+            assert_eq!((pod.normalize_exact)(text.as_bytes()), Some(by_value), "{text}");
+        }
+        let left = [
+            r#"{"metadata":{"name":"p"},"bogus":1}"#,
+            r#"{"metadata":{"name":"p"},"bogus":null}"#,
+            r#"{"spec":{"containers":[{"name":"c","imagePullPolicyy":"Always"}]}}"#,
+            r#"{"apiVersion":"apps/v1","kind":"Pod"}"#,
+            r#"{"apiVersion":"v1","kind":"Node"}"#,
+            r#"{"metadata":{"name":"p"}} trailing"#,
+            r#"{"metadata":{"name":1}}"#,
+            r#"[1]"#,
+            "not json",
+        ];
+        for text in left {
+            assert_eq!((pod.normalize_exact)(text.as_bytes()), None, "{text}");
+        }
     }
 }
