@@ -8,7 +8,8 @@
 #
 # Starts `capstan up --nodes 0` (3 masters, or $MASTERS) in a fresh temporary data dir, runs
 # `capstan-bench scheduler --mode plain` <runs> times (default 3), then once
-# with `--mode anti`, and prints per run the bound pods/s, latency, the
+# with `--mode anti`, and prints per run the bound pods/s, latency, the CPU
+# each master and the bench spent in the pod phase (and per pod), the
 # masters' CPU ticks (utime+stime, 100/s) and at the end each master's
 # snapshot build time, size and RSS. Stops only the `capstan up` it started.
 set -euo pipefail
@@ -30,8 +31,10 @@ ticks() { for p in $masters; do awk '{printf "%s ", $14+$15}' /proc/$p/stat; don
 summary='import json, sys
 d = json.load(sys.stdin)
 a = d.get("algorithm") or {}
+c = d.get("cpu") or {}
 print("bound/s", d["bound_per_s"], "p50", d["latency_ms"]["p50"], "p99", d["latency_ms"]["p99"],
-      "scheduler us/pod", a.get("us_per_pod"), "timed_out", d["timed_out"])'
+      "scheduler us/pod", a.get("us_per_pod"), "timed_out", d["timed_out"],
+      "| pod phase cpu s: masters", c.get("masters_s"), "bench", c.get("bench_s"), "ms/pod", c.get("ms_per_pod"))'
 echo "# $(date -u +%FT%TZ) $("$bin/capstan" --version 2>/dev/null || true) masters (pids): $masters"
 bench() {
     "$bin/capstan-bench" scheduler --kubeconfig "$dir/kubeconfig" --nodes 5000 --metrics "$metrics" "$@" 2>/dev/null

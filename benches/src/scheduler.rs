@@ -10,6 +10,10 @@
 //!    the watch event that shows it bound.
 //! 3. Throughput: bound pods per second from the first POST to the last
 //!    binding (and the create rate alone, which bounds it).
+//! 4. With `--metrics`: the scheduler's own time per pod, and the CPU each
+//!    master (`process_cpu_seconds_total`) and the bench itself spent in
+//!    that phase — on a machine they share, CPU per pod is the steadier
+//!    figure; throughput follows the machine's speed.
 //!
 //! `--mode plain`: 100m/64Mi pods. `--mode anti`: the same with required
 //! pod anti-affinity on the hostname (at most one per node) and a zone
@@ -145,24 +149,52 @@ async fn watch_bindings(
 }
 
 /// (sum, count) of the scheduling algorithm histogram over every master.
-async fn algorithm_seconds(targets: &[String]) -> (f64, f64) {
-    let mut total = (0.0, 0.0);
+/// What the bench reads from one master's `/metrics`.
+#[derive(Default, Clone, Copy)]
+struct Scrape {
+    /// Scheduling algorithm time and attempts.
+    algo_s: f64,
+    attempts: f64,
+    /// The master's CPU time (user + system).
+    cpu_s: f64,
+}
+
+async fn scrape(targets: &[String]) -> Vec<Scrape> {
+    let mut out = Vec::new();
     for t in targets {
-        let Ok(r) = reqwest::get(format!("http://{t}/metrics")).await else { continue };
-        let Ok(text) = r.text().await else { continue };
-        for line in text.lines() {
-            let mut parts = line.split_whitespace();
-            let (Some(name), Some(v)) = (parts.next(), parts.next().and_then(|v| v.parse::<f64>().ok())) else {
-                continue;
-            };
-            match name {
-                "scheduler_scheduling_algorithm_duration_seconds_sum" => total.0 += v,
-                "scheduler_scheduling_algorithm_duration_seconds_count" => total.1 += v,
-                _ => {}
+        let mut s = Scrape::default();
+        if let Ok(r) = reqwest::get(format!("http://{t}/metrics")).await {
+            for line in r.text().await.unwrap_or_default().lines() {
+                let mut parts = line.split_whitespace();
+                let (Some(name), Some(v)) = (parts.next(), parts.next().and_then(|v| v.parse::<f64>().ok())) else {
+                    continue;
+                };
+                match name {
+                    "scheduler_scheduling_algorithm_duration_seconds_sum" => s.algo_s += v,
+                    "scheduler_scheduling_algorithm_duration_seconds_count" => s.attempts += v,
+                    "process_cpu_seconds_total" => s.cpu_s = v,
+                    _ => {}
+                }
             }
         }
+        out.push(s);
     }
-    total
+    out
+}
+
+/// This process's CPU time (user + system), seconds.
+fn own_cpu_s() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    s(u.ru_utime) + s(u.ru_stime)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 async fn delete_all(kube: &Arc<Kube>, paths: Vec<String>, clients: usize) {
@@ -202,7 +234,7 @@ pub async fn run(a: Args) -> Result<Value> {
     // Let the scheduler's cache take in the nodes before the clock starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let algo_before = algorithm_seconds(&a.metrics).await;
+    let (before, bench_before) = (scrape(&a.metrics).await, own_cpu_s());
     let bound = Arc::new(Mutex::new(HashMap::new()));
     let watcher = tokio::spawn(watch_bindings(kube.clone(), ns.clone(), rv, a.pods, bound.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -228,22 +260,32 @@ pub async fn run(a: Args) -> Result<Value> {
         last = last.max(*at);
     }
     let secs = last.duration_since(start).as_secs_f64().max(1e-9);
-    let algo_after = algorithm_seconds(&a.metrics).await;
-    let (algo_s, attempts) = (algo_after.0 - algo_before.0, algo_after.1 - algo_before.1);
+    let (after, bench_after) = (scrape(&a.metrics).await, own_cpu_s());
+    let delta = |f: fn(&Scrape) -> f64| after.iter().zip(&before).map(|(x, y)| f(x) - f(y)).collect::<Vec<f64>>();
+    let (algo_s, attempts): (f64, f64) = (delta(|s| s.algo_s).iter().sum(), delta(|s| s.attempts).iter().sum());
     let algorithm = (attempts > 0.0).then(|| {
-        json!({"attempts": attempts, "busy_s": (algo_s * 1000.0).round() / 1000.0,
+        json!({"attempts": attempts, "busy_s": round3(algo_s),
             "us_per_pod": (algo_s / attempts * 1e7).round() / 10.0, "capacity_per_s": (attempts / algo_s).round()})
     });
+    // CPU from just before the first create to the last binding seen: what
+    // each pod cost the masters and this client, on a shared machine.
+    let masters_cpu = delta(|s| s.cpu_s);
+    let bench_cpu = bench_after - bench_before;
+    let all_cpu = masters_cpu.iter().sum::<f64>() + bench_cpu;
+    let cpu = json!({"masters_s": masters_cpu.iter().map(|c| round3(*c)).collect::<Vec<_>>(),
+        "bench_s": round3(bench_cpu),
+        "ms_per_pod": (!bound.is_empty()).then(|| round3(all_cpu * 1000.0 / bound.len() as f64))});
     let out = json!({
         "mode": a.mode, "nodes": a.nodes, "pods": a.pods, "clients": a.clients,
         "node_creates": nodes,
         "pod_creates": creates,
         "bound": bound.len(),
         "timed_out": waited.is_err(),
-        "duration_s": (secs * 1000.0).round() / 1000.0,
+        "duration_s": round3(secs),
         "bound_per_s": (bound.len() as f64 / secs).round(),
         "latency_ms": percentiles(&h),
         "algorithm": algorithm,
+        "cpu": cpu,
     });
     eprintln!("deleting namespace {ns} and {} nodes", a.nodes);
     let _ = kube.clients[0].delete(format!("{}/api/v1/namespaces/{ns}", kube.server)).send().await;

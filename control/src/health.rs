@@ -122,7 +122,7 @@ pub fn registry(node: &StoreNode, storage: &Storage) -> anyhow::Result<Registry>
     node.metrics.register(&r)?;
     node.hub.metrics().register(&r)?;
     storage.metrics.register(&r)?;
-    r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+    r.register(Box::new(capstan_raft::metrics::ProcessMetrics::for_self()))?;
     Ok(r)
 }
 

@@ -92,7 +92,7 @@ impl AgentMetrics {
         r.register(Box::new(m.master_connected.clone()))?;
         r.register(Box::new(m.master_rtt.clone()))?;
         r.register(Box::new(m.dns_responses.clone()))?;
-        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        r.register(Box::new(capstan_raft::metrics::ProcessMetrics::for_self()))?;
         // Every operation's series exists from the start (at zero), so rates
         // and alerts over them are defined before the first error.
         for op in OPERATIONS {
