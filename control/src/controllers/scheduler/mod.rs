@@ -71,8 +71,9 @@ struct State {
     /// The unschedulable message last written per pod, so it is written once.
     reported: HashMap<String, String>,
     /// Bindings being written: the pod's text as the binding stores it and
-    /// the pod as parsed from it, so the change a binding makes is not
-    /// parsed again (half of the feed's parsing on the lease holder).
+    /// the pod as that text parses ([`binding::bound_info`]), so the change
+    /// a binding makes is not parsed again (half of the feed's parsing on
+    /// the lease holder).
     writing: HashMap<String, (Vec<u8>, Arc<PodInfo>)>,
 }
 
