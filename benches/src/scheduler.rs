@@ -148,7 +148,6 @@ async fn watch_bindings(
     Ok(())
 }
 
-/// (sum, count) of the scheduling algorithm histogram over every master.
 /// What the bench reads from one master's `/metrics`.
 #[derive(Default, Clone, Copy)]
 struct Scrape {
@@ -159,27 +158,32 @@ struct Scrape {
     cpu_s: f64,
 }
 
-async fn scrape(targets: &[String]) -> Vec<Scrape> {
+/// Each master's metrics now; `None` for one that could not be read (so
+/// no difference is taken against zeros).
+async fn scrape(targets: &[String]) -> Vec<Option<Scrape>> {
     let mut out = Vec::new();
     for t in targets {
-        let mut s = Scrape::default();
-        if let Ok(r) = reqwest::get(format!("http://{t}/metrics")).await {
-            for line in r.text().await.unwrap_or_default().lines() {
-                let mut parts = line.split_whitespace();
-                let (Some(name), Some(v)) = (parts.next(), parts.next().and_then(|v| v.parse::<f64>().ok())) else {
-                    continue;
-                };
-                match name {
-                    "scheduler_scheduling_algorithm_duration_seconds_sum" => s.algo_s += v,
-                    "scheduler_scheduling_algorithm_duration_seconds_count" => s.attempts += v,
-                    "process_cpu_seconds_total" => s.cpu_s = v,
-                    _ => {}
-                }
-            }
-        }
-        out.push(s);
+        out.push(scrape_one(t).await);
     }
     out
+}
+
+async fn scrape_one(target: &str) -> Option<Scrape> {
+    let r = reqwest::get(format!("http://{target}/metrics")).await.ok()?.error_for_status().ok()?;
+    let mut s = Scrape::default();
+    for line in r.text().await.ok()?.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(name), Some(v)) = (parts.next(), parts.next().and_then(|v| v.parse::<f64>().ok())) else {
+            continue;
+        };
+        match name {
+            "scheduler_scheduling_algorithm_duration_seconds_sum" => s.algo_s += v,
+            "scheduler_scheduling_algorithm_duration_seconds_count" => s.attempts += v,
+            "process_cpu_seconds_total" => s.cpu_s = v,
+            _ => {}
+        }
+    }
+    Some(s)
 }
 
 /// This process's CPU time (user + system), seconds.
@@ -261,8 +265,12 @@ pub async fn run(a: Args) -> Result<Value> {
     }
     let secs = last.duration_since(start).as_secs_f64().max(1e-9);
     let (after, bench_after) = (scrape(&a.metrics).await, own_cpu_s());
-    let delta = |f: fn(&Scrape) -> f64| after.iter().zip(&before).map(|(x, y)| f(x) - f(y)).collect::<Vec<f64>>();
-    let (algo_s, attempts): (f64, f64) = (delta(|s| s.algo_s).iter().sum(), delta(|s| s.attempts).iter().sum());
+    // Per master, when it was read both times.
+    let delta = |f: fn(&Scrape) -> f64| {
+        after.iter().zip(&before).map(|(x, y)| Some(f(x.as_ref()?) - f(y.as_ref()?))).collect::<Vec<Option<f64>>>()
+    };
+    let total = |d: Vec<Option<f64>>| d.into_iter().flatten().sum::<f64>();
+    let (algo_s, attempts) = (total(delta(|s| s.algo_s)), total(delta(|s| s.attempts)));
     let algorithm = (attempts > 0.0).then(|| {
         json!({"attempts": attempts, "busy_s": round3(algo_s),
             "us_per_pod": (algo_s / attempts * 1e7).round() / 10.0, "capacity_per_s": (attempts / algo_s).round()})
@@ -271,8 +279,8 @@ pub async fn run(a: Args) -> Result<Value> {
     // each pod cost the masters and this client, on a shared machine.
     let masters_cpu = delta(|s| s.cpu_s);
     let bench_cpu = bench_after - bench_before;
-    let all_cpu = masters_cpu.iter().sum::<f64>() + bench_cpu;
-    let cpu = json!({"masters_s": masters_cpu.iter().map(|c| round3(*c)).collect::<Vec<_>>(),
+    let all_cpu = masters_cpu.iter().flatten().sum::<f64>() + bench_cpu;
+    let cpu = json!({"masters_s": masters_cpu.iter().map(|c| c.map(round3)).collect::<Vec<_>>(),
         "bench_s": round3(bench_cpu),
         "ms_per_pod": (!bound.is_empty()).then(|| round3(all_cpu * 1000.0 / bound.len() as f64))});
     let out = json!({

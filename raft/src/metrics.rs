@@ -243,15 +243,12 @@ impl prometheus::core::Collector for ProcessMetrics {
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         let mut families = self.0.collect();
-        let cpu = own_cpu_seconds();
-        for f in families.iter_mut().filter(|f| f.name() == "process_cpu_seconds_total") {
-            for m in f.mut_metric().iter_mut() {
-                if let Some(cpu) = cpu {
-                    let mut c = prometheus::proto::Counter::default();
-                    c.set_value(cpu);
-                    m.set_counter(c);
-                }
-            }
+        let Some(cpu) = own_cpu_seconds() else { return families };
+        let cpu_family = families.iter_mut().filter(|f| f.name() == "process_cpu_seconds_total");
+        for m in cpu_family.flat_map(|f| f.mut_metric().iter_mut()) {
+            let mut c = prometheus::proto::Counter::default();
+            c.set_value(cpu);
+            m.set_counter(c);
         }
         families
     }

@@ -496,12 +496,12 @@ impl Objects {
     }
 }
 
-/// Keys an object holds exclusively besides its own (with the field that
-/// claims each): a Service's cluster IP. Claimed in the create's txn,
-/// released in the delete's, so two Services never share an IP.
 /// The kinds whose objects can hold claims (see [`claims`]).
 const CLAIMING_KINDS: &[&str] = &["Service", "Node"];
 
+/// Keys an object holds exclusively besides its own (with the field that
+/// claims each): a Service's cluster IP. Claimed in the create's txn,
+/// released in the delete's, so two Services never share an IP.
 pub fn claims(kind: &str, obj: &Value) -> Vec<(Bytes, &'static str)> {
     if !CLAIMING_KINDS.contains(&kind) {
         return vec![];
