@@ -382,8 +382,7 @@ async fn create(api: &ApiServer, rt: &ResourceType, ns: Option<&str>, ctx: &Ctx)
     }
     // Answered with the stored text and its revision: serializing the
     // admitted object again cost as much as storing it.
-    let (stored, rev) = api.objects.create_stored(rt, &obj).await?;
-    drop(obj);
+    let (stored, rev) = api.objects.create_stored(rt, obj).await?;
     let text = StoredObject::access(&stored)
         .and_then(|a| StoredObject::json_archived(a, rev))
         .map_err(|e| ApiError::internal(format!("stored object: {e}")))?;

@@ -23,29 +23,43 @@ pub async fn write(
     obj: Value,
     manager: &str,
 ) -> Result<Value, ApiError> {
-    let now = super::handlers::now();
-    let obj = normalized(rt, &obj)?;
     match cur {
         None => {
-            let ns = obj["metadata"]["namespace"].as_str().map(str::to_string);
-            let mut new = super::admission::prepare_create(
-                rt,
-                ns.as_deref(),
-                obj,
-                &now,
-                &uuid::Uuid::new_v4().to_string(),
-                &super::handlers::random_suffix(),
-            )?;
-            super::apply::track_update(rt, None, &mut new, manager, &now);
-            new = super::admission::admit_new(api, rt, new).await?;
+            let new = admit_new(api, rt, obj, manager).await?;
             api.objects.create(rt, new).await
         }
         Some(cur) => {
+            let now = super::handlers::now();
+            let obj = normalized(rt, &obj)?;
             let mut new = super::admission::prepare_update(rt, &cur.object, obj, None)?;
             super::apply::track_update(rt, Some(&cur.object), &mut new, manager, &now);
             api.objects.update(rt, new, cur.mod_revision).await
         }
     }
+}
+
+/// Creates `obj` as `manager`, as [`write`] does, for a writer that needs
+/// only the new revision (the object is freed before the write waits).
+pub async fn create(api: &ApiServer, rt: &ResourceType, obj: Value, manager: &str) -> Result<i64, ApiError> {
+    let new = admit_new(api, rt, obj, manager).await?;
+    Ok(api.objects.create_stored(rt, new).await?.1)
+}
+
+/// `obj` as a create through the API would store it.
+async fn admit_new(api: &ApiServer, rt: &ResourceType, obj: Value, manager: &str) -> Result<Value, ApiError> {
+    let now = super::handlers::now();
+    let obj = normalized(rt, &obj)?;
+    let ns = obj["metadata"]["namespace"].as_str().map(str::to_string);
+    let mut new = super::admission::prepare_create(
+        rt,
+        ns.as_deref(),
+        obj,
+        &now,
+        &uuid::Uuid::new_v4().to_string(),
+        &super::handlers::random_suffix(),
+    )?;
+    super::apply::track_update(rt, None, &mut new, manager, &now);
+    super::admission::admit_new(api, rt, new).await
 }
 
 /// Replaces `cur`'s status with `status` (the `/status` subresource).

@@ -336,16 +336,24 @@ impl Objects {
     /// Creates `obj`; 409 AlreadyExists if the key is taken, 422 if one of
     /// its claims (see [`claims`]) is held by another object.
     pub async fn create(&self, rt: &ResourceType, obj: Value) -> Result<Value, ApiError> {
-        let (_, rev) = self.create_stored(rt, &obj).await?;
+        let txn = self.create_txn(rt, &obj).await?;
+        let (_, rev) = self.commit_create(rt, txn).await?;
         Ok(with_rv(obj, rev))
     }
 
     /// [`Objects::create`], answering with what was stored (the archive)
-    /// and its revision.
-    pub async fn create_stored(&self, rt: &ResourceType, obj: &Value) -> Result<(Bytes, i64), ApiError> {
+    /// and its revision. `obj` is dropped before the write waits for Raft:
+    /// freed while still in cache it cost a third of what it did after.
+    pub async fn create_stored(&self, rt: &ResourceType, obj: Value) -> Result<(Bytes, i64), ApiError> {
+        let txn = self.create_txn(rt, &obj).await?;
+        drop(obj);
+        self.commit_create(rt, txn).await
+    }
+
+    /// The transaction that creates `obj` with its claims.
+    async fn create_txn(&self, rt: &ResourceType, obj: &Value) -> Result<CreateTxn, ApiError> {
         let (ns, name) = ns_name(obj);
         let k = Bytes::from(key(rt, ns.as_deref(), &name));
-        let owner = Bytes::from(k.to_vec());
         let claimed = claims(rt.kind, obj);
         let absent = |key: &Bytes| Compare {
             range: KeyRange::key(key.clone()),
@@ -359,17 +367,27 @@ impl Objects {
             vec![Op::Put(PutRequest { key: k.clone(), value: stored.clone(), lease, ..Default::default() })];
         for (c, _) in &claimed {
             compare.push(absent(c));
-            success.push(Op::Put(PutRequest { key: c.clone(), value: owner.clone(), ..Default::default() }));
+            success.push(Op::Put(PutRequest { key: c.clone(), value: k.clone(), ..Default::default() }));
         }
-        let (ok, _, rev) = self.txn(TxnRequest { compare, success, failure: vec![] }).await?;
+        Ok(CreateTxn {
+            txn: TxnRequest { compare, success, failure: vec![] },
+            stored,
+            key: k,
+            name,
+            claim: claimed.first().map(|(_, field)| *field),
+        })
+    }
+
+    async fn commit_create(&self, rt: &ResourceType, c: CreateTxn) -> Result<(Bytes, i64), ApiError> {
+        let (ok, _, rev) = self.txn(c.txn).await?;
         if !ok {
             self.sync().await?;
-            if let (false, Some((_, field))) = (self.exists_local(&owner), claimed.first()) {
-                return Err(already_allocated(rt, &name, field));
+            if let (false, Some(field)) = (self.exists_local(&c.key), c.claim) {
+                return Err(already_allocated(rt, &c.name, field));
             }
-            return Err(ApiError::already_exists(rt.group, rt.plural, &name));
+            return Err(ApiError::already_exists(rt.group, rt.plural, &c.name));
         }
-        Ok((stored, rev))
+        Ok((c.stored, rev))
     }
 
     fn exists_local(&self, key: &Bytes) -> bool {
@@ -523,6 +541,16 @@ pub fn claims(kind: &str, obj: &Value) -> Vec<(Bytes, &'static str)> {
 }
 
 /// 422 for a claim (see [`claims`]) another object holds.
+/// A create's write and what its failure is reported with.
+struct CreateTxn {
+    txn: TxnRequest,
+    stored: Bytes,
+    key: Bytes,
+    name: String,
+    /// The field of its first claim, if it claims any.
+    claim: Option<&'static str>,
+}
+
 fn already_allocated(rt: &ResourceType, name: &str, field: &str) -> ApiError {
     let what = if field == "spec.podCIDR" { "provided CIDR" } else { "provided IP" };
     ApiError::invalid(rt.kind, name, vec![(field.to_string(), format!("Invalid value: {what} is already allocated"))])

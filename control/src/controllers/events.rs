@@ -207,7 +207,7 @@ async fn write_one(
             }
         }
     }
-    internal::write(api, rt, None, event.clone(), MANAGER).await?;
+    internal::create(api, rt, event.clone(), MANAGER).await?;
     Ok("written")
 }
 

@@ -245,6 +245,12 @@ impl Graph {
                 continue;
             }
             match obj_of(&key, &ev.kv.value) {
+                // Its fields are as they were (a binding, a status): the
+                // indexes stand and only its own rules may have work (an
+                // action on it may have met this write).
+                Some(o) if self.objs.get(&key) == Some(&o) => {
+                    self.dirty.insert(key);
+                }
                 Some(o) => self.upsert(key, o),
                 // Not an object (claims, leases, Capstan's own keys).
                 None => self.remove(&key),
@@ -520,14 +526,21 @@ mod tests {
         assert_eq!(g.len(), 2, "only registry objects are tracked");
         assert!(g.take_plan().is_empty(), "the owner lives");
         assert!(g.take_plan().is_empty() && g.dirty.is_empty(), "nothing marked, nothing planned");
+        // A write that leaves the collector's fields alone (a binding)
+        // marks only the object, not its owner, and keeps the indexes.
+        let bound = serde_json::json!({"metadata": {"name": "p", "namespace": "d", "uid": "p1",
+            "ownerReferences": [{"uid": "rs1"}]}, "spec": {"nodeName": "n1"}});
+        assert!(g.apply(&Frame::encode(3, &[put(pod.clone(), bound)])));
+        assert_eq!(g.dirty, BTreeSet::from([pod.clone()]));
+        assert!(g.take_plan().is_empty());
         // The owner goes: its dependent is marked and collected.
-        assert!(g.apply(&Frame::encode(3, &[del(rs)])));
+        assert!(g.apply(&Frame::encode(4, &[del(rs)])));
         assert_eq!(
             g.take_plan(),
             vec![(pod, Action::Delete { kind: "Pod", namespace: "d".into(), name: "p".into(), uid: "p1".into() })]
         );
         assert!(
-            !g.apply(&Frame { bytes: bytes::Bytes::from_static(b"garbage"), ..Frame::encode(4, &[]) }),
+            !g.apply(&Frame { bytes: bytes::Bytes::from_static(b"garbage"), ..Frame::encode(5, &[]) }),
             "unreadable: resync"
         );
     }

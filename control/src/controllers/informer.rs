@@ -1,8 +1,9 @@
 //! Informers: one per resource per master, fed by the store's watch hub.
 //!
 //! The hub hands every subscriber the same `Bytes` frame (a refcount, never
-//! a copy). The informer's single writer task takes each changed object out
-//! of the frame once, into an aligned buffer held by an `Arc<Cached>`;
+//! a copy). One writer task per master validates each frame once and hands
+//! each changed object to the informer of its kind, which takes it out of
+//! the frame once, into an aligned buffer held by an `Arc<Cached>`;
 //! every controller on this master shares that `Arc` and reads the
 //! object's index fields (name, namespace, labels, node, owners) in place
 //! from its rkyv archive. Only a reconcile that needs the whole object
@@ -19,6 +20,7 @@ use std::sync::Arc;
 use capstan_proto::k8s::registry::ResourceType;
 use capstan_proto::k8s::stored::{ArchivedStoredObject, StoredObject};
 use capstan_raft::types::{KeyRange, RangeRequest};
+use capstan_raft::watch::{ArchivedWireFrame, Frame};
 use parking_lot::{Mutex, RwLock};
 use rkyv::util::AlignedVec;
 use serde_json::Value;
@@ -143,19 +145,15 @@ fn cache_key(prefix: &[u8], key: &[u8]) -> Option<String> {
 }
 
 impl Informer {
-    /// Starts the informer's writer task on the current runtime.
-    pub fn start(rt: &'static ResourceType, objects: Objects) -> Arc<Informer> {
-        let inf = Arc::new(Informer {
+    fn new(rt: &'static ResourceType) -> Informer {
+        Informer {
             rt,
             prefix: prefix(rt, None),
             cache: RwLock::new(BTreeMap::new()),
             by_node: RwLock::default(),
             revision: AtomicI64::new(0),
             subscribers: Mutex::default(),
-        });
-        let writer = inf.clone();
-        tokio::spawn(async move { writer.run(objects).await });
-        inf
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<Arc<Cached>> {
@@ -272,52 +270,66 @@ impl Informer {
         }
     }
 
-    async fn run(self: Arc<Self>, objects: Objects) {
-        loop {
-            // Subscribe before listing: frames after the list's revision are
-            // then all in the channel.
-            let mut frames = objects.node.hub.frames();
-            self.relist(&objects);
-            loop {
-                match frames.recv().await {
-                    Ok(frame) => {
-                        let rev = self.revision();
-                        if frame.reset || frame.revision > rev + 1 {
-                            break; // resync
-                        }
-                        if frame.revision <= rev {
-                            continue;
-                        }
-                        let Ok(wire) = frame.archived() else { break };
-                        for ev in wire.events.iter() {
-                            let Some(k) = cache_key(&self.prefix, &ev.kv.key) else { continue };
-                            let mut subs = self.subscribers.lock();
-                            let old = self.cache.read().get(&k).cloned();
-                            let new = if ev.delete {
-                                self.cache.write().remove(&k);
-                                None
-                            } else {
-                                match Cached::new(k.clone(), ev.kv.mod_revision.to_native(), &ev.kv.value) {
-                                    Some(c) => {
-                                        let c = Arc::new(c);
-                                        self.cache.write().insert(k.clone(), c.clone());
-                                        Some(c)
-                                    }
-                                    // Not an object (written around the API): not cached.
-                                    None => {
-                                        self.cache.write().remove(&k);
-                                        None
-                                    }
-                                }
-                            };
-                            self.reindex(old.as_deref(), new.as_deref());
-                            subs.emit(k, old, new);
-                        }
-                        self.revision.store(frame.revision, Ordering::Release);
+    /// Applies the events of `frame` under this informer's prefix; false
+    /// if the frame does not follow the cache (resynchronise).
+    fn apply(&self, frame: &Frame, wire: &ArchivedWireFrame) -> bool {
+        let rev = self.revision();
+        if frame.reset || frame.revision > rev + 1 {
+            return false;
+        }
+        if frame.revision <= rev {
+            return true;
+        }
+        for ev in wire.events.iter() {
+            let Some(k) = cache_key(&self.prefix, &ev.kv.key) else { continue };
+            let mut subs = self.subscribers.lock();
+            let old = self.cache.read().get(&k).cloned();
+            let new = if ev.delete {
+                self.cache.write().remove(&k);
+                None
+            } else {
+                match Cached::new(k.clone(), ev.kv.mod_revision.to_native(), &ev.kv.value) {
+                    Some(c) => {
+                        let c = Arc::new(c);
+                        self.cache.write().insert(k.clone(), c.clone());
+                        Some(c)
                     }
-                    Err(broadcast::error::RecvError::Lagged(_)) => break,
-                    Err(broadcast::error::RecvError::Closed) => return,
+                    // Not an object (written around the API): not cached.
+                    None => {
+                        self.cache.write().remove(&k);
+                        None
+                    }
                 }
+            };
+            self.reindex(old.as_deref(), new.as_deref());
+            subs.emit(k, old, new);
+        }
+        self.revision.store(frame.revision, Ordering::Release);
+        true
+    }
+}
+
+/// The one writer of every informer of a master: each frame is received,
+/// validated and routed once (a task per informer woke, and validated the
+/// frame, once per informer for every revision of any kind).
+async fn run(informers: Vec<Arc<Informer>>, objects: Objects) {
+    loop {
+        // Subscribe before listing: frames after the lists' revisions are
+        // then all in the channel.
+        let mut frames = objects.node.hub.frames();
+        for inf in &informers {
+            inf.relist(&objects);
+        }
+        loop {
+            match frames.recv().await {
+                Ok(frame) => {
+                    let Ok(wire) = frame.archived() else { break };
+                    if !informers.iter().all(|inf| inf.apply(&frame, wire)) {
+                        break; // resync
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => break,
+                Err(broadcast::error::RecvError::Closed) => return,
             }
         }
     }
@@ -330,11 +342,12 @@ pub struct Informers {
 
 impl Informers {
     pub fn start(objects: &Objects, kinds: &[&str]) -> Informers {
-        let by_kind = capstan_proto::k8s::registry::all()
+        let by_kind: BTreeMap<_, _> = capstan_proto::k8s::registry::all()
             .iter()
             .filter(|rt| kinds.contains(&rt.kind))
-            .map(|rt| (rt.kind, Informer::start(rt, objects.clone())))
+            .map(|rt| (rt.kind, Arc::new(Informer::new(rt))))
             .collect();
+        tokio::spawn(run(by_kind.values().cloned().collect(), objects.clone()));
         Informers { by_kind }
     }
 
