@@ -43,6 +43,7 @@ pub mod serviceaccount;
 pub mod statefulset;
 pub mod volume;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use actix::prelude::*;
@@ -52,34 +53,57 @@ use self::informer::{Change, Informers};
 use self::runtime::{ControllerActor, Enqueue, Leading, Reconciler};
 use crate::api::ApiServer;
 
-/// Forwards every change of `inf` to `addr` as the keys `route` maps it to.
-fn route(
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Change>,
-    addr: Addr<ControllerActor>,
-    map: impl Fn(&Change) -> Vec<String> + Send + 'static,
-) {
-    tokio::spawn(async move {
-        while let Some(c) = rx.recv().await {
-            for k in map(&c) {
-                addr.do_send(Enqueue(k));
-            }
-        }
-    });
-}
+/// Maps a change to the keys an actor reconciles.
+type KeyMap = Box<dyn Fn(&Change) -> Vec<String> + Send>;
 
-/// Forwards changes to the keys `owners` names for the object before and
-/// after the change (e.g. the ReplicaSet owning a pod).
-fn route_owners(
-    rx: tokio::sync::mpsc::UnboundedReceiver<Change>,
-    addr: Addr<ControllerActor>,
-    owners: impl Fn(&informer::Cached) -> Vec<String> + Send + 'static,
-) {
-    route(rx, addr, move |c| {
-        let mut keys: Vec<String> = c.new.iter().chain(c.old.iter()).flat_map(|o| owners(o)).collect();
-        keys.sort();
-        keys.dedup();
-        keys
-    });
+/// Which actors hear of each informer's changes, and as which keys. One
+/// task per informer serves all its routes (a task per route woke for
+/// every change: ten for each pod change).
+#[derive(Default)]
+struct Routes(BTreeMap<&'static str, Vec<(Addr<ControllerActor>, KeyMap)>>);
+
+impl Routes {
+    /// Every change of `kind` goes to `addr` as the keys `map` gives.
+    fn add(
+        &mut self,
+        kind: &'static str,
+        addr: &Addr<ControllerActor>,
+        map: impl Fn(&Change) -> Vec<String> + Send + 'static,
+    ) {
+        self.0.entry(kind).or_default().push((addr.clone(), Box::new(map)));
+    }
+
+    /// Changes of `kind` go to the keys `owners` names for the object
+    /// before and after the change (e.g. the ReplicaSet owning a pod).
+    fn add_owners(
+        &mut self,
+        kind: &'static str,
+        addr: &Addr<ControllerActor>,
+        owners: impl Fn(&informer::Cached) -> Vec<String> + Send + 'static,
+    ) {
+        self.add(kind, addr, move |c| {
+            let mut keys: Vec<String> = c.new.iter().chain(c.old.iter()).flat_map(|o| owners(o)).collect();
+            keys.sort();
+            keys.dedup();
+            keys
+        });
+    }
+
+    /// Subscribes to each informer and forwards from then on.
+    fn start(self, inf: &Informers) {
+        for (kind, routes) in self.0 {
+            let mut rx = inf.get(kind).subscribe();
+            tokio::spawn(async move {
+                while let Some(c) = rx.recv().await {
+                    for (addr, map) in &routes {
+                        for k in map(&c) {
+                            addr.do_send(Enqueue(k));
+                        }
+                    }
+                }
+            });
+        }
+    }
 }
 
 /// Builds and starts one controller's actor (on the actors' thread).
@@ -271,69 +295,69 @@ pub fn start(
         <[Addr<ControllerActor>; 14]>::try_from(all.clone())
             .map_err(|_| anyhow::anyhow!("controller actors missing"))?;
 
-    let pods = inf.get("Pod").clone();
-    route(inf.get("ReplicaSet").subscribe(), rs_addr.clone(), |c| vec![c.key.clone()]);
+    let mut routes = Routes::default();
+    routes.add("ReplicaSet", &rs_addr, |c| vec![c.key.clone()]);
     let rs_for_pods = rs.clone();
-    route_owners(pods.subscribe(), rs_addr.clone(), move |p| rs_for_pods.keys_for_pod(p));
-    route(inf.get("Deployment").subscribe(), dc_addr.clone(), |c| vec![c.key.clone()]);
+    routes.add_owners("Pod", &rs_addr, move |p| rs_for_pods.keys_for_pod(p));
+    routes.add("Deployment", &dc_addr, |c| vec![c.key.clone()]);
     let dc_for_rs = dc.clone();
-    route_owners(inf.get("ReplicaSet").subscribe(), dc_addr.clone(), move |r| dc_for_rs.keys_for_replicaset(r));
+    routes.add_owners("ReplicaSet", &dc_addr, move |r| dc_for_rs.keys_for_replicaset(r));
     sched.clone().feed(sched_addr.clone());
 
-    route(inf.get("Service").subscribe(), ep_addr.clone(), |c| vec![c.key.clone()]);
-    route(inf.get("Endpoints").subscribe(), ep_addr.clone(), |c| vec![c.key.clone()]);
+    routes.add("Service", &ep_addr, |c| vec![c.key.clone()]);
+    routes.add("Endpoints", &ep_addr, |c| vec![c.key.clone()]);
     let ep_for_pods = ep.clone();
-    route_owners(pods.subscribe(), ep_addr.clone(), move |p| ep_for_pods.keys_for_pod(p));
+    routes.add_owners("Pod", &ep_addr, move |p| ep_for_pods.keys_for_pod(p));
 
-    route(inf.get("Job").subscribe(), job_addr.clone(), |c| vec![c.key.clone()]);
+    routes.add("Job", &job_addr, |c| vec![c.key.clone()]);
     let jc_for_pods = jc.clone();
-    route_owners(pods.subscribe(), job_addr.clone(), move |p| jc_for_pods.keys_for_pod(p));
+    routes.add_owners("Pod", &job_addr, move |p| jc_for_pods.keys_for_pod(p));
 
-    route(inf.get("DaemonSet").subscribe(), ds_addr.clone(), |c| vec![c.key.clone()]);
+    routes.add("DaemonSet", &ds_addr, |c| vec![c.key.clone()]);
     let dsc_for_pods = dsc.clone();
-    route_owners(pods.subscribe(), ds_addr.clone(), move |p| dsc_for_pods.keys_for_pod(p));
+    routes.add_owners("Pod", &ds_addr, move |p| dsc_for_pods.keys_for_pod(p));
     // Any node change may change where every DaemonSet belongs.
     let dsc_for_nodes = dsc.clone();
-    route(inf.get("Node").subscribe(), ds_addr.clone(), move |_| dsc_for_nodes.all_keys());
+    routes.add("Node", &ds_addr, move |_| dsc_for_nodes.all_keys());
 
-    route(inf.get("Node").subscribe(), node_addr.clone(), |c| vec![c.key.clone()]);
-    route(inf.get("Lease").subscribe(), node_addr.clone(), |c| {
+    routes.add("Node", &node_addr, |c| vec![c.key.clone()]);
+    routes.add("Lease", &node_addr, |c| {
         c.key.strip_prefix(&format!("{}/", nodelifecycle::LEASE_NAMESPACE)).map(str::to_string).into_iter().collect()
     });
 
     let mut lead = lead_rx.clone();
-    route(inf.get("CronJob").subscribe(), cj_addr.clone(), |c| vec![c.key.clone()]);
+    routes.add("CronJob", &cj_addr, |c| vec![c.key.clone()]);
     let cjc_for_jobs = cjc.clone();
-    route_owners(inf.get("Job").subscribe(), cj_addr.clone(), move |j| cjc_for_jobs.keys_for_job(j));
+    routes.add_owners("Job", &cj_addr, move |j| cjc_for_jobs.keys_for_job(j));
 
-    route(inf.get("PodDisruptionBudget").subscribe(), pdb_addr.clone(), |c| vec![c.key.clone()]);
+    routes.add("PodDisruptionBudget", &pdb_addr, |c| vec![c.key.clone()]);
     let pdbc_for_pods = pdbc.clone();
-    route_owners(pods.subscribe(), pdb_addr.clone(), move |p| pdbc_for_pods.keys_for_pod(p));
+    routes.add_owners("Pod", &pdb_addr, move |p| pdbc_for_pods.keys_for_pod(p));
 
-    route(inf.get("StatefulSet").subscribe(), sts_addr.clone(), |c| vec![c.key.clone()]);
+    routes.add("StatefulSet", &sts_addr, |c| vec![c.key.clone()]);
     let stsc_for_pods = stsc.clone();
-    route_owners(pods.subscribe(), sts_addr.clone(), move |p| stsc_for_pods.keys_for_dependent(p));
+    routes.add_owners("Pod", &sts_addr, move |p| stsc_for_pods.keys_for_dependent(p));
     let stsc_for_claims = stsc.clone();
-    route(inf.get("PersistentVolumeClaim").subscribe(), sts_addr.clone(), move |c| stsc_for_claims.keys_for_claim(c));
-    route_owners(inf.get("ControllerRevision").subscribe(), sts_addr, move |r| stsc.keys_for_dependent(r));
+    routes.add("PersistentVolumeClaim", &sts_addr, move |c| stsc_for_claims.keys_for_claim(c));
+    routes.add_owners("ControllerRevision", &sts_addr, move |r| stsc.keys_for_dependent(r));
 
-    route(inf.get("Namespace").subscribe(), sa_addr.clone(), |c| vec![c.key.clone()]);
-    route(inf.get("ServiceAccount").subscribe(), sa_addr.clone(), |c| {
+    routes.add("Namespace", &sa_addr, |c| vec![c.key.clone()]);
+    routes.add("ServiceAccount", &sa_addr, |c| {
         serviceaccount::ServiceAccountController::key_for(c, serviceaccount::DEFAULT_ACCOUNT)
     });
-    route(inf.get("ConfigMap").subscribe(), sa_addr, |c| {
+    routes.add("ConfigMap", &sa_addr, |c| {
         serviceaccount::ServiceAccountController::key_for(c, crate::api::serviceaccount::ROOT_CA_CONFIGMAP)
     });
 
     // Each HPA then resyncs itself every 15 s (usage is not watched).
-    route(inf.get("HorizontalPodAutoscaler").subscribe(), hpa_addr, |c| vec![c.key.clone()]);
+    routes.add("HorizontalPodAutoscaler", &hpa_addr, |c| vec![c.key.clone()]);
 
     // Volumes and claims name each other; a new volume, class or node
     // (announcing its local-path directory) may serve a waiting claim; a
     // pod that goes may let a claim being deleted go.
-    route(inf.get("PersistentVolumeClaim").subscribe(), pv_addr.clone(), volume::VolumeController::keys_for_claim);
+    routes.add("PersistentVolumeClaim", &pv_addr, volume::VolumeController::keys_for_claim);
     let pvc_for_volumes = pvc.clone();
-    route(inf.get("PersistentVolume").subscribe(), pv_addr.clone(), move |c| {
+    routes.add("PersistentVolume", &pv_addr, move |c| {
         let mut keys = volume::VolumeController::keys_for_volume(c);
         if c.new.is_none() || c.new.as_ref().is_some_and(|v| v.object()["spec"]["claimRef"].is_null()) {
             keys.extend(pvc_for_volumes.unbound_claims());
@@ -341,9 +365,9 @@ pub fn start(
         keys
     });
     let pvc_for_classes = pvc.clone();
-    route(inf.get("StorageClass").subscribe(), pv_addr.clone(), move |_| pvc_for_classes.unbound_claims());
+    routes.add("StorageClass", &pv_addr, move |_| pvc_for_classes.unbound_claims());
     let pvc_for_nodes = pvc.clone();
-    route(inf.get("Node").subscribe(), pv_addr.clone(), move |c| {
+    routes.add("Node", &pv_addr, move |c| {
         let announced = |x: &Option<Arc<informer::Cached>>| {
             x.as_ref().map(|n| n.object()["metadata"]["annotations"][volume::LOCAL_PATH_ROOT].clone())
         };
@@ -352,8 +376,10 @@ pub fn start(
         }
         pvc_for_nodes.unbound_claims()
     });
-    route(pods.subscribe(), pv_addr, volume::VolumeController::keys_for_pod);
-    route(pods.subscribe(), ev_addr, ephemeral::EphemeralController::keys_for_pod);
+    routes.add("Pod", &pv_addr, volume::VolumeController::keys_for_pod);
+    routes.add("Pod", &ev_addr, ephemeral::EphemeralController::keys_for_pod);
+
+    routes.start(&inf);
 
     tokio::spawn(async move {
         loop {

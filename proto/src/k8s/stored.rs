@@ -132,16 +132,21 @@ impl StoredObject {
             metadata: Option<&'a serde_json::value::RawValue>,
         }
         let json = a.json.as_slice();
+        // Stored metadata never holds a resourceVersion (removed on
+        // write); should the text name one anywhere, the parse decides.
+        let named = memchr::memmem::find(json, b"\"resourceVersion\"").is_some();
         // The metadata object's text is a slice of `json`: its offset is
-        // where the field goes. Stored metadata never holds a
-        // resourceVersion (removed on write); should its text name one
-        // anyway, the slow path decides.
-        let at = serde_json::from_slice::<Top>(json)
-            .ok()
-            .and_then(|t| t.metadata)
-            .map(|m| m.get())
-            .filter(|m| m.starts_with('{') && !m.contains("\"resourceVersion\""))
-            .map(|m| m.as_ptr() as usize - json.as_ptr() as usize + 1);
+        // where the field goes. Found by reading only the members before
+        // it where those are scalars (stored keys are sorted: apiVersion,
+        // kind, metadata), else by parsing the whole text.
+        let at = metadata_start(json).filter(|_| !named).or_else(|| {
+            serde_json::from_slice::<Top>(json)
+                .ok()
+                .and_then(|t| t.metadata)
+                .map(|m| m.get())
+                .filter(|m| m.starts_with('{') && !m.contains("\"resourceVersion\""))
+                .map(|m| m.as_ptr() as usize - json.as_ptr() as usize + 1)
+        });
         let Some(at) = at else {
             return Ok(serde_json::to_vec(&Self::decode_archived(a, revision)?)?);
         };
@@ -164,6 +169,68 @@ impl StoredObject {
             m.insert("resourceVersion".into(), Value::String(revision.to_string()));
         }
         Ok(v)
+    }
+}
+
+/// The offset just inside the `{` of `json`'s top-level `metadata`
+/// object, read from the members before it only; None when one of those
+/// is not a scalar or the text is not an object as far as it was read
+/// (the caller then parses it whole).
+fn metadata_start(json: &[u8]) -> Option<usize> {
+    let ws = |i: &mut usize| {
+        while json.get(*i).is_some_and(u8::is_ascii_whitespace) {
+            *i += 1;
+        }
+    };
+    let mut i = 0;
+    ws(&mut i);
+    if json.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        ws(&mut i);
+        let key = i;
+        i = string_end(json, i)?;
+        let key = &json[key..i];
+        ws(&mut i);
+        if json.get(i) != Some(&b':') {
+            return None;
+        }
+        i += 1;
+        ws(&mut i);
+        if key == b"\"metadata\"" {
+            return (json.get(i) == Some(&b'{')).then_some(i + 1);
+        }
+        match json.get(i)? {
+            b'"' => i = string_end(json, i)?,
+            b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
+                while json.get(i).is_some_and(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.')) {
+                    i += 1;
+                }
+            }
+            _ => return None,
+        }
+        ws(&mut i);
+        if json.get(i) != Some(&b',') {
+            return None;
+        }
+        i += 1;
+    }
+}
+
+/// The offset just past the JSON string starting at `i`.
+fn string_end(json: &[u8], mut i: usize) -> Option<usize> {
+    if json.get(i) != Some(&b'"') {
+        return None;
+    }
+    i += 1;
+    loop {
+        let j = i + memchr::memchr2(b'"', b'\\', json.get(i..)?)?;
+        if json[j] == b'"' {
+            return Some(j + 1);
+        }
+        i = j + 2;
     }
 }
 
@@ -201,6 +268,11 @@ mod tests {
             json!({"metadata": null}),
             json!({"metadata": {"name": "q\"uote\\", "resourceVersion": "5"}}),
             json!(["not", "an", "object"]),
+            // Members before the metadata: scalars (read past), an
+            // object (parsed), escapes in keys and values.
+            json!({"aa": -1.5e3, "ab": true, "ac": null, "apiVersion": "v\"1\\", "k\"ey": "x", "metadata": {"name": "p"}}),
+            json!({"data": {"metadata": {"name": "inner"}}, "metadata": {"name": "outer"}}),
+            json!({"involvedObject": {"resourceVersion": "3"}, "metadata": {"name": "e"}}),
         ];
         for obj in objects {
             let bytes = StoredObject::from_object(&obj).unwrap().encode();
@@ -224,6 +296,29 @@ mod tests {
         assert!(text.contains(r#""resourceVersion":"42""#), "{text}");
     }
 
+    /// The metadata is found by reading only what precedes it when that
+    /// is scalars, and never read past the end of any text.
+    #[test]
+    fn metadata_is_found_past_scalar_members_only() {
+        let at = |t: &str| metadata_start(t.as_bytes());
+        let text = r#" { "apiVersion" : "v1" , "kind":"Pod","n":-1.5e+3,"metadata" : {"name":"p"},"spec":{}}"#;
+        assert_eq!(at(text), Some(text.find(r#"{"name""#).unwrap() + 1));
+        assert_eq!(at(r#"{"k\"ey":"a\\","metadata":{}}"#), Some(r#"{"k\"ey":"a\\","metadata":{"#.len()));
+        for not in [
+            r#"{"data":{"metadata":{}},"metadata":{}}"#,
+            r#"{"metadata":null}"#,
+            r#"{"a":[1],"metadata":{}}"#,
+            "[]",
+            "",
+        ] {
+            assert_eq!(at(not), None, "{not}");
+        }
+        for cut in 0..text.len() {
+            let _ = at(&text[..cut]);
+        }
+        assert_eq!(at(&text[..text.find("metadata").unwrap() + 3]), None);
+    }
+
     /// The stored JSON is the object's serialization with the
     /// resourceVersion removed from a copy, byte for byte.
     #[test]
@@ -236,6 +331,11 @@ mod tests {
             json!({"metadata": "not an object"}),
             json!({"kind": "NoMetadata"}),
             json!(["not", "an", "object"]),
+            // Members before the metadata: scalars (read past), an
+            // object (parsed), escapes in keys and values.
+            json!({"aa": -1.5e3, "ab": true, "ac": null, "apiVersion": "v\"1\\", "k\"ey": "x", "metadata": {"name": "p"}}),
+            json!({"data": {"metadata": {"name": "inner"}}, "metadata": {"name": "outer"}}),
+            json!({"involvedObject": {"resourceVersion": "3"}, "metadata": {"name": "e"}}),
         ];
         for obj in objects {
             let mut copy = obj.clone();
