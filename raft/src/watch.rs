@@ -103,8 +103,20 @@ impl Frame {
                 })
                 .collect(),
         };
+        // Sized up front: grown from empty, the buffer was reallocated
+        // and copied several times for every frame.
+        let size: usize = events
+            .iter()
+            .map(|e| {
+                128 + e.kv.key.len() + e.kv.value.len() + e.prev_kv.as_ref().map_or(0, |p| p.key.len() + p.value.len())
+            })
+            .sum();
         // Serializing plain vectors and integers cannot fail.
-        let aligned = rkyv::to_bytes::<rancor::Error>(&wire).expect("rkyv encoding of a frame");
+        let aligned = rkyv::api::high::to_bytes_in::<_, rancor::Error>(
+            &wire,
+            rkyv::util::AlignedVec::<16>::with_capacity(64 + size),
+        )
+        .expect("rkyv encoding of a frame");
         // `from_owner` keeps the AlignedVec's alignment, which in-place access needs.
         Frame { revision, published: std::time::Instant::now(), reset: false, bytes: Bytes::from_owner(aligned) }
     }
