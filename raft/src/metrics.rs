@@ -263,10 +263,14 @@ mod tests {
     /// crate's own collector says 0 there, this one says how much.
     #[test]
     fn process_cpu_is_reported_to_the_tick() {
+        // Spins until the process has used 40 ms of CPU (not wall time: a
+        // busy machine may give this thread less than its wall time).
         let start = std::time::Instant::now();
         let mut x = 0u64;
-        while start.elapsed() < std::time::Duration::from_millis(50) {
-            x = x.wrapping_mul(31).wrapping_add(7);
+        while own_cpu_seconds().unwrap() < 0.04 && start.elapsed() < std::time::Duration::from_secs(30) {
+            for _ in 0..10_000 {
+                x = x.wrapping_mul(31).wrapping_add(7);
+            }
         }
         std::hint::black_box(x);
         let families = ProcessMetrics::for_self().collect();

@@ -25,7 +25,7 @@ pub async fn write(
 ) -> Result<Value, ApiError> {
     match cur {
         None => {
-            let new = admit_new(api, rt, obj, manager).await?;
+            let new = admitted(api, rt, obj, manager).await?;
             api.objects.create(rt, new).await
         }
         Some(cur) => {
@@ -41,12 +41,12 @@ pub async fn write(
 /// Creates `obj` as `manager`, as [`write`] does, for a writer that needs
 /// only the new revision (the object is freed before the write waits).
 pub async fn create(api: &ApiServer, rt: &ResourceType, obj: Value, manager: &str) -> Result<i64, ApiError> {
-    let new = admit_new(api, rt, obj, manager).await?;
+    let new = admitted(api, rt, obj, manager).await?;
     Ok(api.objects.create_stored(rt, new).await?.1)
 }
 
 /// `obj` as a create through the API would store it.
-async fn admit_new(api: &ApiServer, rt: &ResourceType, obj: Value, manager: &str) -> Result<Value, ApiError> {
+async fn admitted(api: &ApiServer, rt: &ResourceType, obj: Value, manager: &str) -> Result<Value, ApiError> {
     let now = super::handlers::now();
     let obj = normalized(rt, &obj)?;
     let ns = obj["metadata"]["namespace"].as_str().map(str::to_string);

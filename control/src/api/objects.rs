@@ -540,7 +540,6 @@ pub fn claims(kind: &str, obj: &Value) -> Vec<(Bytes, &'static str)> {
     }
 }
 
-/// 422 for a claim (see [`claims`]) another object holds.
 /// A create's write and what its failure is reported with.
 struct CreateTxn {
     txn: TxnRequest,
@@ -551,6 +550,7 @@ struct CreateTxn {
     claim: Option<&'static str>,
 }
 
+/// 422 for a claim (see [`claims`]) another object holds.
 fn already_allocated(rt: &ResourceType, name: &str, field: &str) -> ApiError {
     let what = if field == "spec.podCIDR" { "provided CIDR" } else { "provided IP" };
     ApiError::invalid(rt.kind, name, vec![(field.to_string(), format!("Invalid value: {what} is already allocated"))])
